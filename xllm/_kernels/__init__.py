@@ -1,0 +1,70 @@
+"""Kernel backends: the compiled Cython kernels, or the NumPy reference.
+
+``XLLM_BACKEND=reference`` forces the NumPy reference. On a CPU without AVX2/FMA/F16C the
+compiled modules are never imported (they would fault with "Illegal instruction"); xllm warns and
+uses the reference instead.
+"""
+import os
+import warnings
+
+from . import reference
+from ._cpu import default_threads, features, get_threads, set_threads
+
+KERNEL_NAMES = ("matmul", "embedding", "rmsnorm", "rope", "softmax", "silu_mul", "attention",
+                "argmax", "apply_repetition_penalty", "sample")
+
+
+def _compiled():
+    try:
+        from . import attention, matmul, norm, sampling  # AVX2 code inside
+    except ImportError as e:
+        raise ImportError(f"xllm's compiled kernels are missing or broken ({e}); reinstall xllm "
+                          "(pip install .) or set XLLM_BACKEND=reference") from e
+    return {"matmul": matmul.matmul, "embedding": matmul.embedding, "rmsnorm": norm.rmsnorm,
+            "rope": norm.rope, "softmax": norm.softmax, "silu_mul": norm.silu_mul,
+            "attention": attention.attention, "argmax": sampling.argmax,
+            "apply_repetition_penalty": sampling.apply_repetition_penalty,
+            "sample": sampling.sample}
+
+
+class Backend:
+    """The kernel functions of one backend as attributes (``backend.matmul(x, w, out)``)."""
+
+    def __init__(self, name, functions):
+        self.name = name
+        for k in KERNEL_NAMES:
+            setattr(self, k, functions[k])
+
+    def __repr__(self):
+        return f"<xllm kernel backend {self.name!r}>"
+
+
+REFERENCE = Backend("reference", {k: getattr(reference, k) for k in KERNEL_NAMES})
+
+
+def _select():
+    want = os.environ.get("XLLM_BACKEND", "cython").lower()
+    if want == "reference":
+        return REFERENCE
+    f = features()
+    if not (f["avx2"] and f["f16c"]):
+        warnings.warn("xllm: this CPU lacks AVX2/FMA/F16C; using the slow NumPy reference kernels")
+        return REFERENCE
+    return Backend("cython", _compiled())
+
+
+_backend = None
+
+
+def __getattr__(name):
+    # `backend` is chosen on first use, so the compiled modules can be imported one by one.
+    global _backend
+    if name == "backend":
+        if _backend is None:
+            _backend = _select()
+        return _backend
+    raise AttributeError(name)
+
+
+__all__ = ["backend", "Backend", "REFERENCE", "reference", "features", "set_threads",
+           "get_threads", "default_threads"]

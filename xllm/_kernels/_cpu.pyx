@@ -1,0 +1,66 @@
+# Compiled for the baseline ISA (no -mavx2): safe to import on any x86-64 CPU.
+"""CPU feature queries used to pick the kernel backend and instruction-set path."""
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    static int xllm_cpu_has(int which) {
+        __builtin_cpu_init();
+        switch (which) {
+            case 0: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+            case 1: return __builtin_cpu_supports("f16c");
+            case 2: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+                        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+            case 3: return __builtin_cpu_supports("avx512bf16");
+            case 4: return __builtin_cpu_supports("avx512vnni");
+        }
+        return 0;
+    }
+    #else
+    static int xllm_cpu_has(int which) { (void)which; return 0; }
+    #endif
+    """
+    int xllm_cpu_has(int which) nogil
+
+
+def features():
+    """Instruction-set extensions of this CPU that xllm can use, as a dict of booleans."""
+    return {"avx2": bool(xllm_cpu_has(0)), "f16c": bool(xllm_cpu_has(1)),
+            "avx512": bool(xllm_cpu_has(2)), "avx512bf16": bool(xllm_cpu_has(3)),
+            "avx512vnni": bool(xllm_cpu_has(4))}
+
+
+# ---- thread count: every kernel's prange reads it through get_num_threads() ----
+import os
+
+cdef int _num_threads = 1
+
+
+cdef int get_num_threads() noexcept nogil:
+    return _num_threads
+
+
+def default_threads() -> int:
+    """The number of cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(n=None):
+    """Set the number of threads the kernels use; None means default_threads()."""
+    global _num_threads
+    if n is None:
+        n = default_threads()
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    _num_threads = n
+
+
+def get_threads() -> int:
+    """The number of threads the kernels use."""
+    return _num_threads
+
+
+set_threads(None)

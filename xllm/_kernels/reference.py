@@ -1,0 +1,144 @@
+"""NumPy reference for every kernel.
+
+Same names, signatures and semantics as the compiled kernels; tests run the same cases through
+both. Conventions shared by all kernels:
+
+- activations are float32, C-contiguous; results go into a caller-provided ``out``;
+- weights are float32, float16, or uint16 arrays holding bfloat16 bit patterns (numpy has no
+  bfloat16 dtype; ``uint16`` always means bf16 in xllm);
+- a matrix ``w`` of shape [N, K] is used as ``x @ w.T`` (the layout of ``torch.nn.Linear``).
+"""
+import numpy as np
+
+
+def to_float32(w):
+    """A float32 copy (or view) of a weight array of any supported dtype."""
+    if w.dtype == np.uint16:  # bfloat16 bits: the high half of a float32
+        return (w.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(w, dtype=np.float32)
+
+
+def matmul(x, w, out, accumulate=False):
+    """out[M, N] = x[M, K] @ w[N, K].T  (``+=`` when accumulate)."""
+    y = (x.astype(np.float64) @ to_float32(w).astype(np.float64).T).astype(np.float32)
+    if accumulate:
+        out += y
+    else:
+        out[...] = y
+
+
+def embedding(table, ids, out):
+    """out[i] = table[ids[i]] as float32 (table: [V, D] in any weight dtype)."""
+    out[...] = to_float32(table[np.asarray(ids)])
+
+
+def rmsnorm(x, weight, eps, out):
+    """out = x / sqrt(mean(x^2) + eps) * weight, per row; out may be x."""
+    ms = np.mean(np.square(x.astype(np.float64)), axis=-1, keepdims=True)
+    out[...] = (x / np.sqrt(ms + eps)).astype(np.float32) * weight
+
+
+def rope_tables(inv_freq, n_positions):
+    """cos and sin tables [n_positions, head_dim/2], computed in float32 as transformers does."""
+    angles = np.arange(n_positions, dtype=np.float32)[:, None] * inv_freq[None, :].astype(np.float32)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope(x, positions, cos, sin, n_heads, interleaved):
+    """Rotate each head of x[M, n_heads*head_dim] in place by its row's position.
+
+    interleaved=True rotates adjacent pairs (2i, 2i+1) (Meta, llama2.c, GGUF); False rotates
+    (i, i + head_dim/2) ("rotate_half", Hugging Face).
+    """
+    m, half = x.shape[0], cos.shape[1]
+    v = x.reshape(m, n_heads, 2 * half)
+    c = cos[np.asarray(positions)][:, None, :]
+    s = sin[np.asarray(positions)][:, None, :]
+    if interleaved:
+        a, b = v[..., 0::2], v[..., 1::2]
+    else:
+        a, b = v[..., :half], v[..., half:]
+    a0, b0 = a.copy(), b.copy()
+    a[...] = a0 * c - b0 * s
+    b[...] = a0 * s + b0 * c
+
+
+def softmax(x, out):
+    """Row-wise softmax; out may be x."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    out[...] = e / e.sum(axis=-1, keepdims=True)
+
+
+def silu_mul(a, b, out):
+    """out = silu(a) * b = a / (1 + exp(-a)) * b; out may be a or b."""
+    out[...] = (a / (1.0 + np.exp(-a.astype(np.float64)))).astype(np.float32) * b
+
+
+def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
+    """Causal grouped-query attention of M new queries over the cache.
+
+    q, out: [M, n_heads*head_dim]; k_cache, v_cache: [capacity, n_kv_heads*head_dim] whose first
+    start_pos + M rows are filled. Query row i sits at position start_pos + i and attends to keys
+    0 .. start_pos + i. Query head h reads KV head h // (n_heads // n_kv_heads).
+    """
+    m = q.shape[0]
+    hd = q.shape[1] // n_heads
+    t = start_pos + m
+    qh = q.reshape(m, n_heads, hd).astype(np.float64)
+    k = k_cache[:t].reshape(t, n_kv_heads, hd).astype(np.float64)
+    v = v_cache[:t].reshape(t, n_kv_heads, hd).astype(np.float64)
+    o = out.reshape(m, n_heads, hd)
+    masked = np.arange(t)[None, :] > (start_pos + np.arange(m))[:, None]
+    group = n_heads // n_kv_heads
+    for h in range(n_heads):
+        s = (qh[:, h, :] @ k[:, h // group, :].T) * scale
+        s[masked] = -np.inf
+        p = np.exp(s - s.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        o[:, h, :] = p @ v[:, h // group, :]
+
+
+# ---- sampling (float64 throughout so the compiled kernel can agree on the chosen token) ----
+
+def argmax(x):
+    """Index of the largest value of a 1-D array (the first one on ties)."""
+    return int(np.argmax(x))
+
+
+def apply_repetition_penalty(logits, token_ids, penalty):
+    """In place, once per distinct id in token_ids: logit / penalty if > 0 else logit * penalty."""
+    ids = np.unique(np.asarray(token_ids, dtype=np.int64))
+    sel = logits[ids]
+    logits[ids] = np.where(sel > 0, sel / penalty, sel * penalty)
+
+
+def sample(logits, temperature, top_k, top_p, min_p, u):
+    """Draw a token from logits[V] with uniform number u in [0, 1).
+
+    temperature <= 0 is greedy. Otherwise, in this order: divide by temperature; keep the top_k
+    largest (top_k <= 0: all); keep the shortest prefix, by descending probability, whose
+    probability mass reaches top_p; keep tokens whose probability is >= min_p times the largest;
+    renormalise and return the first candidate (descending order, ties by lower id) at which the
+    cumulative probability exceeds u.
+    """
+    if temperature <= 0:
+        return argmax(logits)
+    z = logits.astype(np.float64) / temperature
+    order = np.lexsort((np.arange(z.size), -z))  # descending value, ascending id
+    if 0 < top_k < z.size:
+        order = order[:top_k]
+    zs = z[order]
+    p = np.exp(zs - zs[0])
+    p /= p.sum()
+    if top_p < 1.0:
+        before = np.cumsum(p) - p  # mass of the candidates ranked above
+        keep = int(np.count_nonzero(before < top_p))
+        order, p = order[:max(keep, 1)], p[:max(keep, 1)]
+        p = p / p.sum()
+    if min_p > 0.0:
+        keep = int(np.count_nonzero(p >= min_p * p[0]))
+        order, p = order[:keep], p[:keep]
+        p = p / p.sum()
+    c = np.cumsum(p)
+    i = int(np.searchsorted(c, u, side="right"))
+    return int(order[min(i, order.size - 1)])

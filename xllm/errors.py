@@ -1,0 +1,13 @@
+"""Exceptions raised by xllm. All derive from XLLMError (and ValueError where the input is wrong)."""
+
+
+class XLLMError(Exception):
+    """Base class of every error xllm raises on purpose."""
+
+
+class ModelFormatError(XLLMError, ValueError):
+    """A model, weight or tokenizer file is missing, truncated, corrupt or inconsistent."""
+
+
+class ContextLengthError(XLLMError, ValueError):
+    """A sequence would grow past the model's context length."""
