@@ -1,0 +1,14 @@
+"""xllm: Llama-family language models, fast on ordinary CPUs, from Python.
+
+>>> import xllm
+>>> model = xllm.load("path/to/model")            # doctest: +SKIP
+>>> model.generate("Once upon a time", max_new_tokens=32)   # doctest: +SKIP
+"""
+from ._kernels import get_threads, set_threads
+from .api import Model, load
+from .config import ModelConfig
+from .errors import ContextLengthError, ModelFormatError, XLLMError
+
+__version__ = "0.1.0"
+__all__ = ["load", "Model", "ModelConfig", "set_threads", "get_threads", "XLLMError",
+           "ModelFormatError", "ContextLengthError", "__version__"]

@@ -1,0 +1,42 @@
+"""python -m xllm.generate: run.c's greedy output through the CLI; one-line errors, exit code 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "xllm.generate", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_reproduces_run_c(data_dir):
+    d = data_dir / "llama2c"
+    for case in map(json.loads, open(d / "stories260K_greedy.jsonl")):
+        n = case["steps"] + 1 - len(case["prompt_tokens"])
+        r = run_cli("--model", d / "stories260K.bin", "--tokenizer", d / "tok512.bin",
+                    "--prompt", case["prompt"], "--max-new-tokens", n, "--echo", "--threads", 2)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == case["stdout"]
+        summary = r.stderr.strip().splitlines()[-1]
+        assert f"prompt: {len(case['prompt_tokens'])} tokens" in summary
+        assert f"generated: {n} tokens" in summary and "tok/s" in summary
+
+
+@pytest.mark.parametrize("args", [
+    ("--model", "/nonexistent/model.bin", "--prompt", "x"),
+    ("--model", __file__, "--prompt", "x"),
+])
+def test_cli_errors_are_one_line(args):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_bad_threads(data_dir):
+    d = data_dir / "llama2c"
+    r = run_cli("--model", d / "stories260K.bin", "--tokenizer", d / "tok512.bin", "--threads", 0)
+    assert r.returncode == 2 and "threads" in r.stderr

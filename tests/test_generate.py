@@ -1,0 +1,150 @@
+"""Generation: greedy/sampled decoding, seeds, stop strings, streaming, limits, bad input, and
+no allocation in the decode loop."""
+import pathlib
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import xllm
+from xllm.generate import stream_text
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+from random_model import write_random_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = write_random_model(str(tmp_path_factory.mktemp("tiny")), "tiny", "fp32", seed=3)
+    m = xllm.load(path)
+    m.config.eos_token_id = None  # random weights: never stop early
+    return m
+
+
+@pytest.fixture(scope="module")
+def stories(data_dir):
+    d = data_dir / "llama2c"
+    return xllm.load(d / "stories260K.bin", tokenizer=d / "tok512.bin")
+
+
+def test_greedy_is_deterministic_and_streams(model):
+    a = model.generate("hello there", max_new_tokens=20)
+    assert model.last_stats["generated"] == 20
+    b = "".join(model.generate("hello there", max_new_tokens=20, stream=True))
+    assert a == b
+
+
+def test_top_k_1_is_greedy(model):
+    greedy = model.generate([1, 5, 9], max_new_tokens=16)
+    t_greedy = model.last_stats["tokens"]
+    model.generate([1, 5, 9], max_new_tokens=16, temperature=1.0, top_k=1, seed=7)
+    assert model.last_stats["tokens"] == t_greedy and greedy is not None
+
+
+def test_seed_gives_same_text(stories):
+    kw = dict(max_new_tokens=40, temperature=1.0, top_p=0.9, seed=123)
+    a = stories.generate("Once upon a time", **kw)
+    b = stories.generate("Once upon a time", **kw)
+    assert a == b
+    others = {stories.generate("Once upon a time", **dict(kw, seed=s)) for s in range(4)}
+    assert len(others) > 1  # different seeds give different stories
+
+
+def test_sampling_options_run(stories):
+    for kw in [dict(top_k=5), dict(min_p=0.1), dict(top_p=0.5, top_k=10), dict(temperature=2.0),
+               dict(repetition_penalty=1.3)]:
+        kw = {"temperature": 0.8, **kw}
+        text = stories.generate("Tom had", max_new_tokens=10, seed=1, **kw)
+        assert isinstance(text, str)
+    with pytest.raises(ValueError):
+        stories.generate("Tom", top_p=0.0)
+    with pytest.raises(ValueError):
+        stories.generate("Tom", temperature=-1)
+
+
+def test_repetition_penalty_changes_greedy_output(stories):
+    a = stories.generate("Once upon a time", max_new_tokens=60)
+    b = stories.generate("Once upon a time", max_new_tokens=60, repetition_penalty=1.5)
+    assert a != b
+
+
+def test_stop_string_spanning_tokens_is_never_printed(stories):
+    full = stories.generate("Once upon a time", max_new_tokens=60)
+    stop = "little girl named"  # several tokens
+    assert stop in full
+    pieces = list(stories.generate("Once upon a time", max_new_tokens=60, stop=[stop],
+                                   stream=True))
+    assert "".join(pieces) == full[:full.index(stop)]
+    assert stories.generate("Once upon a time", max_new_tokens=60, stop=["zzz", stop]) == \
+        full[:full.index(stop)]
+
+
+def test_stream_text_holds_back_partial_stops():
+    pieces = ["ab", "c", "X", "Y", "Zd"]
+    assert "".join(stream_text(pieces, ["XYZ"])) == "abc"
+    assert list(stream_text(["ab", "X", "Yq"], ["XYZ"])) == ["ab", "XYq"]
+    assert "".join(stream_text(["a", "b"], [])) == "ab"
+
+
+def test_max_new_tokens_zero(model):
+    assert model.generate("hi", max_new_tokens=0) == ""
+
+
+def test_context_limit(model):
+    ctx = model.config.max_seq_len
+    with pytest.raises(xllm.ContextLengthError):
+        model.generate(list(range(3, 3 + ctx + 1)), max_new_tokens=1)
+    with pytest.raises(xllm.ContextLengthError):
+        model.logits([5] * (ctx + 1))
+    model.generate([5] * (ctx - 4), max_new_tokens=50)
+    assert model.last_stats["finish"] == "context"
+    assert model.last_stats["generated"] == 5  # the 5th token fills the context; no 6th
+    kv = model.transformer.new_cache()
+    model.transformer.forward(np.array([5] * ctx), kv)
+    with pytest.raises(xllm.ContextLengthError):
+        model.transformer.forward(np.array([5]), kv)
+
+
+def test_bad_threads_and_ids(model):
+    with pytest.raises(ValueError):
+        xllm.set_threads(0)
+    with pytest.raises(ValueError):
+        model.threads = -1
+    with pytest.raises(ValueError):
+        model.logits([model.config.vocab_size])
+    with pytest.raises(ValueError):
+        model.generate([], max_new_tokens=3)
+
+
+def test_threads_can_change_at_run_time(model):
+    ids = [1, 7, 8, 9]
+    model.threads = 1
+    one = model.logits(ids)
+    model.threads = 2
+    two = model.logits(ids)
+    model.threads = None
+    assert np.array_equal(one, two)  # fixed reduction order, whatever the thread count
+
+
+def test_no_allocation_in_decode_loop(tmp_path):
+    # A model whose logits row is 128 KB: any per-token array would show in the traced peak.
+    path = write_random_model(str(tmp_path / "m"), "tiny", "bf16", vocab_size=32000,
+                              hidden_size=128, intermediate_size=344)
+    m = xllm.load(path)
+    tr, argmax = m.transformer, xllm._kernels.backend.argmax
+    kv = tr.new_cache()
+    kv.reserve(200)  # the cache's amortised growth is allowed; keep it out of the measurement
+    logits = tr.forward(np.arange(1, 20), kv)
+    tok = np.zeros(1, np.int64)
+    for _ in range(3):  # warm up
+        tok[0] = argmax(logits)
+        logits = tr.forward(tok, kv)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for _ in range(100):
+        tok[0] = argmax(logits)
+        logits = tr.forward(tok, kv)
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert current - base < 4096 and peak - base < 16384, (current - base, peak - base)

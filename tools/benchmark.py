@@ -1,0 +1,134 @@
+"""Prefill and decode speed of xllm, optionally side by side with transformers (PyTorch).
+
+    python tools/benchmark.py --random tinyllama-1.1b --dtype bf16 --threads 2 --vs-torch
+    python tools/benchmark.py --model DIR --prompt-len 128 --new-tokens 128 --reps 3
+
+Each repetition runs xllm then (with --vs-torch) transformers fp32 and bf16 on the same weights,
+so the engines alternate and share the machine's state; medians and ratios are printed.
+Prefill = tokens/s over one forward pass of the prompt; decode = tokens/s of the greedy loop
+(one forward + argmax per token) after it. --python-share reruns the decode loop with every
+kernel replaced by a no-op to measure the time spent outside the kernels.
+"""
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import xllm
+from xllm import _kernels
+from random_model import write_random_model
+
+
+def random_model_dir(shape, dtype):
+    """A cached random model of a preset shape (written once under $XLLM_HOME/random)."""
+    home = os.environ.get("XLLM_HOME", os.path.join(os.path.expanduser("~"), ".cache", "xllm"))
+    path = os.path.join(home, "random", f"{shape}-{dtype}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        print(f"writing random {shape} ({dtype}) to {path} ...", file=sys.stderr)
+        write_random_model(path + ".tmp", shape, dtype)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def run_xllm(model, prompt, new_tokens):
+    """(prefill tok/s, decode tok/s) of one prompt + greedy decode loop."""
+    tr, K = model.transformer, _kernels.backend
+    kv = tr.new_cache()
+    ids = np.asarray(prompt, np.int64)
+    t0 = time.perf_counter()
+    logits = tr.forward(ids, kv)
+    t1 = time.perf_counter()
+    tok = np.zeros(1, np.int64)
+    for _ in range(new_tokens):
+        tok[0] = K.argmax(logits)
+        logits = tr.forward(tok, kv)
+    t2 = time.perf_counter()
+    return len(ids) / (t1 - t0), new_tokens / (t2 - t1)
+
+
+def run_torch(model, prompt, new_tokens):
+    import torch
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        t1 = time.perf_counter()
+        past = out.past_key_values
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(new_tokens):
+            out = model(tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), new_tokens / (t2 - t1)
+
+
+def python_share(model, prompt, new_tokens):
+    """Fraction of decode time spent outside the kernels (kernels stubbed out vs real)."""
+    real = 1 / run_xllm(model, prompt, new_tokens)[1]
+    stub = _kernels.Backend("stub", {k: (lambda *a, **kw: 0) for k in _kernels.KERNEL_NAMES})
+    saved, _kernels._backend = _kernels.backend, stub
+    try:
+        python = 1 / run_xllm(model, prompt, new_tokens)[1]
+    finally:
+        _kernels._backend = saved
+    return python / real
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a model path xllm loads")
+    src.add_argument("--random", choices=sorted(xllm.config.PRESETS), help="random model shape")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="weight dtype of the --random model")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--vs-torch", action="store_true", help="also run transformers fp32 and bf16")
+    p.add_argument("--python-share", action="store_true")
+    a = p.parse_args(argv)
+    path = a.model or random_model_dir(a.random, a.dtype)
+    model = xllm.load(path, threads=a.threads)
+    threads = model.threads
+    rng = np.random.default_rng(0)
+    prompt = [int(i) for i in rng.integers(3, model.config.vocab_size, a.prompt_len)]
+    engines = {"xllm": lambda: run_xllm(model, prompt, a.new_tokens)}
+    if a.vs_torch:
+        import torch
+        from transformers import AutoModelForCausalLM
+        torch.set_num_threads(threads)
+        for name, dt in (("torch fp32", torch.float32), ("torch bf16", torch.bfloat16)):
+            tm = AutoModelForCausalLM.from_pretrained(path, dtype=dt).eval()
+            engines[name] = (lambda m: lambda: run_torch(m, prompt, a.new_tokens))(tm)
+    results = {k: [] for k in engines}
+    run_xllm(model, prompt[:8], 2)  # warm up (page in the weights)
+    for r in range(a.reps):
+        for name, fn in engines.items():
+            results[name].append(fn())
+            pre, dec = results[name][-1]
+            print(f"rep {r}: {name:10s} prefill {pre:8.1f} tok/s  decode {dec:7.2f} tok/s",
+                  file=sys.stderr)
+    med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
+           for k, v in results.items()}
+    print(f"model: {a.model or a.random + ' ' + a.dtype}  threads: {threads}  prompt: "
+          f"{a.prompt_len}  new tokens: {a.new_tokens}  reps: {a.reps} (medians)")
+    for name, (pre, dec) in med.items():
+        line = f"  {name:10s} prefill {pre:8.1f} tok/s  decode {dec:7.2f} tok/s"
+        if name != "xllm":
+            line += (f"   xllm/{name}: prefill {med['xllm'][0] / pre:.2f}x  decode "
+                     f"{med['xllm'][1] / dec:.2f}x")
+        print(line)
+    if a.python_share:
+        shares = [python_share(model, prompt, a.new_tokens) for _ in range(a.reps)]
+        print(f"  python share of decode time (outside kernels): {statistics.median(shares):.1%}")
+    print(f"  peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

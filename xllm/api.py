@@ -1,0 +1,127 @@
+"""The public entry points: ``xllm.load(path) -> Model``."""
+import os
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+
+from . import _kernels
+from .config import ModelConfig
+from .errors import ModelFormatError
+from .generate import SamplingParams, Sampler, generate_ids, stream_text
+from .model import Transformer
+
+
+class Model:
+    """A loaded model and the generation API.
+
+    Attributes: ``config`` (:class:`xllm.ModelConfig`), ``tokenizer`` (``encode(text,
+    add_bos=False)``, ``decode(ids)``, ``bos_id``, ``eos_id``; None if the checkpoint has none),
+    ``transformer`` (weights and forward pass) and ``last_stats`` (timings of the last
+    generation).
+    """
+
+    def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, *, threads=None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.transformer = Transformer(config, weights)
+        if threads is not None:
+            self.threads = threads
+        self.last_stats = {}
+
+    @property
+    def threads(self) -> int:
+        """Kernel threads (process-wide); assign an int, or None for all usable cores."""
+        return _kernels.get_threads()
+
+    @threads.setter
+    def threads(self, n):
+        _kernels.set_threads(n)
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass tokenizer=PATH to xllm.load, "
+                             "or give prompts as lists of token ids")
+        return self.tokenizer
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] (float32) of a fresh sequence, one row per position."""
+        ids = self._check_ids(ids)
+        kv = self.transformer.new_cache()
+        out = np.empty((len(ids), self.config.vocab_size), np.float32)
+        self.transformer.forward(ids, kv, logits_out=out)
+        return out
+
+    def _check_ids(self, ids):
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("no token ids given")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        return ids
+
+    def generate(self, prompt: Union[str, Sequence[int]], *, max_new_tokens=256,
+                 temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                 seed=None, stop=(), stream=False, add_bos=True) -> Union[str, Iterator[str]]:
+        """Continue `prompt` (text, or a list of token ids used as given).
+
+        Greedy when temperature is 0, else sampled (top_k, top_p, min_p applied in that order
+        after the temperature); the same seed gives the same text. Stops at the end-of-sequence
+        token, after max_new_tokens, at the context limit, or before the first of the `stop`
+        strings (which is never returned, even in part). Returns the text, or an iterator of
+        text pieces when stream=True. Timings are left in ``self.last_stats``.
+        """
+        if isinstance(stop, str):
+            stop = (stop,)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if isinstance(prompt, str):
+            ids = self._tokenizer().encode(prompt, add_bos=add_bos)
+        else:
+            ids = [int(i) for i in prompt]
+        if ids:
+            self._check_ids(ids)
+        pieces = self._pieces(ids, max_new_tokens, Sampler(params))
+        text = stream_text(pieces, stop)
+        return text if stream else "".join(text)
+
+    def _pieces(self, ids, max_new_tokens, sampler):
+        tok = self.tokenizer
+        stop_ids = frozenset(i for i in (self.config.eos_token_id, *self.config.extra_eos_token_ids)
+                             if i is not None)
+        stats = self.last_stats = {"tokens": []}
+        new = generate_ids(self.transformer, ids, max_new_tokens, sampler, stop_ids, stats)
+        # Only BOS before the continuation: its first piece loses its leading space, as in
+        # sentencepiece's decode of a whole sequence.
+        bos = getattr(tok, "bos_id", None)
+        dec = tok.decoder(strip_leading_space=all(i == bos for i in ids)) if tok else None
+        for t in new:
+            stats["tokens"].append(t)
+            if dec is not None:
+                yield dec.push(t)
+        if dec is not None:
+            yield dec.flush()
+
+
+def load(path, *, tokenizer=None, threads=None) -> Model:
+    """Load a model: a Hugging Face directory, a llama2.c ``.bin`` or a Meta checkpoint directory.
+
+    `tokenizer` is a tokenizer file (``tokenizer.model`` or llama2.c ``tokenizer.bin``) for
+    checkpoints that do not carry one; `threads` sets the kernel thread count (default: all
+    cores this process may use).
+    """
+    from .loaders import load_checkpoint
+    from .tokenizer import load_tokenizer
+    if threads is not None:
+        _kernels.set_threads(threads)
+    ckpt = load_checkpoint(os.fspath(path))
+    tok_path = tokenizer or ckpt.tokenizer_path
+    tok = None
+    if tok_path is not None:
+        tok = load_tokenizer(tok_path, vocab_size=ckpt.config.vocab_size)
+        if tok.vocab_size != ckpt.config.vocab_size:
+            if tokenizer is not None:
+                raise ModelFormatError(f"{tok_path}: tokenizer has {tok.vocab_size} tokens, the "
+                                       f"model {ckpt.config.vocab_size}")
+            tok = None  # a sibling file that belongs to another model
+    return Model(ckpt.config, ckpt.weights, tok, threads=threads)

@@ -1,0 +1,58 @@
+"""KVCache: the keys and values of one sequence, per layer, growing on demand."""
+import numpy as np
+
+from .errors import ContextLengthError
+
+
+class KVCache:
+    """Per-layer key and value rows [capacity, kv_dim] of one sequence.
+
+    Capacity starts small and at least doubles when it runs out (amortised O(1) per token, never
+    a copy per token), up to ``max_len`` (the model's context), past which ``reserve`` raises
+    ContextLengthError. Rows 0..length-1 are valid; the projection kernels write new rows in place.
+    """
+
+    def __init__(self, num_layers, kv_dim, max_len, *, initial_capacity=256, dtype=np.float32):
+        self.num_layers, self.kv_dim, self.max_len = num_layers, kv_dim, max_len
+        self.dtype = np.dtype(dtype)
+        self.initial_capacity = max(1, initial_capacity)
+        self.length = 0
+        self.capacity = 0
+        self.k = []  # num_layers arrays [capacity, kv_dim]
+        self.v = []
+
+    def reserve(self, n_new):
+        """Make room for n_new more rows; raise ContextLengthError past max_len."""
+        need = self.length + n_new
+        if need > self.max_len:
+            raise ContextLengthError(
+                f"the sequence would reach {need} tokens, past the model's context of "
+                f"{self.max_len} ({self.length} in the cache, {n_new} new)")
+        if need > self.capacity:
+            cap = min(self.max_len, max(need, 2 * self.capacity, self.initial_capacity))
+            shape = (cap, self.kv_dim)
+            for cache in (self.k, self.v):
+                for layer in range(self.num_layers):
+                    grown = np.empty(shape, self.dtype)
+                    if layer < len(cache):
+                        grown[:self.length] = cache[layer][:self.length]
+                        cache[layer] = grown
+                    else:
+                        cache.append(grown)
+            self.capacity = cap
+
+    def truncate(self, length):
+        """Forget every row from `length` on (the memory stays reserved for reuse)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} rows to {length}")
+        self.length = length
+
+    def reset(self):
+        """Empty the cache and free its memory."""
+        self.length = self.capacity = 0
+        self.k, self.v = [], []
+
+    @property
+    def nbytes(self):
+        """Bytes held by the cache arrays (capacity, not just the rows in use)."""
+        return 2 * self.num_layers * self.capacity * self.kv_dim * self.dtype.itemsize

@@ -1,0 +1,151 @@
+"""The Llama forward pass, composed in Python from the compiled kernels.
+
+Shapes below: R = rows processed at once (prompt chunk or 1 for decode), D = hidden_size,
+Q = num_heads*head_dim, KV = num_kv_heads*head_dim, F = intermediate_size, V = vocab_size.
+"""
+import numpy as np
+
+from . import _kernels
+from .config import ModelConfig
+from .errors import ModelFormatError
+from .kv_cache import KVCache
+
+WEIGHT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16))  # uint16 = bf16
+
+
+class Layer:
+    """One transformer block's weights (as loaded: fp32, fp16 or bf16, often memory-mapped)."""
+    __slots__ = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
+
+    def __init__(self, weights, i, config):
+        c = config
+        shapes = {"wq": (c.q_dim, c.hidden_size), "wk": (c.kv_dim, c.hidden_size),
+                  "wv": (c.kv_dim, c.hidden_size), "wo": (c.hidden_size, c.q_dim),
+                  "w1": (c.intermediate_size, c.hidden_size),
+                  "w2": (c.hidden_size, c.intermediate_size),
+                  "w3": (c.intermediate_size, c.hidden_size)}
+        for name, shape in shapes.items():
+            setattr(self, name, _weight(weights, f"layers.{i}.{name}", shape))
+        self.attention_norm = _norm(weights, f"layers.{i}.attention_norm", c.hidden_size)
+        self.ffn_norm = _norm(weights, f"layers.{i}.ffn_norm", c.hidden_size)
+
+
+def _weight(weights, name, shape):
+    w = weights.get(name)
+    if w is None:
+        raise ModelFormatError(f"the checkpoint has no tensor {name!r}")
+    if tuple(w.shape) != tuple(shape):
+        raise ModelFormatError(f"tensor {name!r} has shape {tuple(w.shape)}, expected {tuple(shape)}")
+    if w.dtype not in WEIGHT_DTYPES or not w.flags.c_contiguous:
+        raise ModelFormatError(f"tensor {name!r}: unsupported dtype {w.dtype} or layout")
+    return w
+
+
+def _norm(weights, name, size):
+    # Norm weights are tiny: keep them as float32 whatever the checkpoint stores.
+    return np.ascontiguousarray(_kernels.reference.to_float32(_weight(weights, name, (size,))))
+
+
+class Workspace:
+    """Every activation buffer of the forward pass, allocated once for up to `rows` tokens."""
+
+    def __init__(self, config: ModelConfig, rows: int):
+        c, f32 = config, np.float32
+        self.rows = rows
+        self.x = np.zeros((rows, c.hidden_size), f32)              # [R, D] residual stream
+        self.xn = np.zeros((rows, c.hidden_size), f32)             # [R, D] normed input
+        self.q = np.zeros((rows, c.q_dim), f32)                    # [R, Q] queries
+        self.attn = np.zeros((rows, c.q_dim), f32)                 # [R, Q] attention output
+        self.gate = np.zeros((rows, c.intermediate_size), f32)     # [R, F] w1 x, then silu(w1 x)*w3 x
+        self.up = np.zeros((rows, c.intermediate_size), f32)       # [R, F] w3 x
+        self.logits = np.zeros((1, c.vocab_size), f32)             # [1, V] last row's logits
+        self.tokens = np.zeros(rows, np.int64)                     # [R] token ids
+        self.positions = np.zeros(rows, np.int64)                  # [R] their positions
+        self.arange = np.arange(rows, dtype=np.int64)              # [R] 0..R-1
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
+
+
+class Transformer:
+    """Llama weights plus the forward pass. ``forward`` serves prefill and decode alike."""
+
+    def __init__(self, config: ModelConfig, weights: dict, *, max_batch_rows=512):
+        c = self.config = config
+        self.tok_embeddings = _weight(weights, "tok_embeddings", (c.vocab_size, c.hidden_size))
+        self.norm = _norm(weights, "norm", c.hidden_size)
+        if "output" in weights:
+            self.output = _weight(weights, "output", (c.vocab_size, c.hidden_size))
+        elif c.tie_word_embeddings:
+            self.output = self.tok_embeddings
+        else:
+            raise ModelFormatError("the checkpoint has no tensor 'output' and its embeddings "
+                                   "are not tied")
+        self.layers = [Layer(weights, i, c) for i in range(c.num_layers)]
+        self.ws = Workspace(c, min(max_batch_rows, c.max_seq_len))
+        self._inv_freq = c.inv_freq()
+        self.rope_cos = self.rope_sin = np.zeros((0, c.head_dim // 2), np.float32)
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for one sequence of this model."""
+        c = self.config
+        return KVCache(c.num_layers, c.kv_dim, c.max_seq_len)
+
+    def _ensure_rope(self, n):
+        # cos/sin tables grow with the longest sequence seen (doubling), never per token.
+        if n > self.rope_cos.shape[0]:
+            size = min(self.config.max_seq_len, max(n, 2 * self.rope_cos.shape[0], 256))
+            self.rope_cos, self.rope_sin = _kernels.reference.rope_tables(self._inv_freq, size)
+
+    def forward(self, tokens, kv: KVCache, logits_out=None):
+        """Run `tokens` (continuing the sequence in `kv`) through the model.
+
+        Returns the last row's logits [V] (a view of a reused buffer, valid until the next call),
+        or fills ``logits_out`` [len(tokens), V] with every row's logits when it is given.
+        """
+        n = len(tokens)
+        kv.reserve(n)
+        self._ensure_rope(kv.length + n)
+        rows = self.ws.rows
+        for s in range(0, n, rows):
+            part = tokens[s:s + rows]
+            out = None if logits_out is None else logits_out[s:s + len(part)]
+            last = self._forward_chunk(part, kv, out)
+        return last
+
+    def _forward_chunk(self, tokens, kv, logits_out):
+        K, c, ws = _kernels.backend, self.config, self.ws
+        m, start = len(tokens), kv.length
+        x, xn, q, attn = ws.x[:m], ws.xn[:m], ws.q[:m], ws.attn[:m]
+        gate, up, pos = ws.gate[:m], ws.up[:m], ws.positions[:m]
+        ws.tokens[:m] = tokens
+        np.add(ws.arange[:m], start, out=pos)
+        cos, sin, eps, inter = self.rope_cos, self.rope_sin, c.rms_norm_eps, c.rope_interleaved
+        nh, nkv, scale = c.num_heads, c.num_kv_heads, 1.0 / np.sqrt(c.head_dim)
+        K.embedding(self.tok_embeddings, ws.tokens[:m], x)
+        for layer, kc, vc in zip(self.layers, kv.k, kv.v):
+            # attention: x += wo · attention(rope(wq·n(x)), rope(wk·n(x)), wv·n(x))
+            K.rmsnorm(x, layer.attention_norm, eps, xn)
+            K.matmul(xn, layer.wq, q)
+            k_new, v_new = kc[start:start + m], vc[start:start + m]
+            K.matmul(xn, layer.wk, k_new)        # new keys/values go straight into the cache
+            K.matmul(xn, layer.wv, v_new)
+            K.rope(q, pos, cos, sin, nh, inter)
+            K.rope(k_new, pos, cos, sin, nkv, inter)
+            K.attention(q, kc, vc, attn, start, nh, nkv, scale)
+            K.matmul(attn, layer.wo, x, accumulate=True)
+            # feed-forward: x += w2 · (silu(w1·n(x)) * w3·n(x))
+            K.rmsnorm(x, layer.ffn_norm, eps, xn)
+            K.matmul(xn, layer.w1, gate)
+            K.matmul(xn, layer.w3, up)
+            K.silu_mul(gate, up, gate)
+            K.matmul(gate, layer.w2, x, accumulate=True)
+        kv.length = start + m
+        if logits_out is not None:
+            K.rmsnorm(x, self.norm, eps, xn)
+            K.matmul(xn, self.output, logits_out)
+            return logits_out[-1]
+        K.rmsnorm(x[m - 1:], self.norm, eps, xn[:1])
+        K.matmul(xn[:1], self.output, ws.logits)
+        return ws.logits[0]
