@@ -1,0 +1,104 @@
+"""Checkpoint loaders: Hugging Face safetensors, Meta consolidated.*.pth, llama2.c .bin.
+
+Every loader returns a :class:`Checkpoint` whose weights use Meta-style canonical names
+(``tok_embeddings``, ``norm``, ``output``, ``layers.{i}.wq`` ...), shaped [out, in], kept in the
+dtype they were stored in (float32, float16, or uint16 = bfloat16 bits) and memory-mapped
+read-only where the format allows. q/k rows are never permuted; ``config.rope_interleaved``
+records which RoPE layout the checkpoint uses instead.
+"""
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import ModelFormatError
+
+LAYER_NAMES = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16))
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model: its config, canonical weights, a tokenizer file found next to it, if any."""
+    config: ModelConfig
+    weights: dict
+    tokenizer_path: Optional[str]
+    source: str
+
+
+def expected_shapes(c: ModelConfig) -> dict:
+    """Canonical name -> shape for every weight a model with config `c` needs."""
+    h, q, kv, f = c.hidden_size, c.q_dim, c.kv_dim, c.intermediate_size
+    shapes = {"tok_embeddings": (c.vocab_size, h), "norm": (h,)}
+    if not c.tie_word_embeddings:
+        shapes["output"] = (c.vocab_size, h)
+    per_layer = {"attention_norm": (h,), "wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q),
+                 "ffn_norm": (h,), "w1": (f, h), "w2": (h, f), "w3": (f, h)}
+    for i in range(c.num_layers):
+        shapes.update({f"layers.{i}.{k}": s for k, s in per_layer.items()})
+    return shapes
+
+
+def check_weights(weights: dict, config: ModelConfig, source: str, names=None) -> None:
+    """Raise ModelFormatError unless `weights` has every tensor `config` needs, with the right
+    shape and a supported dtype. `names` maps canonical names to labels naming the tensor as
+    the file does (and the file), so messages point at something the user can find."""
+    names = names or {}
+    for key, shape in expected_shapes(config).items():
+        label = names.get(key) or repr(key)
+        w = weights.get(key)
+        if w is None:
+            raise ModelFormatError(f"{source}: missing tensor {label}")
+        if tuple(w.shape) != shape:
+            raise ModelFormatError(f"{source}: tensor {label} has shape {tuple(w.shape)}, "
+                                   f"expected {shape} from the config")
+        if w.dtype not in SUPPORTED_DTYPES:
+            raise ModelFormatError(f"{source}: tensor {label} has unsupported dtype {w.dtype}")
+
+
+def make_config(source, **kwargs) -> ModelConfig:
+    """ModelConfig(**kwargs), with any validation error re-raised naming `source`."""
+    try:
+        return ModelConfig(**kwargs)
+    except (ModelFormatError, TypeError) as e:
+        raise ModelFormatError(f"{source}: {str(e).removeprefix('config: ')}") from None
+
+
+def find_file(directory, candidates):
+    """The first of `candidates` that exists in `directory`, or None."""
+    for name in candidates:
+        p = os.path.join(directory, name)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Load a model from `path`, detecting its format.
+
+    A directory with config.json is a Hugging Face checkpoint; a directory with params.json is a
+    Meta one (consolidated.*.pth); a file starting with the llama2.c magic "ak42" or a plausible
+    llama2.c v0 header is a llama2.c .bin. A *.safetensors or *.pth file stands for its
+    directory. Anything else raises ModelFormatError naming the path.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path does not exist: {path}")
+    if os.path.isfile(path) and path.endswith((".safetensors", ".pth", "config.json")):
+        path = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            from .hf import load_hf
+            return load_hf(path)
+        if os.path.isfile(os.path.join(path, "params.json")):
+            from .meta import load_meta
+            return load_meta(path)
+        raise ModelFormatError(f"{path}: unknown model format (a directory needs config.json for "
+                               f"Hugging Face or params.json for Meta checkpoints)")
+    from . import llama2c
+    if llama2c.looks_like_llama2c(path):
+        return llama2c.load_llama2c(path)
+    raise ModelFormatError(f"{path}: unknown model format (not a Hugging Face or Meta directory "
+                           f"and not a llama2.c .bin file)")

@@ -1,0 +1,129 @@
+"""Hugging Face ``LlamaForCausalLM`` checkpoints: config.json plus model.safetensors, or shards
+listed in model.safetensors.index.json. Weights stay in HF's q/k row order (rotate_half RoPE),
+so ``rope_interleaved=False``."""
+import json
+import os
+import re
+
+from ..config import ModelConfig
+from ..errors import ModelFormatError
+from . import Checkpoint, check_weights, expected_shapes, find_file, make_config
+from .safetensors_mmap import as_array, read_safetensors
+
+_TOP = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "norm",
+        "lm_head.weight": "output"}
+_LAYER = {"input_layernorm": "attention_norm", "self_attn.q_proj": "wq",
+          "self_attn.k_proj": "wk", "self_attn.v_proj": "wv", "self_attn.o_proj": "wo",
+          "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "w1", "mlp.down_proj": "w2",
+          "mlp.up_proj": "w3"}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+
+
+def canonical_name(hf_name):
+    """Canonical xllm name of a HF tensor name, or None for tensors xllm does not use."""
+    if hf_name in _TOP:
+        return _TOP[hf_name]
+    m = _LAYER_RE.fullmatch(hf_name)
+    if m and m.group(2) in _LAYER:
+        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+    return None
+
+
+def _hf_name(canonical):
+    for k, v in _TOP.items():
+        if v == canonical:
+            return k
+    _, i, short = canonical.split(".")
+    return f"model.layers.{i}.{next(k for k, v in _LAYER.items() if v == short)}.weight"
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"{path}: cannot read JSON: {e}") from None
+
+
+def read_config(directory) -> ModelConfig:
+    """ModelConfig from a HF directory's config.json (transformers 4.x or 5.x layout), with
+    extra end-of-sequence ids from generation_config.json if present."""
+    path = os.path.join(directory, "config.json")
+    raw = _read_json(path)
+    if raw.get("model_type") != "llama":
+        raise ModelFormatError(f"{path}: model_type {raw.get('model_type')!r} is not supported; "
+                               f"xllm loads Llama-architecture ('llama') checkpoints")
+    if raw.get("attention_bias") or raw.get("mlp_bias") or raw.get("hidden_act", "silu") != "silu":
+        raise ModelFormatError(f"{path}: biases or a hidden_act other than silu are not supported")
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise ModelFormatError(f"{path}: missing {', '.join(missing)}")
+    # transformers 5 keeps RoPE settings in rope_parameters; 4.x has rope_theta + rope_scaling.
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if kind == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if any(k not in rope for k in keys):
+            raise ModelFormatError(f"{path}: llama3 rope scaling needs {', '.join(keys)}")
+        scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
+    elif kind != "default":
+        raise ModelFormatError(f"{path}: rope scaling type {kind!r} is not supported")
+    eos = raw.get("eos_token_id")
+    eos = list(eos) if isinstance(eos, list) else ([] if eos is None else [eos])
+    gen_path = os.path.join(directory, "generation_config.json")
+    if os.path.isfile(gen_path):
+        gen_eos = _read_json(gen_path).get("eos_token_id")
+        for e in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
+            if e is not None and e not in eos:
+                eos.append(e)
+    return make_config(
+        path, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
+        num_heads=raw["num_attention_heads"],
+        num_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+        head_dim=raw.get("head_dim") or 0,
+        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        max_seq_len=raw.get("max_position_embeddings", 2048), rope_interleaved=False,
+        rope_scaling=scaling, bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=eos[0] if eos else None, extra_eos_token_ids=tuple(eos[1:]))
+
+
+def load_hf(directory) -> Checkpoint:
+    """Load a HF Llama checkpoint directory; tensors are read-only views of the mapped files."""
+    config = read_config(directory)
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelFormatError(f"{index}: no weight_map")
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise ModelFormatError(f"{directory}: no model.safetensors or model.safetensors.index.json "
+                               f"(only safetensors checkpoints are supported)")
+    weights, names = {}, {}
+    for fname in files:
+        fpath = os.path.join(directory, fname)
+        if not os.path.isfile(fpath):
+            raise ModelFormatError(f"{index}: lists shard {fname}, which does not exist")
+        for key, entry in read_safetensors(fpath).items():
+            canon = canonical_name(key)
+            if canon is not None:
+                weights[canon] = as_array(entry, key, fpath)
+                names[canon] = f"{key!r} in {fname}"
+    # transformers omits lm_head.weight when it is tied; treat a missing one as tied.
+    if config.tie_word_embeddings or "output" not in weights:
+        config.tie_word_embeddings = True
+        weights.pop("output", None)
+    for canon in expected_shapes(config):
+        names.setdefault(canon, repr(_hf_name(canon)))
+    check_weights(weights, config, directory, names)
+    tok = find_file(directory, ("tokenizer.model", "tokenizer.json"))
+    return Checkpoint(config=config, weights=weights, tokenizer_path=tok,
+                      source=os.fspath(directory))
