@@ -1,0 +1,35 @@
+"""Shared pytest fixtures for xllm's tests."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def find_data_dir():
+    """The shared test-data folder: $XLLM_TEST_DATA, else <repo>/../shared/data.
+
+    Returns None if it does not exist.
+    """
+    env = os.environ.get("XLLM_TEST_DATA")
+    path = Path(env) if env else _REPO.parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """Path of the test-data folder.
+
+    Tests that use it are skipped when it is missing, unless XLLM_REQUIRE_DATA=1,
+    in which case they fail (so CI cannot silently skip them).
+    """
+    path = find_data_dir()
+    if path is None:
+        msg = ("test data not found: set XLLM_TEST_DATA or put it at "
+               f"{_REPO.parent / 'shared' / 'data'}")
+        if os.environ.get("XLLM_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
