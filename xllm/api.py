@@ -7,7 +7,7 @@ import numpy as np
 from . import _kernels
 from .config import ModelConfig
 from .errors import ModelFormatError
-from .generate import SamplingParams, Sampler, generate_ids, stream_text
+from .decode import SamplingParams, Sampler, generate_ids, stream_text
 from .model import Transformer
 
 
