@@ -52,8 +52,11 @@ def rope(x, positions, cos, sin, n_heads, interleaved):
     """
     m, half = x.shape[0], cos.shape[1]
     v = x.reshape(m, n_heads, 2 * half)
-    c = cos[np.asarray(positions)][:, None, :]
-    s = sin[np.asarray(positions)][:, None, :]
+    positions = np.asarray(positions)
+    if positions.size and (positions.min() < 0 or positions.max() >= cos.shape[0]):
+        raise IndexError(f"positions must lie in [0, {cos.shape[0]})")  # no negative wrap-around
+    c = cos[positions][:, None, :]
+    s = sin[positions][:, None, :]
     if interleaved:
         a, b = v[..., 0::2], v[..., 1::2]
     else:
@@ -108,6 +111,8 @@ def argmax(x):
 def apply_repetition_penalty(logits, token_ids, penalty):
     """In place, once per distinct id in token_ids: logit / penalty if > 0 else logit * penalty."""
     ids = np.unique(np.asarray(token_ids, dtype=np.int64))
+    if ids.size and (ids[0] < 0 or ids[-1] >= logits.shape[0]):
+        raise IndexError(f"token ids must lie in [0, {logits.shape[0]})")  # no negative wrap-around
     sel = logits[ids]
     logits[ids] = np.where(sel > 0, sel / penalty, sel * penalty)
 
@@ -119,10 +124,16 @@ def sample(logits, temperature, top_k, top_p, min_p, u):
     largest (top_k <= 0: all); keep the shortest prefix, by descending probability, whose
     probability mass reaches top_p; keep tokens whose probability is >= min_p times the largest;
     renormalise and return the first candidate (descending order, ties by lower id) at which the
-    cumulative probability exceeds u.
+    cumulative probability exceeds u. Like top_p, min_p always keeps the top token (min_p > 1).
+    ValueError if temperature is NaN, or if (temperature > 0) logits hold NaN or +inf or are all
+    -inf: there is no distribution to draw from.
     """
+    if temperature != temperature:
+        raise ValueError("temperature is NaN")
     if temperature <= 0:
         return argmax(logits)
+    if not np.isfinite(np.max(logits)):
+        raise ValueError("logits must not hold NaN or +inf, and must not all be -inf")
     z = logits.astype(np.float64) / temperature
     order = np.lexsort((np.arange(z.size), -z))  # descending value, ascending id
     if 0 < top_k < z.size:
@@ -136,7 +147,7 @@ def sample(logits, temperature, top_k, top_p, min_p, u):
         order, p = order[:max(keep, 1)], p[:max(keep, 1)]
         p = p / p.sum()
     if min_p > 0.0:
-        keep = int(np.count_nonzero(p >= min_p * p[0]))
+        keep = max(int(np.count_nonzero(p >= min_p * p[0])), 1)
         order, p = order[:keep], p[:keep]
         p = p / p.sum()
     c = np.cumsum(p)
