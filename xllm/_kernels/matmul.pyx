@@ -1,0 +1,283 @@
+"""Matrix multiply (``x @ w.T``) and embedding lookup, the hot kernels of a Llama forward pass.
+
+The arithmetic lives in ``gemm.h`` (AVX2 and AVX-512 intrinsics); this module validates
+arguments at the Python boundary, picks the instruction-set path, and splits the rows of ``w``
+across threads. See ``gemm.h`` for why results are bit-for-bit independent of the batch size and
+the thread count.
+"""
+import os
+
+import numpy as np
+
+cimport numpy as cnp
+from cython.parallel cimport parallel, prange, threadid
+from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
+
+from xllm._kernels._cpu cimport get_num_threads
+from xllm._kernels._cpu import features
+
+cnp.import_array()
+
+cdef extern from "gemm.h" nogil:
+    int XW_F32, XW_F16, XW_BF16
+    int XLLM_NR2, XLLM_NR5, XLLM_KC
+    size_t XLLM_ACCBUF_FLOATS
+    size_t xllm_mr(int isa)
+    void xllm_pack_x(int isa, const float *x, size_t ldx, size_t M, size_t K, size_t kc,
+                     size_t g, float *xpk)
+    void xllm_gemm_panel(int isa, const float *x, size_t ldx, const float *xpk, size_t M,
+                         size_t K, const void *w, int wt, size_t ldw, size_t n0, size_t n1,
+                         float *out, size_t ldo, int accum, float *scratch, size_t ldk,
+                         float *accbuf, size_t kc)
+    void xllm_embedding(const void *table, int wt, size_t D, const int64_t *ids, size_t n,
+                        float *out)
+
+
+# ---- instruction-set path ----
+
+_ISAS = ("avx2", "avx512")
+cdef int _isa = 0  # index into _ISAS
+
+
+def set_isa(name):
+    """Select the kernel path: "avx2" or "avx512" (ValueError if the CPU lacks AVX-512)."""
+    global _isa
+    if name not in _ISAS:
+        raise ValueError(f"isa must be one of {_ISAS}, got {name!r}")
+    if name == "avx512" and not features()["avx512"]:
+        raise ValueError("this CPU lacks AVX-512F/BW/VL/DQ; use isa='avx2'")
+    _isa = _ISAS.index(name)
+
+
+def get_isa():
+    """The kernel path in use: "avx2" or "avx512"."""
+    return _ISAS[_isa]
+
+
+def _init_isa():
+    # The best path this CPU has, unless the environment variable XLLM_ISA says otherwise.
+    want = os.environ.get("XLLM_ISA", "").strip().lower()
+    if not want:
+        set_isa("avx512" if features()["avx512"] else "avx2")
+        return
+    try:
+        set_isa(want)
+    except ValueError as e:
+        raise ValueError(f"XLLM_ISA={want!r}: {e}") from None
+
+
+_init_isa()
+
+
+# ---- argument checks (all before any nogil code) ----
+
+cdef int _weight_type(cnp.ndarray a, str name) except -1:
+    cdef int t = cnp.PyArray_TYPE(a)
+    if t == cnp.NPY_FLOAT32:
+        return XW_F32
+    if t == cnp.NPY_FLOAT16:
+        return XW_F16
+    if t == cnp.NPY_UINT16:
+        return XW_BF16
+    raise TypeError(f"{name} must be float32, float16 or uint16 (bfloat16 bits), "
+                    f"got {a.dtype}")
+
+
+cdef cnp.ndarray _check_2d(object a, str name, bint f32):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if f32 and cnp.PyArray_TYPE(arr) != cnp.NPY_FLOAT32:
+        raise TypeError(f"{name} must be float32, got {arr.dtype}")
+    if cnp.PyArray_NDIM(arr) != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+        raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, "
+                         f"strides {a.strides})")
+    return arr
+
+
+cdef _check_out(cnp.ndarray out):
+    if not cnp.PyArray_ISWRITEABLE(out):
+        raise ValueError("out is read-only")
+
+
+cdef _check_no_overlap(cnp.ndarray out, cnp.ndarray a, str name):
+    # out is written while a is still being read: overlapping buffers would give garbage.
+    cdef size_t o0 = <size_t>cnp.PyArray_DATA(out), a0 = <size_t>cnp.PyArray_DATA(a)
+    cdef size_t o1 = o0 + <size_t>cnp.PyArray_NBYTES(out), a1 = a0 + <size_t>cnp.PyArray_NBYTES(a)
+    if o0 < a1 and a0 < o1:
+        raise ValueError(f"out must not overlap {name}")
+
+
+# ---- matmul ----
+
+# Prefill converts w to float32 one panel of rows at a time (per thread): about 1 MiB, so the
+# panel stays in L2 (2 MiB per core on current Xeons) while the packed rows of x stream past
+# it; larger panels mean fewer passes over x.
+cdef size_t _PANEL_BYTES = 1024 * 1024
+# From this many rows of x on, use the prefill path (w converted to float32 once per panel,
+# K blocking); below it, w streams once through registers (decode).
+cdef size_t _PREFILL_MIN_M = 16
+cdef size_t _KC = XLLM_KC
+# Products this small (multiply-adds) run on one thread.
+cdef size_t _SERIAL_MAX_MACS = 1 << 16
+
+
+def _tune(kc=None, panel_bytes=None, prefill_min_m=None):
+    """Testing/benchmark aid: change the prefill K block, panel size and the M from which the
+    prefill path is used; returns the previous values. Results stay bitwise the same."""
+    global _KC, _PANEL_BYTES, _PREFILL_MIN_M
+    old = (_KC, _PANEL_BYTES, _PREFILL_MIN_M)
+    if prefill_min_m is not None:
+        _PREFILL_MIN_M = max(1, prefill_min_m)
+    if kc is not None:
+        if kc < 16 or kc % 16:
+            raise ValueError("kc must be a positive multiple of 16")
+        _KC = kc
+    if panel_bytes is not None:
+        _PANEL_BYTES = max(1, panel_bytes)
+    return old
+
+
+def matmul(x, w, out, accumulate=False):
+    """out[M, N] = x[M, K] @ w[N, K].T, or out += ... when accumulate.
+
+    x: float32 [M, K]; w: float32, float16 or uint16 (bfloat16 bits) [N, K], may be read-only;
+    out: float32 [M, N] (e.g. a row slice of a larger array). All C-contiguous. Each element
+    of out is bitwise independent of M, of its row index and of the thread count.
+    """
+    cdef cnp.ndarray xa = _check_2d(x, "x", True)
+    cdef cnp.ndarray wa = _check_2d(w, "w", False)
+    cdef cnp.ndarray oa = _check_2d(out, "out", True)
+    cdef int wt = _weight_type(wa, "w")
+    _check_out(oa)
+    cdef size_t M = <size_t>xa.shape[0], K = <size_t>xa.shape[1]
+    cdef size_t N = <size_t>wa.shape[0]
+    if <size_t>wa.shape[1] != K:
+        raise ValueError(f"x and w disagree on K: x {x.shape}, w {w.shape} "
+                         "(w is [N, K], used as x @ w.T)")
+    if <size_t>oa.shape[0] != M or <size_t>oa.shape[1] != N:
+        raise ValueError(f"out must have shape ({M}, {N}) for x {x.shape} and w {w.shape}, "
+                         f"got {out.shape}")
+    if M == 0 or N == 0:
+        return
+    _check_no_overlap(oa, xa, "x")
+    _check_no_overlap(oa, wa, "w")
+
+    cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
+    cdef const void *wp = <const void *>cnp.PyArray_DATA(wa)
+    cdef float *op = <float *>cnp.PyArray_DATA(oa)
+    cdef int isa = _isa
+    cdef int acc = 1 if accumulate else 0
+    cdef int nt = get_num_threads()
+    if M * N * K < _SERIAL_MAX_MACS:
+        nt = 1  # waking a second thread would cost more than it saves
+    cdef size_t nr = XLLM_NR5 if isa else XLLM_NR2
+    # Row stride of converted panels: 64-byte aligned rows, plus one extra cache line so that
+    # rows are not a multiple of 4 KiB apart (which would map them all to the same L1 sets).
+    cdef size_t nb, kc = 0, ldk = ((K + 15) & ~(<size_t>15)) + 16
+    cdef size_t per_thread = 0, conv_floats = 0
+    cdef bint prefill = M >= _PREFILL_MIN_M
+    cdef float *scratch = NULL
+    cdef float *xpk = NULL
+    cdef float *xpk_mem = NULL
+    cdef size_t mr
+    cdef Py_ssize_t g, ngroups = 0
+
+    if not prefill:
+        # Decode: memory bound. Small panels spread the rows of w evenly over the threads;
+        # each row of w is read exactly once and converted in registers. No allocation.
+        # (24: a multiple of every tile width, 3 and 6.)
+        nb = 24
+    else:
+        # Prefill: compute bound. A float32 panel of w sized to stay in L2 while all rows
+        # of x stream past it, K-blocked so the current rows of x stay in L1.
+        nb = _PANEL_BYTES // (4 * ldk)
+        # ... but at least two panels per thread, so no thread idles when N is small
+        nb = min(nb, (N + 2 * nt - 1) // (2 * nt))
+        nb = max(nr, nb - nb % nr)
+        kc = _KC
+        conv_floats = nb * ldk
+        per_thread = conv_floats + XLLM_ACCBUF_FLOATS
+        per_thread = (per_thread + 15) & ~(<size_t>15)  # keep each thread's part 64-B aligned
+    cdef Py_ssize_t npanels = <Py_ssize_t>((N + nb - 1) // nb)
+    if nt > npanels:
+        nt = <int>npanels
+    if prefill:
+        mr = xllm_mr(isa)
+        ngroups = <Py_ssize_t>((M + mr - 1) // mr)
+        scratch = <float *>malloc(<size_t>nt * per_thread * sizeof(float) + 64)
+        xpk_mem = <float *>malloc(<size_t>ngroups * mr * K * sizeof(float) + 64)
+        if scratch == NULL or xpk_mem == NULL:
+            free(scratch)
+            free(xpk_mem)
+            raise MemoryError("matmul: cannot allocate scratch memory")
+        xpk = _align64(xpk_mem)
+
+    cdef Py_ssize_t p
+    cdef size_t n0, n1
+    # per-thread parts of scratch: the float32 panel of w, then the parked accumulators
+    cdef float *conv = NULL
+    cdef float *accbuf = NULL
+    try:
+        if xpk != NULL:
+            for g in prange(ngroups, nogil=True, schedule="static", num_threads=nt):
+                xllm_pack_x(isa, xp, K, M, K, kc, <size_t>g, xpk)
+        with nogil, parallel(num_threads=nt):
+            conv = NULL
+            accbuf = NULL
+            if scratch != NULL:
+                conv = _align64(scratch) + <size_t>threadid() * per_thread
+                accbuf = conv + conv_floats
+            # dynamic: when another process takes one core, the other thread picks up its panels
+            # (which thread computes a panel never changes its bits)
+            for p in prange(npanels, schedule="dynamic"):
+                n0 = <size_t>p * nb
+                n1 = min(n0 + nb, N)
+                xllm_gemm_panel(isa, xp, K, xpk, M, K, wp, wt, K, n0, n1, op, N, acc, conv,
+                                ldk, accbuf, kc)
+    finally:
+        free(scratch)
+        free(xpk_mem)
+
+
+cdef inline float *_align64(float *p) noexcept nogil:
+    return <float *>((<size_t>p + 63) & ~(<size_t>63))
+
+
+# ---- embedding ----
+
+def embedding(table, ids, out):
+    """out[i, :] = float32(table[ids[i], :]).
+
+    table: [V, D] float32, float16 or uint16 (bfloat16 bits), C-contiguous, may be read-only;
+    ids: 1-D int32 or int64; out: float32 C-contiguous [len(ids), D]. IndexError for an id
+    outside 0 .. V-1.
+    """
+    cdef cnp.ndarray ta = _check_2d(table, "table", False)
+    cdef int wt = _weight_type(ta, "table")
+    cdef cnp.ndarray oa = _check_2d(out, "out", True)
+    _check_out(oa)
+    ids_arr = np.asarray(ids)
+    if ids_arr.dtype != np.int32 and ids_arr.dtype != np.int64:
+        raise TypeError(f"ids must be int32 or int64, got {ids_arr.dtype}")
+    if ids_arr.ndim != 1:
+        raise ValueError(f"ids must be 1-D, got shape {ids_arr.shape}")
+    cdef cnp.ndarray ia = np.ascontiguousarray(ids_arr, dtype=np.int64)
+    cdef size_t n = <size_t>ia.shape[0], V = <size_t>ta.shape[0], D = <size_t>ta.shape[1]
+    if <size_t>oa.shape[0] != n or <size_t>oa.shape[1] != D:
+        raise ValueError(f"out must have shape ({n}, {D}) for {n} ids and table {table.shape}, "
+                         f"got {out.shape}")
+    if n == 0:
+        return
+    lo, hi = int(ia.min()), int(ia.max())
+    if lo < 0 or hi >= <Py_ssize_t>V:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"token id {bad} out of range for an embedding table of {V} rows")
+    cdef const void *tp = <const void *>cnp.PyArray_DATA(ta)
+    cdef const int64_t *ip = <const int64_t *>cnp.PyArray_DATA(ia)
+    cdef float *op = <float *>cnp.PyArray_DATA(oa)
+    with nogil:
+        xllm_embedding(tp, wt, D, ip, n, op)
