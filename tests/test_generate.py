@@ -150,3 +150,55 @@ def test_no_allocation_in_decode_loop(tmp_path):
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert current - base < 4096 and peak - base < 16384, (current - base, peak - base)
+
+
+def test_bad_files_raise_clear_errors(tmp_path, data_dir):
+    src = write_random_model(str(tmp_path / "ok"), "tiny", "fp32")
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for name in ("config.json", "tokenizer.model"):
+        (cut / name).write_bytes((pathlib.Path(src) / name).read_bytes())
+    data = (pathlib.Path(src) / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(xllm.ModelFormatError, match="model.safetensors"):
+        xllm.load(cut)
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes((data_dir / "llama2c" / "stories260K.bin").read_bytes())
+    with open(bad, "r+b") as f:
+        f.write(np.array([64, 172, 5, 7, 4, 512, 512], np.int32).tobytes())  # 7 heads: 64 % 7
+    with pytest.raises(xllm.ModelFormatError, match="bad.bin"):
+        xllm.load(bad)
+    with pytest.raises(ValueError, match="threads"):
+        xllm.load(src, threads=0)
+
+
+def test_kv_cache_grows_amortised_and_accounts_memory():
+    from xllm.kv_cache import KVCache
+    kv = KVCache(num_layers=2, kv_dim=8, max_len=1000, initial_capacity=16)
+    assert kv.nbytes == 0  # nothing allocated up front
+    growths = 0
+    for _ in range(600):
+        cap = kv.capacity
+        kv.reserve(1)
+        kv.k[1][kv.length] = kv.length
+        kv.length += 1
+        growths += kv.capacity != cap
+    assert growths <= 7 and kv.capacity == 1000 >= kv.length  # 16, 32, ... 512, then the cap
+    assert kv.nbytes == 2 * 2 * 1000 * 8 * 4
+    assert kv.k[1][599, 0] == 599 and kv.k[1][17, 0] == 17  # rows survive growth
+    kv.truncate(10)
+    assert kv.length == 10
+    with pytest.raises(ValueError):
+        kv.truncate(11)
+    with pytest.raises(xllm.ContextLengthError):
+        kv.reserve(991)
+    kv.reset()
+    assert kv.length == 0 and kv.nbytes == 0
+
+
+def test_cpu_without_avx2_falls_back_to_reference(monkeypatch):
+    from xllm import _kernels
+    monkeypatch.setattr(_kernels, "features", lambda: {"avx2": False, "f16c": False})
+    monkeypatch.delenv("XLLM_BACKEND", raising=False)
+    with pytest.warns(UserWarning, match="AVX2"):
+        assert _kernels._select() is _kernels.REFERENCE

@@ -154,3 +154,40 @@ def test_transformers_parity(case, tmp_path_factory):
             out = ref(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
     model.generate(ids[:8], max_new_tokens=64)
     assert model.last_stats["tokens"] == want_tokens
+
+
+def test_meta_checkpoint_matches_transformers(tmp_path_factory):
+    """Meta's layout (params.json + consolidated.00.pth, interleaved q/k rows) through the
+    interleaved RoPE path gives transformers' logits for the same weights."""
+    path, ref = _random_hf(tmp_path_factory, dict(hidden_size=128, num_attention_heads=4,
+                                                  num_key_value_heads=2), "float32")
+    c = ref.config
+    hd = c.hidden_size // c.num_attention_heads
+
+    def unperm(w, heads):  # HF rotate_half rows -> Meta's interleaved pairs
+        return w.reshape(heads, 2, hd // 2, -1).transpose(1, 2).reshape(w.shape).contiguous()
+
+    sd = {"tok_embeddings.weight": ref.model.embed_tokens.weight, "norm.weight": ref.model.norm.weight,
+          "output.weight": ref.lm_head.weight}
+    for i, L in enumerate(ref.model.layers):
+        p, a, f = f"layers.{i}.", L.self_attn, L.mlp
+        sd.update({p + "attention.wq.weight": unperm(a.q_proj.weight, c.num_attention_heads),
+                   p + "attention.wk.weight": unperm(a.k_proj.weight, c.num_key_value_heads),
+                   p + "attention.wv.weight": a.v_proj.weight, p + "attention.wo.weight": a.o_proj.weight,
+                   p + "feed_forward.w1.weight": f.gate_proj.weight,
+                   p + "feed_forward.w2.weight": f.down_proj.weight,
+                   p + "feed_forward.w3.weight": f.up_proj.weight,
+                   p + "attention_norm.weight": L.input_layernorm.weight,
+                   p + "ffn_norm.weight": L.post_attention_layernorm.weight})
+    meta = tmp_path_factory.mktemp("meta")
+    torch.save({k: v.detach().clone() for k, v in sd.items()}, meta / "consolidated.00.pth")
+    (meta / "params.json").write_text(json.dumps(
+        {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
+         "n_kv_heads": c.num_key_value_heads, "vocab_size": c.vocab_size,
+         "norm_eps": c.rms_norm_eps, "rope_theta": 10000.0}))
+    model = xllm.load(meta)
+    assert model.config.rope_interleaved
+    ids = [int(i) for i in np.random.default_rng(2).integers(0, c.vocab_size, 40)]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(model.logits(ids) - want).max() <= 1e-4
