@@ -202,3 +202,15 @@ def test_cpu_without_avx2_falls_back_to_reference(monkeypatch):
     monkeypatch.delenv("XLLM_BACKEND", raising=False)
     with pytest.warns(UserWarning, match="AVX2"):
         assert _kernels._select() is _kernels.REFERENCE
+
+
+def test_prompt_prefix_is_reused_with_identical_results(stories):
+    first = stories.generate("Once upon a time", max_new_tokens=20)
+    follow = "Once upon a time" + first + " The end. Then"
+    stories.generate(follow, max_new_tokens=30)
+    reused = stories.last_stats
+    assert reused["cached_tokens"] >= 20
+    stories.reset()
+    stories.generate(follow, max_new_tokens=30)
+    assert stories.last_stats["cached_tokens"] == 0
+    assert stories.last_stats["tokens"] == reused["tokens"]

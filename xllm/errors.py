@@ -11,3 +11,11 @@ class ModelFormatError(XLLMError, ValueError):
 
 class ContextLengthError(XLLMError, ValueError):
     """A sequence would grow past the model's context length."""
+
+
+class ChatTemplateError(XLLMError, ValueError):
+    """A chat template is missing, does not compile, or fails (or refuses) to render."""
+
+
+class DownloadError(XLLMError):
+    """A named model could not be downloaded, verified or cached."""

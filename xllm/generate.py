@@ -1,20 +1,32 @@
-"""Command line: ``python -m xllm.generate --model PATH --prompt TEXT``.
+"""Command line: ``python -m xllm.generate [--model PATH] [--prompt TEXT] [--chat]``.
 
-Streams the continuation to stdout and prints one summary line to stderr (prompt tokens and
-prefill tok/s, generated tokens and decode tok/s). Errors are one line on stderr, exit code 2.
+With no model it uses the default model (SmolLM2-135M-Instruct, fetched once and cached); with
+no prompt it answers a default question. A prompt goes through the model's chat template when it
+has one (``--raw`` continues the text as given). The reply streams to stdout and one summary
+line goes to stderr (prompt tokens and prefill tok/s, generated tokens and decode tok/s).
+Errors are one line on stderr, exit code 2. ``--chat`` is an interactive multi-turn chat.
 """
 import argparse
 import sys
 
 from .errors import XLLMError
 
+DEFAULT_PROMPT = "What is the capital of France?"
+
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m xllm.generate", description="Generate text with xllm.")
-    p.add_argument("--model", required=True, help="HF directory, llama2.c .bin or Meta directory")
-    p.add_argument("--tokenizer", help="tokenizer file (.model or llama2.c .bin) if not found "
-                                       "next to the model")
-    p.add_argument("--prompt", default="", help="text to continue")
+    from .hub import DEFAULT_MODEL
+    p = argparse.ArgumentParser(prog="python -m xllm.generate",
+                                description="Generate text with xllm.")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"GGUF file, HF directory, llama2.c .bin, Meta directory or a known model "
+                        f"name (default: {DEFAULT_MODEL})")
+    p.add_argument("--tokenizer", help="tokenizer file if the model has none next to it")
+    p.add_argument("--prompt", help=f"the prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, "
+                                                      "without the chat template")
+    p.add_argument("--chat", action="store_true", help="interactive chat (/reset, /exit)")
+    p.add_argument("--system", help="system message for chat-formatted prompts")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -28,32 +40,79 @@ def _parser():
     return p
 
 
+def _summary(model):
+    s = model.last_stats
+    fed = s["prompt_tokens"] - s.get("cached_tokens", 0)
+    pre = fed / max(s["prefill_seconds"], 1e-9)
+    dec = s["decode_steps"] / s["decode_seconds"] if s["decode_seconds"] else 0.0
+    print(f"prompt: {s['prompt_tokens']} tokens, {pre:.1f} tok/s | generated: {s['generated']} "
+          f"tokens, {dec:.1f} tok/s | threads: {model.threads}", file=sys.stderr)
+
+
+def _stream(pieces):
+    """Print pieces as they come; Ctrl-C ends the reply early. Returns the text printed."""
+    out = []
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            out.append(piece)
+    except KeyboardInterrupt:
+        sys.stdout.write(" [interrupted]")
+    sys.stdout.write("\n")
+    return "".join(out)
+
+
+def _chat_loop(model, system, kwargs):
+    """Multi-turn chat; the conversation's KV cache is kept between turns (prefix reuse)."""
+    history = [{"role": "system", "content": system}] if system else []
+    print("xllm chat: /reset starts over, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            model.reset()
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = _stream(model.chat(history, stream=True, **kwargs))
+        history.append({"role": "assistant", "content": reply})
+        _summary(model)
+
+
 def main(argv=None):
     """Entry point of ``python -m xllm.generate``."""
     args = _parser().parse_args(argv)
     from . import load
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                  repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
     try:
         model = load(args.model, tokenizer=args.tokenizer, threads=args.threads)
+        if args.chat:
+            _chat_loop(model, args.system, kwargs)
+            return 0
+        prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
         if args.echo:
-            sys.stdout.write(args.prompt)
-        for piece in model.generate(
-                args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-                stream=True):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            sys.stdout.write(prompt)
+        if model.chat_template is not None and not args.raw:
+            messages = [{"role": "system", "content": args.system}] if args.system else []
+            pieces = model.chat(messages + [{"role": "user", "content": prompt}], stream=True,
+                                **kwargs)
+        else:
+            pieces = model.generate(prompt, stream=True, **kwargs)
+        _stream(pieces)
     except (XLLMError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
-    s = model.last_stats
-    pre = s["prompt_tokens"] / max(s["prefill_seconds"], 1e-9)
-    dec = s["decode_steps"] / s["decode_seconds"] if s["decode_seconds"] else 0.0
-    print(f"prompt: {s['prompt_tokens']} tokens, {pre:.1f} tok/s | generated: {s['generated']} "
-          f"tokens, {dec:.1f} tok/s | threads: {model.threads}", file=sys.stderr)
+    _summary(model)
     return 0
 
 

