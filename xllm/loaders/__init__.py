@@ -1,10 +1,10 @@
-"""Checkpoint loaders: Hugging Face safetensors, Meta consolidated.*.pth, llama2.c .bin.
+"""Checkpoint loaders: Hugging Face safetensors, Meta consolidated.*.pth, llama2.c .bin, GGUF.
 
 Every loader returns a :class:`Checkpoint` whose weights use Meta-style canonical names
 (``tok_embeddings``, ``norm``, ``output``, ``layers.{i}.wq`` ...), shaped [out, in], kept in the
 dtype they were stored in (float32, float16, or uint16 = bfloat16 bits) and memory-mapped
-read-only where the format allows. q/k rows are never permuted; ``config.rope_interleaved``
-records which RoPE layout the checkpoint uses instead.
+read-only where the format allows; quantized GGUF tensors are expanded once at load. q/k rows
+are never permuted; ``config.rope_interleaved`` records which RoPE layout the checkpoint uses.
 """
 import os
 from dataclasses import dataclass
@@ -21,11 +21,13 @@ SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint
 
 @dataclass
 class Checkpoint:
-    """A loaded model: its config, canonical weights, a tokenizer file found next to it, if any."""
+    """A loaded model: its config, canonical weights, a tokenizer file found next to it (or the
+    GGUF file itself), if any, and the chat template (Jinja source) the checkpoint carries."""
     config: ModelConfig
     weights: dict
     tokenizer_path: Optional[str]
     source: str
+    chat_template: Optional[str] = None
 
 
 def expected_shapes(c: ModelConfig) -> dict:
@@ -79,9 +81,10 @@ def load_checkpoint(path) -> Checkpoint:
     """Load a model from `path`, detecting its format.
 
     A directory with config.json is a Hugging Face checkpoint; a directory with params.json is a
-    Meta one (consolidated.*.pth); a file starting with the llama2.c magic "ak42" or a plausible
-    llama2.c v0 header is a llama2.c .bin. A *.safetensors or *.pth file stands for its
-    directory. Anything else raises ModelFormatError naming the path.
+    Meta one (consolidated.*.pth); a file starting with b"GGUF" (or named *.gguf) is a GGUF
+    file; a file starting with the llama2.c magic "ak42" or a plausible llama2.c v0 header is a
+    llama2.c .bin. A *.safetensors or *.pth file stands for its directory. Anything else raises
+    ModelFormatError naming the path.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -97,8 +100,13 @@ def load_checkpoint(path) -> Checkpoint:
             return load_meta(path)
         raise ModelFormatError(f"{path}: unknown model format (a directory needs config.json for "
                                f"Hugging Face or params.json for Meta checkpoints)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF" or path.endswith(".gguf"):
+        from .gguf import load_gguf
+        return load_gguf(path)
     from . import llama2c
     if llama2c.looks_like_llama2c(path):
         return llama2c.load_llama2c(path)
-    raise ModelFormatError(f"{path}: unknown model format (not a Hugging Face or Meta directory "
-                           f"and not a llama2.c .bin file)")
+    raise ModelFormatError(f"{path}: unknown model format (not a Hugging Face or Meta directory, "
+                           f"a GGUF file or a llama2.c .bin file)")

@@ -126,4 +126,18 @@ def load_hf(directory) -> Checkpoint:
     check_weights(weights, config, directory, names)
     tok = find_file(directory, ("tokenizer.model", "tokenizer.json"))
     return Checkpoint(config=config, weights=weights, tokenizer_path=tok,
-                      source=os.fspath(directory))
+                      source=os.fspath(directory), chat_template=read_chat_template(directory))
+
+
+def read_chat_template(directory):
+    """The chat template: chat_template.jinja (transformers 5) or tokenizer_config.json's
+    "chat_template" (a string, or a list of named templates: "default" is used), else None."""
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    path = os.path.join(directory, "tokenizer_config.json")
+    t = _read_json(path).get("chat_template") if os.path.isfile(path) else None
+    if isinstance(t, list):
+        t = next((d.get("template") for d in t if d.get("name") == "default"), None)
+    return t if isinstance(t, str) else None

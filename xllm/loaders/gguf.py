@@ -1,0 +1,132 @@
+"""GGUF files (llama.cpp) of the ``llama`` architecture, read with ``gguf.GGUFReader``.
+
+F32, F16 and BF16 (as uint16 bits) tensors are zero-copy views of the memory-mapped file.
+Quantized tensors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) are expanded once at load
+with ``gguf.quants.dequantize``, a few rows at a time, into arrays of ``EXPANDED_DTYPE``.
+
+``EXPANDED_DTYPE`` is float32. float16 would halve the memory, but rounding the expanded values
+(a float16 scale times a small integer, plus a minimum, needs more than fp16's 11 bits) moved
+SmolLM2-135M Q4_1's logits by up to 0.041 from transformers' float32 expansion of the same file
+and changed one argmax in 40 positions; with float32 they agree within 1e-4. Cost: 513 MB of
+expanded weights for SmolLM2-135M instead of 256 MB. The expansion holds at most one chunk
+(``_CHUNK`` elements) of float32 temporaries besides the output array.
+
+llama.cpp's converter stores q/k rows in the interleaved (adjacent pairs) RoPE layout, so the
+tensors are used as stored with ``rope_interleaved=True``.
+"""
+import os
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import ModelFormatError
+from . import Checkpoint, check_weights, expected_shapes, make_config
+
+EXPANDED_DTYPE = np.float32
+QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+_CHUNK = 1 << 20  # float32 elements dequantized per step
+
+_TOP = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+_LAYER = {"attn_norm": "attention_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv",
+          "attn_output": "wo", "ffn_norm": "ffn_norm", "ffn_gate": "w1", "ffn_down": "w2",
+          "ffn_up": "w3"}
+
+
+def gguf_name(canonical):
+    """The GGUF tensor name of a canonical xllm weight name."""
+    if canonical in _TOP.values():
+        return next(k for k, v in _TOP.items() if v == canonical) + ".weight"
+    _, i, short = canonical.split(".")
+    return f"blk.{i}.{next(k for k, v in _LAYER.items() if v == short)}.weight"
+
+
+def _array(t, path):
+    """A canonical [out, in] array of tensor `t`: a view for F32/F16/BF16, else expanded."""
+    kind = t.tensor_type.name
+    if kind in ("F32", "F16"):
+        return np.asarray(t.data)
+    if kind == "BF16":
+        return np.asarray(t.data).view(np.uint16)
+    if kind not in QUANTIZED:
+        raise ModelFormatError(f"{path}: tensor {t.name!r} has type {kind}, which xllm does not "
+                               f"support (supported: F32, F16, BF16, {', '.join(QUANTIZED)})")
+    from gguf.quants import dequantize
+    rows = t.data.reshape(-1, t.data.shape[-1])
+    out = np.empty((rows.shape[0], int(t.shape[0])), EXPANDED_DTYPE)
+    step = max(1, _CHUNK // out.shape[1])
+    for r in range(0, rows.shape[0], step):
+        out[r:r + step] = dequantize(rows[r:r + step], t.tensor_type)
+    return out.reshape(tuple(reversed([int(d) for d in t.shape])))
+
+
+def _llama3_scaling(factors, theta, head_dim, orig_ctx, path):
+    """Llama 3 rope_scaling parameters reproducing llama.cpp's rope_freqs tensor, or an error."""
+    if np.allclose(factors, 1.0):
+        return None
+    s = {"rope_type": "llama3", "factor": round(float(factors.max()), 4), "low_freq_factor": 1.0,
+         "high_freq_factor": 4.0, "original_max_position_embeddings": orig_ctx}
+    kw = dict(vocab_size=1, hidden_size=head_dim, intermediate_size=1, num_layers=1,
+              num_heads=1, num_kv_heads=1, rope_theta=theta)
+    expect = ModelConfig(**kw).inv_freq() / ModelConfig(**kw, rope_scaling=s).inv_freq()
+    if factors.shape != expect.shape or not np.allclose(factors, expect, rtol=1e-3):
+        raise ModelFormatError(f"{path}: rope_freqs.weight does not match Llama 3 RoPE scaling "
+                               f"(factor {s['factor']}, low 1, high 4); not supported")
+    return s
+
+
+def load_gguf(path) -> Checkpoint:
+    """Load a llama GGUF file: config from its ``llama.*`` metadata, canonical weights."""
+    path = os.fspath(path)
+    try:
+        from gguf import GGUFReader
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") \
+            from None
+    if reader.byte_order != "I":
+        raise ModelFormatError(f"{path}: big-endian GGUF files are not supported")
+
+    def get(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = get("general.architecture")
+    if arch != "llama":
+        raise ModelFormatError(f"{path}: GGUF architecture {arch!r} is not supported; xllm loads "
+                               f"'llama' models")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ModelFormatError(f"{path}: missing tensor 'token_embd.weight'")
+    hidden, heads = get("llama.embedding_length", 0), get("llama.attention.head_count", 0)
+    head_dim = get("llama.attention.key_length") or hidden // max(heads, 1)
+    rot = get("llama.rope.dimension_count", head_dim)
+    if rot != head_dim or get("llama.attention.value_length", head_dim) != head_dim:
+        raise ModelFormatError(f"{path}: rope.dimension_count={rot} or key/value lengths differ "
+                               f"from head_dim={head_dim} (partial RoPE is not supported)")
+    theta = float(get("llama.rope.freq_base", 10000.0))
+    kind = get("llama.rope.scaling.type", "none")
+    if kind != "none":
+        raise ModelFormatError(f"{path}: RoPE scaling type {kind!r} is not supported")
+    scaling = None
+    if "rope_freqs.weight" in tensors:
+        factors = np.asarray(tensors["rope_freqs.weight"].data, np.float32).reshape(-1)
+        orig = get("llama.rope.scaling.original_context_length", 8192)
+        scaling = _llama3_scaling(factors, theta, head_dim, orig, path)
+    eos = [get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    eos = [e for i, e in enumerate(eos) if e is not None and e not in eos[:i]]
+    config = make_config(
+        path, vocab_size=int(tensors["token_embd.weight"].shape[1]), hidden_size=hidden,
+        intermediate_size=get("llama.feed_forward_length", 0),
+        num_layers=get("llama.block_count", 0),
+        num_heads=heads, num_kv_heads=get("llama.attention.head_count_kv") or heads,
+        head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
+        rms_norm_eps=float(get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_word_embeddings="output.weight" not in tensors,
+        max_seq_len=get("llama.context_length", 2048), rope_interleaved=True,
+        bos_token_id=get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=eos[0] if eos else None, extra_eos_token_ids=tuple(eos[1:]))
+    files = {k: gguf_name(k) for k in expected_shapes(config)}
+    weights = {k: _array(tensors[f], path) for k, f in files.items() if f in tensors}
+    check_weights(weights, config, path, {k: repr(f) for k, f in files.items()})
+    return Checkpoint(config=config, weights=weights, tokenizer_path=path, source=path,
+                      chat_template=get("tokenizer.chat_template"))
