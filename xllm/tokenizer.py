@@ -258,6 +258,9 @@ class SentencePieceBPE:
             spaces folded into one before encoding.
         byte_fallback: characters outside the vocabulary become ``<0xNN>`` byte
             pieces (otherwise ``<unk>``).
+        add_bos_default: whether prompts for this model normally start with BOS.
+        special_tokens: text -> id of the control and ``<unk>`` pieces, which
+            ``encode(..., parse_special=True)`` matches in the input.
         pieces, scores, types: the vocabulary (types use the NORMAL..BYTE constants).
     """
 
@@ -265,7 +268,7 @@ class SentencePieceBPE:
                  bos_id: int = 1, eos_id: int = 2, unk_id: int = 0,
                  add_dummy_prefix: bool = True, remove_extra_whitespaces: bool = False,
                  byte_fallback: bool = True, escape_whitespaces: bool = True,
-                 unk_surface: str = DEFAULT_UNK_SURFACE):
+                 unk_surface: str = DEFAULT_UNK_SURFACE, add_bos_default: bool = True):
         if not (len(pieces) == len(scores) == len(types)):
             raise ModelFormatError(
                 f"tokenizer vocabulary is inconsistent: {len(pieces)} pieces, "
@@ -291,6 +294,7 @@ class SentencePieceBPE:
         self.byte_fallback = bool(byte_fallback)
         self.escape_whitespaces = bool(escape_whitespaces)
         self.unk_surface = unk_surface
+        self.add_bos_default = bool(add_bos_default)
 
         # sentencepiece keeps two maps: "normal" pieces (NORMAL, USER_DEFINED, UNUSED),
         # which are the only ones BPE may merge into, and reserved pieces (CONTROL,
@@ -325,6 +329,12 @@ class SentencePieceBPE:
                 raise ModelFormatError(f"piece {i} ({p!r}) has unknown type {t}")
         # Byte-fallback ids, looked up the same way sentencepiece does (by piece name).
         self._byte_ids = [self.piece_to_id("<0x%02X>" % b) for b in range(256)]
+        self.special_tokens = {p: i for p, i in self._reserved_id.items()
+                               if self.types[i] != BYTE}
+        # Longest first, so that at each position the longest token text wins; the
+        # group makes re.split keep the matches (at the odd positions).
+        specials = sorted(self.special_tokens, key=len, reverse=True)
+        self._special_rx = re.compile("(%s)" % "|".join(map(re.escape, specials)))
         # User-defined pieces are matched greedily (longest first) as single symbols.
         self._user_defined: Dict[str, List[str]] = {}
         for p in sorted(user_defined, key=len, reverse=True):
@@ -495,12 +505,6 @@ class SentencePieceBPE:
             i = self._normal_id.get(piece, self.unk_id)
         return i
 
-    def is_control(self, i: int) -> bool:
-        return self.types[i] == CONTROL
-
-    def is_byte(self, i: int) -> bool:
-        return self.types[i] == BYTE
-
     def __len__(self) -> int:
         return self.vocab_size
 
@@ -523,21 +527,29 @@ class SentencePieceBPE:
             text = text.rstrip(SPACE_SYMBOL if self.escape_whitespaces else " ")
         return text
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> List[int]:
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False,
+               parse_special: bool = False) -> List[int]:
         """Encode ``text`` into token ids, like ``SentencePieceProcessor.encode``.
 
-        Text that looks like a special token (``"<s>"``) is encoded as plain text.
-        ``add_bos``/``add_eos`` add ``bos_id``/``eos_id`` (a ``ValueError`` if the
-        model has none).
+        Text that looks like a special token (``"<s>"``) is encoded as plain text,
+        unless ``parse_special=True``: then control and ``<unk>`` piece texts become
+        those pieces and the text between them is encoded on its own, as llama.cpp
+        does (each part gets the dummy-prefix space).  ``add_bos``/``add_eos`` add
+        ``bos_id``/``eos_id`` (a ``ValueError`` if the model has none).
         """
         ids: List[int] = []
         if add_bos:
             if self.bos_id < 0:
                 raise ValueError("this tokenizer has no BOS token")
             ids.append(self.bos_id)
-        normalized = self.normalize(text)
-        if normalized:
-            self._encode_normalized(normalized, ids)
+        parts = self._special_rx.split(text) if parse_special and self.special_tokens else [text]
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids.append(self.special_tokens[part])
+                continue
+            normalized = self.normalize(part)
+            if normalized:
+                self._encode_normalized(normalized, ids)
         if add_eos:
             if self.eos_id < 0:
                 raise ValueError("this tokenizer has no EOS token")
@@ -845,11 +857,14 @@ def _read_file(path: str) -> bytes:
         raise ModelFormatError(f"{path}: cannot read tokenizer file ({e})") from None
 
 
-def load_tokenizer(path, vocab_size: Optional[int] = None) -> SentencePieceBPE:
+def load_tokenizer(path, vocab_size: Optional[int] = None):
     """Load a tokenizer file, choosing the format from its name and contents.
 
     * ``*.model``: SentencePiece protobuf (``tokenizer.model``).
     * ``*.bin``: llama2.c tokenizer; needs ``vocab_size`` (from the model header).
+    * ``*.gguf``: the vocabulary in a GGUF file's metadata (``tokenizer.ggml.model``
+      ``llama`` -> :class:`SentencePieceBPE`, ``gpt2`` -> ``xllm.bpe.ByteLevelBPE``).
+    * ``*.json``: a Hugging Face ``tokenizer.json`` (byte-level BPE).
     * any other name: tried as a SentencePiece model, then (if ``vocab_size`` is
       given) as a llama2.c file.
 
@@ -860,6 +875,11 @@ def load_tokenizer(path, vocab_size: Optional[int] = None) -> SentencePieceBPE:
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".model":
         return SentencePieceBPE.from_model_file(path)
+    if suffix == ".gguf":
+        return tokenizer_from_gguf(read_gguf_metadata(path), path)
+    if suffix == ".json":
+        from .bpe import ByteLevelBPE
+        return ByteLevelBPE.from_tokenizer_json(path)
     if suffix == ".bin":
         if vocab_size is None:
             raise ModelFormatError(
@@ -881,3 +901,58 @@ def load_tokenizer(path, vocab_size: Optional[int] = None) -> SentencePieceBPE:
         raise ModelFormatError(
             f"{path}: unknown tokenizer format: not a SentencePiece model ({sp_error}) "
             f"and not a llama2.c tokenizer ({e})") from None
+
+
+# --------------------------------------------------------------------------- GGUF
+
+def read_gguf_metadata(source) -> dict:
+    """The key/value metadata of a GGUF file (a path, or an open ``gguf.GGUFReader``) as Python
+    values (arrays as lists). Raises ``ModelFormatError`` naming the file."""
+    reader = source
+    if isinstance(source, (str, os.PathLike)):
+        from gguf import GGUFReader
+        try:
+            reader = GGUFReader(os.fspath(source))
+        except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{os.fspath(source)}: not a valid GGUF file ({e}); "
+                                   "the file may be truncated or corrupt") from None
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def tokenizer_from_gguf(meta: dict, name: str = "GGUF file"):
+    """Build the tokenizer described by GGUF metadata (see :func:`read_gguf_metadata`).
+
+    ``tokenizer.ggml.model`` ``llama`` gives a :class:`SentencePieceBPE`, ``gpt2`` an
+    ``xllm.bpe.ByteLevelBPE``; anything else raises ``ModelFormatError`` naming ``name``.
+    """
+    model = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type")
+    get = meta.get
+    try:
+        if model not in ("llama", "gpt2"):
+            raise ModelFormatError(f"tokenizer model {model!r} is not supported "
+                                   "(only 'llama' and 'gpt2')")
+        if not isinstance(tokens, list) or not tokens:
+            raise ModelFormatError("no tokenizer.ggml.tokens")
+        if model == "gpt2":
+            from .bpe import ByteLevelBPE
+            return ByteLevelBPE.from_gguf_fields(
+                tokens, get("tokenizer.ggml.merges", []), types,
+                get("tokenizer.ggml.pre", "default"),
+                bos_id=get("tokenizer.ggml.bos_token_id", -1),
+                eos_id=get("tokenizer.ggml.eos_token_id", -1),
+                unk_id=get("tokenizer.ggml.unknown_token_id", -1),
+                add_bos=get("tokenizer.ggml.add_bos_token", False))
+        # llama.cpp's defaults for SentencePiece vocabularies.
+        return SentencePieceBPE(
+            tokens, get("tokenizer.ggml.scores", [0.0] * len(tokens)),
+            types or [NORMAL] * len(tokens),
+            bos_id=get("tokenizer.ggml.bos_token_id", 1),
+            eos_id=get("tokenizer.ggml.eos_token_id", 2),
+            unk_id=get("tokenizer.ggml.unknown_token_id", 0),
+            add_dummy_prefix=get("tokenizer.ggml.add_space_prefix", True),
+            byte_fallback=BYTE in (types or ()),
+            add_bos_default=get("tokenizer.ggml.add_bos_token", True))
+    except ModelFormatError as e:
+        raise ModelFormatError(f"{name}: {e}") from None

@@ -28,6 +28,7 @@ class Checkpoint:
     tokenizer_path: Optional[str]
     source: str
     chat_template: Optional[str] = None
+    tokenizer: object = None  # built from the checkpoint itself (GGUF metadata), if it has one
 
 
 def expected_shapes(c: ModelConfig) -> dict:

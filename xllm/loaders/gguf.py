@@ -128,5 +128,9 @@ def load_gguf(path) -> Checkpoint:
     files = {k: gguf_name(k) for k in expected_shapes(config)}
     weights = {k: _array(tensors[f], path) for k, f in files.items() if f in tensors}
     check_weights(weights, config, path, {k: repr(f) for k, f in files.items()})
-    return Checkpoint(config=config, weights=weights, tokenizer_path=path, source=path,
-                      chat_template=get("tokenizer.chat_template"))
+    tokenizer = None
+    if "tokenizer.ggml.model" in reader.fields:  # one parse of the file serves both
+        from ..tokenizer import read_gguf_metadata, tokenizer_from_gguf
+        tokenizer = tokenizer_from_gguf(read_gguf_metadata(reader), path)
+    return Checkpoint(config=config, weights=weights, tokenizer_path=None, source=path,
+                      chat_template=get("tokenizer.chat_template"), tokenizer=tokenizer)

@@ -1,0 +1,360 @@
+"""Tests for xllm.bpe (byte-level BPE) and tokenizers loaded from GGUF / tokenizer.json,
+against the SmolLM2 corpus (Hugging Face tokenizers, cross-checked with llama.cpp),
+llama.cpp's vocab conformance files and Hugging Face tokenizers itself."""
+
+import json
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from xllm.bpe import ByteLevelBPE, _BYTE_CHARS
+from xllm.errors import ModelFormatError
+from xllm.tokenizer import (CONTROL, NORMAL, USER_DEFINED, SentencePieceBPE, load_tokenizer,
+                            read_gguf_metadata)
+
+_FIXTURE_OK = [HealthCheck.function_scoped_fixture]
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return load_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def corpus(data_dir):
+    rows = _read_jsonl(data_dir / "tokenizer_corpus" / "smollm2.jsonl")
+    assert len(rows) == 252
+    return rows
+
+
+@pytest.fixture(scope="module")
+def hf_dir(smollm2_gguf, tmp_path_factory):
+    """tokenizer.json + tokenizer_config.json for SmolLM2 written by transformers from the
+    GGUF, with the pre-tokenizer set to llama.cpp's "smollm" split (MANIFEST 2.1)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from tokenizers import pre_tokenizers as pt
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent,
+                                                     gguf_file=smollm2_gguf.name)
+    tok.backend_tokenizer.pre_tokenizer = pt.Sequence([
+        pt.Digits(individual_digits=True),
+        pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    out = tmp_path_factory.mktemp("smollm2_hf")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_tok(hf_dir):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def test_smollm2_metadata(smollm2):
+    assert isinstance(smollm2, ByteLevelBPE)
+    assert smollm2.vocab_size == 49152
+    assert (smollm2.bos_id, smollm2.eos_id, smollm2.unk_id) == (1, 2, 0)
+    assert not smollm2.add_bos_default
+    assert len(smollm2.special_tokens) == 17
+    assert smollm2.special_tokens["<|im_start|>"] == 1
+    assert smollm2.id_to_piece(1) == "<|im_start|>"
+    assert smollm2.id_to_piece(smollm2.encode(" hello")[0]) == "\u0120hello"  # "Ġhello"
+
+
+def test_smollm2_corpus(smollm2, corpus):
+    for key, special in (("ids", True), ("ids_split_special", False)):
+        bad = [(r["text"], r[key]) for r in corpus
+               if smollm2.encode(r["text"], parse_special=special) != r[key]]
+        assert not bad, (key, bad[:3])
+    for r in corpus[:50]:
+        assert [smollm2.id_to_piece(i) for i in r["ids"]] == r["tokens"]
+
+
+def test_smollm2_round_trip(smollm2, corpus):
+    for r in corpus:
+        for special in (False, True):
+            assert smollm2.decode(smollm2.encode(r["text"], parse_special=special)) == r["text"]
+
+
+def _llamacpp_cases(data_dir, name):
+    base = data_dir / "llamacpp_vocab" / f"ggml-vocab-{name}.gguf"
+    texts = base.with_name(base.name + ".inp").read_text(encoding="utf-8").split(
+        "\n__ggml_vocab_test__\n")[:-1]
+    lines = base.with_name(base.name + ".out").read_text(encoding="utf-8").split("\n")
+    expected = [[int(x) for x in line.strip().split(" ")] if line.strip() else []
+                for line in lines[:len(texts)]]
+    assert len(texts) == len(expected) == 46
+    return base, texts, expected
+
+
+@pytest.mark.parametrize("name,cls", [("gpt-2", ByteLevelBPE), ("llama-spm", SentencePieceBPE)])
+def test_llamacpp_vocab_from_gguf(data_dir, name, cls):
+    base, texts, expected = _llamacpp_cases(data_dir, name)
+    tok = load_tokenizer(base)
+    assert isinstance(tok, cls)
+    failures = [(t, tok.encode(t), e) for t, e in zip(texts, expected) if tok.encode(t) != e]
+    assert not failures, failures[:3]
+    for t in texts:
+        assert tok.decode(tok.encode(t)) == t
+
+
+def test_llama_spm_gguf_matches_model_file(data_dir):
+    g = load_tokenizer(data_dir / "llamacpp_vocab" / "ggml-vocab-llama-spm.gguf")
+    m = SentencePieceBPE.from_model_file(data_dir / "llama2c" / "tokenizer.model")
+    assert (g.pieces, g.scores, g.types) == (m.pieces, m.scores, m.types)
+    assert (g.bos_id, g.eos_id, g.unk_id) == (1, 2, 0)
+    assert g.add_bos_default and g.add_dummy_prefix and g.byte_fallback
+    # parse_special: "<s>" becomes BOS, each text part gets the dummy-prefix space.
+    assert g.encode("<s>hi</s>", parse_special=True) == [1] + g.encode("hi") + [2]
+
+
+# Random text: spaces before digits and letters, apostrophes, special-token text,
+# non-ASCII letters and digits, emoji, control characters.
+_PIECES = st.sampled_from([" ", "  ", "\t", "\n", "a", "Ab", "'s", "'LL", "12", "\u0661\u0662",
+                           "\u00e9", "\u4e2d\u6587", "\U0001F600", "<|im_start|>", "<|im_end|>",
+                           "<|endoftext|>", "<", "|", "!!", "\u00a0", "\x00", "\u2581", "\u0120"])
+# Unassigned code points are left out: the regex package may know a newer Unicode
+# version than tokenizers (e.g. U+12550..U+12686 are \p{N} for it, unassigned for them).
+_TEXT = st.one_of(st.lists(_PIECES, max_size=12).map("".join),
+                  st.text(st.characters(exclude_categories=("Cs", "Cn")), max_size=16))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=_FIXTURE_OK)
+@given(text=_TEXT)
+def test_random_text_matches_hf(smollm2, hf_tok, text):
+    hf_tok.encode_special_tokens = False
+    assert smollm2.encode(text, parse_special=True) == hf_tok.encode(
+        text, add_special_tokens=False).ids
+    hf_tok.encode_special_tokens = True  # tokenizers' split_special_tokens
+    assert smollm2.encode(text) == hf_tok.encode(text, add_special_tokens=False).ids
+
+
+_HF_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.fixture(scope="module")
+def llama3_style(hf_dir, smollm2_gguf, tmp_path_factory):
+    """SmolLM2's vocabulary with Llama 3's pre-tokenizer (a Split regex) and
+    ignore_merges: tokenizers, ours from that tokenizer.json, ours from GGUF fields."""
+    from tokenizers import Tokenizer
+    data = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _HF_LLAMA3}, "behavior": "Isolated",
+         "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    data["model"]["ignore_merges"] = True
+    path = tmp_path_factory.mktemp("llama3") / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    meta = read_gguf_metadata(smollm2_gguf)
+    gguf_tok = ByteLevelBPE.from_gguf_fields(
+        meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"],
+        meta["tokenizer.ggml.token_type"], "llama-bpe")
+    return Tokenizer.from_file(str(path)), load_tokenizer(path), gguf_tok
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=_FIXTURE_OK)
+@given(text=st.one_of(_TEXT, st.lists(st.sampled_from(list("aS'tLl \r\n1234.\u017f\u212a")),
+                                      max_size=14).map("".join)))
+def test_llama3_pre_tokenizer_matches_hf(llama3_style, text):
+    # The GGUF "llama-bpe" regex spells (?i:'s|...) out as llama.cpp does ('[sS]...),
+    # so "\u017f" (long s) and the Kelvin sign are not folded to "s"/"k" by either.
+    hf, from_json, from_gguf = llama3_style
+    hf.encode_special_tokens = True
+    expected = hf.encode(text, add_special_tokens=False).ids
+    assert from_json.encode(text) == expected
+    assert from_gguf.encode(text) == expected
+
+
+def test_default_pre_tokenizer():
+    # llama.cpp's passes for pre="default": punctuation runs, GPT-2, digit runs, then
+    # groups of three ASCII digits.
+    tok = ByteLevelBPE.from_gguf_fields(["a"], [], [NORMAL], "default")
+    assert tok.pre_tokenize("Hello, world 12345!") == [
+        "Hello", ",", " world", " ", "123", "45", "!"]
+
+
+def test_speed_vs_hf(smollm2, hf_tok, corpus):
+    texts = [r["text"] for r in corpus]
+
+    def best(f):
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for t in texts:
+                f(t)
+            times.append(time.perf_counter() - t0)
+        return min(times)  # warm caches on both sides
+
+    hf_tok.encode_special_tokens = True
+    hf = best(lambda t: hf_tok.encode(t, add_special_tokens=False))
+    ours = best(smollm2.encode)
+    print(f"\nSmolLM2 corpus, single strings: xllm {ours * 1e3:.2f} ms, "
+          f"tokenizers {hf * 1e3:.2f} ms, ratio {ours / hf:.2f}")
+    assert ours < 1.5 * hf
+
+
+def test_long_word_is_not_quadratic(smollm2):
+    t0 = time.perf_counter()
+    smollm2.encode("ab" * 5000)
+    smollm2.encode("\u4e2d\u6587" * 3000)
+    assert time.perf_counter() - t0 < 1.0
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _ids(tok):
+    # Single-byte tokens (so UTF-8 gets split and broken), special tokens, any token.
+    byte_ids = [tok.piece_to_id(c) for c in _BYTE_CHARS]
+    return st.lists(st.one_of(st.sampled_from(byte_ids), st.integers(0, 20),
+                              st.integers(0, tok.vocab_size - 1)), max_size=14)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=_FIXTURE_OK)
+@given(data=st.data())
+def test_decode_and_stream_match_hf(smollm2, hf_tok, data):
+    ids = data.draw(_ids(smollm2))
+    text = smollm2.decode(ids)
+    assert text == hf_tok.decode(ids, skip_special_tokens=False)
+    d = smollm2.decoder()
+    parts = [d.push(i) for i in ids] + [d.flush()]
+    for p in parts:
+        p.encode("utf-8")  # never half a character (no lone surrogates)
+    assert "".join(parts) == text
+
+
+def test_stream_holds_back_partial_characters(smollm2):
+    emoji = [smollm2.piece_to_id(_BYTE_CHARS[b]) for b in "\U0001F600".encode("utf-8")]
+    d = smollm2.decoder()
+    assert [d.push(i) for i in emoji] == ["", "", "", "\U0001F600"]
+    assert d.push(emoji[0]) == ""
+    assert d.push(2) == "\ufffd<|im_end|>"  # special tokens decode to their text
+    assert d.flush() == ""
+    with pytest.raises(IndexError):
+        smollm2.decode([smollm2.vocab_size])
+
+
+# ----------------------------------------------------------------------------- tokenizer.json
+
+
+def test_tokenizer_json_round_trip(hf_dir, smollm2, corpus):
+    tok = load_tokenizer(hf_dir / "tokenizer.json")
+    assert isinstance(tok, ByteLevelBPE)
+    assert tok.vocab_size == smollm2.vocab_size and tok.special_tokens == smollm2.special_tokens
+    # tokenizer_config.json written by transformers names <|im_start|> as BOS.
+    assert (tok.bos_id, tok.eos_id, tok.unk_id) == (1, 2, 0) and not tok.add_bos_default
+    for r in corpus:
+        assert tok.encode(r["text"], parse_special=True) == r["ids"]
+        assert tok.encode(r["text"]) == r["ids_split_special"]
+
+
+def test_tokenizer_json_errors(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"model": {"type": "Unigram", "vocab": []}}')
+    with pytest.raises(ModelFormatError, match="tokenizer.json"):
+        load_tokenizer(bad)
+    bad.write_text('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, '
+                   '"pre_tokenizer": {"type": "Metaspace"}}')
+    with pytest.raises(ModelFormatError, match="Metaspace"):
+        load_tokenizer(bad)
+    with pytest.raises(ModelFormatError, match="nope.json"):
+        load_tokenizer(tmp_path / "nope.json")
+
+
+# ----------------------------------------------------------------------------- small vocabularies
+
+
+def _tiny(**kw):
+    tokens = ["a", "b", "c", "ab", "bc", "abc", "\u0120", "\u0120a", "<x>", "<x><y>", "<y>"]
+    types = [NORMAL] * 8 + [CONTROL, CONTROL, USER_DEFINED]
+    merges = ["b c", "a b", "ab c", "\u0120 a"]
+    return ByteLevelBPE(tokens, merges, types, **kw)
+
+
+def test_merges_by_rank():
+    tok = _tiny()
+    assert tok.encode("abc") == [0, 4]  # "b c" has the lowest rank, then no "a bc"
+    assert tok.encode("ab") == [3]
+    assert tok.encode(" a") == [7]
+    assert tok.encode("cab") == [2, 3]
+
+
+def test_special_token_matching():
+    tok = _tiny()
+    # Control tokens are text unless parse_special; user-defined ones always match.
+    assert tok.encode("<y>a") == [10, 0]
+    assert tok.encode("<x><y>", parse_special=True) == [9]  # longest match wins
+    assert tok.encode("a<x>b", parse_special=True) == [0, 8, 1]
+    assert tok.encode("<x>") == []  # "<", "x", ">" are not in the vocabulary: dropped
+    assert tok.decode([0, 9, 10]) == "a<x><y><y>"
+    with pytest.raises(ValueError):
+        tok.encode("a", add_bos=True)
+
+
+def test_unknown_pre_tokenizer():
+    with pytest.raises(ModelFormatError, match="qwen9"):
+        ByteLevelBPE.from_gguf_fields(["a"], [], [NORMAL], "qwen9")
+
+
+# ----------------------------------------------------------------------------- GGUF files
+
+
+def _write_gguf(path, model, tokens=("a", "b", "ab")):
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(list(tokens))
+    w.add_token_types([NORMAL] * len(tokens))
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_float32("test.f32", 0.5)
+    w.add_array("test.ints", [1, -2, 3])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_metadata_reader_matches_gguf_package(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "tok.gguf"
+    _write_gguf(path, "gpt2")
+    meta = read_gguf_metadata(path)
+    for key, field in gguf.GGUFReader(str(path)).fields.items():
+        if not key.startswith("GGUF."):  # the reader's header pseudo-fields
+            assert meta[key] == field.contents(), key
+    tok = load_tokenizer(path)
+    assert tok.encode("ab") == [2] and tok.bos_id == 2 and tok.add_bos_default
+
+
+def test_gguf_unknown_tokenizer_model(tmp_path):
+    path = tmp_path / "rwkv.gguf"
+    _write_gguf(path, "rwkv")
+    with pytest.raises(ModelFormatError, match=r"rwkv\.gguf.*'rwkv'"):
+        load_tokenizer(path)
+
+
+def test_gguf_truncated_or_not_gguf(tmp_path, data_dir):
+    data = (data_dir / "llamacpp_vocab" / "ggml-vocab-gpt-2.gguf").read_bytes()
+    for cut in (10, 5000, len(data) // 2):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ModelFormatError, match=bad.name):
+            load_tokenizer(bad)
+    for name, content in (("empty.gguf", b""), ("text.gguf", b"hello world" * 10)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ModelFormatError, match=name):
+            load_tokenizer(tmp_path / name)
