@@ -45,7 +45,8 @@ def _summary(model):
     fed = s["prompt_tokens"] - s.get("cached_tokens", 0)
     pre = fed / max(s["prefill_seconds"], 1e-9)
     dec = s["decode_steps"] / s["decode_seconds"] if s["decode_seconds"] else 0.0
-    print(f"prompt: {s['prompt_tokens']} tokens, {pre:.1f} tok/s | generated: {s['generated']} "
+    cached = f" ({s['cached_tokens']} cached)" if s.get("cached_tokens") else ""
+    print(f"prompt: {s['prompt_tokens']} tokens{cached}, {pre:.1f} tok/s | generated: {s['generated']} "
           f"tokens, {dec:.1f} tok/s | threads: {model.threads}", file=sys.stderr)
 
 
@@ -60,6 +61,7 @@ def _stream(pieces):
     except KeyboardInterrupt:
         sys.stdout.write(" [interrupted]")
     sys.stdout.write("\n")
+    sys.stdout.flush()
     return "".join(out)
 
 

@@ -1,0 +1,65 @@
+"""The default model (SmolLM2-135M-Instruct from PyPI): chat, CLI defaults, quantization effect."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import xllm
+
+pytestmark = pytest.mark.slow
+
+TEXT = ("The history of the city begins in the Middle Ages, when a small market town grew up "
+        "around a bridge over the river. Merchants came from far away to sell wool, salt and "
+        "wine, and by the fifteenth century the town had a cathedral, a university and a wall "
+        "with seven gates. Today most visitors come for the old streets, the museums and the "
+        "food, which is famous across the country.")
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_gguf):
+    return xllm.load(smollm2_gguf)
+
+
+def test_capital_of_france(model):
+    q = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = model.chat(q, max_new_tokens=32)
+    assert "Paris" in reply
+    assert model.last_stats["finish"] == "stop"  # ended at the template's end-of-turn token
+    assert "".join(model.chat(q, max_new_tokens=32, stream=True)) == reply
+
+
+def test_cli_with_no_arguments_answers_the_default_prompt(smollm2_gguf):
+    r = subprocess.run([sys.executable, "-m", "xllm.generate", "--max-new-tokens", "32"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and "tok/s" in r.stderr
+
+
+def test_chat_turns_reuse_the_kv_cache(model):
+    history = [{"role": "user", "content": "What is the capital of France?"}]
+    history.append({"role": "assistant", "content": model.chat(history, max_new_tokens=32)})
+    history.append({"role": "user", "content": "And of Italy?"})
+    reply = model.chat(history, max_new_tokens=32)
+    assert model.last_stats["cached_tokens"] > 30 and "Rome" in reply
+
+
+def test_requantized_weights_keep_the_argmax(model):
+    """gguf's reference quantizers applied to the float32 expansion of the shipped Q4_1 model:
+    Q4_1 reproduces its grid exactly; Q8_0 keeps the argmax on >= 95% of the positions of an
+    English paragraph. (Q4_0 on top of Q4_1 is a double quantization: about 60% here, printed.)"""
+    from gguf import GGMLQuantizationType as QT
+    from gguf.quants import dequantize, quantize
+    ids = model.tokenizer.encode(TEXT)
+    full = model.logits(ids)
+    tr = model.transformer
+    for qt, bar in ((QT.Q4_1, 1.0), (QT.Q8_0, 0.95), (QT.Q4_0, 0.0)):
+        w = {"tok_embeddings": tr.tok_embeddings, "norm": tr.norm}  # tied head kept, as llama.cpp
+        for i, layer in enumerate(tr.layers):
+            for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+                w[f"layers.{i}.{name}"] = dequantize(quantize(getattr(layer, name), qt), qt)
+            w[f"layers.{i}.attention_norm"] = layer.attention_norm
+            w[f"layers.{i}.ffn_norm"] = layer.ffn_norm
+        agree = np.mean(xllm.Model(model.config, w).logits(ids).argmax(-1) == full.argmax(-1))
+        print(f"{qt.name}: argmax agreement {agree:.3f} on {len(ids)} positions")
+        assert agree >= bar, (qt.name, agree)
