@@ -7,43 +7,24 @@ import numpy as np
 
 from . import _kernels
 from .config import ModelConfig
-from .errors import ModelFormatError
 from .kv_cache import KVCache
+from .loaders import check_weights
 
-WEIGHT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16))  # uint16 = bf16
 
 
 class Layer:
     """One transformer block's weights (as loaded: fp32, fp16 or bf16, often memory-mapped)."""
     __slots__ = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
 
-    def __init__(self, weights, i, config):
-        c = config
-        shapes = {"wq": (c.q_dim, c.hidden_size), "wk": (c.kv_dim, c.hidden_size),
-                  "wv": (c.kv_dim, c.hidden_size), "wo": (c.hidden_size, c.q_dim),
-                  "w1": (c.intermediate_size, c.hidden_size),
-                  "w2": (c.hidden_size, c.intermediate_size),
-                  "w3": (c.intermediate_size, c.hidden_size)}
-        for name, shape in shapes.items():
-            setattr(self, name, _weight(weights, f"layers.{i}.{name}", shape))
-        self.attention_norm = _norm(weights, f"layers.{i}.attention_norm", c.hidden_size)
-        self.ffn_norm = _norm(weights, f"layers.{i}.ffn_norm", c.hidden_size)
+    def __init__(self, weights, i):
+        for name in self.__slots__:
+            setattr(self, name, weights[f"layers.{i}.{name}"])
+        self.attention_norm, self.ffn_norm = _f32(self.attention_norm), _f32(self.ffn_norm)
 
 
-def _weight(weights, name, shape):
-    w = weights.get(name)
-    if w is None:
-        raise ModelFormatError(f"the checkpoint has no tensor {name!r}")
-    if tuple(w.shape) != tuple(shape):
-        raise ModelFormatError(f"tensor {name!r} has shape {tuple(w.shape)}, expected {tuple(shape)}")
-    if w.dtype not in WEIGHT_DTYPES or not w.flags.c_contiguous:
-        raise ModelFormatError(f"tensor {name!r}: unsupported dtype {w.dtype} or layout")
-    return w
-
-
-def _norm(weights, name, size):
+def _f32(norm_weight):
     # Norm weights are tiny: keep them as float32 whatever the checkpoint stores.
-    return np.ascontiguousarray(_kernels.reference.to_float32(_weight(weights, name, (size,))))
+    return np.ascontiguousarray(_kernels.reference.to_float32(norm_weight))
 
 
 class Workspace:
@@ -73,16 +54,11 @@ class Transformer:
 
     def __init__(self, config: ModelConfig, weights: dict, *, max_batch_rows=512):
         c = self.config = config
-        self.tok_embeddings = _weight(weights, "tok_embeddings", (c.vocab_size, c.hidden_size))
-        self.norm = _norm(weights, "norm", c.hidden_size)
-        if "output" in weights:
-            self.output = _weight(weights, "output", (c.vocab_size, c.hidden_size))
-        elif c.tie_word_embeddings:
-            self.output = self.tok_embeddings
-        else:
-            raise ModelFormatError("the checkpoint has no tensor 'output' and its embeddings "
-                                   "are not tied")
-        self.layers = [Layer(weights, i, c) for i in range(c.num_layers)]
+        check_weights(weights, c, "weights")
+        self.tok_embeddings = weights["tok_embeddings"]
+        self.norm = _f32(weights["norm"])
+        self.output = weights.get("output", self.tok_embeddings)  # absent: tied embeddings
+        self.layers = [Layer(weights, i) for i in range(c.num_layers)]
         self.ws = Workspace(c, min(max_batch_rows, c.max_seq_len))
         self._inv_freq = c.inv_freq()
         self.rope_cos = self.rope_sin = np.zeros((0, c.head_dim // 2), np.float32)

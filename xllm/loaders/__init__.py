@@ -57,8 +57,9 @@ def check_weights(weights: dict, config: ModelConfig, source: str, names=None) -
         if tuple(w.shape) != shape:
             raise ModelFormatError(f"{source}: tensor {label} has shape {tuple(w.shape)}, "
                                    f"expected {shape} from the config")
-        if w.dtype not in SUPPORTED_DTYPES:
-            raise ModelFormatError(f"{source}: tensor {label} has unsupported dtype {w.dtype}")
+        if w.dtype not in SUPPORTED_DTYPES or not w.flags.c_contiguous:
+            raise ModelFormatError(f"{source}: tensor {label} has unsupported dtype {w.dtype} "
+                                   "or is not C-contiguous")
 
 
 def make_config(source, **kwargs) -> ModelConfig:
