@@ -1,0 +1,75 @@
+# Included by norm.pyx, attention.pyx and sampling.pyx: imports, the vecmath.h declarations, and
+# the argument checks, which run with the GIL held so that bad input raises before nogil code.
+import numpy as np
+
+cimport numpy as cnp
+from cython.parallel cimport prange
+from libc.math cimport INFINITY
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from xllm._kernels._cpu cimport get_num_threads
+
+cnp.import_array()
+
+cdef extern from "vecmath.h" nogil:
+    float xllm_max_f32(const float *x, Py_ssize_t n, int *has_nan)
+    Py_ssize_t xllm_find_first(const float *x, Py_ssize_t n, float v)
+    double xllm_sumsq_f64(const float *x, Py_ssize_t n)
+    void xllm_rms_scale(const float *x, const float *w, double inv, float *out, Py_ssize_t n)
+    float xllm_exp_shift(const float *x, float shift, float *out, Py_ssize_t n)
+    void xllm_silu_mul(const float *a, const float *b, float *out, Py_ssize_t n)
+    void xllm_dots(const float *q, const float *k, Py_ssize_t ldk, int hd, int n, float *s)
+    void xllm_accum_pv(float *acc, const float *p, const float *v, Py_ssize_t ldv, int hd, int n)
+    void xllm_prefetch_rows(const float *p, Py_ssize_t ld, int n, int hd)
+    void xllm_weights(const float *l, Py_ssize_t n, double top, double inv_t, double per_nat,
+                      int nb, uint16_t *bucket, double *w, Py_ssize_t *cnt, double *mass)
+    Py_ssize_t xllm_find_u16(const uint16_t *a, Py_ssize_t n, uint16_t lo, uint16_t hi,
+                             int32_t *out)
+
+
+cdef cnp.ndarray _f32(object a, str name, bint write, int ndim):
+    """`a` as a native-order, aligned, C-contiguous float32 ndarray with ndim dimensions (any
+    number >= 1 if ndim is 0), writeable if `write`; TypeError or ValueError otherwise."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if cnp.PyArray_TYPE(arr) != cnp.NPY_FLOAT32 or not cnp.PyArray_ISNOTSWAPPED(arr):
+        raise TypeError(f"{name} must be a native float32 array, got dtype {arr.dtype}")
+    if (arr.ndim != ndim) if ndim else (arr.ndim < 1):
+        raise ValueError(f"{name} must be {ndim or 'at least 1'}-D, got shape {(<object>arr).shape}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
+        raise ValueError(f"{name} must be C-contiguous and aligned")
+    if write and not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValueError(f"{name} is read-only")
+    return arr
+
+
+cdef cnp.ndarray _int64(object a, str name):
+    """An integer array or sequence as a native, aligned, C-contiguous int64 ndarray (TypeError if
+    it holds no integers, IndexError for uint64 values past the int64 range)."""
+    cdef cnp.ndarray arr = a if isinstance(a, np.ndarray) else np.asarray(a)
+    if cnp.PyArray_TYPE(arr) == cnp.NPY_INT64 and cnp.PyArray_ISNOTSWAPPED(arr) \
+            and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr):
+        return arr
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > 0x7FFFFFFFFFFFFFFF:
+        raise IndexError(f"{name} holds {arr.max()}, which is out of range")
+    return np.require(arr, np.int64, "CA")
+
+
+cdef bint _overlap(cnp.ndarray a, cnp.ndarray b, bint same_ok):
+    """True if a and b share memory, unless same_ok and they are exactly the same buffer."""
+    cdef char *pa = <char *>cnp.PyArray_DATA(a)
+    cdef char *pb = <char *>cnp.PyArray_DATA(b)
+    if same_ok and pa == pb and cnp.PyArray_NBYTES(a) == cnp.PyArray_NBYTES(b):
+        return False
+    return pa < pb + cnp.PyArray_NBYTES(b) and pb < pa + cnp.PyArray_NBYTES(a)
+
+
+cdef _check_out(cnp.ndarray out, cnp.ndarray src, str name):
+    """out must have src's shape and be src itself or not overlap it (ValueError)."""
+    if (<object>out).shape != (<object>src).shape:
+        raise ValueError(f"out shape {(<object>out).shape} != {name} shape {(<object>src).shape}")
+    if _overlap(out, src, True):
+        raise ValueError(f"out overlaps {name} without being {name}")
