@@ -201,7 +201,7 @@ def test_speed_vs_hf(smollm2, hf_tok, corpus):
     ours = best(smollm2.encode)
     print(f"\nSmolLM2 corpus, single strings: xllm {ours * 1e3:.2f} ms, "
           f"tokenizers {hf * 1e3:.2f} ms, ratio {ours / hf:.2f}")
-    assert ours < 1.5 * hf
+    assert ours <= hf  # the bar: at least as fast as HF tokenizers
 
 
 def test_long_word_is_not_quadratic(smollm2):
