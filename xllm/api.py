@@ -98,8 +98,7 @@ class Model:
     def _pieces(self, ids, max_new_tokens, sampler):
         tok = self.tokenizer
         c = self.config
-        stop_ids = frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids,
-                                         getattr(tok, "eot_id", None)) if i is not None)
+        stop_ids = frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids) if i is not None)
         stats = self.last_stats = {"tokens": []}
         if self._kv is None:
             self._kv = self.transformer.new_cache()
@@ -115,7 +114,6 @@ class Model:
                 yield dec.push(t)
         if dec is not None:
             yield dec.flush()
-
 
     def chat(self, messages, *, template=None, stream=False, **generate_kwargs):
         """Reply to a conversation (OpenAI-style ``[{"role": ..., "content": ...}]``).
