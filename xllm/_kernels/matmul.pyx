@@ -84,31 +84,7 @@ cdef int _weight_type(cnp.ndarray a, str name) except -1:
                     f"got {a.dtype}")
 
 
-cdef cnp.ndarray _check_2d(object a, str name, bint f32):
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-    cdef cnp.ndarray arr = <cnp.ndarray>a
-    if f32 and cnp.PyArray_TYPE(arr) != cnp.NPY_FLOAT32:
-        raise TypeError(f"{name} must be float32, got {arr.dtype}")
-    if cnp.PyArray_NDIM(arr) != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
-    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
-        raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, "
-                         f"strides {a.strides})")
-    return arr
-
-
-cdef _check_out(cnp.ndarray out):
-    if not cnp.PyArray_ISWRITEABLE(out):
-        raise ValueError("out is read-only")
-
-
-cdef _check_no_overlap(cnp.ndarray out, cnp.ndarray a, str name):
-    # out is written while a is still being read: overlapping buffers would give garbage.
-    cdef size_t o0 = <size_t>cnp.PyArray_DATA(out), a0 = <size_t>cnp.PyArray_DATA(a)
-    cdef size_t o1 = o0 + <size_t>cnp.PyArray_NBYTES(out), a1 = a0 + <size_t>cnp.PyArray_NBYTES(a)
-    if o0 < a1 and a0 < o1:
-        raise ValueError(f"out must not overlap {name}")
+include "_matrix.pxi"
 
 
 # ---- matmul ----
@@ -148,9 +124,9 @@ def matmul(x, w, out, accumulate=False):
     out: float32 [M, N] (e.g. a row slice of a larger array). All C-contiguous. Each element
     of out is bitwise independent of M, of its row index and of the thread count.
     """
-    cdef cnp.ndarray xa = _check_2d(x, "x", True)
-    cdef cnp.ndarray wa = _check_2d(w, "w", False)
-    cdef cnp.ndarray oa = _check_2d(out, "out", True)
+    cdef cnp.ndarray xa = _check_2d(x, "x", cnp.NPY_FLOAT32, "float32")
+    cdef cnp.ndarray wa = _check_2d(w, "w", -1, "")
+    cdef cnp.ndarray oa = _check_2d(out, "out", cnp.NPY_FLOAT32, "float32")
     cdef int wt = _weight_type(wa, "w")
     _check_out(oa)
     cdef size_t M = <size_t>xa.shape[0], K = <size_t>xa.shape[1]
@@ -256,9 +232,9 @@ def embedding(table, ids, out):
     ids: 1-D int32 or int64; out: float32 C-contiguous [len(ids), D]. IndexError for an id
     outside 0 .. V-1.
     """
-    cdef cnp.ndarray ta = _check_2d(table, "table", False)
+    cdef cnp.ndarray ta = _check_2d(table, "table", -1, "")
     cdef int wt = _weight_type(ta, "table")
-    cdef cnp.ndarray oa = _check_2d(out, "out", True)
+    cdef cnp.ndarray oa = _check_2d(out, "out", cnp.NPY_FLOAT32, "float32")
     _check_out(oa)
     ids_arr = np.asarray(ids)
     if ids_arr.dtype != np.int32 and ids_arr.dtype != np.int64:

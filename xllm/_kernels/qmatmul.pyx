@@ -64,25 +64,7 @@ _init_isa()
 
 # ---- argument checks (all before any nogil code) ----
 
-cdef cnp.ndarray _check_2d(object a, str name, int typenum, str tname):
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-    cdef cnp.ndarray arr = <cnp.ndarray>a
-    if cnp.PyArray_TYPE(arr) != typenum:
-        raise TypeError(f"{name} must be {tname}, got {arr.dtype}")
-    if cnp.PyArray_NDIM(arr) != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
-    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
-        raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, "
-                         f"strides {a.strides})")
-    return arr
-
-
-cdef _check_no_overlap(cnp.ndarray out, cnp.ndarray a, str name):
-    cdef size_t o0 = <size_t>cnp.PyArray_DATA(out), a0 = <size_t>cnp.PyArray_DATA(a)
-    cdef size_t o1 = o0 + <size_t>cnp.PyArray_NBYTES(out), a1 = a0 + <size_t>cnp.PyArray_NBYTES(a)
-    if o0 < a1 and a0 < o1:
-        raise ValueError(f"out must not overlap {name}")
+include "_matrix.pxi"
 
 
 # Rows of W per parallel work item (a multiple of 8, the micro-kernel width).
@@ -107,8 +89,7 @@ def matmul_q8_0(x, w_blocks, out, accumulate=False):
     cdef cnp.ndarray xa = _check_2d(x, "x", cnp.NPY_FLOAT32, "float32")
     cdef cnp.ndarray wa = _check_2d(w_blocks, "w_blocks", cnp.NPY_UINT8, "uint8 (Q8_0 blocks)")
     cdef cnp.ndarray oa = _check_2d(out, "out", cnp.NPY_FLOAT32, "float32")
-    if not cnp.PyArray_ISWRITEABLE(oa):
-        raise ValueError("out is read-only")
+    _check_out(oa)
     cdef size_t M = <size_t>xa.shape[0], K = <size_t>xa.shape[1]
     cdef size_t N = <size_t>wa.shape[0]
     if K % 32:
