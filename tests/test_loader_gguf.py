@@ -9,6 +9,7 @@ import pytest
 import xllm
 from xllm.errors import ModelFormatError
 from xllm.loaders import load_checkpoint
+from xllm.quant import QTensor
 
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
@@ -68,7 +69,9 @@ def test_smollm2_checkpoint_metadata(smollm2_gguf):
     ck = load_checkpoint(smollm2_gguf)
     assert ck.source == str(smollm2_gguf) and ck.tokenizer.vocab_size == 49152
     assert "<|im_start|>" in ck.chat_template
-    assert ck.weights["layers.0.wq"].dtype == np.float32  # Q4_1, expanded
+    wq = ck.weights["layers.0.wq"]  # Q4_1, run natively: repacked, not expanded
+    assert isinstance(wq, QTensor) and wq.kind == "int4 g32 asym fp16" and wq.shape == (576, 576)
+    assert wq.nbytes == 576 * 576 // 32 * 20  # the same bytes as in the file
     assert ck.weights["norm"].dtype == np.float32 and not ck.weights["norm"].flags.writeable
 
 # ----------------------------------------------------------------------------- small GGUFs
@@ -189,8 +192,12 @@ def test_small_gguf_matches_dequantized_reference(small, qtype):
     assert ck.tokenizer_path is None  # the tokenizer comes from the GGUF metadata
     wq = ck.weights["layers.1.wq"]
     stored = {QT.F32: np.float32, QT.F16: np.float16, QT.BF16: np.uint16}
-    assert wq.dtype == stored.get(qtype, np.float32)
-    assert wq.flags.writeable == (qtype not in stored)  # read-only views of the map, or copies
+    if qtype in stored:
+        assert wq.dtype == stored[qtype] and not wq.flags.writeable  # read-only views of the map
+    else:  # run natively: repacked, the same values as gguf's dequantization
+        assert isinstance(wq, QTensor) and wq.bits == (8 if qtype == QT.Q8_0 else 4)
+        want = dequantize(quantize(gguf_tensors(model)["blk.1.attn_q.weight"], qtype), qtype)
+        np.testing.assert_array_equal(wq.dequantize(), want)
     assert np.abs(out - transformers_logits(model, qtype)).max() <= 1e-3
     if qtype == QT.Q4_0:
         f32 = transformers_logits(model)
@@ -226,6 +233,9 @@ def test_other_quant_types_expand_like_gguf(small, monkeypatch):
              "blk.1.attn_k.weight": "layers.1.wk", "blk.1.ffn_up.weight": "layers.1.w3"}
     for name, (data, q) in raw.items():
         w = ck.weights[canon[name]]
+        if q == QT.Q4_1:  # runs natively
+            assert isinstance(w, QTensor) and np.array_equal(w.dequantize(), dequantize(data, q))
+            continue
         assert w.dtype == np.float32 and w.flags.c_contiguous
         assert np.array_equal(w, dequantize(data, q)), name
     assert np.isfinite(out).all()

@@ -12,11 +12,12 @@ from ._cpu import default_threads, features, get_threads, set_threads
 
 KERNEL_NAMES = ("matmul", "embedding", "rmsnorm", "rope", "softmax", "silu_mul", "attention",
                 "argmax", "apply_repetition_penalty", "sample")
+QUANT_NAMES = ("qmatmul", "qembedding")
 
 
 def _compiled():
     try:
-        from . import attention, matmul, norm, sampling  # AVX2 code inside
+        from . import attention, matmul, norm, qmatmul, sampling  # AVX2 code inside
     except ImportError as e:
         raise ImportError(f"xllm's compiled kernels are missing or broken ({e}); reinstall xllm "
                           "(pip install .) or set XLLM_BACKEND=reference") from e
@@ -24,22 +25,34 @@ def _compiled():
             "rope": norm.rope, "softmax": norm.softmax, "silu_mul": norm.silu_mul,
             "attention": attention.attention, "argmax": sampling.argmax,
             "apply_repetition_penalty": sampling.apply_repetition_penalty,
-            "sample": sampling.sample}
+            "sample": sampling.sample, "qmatmul": qmatmul.qmatmul,
+            "qembedding": qmatmul.qembedding}
 
 
 class Backend:
-    """The kernel functions of one backend as attributes (``backend.matmul(x, w, out)``)."""
+    """The kernel functions of one backend as attributes (``backend.matmul(x, w, out)``).
+    ``matmul`` and ``embedding`` also take QTensor weights (passed on to qmatmul/qembedding)."""
 
     def __init__(self, name, functions):
+        from ..quant import QTensor
         self.name = name
-        for k in KERNEL_NAMES:
+        for k in KERNEL_NAMES + QUANT_NAMES:
             setattr(self, k, functions[k])
+        matmul, qmatmul = functions["matmul"], functions["qmatmul"]
+        embedding, qembedding = functions["embedding"], functions["qembedding"]
+
+        def any_matmul(x, w, out, accumulate=False):
+            (qmatmul if type(w) is QTensor else matmul)(x, w, out, accumulate)
+
+        def any_embedding(table, ids, out):
+            (qembedding if type(table) is QTensor else embedding)(table, ids, out)
+        self.matmul, self.embedding = any_matmul, any_embedding
 
     def __repr__(self):
         return f"<xllm kernel backend {self.name!r}>"
 
 
-REFERENCE = Backend("reference", {k: getattr(reference, k) for k in KERNEL_NAMES})
+REFERENCE = Backend("reference", {k: getattr(reference, k) for k in KERNEL_NAMES + QUANT_NAMES})
 
 
 def _select():

@@ -153,3 +153,55 @@ def sample(logits, temperature, top_k, top_p, min_p, u):
     c = np.cumsum(p)
     i = int(np.searchsorted(c, u, side="right"))
     return int(order[min(i, order.size - 1)])
+
+
+def quantize_activations(x):
+    """qmatmul's on-the-fly quantization of x [M, K], per 32-value block, into three int8 parts:
+    x ~ dx * (q1 + q2 / 256 + q3 / 65536), dx = amax / 127, t = x / dx, and for each part
+    q = clip(rint(t), -127, 127), t = (t - q) * 256. About 23 bits: one int8 part alone moved
+    SmolLM2's logits by up to 2. Returns (q [3, M, K/32, 32] int8, dx / 256 float32 [M, K/32])."""
+    m, k = x.shape
+    xb = x.reshape(m, k // 32, 32)
+    d = (np.abs(xb).max(axis=2) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(d[:, :, None] == 0, np.float32(0), xb / d[:, :, None])
+    q = []
+    for _ in range(3):
+        q.append(np.clip(np.rint(t), -127, 127))
+        t = (t - q[-1]) * np.float32(256)
+    return np.array(q, np.int8), d * np.float32(1 / 256)
+
+
+def qmatmul(x, w, out, accumulate=False):
+    """out[M, N] (+)= x @ W.T for a QTensor W, with the compiled kernel's exact arithmetic (see
+    gemm_q.h): x quantized per block (quantize_activations), exact integer block dot products
+    c12 = 256 (q1 . w) + (q2 . w), c3 = q3 . w, then per block in order (float32, no FMA):
+    acc += (dw * dx) * (c12 + c3 / 256), and for asymmetric W acc += mw * (dx * S), S the same
+    combination of the sums of the q's."""
+    q, dx = quantize_activations(np.asarray(x, np.float32))
+    n, k = w.shape
+    qw = w.codes().reshape(n, k // 32, 32).astype(np.int64)
+    if w.bits == 4 and not w.asymmetric:
+        qw -= 8
+    q = q.astype(np.int64)
+    c12 = np.einsum("mbi,nbi->mnb", 256 * q[0] + q[1], qw).astype(np.float32)
+    c3 = np.einsum("mbi,nbi->mnb", q[2], qw).astype(np.float32)
+    v = c12 + c3 * np.float32(1 / 256)
+    s = (256 * q[0] + q[1]).sum(axis=2).astype(np.float32) + \
+        q[2].sum(axis=2).astype(np.float32) * np.float32(1 / 256)
+    dw, mw = w.group_params()
+    per = w.group // 32
+    acc = np.zeros((x.shape[0], n), np.float32)
+    for b in range(k // 32):
+        acc = acc + (dw[None, :, b // per] * dx[:, b, None]) * v[:, :, b]
+        if mw is not None:
+            acc = acc + mw[None, :, b // per] * (dx[:, b] * s[:, b])[:, None]
+    if accumulate:
+        out += acc
+    else:
+        out[...] = acc
+
+
+def qembedding(table, ids, out):
+    """out[i] = row ids[i] of the QTensor `table`, dequantized to float32."""
+    out[...] = table.dequantize(np.asarray(ids))

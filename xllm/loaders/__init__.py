@@ -14,6 +14,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
+from ..quant import QTensor, check_qtensor
 
 LAYER_NAMES = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16))
@@ -57,7 +58,9 @@ def check_weights(weights: dict, config: ModelConfig, source: str, names=None) -
         if tuple(w.shape) != shape:
             raise ModelFormatError(f"{source}: tensor {label} has shape {tuple(w.shape)}, "
                                    f"expected {shape} from the config")
-        if w.dtype not in SUPPORTED_DTYPES or not w.flags.c_contiguous:
+        if isinstance(w, QTensor):
+            check_qtensor(w, f"{source}: tensor {label}")
+        elif w.dtype not in SUPPORTED_DTYPES or not w.flags.c_contiguous:
             raise ModelFormatError(f"{source}: tensor {label} has unsupported dtype {w.dtype} "
                                    "or is not C-contiguous")
 

@@ -1,8 +1,11 @@
 """GGUF files (llama.cpp) of the ``llama`` architecture, read with ``gguf.GGUFReader``.
 
 F32, F16 and BF16 (as uint16 bits) tensors are zero-copy views of the memory-mapped file.
-Quantized tensors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) are expanded once at load
-with ``gguf.quants.dequantize``, a few rows at a time, into arrays of ``EXPANDED_DTYPE``.
+Q8_0, Q4_0 and Q4_1 tensors run natively: they are repacked once at load (a copy of the same
+size, no expansion) into the panel layout of :class:`xllm.quant.QTensor`, and the file's pages
+are then dropped from memory. The other quantized types (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) are
+expanded once at load with ``gguf.quants.dequantize``, a few rows at a time, into arrays of
+``EXPANDED_DTYPE``.
 
 ``EXPANDED_DTYPE`` is float32. float16 would halve the memory, but rounding the expanded values
 (a float16 scale times a small integer, plus a minimum, needs more than fp16's 11 bits) moved
@@ -14,12 +17,14 @@ expanded weights for SmolLM2-135M instead of 256 MB. The expansion holds at most
 llama.cpp's converter stores q/k rows in the interleaved (adjacent pairs) RoPE layout, so the
 tensors are used as stored with ``rope_interleaved=True``.
 """
+import mmap
 import os
 
 import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
+from ..quant import GGUF_NATIVE, from_gguf_blocks
 from . import Checkpoint, check_weights, expected_shapes, make_config
 
 EXPANDED_DTYPE = np.float32
@@ -40,9 +45,16 @@ def gguf_name(canonical):
     return f"blk.{i}.{next(k for k, v in _LAYER.items() if v == short)}.weight"
 
 
-def _array(t, path):
-    """A canonical [out, in] array of tensor `t`: a view for F32/F16/BF16, else expanded."""
+def _array(t, path, reader):
+    """A canonical [out, in] array of tensor `t`: a view for F32/F16/BF16, a QTensor for
+    Q8_0/Q4_0/Q4_1, else expanded."""
     kind = t.tensor_type.name
+    if kind in GGUF_NATIVE and len(t.shape) == 2:
+        q = from_gguf_blocks(t.data, kind, (int(t.shape[1]), int(t.shape[0])))
+        mm = getattr(reader.data, "_mmap", None)  # numpy.memmap's mmap object
+        if mm is not None:  # the copy is all we need: drop the file's pages from our RSS
+            mm.madvise(mmap.MADV_DONTNEED)
+        return q
     if kind in ("F32", "F16"):
         return np.asarray(t.data)
     if kind == "BF16":
@@ -126,7 +138,7 @@ def load_gguf(path) -> Checkpoint:
         bos_token_id=get("tokenizer.ggml.bos_token_id"),
         eos_token_id=eos[0] if eos else None, extra_eos_token_ids=tuple(eos[1:]))
     files = {k: gguf_name(k) for k in expected_shapes(config)}
-    weights = {k: _array(tensors[f], path) for k, f in files.items() if f in tensors}
+    weights = {k: _array(tensors[f], path, reader) for k, f in files.items() if f in tensors}
     check_weights(weights, config, path, {k: repr(f) for k, f in files.items()})
     tokenizer = None
     if "tokenizer.ggml.model" in reader.fields:  # one parse of the file serves both

@@ -1,0 +1,201 @@
+"""Tests of the group-quantized weights (xllm.quant) and their kernels (xllm._kernels.qmatmul).
+
+* The quantizers are bit-exact with the gguf package's Q8_0 / Q4_0 / Q4_1, and repacking GGUF
+  blocks gives the same QTensor as quantizing (dequantize == gguf.quants.dequantize, exactly).
+* qmatmul must match the NumPy reference (xllm._kernels.reference.qmatmul, which spells out the
+  arithmetic) BIT-EXACTLY for every format, M, thread count and ISA path: that is also what
+  makes a row's result independent of the batch it is computed in.
+* Independently, qmatmul is compared with float64 x @ dequantize(W).T. The activations are
+  quantized to about 15 bits per 32-value block (x ~ dx (q1 + q2/256), dx = amax/127), so each
+  value is off by at most amax/65024 (plus clamping in degenerate blocks): we allow
+  |d| <= 1e-4 * (|x| @ |W|.T) + 1e-5 elementwise, an error bound rather than a typical value.
+"""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from xllm import quant
+from xllm._kernels import _cpu
+from xllm._kernels import reference as R
+from xllm.errors import ModelFormatError
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
+from gguf.quants import quantize as gguf_quantize  # noqa: E402
+
+Q = pytest.importorskip("xllm._kernels.qmatmul")
+
+SETTINGS = dict(deadline=None, max_examples=60,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+ISAS = ["avx2"] + (["avx512vnni"] if _cpu.features()["avx512vnni"] else [])
+# (bits, group, asymmetric, scale dtype)
+FORMATS = [(8, 32, False, np.float16), (8, 64, False, np.float16), (8, 128, False, np.float32),
+           (8, 32, False, np.float32), (4, 32, False, np.float16), (4, 32, True, np.float16),
+           (4, 32, True, np.float32)]
+GGUF_KINDS = [("Q8_0", 8, False), ("Q4_0", 4, False), ("Q4_1", 4, True)]
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    n, isa = _cpu.get_threads(), Q.get_isa()
+    yield
+    _cpu.set_threads(n)
+    Q.set_isa(isa)
+
+
+def weights(rng, n, k, zero_block=False):
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    if zero_block:
+        w[0, :32] = 0  # a group whose scale is 0
+    return w
+
+
+@settings(**SETTINGS)
+@given(n=st.integers(1, 40), nb=st.integers(1, 8), kind=st.sampled_from(GGUF_KINDS),
+       seed=st.integers(0, 999))
+def test_quantizers_are_bit_exact_with_gguf(n, nb, kind, seed):
+    name, bits, asym = kind
+    w = weights(np.random.default_rng(seed), n, 32 * nb, zero_block=seed % 3 == 0)
+    raw = gguf_quantize(w, T[name])
+    want = gguf_dequantize(raw, T[name])
+    mine = quant.quantize(w, bits, 32, asym)
+    repacked = quant.from_gguf_blocks(raw, name, w.shape)
+    np.testing.assert_array_equal(mine.dequantize(), want)
+    np.testing.assert_array_equal(repacked.dequantize(), want)
+    for a, b in [(mine.qs, repacked.qs), (mine.scales, repacked.scales)]:
+        np.testing.assert_array_equal(a, b)
+    rows = np.array([n - 1, 0, n // 2])
+    np.testing.assert_array_equal(mine.dequantize(rows), want[rows])
+
+
+def test_quantize_accuracy_and_groups():
+    w = weights(np.random.default_rng(0), 20, 256)
+    for g in (32, 64, 128):
+        t = quant.quantize(w, 8, g)
+        assert t.scales.shape == (2, 256 // g, 16) and t.kind == f"int8 g{g} fp16"
+        # symmetric int8: error <= half a step (amax / 254) per group, plus fp16 scale rounding
+        step = np.abs(w.reshape(20, -1, g)).max(axis=2, keepdims=True) / 127
+        err = np.abs(t.dequantize() - w).reshape(20, -1, g)
+        assert np.all(err <= step * (0.5 + 127 * 2.0 ** -11) + 1e-7)
+    # asymmetric int4: half a step ((max - min) / 15), plus fp16 rounding of the scale and min
+    g = w.reshape(20, -1, 32)
+    lo, step = g.min(axis=2, keepdims=True), np.ptp(g, axis=2, keepdims=True) / 15
+    err = np.abs(quant.quantize(w, 4, 32, asymmetric=True).dequantize() - w).reshape(g.shape)
+    assert np.all(err <= step * (0.5 + 15 * 2.0 ** -11) + np.abs(lo) * 2.0 ** -11 + 1e-7)
+
+
+def test_quantize_rejects_bad_arguments():
+    w = np.zeros((4, 96), np.float32)
+    with pytest.raises(ValueError, match="bits"):
+        quant.quantize(w, 3)
+    with pytest.raises(ValueError, match="group size 64"):
+        quant.quantize(w, 8, 64)            # 64 does not divide 96
+    with pytest.raises(ValueError, match="group size 48"):
+        quant.quantize(np.zeros((4, 96), np.float32), 8, 48)
+    with pytest.raises(ValueError, match="group size 64"):
+        quant.quantize(np.zeros((4, 128), np.float32), 4, 64)
+    t = quant.quantize(np.zeros((4, 128), np.float32), 8, 64)
+    with pytest.raises(ModelFormatError, match="scales"):
+        quant.QTensor(t.shape, 8, 32, t.qs, t.scales)          # group size does not fit
+    with pytest.raises(ModelFormatError, match="qs"):
+        quant.QTensor(t.shape, 8, 64, t.qs[:, :2], t.scales)    # truncated quants
+    with pytest.raises(ModelFormatError, match="scales"):
+        quant.QTensor(t.shape, 8, 64, t.qs, t.scales[:, :1])    # truncated scales
+    with pytest.raises(ModelFormatError, match="3-bit"):
+        quant.QTensor(t.shape, 3, 64, t.qs, t.scales)
+
+
+@settings(**SETTINGS)
+@given(m=st.integers(1, 15), n=st.integers(1, 50), nb=st.sampled_from([1, 2, 4, 12, 127]),
+       fmt=st.sampled_from(FORMATS), threads=st.sampled_from([1, 2]),
+       isa=st.sampled_from(ISAS), accumulate=st.booleans(),
+       scale=st.sampled_from([1e-3, 1.0, 50.0]), seed=st.integers(0, 999))
+def test_qmatmul_matches_reference(m, n, nb, fmt, threads, isa, accumulate, scale, seed):
+    bits, group, asym, sdt = fmt
+    k = 32 * nb
+    if k % group:
+        k = group * nb
+    rng = np.random.default_rng(seed)
+    w = quant.quantize(weights(rng, n, k, seed % 4 == 0), bits, group, asym, sdt)
+    x = (rng.standard_normal((m, k)) * scale).astype(np.float32)
+    if seed % 5 == 0:
+        x[:, :32] = 0  # an all-zero block of x
+    out0 = rng.standard_normal((m, n)).astype(np.float32)
+    _cpu.set_threads(threads)
+    Q.set_isa(isa)
+    got = out0.copy()
+    Q.qmatmul(x, w, got, accumulate=accumulate)
+    want = out0.copy()
+    R.qmatmul(x, w, want, accumulate=accumulate)
+    np.testing.assert_array_equal(got, want)  # bit-exact
+    W = w.dequantize().astype(np.float64)
+    exact = x.astype(np.float64) @ W.T + (out0 if accumulate else 0)
+    bound = 1e-4 * (np.abs(x).astype(np.float64) @ np.abs(W).T) + 1e-5
+    assert np.all(np.abs(got - exact) <= bound + 1e-6 * np.abs(out0 if accumulate else 0))
+
+
+@pytest.mark.parametrize("fmt", FORMATS[::2] + [FORMATS[5]])
+def test_batch_thread_and_isa_invariance(fmt):
+    bits, group, asym, sdt = fmt
+    rng = np.random.default_rng(1)
+    K, N = 2048, 333
+    x = rng.standard_normal((19, K)).astype(np.float32)
+    w = quant.quantize(weights(rng, N, K), bits, group, asym, sdt)
+    full = np.empty((19, N), np.float32)
+    Q.qmatmul(x, w, full)
+    for isa in ISAS:
+        Q.set_isa(isa)
+        for t in (1, 2):
+            _cpu.set_threads(t)
+            for m0, m1 in [(0, 1), (3, 4), (5, 12), (2, 19)]:
+                part = np.empty((m1 - m0, N), np.float32)
+                Q.qmatmul(np.ascontiguousarray(x[m0:m1]), w, part)
+                np.testing.assert_array_equal(part, full[m0:m1])
+
+
+def test_long_rows_stack_boundary_and_extreme_blocks():
+    rng = np.random.default_rng(2)
+    K = 8192  # 2 * M * K around the on-stack buffer (2 * 8 * 8192): stack and malloc paths
+    w = quant.quantize(weights(rng, 17, K), 8, 32)
+    for m in (8, 9):
+        x = rng.standard_normal((m, K)).astype(np.float32)
+        x[0, :32] = rng.standard_normal(32) * 1e-42   # subnormal block scale
+        x[1, 32:64] = rng.standard_normal(32) * 1e30
+        got, want = np.empty((m, 17), np.float32), np.empty((m, 17), np.float32)
+        Q.qmatmul(x, w, got)
+        R.qmatmul(x, w, want)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_qembedding(fmt):
+    bits, group, asym, sdt = fmt
+    rng = np.random.default_rng(3)
+    w = quant.quantize(weights(rng, 37, 256), bits, group, asym, sdt)
+    ids = np.array([0, 36, 17, 17, 5])
+    out = np.empty((5, 256), np.float32)
+    Q.qembedding(w, ids, out)
+    np.testing.assert_array_equal(out, w.dequantize(ids))
+    with pytest.raises(IndexError, match="37"):
+        Q.qembedding(w, np.array([37]), np.empty((1, 256), np.float32))
+
+
+def test_bad_inputs():
+    rng = np.random.default_rng(4)
+    w = quant.quantize(weights(rng, 3, 64), 8, 32)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="columns"):
+        Q.qmatmul(np.zeros((2, 96), np.float32), w, np.empty((2, 3), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        Q.qmatmul(x, w, np.empty((2, 4), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        Q.qmatmul(x.astype(np.float64), w, np.empty((2, 3), np.float32))
+    with pytest.raises(TypeError, match="QTensor"):
+        Q.qmatmul(x, np.zeros((3, 64), np.float32), np.empty((2, 3), np.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        Q.qmatmul(np.zeros((2, 128), np.float32)[:, ::2], w, np.empty((2, 3), np.float32))
+    w.scales = w.scales[:, :1]  # corrupted after construction: caught before the kernel runs
+    with pytest.raises(ModelFormatError, match="scales"):
+        Q.qmatmul(x, w, np.empty((2, 3), np.float32))

@@ -1,0 +1,354 @@
+/* Group-quantized matrix multiply for xllm (included by qmatmul.pyx).
+ *
+ * out[M, N] (+)= x[M, K] @ W[N, K].T with W int8 (symmetric, groups of G >= 32) or int4 (groups
+ * of 32, symmetric with an offset of 8, or asymmetric with a minimum) in the packed panel layout
+ * described in xllm/quant.py: 16 rows of W per panel, each 32-value block interleaved so that one
+ * 64-byte row of the block holds 4 consecutive values of each of the 16 rows.
+ *
+ * Arithmetic (xllm/_kernels/reference.py qmatmul does exactly the same):
+ *   1. each 32-value block of each row of x is quantized to three int8 parts (about 23 bits,
+ *      close to float32; one int8 part alone moved SmolLM2's logits by up to 2):
+ *      x ~ dx * (q1 + q2 / 256 + q3 / 65536), dx = amax / 127, t = x / dx, and for each part
+ *      q = clamp(rint(t), -127, 127), t = (t - q) * 256;
+ *   2. per block, exact int32 dots c12 = 256 * (q1 . c) + (q2 . c) and c3 = q3 . c with the
+ *      weight codes c (minus 8 for symmetric int4): on AVX-512 VNNI with vpdpbusd of the
+ *      unsigned codes (int8 stored + 128), then minus 128 (int8) or 8 (int4) times the same sums
+ *      of the q's; on AVX2 with maddubs/madd;
+ *   3. per output element, in increasing block order, float32, no FMA contraction, with
+ *      dx' = dx / 256: v = (float)c12 + (float)c3 / 256; acc = acc + (dw * dx') * v; and for
+ *      asymmetric W, with S the same combination of the sums of the q's:
+ *      acc = acc + mw * (dx' * S);
+ *   4. out = acc, or out = out + acc.
+ * Each output element goes through the same operations whatever M, its row, the thread count or
+ * the ISA path: results are bitwise batch-invariant.
+ */
+#ifndef XLLM_GEMM_Q_H
+#define XLLM_GEMM_Q_H
+
+#include <immintrin.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define XQ_AI __attribute__((always_inline))
+#define XQ_T512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+/* Keep a value in a register: stops GCC from contracting a product and a sum into an FMA. */
+#define XQ_BARRIER(v) __asm__("" : "+x"(v))
+#ifndef XQ_PF
+#define XQ_PF 1024 /* software prefetch distance along a panel, bytes */
+#endif
+
+#define XQ_MR512 4 /* rows of x per AVX-512 micro-kernel call */
+#define XQ_MR256 2 /* and per AVX2 call */
+
+typedef struct {
+    const uint8_t *qs;    /* [P][nb][512 (int8) or 256 (int4)] */
+    const uint8_t *scales; /* [P][ng][16] float16 or float32 */
+    const uint8_t *mins;  /* the same shape and type, or NULL (symmetric) */
+    size_t nb, ng;        /* K / 32 blocks, K / G groups per row */
+    int bits, gshift, f32; /* 8 or 4; log2(G / 32); scales are float32 */
+} xq_weights;
+
+/* Quantize rows [m0, m1) of x (row stride ldx) into three int8 parts per 32-value block:
+ * x ~ dx * (q1 + q2 / 256 + q3 / 65536). Row m: q1 at qx + 3 * K * m, q2 and q3 K and 2K bytes
+ * after it; per block b at m * (K / 32) + b: dx / 256, and at 2 * (m * (K / 32) + b) the sums
+ * 256 * sum(q1) + sum(q2) and sum(q3). */
+static void xq_quantize_rows(const float *x, size_t ldx, size_t m0, size_t m1, size_t K,
+                             int8_t *qx, float *dx, int32_t *sx)
+{
+    const size_t nb = K / 32;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256 k256 = _mm256_set1_ps(256.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const int rn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (size_t m = m0; m < m1; m++) {
+        for (size_t b = 0; b < nb; b++) {
+            const float *p = x + m * ldx + 32 * b;
+            int8_t *q = qx + 3 * K * m + 32 * b;
+            int32_t *s = sx + 2 * (m * nb + b);
+            __m256 v[4], a = _mm256_setzero_ps();
+            for (int j = 0; j < 4; j++) {
+                v[j] = _mm256_loadu_ps(p + 8 * j);
+                a = _mm256_max_ps(a, _mm256_and_ps(v[j], absmask));
+            }
+            __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
+            a4 = _mm_max_ss(a4, _mm_movehdup_ps(a4));
+            const float d = _mm_cvtss_f32(a4) / 127.0f;
+            dx[m * nb + b] = d * (1.0f / 256.0f);
+            __m256i iq[3][4], s12 = _mm256_setzero_si256(), s3 = s12;
+            for (int j = 0; j < 4; j++) {
+                /* t = x / d; each part is the rounded remainder of the previous one, * 256 */
+                __m256 t = d == 0.0f ? _mm256_setzero_ps() : _mm256_div_ps(v[j], _mm256_set1_ps(d));
+                for (int k = 0; k < 3; k++) {
+                    __m256 r = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(t, rn), lo), hi);
+                    iq[k][j] = _mm256_cvtps_epi32(r);
+                    t = _mm256_mul_ps(_mm256_sub_ps(t, r), k256);
+                }
+                s12 = _mm256_add_epi32(s12, _mm256_add_epi32(_mm256_slli_epi32(iq[0][j], 8),
+                                                             iq[1][j]));
+                s3 = _mm256_add_epi32(s3, iq[2][j]);
+            }
+            for (int k = 0; k < 2; k++) {
+                __m256i t = k ? s3 : s12;
+                __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t),
+                                           _mm256_extracti128_si256(t, 1));
+                t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+                t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
+                s[k] = _mm_cvtsi128_si32(t4);
+            }
+            for (int k = 0; k < 3; k++) { /* packs work within 128-bit lanes: permute after */
+                __m256i b8 = _mm256_packs_epi16(_mm256_packs_epi32(iq[k][0], iq[k][1]),
+                                                _mm256_packs_epi32(iq[k][2], iq[k][3]));
+                _mm256_storeu_si256((__m256i *)(q + k * K), _mm256_permutevar8x32_epi32(b8, perm));
+            }
+        }
+    }
+}
+
+/* The block's sum of x / dx', as float: (256 * sum(q1) + sum(q2)) + sum(q3) / 256. */
+static inline float xq_sum(const int32_t *s)
+{
+    return (float)s[0] + (float)s[1] * (1.0f / 256.0f); /* exact product: FMA or not, same */
+}
+
+static inline XQ_AI int32_t xq_load4(const int8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Store the first nr lanes of r (row i of a tile) to o, or add them when accumulating. */
+static inline void xq_store(float *o, const float *r, size_t nr, int accum)
+{
+    for (size_t j = 0; j < nr; j++)
+        o[j] = accum ? o[j] + r[j] : r[j];
+}
+
+/* AVX-512 VNNI micro-kernel: MR rows of x against panel p (16 rows of W, the first nr valid). */
+static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const xq_weights *w, size_t p,
+                                          const int8_t *qx, const float *dx, const int32_t *sx,
+                                          size_t K, float *out, size_t ldo, size_t nr, int accum)
+{
+    const size_t nb = w->nb, qb = w->bits == 8 ? 512 : 256, ss = w->f32 ? 64 : 32;
+    const int off = w->bits == 8 ? 128 : (w->mins ? 0 : 8);
+    const uint8_t *wq = w->qs + p * nb * qb, *sc = w->scales + p * w->ng * ss;
+    const uint8_t *mn = w->mins ? w->mins + p * w->ng * ss : NULL;
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const __m512 inv256 = _mm512_set1_ps(1.0f / 256.0f);
+    __m512 acc[XQ_MR512];
+    for (int i = 0; i < MR; i++)
+        acc[i] = _mm512_setzero_ps();
+    for (size_t b = 0; b < nb; b++) {
+        const uint8_t *blk = wq + b * qb;
+        _mm_prefetch((const char *)blk + XQ_PF, _MM_HINT_T0);
+        _mm_prefetch((const char *)blk + XQ_PF + 64 * (qb / 128), _MM_HINT_T0);
+        __m512i d[3][XQ_MR512];
+        for (int i = 0; i < MR; i++)
+            d[0][i] = d[1][i] = d[2][i] = _mm512_setzero_si512();
+        const int8_t *xb = qx + 32 * b;
+#define XQ_DP512(W, o)                                                                    \
+    for (int i = 0; i < MR; i++)                                                          \
+        for (int k = 0; k < 3; k++)                                                       \
+            d[k][i] = _mm512_dpbusd_epi32(                                                \
+                d[k][i], W, _mm512_set1_epi32(xq_load4(xb + (3 * i + k) * K + (o))));
+        if (w->bits == 8) {
+            for (int j = 0; j < 8; j++) {
+                __m512i W = _mm512_loadu_si512(blk + 64 * j);
+                XQ_DP512(W, 4 * j)
+            }
+        } else {
+            for (int j = 0; j < 4; j++) {
+                __m512i P = _mm512_loadu_si512(blk + 64 * j);
+                __m512i L = _mm512_and_si512(P, low4);
+                __m512i H = _mm512_and_si512(_mm512_srli_epi16(P, 4), low4);
+                XQ_DP512(L, 4 * j)
+                XQ_DP512(H, 16 + 4 * j)
+            }
+        }
+        const size_t g = (b >> w->gshift) * ss;
+        __m512 ws = w->f32 ? _mm512_loadu_ps(sc + g)
+                           : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g)));
+        __m512 wm = !mn ? ws : w->f32 ? _mm512_loadu_ps(mn + g)
+                                      : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mn + g)));
+        for (int i = 0; i < MR; i++) {
+            const float dxi = dx[i * nb + b];
+            const int32_t *sxi = sx + 2 * (i * nb + b);
+            __m512i c12 = _mm512_add_epi32(_mm512_slli_epi32(d[0][i], 8), d[1][i]);
+            c12 = _mm512_sub_epi32(c12, _mm512_set1_epi32(off * sxi[0]));
+            __m512i c3 = _mm512_sub_epi32(d[2][i], _mm512_set1_epi32(off * sxi[1]));
+            __m512 v = _mm512_add_ps(_mm512_cvtepi32_ps(c12),  /* the product below is exact */
+                                     _mm512_mul_ps(_mm512_cvtepi32_ps(c3), inv256));
+            __m512 t = _mm512_mul_ps(_mm512_mul_ps(ws, _mm512_set1_ps(dxi)), v);
+            XQ_BARRIER(t);
+            acc[i] = _mm512_add_ps(acc[i], t);
+            if (mn) {
+                __m512 u = _mm512_mul_ps(wm, _mm512_set1_ps(dxi * xq_sum(sxi)));
+                XQ_BARRIER(u);
+                acc[i] = _mm512_add_ps(acc[i], u);
+            }
+        }
+    }
+    for (int i = 0; i < MR; i++) {
+        float r[16];
+        _mm512_storeu_ps(r, acc[i]);
+        xq_store(out + i * ldo, r, nr, accum);
+    }
+}
+
+/* AVX2 micro-kernel: MR rows of x against half h (rows 8h..8h+7) of panel p. */
+static inline XQ_AI void xq_mk256(const int MR, const xq_weights *w, size_t p, int h,
+                                  const int8_t *qx, const float *dx, const int32_t *sx, size_t K,
+                                  float *out, size_t ldo, size_t nr, int accum)
+{
+    const size_t nb = w->nb, qb = w->bits == 8 ? 512 : 256, ss = w->f32 ? 64 : 32;
+    const int off = w->bits == 8 ? 0 : (w->mins ? 0 : 8); /* int8: signed dot, no offset */
+    const uint8_t *wq = w->qs + p * nb * qb + 32 * h, *sc = w->scales + p * w->ng * ss;
+    const uint8_t *mn = w->mins ? w->mins + p * w->ng * ss : NULL;
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    const __m256 inv256 = _mm256_set1_ps(1.0f / 256.0f);
+    __m256 acc[XQ_MR256];
+    for (int i = 0; i < MR; i++)
+        acc[i] = _mm256_setzero_ps();
+    for (size_t b = 0; b < nb; b++) {
+        const uint8_t *blk = wq + b * qb;
+        __m256i d[3][XQ_MR256];
+        for (int i = 0; i < MR; i++)
+            d[0][i] = d[1][i] = d[2][i] = _mm256_setzero_si256();
+        const int8_t *xb = qx + 32 * b;
+#define XQ_X256(i, k, o) _mm256_set1_epi32(xq_load4(xb + (3 * (i) + (k)) * K + (o)))
+        for (int j = 0; j < (w->bits == 8 ? 8 : 4); j++) {
+            __m256i P = _mm256_loadu_si256((const __m256i *)(blk + 64 * j));
+            __m256i W = _mm256_xor_si256(P, flip), A = _mm256_sign_epi8(W, W);
+            __m256i L = _mm256_and_si256(P, low4);
+            __m256i H = _mm256_and_si256(_mm256_srli_epi16(P, 4), low4);
+            for (int i = 0; i < MR; i++)
+                for (int k = 0; k < 3; k++) {
+                    __m256i s16 = w->bits == 8
+                        ? _mm256_maddubs_epi16(A, _mm256_sign_epi8(XQ_X256(i, k, 4 * j), W))
+                        : _mm256_add_epi16(_mm256_maddubs_epi16(L, XQ_X256(i, k, 4 * j)),
+                                           _mm256_maddubs_epi16(H, XQ_X256(i, k, 16 + 4 * j)));
+                    d[k][i] = _mm256_add_epi32(d[k][i], _mm256_madd_epi16(s16, ones));
+                }
+        }
+        const size_t g = (b >> w->gshift) * ss + h * ss / 2;
+        __m256 ws = w->f32 ? _mm256_loadu_ps((const float *)(sc + g))
+                           : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g)));
+        __m256 wm = !mn ? ws : w->f32 ? _mm256_loadu_ps((const float *)(mn + g))
+                                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + g)));
+        for (int i = 0; i < MR; i++) {
+            const float dxi = dx[i * nb + b];
+            const int32_t *sxi = sx + 2 * (i * nb + b);
+            __m256i c12 = _mm256_add_epi32(_mm256_slli_epi32(d[0][i], 8), d[1][i]);
+            c12 = _mm256_sub_epi32(c12, _mm256_set1_epi32(off * sxi[0]));
+            __m256i c3 = _mm256_sub_epi32(d[2][i], _mm256_set1_epi32(off * sxi[1]));
+            __m256 v = _mm256_add_ps(_mm256_cvtepi32_ps(c12),
+                                     _mm256_mul_ps(_mm256_cvtepi32_ps(c3), inv256));
+            __m256 t = _mm256_mul_ps(_mm256_mul_ps(ws, _mm256_set1_ps(dxi)), v);
+            XQ_BARRIER(t);
+            acc[i] = _mm256_add_ps(acc[i], t);
+            if (mn) {
+                __m256 u = _mm256_mul_ps(wm, _mm256_set1_ps(dxi * xq_sum(sxi)));
+                XQ_BARRIER(u);
+                acc[i] = _mm256_add_ps(acc[i], u);
+            }
+        }
+    }
+    for (int i = 0; i < MR; i++) {
+        float r[8];
+        _mm256_storeu_ps(r, acc[i]);
+        xq_store(out + i * ldo + 8 * h, r, nr, accum);
+    }
+}
+
+static XQ_T512 void xq_panel512(const xq_weights *w, size_t p, const int8_t *qx, const float *dx,
+                                const int32_t *sx, size_t M, size_t K, float *out, size_t ldo,
+                                size_t nr, int accum)
+{
+    const size_t nb = K / 32;
+    size_t m = 0;
+#define XQ_CALL512(R) xq_mk512(R, w, p, qx + 3 * m * K, dx + m * nb, sx + 2 * m * nb, K, out + m * ldo, \
+                               ldo, nr, accum)
+    for (; m + XQ_MR512 <= M; m += XQ_MR512)
+        XQ_CALL512(XQ_MR512);
+    switch (M - m) {
+    case 3: XQ_CALL512(3); break;
+    case 2: XQ_CALL512(2); break;
+    case 1: XQ_CALL512(1); break;
+    default: break;
+    }
+}
+
+static void xq_panel256(const xq_weights *w, size_t p, const int8_t *qx, const float *dx,
+                        const int32_t *sx, size_t M, size_t K, float *out, size_t ldo,
+                        size_t nr, int accum)
+{
+    const size_t nb = K / 32;
+    for (int h = 0; h < 2 && nr > (size_t)(8 * h); h++) {
+        const size_t nh = nr - 8 * h < 8 ? nr - 8 * h : 8;
+        size_t m = 0;
+#define XQ_CALL256(R) xq_mk256(R, w, p, h, qx + 3 * m * K, dx + m * nb, sx + 2 * m * nb, K, \
+                               out + m * ldo, ldo, nh, accum)
+        for (; m + XQ_MR256 <= M; m += XQ_MR256)
+            XQ_CALL256(XQ_MR256);
+        if (M > m)
+            XQ_CALL256(1);
+    }
+}
+
+/* Panels [p0, p1) of out (all M rows); N = rows of W. isa: 0 = AVX2, 1 = AVX-512 VNNI. */
+static void xq_panels(int isa, const xq_weights *w, size_t p0, size_t p1, const int8_t *qx,
+                      const float *dx, const int32_t *sx, size_t M, size_t K, size_t N,
+                      float *out, int accum)
+{
+    for (size_t p = p0; p < p1; p++) {
+        const size_t nr = N - 16 * p < 16 ? N - 16 * p : 16;
+        if (isa)
+            xq_panel512(w, p, qx, dx, sx, M, K, out + 16 * p, N, nr, accum);
+        else
+            xq_panel256(w, p, qx, dx, sx, M, K, out + 16 * p, N, nr, accum);
+    }
+}
+
+/* Row r of W dequantized into o[K] (float32, the same operations as QTensor.dequantize). */
+static void xq_dequant_row(const xq_weights *w, size_t r, float *o)
+{
+    const size_t p = r / 16, lane = r % 16, qb = w->bits == 8 ? 512 : 256;
+    const size_t ss = w->f32 ? 64 : 32, es = w->f32 ? 4 : 2;
+    for (size_t b = 0; b < w->nb; b++) {
+        const uint8_t *blk = w->qs + (p * w->nb + b) * qb + 4 * lane;
+        const size_t g = (p * w->ng + (b >> w->gshift)) * ss + lane * es;
+        float d, m = 0.0f;
+        if (w->f32) {
+            memcpy(&d, w->scales + g, 4);
+            if (w->mins) memcpy(&m, w->mins + g, 4);
+        } else {
+            uint16_t h;
+            memcpy(&h, w->scales + g, 2);
+            d = _cvtsh_ss(h);
+            if (w->mins) { memcpy(&h, w->mins + g, 2); m = _cvtsh_ss(h); }
+        }
+        float *ob = o + 32 * b;
+        for (int j = 0; j < (w->bits == 8 ? 8 : 4); j++)
+            for (int t = 0; t < 4; t++) {
+                const uint8_t c = blk[64 * j + t];
+                if (w->bits == 8) {
+                    ob[4 * j + t] = d * (float)((int)c - 128);
+                } else if (!w->mins) {
+                    ob[4 * j + t] = d * (float)((int)(c & 15) - 8);
+                    ob[16 + 4 * j + t] = d * (float)((int)(c >> 4) - 8);
+                } else {
+                    float lo = d * (float)(c & 15), hi = d * (float)(c >> 4);
+                    XQ_BARRIER(lo);
+                    XQ_BARRIER(hi);
+                    ob[4 * j + t] = lo + m;
+                    ob[16 + 4 * j + t] = hi + m;
+                }
+            }
+    }
+}
+
+#endif /* XLLM_GEMM_Q_H */

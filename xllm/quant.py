@@ -1,0 +1,209 @@
+"""Group-quantized weights: :class:`QTensor`, the quantizers and the GGUF Q8_0/Q4_0/Q4_1 repacking.
+
+A weight W [N, K] is quantized in groups of G consecutive values along K, one scale d per group
+(and, for asymmetric int4, a minimum m per group):
+
+* int8, symmetric, G = 32, 64, 128 ...: ``W = d * q``, q in [-127, 127] (GGUF Q8_0 is G = 32);
+* int4, symmetric, G = 32: ``W = d * (q - 8)``, q in [0, 15] (GGUF Q4_0);
+* int4, asymmetric, G = 32: ``W = d * q + m``, q in [0, 15] (GGUF Q4_1).
+
+The quantizers are bit-exact with the ``gguf`` package's Q8_0 / Q4_0 / Q4_1 (the same scale
+choice and rounding), generalised to other group sizes and to float32 scales.
+
+Packed layout (what ``qmatmul`` reads; the xllm file format stores exactly these arrays). Rows of
+W are taken 16 at a time (a *panel*, zero-padded at the end) and each 32-value block of the 16
+rows is interleaved so that one 64-byte load holds 4 consecutive values of each of the 16 rows,
+the operand shape of VNNI ``vpdpbusd`` (AVX2 reads the same bytes as two 32-byte halves):
+
+* ``qs`` uint8 [P, K/32, 512] for int8: byte ``64*j + 4*r + t`` of block b of panel p is
+  ``q + 128`` of row 16p + r, column 32b + 4j + t (j = 0..7);
+* ``qs`` uint8 [P, K/32, 256] for int4: the same with j = 0..3, value 4j + t in the low nibble and
+  value 16 + 4j + t in the high nibble;
+* ``scales`` (and ``mins``) float16 or float32 [P, K/G, 16]: group g of row 16p + r at [p, g, r].
+"""
+import numpy as np
+
+from .errors import ModelFormatError
+
+PANEL = 16  # rows of W interleaved together
+BLOCK = 32  # values per quantized block (the kernel's unit along K)
+
+
+class QTensor:
+    """A [N, K] weight matrix quantized in groups along K, in the packed panel layout."""
+    __slots__ = ("shape", "bits", "group", "qs", "scales", "mins")
+    dtype = np.dtype(np.uint8)  # so generic code asking for a dtype gets an answer
+
+    def __init__(self, shape, bits, group, qs, scales, mins=None):
+        self.shape, self.bits, self.group = (int(shape[0]), int(shape[1])), int(bits), int(group)
+        self.qs, self.scales, self.mins = qs, scales, mins
+        check_qtensor(self, "QTensor")
+
+    @property
+    def asymmetric(self):
+        return self.mins is not None
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in (self.qs, self.scales, self.mins) if a is not None)
+
+    @property
+    def kind(self):
+        """A short description: 'int8 g32 fp16', 'int4 g32 asym fp16' ..."""
+        a = " asym" if self.asymmetric else ""
+        s = "fp16" if self.scales.dtype == np.float16 else "fp32"
+        return f"int{self.bits} g{self.group}{a} {s}"
+
+    def __repr__(self):
+        return f"QTensor({self.shape}, {self.kind})"
+
+    def codes(self, rows=None):
+        """The integer codes q [len(rows), K] (int16; int8 minus its +128 offset, int4 0..15)."""
+        n, k = self.shape
+        rows = np.arange(n) if rows is None else np.asarray(rows)
+        p, r = rows // PANEL, rows % PANEL
+        nb = k // BLOCK
+        if self.bits == 8:
+            q = self.qs[p].reshape(len(rows), nb, 8, PANEL, 4)[np.arange(len(rows)), :, :, r]
+            return q.reshape(len(rows), k).astype(np.int16) - 128
+        b = self.qs[p].reshape(len(rows), nb, 4, PANEL, 4)[np.arange(len(rows)), :, :, r]
+        q = np.concatenate([b & 15, b >> 4], axis=2)  # [rows, nb, 8, 4]
+        return q.reshape(len(rows), k).astype(np.int16)
+
+    def group_params(self, rows=None):
+        """(scales, mins or None) as float32 [len(rows), K/G]."""
+        rows = np.arange(self.shape[0]) if rows is None else np.asarray(rows)
+        p, r = rows // PANEL, rows % PANEL
+        d = self.scales[p, :, r].astype(np.float32)
+        m = None if self.mins is None else self.mins[p, :, r].astype(np.float32)
+        return d, m
+
+    def dequantize(self, rows=None):
+        """W (or the given rows of it) as float32 [len(rows), K]."""
+        q = self.codes(rows).astype(np.float32)
+        d, m = self.group_params(rows)
+        n, k = q.shape
+        qg = q.reshape(n, -1, self.group)
+        if m is not None:
+            return (d[:, :, None] * qg + m[:, :, None]).reshape(n, k)
+        if self.bits == 4:
+            qg = qg - np.float32(8)
+        return (d[:, :, None] * qg).reshape(n, k)
+
+
+def check_qtensor(t, where):
+    """Raise ModelFormatError unless the arrays of `t` agree with its shape, bits and group."""
+    n, k = t.shape
+    if t.bits not in (4, 8):
+        raise ModelFormatError(f"{where}: {t.bits}-bit weights are not supported (use 8 or 4)")
+    g = t.group
+    if g < BLOCK or g & (g - 1) or k % g or (t.bits == 4 and g != BLOCK):
+        raise ModelFormatError(f"{where}: group size {g} is invalid for K = {k} and {t.bits} bits "
+                               f"(int8: a power of two >= 32 dividing K; int4: 32)")
+    p = -(-n // PANEL)
+    want = {"qs": ((p, k // BLOCK, 512 if t.bits == 8 else 256), (np.uint8,)),
+            "scales": ((p, k // g, PANEL), (np.float16, np.float32))}
+    if t.mins is not None:
+        if t.bits != 4:
+            raise ModelFormatError(f"{where}: asymmetric (mins) weights must be int4")
+        want["mins"] = (want["scales"][0], (t.scales.dtype,))
+    for name, (shape, dtypes) in want.items():
+        a = getattr(t, name)
+        if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype not in dtypes \
+                or not a.flags.c_contiguous:
+            got = (a.shape, str(a.dtype)) if isinstance(a, np.ndarray) else type(a).__name__
+            raise ModelFormatError(f"{where}: {name} of a {t.shape} int{t.bits} g{g} tensor must "
+                                   f"be C-contiguous {shape} {'/'.join(np.dtype(d).name for d in dtypes)}, "
+                                   f"got {got}")
+
+
+def _roundf(a):
+    # Round half away from zero, computed as the gguf package (and ggml's C reference) does.
+    b = np.abs(a)
+    f = np.floor(b)
+    return np.sign(a) * (f + np.floor(2 * (b - f)))
+
+
+def pack(codes, scales, mins, bits, group):
+    """A QTensor from integer codes [N, K] (int8 values for 8 bits, 0..15 for 4 bits) and
+    per-group scales (and mins) [N, K/G] (float16 or float32)."""
+    n, k = codes.shape
+    p, nb = -(-n // PANEL), k // BLOCK
+    pad = p * PANEL - n
+    q = np.pad(codes, ((0, pad), (0, 0))).reshape(p, PANEL, nb, 8, 4).transpose(0, 2, 3, 1, 4)
+    if bits == 8:
+        qs = (q.astype(np.int16) + 128).astype(np.uint8).reshape(p, nb, 512)
+    else:
+        q = q.astype(np.uint8)
+        qs = (q[:, :, :4] | (q[:, :, 4:] << 4)).reshape(p, nb, 256)
+
+    def panels(a):
+        return None if a is None else np.ascontiguousarray(
+            np.pad(a, ((0, pad), (0, 0))).reshape(p, PANEL, -1).transpose(0, 2, 1))
+    return QTensor((n, k), bits, group, np.ascontiguousarray(qs), panels(scales), panels(mins))
+
+
+def quantize(w, bits=8, group=32, asymmetric=False, scale_dtype=np.float16):
+    """Quantize a float weight matrix [N, K] (any float dtype, or uint16 bfloat16 bits) into a
+    QTensor: int8 symmetric (GGUF Q8_0's rule), int4 symmetric (Q4_0's) or asymmetric (Q4_1's)."""
+    from ._kernels.reference import to_float32
+    w = to_float32(np.asarray(w))
+    n, k = w.shape
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {bits}")
+    if asymmetric and bits != 4:
+        raise ValueError("asymmetric quantization is for 4 bits only")
+    if group < BLOCK or group & (group - 1) or k % group or (bits == 4 and group != BLOCK):
+        raise ValueError(f"group size {group} is invalid for K = {k} and {bits} bits "
+                         f"(int8: a power of two >= 32 dividing K; int4: 32)")
+    g = w.reshape(n, k // group, group)
+    mins = None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if bits == 8:
+            d = np.abs(g).max(axis=2, keepdims=True) / np.float32(127)
+            q = _roundf(g * np.where(d == 0, 0, 1 / d)).astype(np.int8)
+        elif not asymmetric:
+            big = np.take_along_axis(g, np.abs(g).argmax(axis=2)[:, :, None], axis=2)
+            d = big / np.float32(-8)
+            q = np.trunc(g * np.where(d == 0, 0, 1 / d) + np.float32(8.5)).astype(np.uint8)
+        else:
+            lo = g.min(axis=2, keepdims=True)
+            d = (g.max(axis=2, keepdims=True) - lo) / np.float32(15)
+            q = np.trunc((g - lo) * np.where(d == 0, 0, 1 / d) + np.float32(0.5)).astype(np.uint8)
+            mins = lo[:, :, 0].astype(scale_dtype)
+        if bits == 4:
+            q = np.minimum(q, 15)
+    return pack(q.reshape(n, k), d[:, :, 0].astype(scale_dtype), mins, bits, group)
+
+
+# GGUF block layouts: type name -> (bytes per 32 values, bits, has a minimum)
+GGUF_NATIVE = {"Q8_0": (34, 8, False), "Q4_0": (18, 4, False), "Q4_1": (20, 4, True)}
+
+
+def from_gguf_blocks(raw, kind, shape):
+    """A QTensor from the raw bytes [N, K/32 * block bytes] of a GGUF Q8_0/Q4_0/Q4_1 tensor."""
+    size, bits, has_min = GGUF_NATIVE[kind]
+    n, k = shape
+    b = np.asarray(raw).reshape(n, k // BLOCK, size)
+    d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16)[:, :, 0]
+    m = np.ascontiguousarray(b[:, :, 2:4]).view(np.float16)[:, :, 0] if has_min else None
+    body = b[:, :, 4 if has_min else 2:]
+    if bits == 8:
+        q = body.view(np.int8)
+    else:  # byte i: value i in the low nibble, value i + 16 in the high nibble
+        q = np.concatenate([body & 15, body >> 4], axis=2)
+    return pack(q.reshape(n, k), d, m, bits, BLOCK)
+
+
+def quantize_weights(weights, bits=8, group=32, asymmetric=False, scale_dtype=np.float16,
+                     keep=(), progress=None):
+    """A new canonical weight dict with every matrix quantized, except norms (always kept), the
+    names in `keep` ("tok_embeddings", "output") and matrices whose K is not a multiple of
+    `group` (kept as they are). Already-quantized matrices are dequantized first."""
+    out = {}
+    for name, w in (progress or (lambda x: x))(list(weights.items())):
+        if isinstance(w, QTensor):
+            w = w.dequantize()
+        out[name] = w if w.ndim != 2 or name in keep or w.shape[1] % group else \
+            quantize(w, bits, group, asymmetric, scale_dtype)
+    return out
