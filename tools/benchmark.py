@@ -2,12 +2,17 @@
 
     python tools/benchmark.py --random tinyllama-1.1b --dtype bf16 --threads 2 --vs-torch
     python tools/benchmark.py --model DIR --prompt-len 128 --new-tokens 128 --reps 3
+    python tools/benchmark.py --model q8.gguf --vs-llama-cpp --prefill-len 512 --bandwidth
+    python tools/benchmark.py --model int8-dir --vs-llama-cpp --llama-cpp-model q8.gguf
 
 Each repetition runs xllm then (with --vs-torch) transformers fp32 and bf16 on the same weights,
 so the engines alternate and share the machine's state; medians and ratios are printed.
 Prefill = tokens/s over one forward pass of the prompt; decode = tokens/s of the greedy loop
 (one forward + argmax per token) after it. --python-share reruns the decode loop with every
-kernel replaced by a no-op to measure the time spent outside the kernels.
+kernel replaced by a no-op to measure the time spent outside the kernels. --prefill-len N adds
+a prefill-only measurement with an N-token prompt. --bandwidth measures the memory read
+bandwidth (two threads summing 1 GiB) and prints the decode bound it implies: bandwidth /
+bytes of weights read per token (every matrix but the embedding table, plus one embedding row).
 """
 import argparse
 import os
@@ -82,6 +87,35 @@ def run_llama_cpp(llm, prompt, new_tokens):
     return len(prompt) / (t1 - t0), new_tokens / (t2 - t1)
 
 
+def prefill_only(run, prompt):
+    """Prefill tok/s alone (no decode) of engine runner `run`."""
+    return run(prompt, 0)[0]
+
+
+def read_bandwidth(threads, nbytes=1 << 30, reps=5):
+    """Memory read bandwidth in bytes/s: `threads` threads each OR-reducing its share of a
+    buffer much larger than the caches (numpy releases the GIL in the reduction)."""
+    from concurrent.futures import ThreadPoolExecutor
+    buf = np.ones(nbytes // 8, np.uint64)
+    parts = np.array_split(buf, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(reps):
+            t = time.perf_counter()
+            list(pool.map(np.bitwise_or.reduce, parts))
+            best = max(best, nbytes / (time.perf_counter() - t))
+    return best
+
+
+def weight_bytes_per_token(model):
+    """Bytes of weights one decode step reads: every matrix but the embedding table, one row."""
+    tr = model.transformer
+    mats = [getattr(layer, n) for layer in tr.layers
+            for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "attention_norm", "ffn_norm")]
+    emb = tr.tok_embeddings
+    return sum(w.nbytes for w in mats + [tr.output, tr.norm]) + emb.nbytes // emb.shape[0]
+
+
 def python_share(model, prompt, new_tokens):
     """Fraction of decode time spent outside the kernels (kernels stubbed out vs real)."""
     real = 1 / run_xllm(model, prompt, new_tokens)[1]
@@ -108,6 +142,11 @@ def main(argv=None):
     p.add_argument("--vs-torch", action="store_true", help="also run transformers fp32 and bf16")
     p.add_argument("--vs-llama-cpp", action="store_true",
                    help="also run llama.cpp (llama-cpp-python) on the same GGUF file")
+    p.add_argument("--llama-cpp-model", help="the GGUF file llama.cpp runs (default: --model)")
+    p.add_argument("--prefill-len", type=int, default=0,
+                   help="also measure prefill alone with a prompt of this many tokens")
+    p.add_argument("--bandwidth", action="store_true",
+                   help="measure memory read bandwidth and the decode bound it implies")
     p.add_argument("--python-share", action="store_true")
     a = p.parse_args(argv)
     path = a.model or random_model_dir(a.random, a.dtype)  # a model name is resolved by load
@@ -115,42 +154,55 @@ def main(argv=None):
     threads = model.threads
     rng = np.random.default_rng(0)
     prompt = [int(i) for i in rng.integers(3, model.config.vocab_size, a.prompt_len)]
-    engines = {"xllm": lambda: run_xllm(model, prompt, a.new_tokens)}
+    long_prompt = [int(i) for i in rng.integers(3, model.config.vocab_size, a.prefill_len)]
+    runners = {"xllm": lambda p, n: run_xllm(model, p, n)}
     if a.vs_torch:
         import torch
         from transformers import AutoModelForCausalLM
         torch.set_num_threads(threads)
         for name, dt in (("torch fp32", torch.float32), ("torch bf16", torch.bfloat16)):
             tm = AutoModelForCausalLM.from_pretrained(path, dtype=dt).eval()
-            engines[name] = (lambda m: lambda: run_torch(m, prompt, a.new_tokens))(tm)
+            runners[name] = (lambda m: lambda p, n: run_torch(m, p, n))(tm)
     if a.vs_llama_cpp:
         from llama_cpp import Llama
         from xllm.hub import resolve
-        llm = Llama(resolve(path), n_threads=threads, n_threads_batch=threads, verbose=False,
-                    n_ctx=a.prompt_len + a.new_tokens + 8, n_batch=max(512, a.prompt_len))
-        engines["llama.cpp"] = lambda: run_llama_cpp(llm, prompt, a.new_tokens)
-    results = {k: [] for k in engines}
+        n_ctx = max(a.prompt_len + a.new_tokens, a.prefill_len) + 8
+        llm = Llama(resolve(a.llama_cpp_model or path), n_threads=threads,
+                    n_threads_batch=threads, verbose=False, n_ctx=n_ctx,
+                    n_batch=max(512, a.prompt_len, a.prefill_len))
+        runners["llama.cpp"] = lambda p, n: run_llama_cpp(llm, p, n)
+    results = {k: [] for k in runners}
     run_xllm(model, prompt[:8], 2)  # warm up (page in the weights)
     for r in range(a.reps):
-        for name, fn in engines.items():
-            results[name].append(fn())
-            pre, dec = results[name][-1]
-            print(f"rep {r}: {name:10s} prefill {pre:8.1f} tok/s  decode {dec:7.2f} tok/s",
+        for name, run in runners.items():
+            pre, dec = run(prompt, a.new_tokens)
+            long = prefill_only(run, long_prompt) if a.prefill_len else float("nan")
+            results[name].append((pre, dec, long))
+            print(f"rep {r}: {name:10s} prefill {pre:8.1f} tok/s  decode {dec:7.2f} tok/s"
+                  + (f"  prefill@{a.prefill_len} {long:8.1f} tok/s" if a.prefill_len else ""),
                   file=sys.stderr)
-    med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
-           for k, v in results.items()}
+    med = {k: [statistics.median(x[i] for x in v) for i in range(3)] for k, v in results.items()}
     print(f"model: {a.model or a.random + ' ' + a.dtype}  threads: {threads}  prompt: "
           f"{a.prompt_len}  new tokens: {a.new_tokens}  reps: {a.reps} (medians)")
-    for name, (pre, dec) in med.items():
+    for name, (pre, dec, long) in med.items():
         line = f"  {name:10s} prefill {pre:8.1f} tok/s  decode {dec:7.2f} tok/s"
+        if a.prefill_len:
+            line += f"  prefill@{a.prefill_len} {long:8.1f} tok/s"
         if name != "xllm":
-            line += (f"   xllm/{name}: prefill {med['xllm'][0] / pre:.2f}x  decode "
-                     f"{med['xllm'][1] / dec:.2f}x")
+            x = med["xllm"]
+            line += f"   xllm/{name}: prefill {x[0] / pre:.2f}x  decode {x[1] / dec:.2f}x"
+            if a.prefill_len:
+                line += f"  prefill@{a.prefill_len} {x[2] / long:.2f}x"
         print(line)
+    print(f"  peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if a.bandwidth:
+        bw, nb = read_bandwidth(threads), weight_bytes_per_token(model)
+        print(f"  read bandwidth ({threads} threads, 1 GiB): {bw / 1e9:.1f} GB/s; weights read "
+              f"per token: {nb / 1e6:.1f} MB; decode bound {bw / nb:.1f} tok/s; xllm decode is "
+              f"{med['xllm'][1] / (bw / nb):.0%} of it")
     if a.python_share:
         shares = [python_share(model, prompt, a.new_tokens) for _ in range(a.reps)]
         print(f"  python share of decode time (outside kernels): {statistics.median(shares):.1%}")
-    print(f"  peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

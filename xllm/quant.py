@@ -124,23 +124,28 @@ def _roundf(a):
     return np.sign(a) * (f + np.floor(2 * (b - f)))
 
 
-def pack(codes, scales, mins, bits, group):
+def pack(codes, scales, mins, bits, group, rows=4096):
     """A QTensor from integer codes [N, K] (int8 values for 8 bits, 0..15 for 4 bits) and
-    per-group scales (and mins) [N, K/G] (float16 or float32)."""
-    n, k = codes.shape
+    per-group scales (and mins) [N, K/G] (float16 or float32); `codes` may be a function
+    (r0, r1) -> codes[r0:r1], called `rows` rows at a time to bound the temporary memory."""
+    n, k = codes.shape if hasattr(codes, "shape") else (scales.shape[0], codes(0, 1).shape[1])
     p, nb = -(-n // PANEL), k // BLOCK
-    pad = p * PANEL - n
-    q = np.pad(codes, ((0, pad), (0, 0))).reshape(p, PANEL, nb, 8, 4).transpose(0, 2, 3, 1, 4)
-    if bits == 8:
-        qs = (q.astype(np.int16) + 128).astype(np.uint8).reshape(p, nb, 512)
-    else:
-        q = q.astype(np.uint8)
-        qs = (q[:, :, :4] | (q[:, :, 4:] << 4)).reshape(p, nb, 256)
+    qs = np.empty((p, nb, 512 if bits == 8 else 256), np.uint8)
+    for r0 in range(0, n, rows):  # rows is a multiple of PANEL
+        c = codes(r0, min(n, r0 + rows)) if callable(codes) else codes[r0:r0 + rows]
+        c = np.pad(c, ((0, -len(c) % PANEL), (0, 0)))
+        q = c.reshape(-1, PANEL, nb, 8, 4).transpose(0, 2, 3, 1, 4)
+        if bits == 8:
+            q = (q.astype(np.int16) + 128).astype(np.uint8)
+        else:
+            q = q.astype(np.uint8)
+            q = q[:, :, :4] | (q[:, :, 4:] << 4)
+        qs[r0 // PANEL:r0 // PANEL + len(q)] = q.reshape(len(q), nb, -1)
 
     def panels(a):
         return None if a is None else np.ascontiguousarray(
-            np.pad(a, ((0, pad), (0, 0))).reshape(p, PANEL, -1).transpose(0, 2, 1))
-    return QTensor((n, k), bits, group, np.ascontiguousarray(qs), panels(scales), panels(mins))
+            np.pad(a, ((0, p * PANEL - n), (0, 0))).reshape(p, PANEL, -1).transpose(0, 2, 1))
+    return QTensor((n, k), bits, group, qs, panels(scales), panels(mins))
 
 
 def quantize(w, bits=8, group=32, asymmetric=False, scale_dtype=np.float16):
@@ -187,12 +192,15 @@ def from_gguf_blocks(raw, kind, shape):
     b = np.asarray(raw).reshape(n, k // BLOCK, size)
     d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16)[:, :, 0]
     m = np.ascontiguousarray(b[:, :, 2:4]).view(np.float16)[:, :, 0] if has_min else None
-    body = b[:, :, 4 if has_min else 2:]
-    if bits == 8:
-        q = body.view(np.int8)
-    else:  # byte i: value i in the low nibble, value i + 16 in the high nibble
-        q = np.concatenate([body & 15, body >> 4], axis=2)
-    return pack(q.reshape(n, k), d, m, bits, BLOCK)
+    start = 4 if has_min else 2
+
+    def codes(r0, r1):
+        body = b[r0:r1, :, start:]
+        if bits == 8:
+            return body.view(np.int8).reshape(r1 - r0, k)
+        # byte i: value i in the low nibble, value i + 16 in the high nibble
+        return np.concatenate([body & 15, body >> 4], axis=2).reshape(r1 - r0, k)
+    return pack(codes, d, m, bits, BLOCK)
 
 
 def quantize_weights(weights, bits=8, group=32, asymmetric=False, scale_dtype=np.float16,
