@@ -199,3 +199,21 @@ def test_bad_inputs():
     w.scales = w.scales[:, :1]  # corrupted after construction: caught before the kernel runs
     with pytest.raises(ModelFormatError, match="scales"):
         Q.qmatmul(x, w, np.empty((2, 3), np.float32))
+
+
+def test_several_weights_sharing_x():
+    """qmatmul(x, (w1, w2, w3), (o1, o2, o3)): the same bits as three separate calls."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((9, 128)).astype(np.float32)
+    ws = (quant.quantize(weights(rng, 40, 128), 8, 64), quant.quantize(weights(rng, 7, 128), 4),
+          quant.quantize(weights(rng, 16, 128), 4, 32, True))
+    outs = tuple(np.empty((9, w.shape[0]), np.float32) for w in ws)
+    for t in (1, 2):
+        _cpu.set_threads(t)
+        Q.qmatmul(x, ws, outs)
+        for w, o in zip(ws, outs):
+            alone = np.empty_like(o)
+            Q.qmatmul(x, w, alone)
+            np.testing.assert_array_equal(o, alone)
+    with pytest.raises(ValueError, match="same length"):
+        Q.qmatmul(x, ws, outs[:2])

@@ -104,18 +104,16 @@ class Transformer:
         for layer, kc, vc in zip(self.layers, kv.k, kv.v):
             # attention: x += wo · attention(rope(wq·n(x)), rope(wk·n(x)), wv·n(x))
             K.rmsnorm(x, layer.attention_norm, eps, xn)
-            K.matmul(xn, layer.wq, q)
             k_new, v_new = kc[start:start + m], vc[start:start + m]
-            K.matmul(xn, layer.wk, k_new)        # new keys/values go straight into the cache
-            K.matmul(xn, layer.wv, v_new)
+            # one call for the three (quantized x is shared); K/V go straight into the cache
+            K.matmul(xn, (layer.wq, layer.wk, layer.wv), (q, k_new, v_new))
             K.rope(q, pos, cos, sin, nh, inter)
             K.rope(k_new, pos, cos, sin, nkv, inter)
             K.attention(q, kc, vc, attn, start, nh, nkv, scale)
             K.matmul(attn, layer.wo, x, accumulate=True)
             # feed-forward: x += w2 · (silu(w1·n(x)) * w3·n(x))
             K.rmsnorm(x, layer.ffn_norm, eps, xn)
-            K.matmul(xn, layer.w1, gate)
-            K.matmul(xn, layer.w3, up)
+            K.matmul(xn, (layer.w1, layer.w3), (gate, up))
             K.silu_mul(gate, up, gate)
             K.matmul(gate, layer.w2, x, accumulate=True)
         kv.length = start + m

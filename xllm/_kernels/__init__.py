@@ -31,7 +31,8 @@ def _compiled():
 
 class Backend:
     """The kernel functions of one backend as attributes (``backend.matmul(x, w, out)``).
-    ``matmul`` and ``embedding`` also take QTensor weights (passed on to qmatmul/qembedding)."""
+    ``matmul`` and ``embedding`` also take QTensor weights (passed on to qmatmul/qembedding);
+    ``matmul(x, (w1, w2, ...), (out1, out2, ...))`` computes several products of one x."""
 
     def __init__(self, name, functions):
         from ..quant import QTensor
@@ -42,7 +43,13 @@ class Backend:
         embedding, qembedding = functions["embedding"], functions["qembedding"]
 
         def any_matmul(x, w, out, accumulate=False):
-            (qmatmul if type(w) is QTensor else matmul)(x, w, out, accumulate)
+            if type(w) is QTensor or type(w) is tuple and all(type(t) is QTensor for t in w):
+                qmatmul(x, w, out, accumulate)
+            elif type(w) is tuple:  # weights sharing the input x, with their outputs
+                for wi, oi in zip(w, out):
+                    any_matmul(x, wi, oi, accumulate)
+            else:
+                matmul(x, w, out, accumulate)
 
         def any_embedding(table, ids, out):
             (qembedding if type(table) is QTensor else embedding)(table, ids, out)

@@ -80,6 +80,8 @@ cdef xq_weights _weights(object w) except *:
     return c
 
 
+# Rows of x per parallel work item (with one panel of W).
+cdef size_t _ROWS = 128
 # Products this small (multiply-adds) run on one thread.
 cdef size_t _SERIAL_MAX_MACS = 1 << 16
 # The quantized x of up to this many values (and its scales) lives on the stack.
@@ -88,35 +90,53 @@ cdef enum:
     _STACK_D = _STACK_Q // 96
 
 
+cdef enum:
+    _MAXW = 4  # weights sharing one x in a call
+
+
 def qmatmul(x, w, out, accumulate=False):
     """out[M, N] = x[M, K] @ W[N, K].T, or out += ... when accumulate, W a QTensor.
 
-    x, out: float32, C-contiguous. x is quantized to int8 per 32-value block (see gemm_q.h), so
-    the result carries that activation-quantization error; each element is bitwise independent
-    of M, of its row index, of the thread count and of the ISA path.
+    x, out: float32, C-contiguous. w and out may also be equal-length tuples (up to 4) of
+    weights and outputs sharing the input x, which is then quantized once and all products run
+    in one parallel loop. x is quantized per 32-value block (see gemm_q.h), so the result
+    carries that (about 23-bit) activation-quantization error; each element is bitwise
+    independent of M, of its row index, of the thread count and of the ISA path.
     """
-    cdef xq_weights cw = _weights(w)
+    ws, outs = (w, out) if type(w) is tuple else ((w,), (out,))
+    if type(outs) is not tuple or not 1 <= len(ws) == len(outs) <= _MAXW:
+        raise ValueError(f"w and out must be a QTensor and an array, or two tuples of the same "
+                         f"length (1..{_MAXW})")
     cdef cnp.ndarray xa = _check_2d(x, "x", cnp.NPY_FLOAT32, "float32")
-    cdef cnp.ndarray oa = _check_2d(out, "out", cnp.NPY_FLOAT32, "float32")
-    _check_out(oa)
-    cdef size_t M = <size_t>xa.shape[0], K = <size_t>xa.shape[1]
-    cdef size_t N = <size_t>w.shape[0]
-    if K != <size_t>w.shape[1]:
-        raise ValueError(f"x has {K} columns but W {w.shape} has {w.shape[1]}")
-    if <size_t>oa.shape[0] != M or <size_t>oa.shape[1] != N:
-        raise ValueError(f"out must have shape ({M}, {N}) for x {x.shape} and W {w.shape}, "
-                         f"got {out.shape}")
-    if M == 0 or N == 0:
+    cdef size_t M = <size_t>xa.shape[0], K = <size_t>xa.shape[1], nw = len(ws), j
+    cdef xq_weights cw[_MAXW]
+    cdef float *ops[_MAXW]
+    cdef size_t Ns[_MAXW]
+    cdef Py_ssize_t first[_MAXW + 1]  # first panel of each weight in the joint panel list
+    cdef cnp.ndarray oa
+    first[0] = 0
+    for j in range(nw):
+        cw[j] = _weights(ws[j])
+        oa = _check_2d(outs[j], "out", cnp.NPY_FLOAT32, "float32")
+        _check_out(oa)
+        Ns[j] = <size_t>ws[j].shape[0]
+        if K != <size_t>ws[j].shape[1]:
+            raise ValueError(f"x has {K} columns but W {ws[j].shape} has {ws[j].shape[1]}")
+        if <size_t>oa.shape[0] != M or <size_t>oa.shape[1] != Ns[j]:
+            raise ValueError(f"out must have shape ({M}, {Ns[j]}) for x {x.shape} and W "
+                             f"{ws[j].shape}, got {outs[j].shape}")
+        _check_no_overlap(oa, xa, "x")
+        ops[j] = <float *>cnp.PyArray_DATA(oa)
+        first[j + 1] = first[j] + <Py_ssize_t>((Ns[j] + 15) // 16)
+    cdef Py_ssize_t npanels = first[nw]
+    if M == 0 or npanels == 0:
         return
-    _check_no_overlap(oa, xa, "x")
     cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
-    cdef float *op = <float *>cnp.PyArray_DATA(oa)
     cdef int isa = _isa, acc = 1 if accumulate else 0, nt = get_num_threads()
-    cdef Py_ssize_t npanels = <Py_ssize_t>((N + 15) // 16)
-    if M * N * K < _SERIAL_MAX_MACS:
+    if M * K * <size_t>npanels * 16 < _SERIAL_MAX_MACS:
         nt = 1
-    if nt > npanels:
-        nt = <int>npanels
+    if nt > npanels * <Py_ssize_t>M:
+        nt = <int>(npanels * M)
 
     # quantized x (int8 values, float scales, int sums): on the stack when small, else malloc
     cdef size_t nb = K // 32
@@ -134,7 +154,9 @@ def qmatmul(x, w, out, accumulate=False):
         dx = <float *>mem
         sx = <int32_t *>(dx + M * nb)
         qx = <int8_t *>(sx + 2 * M * nb)
-    cdef Py_ssize_t p, m
+    cdef Py_ssize_t it, m, p
+    cdef size_t m0, m1
+    cdef Py_ssize_t nitems = npanels * <Py_ssize_t>((M + _ROWS - 1) // _ROWS)
     try:
         with nogil:
             if M < 8 or nt == 1:
@@ -142,12 +164,18 @@ def qmatmul(x, w, out, accumulate=False):
             else:
                 for m in prange(<Py_ssize_t>M, schedule="static", num_threads=nt):
                     xq_quantize_rows(xp, K, <size_t>m, <size_t>m + 1, K, qx, dx, sx)
-            if nt == 1:
-                xq_panels(isa, &cw, 0, npanels, qx, dx, sx, M, K, N, op, acc)
-            else:
-                # dynamic: which thread computes a panel never changes its bits
-                for p in prange(npanels, schedule="dynamic", num_threads=nt):
-                    xq_panels(isa, &cw, p, p + 1, qx, dx, sx, M, K, N, op, acc)
+            # work items: (block of _ROWS rows of x) x (panel of one W), dynamic: which thread
+            # computes an item never changes its bits
+            for it in prange(nitems, schedule="dynamic", num_threads=nt):
+                m0 = (it // npanels) * _ROWS
+                m1 = min(m0 + _ROWS, M)
+                p = it % npanels
+                j = 0
+                while p >= first[j + 1]:
+                    j = j + 1
+                p = p - first[j]
+                xq_panels(isa, &cw[j], p, p + 1, qx + 3 * K * m0, dx + m0 * nb,
+                          sx + 2 * m0 * nb, m1 - m0, K, Ns[j], ops[j] + m0 * Ns[j], acc)
     finally:
         free(mem)
 

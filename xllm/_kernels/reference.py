@@ -178,6 +178,10 @@ def qmatmul(x, w, out, accumulate=False):
     c12 = 256 (q1 . w) + (q2 . w), c3 = q3 . w, then per block in order (float32, no FMA):
     acc += (dw * dx) * (c12 + c3 / 256), and for asymmetric W acc += mw * (dx * S), S the same
     combination of the sums of the q's."""
+    if type(w) is tuple:
+        for wi, oi in zip(w, out):
+            qmatmul(x, wi, oi, accumulate)
+        return
     q, dx = quantize_activations(np.asarray(x, np.float32))
     n, k = w.shape
     qw = w.codes().reshape(n, k // 32, 32).astype(np.int64)

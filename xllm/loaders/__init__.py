@@ -85,11 +85,12 @@ def find_file(directory, candidates):
 def load_checkpoint(path) -> Checkpoint:
     """Load a model from `path`, detecting its format.
 
-    A directory with config.json is a Hugging Face checkpoint; a directory with params.json is a
-    Meta one (consolidated.*.pth); a file starting with b"GGUF" (or named *.gguf) is a GGUF
-    file; a file starting with the llama2.c magic "ak42" or a plausible llama2.c v0 header is a
-    llama2.c .bin. A *.safetensors or *.pth file stands for its directory. Anything else raises
-    ModelFormatError naming the path.
+    A directory whose config.json has the key "xllm_format" is an xllm quantized checkpoint
+    (``xllm.loaders.quantized``); another directory with config.json is a Hugging Face one; a
+    directory with params.json is a Meta one (consolidated.*.pth); a file starting with b"GGUF"
+    (or named *.gguf) is a GGUF file; a file starting with the llama2.c magic "ak42" or a
+    plausible llama2.c v0 header is a llama2.c .bin. A *.safetensors or *.pth file stands for
+    its directory. Anything else raises ModelFormatError naming the path.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -98,6 +99,9 @@ def load_checkpoint(path) -> Checkpoint:
         path = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
+            from .quantized import is_quantized_dir, load_quantized
+            if is_quantized_dir(path):
+                return load_quantized(path)
             from .hf import load_hf
             return load_hf(path)
         if os.path.isfile(os.path.join(path, "params.json")):

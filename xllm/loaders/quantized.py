@@ -1,0 +1,80 @@
+"""xllm's quantized checkpoint format (written by ``tools/quantize.py``; docs/quantization.rst):
+a directory with config.json (``"xllm_format": 1``), model.safetensors and the tokenizer.
+
+A QTensor is stored as ``<name>.qs`` (U8), ``<name>.scales`` (F16/F32) and, if asymmetric,
+``<name>.mins``, exactly the packed arrays of :class:`xllm.quant.QTensor`; dense tensors as
+``<name>`` (F32/F16/BF16). Everything is a read-only view of the memory-mapped file.
+"""
+import json
+import os
+
+import numpy as np
+
+from ..errors import ModelFormatError
+from ..quant import QTensor
+from . import Checkpoint, check_weights, expected_shapes, make_config
+from .safetensors_mmap import as_array, read_safetensors
+
+FORMAT_VERSION = 1
+
+
+def is_quantized_dir(directory) -> bool:
+    """Whether `directory` has a config.json with the key "xllm_format"."""
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False  # the Hugging Face loader reports unreadable JSON
+    return isinstance(meta, dict) and "xllm_format" in meta
+
+
+def load_quantized(directory) -> Checkpoint:
+    """Load an xllm quantized directory; every tensor is checked against config.json."""
+    directory = os.fspath(directory)
+    cpath, fpath = (os.path.join(directory, n) for n in ("config.json", "model.safetensors"))
+    try:
+        with open(cpath, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("xllm_format") != FORMAT_VERSION:
+            raise ValueError(f"xllm_format {meta.get('xllm_format')!r} is not supported "
+                             f"(this xllm reads {FORMAT_VERSION})")
+        q, raw = meta["quantization"], dict(meta["config"])
+        want = (int(q["bits"]), int(q["group_size"]), bool(q["asymmetric"]), q["scale_dtype"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelFormatError(f"{cpath}: not a valid xllm quantized config ({e})") from None
+    raw["extra_eos_token_ids"] = tuple(raw.get("extra_eos_token_ids") or ())
+    config = make_config(cpath, **raw)
+    if not os.path.isfile(fpath):
+        raise ModelFormatError(f"{fpath}: missing (an xllm quantized directory needs it)")
+    entries, weights = read_safetensors(fpath), {}
+    for name, shape in expected_shapes(config).items():
+        if f"{name}.qs" not in entries:
+            if name in entries:
+                weights[name] = as_array(entries[name], name, fpath)
+            continue  # check_weights reports a missing tensor
+        where = f"{fpath}: tensor {name!r}"
+        parts = {p: entries.get(f"{name}.{p}") for p in ("qs", "scales", "mins")}
+        if parts["scales"] is None or parts["qs"][0] != "U8" or len(parts["qs"][1]) != 3 \
+                or len(parts["scales"][1]) != 3 or not parts["scales"][1][1]:
+            raise ModelFormatError(f"{where}: needs {name}.qs (U8, 3-D) and {name}.scales (3-D)")
+        qs = parts["qs"][2].reshape(parts["qs"][1])
+        scales, mins = (None if parts[p] is None else as_array(parts[p], f"{name}.{p}", fpath)
+                        for p in ("scales", "mins"))
+        k, groups = shape[1], scales.shape[1]
+        got = ({512: 8, 256: 4}.get(qs.shape[-1], 0), k // groups if k % groups == 0 else 0,
+               mins is not None, {np.float16: "fp16", np.float32: "fp32"}.get(scales.dtype.type))
+        if got != want:
+            raise ModelFormatError(f"{where}: its arrays give (bits, group, asymmetric, scales) "
+                                   f"= {got}, config.json records {want}")
+        try:
+            weights[name] = QTensor(shape, got[0], got[1], qs, scales, mins)
+        except ModelFormatError as e:
+            raise ModelFormatError(f"{where}: {str(e).removeprefix('QTensor: ')}") from None
+    check_weights(weights, config, fpath)
+    tok = meta.get("tokenizer")
+    if tok is not None and (tok != os.path.basename(tok)
+                            or not os.path.isfile(os.path.join(directory, tok))):
+        raise ModelFormatError(f"{cpath}: tokenizer file {tok!r} is not in {directory}")
+    return Checkpoint(config=config, weights=weights, source=directory,
+                      tokenizer_path=tok and os.path.join(directory, tok),
+                      chat_template=meta.get("chat_template"))
