@@ -20,6 +20,9 @@ cdef extern from "vecmath.h" nogil:
     void xllm_silu_mul(const float *a, const float *b, float *out, Py_ssize_t n)
     void xllm_dots(const float *q, const float *k, Py_ssize_t ldk, int hd, int n, float *s)
     void xllm_accum_pv(float *acc, const float *p, const float *v, Py_ssize_t ldv, int hd, int n)
+    void xllm_dots16(const float *q, const float *k, Py_ssize_t ldk, int hd, int n, float *s)
+    void xllm_accum_pv16(float *acc, const float *p, const float *v, Py_ssize_t ldv, int hd,
+                         int n)
     void xllm_prefetch_rows(const float *p, Py_ssize_t ld, int n, int hd)
     void xllm_weights(const float *l, Py_ssize_t n, double top, double inv_t, double per_nat,
                       int nb, uint16_t *bucket, double *w, Py_ssize_t *cnt, double *mass)

@@ -8,7 +8,14 @@ rescaled by exp(m_old - m_new). So no [heads, M, T] score matrix exists and deco
 nothing. The q.k dots and the p.V sums are AVX2 loops in vecmath.h.
 """
 include "_common.pxi"
+import os
+
 from libc.math cimport expf
+
+from xllm._kernels._cpu import features
+
+# AVX-512 inner loops where the CPU has them (XLLM_ISA=avx2 forces the AVX2 ones)
+cdef bint _avx512 = features()["avx512"] and os.environ.get("XLLM_ISA", "").lower() != "avx2"
 
 cdef enum:
     BK = 32        # keys per block: its K and V rows stay in L1 for all heads of a run
@@ -33,6 +40,7 @@ cdef void _attend(const float *q, const float *k, const float *v, Py_ssize_t ld,
     cdef float bm, c
     cdef int has_nan, n, na, d, g
     cdef Py_ssize_t b0 = 0, ahead
+    cdef bint wide = _avx512 and hd % 64 == 0  # the AVX-512 loops
     for g in range(gq):
         m[g] = -INFINITY
         l[g] = 0.0
@@ -47,7 +55,10 @@ cdef void _attend(const float *q, const float *k, const float *v, Py_ssize_t ld,
             xllm_prefetch_rows(k + ahead * ld, ld, na, hd)
             xllm_prefetch_rows(v + ahead * ld, ld, na, hd)
         for g in range(gq):
-            xllm_dots(qs + g * hd, k + b0 * ld, ld, hd, n, s + g * BK)
+            if wide:
+                xllm_dots16(qs + g * hd, k + b0 * ld, ld, hd, n, s + g * BK)
+            else:
+                xllm_dots(qs + g * hd, k + b0 * ld, ld, hd, n, s + g * BK)
         for g in range(gq):
             bm = xllm_max_f32(s + g * BK, n, &has_nan)
             if bm > m[g]:  # rescale what was accumulated under the old max (from -inf: by 0)
@@ -57,7 +68,10 @@ cdef void _attend(const float *q, const float *k, const float *v, Py_ssize_t ld,
                     acc[d] *= c
                 m[g] = bm
             l[g] = l[g] + xllm_exp_shift(s + g * BK, m[g], s + g * BK, n)
-            xllm_accum_pv(acc + g * hd, s + g * BK, v + b0 * ld, ld, hd, n)
+            if wide:
+                xllm_accum_pv16(acc + g * hd, s + g * BK, v + b0 * ld, ld, hd, n)
+            else:
+                xllm_accum_pv(acc + g * hd, s + g * BK, v + b0 * ld, ld, hd, n)
         b0 += BK
     for g in range(gq):
         c = 1.0 / l[g]

@@ -255,6 +255,60 @@ static inline void xllm_accum_pv(float *acc, const float *p, const float *v, ptr
     }
 }
 
+/* AVX-512 versions of the two attention loops, for hd a multiple of 64 (the callers check the CPU
+ * and hd): the same arithmetic in 16-lane registers (rounding order differs from AVX2). */
+#define XLLM_T512 __attribute__((target("avx2,fma,avx512f")))
+static inline XLLM_T512 __m256 xllm_fold512(__m512 a) {
+    return _mm256_add_ps(_mm512_castps512_ps256(a),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+
+static inline XLLM_T512 void xllm_dots16(const float *q, const float *k, ptrdiff_t ldk, int hd,
+                                         int n, float *s) {
+    for (int j = 0; j < n; j += 8) {
+        const float *k0 = k + (ptrdiff_t)j * ldk;
+        const int nr = n - j < 8 ? n - j : 8;
+        __m512 a[8];
+        for (int r = 0; r < 8; r++) a[r] = _mm512_setzero_ps();
+        for (int d = 0; d < hd; d += 16) {
+            __m512 qv = _mm512_loadu_ps(q + d);
+            for (int r = 0; r < nr; r++)
+                a[r] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + r * ldk + d), a[r]);
+        }
+        __m256 h[8];
+        for (int r = 0; r < 8; r++) h[r] = xllm_fold512(a[r]);
+        __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+        __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
+        __m256 t = _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20),
+                                 _mm256_permute2f128_ps(t0, t1, 0x31));
+        _mm256_maskstore_ps(s + j, xllm_tail_mask(nr), t);
+    }
+}
+
+static inline XLLM_T512 void xllm_accum_pv16(float *acc, const float *p, const float *v,
+                                             ptrdiff_t ldv, int hd, int n) {
+    for (int d = 0; d < hd; d += 64) {  /* 4 registers of output, two rows of V per step */
+        __m512 c0[4], c1[4];
+        for (int u = 0; u < 4; u++) {
+            c0[u] = _mm512_loadu_ps(acc + d + 16 * u);
+            c1[u] = _mm512_setzero_ps();
+        }
+        const float *vr = v + d;
+        int j = 0;
+        for (; j + 2 <= n; j += 2, vr += 2 * ldv) {
+            __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
+            for (int u = 0; u < 4; u++) {
+                c0[u] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(vr + 16 * u), c0[u]);
+                c1[u] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(vr + ldv + 16 * u), c1[u]);
+            }
+        }
+        if (j < n)
+            for (int u = 0; u < 4; u++)
+                c0[u] = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(vr + 16 * u), c0[u]);
+        for (int u = 0; u < 4; u++) _mm512_storeu_ps(acc + d + 16 * u, _mm512_add_ps(c0[u], c1[u]));
+    }
+}
+
 /* Prefetch n rows (stride ld floats) of hd floats each into L1: attention reads K/V rows at a
  * stride of n_kv_heads*head_dim, a pattern the hardware prefetchers follow poorly. */
 static inline void xllm_prefetch_rows(const float *p, ptrdiff_t ld, int n, int hd) {
