@@ -26,6 +26,7 @@ import numpy as np
 import xllm
 from xllm import _kernels
 from random_model import write_random_model
+from xllm.hub import resolve
 
 
 def random_model_dir(shape, dtype):
@@ -37,6 +38,9 @@ def random_model_dir(shape, dtype):
         write_random_model(path + ".tmp", shape, dtype)
         os.replace(path + ".tmp", path)
     return path
+
+
+KV_BYTES = [0]  # KV-cache bytes of the last xllm run
 
 
 def run_xllm(model, prompt, new_tokens):
@@ -52,7 +56,15 @@ def run_xllm(model, prompt, new_tokens):
         tok[0] = K.argmax(logits)
         logits = tr.forward(tok, kv)
     t2 = time.perf_counter()
+    KV_BYTES[0] = kv.nbytes
     return len(ids) / (t1 - t0), new_tokens / (t2 - t1)
+
+
+def path_bytes(path):
+    """Size of a model file, or of all files of a model directory."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    return os.path.getsize(path)
 
 
 def run_torch(model, prompt, new_tokens):
@@ -165,7 +177,6 @@ def main(argv=None):
             runners[name] = (lambda m: lambda p, n: run_torch(m, p, n))(tm)
     if a.vs_llama_cpp:
         from llama_cpp import Llama
-        from xllm.hub import resolve
         n_ctx = max(a.prompt_len + a.new_tokens, a.prefill_len) + 8
         llm = Llama(resolve(a.llama_cpp_model or path), n_threads=threads,
                     n_threads_batch=threads, verbose=False, n_ctx=n_ctx,
@@ -194,7 +205,12 @@ def main(argv=None):
             if a.prefill_len:
                 line += f"  prefill@{a.prefill_len} {x[2] / long:.2f}x"
         print(line)
-    print(f"  peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    size = path_bytes(resolve(path))
+    print(f"  peak RSS: {rss / 2**20:.0f} MiB; model files {size / 2**20:.0f} MiB, KV cache "
+          f"{KV_BYTES[0] / 2**20:.0f} MiB: RSS / (1.2 x files + KV) = "
+          f"{rss / (1.2 * size + KV_BYTES[0]):.2f}" + (" (other engines loaded too)"
+                                                      if len(runners) > 1 else ""))
     if a.bandwidth:
         bw, nb = read_bandwidth(threads), weight_bytes_per_token(model)
         print(f"  read bandwidth ({threads} threads, 1 GiB): {bw / 1e9:.1f} GB/s; weights read "

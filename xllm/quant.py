@@ -124,7 +124,7 @@ def _roundf(a):
     return np.sign(a) * (f + np.floor(2 * (b - f)))
 
 
-def pack(codes, scales, mins, bits, group, rows=4096):
+def pack(codes, scales, mins, bits, group, rows=1024):
     """A QTensor from integer codes [N, K] (int8 values for 8 bits, 0..15 for 4 bits) and
     per-group scales (and mins) [N, K/G] (float16 or float32); `codes` may be a function
     (r0, r1) -> codes[r0:r1], called `rows` rows at a time to bound the temporary memory."""

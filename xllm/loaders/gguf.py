@@ -137,12 +137,13 @@ def load_gguf(path) -> Checkpoint:
         max_seq_len=get("llama.context_length", 2048), rope_interleaved=True,
         bos_token_id=get("tokenizer.ggml.bos_token_id"),
         eos_token_id=eos[0] if eos else None, extra_eos_token_ids=tuple(eos[1:]))
-    files = {k: gguf_name(k) for k in expected_shapes(config)}
-    weights = {k: _array(tensors[f], path, reader) for k, f in files.items() if f in tensors}
-    check_weights(weights, config, path, {k: repr(f) for k, f in files.items()})
-    tokenizer = None
+    tokenizer, template = None, get("tokenizer.chat_template")
     if "tokenizer.ggml.model" in reader.fields:  # one parse of the file serves both
         from ..tokenizer import read_gguf_metadata, tokenizer_from_gguf
         tokenizer = tokenizer_from_gguf(read_gguf_metadata(reader), path)
+    reader.fields.clear()  # the parsed metadata (~90 MB for a 32k vocabulary) before the weights
+    files = {k: gguf_name(k) for k in expected_shapes(config)}
+    weights = {k: _array(tensors[f], path, reader) for k, f in files.items() if f in tensors}
+    check_weights(weights, config, path, {k: repr(f) for k, f in files.items()})
     return Checkpoint(config=config, weights=weights, tokenizer_path=None, source=path,
-                      chat_template=get("tokenizer.chat_template"), tokenizer=tokenizer)
+                      chat_template=template, tokenizer=tokenizer)
