@@ -128,14 +128,16 @@ static inline void xq_store(float *o, const float *r, size_t nr, int accum)
 }
 
 /* AVX-512 VNNI micro-kernel: MR rows of x against panel p (16 rows of W, the first nr valid). */
-static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const xq_weights *w, size_t p,
-                                          const int8_t *qx, const float *dx, const int32_t *sx,
-                                          size_t K, float *out, size_t ldo, size_t nr, int accum)
+/* KIND (a constant, so each kind gets its own code): 0 int8, 1 int4 symmetric, 2 asymmetric. */
+static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const xq_weights *w,
+                                          size_t p, const int8_t *qx, const float *dx,
+                                          const int32_t *sx, size_t K, float *out, size_t ldo,
+                                          size_t nr, int accum)
 {
-    const size_t nb = w->nb, qb = w->bits == 8 ? 512 : 256, ss = w->f32 ? 64 : 32;
-    const int off = w->bits == 8 ? 128 : (w->mins ? 0 : 8);
+    const size_t nb = w->nb, qb = KIND ? 256 : 512, ss = w->f32 ? 64 : 32;
+    const int off = KIND == 0 ? 128 : KIND == 1 ? 8 : 0;
     const uint8_t *wq = w->qs + p * nb * qb, *sc = w->scales + p * w->ng * ss;
-    const uint8_t *mn = w->mins ? w->mins + p * w->ng * ss : NULL;
+    const uint8_t *mn = KIND == 2 ? w->mins + p * w->ng * ss : NULL;
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     const __m512 inv256 = _mm512_set1_ps(1.0f / 256.0f);
     __m512 acc[XQ_MR512];
@@ -154,7 +156,7 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const xq_weights *w, siz
         for (int k = 0; k < 3; k++)                                                       \
             d[k][i] = _mm512_dpbusd_epi32(                                                \
                 d[k][i], W, _mm512_set1_epi32(xq_load4(xb + (3 * i + k) * K + (o))));
-        if (w->bits == 8) {
+        if (KIND == 0) {
             for (int j = 0; j < 8; j++) {
                 __m512i W = _mm512_loadu_si512(blk + 64 * j);
                 XQ_DP512(W, 4 * j)
@@ -171,7 +173,7 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const xq_weights *w, siz
         const size_t g = (b >> w->gshift) * ss;
         __m512 ws = w->f32 ? _mm512_loadu_ps(sc + g)
                            : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g)));
-        __m512 wm = !mn ? ws : w->f32 ? _mm512_loadu_ps(mn + g)
+        __m512 wm = KIND != 2 ? ws : w->f32 ? _mm512_loadu_ps(mn + g)
                                       : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mn + g)));
         for (int i = 0; i < MR; i++) {
             const float dxi = dx[i * nb + b];
@@ -184,7 +186,7 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const xq_weights *w, siz
             __m512 t = _mm512_mul_ps(_mm512_mul_ps(ws, _mm512_set1_ps(dxi)), v);
             XQ_BARRIER(t);
             acc[i] = _mm512_add_ps(acc[i], t);
-            if (mn) {
+            if (KIND == 2) {
                 __m512 u = _mm512_mul_ps(wm, _mm512_set1_ps(dxi * xq_sum(sxi)));
                 XQ_BARRIER(u);
                 acc[i] = _mm512_add_ps(acc[i], u);
@@ -264,14 +266,15 @@ static inline XQ_AI void xq_mk256(const int MR, const xq_weights *w, size_t p, i
     }
 }
 
-static XQ_T512 void xq_panel512(const xq_weights *w, size_t p, const int8_t *qx, const float *dx,
-                                const int32_t *sx, size_t M, size_t K, float *out, size_t ldo,
-                                size_t nr, int accum)
+static inline XQ_AI XQ_T512 void xq_rows512(const int KIND, const xq_weights *w, size_t p,
+                                            const int8_t *qx, const float *dx, const int32_t *sx,
+                                            size_t M, size_t K, float *out, size_t ldo, size_t nr,
+                                            int accum)
 {
     const size_t nb = K / 32;
     size_t m = 0;
-#define XQ_CALL512(R) xq_mk512(R, w, p, qx + 3 * m * K, dx + m * nb, sx + 2 * m * nb, K, out + m * ldo, \
-                               ldo, nr, accum)
+#define XQ_CALL512(R) xq_mk512(R, KIND, w, p, qx + 3 * m * K, dx + m * nb, sx + 2 * m * nb, K, \
+                               out + m * ldo, ldo, nr, accum)
     for (; m + XQ_MR512 <= M; m += XQ_MR512)
         XQ_CALL512(XQ_MR512);
     switch (M - m) {
@@ -280,6 +283,18 @@ static XQ_T512 void xq_panel512(const xq_weights *w, size_t p, const int8_t *qx,
     case 1: XQ_CALL512(1); break;
     default: break;
     }
+}
+
+static XQ_T512 void xq_panel512(const xq_weights *w, size_t p, const int8_t *qx, const float *dx,
+                                const int32_t *sx, size_t M, size_t K, float *out, size_t ldo,
+                                size_t nr, int accum)
+{
+    if (w->bits == 8)
+        xq_rows512(0, w, p, qx, dx, sx, M, K, out, ldo, nr, accum);
+    else if (!w->mins)
+        xq_rows512(1, w, p, qx, dx, sx, M, K, out, ldo, nr, accum);
+    else
+        xq_rows512(2, w, p, qx, dx, sx, M, K, out, ldo, nr, accum);
 }
 
 static void xq_panel256(const xq_weights *w, size_t p, const int8_t *qx, const float *dx,

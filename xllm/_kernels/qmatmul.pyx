@@ -164,9 +164,10 @@ def qmatmul(x, w, out, accumulate=False):
             else:
                 for m in prange(<Py_ssize_t>M, schedule="static", num_threads=nt):
                     xq_quantize_rows(xp, K, <size_t>m, <size_t>m + 1, K, qx, dx, sx)
-            # work items: (block of _ROWS rows of x) x (panel of one W), dynamic: which thread
-            # computes an item never changes its bits
-            for it in prange(nitems, schedule="dynamic", num_threads=nt):
+            # work items: (block of _ROWS rows of x) x (panel of one W); static, so each thread
+            # streams one contiguous run of panels (decode of SmolLM2 int4: 167 -> 237 tok/s
+            # against dynamic). Which thread computes an item never changes its bits.
+            for it in prange(nitems, schedule="static", num_threads=nt):
                 m0 = (it // npanels) * _ROWS
                 m1 = min(m0 + _ROWS, M)
                 p = it % npanels
