@@ -7,7 +7,7 @@ import numpy as np
 from . import _kernels
 from .config import ModelConfig
 from .errors import ModelFormatError
-from .decode import SamplingParams, Sampler, generate_ids, stream_text
+from .decode import SamplingParams, Sampler, StopFilter, generate_ids, stream_text
 from .model import Transformer
 
 
@@ -76,12 +76,26 @@ class Model:
         token, after max_new_tokens, at the context limit, or before the first of the `stop`
         strings (which is never returned, even in part). Returns the text, or an iterator of
         text pieces when stream=True. Timings are left in ``self.last_stats``.
+
+        A list of prompts runs as one batch (all prompts prefilled together, one decode step
+        for all running sequences; sequence i samples with seed + i): returns a list of texts,
+        or with stream=True an iterator of (index, piece). Each text is exactly the one its
+        prompt gives alone.
         """
         if isinstance(stop, str):
             stop = (stop,)
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if isinstance(prompt, (list, tuple)) and prompt and \
+                isinstance(prompt[0], (str, list, tuple, np.ndarray)):
+            return self._generate_batch(prompt, max_new_tokens, params, stop, stream, add_bos)
+        ids = self._encode(prompt, add_bos)
+        pieces = self._pieces(ids, max_new_tokens, Sampler(params))
+        text = stream_text(pieces, stop)
+        return text if stream else "".join(text)
+
+    def _encode(self, prompt, add_bos):
         if isinstance(prompt, str):
             tok = self._tokenizer()
             if add_bos is None:
@@ -91,9 +105,42 @@ class Model:
             ids = [int(i) for i in prompt]
         if ids:
             self._check_ids(ids)
-        pieces = self._pieces(ids, max_new_tokens, Sampler(params))
-        text = stream_text(pieces, stop)
-        return text if stream else "".join(text)
+        return ids
+
+    def _generate_batch(self, prompts, max_new_tokens, params, stop, stream, add_bos):
+        """Several prompts at once (see generate): a list of texts, or an iterator of
+        (index, piece) with stream=True. Sequence i samples with seed + i (if a seed is set)."""
+        from dataclasses import replace
+        from .decode import generate_batch_ids
+        ids = [self._encode(p, add_bos) for p in prompts]
+        c, tok = self.config, self.tokenizer
+        stop_ids = frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids) if i is not None)
+        samplers = [Sampler(replace(params, seed=None if params.seed is None else params.seed + i))
+                    for i in range(len(ids))]
+        bos = getattr(tok, "bos_id", None)
+        decs = [tok.decoder(strip_leading_space=all(t == bos for t in p)) if tok else None
+                for p in ids]
+        stopped, filters = set(), [StopFilter(stop) for _ in ids]
+        new = generate_batch_ids(self.transformer, ids, max_new_tokens, samplers, stop_ids,
+                                 stopped)
+
+        def pieces():
+            for i, t in new:
+                text = filters[i].push(decs[i].push(t)) if decs[i] else ""
+                if filters[i].done:
+                    stopped.add(i)
+                if text:
+                    yield i, text
+            for i, (d, f) in enumerate(zip(decs, filters)):
+                text = f.flush() if f.done or d is None else f.push(d.flush()) + f.flush()
+                if text:
+                    yield i, text
+        if stream:
+            return pieces()
+        texts = [""] * len(ids)
+        for i, piece in pieces():
+            texts[i] += piece
+        return texts
 
     def _pieces(self, ids, max_new_tokens, sampler):
         tok = self.tokenizer
@@ -122,6 +169,11 @@ class Model:
         ends at the template's end-of-turn token. Returns the reply text, or an iterator of
         pieces with stream=True. Other keywords are those of :meth:`generate`.
         """
+        return self.generate(self.chat_ids(messages, template), stream=stream,
+                             **generate_kwargs)
+
+    def chat_ids(self, messages, template=None):
+        """The token ids of `messages` rendered with the chat template, ready for a reply."""
         from .chat import render_chat
         template = template or self.chat_template
         if template is None:
@@ -130,8 +182,7 @@ class Model:
         tok = self._tokenizer()
         text = render_chat(template, messages, add_generation_prompt=True,
                            bos_token=_piece(tok, tok.bos_id), eos_token=_piece(tok, tok.eos_id))
-        ids = tok.encode(text, add_bos=False, parse_special=True)
-        return self.generate(ids, stream=stream, **generate_kwargs)
+        return tok.encode(text, add_bos=False, parse_special=True)
 
     def reset(self):
         """Forget the cached sequence (frees its KV cache)."""

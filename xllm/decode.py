@@ -100,27 +100,85 @@ def generate_ids(transformer, prompt_ids, max_new_tokens, sampler, stop_ids, sta
         stats["decode_steps"] += 1
 
 
-def stream_text(pieces, stop):
-    """Yield text from `pieces`, cut before the first stop string, never printing part of one.
+def generate_batch_ids(transformer, prompts, max_new_tokens, samplers, stop_ids, stopped=()):
+    """Yield (index, token id) for several prompts generated together: one ragged prefill of
+    all prompts, then one decode step per token for all sequences still running, each sampled
+    by its own sampler. A sequence leaves the batch (and its cache is freed) at a stop id, its
+    max_new_tokens (an int, or one per prompt) or the context limit; its tokens are exactly
+    those it gets alone (forward_batch is bitwise batch-invariant). The caller may add indices
+    to the set `stopped` (a stop string seen) to make those sequences leave too."""
+    n = len(prompts)
+    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    max_len = transformer.config.max_seq_len
+    for i, ids in enumerate(prompts):
+        if len(ids) == 0:
+            raise ValueError(f"prompt {i} is empty: give at least one token (e.g. add_bos=True)")
+        if len(ids) > max_len:
+            raise ContextLengthError(f"prompt {i} has {len(ids)} tokens; the model's context "
+                                     f"is {max_len}")
+    hist = [np.zeros(len(p) + m, np.int64) for p, m in zip(prompts, limits)]
+    for h, p in zip(hist, prompts):
+        h[:len(p)] = p
+    lens = [len(p) for p in prompts]
+    kvs = [transformer.new_cache() for _ in prompts]
+    logits = np.empty((n, transformer.config.vocab_size), np.float32)
+    live = [i for i in range(n) if limits[i] > 0]
+    transformer.forward_batch([prompts[i] for i in live], [kvs[i] for i in live], logits)
+    while live:
+        still = []
+        for row, i in enumerate(live):
+            token = None if i in stopped else samplers[i](logits[row], hist[i][:lens[i]])
+            if token is None or token in stop_ids:
+                kvs[i] = None
+                continue
+            hist[i][lens[i]] = token
+            lens[i] += 1
+            yield i, token
+            if lens[i] - len(prompts[i]) >= limits[i] or lens[i] >= max_len:
+                kvs[i] = None
+            else:
+                still.append(i)
+        live = still
+        if live:
+            transformer.forward_batch([hist[i][lens[i] - 1:lens[i]] for i in live],
+                                      [kvs[i] for i in live], logits)
 
-    Text that could be the beginning of a stop string is held back until it is known not to be.
-    """
-    stop = [s for s in stop if s]
-    if not stop:
-        yield from (p for p in pieces if p)
-        return
-    pending = ""
-    for piece in pieces:
-        pending += piece
-        hits = [i for i in (pending.find(s) for s in stop) if i >= 0]
+
+class StopFilter:
+    """Cuts a stream of text pieces before the first stop string, never emitting part of one:
+    text that could be the beginning of a stop string is held back until it is known not to be."""
+
+    def __init__(self, stop):
+        self.stop, self.pending, self.done = [s for s in stop if s], "", False
+
+    def push(self, piece):
+        """The text that can be emitted now ("" once a stop string was seen)."""
+        if self.done or not self.stop:
+            return "" if self.done else piece
+        p = self.pending + piece
+        hits = [i for i in (p.find(s) for s in self.stop) if i >= 0]
         if hits:
-            if min(hits):
-                yield pending[:min(hits)]
-            return
-        hold = max((k for s in stop for k in range(1, len(s)) if pending.endswith(s[:k])),
+            self.done, self.pending = True, ""
+            return p[:min(hits)]
+        hold = max((k for s in self.stop for k in range(1, len(s)) if p.endswith(s[:k])),
                    default=0)
-        if len(pending) > hold:
-            yield pending[:len(pending) - hold]
-            pending = pending[len(pending) - hold:]
-    if pending:
-        yield pending
+        self.pending = p[len(p) - hold:]
+        return p[:len(p) - hold]
+
+    def flush(self):
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream_text(pieces, stop):
+    """Yield text from `pieces`, cut before the first stop string (see StopFilter)."""
+    f = StopFilter(stop)
+    for piece in pieces:
+        text = f.push(piece)
+        if text:
+            yield text
+        if f.done:
+            return
+    text = f.flush()
+    if text:
+        yield text

@@ -37,6 +37,8 @@ def _parser():
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--threads", type=int, help="kernel threads (default: all usable cores)")
     p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    p.add_argument("--batch-file", help="generate for every line of this file as one batch; "
+                   "the outputs are printed in order, separated by blank lines")
     return p
 
 
@@ -100,6 +102,15 @@ def main(argv=None):
         model = load(args.model, tokenizer=args.tokenizer, threads=args.threads)
         if args.chat:
             _chat_loop(model, args.system, kwargs)
+            return 0
+        if args.batch_file:
+            with open(args.batch_file, encoding="utf-8") as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+            if model.chat_template is not None and not args.raw:
+                system = [{"role": "system", "content": args.system}] if args.system else []
+                prompts = [model.chat_ids(system + [{"role": "user", "content": p}])
+                           for p in prompts]
+            print("\n\n".join(model.generate(prompts, **kwargs)))
             return 0
         prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
         if args.echo:

@@ -36,6 +36,8 @@ class Workspace:
         self.x = np.zeros((rows, c.hidden_size), f32)              # [R, D] residual stream
         self.xn = np.zeros((rows, c.hidden_size), f32)             # [R, D] normed input
         self.q = np.zeros((rows, c.q_dim), f32)                    # [R, Q] queries
+        self.kn = np.zeros((rows, c.kv_dim), f32)                  # [R, KV] new keys
+        self.vn = np.zeros((rows, c.kv_dim), f32)                  # [R, KV] new values
         self.attn = np.zeros((rows, c.q_dim), f32)                 # [R, Q] attention output
         self.gate = np.zeros((rows, c.intermediate_size), f32)     # [R, F] w1 x, then silu(w1 x)*w3 x
         self.up = np.zeros((rows, c.intermediate_size), f32)       # [R, F] w3 x
@@ -80,47 +82,80 @@ class Transformer:
         Returns the last row's logits [V] (a view of a reused buffer, valid until the next call),
         or fills ``logits_out`` [len(tokens), V] with every row's logits when it is given.
         """
-        n = len(tokens)
-        kv.reserve(n)
-        self._ensure_rope(kv.length + n)
-        rows = self.ws.rows
+        rows, n = self.ws.rows, len(tokens)
         for s in range(0, n, rows):
             part = tokens[s:s + rows]
             out = None if logits_out is None else logits_out[s:s + len(part)]
-            last = self._forward_chunk(part, kv, out)
-        return last
+            self._forward_chunk([(part, kv)], out if out is not None else self.ws.logits, out)
+        return self.ws.logits[0] if logits_out is None else logits_out[-1]
 
-    def _forward_chunk(self, tokens, kv, logits_out):
+    def forward_batch(self, seqs, kvs, out):
+        """Next-token logits of several sequences at once: ``seqs[i]`` (token ids) continues the
+        sequence in ``kvs[i]``, and ``out[i]`` [V] receives the logits of its last token.
+
+        The rows of all sequences form one matrix (no padding), so each weight matrix is read
+        once per chunk of up to ``ws.rows`` rows; attention runs per sequence. Every row goes
+        through the same operations as in :meth:`forward` alone: the logits are bitwise the
+        same whatever the batch (each kernel's result for a row is independent of the others).
+        """
+        rows, chunk, first = self.ws.rows, [], 0
+        for i, (toks, kv) in enumerate(zip(seqs, kvs)):
+            while len(toks) > rows:  # too long to share a chunk: its head runs alone
+                self._forward_chunk([(toks[:rows], kv)], None, None)
+                toks = toks[rows:]
+            if sum(len(t) for t, _ in chunk) + len(toks) > rows:
+                self._forward_chunk(chunk, out[first:first + len(chunk)], None)
+                chunk, first = [], i
+            chunk.append((toks, kv))
+        if chunk:
+            self._forward_chunk(chunk, out[first:first + len(chunk)], None)
+        return out
+
+    def _forward_chunk(self, segments, last_out, all_out):
+        """One pass over the rows of `segments` [(tokens, kv), ...] (at most ws.rows in all):
+        the logits of each segment's last row go to last_out, or of every row to all_out."""
         K, c, ws = _kernels.backend, self.config, self.ws
-        m, start = len(tokens), kv.length
+        m, a = sum(len(t) for t, _ in segments), 0
+        spans = []  # (first row, rows, kv, start position)
+        for toks, kv in segments:
+            kv.reserve(len(toks))
+            self._ensure_rope(kv.length + len(toks))
+            b = a + len(toks)
+            ws.tokens[a:b] = toks
+            kv.ids[kv.length:kv.length + len(toks)] = toks
+            np.add(ws.arange[:b - a], kv.length, out=ws.positions[a:b])
+            spans.append((a, b, kv, kv.length))
+            a = b
         x, xn, q, attn = ws.x[:m], ws.xn[:m], ws.q[:m], ws.attn[:m]
-        gate, up, pos = ws.gate[:m], ws.up[:m], ws.positions[:m]
-        ws.tokens[:m] = tokens
-        kv.ids[start:start + m] = tokens
-        np.add(ws.arange[:m], start, out=pos)
+        kn, vn, gate, up, pos = ws.kn[:m], ws.vn[:m], ws.gate[:m], ws.up[:m], ws.positions[:m]
         cos, sin, eps, inter = self.rope_cos, self.rope_sin, c.rms_norm_eps, c.rope_interleaved
         nh, nkv, scale = c.num_heads, c.num_kv_heads, 1.0 / np.sqrt(c.head_dim)
         K.embedding(self.tok_embeddings, ws.tokens[:m], x)
-        for layer, kc, vc in zip(self.layers, kv.k, kv.v):
+        for li, layer in enumerate(self.layers):
             # attention: x += wo · attention(rope(wq·n(x)), rope(wk·n(x)), wv·n(x))
             K.rmsnorm(x, layer.attention_norm, eps, xn)
-            k_new, v_new = kc[start:start + m], vc[start:start + m]
-            # one call for the three (quantized x is shared); K/V go straight into the cache
-            K.matmul(xn, (layer.wq, layer.wk, layer.wv), (q, k_new, v_new))
+            K.matmul(xn, (layer.wq, layer.wk, layer.wv), (q, kn, vn))  # one quantization of xn
             K.rope(q, pos, cos, sin, nh, inter)
-            K.rope(k_new, pos, cos, sin, nkv, inter)
-            K.attention(q, kc, vc, attn, start, nh, nkv, scale)
+            K.rope(kn, pos, cos, sin, nkv, inter)
+            for a, b, kv, start in spans:  # each sequence attends to its own cache
+                kc, vc = kv.k[li], kv.v[li]
+                kc[start:start + b - a] = kn[a:b]
+                vc[start:start + b - a] = vn[a:b]
+                K.attention(q[a:b], kc, vc, attn[a:b], start, nh, nkv, scale)
             K.matmul(attn, layer.wo, x, accumulate=True)
             # feed-forward: x += w2 · (silu(w1·n(x)) * w3·n(x))
             K.rmsnorm(x, layer.ffn_norm, eps, xn)
             K.matmul(xn, (layer.w1, layer.w3), (gate, up))
             K.silu_mul(gate, up, gate)
             K.matmul(gate, layer.w2, x, accumulate=True)
-        kv.length = start + m
-        if logits_out is not None:
+        for a, b, kv, start in spans:
+            kv.length = start + b - a
+        if all_out is not None:
             K.rmsnorm(x, self.norm, eps, xn)
-            K.matmul(xn, self.output, logits_out)
-            return logits_out[-1]
-        K.rmsnorm(x[m - 1:], self.norm, eps, xn[:1])
-        K.matmul(xn[:1], self.output, ws.logits)
-        return ws.logits[0]
+            K.matmul(xn, self.output, all_out)
+        elif last_out is not None:
+            n = len(spans)
+            for r, (_, b, _, _) in enumerate(spans):  # each sequence's last row
+                xn[r] = x[b - 1]
+            K.rmsnorm(xn[:n], self.norm, eps, xn[:n])
+            K.matmul(xn[:n], self.output, last_out[:n])
