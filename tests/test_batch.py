@@ -103,3 +103,25 @@ def test_cli_batch_file(tmp_path, capsys):
     m = xllm.load(path)
     want = [m.generate(p, max_new_tokens=8) for p in lines]
     assert out == "\n\n".join(want) + "\n"
+
+
+def test_float16_kv_cache_halves_memory_and_stays_batch_invariant(tmp_path):
+    path = tmp_path / "m"
+    write_random_model(path, "tiny", "fp32", seed=5, hidden_size=128, intermediate_size=256,
+                       num_layers=2, max_seq_len=512)
+    m32, m16 = xllm.load(path), xllm.load(path, kv_dtype="float16")
+    ps = prompts(m16.config.vocab_size)[:8]
+    tr = m16.transformer
+    out = np.empty((len(ps), m16.config.vocab_size), np.float32)
+    kvs = [tr.new_cache() for _ in ps]
+    tr.forward_batch([np.array(p) for p in ps], kvs, out)
+    for p, row, kv in zip(ps, out, kvs):
+        kv32 = m32.transformer.new_cache()
+        full = m32.transformer.forward(np.array(p), kv32)
+        np.testing.assert_array_equal(row, tr.forward(np.array(p), tr.new_cache()))  # invariant
+        assert np.abs(row - full).max() < 2e-2 * np.abs(full).max()  # float16 K/V rounding
+        assert kv.nbytes * 2 == kv32.nbytes and kv.k[0].dtype == np.float16
+    assert m16.generate(ps, max_new_tokens=16) == [m16.generate(p, max_new_tokens=16)
+                                                   for p in ps]
+    with pytest.raises(ValueError, match="kv_dtype"):
+        xllm.load(path, kv_dtype="int8")

@@ -219,12 +219,14 @@ def attention_case(rng, m, start, h, kv, hd, extra=3):
 @given(m=st.sampled_from([1, 1, 2, 5, 17]), start=st.sampled_from([0, 1, 63, 64, 65, 200]),
        kv=st.sampled_from([1, 2, 3]), group=st.sampled_from([1, 2, 4, 8, 16]),
        hd=st.sampled_from([2, 8, 20, 64, 80, 100, 128, 256]), threads=st.sampled_from(THREADS),
-       seed=st.integers(0, 99))
-def test_attention_matches_reference(m, start, kv, group, hd, threads, seed):
+       kv_dtype=st.sampled_from([np.float32, np.float16]), seed=st.integers(0, 99))
+def test_attention_matches_reference(m, start, kv, group, hd, threads, kv_dtype, seed):
+    """float16 caches: the reference reads the same float16 values, so the bar is the same."""
     _cpu.set_threads(threads)
     rng = np.random.default_rng(seed)
     h = kv * group
     q, k, v = attention_case(rng, m, start, h, kv, hd)
+    k, v = k.astype(kv_dtype), v.astype(kv_dtype)
     want, got = np.zeros_like(q), np.zeros_like(q)
     R.attention(q, k, v, want, start, h, kv, hd ** -0.5)
     A.attention(q, k, v, got, start, h, kv, hd ** -0.5)

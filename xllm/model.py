@@ -54,8 +54,12 @@ class Workspace:
 class Transformer:
     """Llama weights plus the forward pass. ``forward`` serves prefill and decode alike."""
 
-    def __init__(self, config: ModelConfig, weights: dict, *, max_batch_rows=512):
+    def __init__(self, config: ModelConfig, weights: dict, *, max_batch_rows=512,
+                 kv_dtype="float32"):
         c = self.config = config
+        self.kv_dtype = np.dtype(kv_dtype)
+        if self.kv_dtype not in (np.float32, np.float16):
+            raise ValueError(f"kv_dtype must be float32 or float16, got {kv_dtype!r}")
         check_weights(weights, c, "weights")
         self.tok_embeddings = weights["tok_embeddings"]
         self.norm = _f32(weights["norm"])
@@ -66,9 +70,9 @@ class Transformer:
         self.rope_cos = self.rope_sin = np.zeros((0, c.head_dim // 2), np.float32)
 
     def new_cache(self) -> KVCache:
-        """An empty KV cache for one sequence of this model."""
+        """An empty KV cache for one sequence of this model (rows of ``kv_dtype``)."""
         c = self.config
-        return KVCache(c.num_layers, c.kv_dim, c.max_seq_len)
+        return KVCache(c.num_layers, c.kv_dim, c.max_seq_len, dtype=self.kv_dtype)
 
     def _ensure_rope(self, n):
         # cos/sin tables grow with the longest sequence seen (doubling), never per token.

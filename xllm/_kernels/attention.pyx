@@ -24,10 +24,11 @@ cdef enum:
     MAXG = 8       # query heads per work item (they share one KV head)
 
 
-cdef void _attend(const float *q, const float *k, const float *v, Py_ssize_t ld, int hd, int gq,
-                  Py_ssize_t n_keys, float scale, float *out) noexcept nogil:
+cdef void _attend(const float *q, const void *k0, const void *v0, bint f16, Py_ssize_t ld,
+                  int hd, int gq, Py_ssize_t n_keys, float scale, float *out) noexcept nogil:
     """For the gq consecutive query heads at q (and out), all reading the same KV head:
-    out[g] = softmax(scale * q[g].K^T) V over the first n_keys rows of k and v (row stride ld).
+    out[g] = softmax(scale * q[g].K^T) V over the first n_keys rows of k and v (row stride ld;
+    float32, or float16 when f16: each block of BK rows is then widened once into kb/vb).
 
     Doing the heads of a GQA group together means each block of K and V comes from memory once
     and is reused from cache by all of them.
@@ -37,9 +38,13 @@ cdef void _attend(const float *q, const float *k, const float *v, Py_ssize_t ld,
     cdef float s[MAXG * BK]
     cdef float m[MAXG]
     cdef float l[MAXG]
+    cdef float kb[BK * MAX_HEAD_DIM]
+    cdef float vb[BK * MAX_HEAD_DIM]
     cdef float bm, c
     cdef int has_nan, n, na, d, g
-    cdef Py_ssize_t b0 = 0, ahead
+    cdef Py_ssize_t b0 = 0, ahead, es = 2 if f16 else 4, ldb = hd if f16 else ld
+    cdef const float *k
+    cdef const float *v
     cdef bint wide = _avx512 and hd % 64 == 0  # the AVX-512 loops
     for g in range(gq):
         m[g] = -INFINITY
@@ -52,13 +57,21 @@ cdef void _attend(const float *q, const float *k, const float *v, Py_ssize_t ld,
         ahead = b0 + PREFETCH * BK  # fetch a later block while this one is computed
         if ahead < n_keys:
             na = <int>min(n_keys - ahead, <Py_ssize_t>BK)
-            xllm_prefetch_rows(k + ahead * ld, ld, na, hd)
-            xllm_prefetch_rows(v + ahead * ld, ld, na, hd)
+            xllm_prefetch_rows(<const float *>(<const char *>k0 + ahead * ld * es), ld * es // 4,
+                               na, hd * es // 4)
+            xllm_prefetch_rows(<const float *>(<const char *>v0 + ahead * ld * es), ld * es // 4,
+                               na, hd * es // 4)
+        if f16:
+            xllm_f16_rows(<const uint16_t *>k0 + b0 * ld, ld, n, hd, kb)
+            xllm_f16_rows(<const uint16_t *>v0 + b0 * ld, ld, n, hd, vb)
+            k, v = kb, vb
+        else:
+            k, v = <const float *>k0 + b0 * ld, <const float *>v0 + b0 * ld
         for g in range(gq):
             if wide:
-                xllm_dots16(qs + g * hd, k + b0 * ld, ld, hd, n, s + g * BK)
+                xllm_dots16(qs + g * hd, k, ldb, hd, n, s + g * BK)
             else:
-                xllm_dots(qs + g * hd, k + b0 * ld, ld, hd, n, s + g * BK)
+                xllm_dots(qs + g * hd, k, ldb, hd, n, s + g * BK)
         for g in range(gq):
             bm = xllm_max_f32(s + g * BK, n, &has_nan)
             if bm > m[g]:  # rescale what was accumulated under the old max (from -inf: by 0)
@@ -69,9 +82,9 @@ cdef void _attend(const float *q, const float *k, const float *v, Py_ssize_t ld,
                 m[g] = bm
             l[g] = l[g] + xllm_exp_shift(s + g * BK, m[g], s + g * BK, n)
             if wide:
-                xllm_accum_pv16(acc + g * hd, s + g * BK, v + b0 * ld, ld, hd, n)
+                xllm_accum_pv16(acc + g * hd, s + g * BK, v, ldb, hd, n)
             else:
-                xllm_accum_pv(acc + g * hd, s + g * BK, v + b0 * ld, ld, hd, n)
+                xllm_accum_pv(acc + g * hd, s + g * BK, v, ldb, hd, n)
         b0 += BK
     for g in range(gq):
         c = 1.0 / l[g]
@@ -79,17 +92,29 @@ cdef void _attend(const float *q, const float *k, const float *v, Py_ssize_t ld,
             out[g * hd + d] = acc[g * hd + d] * c
 
 
+cdef cnp.ndarray _kv(object a, str name, bint f16):
+    """A KV cache array: float32, or float16 when f16; 2-D, C-contiguous."""
+    if not f16:
+        return _f32(a, name, False, 2)
+    if not isinstance(a, np.ndarray) or a.dtype != np.float16 or a.ndim != 2 \
+            or not a.flags.c_contiguous:
+        raise TypeError(f"{name} must be a 2-D C-contiguous float16 array like k_cache")
+    return <cnp.ndarray>a
+
+
 def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     """Causal grouped-query attention of M new queries over the cache.
 
-    q, out: float32 [M, n_heads*head_dim] (out may be q itself); k_cache, v_cache: float32
-    [capacity, n_kv_heads*head_dim] whose first start_pos + M rows are filled. Query row i sits at
+    q, out: float32 [M, n_heads*head_dim] (out may be q itself); k_cache, v_cache: float32 or
+    float16 (both the same) [capacity, n_kv_heads*head_dim] whose first start_pos + M rows are
+    filled. Query row i sits at
     position start_pos + i and attends to keys 0 .. start_pos + i; query head h reads KV head
     h // (n_heads // n_kv_heads). head_dim may be 1..256. Accumulation is float32 (the reference
     uses float64; expect ~1e-6 relative differences).
     """
     cdef cnp.ndarray qa = _f32(q, "q", False, 2), oa = _f32(out, "out", True, 2)
-    cdef cnp.ndarray ka = _f32(k_cache, "k_cache", False, 2), va = _f32(v_cache, "v_cache", False, 2)
+    cdef bint f16 = isinstance(k_cache, np.ndarray) and k_cache.dtype == np.float16
+    cdef cnp.ndarray ka = _kv(k_cache, "k_cache", f16), va = _kv(v_cache, "v_cache", f16)
     cdef Py_ssize_t nh = n_heads, nkv = n_kv_heads, sp = start_pos, m = qa.shape[0], hd
     if nh < 1 or nkv < 1 or nh % nkv:
         raise ValueError(f"n_heads ({nh}) must be a positive multiple of n_kv_heads ({nkv})")
@@ -109,8 +134,9 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     if m == 0:
         return
     cdef const float *qp = <const float *>cnp.PyArray_DATA(qa)
-    cdef const float *kp = <const float *>cnp.PyArray_DATA(ka)
-    cdef const float *vp = <const float *>cnp.PyArray_DATA(va)
+    cdef const char *kp = <const char *>cnp.PyArray_DATA(ka)
+    cdef const char *vp = <const char *>cnp.PyArray_DATA(va)
+    cdef Py_ssize_t es = 2 if f16 else 4
     cdef float *op = <float *>cnp.PyArray_DATA(oa)
     cdef Py_ssize_t group = nh // nkv, ldq = nh * hd, ldkv = nkv * hd
     cdef int nt = get_num_threads()
@@ -129,6 +155,6 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     for it in prange(items, nogil=True, num_threads=nt, schedule="dynamic"):
         r = it // m
         i = it % m
-        _attend(qp + i * ldq + r * gq * hd, kp + (r * gq // group) * hd,
-                vp + (r * gq // group) * hd, ldkv, <int>hd, <int>gq, sp + i + 1, sc,
+        _attend(qp + i * ldq + r * gq * hd, kp + (r * gq // group) * hd * es,
+                vp + (r * gq // group) * hd * es, f16, ldkv, <int>hd, <int>gq, sp + i + 1, sc,
                 op + i * ldq + r * gq * hd)

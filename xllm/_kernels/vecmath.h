@@ -309,6 +309,17 @@ static inline XLLM_T512 void xllm_accum_pv16(float *acc, const float *p, const f
     }
 }
 
+/* dst[j*hd + d] = float(src[j*ld + d]) for n rows of hd float16 values (a block of a float16
+ * KV cache, widened once and then read by every head of the group). */
+static inline void xllm_f16_rows(const uint16_t *src, ptrdiff_t ld, int n, int hd, float *dst) {
+    for (int j = 0; j < n; j++, src += ld, dst += hd) {
+        int d = 0;
+        for (; d + 8 <= hd; d += 8)
+            _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + d))));
+        for (; d < hd; d++) dst[d] = _cvtsh_ss(src[d]);
+    }
+}
+
 /* Prefetch n rows (stride ld floats) of hd floats each into L1: attention reads K/V rows at a
  * stride of n_kv_heads*head_dim, a pattern the hardware prefetchers follow poorly. */
 static inline void xllm_prefetch_rows(const float *p, ptrdiff_t ld, int n, int hd) {
