@@ -5,12 +5,9 @@ with GPT-2's byte-to-unicode alphabet (``"Ġ"`` for a space) and BPE merges are 
 rank; results match Hugging Face ``tokenizers`` and llama.cpp.
 """
 
-from __future__ import annotations
-
 import json
 import os
 from itertools import repeat
-from typing import Dict, List
 
 import regex
 
@@ -24,7 +21,7 @@ __all__ = ["ByteLevelBPE", "PRE_TOKENIZERS"]
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
            r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS: Dict[str, List[str]] = {
+PRE_TOKENIZERS: dict[str, list[str]] = {
     "gpt-2": [_GPT2], "llama-bpe": [_LLAMA3], "llama3": [_LLAMA3], "llama-v3": [_LLAMA3],
     "smollm": [r"\p{N}", _GPT2],  # every digit on its own, then GPT-2
     "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],  # llama.cpp's
@@ -56,7 +53,7 @@ class ByteLevelBPE(_Tokenizer):
         except regex.error as e:
             raise ModelFormatError(f"bad pre-tokenizer regex: {e}") from None
         self._ids = {t: i for i, t in enumerate(pieces)}
-        self._ranks: Dict[tuple, int] = {}  # the first occurrence of a pair wins
+        self._ranks: dict[tuple, int] = {}  # the first occurrence of a pair wins
         for rank, m in enumerate(merges):
             pair = tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
             if len(pair) != 2:
@@ -73,7 +70,7 @@ class ByteLevelBPE(_Tokenizer):
                 latin1 = latin.isascii() or max(latin) < "\u0100"
                 self._bytes.append(latin.encode("latin-1") if latin1 else t.encode("utf-8"))
         self._set_special(special, always)
-        self._cache: Dict[str, List[int]] = {}
+        self._cache: dict[str, list[int]] = {}
 
     @classmethod
     def from_gguf_fields(cls, tokens, merges, token_types=None, pre="default", *, bos_id=-1,
@@ -121,26 +118,21 @@ class ByteLevelBPE(_Tokenizer):
             raise ModelFormatError(f"{path}: not a supported byte-level BPE tokenizer.json "
                                    f"({detail})") from None
 
-    def pre_tokenize(self, text: str) -> List[str]:
+    def pre_tokenize(self, text: str) -> list[str]:
         """Split ``text`` into the words BPE works on (before byte-level spelling)."""
         words = [text] if text else []
-        for rx in self._passes:
+        for rx in self._passes:  # the text before each match, the match; then the rest
             out = []
             for w in words:
                 pos = 0
                 for m in rx.finditer(w):
-                    start, end = m.span()
-                    if start > pos:
-                        out.append(w[pos:start])
-                    if end > start:
-                        out.append(w[start:end])
-                    pos = end
-                if pos < len(w):
-                    out.append(w[pos:])
-            words = out
+                    out += (w[pos:m.start()], m[0])
+                    pos = m.end()
+                out.append(w[pos:])
+            words = [w for w in out if w]
         return words
 
-    def _encode_part(self, text: str, ids: List[int]) -> None:
+    def _encode_part(self, text: str, ids: list[int]) -> None:
         cache = self._cache
         for w in self.pre_tokenize(text):
             r = cache.get(w)
@@ -151,7 +143,7 @@ class ByteLevelBPE(_Tokenizer):
                 r = cache[w] = self._bpe(spelled)
             ids += r
 
-    def _bpe(self, word: str) -> List[int]:
+    def _bpe(self, word: str) -> list[int]:
         """BPE on one byte-spelled word: merge the adjacent pair of lowest rank, leftmost first
         (as tokenizers and llama.cpp do)."""
         vocab = self._ids
@@ -177,23 +169,18 @@ class ByteLevelBPE(_Tokenizer):
             rk[-1] = _NO_MERGE
             r = min(rk)
         out = []
-        for s in syms:
-            i = vocab.get(s)
-            if i is not None:
-                out.append(i)
-            else:  # its bytes; bytes the vocabulary lacks are dropped (as without <unk>)
-                out += [vocab[c] for c in s if c in vocab]
+        for s in syms:  # else its bytes; bytes the vocabulary lacks are dropped (as without <unk>)
+            out += [vocab[s]] if s in vocab else [vocab[c] for c in s if c in vocab]
         return out
 
     def _surface(self, i, strip):
         return self._bytes[i], False
 
 
-def _json_pre_tokenizer(pre) -> List[str]:
+def _json_pre_tokenizer(pre) -> list[str]:
     """Regex passes equivalent to a tokenizer.json pre_tokenizer."""
     items = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
-    patterns: List[str] = []
-    byte_level = False
+    patterns, byte_level = [], False
     for p in items:
         kind = p and p.get("type")
         if kind == "ByteLevel":
@@ -213,19 +200,16 @@ def _json_pre_tokenizer(pre) -> List[str]:
     return patterns
 
 
-def _config_ids(folder: str, tokens: List[str]) -> List[int]:
+def _config_ids(folder: str, tokens: list[str]) -> list[int]:
     """BOS, EOS and UNK ids named in ``tokenizer_config.json`` (-1 if absent)."""
     try:
         with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError):
         config = {}
-    ids = []
-    for key in ("bos_token", "eos_token", "unk_token"):
-        t = config.get(key)
-        t = t.get("content") if isinstance(t, dict) else t
-        ids.append(tokens.index(t) if t in tokens else -1)
-    return ids
+    names = [t.get("content") if isinstance(t, dict) else t
+             for t in map(config.get, ("bos_token", "eos_token", "unk_token"))]
+    return [tokens.index(t) if t in tokens else -1 for t in names]
 
 
 def _template_adds(data: dict, bos: str) -> bool:

@@ -28,10 +28,6 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
                       sort_keys=sort_keys)
 
 
-def _strftime_now(fmt):
-    return datetime.now().strftime(fmt)
-
-
 @lru_cache(maxsize=1)
 def _environment():
     try:
@@ -42,7 +38,8 @@ def _environment():
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+    env.globals.update(raise_exception=_raise_exception,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env
 
 

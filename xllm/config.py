@@ -39,9 +39,8 @@ class ModelConfig:
 
     def validate(self, source="config"):
         """Raise ModelFormatError naming `source` if the numbers cannot describe a model."""
-        ints = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                "num_kv_heads", "head_dim", "max_seq_len")
-        for name in ints:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_seq_len"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v <= 0:
                 raise ModelFormatError(f"{source}: {name} must be a positive integer, got {v!r}")

@@ -12,6 +12,8 @@ import sys
 from .errors import XLLMError
 
 DEFAULT_PROMPT = "What is the capital of France?"
+_SAMPLING = dict(max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                 repetition_penalty=1.0)  # generation options and their defaults
 
 
 def _parser():
@@ -27,12 +29,8 @@ def _parser():
                                                       "without the chat template")
     p.add_argument("--chat", action="store_true", help="interactive chat (/reset, /exit)")
     p.add_argument("--system", help="system message for chat-formatted prompts")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    for name, default in _SAMPLING.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--threads", type=int, help="kernel threads (default: all usable cores)")
@@ -57,14 +55,18 @@ def _stream(pieces):
     out = []
     try:
         for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            print(piece, end="", flush=True)
             out.append(piece)
     except KeyboardInterrupt:
         sys.stdout.write(" [interrupted]")
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    print(flush=True)
     return "".join(out)
+
+
+def _messages(system, prompt):
+    """The chat messages: `system` (if any), then the user's `prompt`."""
+    system = [{"role": "system", "content": system}] if system else []
+    return system + [{"role": "user", "content": prompt}]
 
 
 def _chat_loop(model, system, kwargs):
@@ -95,9 +97,7 @@ def main(argv=None):
     """Entry point of ``python -m xllm.generate``."""
     args = _parser().parse_args(argv)
     from . import load
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                  repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    kwargs = {k: getattr(args, k) for k in (*_SAMPLING, "seed", "stop")}
     try:
         model = load(args.model, tokenizer=args.tokenizer, threads=args.threads)
         if args.chat:
@@ -107,18 +107,14 @@ def main(argv=None):
             with open(args.batch_file, encoding="utf-8") as f:
                 prompts = [line.rstrip("\n") for line in f if line.strip()]
             if model.chat_template is not None and not args.raw:
-                system = [{"role": "system", "content": args.system}] if args.system else []
-                prompts = [model.chat_ids(system + [{"role": "user", "content": p}])
-                           for p in prompts]
+                prompts = [model.chat_ids(_messages(args.system, p)) for p in prompts]
             print("\n\n".join(model.generate(prompts, **kwargs)))
             return 0
         prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
         if args.echo:
             sys.stdout.write(prompt)
         if model.chat_template is not None and not args.raw:
-            messages = [{"role": "system", "content": args.system}] if args.system else []
-            pieces = model.chat(messages + [{"role": "user", "content": prompt}], stream=True,
-                                **kwargs)
+            pieces = model.chat(_messages(args.system, prompt), stream=True, **kwargs)
         else:
             pieces = model.generate(prompt, stream=True, **kwargs)
         _stream(pieces)

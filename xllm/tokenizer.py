@@ -6,15 +6,12 @@ run time. Models needing anything else (unigram, a normalisation table, whitespa
 are rejected with ``ModelFormatError`` rather than tokenized slightly wrongly.
 """
 
-from __future__ import annotations
-
 import codecs
 import heapq
 import os
 import re
 import struct
 from array import array
-from typing import List
 
 from .errors import ModelFormatError
 
@@ -55,7 +52,7 @@ class _Tokenizer:
         self._special_rx, self._always_rx = _alternation(special), _alternation(always)
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False,
-               parse_special: bool = False) -> List[int]:
+               parse_special: bool = False) -> list[int]:
         """Token ids of ``text``. With ``parse_special`` the texts of special tokens (longest
         first) become those tokens and the text between them is encoded on its own."""
         ids = [self._special_id("bos")] if add_bos else []
@@ -128,8 +125,7 @@ class StreamDecoder:
 
 
 def _alternation(texts):
-    # Longest first, so that at each position the longest text wins; the group makes
-    # re.split keep the matches (at odd positions).
+    # Longest first, so the longest text wins; the group makes re.split keep the matches.
     texts = sorted(texts, key=len, reverse=True)
     return re.compile("(%s)" % "|".join(map(re.escape, texts))) if texts else None
 
@@ -252,8 +248,7 @@ class SentencePieceBPE(_Tokenizer):
             if pos != len(data):
                 raise ValueError(f"{len(data) - pos} unexpected bytes after the tokens")
             found = [*zip(pieces, types)]
-            ids = [found.index(pt) if pt in found else -1
-                   for pt in (("<s>", CONTROL), ("</s>", CONTROL), ("<unk>", UNKNOWN))]
+            ids = [found.index(pt) if pt in found else -1 for pt in named.values()]
             return cls(pieces, scores, types, bos_id=ids[0], eos_id=ids[1], unk_id=ids[2],
                        add_dummy_prefix=True, byte_fallback=True)
         except (ValueError, struct.error) as e:
@@ -274,7 +269,7 @@ class SentencePieceBPE(_Tokenizer):
             text = text.rstrip(SPACE_SYMBOL if self.escape_whitespaces else " ")
         return text
 
-    def _encode_part(self, text: str, out: List[int]) -> None:
+    def _encode_part(self, text: str, out: list[int]) -> None:
         s = self.normalize(text)
         if not s:
             return
@@ -318,10 +313,9 @@ class SentencePieceBPE(_Tokenizer):
                 candidate(prev[left], left)
             if after >= 0:
                 candidate(left, after)
-        resolved, i = [], 0
-        while i != -1:
-            self._resegment(symbols[i], rev_merge, resolved)
-            i = nxt[i]
+        resolved = []
+        for sym in filter(None, symbols):  # merged-away symbols are ''; the rest are in order
+            self._resegment(sym, rev_merge, resolved)
         prev_unk = False
         for piece, pid in resolved:
             if pid != self.unk_id:
@@ -359,9 +353,6 @@ class SentencePieceBPE(_Tokenizer):
             # with whitespace folding, stripping goes on until real text appears
             return p[1:].replace(SPACE_SYMBOL, " "), not self.remove_extra_whitespaces
         return p.replace(SPACE_SYMBOL, " "), False
-
-
-# --------------------------------------------------------------------------- file formats
 
 
 def _read_file(path: str) -> bytes:
@@ -457,11 +448,10 @@ def read_gguf_metadata(source) -> dict:
 def tokenizer_from_gguf(meta: dict, name: str = "GGUF file"):
     """The tokenizer that GGUF metadata describes (``tokenizer.ggml.model`` ``llama`` or
     ``gpt2``); otherwise ``ModelFormatError`` naming ``name``."""
-    model, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
-    types = meta.get("tokenizer.ggml.token_type")
-
-    def get(key, default):
+    def get(key, default=None):
         return meta.get("tokenizer.ggml." + key, default)
+
+    model, tokens, types = get("model"), get("tokens"), get("token_type")
     try:
         if model not in ("llama", "gpt2"):
             raise ModelFormatError(f"tokenizer model {model!r} is not supported "

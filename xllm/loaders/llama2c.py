@@ -33,8 +33,7 @@ def looks_like_llama2c(path) -> bool:
 
 
 def _layout(h, version):
-    """[(name, shape)] of the float32 arrays in file order; names starting with '_' are skipped.
-    `h` is the header dict; per-layer arrays are stacked [n_layers, ...]."""
+    """[(name, shape)] of the float32 arrays in file order; names starting with '_' are skipped."""
     d, f, n, vocab = h["dim"], h["hidden_dim"], h["n_layers"], abs(h["vocab_size"])
     hs = d // h["n_heads"]
     kv = h["n_kv_heads"] * hs
@@ -68,8 +67,7 @@ def load_llama2c(path) -> Checkpoint:
         version, start, data_offset = 0, 0, 28
     if buf.size < data_offset:
         raise ModelFormatError(f"{path}: {buf.size} bytes is too short for a llama2.c header")
-    values = [int(v) for v in buf[start:start + 28].view("<i4")]
-    h = dict(zip(FIELDS, values))
+    h = dict(zip(FIELDS, map(int, buf[start:start + 28].view("<i4"))))
     shown = " ".join(f"{k}={v}" for k, v in h.items())
     # v0 flags an untied classifier with a negative vocab size; v1 has a separate byte.
     h["tied"] = h["vocab_size"] > 0 if version == 0 else bool(buf[36])

@@ -1,10 +1,8 @@
-"""Zero-copy reader for .safetensors files.
+"""Zero-copy reader for .safetensors files (header length, JSON header, raw little-endian data).
 
-The format is simple and documented: an 8-byte little-endian header length N, N bytes of JSON
-mapping each tensor name to {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative
-to the end of the header), then the raw little-endian data. We parse it ourselves because the
-``safetensors`` package's NumPy API copies every tensor and has no bfloat16; here each tensor is
-a read-only view into one mmap of the file, and bf16 comes back as uint16 bits.
+We parse it ourselves because the ``safetensors`` package's NumPy API copies every tensor and has
+no bfloat16; here each tensor is a read-only view into one mmap of the file, and bf16 comes back
+as uint16 bits.
 """
 import json
 import mmap
@@ -33,9 +31,8 @@ def map_file(path):
 def read_safetensors(path):
     """Map a .safetensors file: returns {name: (safetensors dtype, shape, raw uint8 view)}.
 
-    Every entry's byte range is checked against the file size and against prod(shape) *
-    itemsize, so a truncated or corrupt file raises ModelFormatError naming the file and tensor.
-    Call :func:`as_array` to turn an entry into a typed array.
+    A truncated or corrupt file raises ModelFormatError naming the file and tensor. Call
+    :func:`as_array` to turn an entry into a typed array.
     """
     buf = map_file(path)
     size = buf.size
