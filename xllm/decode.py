@@ -74,6 +74,7 @@ def generate_ids(transformer, prompt_ids, max_new_tokens, sampler, stop_ids, sta
         kv = transformer.new_cache()
     # Re-feed at least the last prompt token: its logits are not kept.
     kv.truncate(min(kv.common_prefix(prompt_ids), n_prompt - 1))
+    kv.reserve(min(n_prompt + max_new_tokens, max_len) - kv.length)  # all it can need, at once
     stats.update(prompt_tokens=n_prompt, cached_tokens=kv.length, generated=0, decode_steps=0,
                  decode_seconds=0.0, finish="length")
     t = time.perf_counter()
@@ -121,6 +122,8 @@ def generate_batch_ids(transformer, prompts, max_new_tokens, samplers, stop_ids,
         h[:len(p)] = p
     lens = [len(p) for p in prompts]
     kvs = [transformer.new_cache() for _ in prompts]
+    for kv, p, m in zip(kvs, prompts, limits):  # exactly the rows it can need: no regrowth
+        kv.reserve(min(len(p) + m, max_len))
     logits = np.empty((n, transformer.config.vocab_size), np.float32)
     live = [i for i in range(n) if limits[i] > 0]
     transformer.forward_batch([prompts[i] for i in live], [kvs[i] for i in live], logits)

@@ -1,0 +1,44 @@
+"""python -m xllm.memory: the prediction from a config, and the measured run."""
+import pathlib
+import sys
+
+import pytest
+
+from xllm import memory
+from xllm.config import PRESETS, ModelConfig
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+from random_model import write_random_model  # noqa: E402
+
+
+def test_llama2_7b_table_from_config_alone(capsys):
+    """Llama-2-7B, fp32 weights, fp32 KV, batch 64 x (512 + 512): computed, nothing allocated."""
+    assert memory.main(["--random", "llama2-7b", "--dtype", "fp32", "--batch", "64",
+                        "--prompt-len", "512", "--gen-len", "512", "--kv-dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    c = ModelConfig(**PRESETS["llama2-7b"])
+    w = memory.weight_table(c, dtype="fp32")
+    assert w[("embedding", "float32")] == 32000 * 4096 * 4
+    assert w[("MLP", "float32")] == 32 * (3 * 4096 * 11008 + 4096) * 4
+    assert "KV cache (float32, 64 x 1024 rows)" in out and "65536.0" in out  # 64 GiB
+    assert "weights total" in out and "25705.0" in out
+
+
+def test_float16_kv_halves_and_int_weights_shrink():
+    c = ModelConfig(**PRESETS["tinyllama-1.1b"])
+    t32 = sum(memory.weight_table(c, dtype="fp32").values())
+    t8 = sum(memory.weight_table(c, dtype="int8").values())
+    t4 = sum(memory.weight_table(c, dtype="int4").values())
+    assert 0.26 < t8 / t32 < 0.27 and 0.14 < t4 / t32 < 0.15  # 1.0625 and 0.5625 bytes
+    text16, total16 = memory.report(c, {}, 4, 2000, 48, "float16", 0)
+    text32, total32 = memory.report(c, {}, 4, 2000, 48, "float32", 0)
+    kv32 = 4 * 2 * 22 * 2048 * 256 * 4
+    assert total32 - total16 == pytest.approx(kv32 / 2)
+
+
+def test_model_prediction_and_measurement(tmp_path, capsys):
+    path = write_random_model(tmp_path / "m", "tiny", "fp32", seed=1)
+    assert memory.main(["--model", str(path), "--batch", "3", "--prompt-len", "20",
+                        "--gen-len", "4", "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache (float16, 3 x 256 rows)" in out and "measured peak RSS" in out

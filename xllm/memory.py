@@ -1,0 +1,158 @@
+"""Memory of a batched generation run: predicted from the model (or a preset config), and measured.
+
+    python -m xllm.memory --model M --batch 16 --prompt-len 1024 --gen-len 64 [--measure]
+    python -m xllm.memory --random llama2-7b --dtype fp32 --batch 64 --prompt-len 512 \\
+        --gen-len 512 --kv-dtype float32
+
+Weights are counted per group (embedding, attention, MLP, head) and dtype; the KV cache as its
+growth policy (KVCache.reserve) allocates it; activations as the Workspace, the batch's logits
+and history, and the quantized kernels' scratch for x (peak: a prefill chunk; normal: a decode
+step). "runtime" is this process without weights: before loading for --random (Python, numpy,
+xllm), and after loading, less the weights copied to memory, for --model (adds the tokenizer).
+"""
+import argparse
+import resource
+
+import numpy as np
+
+from .config import PRESETS, ModelConfig
+from .loaders import expected_shapes
+from .quant import PANEL, QTensor
+
+GROUPS = (("embedding", ("tok_embeddings",)), ("head", ("output", "norm")),
+          ("attention", ("wq", "wk", "wv", "wo", "attention_norm")),
+          ("MLP", ("w1", "w2", "w3", "ffn_norm")))
+DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}
+LABELS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "uint16": "bfloat16"}
+
+
+def _group(name):
+    return next(g for g, names in GROUPS if name.split(".")[-1] in names)
+
+
+def weight_table(config, weights=None, dtype="fp32"):
+    """{(group, dtype label): bytes}: of loaded `weights`, or computed for a preset `dtype`
+    (fp32/fp16/bf16, or int8/int4 with 32-value groups and float16 scales) without allocating."""
+    table = {}
+    for name, shape in expected_shapes(config).items():
+        if weights is not None:
+            w = weights[name]
+            label, nbytes = (w.kind, w.nbytes) if isinstance(w, QTensor) else (str(w.dtype), w.nbytes)
+        elif len(shape) == 1 or dtype in DTYPE_BYTES:
+            label = "float32" if len(shape) == 1 else dtype
+            nbytes = int(np.prod(shape) * (4 if len(shape) == 1 else DTYPE_BYTES[dtype]))
+        else:  # packed panels: rows rounded up to 16; per 32 values one fp16 scale
+            rows = -(-shape[0] // PANEL) * PANEL
+            label, per = f"{dtype} g32 fp16", (1.0 if dtype == "int8" else 0.5) + 2 / 32
+            nbytes = int(rows * shape[1] * per)
+        key = (_group(name), LABELS.get(label, label))
+        table[key] = table.get(key, 0) + nbytes
+    return table
+
+
+def kv_capacity(config, prompt_len, gen_len, initial=256):
+    """Rows of a sequence's KVCache: generation reserves prompt + new tokens at once."""
+    return min(config.max_seq_len, max(prompt_len + gen_len, initial))
+
+
+def activation_bytes(config, batch, prompt_len, rows=512):
+    """(peak, normal) bytes of activations for `batch` sequences (see the module docstring)."""
+    c, r = config, min(rows, config.max_seq_len)
+    ws = 4 * r * (2 * c.hidden_size + 2 * c.q_dim + 2 * c.kv_dim + 2 * c.intermediate_size)
+    ws += 4 * c.vocab_size + 3 * 8 * r + 2 * 4 * c.max_seq_len * (c.head_dim // 2)
+    per_seq = 4 * c.vocab_size + 8 * (prompt_len + 1)  # logits row, token history
+    k = max(c.hidden_size, c.q_dim, c.intermediate_size)
+    scratch = lambda m: m * (3 * k + 12 * (k // 32))  # noqa: E731  quantized x of m rows
+    prefill_rows = min(r, batch * prompt_len)
+    return ws + batch * per_seq + scratch(prefill_rows), ws + batch * per_seq + scratch(batch)
+
+
+def model_weights(tr):
+    """The canonical weight dict of a Transformer (norms as it keeps them)."""
+    w = {"tok_embeddings": tr.tok_embeddings, "norm": tr.norm}
+    if tr.output is not tr.tok_embeddings:
+        w["output"] = tr.output
+    for i, layer in enumerate(tr.layers):
+        w.update({f"layers.{i}.{n}": getattr(layer, n) for n in layer.__slots__})
+    return w
+
+
+def _owned_bytes(a):
+    """Bytes of `a` (array or QTensor) held in anonymous memory (not a view of a mapped file)."""
+    if isinstance(a, QTensor):
+        return sum(_owned_bytes(x) for x in (a.qs, a.scales, a.mins) if x is not None)
+    base = a
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return a.nbytes if isinstance(base, np.ndarray) and not isinstance(base, np.memmap) else 0
+
+
+def rss_bytes():
+    """This process's resident memory now (bytes)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def report(config, weights_table, batch, prompt_len, gen_len, kv_dtype, runtime):
+    """The table as text, and the predicted total (bytes)."""
+    mib = 2.0 ** 20
+    lines = [f"{'':30s}{'MiB':>12s}"]
+    for (group, label), b in sorted(weights_table.items()):
+        lines.append(f"weights {group:10s} {label:17s}{b / mib:12.1f}")
+    weights = sum(weights_table.values())
+    cap = kv_capacity(config, prompt_len, gen_len)
+    kv = batch * 2 * config.num_layers * cap * config.kv_dim * np.dtype(kv_dtype).itemsize
+    peak, normal = activation_bytes(config, batch, prompt_len)
+    lines += [f"{'weights total':30s}{weights / mib:12.1f}",
+              f"{f'KV cache ({kv_dtype}, {batch} x {cap} rows)':30s}{kv / mib:12.1f}",
+              f"{'activations, peak':30s}{peak / mib:12.1f}",
+              f"{'activations, normal':30s}{normal / mib:12.1f}",
+              f"{'runtime (process, tokenizer)':30s}{runtime / mib:12.1f}"]
+    total = weights + kv + peak + runtime
+    lines.append(f"{'total (peak)':30s}{total / mib:12.1f}")
+    return "\n".join(lines), total
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a model path or name xllm loads")
+    src.add_argument("--random", choices=sorted(PRESETS), help="a preset shape (nothing loaded)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_BYTES) + ["int8", "int4"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=512)
+    p.add_argument("--kv-dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--measure", action="store_true", help="run the workload (--model only)")
+    a = p.parse_args(argv)
+    runtime = rss_bytes()
+    if a.random:
+        config = ModelConfig(**PRESETS[a.random])
+        text, _ = report(config, weight_table(config, dtype=a.dtype), a.batch, a.prompt_len,
+                         a.gen_len, a.kv_dtype, runtime)
+        print(text)
+        return 0
+    from . import load
+    model = load(a.model, threads=a.threads, kv_dtype=a.kv_dtype)
+    c, weights = model.config, model_weights(model.transformer)
+    # the process after loading, less the weights it copied: interpreter, tokenizer, heap
+    runtime = rss_bytes() - sum(_owned_bytes(w) for w in weights.values())
+    text, total = report(c, weight_table(c, weights), a.batch, a.prompt_len, a.gen_len,
+                         a.kv_dtype, runtime)
+    print(text)
+    if a.measure:
+        from .decode import Sampler, SamplingParams, generate_batch_ids
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(3, c.vocab_size, a.prompt_len) for _ in range(a.batch)]
+        samplers = [Sampler(SamplingParams()) for _ in prompts]
+        for _ in generate_batch_ids(model.transformer, prompts, a.gen_len, samplers, ()):
+            pass
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(f"{'measured peak RSS':30s}{peak / 2**20:12.1f}   ({peak / total - 1:+.1%} "
+              f"against the prediction)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
