@@ -5,7 +5,7 @@
     python tools/benchmark_batch.py --random tiny --batch 8 --max-new-tokens 16 --raw --profile
 
 The first B lines of --file (cycled when B is larger) are rendered with the model's chat template
-(unless --raw or the model has none) and generated together by xllm.decode.generate_batch_ids,
+(unless --raw or the model has none) and generated together by xllm.decode.generate_ids,
 greedy, stopping at the end-of-sequence ids or after --max-new-tokens. Every token is timestamped:
 
 - prefill tok/s = prompt tokens of all sequences / time from the start until every sequence has
@@ -33,7 +33,7 @@ import numpy as np
 
 import xllm
 from xllm import _kernels
-from xllm.decode import SamplingParams, Sampler, generate_batch_ids
+from xllm.decode import SamplingParams, Sampler, generate_ids
 from xllm.hub import resolve
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +100,7 @@ def run_batch(model, prompts, max_new_tokens, stop_ids):
     tr.forward_batch = timed_forward_batch  # an instance attribute shadows the method
     try:
         t0 = time.perf_counter()
-        for i, token in generate_batch_ids(tr, prompts, max_new_tokens, samplers, stop_ids):
+        for i, token in generate_ids(tr, prompts, max_new_tokens, samplers, stop_ids):
             now = time.perf_counter()
             if first[i] is None:
                 first[i] = now

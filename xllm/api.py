@@ -1,5 +1,6 @@
 """The public entry points: ``xllm.load(path) -> Model``."""
 import os
+from dataclasses import replace
 from typing import Iterator, Sequence, Union
 
 import numpy as np
@@ -7,7 +8,7 @@ import numpy as np
 from . import _kernels
 from .config import ModelConfig
 from .errors import ModelFormatError
-from .decode import SamplingParams, Sampler, StopFilter, generate_ids, stream_text
+from .decode import SamplingParams, Sampler, StopFilter, generate_ids
 from .model import Transformer
 
 
@@ -87,13 +88,21 @@ class Model:
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if isinstance(prompt, (list, tuple)) and prompt and \
-                isinstance(prompt[0], (str, list, tuple, np.ndarray)):
-            return self._generate_batch(prompt, max_new_tokens, params, stop, stream, add_bos)
-        ids = self._encode(prompt, add_bos)
-        pieces = self._pieces(ids, max_new_tokens, Sampler(params))
-        text = stream_text(pieces, stop)
-        return text if stream else "".join(text)
+        batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and \
+            isinstance(prompt[0], (str, list, tuple, np.ndarray))
+        ids = [self._encode(p, add_bos) for p in (prompt if batch else [prompt])]
+        if not batch and self._kv is None:
+            self._kv = self.transformer.new_cache()
+        pieces = self._pieces(ids, max_new_tokens, params, stop, None if batch else [self._kv])
+        if not batch:
+            text = (piece for _, piece in pieces)
+            return text if stream else "".join(text)
+        if stream:
+            return pieces
+        texts = [""] * len(ids)
+        for i, piece in pieces:
+            texts[i] += piece
+        return texts
 
     def _encode(self, prompt, add_bos):
         if isinstance(prompt, str):
@@ -107,60 +116,32 @@ class Model:
             self._check_ids(ids)
         return ids
 
-    def _generate_batch(self, prompts, max_new_tokens, params, stop, stream, add_bos):
-        """Several prompts at once (see generate): a list of texts, or an iterator of
-        (index, piece) with stream=True. Sequence i samples with seed + i (if a seed is set)."""
-        from dataclasses import replace
-        from .decode import generate_batch_ids
-        ids = [self._encode(p, add_bos) for p in prompts]
+    def _pieces(self, ids, max_new_tokens, params, stop, kvs):
+        """(index, text piece) of the generation of the prompts `ids` (one batch); sequence i
+        samples with seed + i if a seed is set."""
         c, tok = self.config, self.tokenizer
         stop_ids = frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids) if i is not None)
         samplers = [Sampler(replace(params, seed=None if params.seed is None else params.seed + i))
                     for i in range(len(ids))]
+        # Only BOS before the continuation: its first piece loses its leading space, as in
+        # sentencepiece's decode of a whole sequence.
         bos = getattr(tok, "bos_id", None)
         decs = [tok.decoder(strip_leading_space=all(t == bos for t in p)) if tok else None
                 for p in ids]
         stopped, filters = set(), [StopFilter(stop) for _ in ids]
-        new = generate_batch_ids(self.transformer, ids, max_new_tokens, samplers, stop_ids,
-                                 stopped)
-
-        def pieces():
-            for i, t in new:
-                text = filters[i].push(decs[i].push(t)) if decs[i] else ""
-                if filters[i].done:
-                    stopped.add(i)
-                if text:
-                    yield i, text
-            for i, (d, f) in enumerate(zip(decs, filters)):
-                text = f.flush() if f.done or d is None else f.push(d.flush()) + f.flush()
-                if text:
-                    yield i, text
-        if stream:
-            return pieces()
-        texts = [""] * len(ids)
-        for i, piece in pieces():
-            texts[i] += piece
-        return texts
-
-    def _pieces(self, ids, max_new_tokens, sampler):
-        tok = self.tokenizer
-        c = self.config
-        stop_ids = frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids) if i is not None)
         stats = self.last_stats = {"tokens": []}
-        if self._kv is None:
-            self._kv = self.transformer.new_cache()
-        new = generate_ids(self.transformer, ids, max_new_tokens, sampler, stop_ids, stats,
-                           self._kv)
-        # Only BOS before the continuation: its first piece loses its leading space, as in
-        # sentencepiece's decode of a whole sequence.
-        bos = getattr(tok, "bos_id", None)
-        dec = tok.decoder(strip_leading_space=all(i == bos for i in ids)) if tok else None
-        for t in new:
+        for i, t in generate_ids(self.transformer, ids, max_new_tokens, samplers, stop_ids,
+                                 kvs=kvs, stats=stats, stopped=stopped):
             stats["tokens"].append(t)
-            if dec is not None:
-                yield dec.push(t)
-        if dec is not None:
-            yield dec.flush()
+            text = filters[i].push(decs[i].push(t)) if decs[i] else ""
+            if filters[i].done:
+                stopped.add(i)
+            if text:
+                yield i, text
+        for i, (d, f) in enumerate(zip(decs, filters)):
+            text = f.flush() if f.done or d is None else f.push(d.flush()) + f.flush()
+            if text:
+                yield i, text
 
     def chat(self, messages, *, template=None, stream=False, **generate_kwargs):
         """Reply to a conversation (OpenAI-style ``[{"role": ..., "content": ...}]``).

@@ -53,61 +53,19 @@ class Sampler:
         return K.sample(logits, p.temperature, p.top_k, p.top_p, p.min_p, self.rng.random())
 
 
-def generate_ids(transformer, prompt_ids, max_new_tokens, sampler, stop_ids, stats, kv=None):
-    """Yield generated token ids: prefill the prompt, then one decode step per token.
+def generate_ids(transformer, prompts, max_new_tokens, samplers, stop_ids, *, kvs=None,
+                 stats=None, stopped=()):
+    """Yield (index, token id) for the prompts generated together: one ragged prefill of all of
+    them, then one decode step per token for every sequence still running, each sampled by its
+    own sampler. A sequence leaves (and drops its cache) at a stop id (not yielded), after its
+    max_new_tokens (an int, or one per prompt), when the context is full, or once the caller
+    adds its index to the set `stopped` (a stop string seen). Its tokens are exactly those it
+    gets alone (forward_batch is bitwise batch-invariant).
 
-    With `kv` (a cache holding an earlier sequence), the longest prefix it shares with the prompt
-    is reused and only the rest is prefilled. Stops at a token in stop_ids (not yielded), after
-    max_new_tokens, or when the context is full. `stats` (a dict) receives timings and the
-    reason for stopping.
+    `kvs` may give a cache per prompt holding an earlier sequence: the longest prefix it shares
+    with the prompt is reused and only the rest is prefilled. `stats` (a dict) receives token
+    counts, timings and the reason the last sequence stopped.
     """
-    n_prompt = len(prompt_ids)
-    if n_prompt == 0:
-        raise ValueError("the prompt is empty: give at least one token (e.g. add_bos=True)")
-    max_len = transformer.config.max_seq_len
-    if n_prompt > max_len:
-        raise ContextLengthError(f"the prompt has {n_prompt} tokens; the model's context is "
-                                 f"{max_len}")
-    history = np.zeros(n_prompt + max_new_tokens, np.int64)  # for the repetition penalty
-    history[:n_prompt] = prompt_ids
-    if kv is None:
-        kv = transformer.new_cache()
-    # Re-feed at least the last prompt token: its logits are not kept.
-    kv.truncate(min(kv.common_prefix(prompt_ids), n_prompt - 1))
-    kv.reserve(min(n_prompt + max_new_tokens, max_len) - kv.length)  # all it can need, at once
-    stats.update(prompt_tokens=n_prompt, cached_tokens=kv.length, generated=0, decode_steps=0,
-                 decode_seconds=0.0, finish="length")
-    t = time.perf_counter()
-    logits = transformer.forward(history[kv.length:n_prompt], kv)
-    stats["prefill_seconds"] = time.perf_counter() - t
-    n = n_prompt
-    while n - n_prompt < max_new_tokens:
-        token = sampler(logits, history[:n])
-        if token in stop_ids:
-            stats["finish"] = "stop"
-            return
-        history[n] = token
-        n += 1
-        stats["generated"] += 1
-        yield token
-        if n - n_prompt >= max_new_tokens:
-            return
-        if kv.length >= max_len:
-            stats["finish"] = "context"
-            return
-        t = time.perf_counter()
-        logits = transformer.forward(history[n - 1:n], kv)
-        stats["decode_seconds"] += time.perf_counter() - t
-        stats["decode_steps"] += 1
-
-
-def generate_batch_ids(transformer, prompts, max_new_tokens, samplers, stop_ids, stopped=()):
-    """Yield (index, token id) for several prompts generated together: one ragged prefill of
-    all prompts, then one decode step per token for all sequences still running, each sampled
-    by its own sampler. A sequence leaves the batch (and its cache is freed) at a stop id, its
-    max_new_tokens (an int, or one per prompt) or the context limit; its tokens are exactly
-    those it gets alone (forward_batch is bitwise batch-invariant). The caller may add indices
-    to the set `stopped` (a stop string seen) to make those sequences leave too."""
     n = len(prompts)
     limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     max_len = transformer.config.max_seq_len
@@ -118,33 +76,46 @@ def generate_batch_ids(transformer, prompts, max_new_tokens, samplers, stop_ids,
             raise ContextLengthError(f"prompt {i} has {len(ids)} tokens; the model's context "
                                      f"is {max_len}")
     hist = [np.zeros(len(p) + m, np.int64) for p, m in zip(prompts, limits)]
-    for h, p in zip(hist, prompts):
+    kvs = list(kvs) if kvs is not None else [transformer.new_cache() for _ in prompts]
+    for h, p, m, kv in zip(hist, prompts, limits, kvs):
         h[:len(p)] = p
+        # re-feed at least the last prompt token (its logits are not kept); then reserve all
+        # the rows the sequence can need at once (no regrowth)
+        kv.truncate(min(kv.common_prefix(p), len(p) - 1))
+        kv.reserve(min(len(p) + m, max_len) - kv.length)
+    stats = {} if stats is None else stats
+    stats.update(prompt_tokens=sum(map(len, prompts)), cached_tokens=sum(k.length for k in kvs),
+                 generated=0, decode_steps=0, decode_seconds=0.0, finish="length")
     lens = [len(p) for p in prompts]
-    kvs = [transformer.new_cache() for _ in prompts]
-    for kv, p, m in zip(kvs, prompts, limits):  # exactly the rows it can need: no regrowth
-        kv.reserve(min(len(p) + m, max_len))
     logits = np.empty((n, transformer.config.vocab_size), np.float32)
-    live = [i for i in range(n) if limits[i] > 0]
-    transformer.forward_batch([prompts[i] for i in live], [kvs[i] for i in live], logits)
+    live = list(range(n))
+    t = time.perf_counter()
+    transformer.forward_batch([h[k.length:m] for h, k, m in zip(hist, kvs, lens)], kvs, logits)
+    stats["prefill_seconds"] = time.perf_counter() - t
     while live:
         still = []
         for row, i in enumerate(live):
-            token = None if i in stopped else samplers[i](logits[row], hist[i][:lens[i]])
-            if token is None or token in stop_ids:
-                kvs[i] = None
+            if lens[i] - len(prompts[i]) >= limits[i] or i in stopped:
+                continue
+            token = samplers[i](logits[row], hist[i][:lens[i]])
+            if token in stop_ids:
+                stats["finish"] = "stop"
                 continue
             hist[i][lens[i]] = token
             lens[i] += 1
+            stats["generated"] += 1
             yield i, token
-            if lens[i] - len(prompts[i]) >= limits[i] or lens[i] >= max_len:
-                kvs[i] = None
-            else:
+            if lens[i] > max_len:
+                stats["finish"] = "context"
+            elif lens[i] - len(prompts[i]) < limits[i]:
                 still.append(i)
         live = still
         if live:
+            t = time.perf_counter()
             transformer.forward_batch([hist[i][lens[i] - 1:lens[i]] for i in live],
                                       [kvs[i] for i in live], logits)
+            stats["decode_seconds"] += time.perf_counter() - t
+            stats["decode_steps"] += 1
 
 
 class StopFilter:

@@ -142,11 +142,11 @@ def main(argv=None):
                          a.kv_dtype, runtime)
     print(text)
     if a.measure:
-        from .decode import Sampler, SamplingParams, generate_batch_ids
+        from .decode import Sampler, SamplingParams, generate_ids
         rng = np.random.default_rng(0)
         prompts = [rng.integers(3, c.vocab_size, a.prompt_len) for _ in range(a.batch)]
         samplers = [Sampler(SamplingParams()) for _ in prompts]
-        for _ in generate_batch_ids(model.transformer, prompts, a.gen_len, samplers, ()):
+        for _ in generate_ids(model.transformer, prompts, a.gen_len, samplers, ()):
             pass
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(f"{'measured peak RSS':30s}{peak / 2**20:12.1f}   ({peak / total - 1:+.1%} "
