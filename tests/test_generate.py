@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import xllm
-from xllm.decode import stream_text
+from xllm.decode import StopFilter
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
 from random_model import write_random_model  # noqa: E402
@@ -80,11 +80,13 @@ def test_stop_string_spanning_tokens_is_never_printed(stories):
         full[:full.index(stop)]
 
 
-def test_stream_text_holds_back_partial_stops():
-    pieces = ["ab", "c", "X", "Y", "Zd"]
-    assert "".join(stream_text(pieces, ["XYZ"])) == "abc"
-    assert list(stream_text(["ab", "X", "Yq"], ["XYZ"])) == ["ab", "XYq"]
-    assert "".join(stream_text(["a", "b"], [])) == "ab"
+def test_stop_filter_holds_back_partial_stops():
+    def run(pieces, stop):
+        f = StopFilter(stop)
+        return [t for t in [f.push(p) for p in pieces] + [f.flush()] if t]
+    assert "".join(run(["ab", "c", "X", "Y", "Zd"], ["XYZ"])) == "abc"
+    assert run(["ab", "X", "Yq"], ["XYZ"]) == ["ab", "XYq"]
+    assert "".join(run(["a", "b"], [])) == "ab"
 
 
 def test_max_new_tokens_zero(model):

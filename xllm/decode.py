@@ -142,17 +142,3 @@ class StopFilter:
     def flush(self):
         out, self.pending = self.pending, ""
         return out
-
-
-def stream_text(pieces, stop):
-    """Yield text from `pieces`, cut before the first stop string (see StopFilter)."""
-    f = StopFilter(stop)
-    for piece in pieces:
-        text = f.push(piece)
-        if text:
-            yield text
-        if f.done:
-            return
-    text = f.flush()
-    if text:
-        yield text

@@ -34,40 +34,10 @@ cdef extern from "gemm.h" nogil:
                         float *out)
 
 
-# ---- instruction-set path ----
+# ---- instruction-set path (set_isa, get_isa: _matrix.pxi) ----
 
 _ISAS = ("avx2", "avx512")
-cdef int _isa = 0  # index into _ISAS
-
-
-def set_isa(name):
-    """Select the kernel path: "avx2" or "avx512" (ValueError if the CPU lacks AVX-512)."""
-    global _isa
-    if name not in _ISAS:
-        raise ValueError(f"isa must be one of {_ISAS}, got {name!r}")
-    if name == "avx512" and not features()["avx512"]:
-        raise ValueError("this CPU lacks AVX-512F/BW/VL/DQ; use isa='avx2'")
-    _isa = _ISAS.index(name)
-
-
-def get_isa():
-    """The kernel path in use: "avx2" or "avx512"."""
-    return _ISAS[_isa]
-
-
-def _init_isa():
-    # The best path this CPU has, unless the environment variable XLLM_ISA says otherwise.
-    want = os.environ.get("XLLM_ISA", "").strip().lower()
-    if not want:
-        set_isa("avx512" if features()["avx512"] else "avx2")
-        return
-    try:
-        set_isa(want)
-    except ValueError as e:
-        raise ValueError(f"XLLM_ISA={want!r}: {e}") from None
-
-
-_init_isa()
+_NEEDS = {"avx512": ("avx512",)}
 
 
 # ---- argument checks (all before any nogil code) ----
@@ -85,6 +55,7 @@ cdef int _weight_type(cnp.ndarray a, str name) except -1:
 
 
 include "_matrix.pxi"
+_init_isa()
 
 
 # ---- matmul ----

@@ -36,32 +36,13 @@ cdef extern from "gemm_q.h" nogil:
     void xq_dequant_row(const xq_weights *w, size_t r, float *o)
 
 
-# ---- instruction-set path ----
+# ---- instruction-set path (set_isa, get_isa: _matrix.pxi) ----
 
 _ISAS = ("avx2", "avx512vnni")
-cdef int _isa = 0  # index into _ISAS
-
-
-def set_isa(name):
-    """Select the kernel path: "avx2" or "avx512vnni" (ValueError if the CPU lacks it)."""
-    global _isa
-    if name not in _ISAS:
-        raise ValueError(f"isa must be one of {_ISAS}, got {name!r}")
-    if name == "avx512vnni" and not (features()["avx512"] and features()["avx512vnni"]):
-        raise ValueError("this CPU lacks AVX-512 VNNI; use isa='avx2'")
-    _isa = _ISAS.index(name)
-
-
-def get_isa():
-    """The kernel path in use: "avx2" or "avx512vnni"."""
-    return _ISAS[_isa]
-
-
-f = features()
-set_isa("avx2" if os.environ.get("XLLM_ISA", "").strip().lower() == "avx2"
-        or not (f["avx512"] and f["avx512vnni"]) else "avx512vnni")
+_NEEDS = {"avx512vnni": ("avx512", "avx512vnni")}
 
 include "_matrix.pxi"
+_init_isa()
 
 
 cdef xq_weights _weights(object w) except *:

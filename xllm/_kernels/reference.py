@@ -156,10 +156,8 @@ def sample(logits, temperature, top_k, top_p, min_p, u):
 
 
 def quantize_activations(x):
-    """qmatmul's on-the-fly quantization of x [M, K], per 32-value block, into three int8 parts:
-    x ~ dx * (q1 + q2 / 256 + q3 / 65536), dx = amax / 127, t = x / dx, and for each part
-    q = clip(rint(t), -127, 127), t = (t - q) * 256. About 23 bits: one int8 part alone moved
-    SmolLM2's logits by up to 2. Returns (q [3, M, K/32, 32] int8, dx / 256 float32 [M, K/32])."""
+    """qmatmul's quantization of x [M, K] (step 1 in gemm_q.h): (q [3, M, K/32, 32] int8,
+    dx / 256 float32 [M, K/32])."""
     m, k = x.shape
     xb = x.reshape(m, k // 32, 32)
     d = (np.abs(xb).max(axis=2) / np.float32(127)).astype(np.float32)
@@ -173,11 +171,8 @@ def quantize_activations(x):
 
 
 def qmatmul(x, w, out, accumulate=False):
-    """out[M, N] (+)= x @ W.T for a QTensor W, with the compiled kernel's exact arithmetic (see
-    gemm_q.h): x quantized per block (quantize_activations), exact integer block dot products
-    c12 = 256 (q1 . w) + (q2 . w), c3 = q3 . w, then per block in order (float32, no FMA):
-    acc += (dw * dx) * (c12 + c3 / 256), and for asymmetric W acc += mw * (dx * S), S the same
-    combination of the sums of the q's."""
+    """out[M, N] (+)= x @ W.T for a QTensor W (or tuples of them and of outs), with exactly the
+    arithmetic gemm_q.h describes."""
     if type(w) is tuple:
         for wi, oi in zip(w, out):
             qmatmul(x, wi, oi, accumulate)
