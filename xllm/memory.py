@@ -95,22 +95,16 @@ def rss_bytes():
 
 def report(config, weights_table, batch, prompt_len, gen_len, kv_dtype, runtime):
     """The table as text, and the predicted total (bytes)."""
-    mib = 2.0 ** 20
-    lines = [f"{'':30s}{'MiB':>12s}"]
-    for (group, label), b in sorted(weights_table.items()):
-        lines.append(f"weights {group:10s} {label:17s}{b / mib:12.1f}")
     weights = sum(weights_table.values())
     cap = kv_capacity(config, prompt_len, gen_len)
     kv = batch * 2 * config.num_layers * cap * config.kv_dim * np.dtype(kv_dtype).itemsize
     peak, normal = activation_bytes(config, batch, prompt_len)
-    lines += [f"{'weights total':30s}{weights / mib:12.1f}",
-              f"{f'KV cache ({kv_dtype}, {batch} x {cap} rows)':30s}{kv / mib:12.1f}",
-              f"{'activations, peak':30s}{peak / mib:12.1f}",
-              f"{'activations, normal':30s}{normal / mib:12.1f}",
-              f"{'runtime (process, tokenizer)':30s}{runtime / mib:12.1f}"]
     total = weights + kv + peak + runtime
-    lines.append(f"{'total (peak)':30s}{total / mib:12.1f}")
-    return "\n".join(lines), total
+    rows = [(f"weights {g:10s} {label}", b) for (g, label), b in sorted(weights_table.items())]
+    rows += [("weights total", weights), (f"KV cache ({kv_dtype}, {batch} x {cap} rows)", kv),
+             ("activations, peak", peak), ("activations, normal", normal),
+             ("runtime (process, tokenizer)", runtime), ("total (peak)", total)]
+    return "\n".join([f"{'':30s}{'MiB':>12s}"] + [f"{k:30s}{v / 2**20:12.1f}" for k, v in rows]), total
 
 
 def main(argv=None):
@@ -127,24 +121,22 @@ def main(argv=None):
     p.add_argument("--measure", action="store_true", help="run the workload (--model only)")
     a = p.parse_args(argv)
     runtime = rss_bytes()
-    if a.random:
+    if a.random:  # computed from the preset: nothing is loaded or allocated
         config = ModelConfig(**PRESETS[a.random])
-        text, _ = report(config, weight_table(config, dtype=a.dtype), a.batch, a.prompt_len,
-                         a.gen_len, a.kv_dtype, runtime)
-        print(text)
-        return 0
-    from . import load
-    model = load(a.model, threads=a.threads, kv_dtype=a.kv_dtype)
-    c, weights = model.config, model_weights(model.transformer)
-    # the process after loading, less the weights it copied: interpreter, tokenizer, heap
-    runtime = rss_bytes() - sum(_owned_bytes(w) for w in weights.values())
-    text, total = report(c, weight_table(c, weights), a.batch, a.prompt_len, a.gen_len,
-                         a.kv_dtype, runtime)
+        table = weight_table(config, dtype=a.dtype)
+    else:
+        from . import load
+        model = load(a.model, threads=a.threads, kv_dtype=a.kv_dtype)
+        config, weights = model.config, model_weights(model.transformer)
+        table = weight_table(config, weights)
+        # the process after loading, less the weights it copied: interpreter, tokenizer, heap
+        runtime = rss_bytes() - sum(_owned_bytes(w) for w in weights.values())
+    text, total = report(config, table, a.batch, a.prompt_len, a.gen_len, a.kv_dtype, runtime)
     print(text)
-    if a.measure:
+    if a.measure and not a.random:
         from .decode import Sampler, SamplingParams, generate_ids
         rng = np.random.default_rng(0)
-        prompts = [rng.integers(3, c.vocab_size, a.prompt_len) for _ in range(a.batch)]
+        prompts = [rng.integers(3, config.vocab_size, a.prompt_len) for _ in range(a.batch)]
         samplers = [Sampler(SamplingParams()) for _ in prompts]
         for _ in generate_ids(model.transformer, prompts, a.gen_len, samplers, ()):
             pass

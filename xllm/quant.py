@@ -63,12 +63,10 @@ class QTensor:
         rows = np.arange(n) if rows is None else np.asarray(rows)
         p, r = rows // PANEL, rows % PANEL
         nb = k // BLOCK
-        if self.bits == 8:
-            q = self.qs[p].reshape(len(rows), nb, 8, PANEL, 4)[np.arange(len(rows)), :, :, r]
-            return q.reshape(len(rows), k).astype(np.int16) - 128
-        b = self.qs[p].reshape(len(rows), nb, 4, PANEL, 4)[np.arange(len(rows)), :, :, r]
-        q = np.concatenate([b & 15, b >> 4], axis=2)  # [rows, nb, 8, 4]
-        return q.reshape(len(rows), k).astype(np.int16)
+        q = self.qs[p].reshape(len(rows), nb, -1, PANEL, 4)[np.arange(len(rows)), :, :, r]
+        if self.bits == 4:  # low nibbles: values 0..15 of the block, high: 16..31
+            q = np.concatenate([q & 15, q >> 4], axis=2)
+        return q.reshape(len(rows), k).astype(np.int16) - (128 if self.bits == 8 else 0)
 
     def group_params(self, rows=None):
         """(scales, mins or None) as float32 [len(rows), K/G]."""
