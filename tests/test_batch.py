@@ -77,6 +77,13 @@ def test_bad_batches(model):
         model.generate([[5, 6], []], max_new_tokens=4)
     with pytest.raises(ValueError, match="empty|no token"):
         model.generate([], max_new_tokens=4)
+    model.max_batch = 3
+    try:
+        with pytest.raises(ValueError, match="4 prompts exceed max_batch=3"):
+            model.generate([[5]] * 4, max_new_tokens=1)
+        assert len(model.generate([[5]] * 3, max_new_tokens=1)) == 3
+    finally:
+        del model.max_batch
 
 
 def test_stop_strings_per_sequence(model):

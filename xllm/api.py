@@ -21,6 +21,8 @@ class Model:
     generation).
     """
 
+    max_batch = 256  # prompts one generate() call accepts
+
     def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, *, threads=None,
                  chat_template=None, kv_dtype="float32"):
         self.config = config
@@ -90,6 +92,9 @@ class Model:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and \
             isinstance(prompt[0], (str, list, tuple, np.ndarray))
+        if batch and len(prompt) > self.max_batch:
+            raise ValueError(f"{len(prompt)} prompts exceed max_batch={self.max_batch} (the "
+                             f"Model attribute); split them or raise it")
         ids = [self._encode(p, add_bos) for p in (prompt if batch else [prompt])]
         if not batch and self._kv is None:
             self._kv = self.transformer.new_cache()
