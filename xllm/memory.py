@@ -37,7 +37,7 @@ def weight_table(config, weights=None, dtype="fp32"):
     for name, shape in expected_shapes(config).items():
         if weights is not None:
             w = weights[name]
-            label, nbytes = (w.kind, w.nbytes) if isinstance(w, QTensor) else (str(w.dtype), w.nbytes)
+            label, nbytes = (w.kind if isinstance(w, QTensor) else str(w.dtype)), w.nbytes
         elif len(shape) == 1 or dtype in DTYPE_BYTES:
             label = "float32" if len(shape) == 1 else dtype
             nbytes = int(np.prod(shape) * (4 if len(shape) == 1 else DTYPE_BYTES[dtype]))
@@ -104,7 +104,8 @@ def report(config, weights_table, batch, prompt_len, gen_len, kv_dtype, runtime)
     rows += [("weights total", weights), (f"KV cache ({kv_dtype}, {batch} x {cap} rows)", kv),
              ("activations, peak", peak), ("activations, normal", normal),
              ("runtime (process, tokenizer)", runtime), ("total (peak)", total)]
-    return "\n".join([f"{'':30s}{'MiB':>12s}"] + [f"{k:30s}{v / 2**20:12.1f}" for k, v in rows]), total
+    lines = [f"{'':40s}{'MiB':>10s}"] + [f"{k:40s}{v / 2**20:10.1f}" for k, v in rows]
+    return "\n".join(lines), total
 
 
 def main(argv=None):
@@ -141,7 +142,7 @@ def main(argv=None):
         for _ in generate_ids(model.transformer, prompts, a.gen_len, samplers, ()):
             pass
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(f"{'measured peak RSS':30s}{peak / 2**20:12.1f}   ({peak / total - 1:+.1%} "
+        print(f"{'measured peak RSS':40s}{peak / 2**20:10.1f}   ({peak / total - 1:+.1%} "
               f"against the prediction)")
     return 0
 

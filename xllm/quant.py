@@ -111,7 +111,8 @@ def check_qtensor(t, where):
                 or not a.flags.c_contiguous:
             got = (a.shape, str(a.dtype)) if isinstance(a, np.ndarray) else type(a).__name__
             raise ModelFormatError(f"{where}: {name} of a {t.shape} int{t.bits} g{g} tensor must "
-                                   f"be C-contiguous {shape} {'/'.join(np.dtype(d).name for d in dtypes)}, "
+                                   f"be C-contiguous {shape} "
+                                   f"{'/'.join(np.dtype(d).name for d in dtypes)}, "
                                    f"got {got}")
 
 
