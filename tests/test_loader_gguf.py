@@ -31,7 +31,7 @@ def smollm2(smollm2_gguf):
     tm = AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm2_gguf),
                                               gguf_file=os.path.basename(smollm2_gguf),
                                               dtype=torch.float32)
-    return xllm.load(smollm2_gguf), tm.eval()
+    return xllm.load(smollm2_gguf, kv_dtype="float32"), tm.eval()
 
 
 @pytest.mark.slow
@@ -171,7 +171,7 @@ def transformers_logits(model, qtype=QT.F32):
 
 def xllm_logits(path):
     ck = load_checkpoint(path)
-    return xllm.Model(ck.config, ck.weights).logits(IDS), ck
+    return xllm.Model(ck.config, ck.weights, kv_dtype="float32").logits(IDS), ck
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ def _jsonl(path):
 @pytest.fixture(scope="module")
 def stories(data_dir):
     d = data_dir / "llama2c"
-    return xllm.load(d / "stories260K.bin", tokenizer=d / "tok512.bin")
+    return xllm.load(d / "stories260K.bin", tokenizer=d / "tok512.bin", kv_dtype="float32")
 
 
 def test_stories260k_logits(stories, data_dir):
@@ -39,7 +39,7 @@ def test_stories260k_logits(stories, data_dir):
 
 
 def test_stories260k_hf_dir_matches_bin(stories, data_dir):
-    hf = xllm.load(data_dir / "llama2c" / "stories260K_hf")
+    hf = xllm.load(data_dir / "llama2c" / "stories260K_hf", kv_dtype="float32")
     tokens = json.load(open(data_dir / "llama2c" / "stories260K_logits_tokens.json"))["tokens"]
     ref = np.load(data_dir / "llama2c" / "stories260K_logits_all.npy")
     assert np.abs(hf.logits(tokens) - ref).max() <= 1e-4
@@ -49,7 +49,7 @@ def test_stories260k_hf_dir_matches_bin(stories, data_dir):
                                       ("aidreams260K", "aidreams260K_tok512.bin")])
 def test_llama2c_greedy(name, tok, data_dir):
     d = data_dir / "llama2c"
-    model = xllm.load(d / f"{name}.bin", tokenizer=d / tok)
+    model = xllm.load(d / f"{name}.bin", tokenizer=d / tok, kv_dtype="float32")
     for case in _jsonl(d / f"{name}_greedy.jsonl"):
         ids = model.tokenizer.encode(case["prompt"], add_bos=True)
         assert ids == case["prompt_tokens"]
@@ -89,7 +89,8 @@ def _hf_from_llama2c(model):
 
 def test_aidreams260k_logits_vs_transformers(data_dir):
     d = data_dir / "llama2c"
-    model = xllm.load(d / "aidreams260K.bin", tokenizer=d / "aidreams260K_tok512.bin")
+    model = xllm.load(d / "aidreams260K.bin", tokenizer=d / "aidreams260K_tok512.bin",
+                      kv_dtype="float32")
     tokens = [1] + _jsonl(d / "aidreams260K_greedy.jsonl")[0]["generated_tokens"][:100]
     with torch.no_grad():
         ref = _hf_from_llama2c(model)(torch.tensor([tokens])).logits[0].numpy()
@@ -133,7 +134,7 @@ def _random_hf(tmp_path_factory, overrides, dtype):
 def test_transformers_parity(case, tmp_path_factory):
     overrides, dtype = CASES[case]
     path, ref = _random_hf(tmp_path_factory, overrides, dtype)
-    model = xllm.load(path)
+    model = xllm.load(path, kv_dtype="float32")
     assert model.transformer.layers[0].wq.dtype == (np.float32 if dtype == "float32" else np.uint16)
     rng = np.random.default_rng(1)
     ids = [int(i) for i in rng.integers(0, model.config.vocab_size, 48)]
@@ -185,7 +186,7 @@ def test_meta_checkpoint_matches_transformers(tmp_path_factory):
         {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
          "n_kv_heads": c.num_key_value_heads, "vocab_size": c.vocab_size,
          "norm_eps": c.rms_norm_eps, "rope_theta": 10000.0}))
-    model = xllm.load(meta)
+    model = xllm.load(meta, kv_dtype="float32")
     assert model.config.rope_interleaved
     ids = [int(i) for i in np.random.default_rng(2).integers(0, c.vocab_size, 40)]
     with torch.no_grad():

@@ -88,7 +88,7 @@ def test_matches_transformers_on_stories260k(stories_paths):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     bin_path, tok_path, hf_dir = stories_paths
-    model = xllm.load(bin_path, tokenizer=tok_path)
+    model = xllm.load(bin_path, tokenizer=tok_path, kv_dtype="float32")
     ids = model.tokenizer.encode(TEXT, add_bos=False)
     ctx = 256
     assert len(ids) >= 3 * ctx
@@ -141,7 +141,7 @@ def test_cli_json(stories_paths, tmp_path):
     assert len(progress) == 4 and progress[-1].startswith("[4/4] running ppl ")
     assert float(progress[-1].split()[-1]) == pytest.approx(out["ppl"], abs=1e-4)
 
-    model = xllm.load(bin_path, tokenizer=tok_path)  # the API gives the same figure
+    model = xllm.load(bin_path, tokenizer=tok_path, kv_dtype="float32")  # the same figure
     ids = model.tokenizer.encode(TEXT, add_bos=False)
     assert perplexity(model, ids, 128, max_chunks=4)["ppl"] == pytest.approx(out["ppl"],
                                                                              rel=1e-9)

@@ -332,7 +332,7 @@ def test_llama_cpp_runs_our_gguf(hf_src, tmp_path, one_thread):
         assert run("--model", hf_src, "--out", out, "--bits", bits, "--format", "gguf") == 0
         llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, logits_all=True,
                               verbose=False, type_k=0, type_v=0)  # an F32 KV cache
-        model = xllm.load(out)
+        model = xllm.load(out, kv_dtype="float32")
         for t in TEXTS:
             assert llm.tokenize(t.encode(), add_bos=False, special=False) == \
                 model.tokenizer.encode(t), t
