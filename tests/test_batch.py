@@ -116,7 +116,7 @@ def test_float16_kv_cache_halves_memory_and_stays_batch_invariant(tmp_path):
     path = tmp_path / "m"
     write_random_model(path, "tiny", "fp32", seed=5, hidden_size=128, intermediate_size=256,
                        num_layers=2, max_seq_len=512)
-    m32, m16 = xllm.load(path, kv_dtype="float32"), xllm.load(path)
+    m32, m16 = xllm.load(path, kv_dtype="float32"), xllm.load(path, kv_dtype="float16")
     ps = prompts(m16.config.vocab_size)[:8]
     tr = m16.transformer
     out = np.empty((len(ps), m16.config.vocab_size), np.float32)
