@@ -122,8 +122,7 @@ class Model:
         return ids
 
     def _pieces(self, ids, max_new_tokens, params, stop, kvs):
-        """(index, text piece) of the generation of the prompts `ids` (one batch); sequence i
-        samples with seed + i if a seed is set."""
+        """(index, text piece) of generating the prompts `ids` as one batch (seed + i for i)."""
         c, tok = self.config, self.tokenizer
         stop_ids = frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids) if i is not None)
         samplers = [Sampler(replace(params, seed=None if params.seed is None else params.seed + i))

@@ -55,16 +55,12 @@ class Sampler:
 
 def generate_ids(transformer, prompts, max_new_tokens, samplers, stop_ids, *, kvs=None,
                  stats=None, stopped=()):
-    """Yield (index, token id) for the prompts generated together: one ragged prefill of all of
-    them, then one decode step per token for every sequence still running, each sampled by its
-    own sampler. A sequence leaves (and drops its cache) at a stop id (not yielded), after its
-    max_new_tokens (an int, or one per prompt), when the context is full, or once the caller
-    adds its index to the set `stopped` (a stop string seen). Its tokens are exactly those it
-    gets alone (forward_batch is bitwise batch-invariant).
-
-    `kvs` may give a cache per prompt holding an earlier sequence: the longest prefix it shares
-    with the prompt is reused and only the rest is prefilled. `stats` (a dict) receives token
-    counts, timings and the reason the last sequence stopped.
+    """Yield (index, token id) for the prompts generated together: one ragged prefill, then one
+    decode step per token for every running sequence, each with its own sampler. A sequence
+    leaves (dropping its cache) at a stop id (not yielded), after its max_new_tokens (an int or
+    one per prompt), at the context limit, or when the caller adds its index to `stopped`. Its
+    tokens are exactly those it gets alone. `kvs` may give caches holding earlier sequences
+    (their common prefix with the prompt is reused); `stats` receives counts and timings.
     """
     n = len(prompts)
     limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)

@@ -1,14 +1,12 @@
-"""Memory of a batched generation run: predicted from the model (or a preset config), and measured.
+"""Memory of a batched generation run, predicted from the model (or a preset) and measured.
 
     python -m xllm.memory --model M --batch 16 --prompt-len 1024 --gen-len 64 [--measure]
-    python -m xllm.memory --random llama2-7b --dtype fp32 --batch 64 --prompt-len 512 \\
+    python -m xllm.memory --random llama2-7b --dtype fp32 --batch 64 --prompt-len 512 \
         --gen-len 512 --kv-dtype float32
 
-Weights are counted per group (embedding, attention, MLP, head) and dtype; the KV cache as its
-growth policy (KVCache.reserve) allocates it; activations as the Workspace, the batch's logits
-and history, and the quantized kernels' scratch for x (peak: a prefill chunk; normal: a decode
-step). "runtime" is this process without weights: before loading for --random (Python, numpy,
-xllm), and after loading, less the weights copied to memory, for --model (adds the tokenizer).
+Weights per group and dtype; the KV rows generation reserves; activations: the Workspace, the
+batch's logits and history, the quantized x of a prefill chunk (peak) or a decode step (normal);
+runtime: the process without weights (after loading, less the weights copied, for --model).
 """
 import argparse
 import resource

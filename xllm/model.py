@@ -94,14 +94,9 @@ class Transformer:
         return self.ws.logits[0] if logits_out is None else logits_out[-1]
 
     def forward_batch(self, seqs, kvs, out):
-        """Next-token logits of several sequences at once: ``seqs[i]`` (token ids) continues the
-        sequence in ``kvs[i]``, and ``out[i]`` [V] receives the logits of its last token.
-
-        The rows of all sequences form one matrix (no padding), so each weight matrix is read
-        once per chunk of up to ``ws.rows`` rows; attention runs per sequence. Every row goes
-        through the same operations as in :meth:`forward` alone: the logits are bitwise the
-        same whatever the batch (each kernel's result for a row is independent of the others).
-        """
+        """``seqs[i]`` (token ids) continues the sequence in ``kvs[i]``; ``out[i]`` [V] gets the
+        logits of its last token. All rows form one matrix (no padding; attention per sequence)
+        and go through the same operations as alone: bitwise batch-invariant logits."""
         rows, chunk, first = self.ws.rows, [], 0
         for i, (toks, kv) in enumerate(zip(seqs, kvs)):
             while len(toks) > rows:  # too long to share a chunk: its head runs alone

@@ -10,10 +10,9 @@ A weight W [N, K] is quantized in groups of G consecutive values along K, one sc
 The quantizers are bit-exact with the ``gguf`` package's Q8_0 / Q4_0 / Q4_1 (the same scale
 choice and rounding), generalised to other group sizes and to float32 scales.
 
-Packed layout (what ``qmatmul`` reads; the xllm file format stores exactly these arrays). Rows of
-W are taken 16 at a time (a *panel*, zero-padded at the end) and each 32-value block of the 16
-rows is interleaved so that one 64-byte load holds 4 consecutive values of each of the 16 rows,
-the operand shape of VNNI ``vpdpbusd`` (AVX2 reads the same bytes as two 32-byte halves):
+Packed layout (read by ``qmatmul``, stored as is by the xllm format): rows of W in panels of 16
+(zero-padded), each 32-value block interleaved so that one 64-byte load holds 4 consecutive
+values of each of the 16 rows (the operand of VNNI ``vpdpbusd``):
 
 * ``qs`` uint8 [P, K/32, 512] for int8: byte ``64*j + 4*r + t`` of block b of panel p is
   ``q + 128`` of row 16p + r, column 32b + 4j + t (j = 0..7);

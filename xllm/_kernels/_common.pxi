@@ -31,14 +31,17 @@ cdef extern from "vecmath.h" nogil:
                              int32_t *out)
 
 
-cdef cnp.ndarray _f32(object a, str name, bint write, int ndim):
-    """`a` as a native-order, aligned, C-contiguous float32 ndarray with ndim dimensions (any
-    number >= 1 if ndim is 0), writeable if `write`; TypeError or ValueError otherwise."""
+cdef cnp.ndarray _f32(object a, str name, bint write, int ndim, bint f16=False):
+    """`a` as a native-order, aligned, C-contiguous float32 (float16 if f16) ndarray with ndim
+    dimensions (any number >= 1 if ndim is 0), writeable if `write`; TypeError or ValueError
+    otherwise."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
     cdef cnp.ndarray arr = <cnp.ndarray>a
-    if cnp.PyArray_TYPE(arr) != cnp.NPY_FLOAT32 or not cnp.PyArray_ISNOTSWAPPED(arr):
-        raise TypeError(f"{name} must be a native float32 array, got dtype {arr.dtype}")
+    cdef int want = cnp.NPY_FLOAT16 if f16 else cnp.NPY_FLOAT32
+    if cnp.PyArray_TYPE(arr) != want or not cnp.PyArray_ISNOTSWAPPED(arr):
+        raise TypeError(f"{name} must be a native {'float16' if f16 else 'float32'} array, "
+                        f"got dtype {arr.dtype}")
     if (arr.ndim != ndim) if ndim else (arr.ndim < 1):
         raise ValueError(f"{name} must be {ndim or 'at least 1'}-D, got shape {(<object>arr).shape}")
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):

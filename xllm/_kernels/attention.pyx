@@ -92,16 +92,6 @@ cdef void _attend(const float *q, const void *k0, const void *v0, bint f16, Py_s
             out[g * hd + d] = acc[g * hd + d] * c
 
 
-cdef cnp.ndarray _kv(object a, str name, bint f16):
-    """A KV cache array: float32, or float16 when f16; 2-D, C-contiguous."""
-    if not f16:
-        return _f32(a, name, False, 2)
-    if not isinstance(a, np.ndarray) or a.dtype != np.float16 or a.ndim != 2 \
-            or not a.flags.c_contiguous:
-        raise TypeError(f"{name} must be a 2-D C-contiguous float16 array like k_cache")
-    return <cnp.ndarray>a
-
-
 def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     """Causal grouped-query attention of M new queries over the cache.
 
@@ -114,7 +104,8 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     """
     cdef cnp.ndarray qa = _f32(q, "q", False, 2), oa = _f32(out, "out", True, 2)
     cdef bint f16 = isinstance(k_cache, np.ndarray) and k_cache.dtype == np.float16
-    cdef cnp.ndarray ka = _kv(k_cache, "k_cache", f16), va = _kv(v_cache, "v_cache", f16)
+    cdef cnp.ndarray ka = _f32(k_cache, "k_cache", False, 2, f16)
+    cdef cnp.ndarray va = _f32(v_cache, "v_cache", False, 2, f16)
     cdef Py_ssize_t nh = n_heads, nkv = n_kv_heads, sp = start_pos, m = qa.shape[0], hd
     if nh < 1 or nkv < 1 or nh % nkv:
         raise ValueError(f"n_heads ({nh}) must be a positive multiple of n_kv_heads ({nkv})")

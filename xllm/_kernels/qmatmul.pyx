@@ -1,11 +1,6 @@
-"""Matrix multiply and embedding lookup with group-quantized weights (xllm.quant.QTensor).
-
-The arithmetic lives in ``gemm_q.h`` (AVX2, and AVX-512 VNNI where the CPU has it): x is
-quantized to int8 per 32-value block on the fly, each block's integer dot product is exact, and
-the scaled block products are summed in float32 in block order, so every element of out is
-bitwise independent of M, of its row, of the thread count and of the instruction-set path.
-This module validates arguments at the Python boundary and splits the panels of W across threads.
-"""
+"""Matrix multiply and embedding lookup with group-quantized weights (xllm.quant.QTensor): the
+argument checks at the Python boundary and the split of W's panels across threads. The arithmetic
+(AVX2, AVX-512 VNNI) and why it is bitwise batch-invariant: gemm_q.h."""
 import os
 
 import numpy as np

@@ -156,8 +156,7 @@ def sample(logits, temperature, top_k, top_p, min_p, u):
 
 
 def quantize_activations(x):
-    """qmatmul's quantization of x [M, K] (step 1 in gemm_q.h): (q [3, M, K/32, 32] int8,
-    dx / 256 float32 [M, K/32])."""
+    """Step 1 of gemm_q.h: (q [3, M, K/32, 32] int8, dx / 256 float32 [M, K/32]) of x [M, K]."""
     m, k = x.shape
     xb = x.reshape(m, k // 32, 32)
     d = (np.abs(xb).max(axis=2) / np.float32(127)).astype(np.float32)
@@ -171,8 +170,7 @@ def quantize_activations(x):
 
 
 def qmatmul(x, w, out, accumulate=False):
-    """out[M, N] (+)= x @ W.T for a QTensor W (or tuples of them and of outs), with exactly the
-    arithmetic gemm_q.h describes."""
+    """out (+)= x @ W.T for a QTensor W (or tuples of W and out): gemm_q.h's exact arithmetic."""
     if type(w) is tuple:
         for wi, oi in zip(w, out):
             qmatmul(x, wi, oi, accumulate)
