@@ -233,6 +233,56 @@ def test_attention_matches_reference(m, start, kv, group, hd, threads, kv_dtype,
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
+@settings(**SETTINGS)
+@given(rows=st.lists(st.integers(0, 4), min_size=1, max_size=6), kv=st.sampled_from([1, 3]),
+       group=st.sampled_from([1, 3]), hd=st.sampled_from([8, 20, 64]),
+       threads=st.sampled_from(THREADS), kv_dtype=st.sampled_from([np.float32, np.float16]),
+       seed=st.integers(0, 99))
+def test_attention_batch_matches_reference(rows, kv, group, hd, threads, kv_dtype, seed):
+    """Several sequences (some with no rows) in one call: the new rows land in each cache exactly
+    as numpy stores them (float16: round to nearest even), and each row's output equals the
+    reference to 1e-5, and equals ``attention`` on its own sequence bit for bit."""
+    _cpu.set_threads(threads)
+    rng = np.random.default_rng(seed)
+    h, m = kv * group, sum(rows)
+    starts = rng.integers(0, 70, len(rows))
+    bounds = np.concatenate([[0], np.cumsum(rows)])
+    q, kn, vn = randn(rng, m, h * hd), randn(rng, m, kv * hd), randn(rng, m, kv * hd)
+    caches = [[randn(rng, st_ + n + 2, kv * hd).astype(kv_dtype) for _ in "kv"]
+              for st_, n in zip(starts, rows)]
+    mine = [[c.copy() for c in pair] for pair in caches]
+    want, got = np.zeros_like(q), np.zeros_like(q)
+    R.attention_batch(q, kn, vn, [c[0] for c in caches], [c[1] for c in caches], bounds, starts,
+                      want, h, kv, hd ** -0.5)
+    A.attention_batch(q, kn, vn, [c[0] for c in mine], [c[1] for c in mine], bounds, starts,
+                      got, h, kv, hd ** -0.5)
+    for pair, ref in zip(mine, caches):
+        np.testing.assert_array_equal(pair[0], ref[0])
+        np.testing.assert_array_equal(pair[1], ref[1])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        alone = np.zeros_like(q[a:b])
+        A.attention(q[a:b], mine[s][0], mine[s][1], alone, starts[s], h, kv, hd ** -0.5)
+        np.testing.assert_array_equal(got[a:b], alone)
+
+
+def test_attention_batch_bad_input():
+    q, kn = np.zeros((3, 128), np.float32), np.zeros((3, 64), np.float32)
+    kc = [np.zeros((5, 64), np.float32), np.zeros((5, 64), np.float32)]
+    args = (2, 1, 1.0)
+    with pytest.raises(ValueError, match="bounds"):  # bounds must end at the 3 rows
+        A.attention_batch(q, kn, kn, kc, kc, [0, 1, 2], [0, 0], q.copy(), *args)
+    with pytest.raises(ValueError, match="capacity"):
+        A.attention_batch(q, kn, kn, kc, kc, [0, 1, 3], [0, 4], q.copy(), *args)
+    with pytest.raises(ValueError, match="S caches"):
+        A.attention_batch(q, kn, kn, kc, kc[:1], [0, 1, 3], [0, 0], q.copy(), *args)
+    with pytest.raises(TypeError):  # one cache of another dtype
+        A.attention_batch(q, kn, kn, [kc[0], kc[1].astype(np.float16)], kc, [0, 1, 3], [0, 0],
+                          q.copy(), *args)
+    with pytest.raises(ValueError, match="k_new"):
+        A.attention_batch(q, kn[:2], kn, kc, kc, [0, 1, 3], [0, 0], q.copy(), *args)
+
+
 def test_attention_out_may_be_q_and_long_context():
     rng = np.random.default_rng(4)
     q, k, v = attention_case(rng, 3, 3000, 8, 2, 64)

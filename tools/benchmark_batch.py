@@ -21,6 +21,8 @@ runs the same prompts one at a time (batch 1, same limits) after each batch run 
 batch, singles, ... for --reps repetitions; medians are printed) and prints the aggregate/single
 ratios, and whether the batch produced the same tokens as the single runs. --profile adds one
 batch run with every kernel timed (prefill and decode separately; the rest is Python).
+--llama-cpp-model GGUF runs the same prompt ids through llama.cpp's batch API after each xllm
+run (tools/llama_cpp_batch.py; with --single, also one prompt at a time).
 """
 import argparse
 import os
@@ -222,6 +224,9 @@ def main(argv=None):
                    help="also run the prompts one at a time and print aggregate/single ratios")
     p.add_argument("--profile", action="store_true",
                    help="add one batch run with per-kernel timers (prefill and decode)")
+    p.add_argument("--llama-cpp-model", metavar="GGUF",
+                   help="also run the same prompt ids through llama.cpp's batch API (and alone "
+                        "with --single), side by side with xllm in every repetition")
     a = p.parse_args(argv)
     if a.batch < 1 or a.max_new_tokens < 1 or a.reps < 1:
         p.error("--batch, --max-new-tokens and --reps must be >= 1")
@@ -241,7 +246,13 @@ def main(argv=None):
     stop_ids = frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids) if i is not None)
 
     run_batch(model, prompts[:2], 2, stop_ids)  # warm up (page in the weights)
-    batch_runs, single_runs = [], []
+    batch_runs, single_runs, lc_runs, lc_single_runs = [], [], [], []
+    lc = None
+    if a.llama_cpp_model:
+        from llama_cpp_batch import LlamaCppBatch
+        lc = LlamaCppBatch(a.llama_cpp_model, a.batch, max(len(q) for q in prompts)
+                           + a.max_new_tokens, model.threads, sum(len(q) for q in prompts))
+        lc.run(prompts[:2], 2)
     for rep in range(a.reps):
         r = run_batch(model, prompts, a.max_new_tokens, stop_ids)
         batch_runs.append(r)
@@ -254,6 +265,16 @@ def main(argv=None):
             x = rates(s)
             print(f"rep {rep}: single     prefill {x['prefill']:8.1f} tok/s  decode "
                   f"{x['decode']:8.1f} tok/s  wall {x['wall']:6.2f} s", file=sys.stderr)
+        if lc is not None:
+            lc_runs.append(lc.run(prompts, a.max_new_tokens))
+            if a.single:
+                runs = [lc.run([q], a.max_new_tokens) for q in prompts]
+                lc_single_runs.append({k: sum(r[k] for r in runs) for k in (
+                    "prompt_tokens", "generated", "prefill_seconds", "decode_seconds",
+                    "decode_tokens", "wall_seconds")})
+            x = rates(lc_runs[-1])
+            print(f"rep {rep}: llama.cpp batch prefill {x['prefill']:8.1f} tok/s  decode "
+                  f"{x['decode']:8.1f} tok/s", file=sys.stderr)
 
     def med(runs, f):
         return statistics.median(f(r) for r in runs)
@@ -284,6 +305,18 @@ def main(argv=None):
         print(f"  {'aggregate / single':22s} {b['prefill'] / s['prefill']:13.2f}x "
               f"{b['decode'] / s['decode']:12.2f}x {b['overall'] / s['overall']:13.2f}x "
               f"{s['wall'] / b['wall']:7.2f}x faster")
+    if lc_runs:
+        lb = {k: med(lc_runs, lambda r: rates(r)[k]) for k in cols}
+        print(f"  {'llama.cpp batch ' + str(a.batch):22s} {lb['prefill']:14.1f} "
+              f"{lb['decode']:13.1f} {lb['overall']:14.1f} {lb['wall']:8.2f}")
+        if lc_single_runs:
+            ls = {k: med(lc_single_runs, lambda r: rates(r)[k]) for k in cols}
+            print(f"  {'llama.cpp single':22s} {ls['prefill']:14.1f} {ls['decode']:13.1f} "
+                  f"{ls['overall']:14.1f} {ls['wall']:8.2f}")
+            print(f"  {'llama.cpp batch/single':22s} {lb['prefill'] / ls['prefill']:13.2f}x "
+                  f"{lb['decode'] / ls['decode']:12.2f}x {lb['overall'] / ls['overall']:13.2f}x")
+        print(f"  {'xllm / llama.cpp batch':22s} {b['prefill'] / lb['prefill']:13.2f}x "
+              f"{b['decode'] / lb['decode']:12.2f}x {b['overall'] / lb['overall']:13.2f}x")
     print(f"  {'latency per sequence':22s} {'median':>8s} {'p90':>8s} {'max':>8s}")
     rows = [("time to first token s", [latency(r["ttft"]) for r in batch_runs]),
             ("total time s", [latency(r["total"]) for r in batch_runs])]

@@ -125,6 +125,10 @@ class Transformer:
             np.add(ws.arange[:b - a], kv.length, out=ws.positions[a:b])
             spans.append((a, b, kv, kv.length))
             a = b
+        bounds = np.array([sp[0] for sp in spans] + [m], np.int64)
+        starts = np.array([sp[3] for sp in spans], np.int64)
+        k_caches = list(zip(*(sp[2].k for sp in spans)))  # [layer][sequence]
+        v_caches = list(zip(*(sp[2].v for sp in spans)))
         x, xn, q, attn = ws.x[:m], ws.xn[:m], ws.q[:m], ws.attn[:m]
         kn, vn, gate, up, pos = ws.kn[:m], ws.vn[:m], ws.gate[:m], ws.up[:m], ws.positions[:m]
         cos, sin, eps, inter = self.rope_cos, self.rope_sin, c.rms_norm_eps, c.rope_interleaved
@@ -136,11 +140,9 @@ class Transformer:
             K.matmul(xn, (layer.wq, layer.wk, layer.wv), (q, kn, vn))  # one quantization of xn
             K.rope(q, pos, cos, sin, nh, inter)
             K.rope(kn, pos, cos, sin, nkv, inter)
-            for a, b, kv, start in spans:  # each sequence attends to its own cache
-                kc, vc = kv.k[li], kv.v[li]
-                kc[start:start + b - a] = kn[a:b]
-                vc[start:start + b - a] = vn[a:b]
-                K.attention(q[a:b], kc, vc, attn[a:b], start, nh, nkv, scale)
+            # each sequence stores its new keys and values and attends to its own cache
+            K.attention_batch(q, kn, vn, k_caches[li], v_caches[li], bounds, starts, attn, nh,
+                              nkv, scale)
             K.matmul(attn, layer.wo, x, accumulate=True)
             # feed-forward: x += w2 · (silu(w1·n(x)) * w3·n(x))
             K.rmsnorm(x, layer.ffn_norm, eps, xn)

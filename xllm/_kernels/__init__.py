@@ -11,7 +11,7 @@ from . import reference
 from ._cpu import default_threads, features, get_threads, set_threads
 
 KERNEL_NAMES = ("matmul", "embedding", "rmsnorm", "rope", "softmax", "silu_mul", "attention",
-                "argmax", "apply_repetition_penalty", "sample")
+                "attention_batch", "argmax", "apply_repetition_penalty", "sample")
 QUANT_NAMES = ("qmatmul", "qembedding")
 
 
@@ -23,7 +23,8 @@ def _compiled():
                           "(pip install .) or set XLLM_BACKEND=reference") from e
     return {"matmul": matmul.matmul, "embedding": matmul.embedding, "rmsnorm": norm.rmsnorm,
             "rope": norm.rope, "softmax": norm.softmax, "silu_mul": norm.silu_mul,
-            "attention": attention.attention, "argmax": sampling.argmax,
+            "attention": attention.attention,
+            "attention_batch": attention.attention_batch, "argmax": sampling.argmax,
             "apply_repetition_penalty": sampling.apply_repetition_penalty,
             "sample": sampling.sample, "qmatmul": qmatmul.qmatmul,
             "qembedding": qmatmul.qembedding}

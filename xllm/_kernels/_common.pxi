@@ -25,6 +25,7 @@ cdef extern from "vecmath.h" nogil:
                          int n)
     void xllm_prefetch_rows(const float *p, Py_ssize_t ld, int n, int hd)
     void xllm_f16_rows(const uint16_t *src, Py_ssize_t ld, int n, int hd, float *dst)
+    void xllm_to_f16(const float *src, uint16_t *dst, Py_ssize_t n)
     void xllm_weights(const float *l, Py_ssize_t n, double top, double inv_t, double per_nat,
                       int nb, uint16_t *bucket, double *w, Py_ssize_t *cnt, double *mass)
     Py_ssize_t xllm_find_u16(const uint16_t *a, Py_ssize_t n, uint16_t lo, uint16_t hi,

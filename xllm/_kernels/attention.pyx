@@ -11,6 +11,8 @@ include "_common.pxi"
 import os
 
 from libc.math cimport expf
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 from xllm._kernels._cpu import features
 
@@ -97,16 +99,27 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
 
     q, out: float32 [M, n_heads*head_dim] (out may be q itself); k_cache, v_cache: float32 or
     float16 (both the same) [capacity, n_kv_heads*head_dim] whose first start_pos + M rows are
-    filled. Query row i sits at
-    position start_pos + i and attends to keys 0 .. start_pos + i; query head h reads KV head
-    h // (n_heads // n_kv_heads). head_dim may be 1..256. Accumulation is float32 (the reference
-    uses float64; expect ~1e-6 relative differences).
+    filled. Query row i sits at position start_pos + i and attends to keys 0 .. start_pos + i;
+    query head h reads KV head h // (n_heads // n_kv_heads). head_dim may be 1..256.
+    Accumulation is float32 (the reference uses float64; expect ~1e-6 relative differences).
+    """
+    m = q.shape[0] if isinstance(q, np.ndarray) and q.ndim == 2 else 0
+    attention_batch(q, None, None, (k_cache,), (v_cache,), (0, m), (start_pos,), out, n_heads,
+                    n_kv_heads, scale)
+
+
+def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_heads,
+                    n_kv_heads, scale):
+    """``attention`` for S sequences in one call (one parallel loop over all their rows).
+
+    Rows bounds[s] .. bounds[s+1]-1 of q and out belong to sequence s, whose caches
+    k_caches[s], v_caches[s] hold starts[s] rows before them. If k_new and v_new (float32
+    [M, n_kv_heads*head_dim]) are given, their rows are first stored in the caches from row
+    starts[s] on (rounded to float16 for float16 caches). Each row's result is the same as from
+    ``attention`` on its own sequence.
     """
     cdef cnp.ndarray qa = _f32(q, "q", False, 2), oa = _f32(out, "out", True, 2)
-    cdef bint f16 = isinstance(k_cache, np.ndarray) and k_cache.dtype == np.float16
-    cdef cnp.ndarray ka = _f32(k_cache, "k_cache", False, 2, f16)
-    cdef cnp.ndarray va = _f32(v_cache, "v_cache", False, 2, f16)
-    cdef Py_ssize_t nh = n_heads, nkv = n_kv_heads, sp = start_pos, m = qa.shape[0], hd
+    cdef Py_ssize_t nh = n_heads, nkv = n_kv_heads, m = qa.shape[0], hd, s, i, S = len(k_caches)
     if nh < 1 or nkv < 1 or nh % nkv:
         raise ValueError(f"n_heads ({nh}) must be a positive multiple of n_kv_heads ({nkv})")
     _check_out(oa, qa, "q")
@@ -114,22 +127,70 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     if qa.shape[1] % nh or not 1 <= hd <= MAX_HEAD_DIM:
         raise ValueError(f"q has {qa.shape[1]} columns: not n_heads ({nh}) * head_dim "
                          f"(1..{MAX_HEAD_DIM})")
-    if ka.shape[1] != nkv * hd or (<object>va).shape != (<object>ka).shape:
-        raise ValueError(f"k_cache {(<object>ka).shape} and v_cache {(<object>va).shape} must both be "
-                         f"[capacity, n_kv_heads*head_dim = {nkv * hd}]")
-    if sp < 0 or sp + m > ka.shape[0]:
-        raise ValueError(f"start_pos {sp} + {m} rows exceeds the cache capacity {ka.shape[0]}")
-    if _overlap(oa, ka, False) or _overlap(oa, va, False):
-        raise ValueError("out overlaps the caches")
+    cdef Py_ssize_t ldkv = nkv * hd
+    cdef cnp.ndarray ba = _int64(bounds, "bounds"), sa = _int64(starts, "starts"), ka, va
+    if len(v_caches) != S or (<object>ba).shape != (S + 1,) or (<object>sa).shape != (S,):
+        raise ValueError(f"need S caches of each kind, S + 1 bounds and S starts; got "
+                         f"{S}, {len(v_caches)}, {ba.size}, {sa.size}")
+    cdef const int64_t *bp = <const int64_t *>cnp.PyArray_DATA(ba)
+    cdef const int64_t *sp = <const int64_t *>cnp.PyArray_DATA(sa)
+    if bp[0] != 0 or bp[S] != m or np.any(np.diff(ba) < 0):
+        raise ValueError(f"bounds must rise from 0 to the {m} rows of q")
+    cdef bint store = k_new is not None, f16 = S > 0 and \
+        isinstance(k_caches[0], np.ndarray) and k_caches[0].dtype == np.float16
+    cdef cnp.ndarray kna, vna
+    if store:
+        kna, vna = _f32(k_new, "k_new", False, 2), _f32(v_new, "v_new", False, 2)
+        if (<object>kna).shape != (m, ldkv) or (<object>vna).shape != (m, ldkv):
+            raise ValueError(f"k_new and v_new must be [{m}, {ldkv}]")
     cdef float sc = float(scale)
-    if m == 0:
-        return
-    cdef const float *qp = <const float *>cnp.PyArray_DATA(qa)
-    cdef const char *kp = <const char *>cnp.PyArray_DATA(ka)
-    cdef const char *vp = <const char *>cnp.PyArray_DATA(va)
     cdef Py_ssize_t es = 2 if f16 else 4
-    cdef float *op = <float *>cnp.PyArray_DATA(oa)
-    cdef Py_ssize_t group = nh // nkv, ldq = nh * hd, ldkv = nkv * hd
+    cdef char **kp = <char **>malloc(2 * S * sizeof(char *) + 1)
+    cdef char **vp = kp + S
+    cdef int32_t *seq = <int32_t *>malloc(m * sizeof(int32_t) + 1)
+    try:
+        if kp == NULL or seq == NULL:
+            raise MemoryError()
+        for s in range(S):
+            ka = _f32(k_caches[s], "k_cache", store, 2, f16)
+            va = _f32(v_caches[s], "v_cache", store, 2, f16)
+            if ka.shape[1] != ldkv or (<object>va).shape != (<object>ka).shape:
+                raise ValueError(f"k_cache {(<object>ka).shape} and v_cache {(<object>va).shape} "
+                                 f"must both be [capacity, n_kv_heads*head_dim = {ldkv}]")
+            if sp[s] < 0 or sp[s] + bp[s + 1] - bp[s] > ka.shape[0]:
+                raise ValueError(f"start_pos {sp[s]} + {bp[s + 1] - bp[s]} rows exceeds the "
+                                 f"cache capacity {ka.shape[0]}")
+            if _overlap(oa, ka, False) or _overlap(oa, va, False):
+                raise ValueError("out overlaps the caches")
+            kp[s], vp[s] = <char *>cnp.PyArray_DATA(ka), <char *>cnp.PyArray_DATA(va)
+        if m:
+            _run(<const float *>cnp.PyArray_DATA(qa),
+                 NULL if not store else <const float *>cnp.PyArray_DATA(kna),
+                 NULL if not store else <const float *>cnp.PyArray_DATA(vna),
+                 kp, vp, f16, S, bp, sp, seq, <float *>cnp.PyArray_DATA(oa), m, nh, nkv, hd, sc)
+    finally:
+        free(kp)
+        free(seq)
+
+
+cdef void _run(const float *qp, const float *knp, const float *vnp, char **kp, char **vp,
+               bint f16, Py_ssize_t S, const int64_t *bp, const int64_t *sp, int32_t *seq,
+               float *op, Py_ssize_t m, Py_ssize_t nh, Py_ssize_t nkv, Py_ssize_t hd,
+               float sc) noexcept nogil:
+    cdef Py_ssize_t s, i, r, it, ldkv = nkv * hd, ldq = nh * hd, es = 2 if f16 else 4
+    for s in range(S):  # store the new rows, and note which sequence each row belongs to
+        for i in range(bp[s], bp[s + 1]):
+            seq[i] = <int32_t>s
+            r = sp[s] + i - bp[s]
+            if knp == NULL:
+                continue
+            if f16:
+                xllm_to_f16(knp + i * ldkv, <uint16_t *>kp[s] + r * ldkv, ldkv)
+                xllm_to_f16(vnp + i * ldkv, <uint16_t *>vp[s] + r * ldkv, ldkv)
+            else:
+                memcpy(<float *>kp[s] + r * ldkv, knp + i * ldkv, ldkv * 4)
+                memcpy(<float *>vp[s] + r * ldkv, vnp + i * ldkv, ldkv * 4)
+    cdef Py_ssize_t group = nh // nkv
     cdef int nt = get_num_threads()
     # A work item is (row, a run of gq query heads sharing one KV head). Split each group into
     # nsplit runs of at most MAXG heads, and further while there are fewer items than threads.
@@ -137,8 +198,7 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     while group % nsplit or group // nsplit > MAXG or \
             (m * nkv * nsplit < nt and nsplit < group):
         nsplit += 1
-    cdef Py_ssize_t gq = group // nsplit, runs = nh // gq
-    cdef Py_ssize_t items = m * runs, it, i, r
+    cdef Py_ssize_t gq = group // nsplit, runs = nh // gq, items = m * runs, kvo
     if nt > items:
         nt = <int>items
     # Items go run-major (all rows of one run, then the next), so neighbouring items share KV.
@@ -146,6 +206,7 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     for it in prange(items, nogil=True, num_threads=nt, schedule="dynamic"):
         r = it // m
         i = it % m
-        _attend(qp + i * ldq + r * gq * hd, kp + (r * gq // group) * hd * es,
-                vp + (r * gq // group) * hd * es, f16, ldkv, <int>hd, <int>gq, sp + i + 1, sc,
-                op + i * ldq + r * gq * hd)
+        s = seq[i]
+        kvo = (r * gq // group) * hd * es
+        _attend(qp + i * ldq + r * gq * hd, kp[s] + kvo, vp[s] + kvo, f16, ldkv, <int>hd,
+                <int>gq, sp[s] + i - bp[s] + 1, sc, op + i * ldq + r * gq * hd)

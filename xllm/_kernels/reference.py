@@ -101,6 +101,19 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
         o[:, h, :] = p @ v[:, h // group, :]
 
 
+def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_heads,
+                    n_kv_heads, scale):
+    """Rows bounds[s]..bounds[s+1]-1 of q belong to sequence s (caches k_caches[s], v_caches[s]
+    holding starts[s] rows before them): store the new rows k_new, v_new there (when given),
+    then ``attention`` per sequence."""
+    for s, (kc, vc) in enumerate(zip(k_caches, v_caches)):
+        a, b, p = int(bounds[s]), int(bounds[s + 1]), int(starts[s])
+        if k_new is not None:
+            kc[p:p + b - a], vc[p:p + b - a] = k_new[a:b], v_new[a:b]
+        if b > a:
+            attention(q[a:b], kc, vc, out[a:b], p, n_heads, n_kv_heads, scale)
+
+
 # ---- sampling (float64 throughout so the compiled kernel can agree on the chosen token) ----
 
 def argmax(x):

@@ -320,6 +320,15 @@ static inline void xllm_f16_rows(const uint16_t *src, ptrdiff_t ld, int n, int h
     }
 }
 
+/* dst[d] = float16(src[d]) for d < n, rounding to nearest even (as numpy's astype does). */
+static inline void xllm_to_f16(const float *src, uint16_t *dst, ptrdiff_t n) {
+    ptrdiff_t d = 0;
+    for (; d + 8 <= n; d += 8)
+        _mm_storeu_si128((__m128i *)(dst + d),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
+    for (; d < n; d++) dst[d] = _cvtss_sh(src[d], _MM_FROUND_TO_NEAREST_INT);
+}
+
 /* Prefetch n rows (stride ld floats) of hd floats each into L1: attention reads K/V rows at a
  * stride of n_kv_heads*head_dim, a pattern the hardware prefetchers follow poorly. */
 static inline void xllm_prefetch_rows(const float *p, ptrdiff_t ld, int n, int hd) {
