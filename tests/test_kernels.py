@@ -210,9 +210,9 @@ def attention_case(rng, m, start, h, kv, hd, extra=3):
     cap = start + m + extra
     q = randn(rng, m, h * hd)
     k, v = randn(rng, cap, kv * hd), randn(rng, cap, kv * hd)
-    k[start + m:] = np.nan  # rows past the filled part must never be read
+    k[start + m:] = np.nan  # rows past the filled part must never be used
     v[start + m:] = np.nan
-    return q, k, v
+    return q, R.k_blocks(k), v
 
 
 @settings(**SETTINGS)
@@ -248,8 +248,8 @@ def test_attention_batch_matches_reference(rows, kv, group, hd, threads, kv_dtyp
     starts = rng.integers(0, 70, len(rows))
     bounds = np.concatenate([[0], np.cumsum(rows)])
     q, kn, vn = randn(rng, m, h * hd), randn(rng, m, kv * hd), randn(rng, m, kv * hd)
-    caches = [[randn(rng, st_ + n + 2, kv * hd).astype(kv_dtype) for _ in "kv"]
-              for st_, n in zip(starts, rows)]
+    caches = [[R.k_blocks(randn(rng, st_ + n + 2, kv * hd)).astype(kv_dtype),
+               randn(rng, st_ + n + 2, kv * hd).astype(kv_dtype)] for st_, n in zip(starts, rows)]
     mine = [[c.copy() for c in pair] for pair in caches]
     want, got = np.zeros_like(q), np.zeros_like(q)
     R.attention_batch(q, kn, vn, [c[0] for c in caches], [c[1] for c in caches], bounds, starts,
@@ -268,19 +268,22 @@ def test_attention_batch_matches_reference(rows, kv, group, hd, threads, kv_dtyp
 
 def test_attention_batch_bad_input():
     q, kn = np.zeros((3, 128), np.float32), np.zeros((3, 64), np.float32)
-    kc = [np.zeros((5, 64), np.float32), np.zeros((5, 64), np.float32)]
+    kc = [np.zeros((1, 64, 32), np.float32), np.zeros((1, 64, 32), np.float32)]
+    vc = [np.zeros((32, 64), np.float32), np.zeros((5, 64), np.float32)]
     args = (2, 1, 1.0)
     with pytest.raises(ValueError, match="bounds"):  # bounds must end at the 3 rows
-        A.attention_batch(q, kn, kn, kc, kc, [0, 1, 2], [0, 0], q.copy(), *args)
-    with pytest.raises(ValueError, match="capacity"):
-        A.attention_batch(q, kn, kn, kc, kc, [0, 1, 3], [0, 4], q.copy(), *args)
+        A.attention_batch(q, kn, kn, kc, vc, [0, 1, 2], [0, 0], q.copy(), *args)
+    with pytest.raises(ValueError, match="capacity"):  # 4 + 2 rows > 5 rows of vc[1]
+        A.attention_batch(q, kn, kn, kc, vc, [0, 1, 3], [0, 4], q.copy(), *args)
     with pytest.raises(ValueError, match="S caches"):
-        A.attention_batch(q, kn, kn, kc, kc[:1], [0, 1, 3], [0, 0], q.copy(), *args)
+        A.attention_batch(q, kn, kn, kc, vc[:1], [0, 1, 3], [0, 0], q.copy(), *args)
     with pytest.raises(TypeError):  # one cache of another dtype
-        A.attention_batch(q, kn, kn, [kc[0], kc[1].astype(np.float16)], kc, [0, 1, 3], [0, 0],
+        A.attention_batch(q, kn, kn, [kc[0], kc[1].astype(np.float16)], vc, [0, 1, 3], [0, 0],
                           q.copy(), *args)
     with pytest.raises(ValueError, match="k_new"):
-        A.attention_batch(q, kn[:2], kn, kc, kc, [0, 1, 3], [0, 0], q.copy(), *args)
+        A.attention_batch(q, kn[:2], kn, kc, vc, [0, 1, 3], [0, 0], q.copy(), *args)
+    with pytest.raises(ValueError, match="k_cache"):  # K given as rows, not blocks
+        A.attention_batch(q, kn, kn, vc, vc, [0, 1, 3], [0, 0], q.copy(), *args)
 
 
 def test_attention_out_may_be_q_and_long_context():
@@ -309,7 +312,8 @@ def test_attention_reference_vs_torch_sdpa():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(6)
     m, h, kv, hd = 7, 8, 2, 32
-    q, k, v = attention_case(rng, m, 0, h, kv, hd, extra=0)
+    q, kb, v = attention_case(rng, m, 0, h, kv, hd, extra=0)
+    k = R.k_rows(kb)[:m]
     tq = torch.from_numpy(q).reshape(m, h, hd).transpose(0, 1)
     tk = torch.from_numpy(k).reshape(m, kv, hd).transpose(0, 1).repeat_interleave(h // kv, 0)
     tv = torch.from_numpy(v).reshape(m, kv, hd).transpose(0, 1).repeat_interleave(h // kv, 0)
@@ -317,12 +321,12 @@ def test_attention_reference_vs_torch_sdpa():
     want = want.transpose(0, 1).reshape(m, h * hd).numpy()
     for impl in (R.attention, A.attention):
         got = np.zeros_like(q)
-        impl(q, k, v, got, 0, h, kv, hd ** -0.5)
+        impl(q, kb, v, got, 0, h, kv, hd ** -0.5)
         np.testing.assert_allclose(got, want, atol=1e-5)
     # start_pos > 0: the last rows of a full causal pass
     start = 4
     got = np.zeros_like(q[start:])
-    A.attention(q[start:], k, v, got, start, h, kv, hd ** -0.5)
+    A.attention(q[start:], kb, v, got, start, h, kv, hd ** -0.5)
     np.testing.assert_allclose(got, want[start:], atol=1e-5)
 
 
@@ -522,20 +526,21 @@ def test_bad_inputs_raise():
     with pytest.raises(TypeError):
         K.rope(x, np.array([0.0, 1.0]), cos, sin, 2, True)
     q = np.zeros((1, 4 * 64), np.float32)
-    kc = np.zeros((10, 2 * 64), np.float32)
+    vc = np.zeros((10, 2 * 64), np.float32)
+    kc = R.k_blocks(vc)
     with pytest.raises(ValueError):  # n_heads not a multiple of n_kv_heads
-        A.attention(q, kc, kc, q.copy(), 0, 4, 3, 1.0)
+        A.attention(q, kc, vc, q.copy(), 0, 4, 3, 1.0)
     with pytest.raises(ValueError):  # past the cache
-        A.attention(q, kc, kc, q.copy(), 10, 4, 2, 1.0)
+        A.attention(q, kc, vc, q.copy(), 10, 4, 2, 1.0)
     with pytest.raises(ValueError):
-        A.attention(q, kc, kc, q.copy(), -1, 4, 2, 1.0)
+        A.attention(q, kc, vc, q.copy(), -1, 4, 2, 1.0)
     with pytest.raises(ValueError):  # head_dim 512 > 256
-        A.attention(np.zeros((1, 512), np.float32), np.zeros((4, 512), np.float32),
+        A.attention(np.zeros((1, 512), np.float32), np.zeros((1, 512, 32), np.float32),
                     np.zeros((4, 512), np.float32), np.zeros((1, 512), np.float32), 0, 1, 1, 1.0)
     with pytest.raises(ValueError):  # cache width mismatch
-        A.attention(q, kc[:, :100], kc[:, :100], q.copy(), 0, 4, 2, 1.0)
+        A.attention(q, kc[:, :100], vc[:, :100], q.copy(), 0, 4, 2, 1.0)
     with pytest.raises(ValueError):  # out overlaps the cache
-        A.attention(q[:, :128], kc, kc, kc[:1], 0, 2, 2, 1.0)
+        A.attention(q[:, :128], kc, vc, vc[:1], 0, 2, 2, 1.0)
     with pytest.raises(ValueError):
         S.argmax(np.zeros(0, np.float32))
     with pytest.raises(TypeError):
@@ -562,7 +567,7 @@ def test_print_timings():
         return best * 1e6
 
     h, kv, hd, t = 32, 4, 64, 2048
-    q, k, v = randn(rng, 1, h * hd), randn(rng, t, kv * hd), randn(rng, t, kv * hd)
+    q, k, v = randn(rng, 1, h * hd), R.k_blocks(randn(rng, t, kv * hd)), randn(rng, t, kv * hd)
     out = np.empty_like(q)
     for threads in THREADS:
         _cpu.set_threads(threads)

@@ -1,16 +1,25 @@
 """KVCache: the keys and values of one sequence, per layer, growing on demand."""
 import numpy as np
 
+from ._kernels.reference import KV_BLOCK
 from .errors import ContextLengthError
 
 
-class KVCache:
-    """Per-layer key and value rows [capacity, kv_dim] of one sequence.
+def block_rows(n):
+    """n rounded up to a whole number of KV blocks."""
+    return -(-n // KV_BLOCK) * KV_BLOCK
 
-    Capacity starts small and at least doubles when it runs out (amortised O(1) per token, never
-    a copy per token), up to ``max_len`` (the model's context), past which ``reserve`` raises
-    ContextLengthError. Rows 0..length-1 are valid; the projection kernels write new rows in place.
-    ``ids[:length]`` are the tokens those rows belong to (so a later prompt can reuse a prefix).
+
+class KVCache:
+    """Per-layer keys and values of one sequence: ``k[layer]`` [capacity / KV_BLOCK, kv_dim,
+    KV_BLOCK] (keys stored transposed in blocks of KV_BLOCK, as the attention kernel reads them;
+    ``reference.k_rows`` turns them back into rows), ``v[layer]`` [capacity, kv_dim].
+
+    Capacity (a multiple of KV_BLOCK) starts small and at least doubles when it runs out
+    (amortised O(1) per token, never a copy per token), up to ``max_len`` (the model's context)
+    rounded up to a block, past which ``reserve`` raises ContextLengthError. Keys and values
+    0..length-1 are valid; the attention kernel stores new ones in place. ``ids[:length]`` are
+    the tokens they belong to (so a later prompt can reuse a prefix).
     """
 
     def __init__(self, num_layers, kv_dim, max_len, *, initial_capacity=256, dtype=np.float32):
@@ -31,13 +40,15 @@ class KVCache:
                 f"the sequence would reach {need} tokens, past the model's context of "
                 f"{self.max_len} ({self.length} in the cache, {n_new} new)")
         if need > self.capacity:
-            cap = min(self.max_len, max(need, 2 * self.capacity, self.initial_capacity))
-            shape = (cap, self.kv_dim)
-            for cache in (self.k, self.v):
+            cap = block_rows(min(self.max_len, max(need, 2 * self.capacity,
+                                                   self.initial_capacity)))
+            used = (block_rows(self.length) // KV_BLOCK, self.length)
+            shapes = ((cap // KV_BLOCK, self.kv_dim, KV_BLOCK), (cap, self.kv_dim))
+            for cache, shape, n in zip((self.k, self.v), shapes, used):
                 for layer in range(self.num_layers):
                     grown = np.empty(shape, self.dtype)
                     if layer < len(cache):
-                        grown[:self.length] = cache[layer][:self.length]
+                        grown[:n] = cache[layer][:n]
                         cache[layer] = grown
                     else:
                         cache.append(grown)

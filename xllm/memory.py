@@ -16,6 +16,7 @@ import numpy as np
 from .config import PRESETS, ModelConfig
 from .loaders import expected_shapes
 from .quant import PANEL, QTensor
+from .kv_cache import block_rows
 
 GROUPS = (("embedding", ("tok_embeddings",)), ("head", ("output", "norm")),
           ("attention", ("wq", "wk", "wv", "wo", "attention_norm")),
@@ -49,8 +50,9 @@ def weight_table(config, weights=None, dtype="fp32"):
 
 
 def kv_capacity(config, prompt_len, gen_len, initial=256):
-    """Rows of a sequence's KVCache: generation reserves prompt + new tokens at once."""
-    return min(config.max_seq_len, max(prompt_len + gen_len, initial))
+    """Rows of a sequence's KVCache: generation reserves prompt + new tokens at once (rounded up
+    to whole KV blocks)."""
+    return block_rows(min(config.max_seq_len, max(prompt_len + gen_len, initial)))
 
 
 def activation_bytes(config, batch, prompt_len, rows=512):

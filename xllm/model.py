@@ -45,6 +45,8 @@ class Workspace:
         self.tokens = np.zeros(rows, np.int64)                     # [R] token ids
         self.positions = np.zeros(rows, np.int64)                  # [R] their positions
         self.arange = np.arange(rows, dtype=np.int64)              # [R] 0..R-1
+        self.bounds = np.zeros(rows + 1, np.int64)                 # [S+1] first row of each sequence
+        self.starts = np.zeros(rows, np.int64)                     # [S] its cached keys before them
 
     @property
     def nbytes(self):
@@ -125,8 +127,10 @@ class Transformer:
             np.add(ws.arange[:b - a], kv.length, out=ws.positions[a:b])
             spans.append((a, b, kv, kv.length))
             a = b
-        bounds = np.array([sp[0] for sp in spans] + [m], np.int64)
-        starts = np.array([sp[3] for sp in spans], np.int64)
+        bounds, starts = ws.bounds[:len(spans) + 1], ws.starts[:len(spans)]
+        for j, sp in enumerate(spans):
+            bounds[j], starts[j] = sp[0], sp[3]
+        bounds[-1] = m
         k_caches = list(zip(*(sp[2].k for sp in spans)))  # [layer][sequence]
         v_caches = list(zip(*(sp[2].v for sp in spans)))
         x, xn, q, attn = ws.x[:m], ws.xn[:m], ws.q[:m], ws.attn[:m]

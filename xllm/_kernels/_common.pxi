@@ -18,13 +18,10 @@ cdef extern from "vecmath.h" nogil:
     void xllm_rms_scale(const float *x, const float *w, double inv, float *out, Py_ssize_t n)
     float xllm_exp_shift(const float *x, float shift, float *out, Py_ssize_t n)
     void xllm_silu_mul(const float *a, const float *b, float *out, Py_ssize_t n)
-    void xllm_dots(const float *q, const float *k, Py_ssize_t ldk, int hd, int n, float *s)
-    void xllm_accum_pv(float *acc, const float *p, const float *v, Py_ssize_t ldv, int hd, int n)
-    void xllm_dots16(const float *q, const float *k, Py_ssize_t ldk, int hd, int n, float *s)
-    void xllm_accum_pv16(float *acc, const float *p, const float *v, Py_ssize_t ldv, int hd,
-                         int n)
-    void xllm_prefetch_rows(const float *p, Py_ssize_t ld, int n, int hd)
-    void xllm_f16_rows(const uint16_t *src, Py_ssize_t ld, int n, int hd, float *dst)
+    enum: XA_BK, XA_ROWBUF
+    void xllm_attend(int nr, const float **q, float **out, const int64_t *nk, const void *kt,
+                     Py_ssize_t ldb, const void *v, Py_ssize_t ldv, int f16, int hd, float scale)
+    void xllm_store_key(const float *k, void *kc, Py_ssize_t kvd, Py_ssize_t t, int f16)
     void xllm_to_f16(const float *src, uint16_t *dst, Py_ssize_t n)
     void xllm_weights(const float *l, Py_ssize_t n, double top, double inv_t, double per_nat,
                       int nb, uint16_t *bucket, double *w, Py_ssize_t *cnt, double *mass)

@@ -1,105 +1,34 @@
-"""Causal grouped-query attention over a KV cache (semantics: ``reference.attention``).
+"""Causal grouped-query attention over KV caches (semantics: ``reference.attention``).
 
-A work item, run by prange, is one query row and up to MAXG query heads that share a KV head
-(so K and V are read once for the whole run). An item streams its keys in blocks of BK with an
-online softmax: per head, keep the running max m, the running sum l of exp(s - m) and the
-output accumulator acc (head_dim floats on the stack); when a block raises the max, l and acc are
-rescaled by exp(m_old - m_new). So no [heads, M, T] score matrix exists and decode allocates
-nothing. The q.k dots and the p.V sums are AVX2 loops in vecmath.h.
+The K cache of a sequence is stored transposed in blocks of 32 keys, [blocks, kv_dim, 32]
+(``reference.k_blocks`` builds one from rows); the V cache is rows [capacity, kv_dim]. A work item,
+run by prange, is a tile of query rows of one sequence that read the same KV head: up to
+XA_ROWBUF floats of queries (e.g. 16 tokens x 3 heads of a GQA group in prefill, the group's
+heads of one token in decode). It streams the blocks its rows need with an online softmax
+(vecmath.h xllm_attend): per block, the scores of all its rows (broadcast FMAs against the
+transposed keys, no horizontal sums), the running max and sum, and the p-weighted value rows.
+No [heads, M, T] score matrix exists and nothing is allocated per call but a small item list.
 """
 include "_common.pxi"
-import os
-
-from libc.math cimport expf
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
-from xllm._kernels._cpu import features
+from xllm._kernels.reference import KV_BLOCK
 
-# AVX-512 inner loops where the CPU has them (XLLM_ISA=avx2 forces the AVX2 ones)
-cdef bint _avx512 = features()["avx512"] and os.environ.get("XLLM_ISA", "").lower() != "avx2"
+assert KV_BLOCK == XA_BK
 
 cdef enum:
-    BK = 32        # keys per block: its K and V rows stay in L1 for all heads of a run
     MAX_HEAD_DIM = 256
-    PREFETCH = 4   # blocks ahead to prefetch
-    MAXG = 8       # query heads per work item (they share one KV head)
-
-
-cdef void _attend(const float *q, const void *k0, const void *v0, bint f16, Py_ssize_t ld,
-                  int hd, int gq, Py_ssize_t n_keys, float scale, float *out) noexcept nogil:
-    """For the gq consecutive query heads at q (and out), all reading the same KV head:
-    out[g] = softmax(scale * q[g].K^T) V over the first n_keys rows of k and v (row stride ld;
-    float32, or float16 when f16: each block of BK rows is then widened once into kb/vb).
-
-    Doing the heads of a GQA group together means each block of K and V comes from memory once
-    and is reused from cache by all of them.
-    """
-    cdef float qs[MAXG * MAX_HEAD_DIM]
-    cdef float acc[MAXG * MAX_HEAD_DIM]
-    cdef float s[MAXG * BK]
-    cdef float m[MAXG]
-    cdef float l[MAXG]
-    cdef float kb[BK * MAX_HEAD_DIM]
-    cdef float vb[BK * MAX_HEAD_DIM]
-    cdef float bm, c
-    cdef int has_nan, n, na, d, g
-    cdef Py_ssize_t b0 = 0, ahead, es = 2 if f16 else 4, ldb = hd if f16 else ld
-    cdef const float *k
-    cdef const float *v
-    cdef bint wide = _avx512 and hd % 64 == 0  # the AVX-512 loops
-    for g in range(gq):
-        m[g] = -INFINITY
-        l[g] = 0.0
-    for d in range(gq * hd):
-        qs[d] = q[d] * scale
-        acc[d] = 0.0
-    while b0 < n_keys:
-        n = <int>min(n_keys - b0, <Py_ssize_t>BK)
-        ahead = b0 + PREFETCH * BK  # fetch a later block while this one is computed
-        if ahead < n_keys:
-            na = <int>min(n_keys - ahead, <Py_ssize_t>BK)
-            xllm_prefetch_rows(<const float *>(<const char *>k0 + ahead * ld * es), ld * es // 4,
-                               na, hd * es // 4)
-            xllm_prefetch_rows(<const float *>(<const char *>v0 + ahead * ld * es), ld * es // 4,
-                               na, hd * es // 4)
-        if f16:
-            xllm_f16_rows(<const uint16_t *>k0 + b0 * ld, ld, n, hd, kb)
-            xllm_f16_rows(<const uint16_t *>v0 + b0 * ld, ld, n, hd, vb)
-            k, v = kb, vb
-        else:
-            k, v = <const float *>k0 + b0 * ld, <const float *>v0 + b0 * ld
-        for g in range(gq):
-            if wide:
-                xllm_dots16(qs + g * hd, k, ldb, hd, n, s + g * BK)
-            else:
-                xllm_dots(qs + g * hd, k, ldb, hd, n, s + g * BK)
-        for g in range(gq):
-            bm = xllm_max_f32(s + g * BK, n, &has_nan)
-            if bm > m[g]:  # rescale what was accumulated under the old max (from -inf: by 0)
-                c = expf(m[g] - bm)
-                l[g] = l[g] * c
-                for d in range(g * hd, g * hd + hd):
-                    acc[d] *= c
-                m[g] = bm
-            l[g] = l[g] + xllm_exp_shift(s + g * BK, m[g], s + g * BK, n)
-            if wide:
-                xllm_accum_pv16(acc + g * hd, s + g * BK, v, ldb, hd, n)
-            else:
-                xllm_accum_pv(acc + g * hd, s + g * BK, v, ldb, hd, n)
-        b0 += BK
-    for g in range(gq):
-        c = 1.0 / l[g]
-        for d in range(hd):
-            out[g * hd + d] = acc[g * hd + d] * c
+    MAX_ROWS = XA_ROWBUF // 32  # rows of one item when head_dim <= 32
 
 
 def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     """Causal grouped-query attention of M new queries over the cache.
 
-    q, out: float32 [M, n_heads*head_dim] (out may be q itself); k_cache, v_cache: float32 or
-    float16 (both the same) [capacity, n_kv_heads*head_dim] whose first start_pos + M rows are
-    filled. Query row i sits at position start_pos + i and attends to keys 0 .. start_pos + i;
+    q, out: float32 [M, n_heads*head_dim] (out may be q itself); k_cache: [blocks, n_kv_heads *
+    head_dim, 32] (keys stored transposed in blocks of 32), v_cache: [capacity, n_kv_heads *
+    head_dim], float32 or float16 (both the same), holding the first start_pos + M keys and
+    values. Query row i sits at position start_pos + i and attends to keys 0 .. start_pos + i;
     query head h reads KV head h // (n_heads // n_kv_heads). head_dim may be 1..256.
     Accumulation is float32 (the reference uses float64; expect ~1e-6 relative differences).
     """
@@ -113,13 +42,13 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
     """``attention`` for S sequences in one call (one parallel loop over all their rows).
 
     Rows bounds[s] .. bounds[s+1]-1 of q and out belong to sequence s, whose caches
-    k_caches[s], v_caches[s] hold starts[s] rows before them. If k_new and v_new (float32
-    [M, n_kv_heads*head_dim]) are given, their rows are first stored in the caches from row
-    starts[s] on (rounded to float16 for float16 caches). Each row's result is the same as from
-    ``attention`` on its own sequence.
+    k_caches[s], v_caches[s] hold starts[s] keys and values before them. If k_new and v_new
+    (float32 [M, n_kv_heads*head_dim]) are given, their rows are first stored in the caches as
+    keys and values starts[s] onwards (rounded to float16 for float16 caches). Each row's result
+    is bitwise the same as from ``attention`` on its own sequence.
     """
     cdef cnp.ndarray qa = _f32(q, "q", False, 2), oa = _f32(out, "out", True, 2)
-    cdef Py_ssize_t nh = n_heads, nkv = n_kv_heads, m = qa.shape[0], hd, s, i, S = len(k_caches)
+    cdef Py_ssize_t nh = n_heads, nkv = n_kv_heads, m = qa.shape[0], hd, s, S = len(k_caches)
     if nh < 1 or nkv < 1 or nh % nkv:
         raise ValueError(f"n_heads ({nh}) must be a positive multiple of n_kv_heads ({nkv})")
     _check_out(oa, qa, "q")
@@ -134,8 +63,9 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
                          f"{S}, {len(v_caches)}, {ba.size}, {sa.size}")
     cdef const int64_t *bp = <const int64_t *>cnp.PyArray_DATA(ba)
     cdef const int64_t *sp = <const int64_t *>cnp.PyArray_DATA(sa)
-    if bp[0] != 0 or bp[S] != m or np.any(np.diff(ba) < 0):
-        raise ValueError(f"bounds must rise from 0 to the {m} rows of q")
+    for s in range(S + 1):
+        if bp[s] < (bp[s - 1] if s else 0) or (s == 0 and bp[0] != 0) or (s == S and bp[s] != m):
+            raise ValueError(f"bounds must rise from 0 to the {m} rows of q")
     cdef bint store = k_new is not None, f16 = S > 0 and \
         isinstance(k_caches[0], np.ndarray) and k_caches[0].dtype == np.float16
     cdef cnp.ndarray kna, vna
@@ -143,23 +73,28 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
         kna, vna = _f32(k_new, "k_new", False, 2), _f32(v_new, "v_new", False, 2)
         if (<object>kna).shape != (m, ldkv) or (<object>vna).shape != (m, ldkv):
             raise ValueError(f"k_new and v_new must be [{m}, {ldkv}]")
-    cdef float sc = float(scale)
-    cdef Py_ssize_t es = 2 if f16 else 4
+    # Work items: tiles of rows x heads of one group of one sequence, at most `rows` of them
+    cdef Py_ssize_t rows = min(<Py_ssize_t>MAX_ROWS, XA_ROWBUF // ((hd + 31) // 32 * 32))
+    cdef Py_ssize_t group = nh // nkv, gh = min(group, rows), tq = max(1, rows // gh)
+    cdef Py_ssize_t items = 0
+    for s in range(S):
+        items += nkv * ((group + gh - 1) // gh) * ((bp[s + 1] - bp[s] + tq - 1) // tq)
     cdef char **kp = <char **>malloc(2 * S * sizeof(char *) + 1)
     cdef char **vp = kp + S
-    cdef int32_t *seq = <int32_t *>malloc(m * sizeof(int32_t) + 1)
+    cdef int64_t *lst = <int64_t *>malloc(6 * items * sizeof(int64_t) + 1)
     try:
-        if kp == NULL or seq == NULL:
+        if kp == NULL or lst == NULL:
             raise MemoryError()
         for s in range(S):
-            ka = _f32(k_caches[s], "k_cache", store, 2, f16)
+            ka = _f32(k_caches[s], "k_cache", store, 3, f16)
             va = _f32(v_caches[s], "v_cache", store, 2, f16)
-            if ka.shape[1] != ldkv or (<object>va).shape != (<object>ka).shape:
-                raise ValueError(f"k_cache {(<object>ka).shape} and v_cache {(<object>va).shape} "
-                                 f"must both be [capacity, n_kv_heads*head_dim = {ldkv}]")
-            if sp[s] < 0 or sp[s] + bp[s + 1] - bp[s] > ka.shape[0]:
+            if ka.shape[1] != ldkv or ka.shape[2] != XA_BK or va.shape[1] != ldkv:
+                raise ValueError(f"k_cache {(<object>ka).shape} must be [blocks, n_kv_heads*"
+                                 f"head_dim = {ldkv}, {XA_BK}] and v_cache "
+                                 f"{(<object>va).shape} [capacity, {ldkv}]")
+            if sp[s] < 0 or sp[s] + bp[s + 1] - bp[s] > min(ka.shape[0] * XA_BK, va.shape[0]):
                 raise ValueError(f"start_pos {sp[s]} + {bp[s + 1] - bp[s]} rows exceeds the "
-                                 f"cache capacity {ka.shape[0]}")
+                                 f"cache capacity {min(ka.shape[0] * XA_BK, va.shape[0])}")
             if _overlap(oa, ka, False) or _overlap(oa, va, False):
                 raise ValueError("out overlaps the caches")
             kp[s], vp[s] = <char *>cnp.PyArray_DATA(ka), <char *>cnp.PyArray_DATA(va)
@@ -167,46 +102,61 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
             _run(<const float *>cnp.PyArray_DATA(qa),
                  NULL if not store else <const float *>cnp.PyArray_DATA(kna),
                  NULL if not store else <const float *>cnp.PyArray_DATA(vna),
-                 kp, vp, f16, S, bp, sp, seq, <float *>cnp.PyArray_DATA(oa), m, nh, nkv, hd, sc)
+                 kp, vp, f16, S, bp, sp, <float *>cnp.PyArray_DATA(oa), nh, nkv, hd,
+                 float(scale), lst, items, gh, tq)
     finally:
         free(kp)
-        free(seq)
+        free(lst)
+
+
+cdef void _item(const int64_t *it, const float *qp, char **kp, char **vp, bint f16,
+                const int64_t *bp, const int64_t *sp, float *op, Py_ssize_t nh, Py_ssize_t nkv,
+                Py_ssize_t hd, float sc) noexcept nogil:
+    """Work item it = (sequence, KV head, first head of the group, heads, first row, rows)."""
+    cdef const float *qr[MAX_ROWS]
+    cdef float *orow[MAX_ROWS]
+    cdef int64_t nk[MAX_ROWS]
+    cdef Py_ssize_t s = it[0], h = it[1], i, g, n = 0, ldkv = nkv * hd, es = 2 if f16 else 4
+    cdef Py_ssize_t col
+    for i in range(it[4], it[4] + it[5]):
+        for g in range(it[2], it[2] + it[3]):
+            col = (h * (nh // nkv) + g) * hd
+            qr[n], orow[n] = qp + i * nh * hd + col, op + i * nh * hd + col
+            nk[n] = sp[s] + i - bp[s] + 1
+            n += 1
+    xllm_attend(<int>n, qr, orow, nk, kp[s] + h * hd * XA_BK * es, ldkv * XA_BK,
+                vp[s] + h * hd * es, ldkv, f16, <int>hd, sc)
 
 
 cdef void _run(const float *qp, const float *knp, const float *vnp, char **kp, char **vp,
-               bint f16, Py_ssize_t S, const int64_t *bp, const int64_t *sp, int32_t *seq,
-               float *op, Py_ssize_t m, Py_ssize_t nh, Py_ssize_t nkv, Py_ssize_t hd,
-               float sc) noexcept nogil:
-    cdef Py_ssize_t s, i, r, it, ldkv = nkv * hd, ldq = nh * hd, es = 2 if f16 else 4
-    for s in range(S):  # store the new rows, and note which sequence each row belongs to
+               bint f16, Py_ssize_t S, const int64_t *bp, const int64_t *sp, float *op,
+               Py_ssize_t nh, Py_ssize_t nkv, Py_ssize_t hd, float sc, int64_t *lst,
+               Py_ssize_t items, Py_ssize_t gh, Py_ssize_t tq) noexcept nogil:
+    cdef Py_ssize_t s, i, t, g, it = 0, ldkv = nkv * hd, group = nh // nkv
+    for s in range(S):  # store the new keys and values
         for i in range(bp[s], bp[s + 1]):
-            seq[i] = <int32_t>s
-            r = sp[s] + i - bp[s]
-            if knp == NULL:
-                continue
-            if f16:
-                xllm_to_f16(knp + i * ldkv, <uint16_t *>kp[s] + r * ldkv, ldkv)
-                xllm_to_f16(vnp + i * ldkv, <uint16_t *>vp[s] + r * ldkv, ldkv)
-            else:
-                memcpy(<float *>kp[s] + r * ldkv, knp + i * ldkv, ldkv * 4)
-                memcpy(<float *>vp[s] + r * ldkv, vnp + i * ldkv, ldkv * 4)
-    cdef Py_ssize_t group = nh // nkv
+            t = sp[s] + i - bp[s]
+            if knp != NULL:
+                xllm_store_key(knp + i * ldkv, kp[s], ldkv, t, f16)
+                if f16:
+                    xllm_to_f16(vnp + i * ldkv, <uint16_t *>vp[s] + t * ldkv, ldkv)
+                else:
+                    memcpy(<float *>vp[s] + t * ldkv, vnp + i * ldkv, ldkv * 4)
+    # Rows of a GQA group share each K and V block; the latest rows (the most keys) go first.
+    for s in range(S):
+        t = bp[s + 1] - bp[s]
+        while t > 0:
+            t -= min(tq, t)
+            for i in range(nkv):
+                g = 0
+                while g < group:
+                    lst[6 * it], lst[6 * it + 1], lst[6 * it + 2] = s, i, g
+                    lst[6 * it + 3], lst[6 * it + 4] = min(gh, group - g), bp[s] + t
+                    lst[6 * it + 5] = min(tq, bp[s + 1] - bp[s] - t)
+                    it += 1
+                    g += gh
     cdef int nt = get_num_threads()
-    # A work item is (row, a run of gq query heads sharing one KV head). Split each group into
-    # nsplit runs of at most MAXG heads, and further while there are fewer items than threads.
-    cdef Py_ssize_t nsplit = 1
-    while group % nsplit or group // nsplit > MAXG or \
-            (m * nkv * nsplit < nt and nsplit < group):
-        nsplit += 1
-    cdef Py_ssize_t gq = group // nsplit, runs = nh // gq, items = m * runs, kvo
     if nt > items:
         nt = <int>items
-    # Items go run-major (all rows of one run, then the next), so neighbouring items share KV.
-    # Causal rows differ in length, hence the dynamic schedule.
     for it in prange(items, nogil=True, num_threads=nt, schedule="dynamic"):
-        r = it // m
-        i = it % m
-        s = seq[i]
-        kvo = (r * gq // group) * hd * es
-        _attend(qp + i * ldq + r * gq * hd, kp[s] + kvo, vp[s] + kvo, f16, ldkv, <int>hd,
-                <int>gq, sp[s] + i - bp[s] + 1, sc, op + i * ldq + r * gq * hd)
+        _item(lst + 6 * it, qp, kp, vp, f16, bp, sp, op, nh, nkv, hd, sc)

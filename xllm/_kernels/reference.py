@@ -77,18 +77,36 @@ def silu_mul(a, b, out):
     out[...] = (a / (1.0 + np.exp(-a.astype(np.float64)))).astype(np.float32) * b
 
 
+KV_BLOCK = 32  # keys per block of a K cache, stored transposed: [blocks, kv_dim, KV_BLOCK]
+
+
+def k_blocks(k_rows, capacity=None):
+    """Key rows [T, kv_dim] as a K cache [ceil(capacity / KV_BLOCK), kv_dim, KV_BLOCK] (zeros
+    past T; capacity defaults to T)."""
+    t, kvd = k_rows.shape
+    nb = -(-(t if capacity is None else capacity) // KV_BLOCK)
+    padded = np.zeros((nb * KV_BLOCK, kvd), k_rows.dtype)
+    padded[:t] = k_rows
+    return np.ascontiguousarray(padded.reshape(nb, KV_BLOCK, kvd).transpose(0, 2, 1))
+
+
+def k_rows(k_cache):
+    """The key rows [blocks * KV_BLOCK, kv_dim] of a K cache (the inverse of k_blocks)."""
+    return k_cache.transpose(0, 2, 1).reshape(-1, k_cache.shape[1])
+
+
 def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     """Causal grouped-query attention of M new queries over the cache.
 
-    q, out: [M, n_heads*head_dim]; k_cache, v_cache: [capacity, n_kv_heads*head_dim] whose first
-    start_pos + M rows are filled. Query row i sits at position start_pos + i and attends to keys
+    q, out: [M, n_heads*head_dim]; k_cache: [blocks, n_kv_heads*head_dim, KV_BLOCK] (k_blocks),
+    v_cache: [capacity, n_kv_heads*head_dim], holding the first start_pos + M keys and values. Query row i sits at position start_pos + i and attends to keys
     0 .. start_pos + i. Query head h reads KV head h // (n_heads // n_kv_heads).
     """
     m = q.shape[0]
     hd = q.shape[1] // n_heads
     t = start_pos + m
     qh = q.reshape(m, n_heads, hd).astype(np.float64)
-    k = k_cache[:t].reshape(t, n_kv_heads, hd).astype(np.float64)
+    k = k_rows(k_cache)[:t].reshape(t, n_kv_heads, hd).astype(np.float64)
     v = v_cache[:t].reshape(t, n_kv_heads, hd).astype(np.float64)
     o = out.reshape(m, n_heads, hd)
     masked = np.arange(t)[None, :] > (start_pos + np.arange(m))[:, None]
@@ -109,7 +127,9 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
     for s, (kc, vc) in enumerate(zip(k_caches, v_caches)):
         a, b, p = int(bounds[s]), int(bounds[s + 1]), int(starts[s])
         if k_new is not None:
-            kc[p:p + b - a], vc[p:p + b - a] = k_new[a:b], v_new[a:b]
+            for i in range(b - a):
+                kc[(p + i) // KV_BLOCK, :, (p + i) % KV_BLOCK] = k_new[a + i]
+            vc[p:p + b - a] = v_new[a:b]
         if b > a:
             attention(q[a:b], kc, vc, out[a:b], p, n_heads, n_kv_heads, scale)
 

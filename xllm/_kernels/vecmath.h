@@ -189,134 +189,153 @@ static inline void xllm_silu_mul(const float *a, const float *b, float *out, ptr
     }
 }
 
-/* ---------------- attention inner loops ---------------- */
+/* ---------------- attention ---------------- */
 
-/* s[j] = dot(q, k + j*ldk) over hd floats, for j < n. Eight keys at a time share each load of q
- * and are reduced together with a horizontal-add tree. */
-static inline void xllm_dots(const float *q, const float *k, ptrdiff_t ldk, int hd, int n,
-                             float *s) {
-    int full = hd & ~7, tail = hd & 7, j = 0;
-    __m256i tm = xllm_tail_mask(tail);
-    for (; j + 8 <= n; j += 8) {
-        const float *k0 = k + (ptrdiff_t)j * ldk;
-        __m256 a[8];
-        for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
-        for (int d = 0; d < full; d += 8) {
-            __m256 qv = _mm256_loadu_ps(q + d);
-            for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + r * ldk + d), a[r]);
-        }
-        if (tail) {
-            __m256 qv = _mm256_maskload_ps(q + full, tm);
-            for (int r = 0; r < 8; r++)
-                a[r] = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k0 + r * ldk + full, tm), a[r]);
-        }
-        __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-        __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-        /* t0 lanes: s0 s1 s2 s3 | s0 s1 s2 s3 (partial sums of the low and high halves) */
-        _mm256_storeu_ps(s + j, _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20),
-                                              _mm256_permute2f128_ps(t0, t1, 0x31)));
-    }
-    for (; j < n; j++) {  /* the last n % 8 keys one at a time */
-        const float *k0 = k + (ptrdiff_t)j * ldk;
-        __m256 a0 = _mm256_mul_ps(_mm256_maskload_ps(q + full, tm), _mm256_maskload_ps(k0 + full, tm));
-        for (int d = 0; d < full; d += 8)
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k0 + d), a0);
-        s[j] = xllm_hsum_ps(a0);
-    }
+/* K caches are stored transposed in blocks of XA_BK keys: [blocks][kv_dim][XA_BK], element
+ * (key t, column c) at (t / XA_BK, c, t % XA_BK). The scores of a query against a block are then
+ * 4 vectors of 8 keys built with broadcast FMAs (no horizontal sums) by the same operations for
+ * one query row or many. V caches are plain rows [capacity][kv_dim]. */
+#define XA_BK 32
+#define XA_MR 2          /* query rows per register tile (2 x 4 accumulators) */
+#define XA_ROWBUF 4096   /* floats of queries (and of output accumulators) per work item */
+
+/* 8 values at element i of a float32 or (f16) float16 array; only the first n when n < 8. */
+static inline __m256 xa_ld(const void *p, ptrdiff_t i, int f16, int n) {
+    if (n >= 8)
+        return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+                   : _mm256_loadu_ps((const float *)p + i);
+    if (!f16) return _mm256_maskload_ps((const float *)p + i, xllm_tail_mask(n));
+    uint16_t t[8] = {0};
+    memcpy(t, (const uint16_t *)p + i, 2 * (size_t)(n > 0 ? n : 0));
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
 }
 
-/* acc[0..hd) += sum_j p[j] * v[j*ldv + 0..hd) for j < n. The output is walked in chunks of 64
- * floats held in 8 registers (8 independent FMA chains) while the n value rows stream past; the
- * rest, 8 floats at a time, with two chains for even and odd rows. */
-static inline void xllm_accum_pv(float *acc, const float *p, const float *v, ptrdiff_t ldv,
-                                 int hd, int n) {
-    int d = 0;
-    for (; d + 64 <= hd; d += 64) {
-        __m256 c[8];
-        for (int u = 0; u < 8; u++) c[u] = _mm256_loadu_ps(acc + d + 8 * u);
-        const float *vr = v + d;
-        for (int j = 0; j < n; j++, vr += ldv) {
-            __m256 pj = _mm256_broadcast_ss(p + j);
-            for (int u = 0; u < 8; u++) c[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * u), c[u]);
-        }
-        for (int u = 0; u < 8; u++) _mm256_storeu_ps(acc + d + 8 * u, c[u]);
-    }
-    for (; d < hd; d += 8) {
-        __m256i m = xllm_tail_mask(hd - d);
-        __m256 c0 = _mm256_maskload_ps(acc + d, m), c1 = _mm256_setzero_ps();
-        const float *vr = v + d;
-        int j = 0;
-        for (; j + 2 <= n; j += 2, vr += 2 * ldv) {
-            c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_maskload_ps(vr, m), c0);
-            c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j + 1), _mm256_maskload_ps(vr + ldv, m), c1);
-        }
-        if (j < n) c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_maskload_ps(vr, m), c0);
-        _mm256_maskstore_ps(acc + d, m, _mm256_add_ps(c0, c1));
-    }
-}
-
-/* AVX-512 versions of the two attention loops, for hd a multiple of 64 (the callers check the CPU
- * and hd): the same arithmetic in 16-lane registers (rounding order differs from AVX2). */
-#define XLLM_T512 __attribute__((target("avx2,fma,avx512f")))
-static inline XLLM_T512 __m256 xllm_fold512(__m512 a) {
-    return _mm256_add_ps(_mm512_castps512_ps256(a),
-                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-}
-
-static inline XLLM_T512 void xllm_dots16(const float *q, const float *k, ptrdiff_t ldk, int hd,
-                                         int n, float *s) {
-    for (int j = 0; j < n; j += 8) {
-        const float *k0 = k + (ptrdiff_t)j * ldk;
-        const int nr = n - j < 8 ? n - j : 8;
-        __m512 a[8];
-        for (int r = 0; r < 8; r++) a[r] = _mm512_setzero_ps();
-        for (int d = 0; d < hd; d += 16) {
-            __m512 qv = _mm512_loadu_ps(q + d);
-            for (int r = 0; r < nr; r++)
-                a[r] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + r * ldk + d), a[r]);
-        }
-        __m256 h[8];
-        for (int r = 0; r < 8; r++) h[r] = xllm_fold512(a[r]);
-        __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-        __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
-        __m256 t = _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20),
-                                 _mm256_permute2f128_ps(t0, t1, 0x31));
-        _mm256_maskstore_ps(s + j, xllm_tail_mask(nr), t);
-    }
-}
-
-static inline XLLM_T512 void xllm_accum_pv16(float *acc, const float *p, const float *v,
-                                             ptrdiff_t ldv, int hd, int n) {
-    for (int d = 0; d < hd; d += 64) {  /* 4 registers of output, two rows of V per step */
-        __m512 c0[4], c1[4];
+/* s[r][0..XA_BK) = sum over d of qs[r][d] * K[d][0..XA_BK) for MR rows (qs rows hd apart, s rows
+ * XA_BK apart), d in increasing order. */
+static inline __attribute__((always_inline)) void xa_scores(const int MR, const float *qs, int hd,
+                                                            const void *kb, int f16, float *s) {
+    __m256 a[XA_MR][4];
+    for (int r = 0; r < MR; r++)
+        for (int u = 0; u < 4; u++) a[r][u] = _mm256_setzero_ps();
+    for (int d = 0; d < hd; d++)
         for (int u = 0; u < 4; u++) {
-            c0[u] = _mm512_loadu_ps(acc + d + 16 * u);
-            c1[u] = _mm512_setzero_ps();
+            __m256 k = xa_ld(kb, (ptrdiff_t)d * XA_BK + 8 * u, f16, 8);
+            for (int r = 0; r < MR; r++)
+                a[r][u] = _mm256_fmadd_ps(_mm256_broadcast_ss(qs + r * hd + d), k, a[r][u]);
         }
-        const float *vr = v + d;
-        int j = 0;
-        for (; j + 2 <= n; j += 2, vr += 2 * ldv) {
-            __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
+    for (int r = 0; r < MR; r++)
+        for (int u = 0; u < 4; u++) _mm256_storeu_ps(s + r * XA_BK + 8 * u, a[r][u]);
+}
+
+/* One block of a row's online softmax: s holds its XA_BK scores, the first n valid. Raises the
+ * running max *m (scaling *l and acc[0..hdp) by exp(old - new)), turns s into p = exp(s - *m)
+ * (0 past n) and adds their sum to *l. */
+static inline void xa_softmax(float *s, int n, float *m, float *l, float *acc, int hdp) {
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    __m256 v[4], mx = ninf, sum = _mm256_setzero_ps();
+    for (int u = 0; u < 4; u++) {
+        __m256 keep = _mm256_castsi256_ps(xllm_tail_mask(n - 8 * u));
+        v[u] = _mm256_blendv_ps(ninf, _mm256_loadu_ps(s + 8 * u), keep);
+        mx = _mm256_max_ps(mx, v[u]);
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    float bm = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    if (bm > *m) {  /* from -inf the factor is 0: nothing accumulated yet */
+        __m256 c = _mm256_set1_ps(expf(*m - bm));
+        *l *= _mm256_cvtss_f32(c);
+        for (int d = 0; d < hdp; d += 8) _mm256_storeu_ps(acc + d, _mm256_mul_ps(_mm256_loadu_ps(acc + d), c));
+        *m = bm;
+    }
+    for (int u = 0; u < 4; u++) {  /* exp(-inf) = 0 for the lanes past n */
+        __m256 e = xllm_exp_ps(_mm256_sub_ps(v[u], _mm256_set1_ps(*m)));
+        _mm256_storeu_ps(s + 8 * u, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    *l += xllm_hsum_ps(sum);
+}
+
+/* acc[r][0..hd) += sum over j < n of p[r][j] * V[j][0..hd) for MR rows (acc rows hdp apart, p
+ * rows XA_BK apart, V rows ldv apart), j in increasing order. */
+static inline __attribute__((always_inline)) void xa_pv(const int MR, float *acc, int hd, int hdp,
+                                                        const float *p, const void *v,
+                                                        ptrdiff_t ldv, int f16, int n) {
+    for (int d = 0; d < hd; d += 32) {
+        __m256 c[XA_MR][4];
+        for (int r = 0; r < MR; r++)
+            for (int u = 0; u < 4; u++) c[r][u] = _mm256_loadu_ps(acc + r * hdp + d + 8 * u);
+        for (int j = 0; j < n; j++)
             for (int u = 0; u < 4; u++) {
-                c0[u] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(vr + 16 * u), c0[u]);
-                c1[u] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(vr + ldv + 16 * u), c1[u]);
+                __m256 x = xa_ld(v, j * ldv + d + 8 * u, f16, hd - d - 8 * u);
+                for (int r = 0; r < MR; r++)
+                    c[r][u] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r * XA_BK + j), x, c[r][u]);
+            }
+        for (int r = 0; r < MR; r++)
+            for (int u = 0; u < 4; u++) _mm256_storeu_ps(acc + r * hdp + d + 8 * u, c[r][u]);
+    }
+}
+
+/* Attention of nr query rows that read one KV head of one sequence, nr * round_up(hd, 32) <=
+ * XA_ROWBUF: row r's query q[r] (hd floats, times scale) attends to keys 0 .. nk[r]-1 and the
+ * result goes to out[r]. kt: the head's rows of K block 0 (blocks ldb elements apart); v: the
+ * head's columns of V row 0 (rows ldv elements apart); f16: both caches hold float16. Each row
+ * goes through the same operations whichever rows share its call (batch invariance). */
+static inline __attribute__((always_inline)) void xa_attend(
+        int nr, const float **q, float **out, const int64_t *nk, const void *kt, ptrdiff_t ldb,
+        const void *v, ptrdiff_t ldv, const int f16, int hd, float scale) {
+    float qs[XA_ROWBUF], acc[XA_ROWBUF], s[XA_ROWBUF / 32 * XA_BK], m[XA_ROWBUF / 32],
+        l[XA_ROWBUF / 32];
+    const int hdp = (hd + 31) & ~31, es = f16 ? 2 : 4;
+    int64_t last = 0;
+    for (int r = 0; r < nr; r++) {
+        for (int d = 0; d < hd; d++) qs[r * hd + d] = q[r][d] * scale;
+        memset(acc + r * hdp, 0, sizeof(float) * hdp);
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+        last = nk[r] > last ? nk[r] : last;
+    }
+    for (int64_t b0 = 0; b0 < last; b0 += XA_BK) {
+        const char *kb = (const char *)kt + (b0 / XA_BK) * ldb * es;
+        const char *vb = (const char *)v + b0 * ldv * es;
+        int r = 0;
+        for (; r + XA_MR <= nr; r += XA_MR) xa_scores(XA_MR, qs + r * hd, hd, kb, f16, s + r * XA_BK);
+        for (; r < nr; r++) xa_scores(1, qs + r * hd, hd, kb, f16, s + r * XA_BK);
+        for (r = 0; r < nr; r++)
+            if (nk[r] > b0)
+                xa_softmax(s + r * XA_BK, (int)(nk[r] - b0 < XA_BK ? nk[r] - b0 : XA_BK), m + r,
+                           l + r, acc + r * hdp, hdp);
+        for (r = 0; r < nr;) {  /* tiles of rows that all use the whole block, else row by row */
+            int full = r + XA_MR <= nr;
+            for (int i = 0; full && i < XA_MR; i++) full = nk[r + i] >= b0 + XA_BK;
+            if (full) {
+                xa_pv(XA_MR, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, ldv, f16, XA_BK);
+                r += XA_MR;
+            } else {
+                if (nk[r] > b0)
+                    xa_pv(1, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, ldv, f16,
+                          (int)(nk[r] - b0 < XA_BK ? nk[r] - b0 : XA_BK));
+                r++;
             }
         }
-        if (j < n)
-            for (int u = 0; u < 4; u++)
-                c0[u] = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(vr + 16 * u), c0[u]);
-        for (int u = 0; u < 4; u++) _mm512_storeu_ps(acc + d + 16 * u, _mm512_add_ps(c0[u], c1[u]));
+    }
+    for (int r = 0; r < nr; r++) {
+        const float c = 1.0f / l[r];
+        for (int d = 0; d < hd; d++) out[r][d] = acc[r * hdp + d] * c;
     }
 }
 
-/* dst[j*hd + d] = float(src[j*ld + d]) for n rows of hd float16 values (a block of a float16
- * KV cache, widened once and then read by every head of the group). */
-static inline void xllm_f16_rows(const uint16_t *src, ptrdiff_t ld, int n, int hd, float *dst) {
-    for (int j = 0; j < n; j++, src += ld, dst += hd) {
-        int d = 0;
-        for (; d + 8 <= hd; d += 8)
-            _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + d))));
-        for (; d < hd; d++) dst[d] = _cvtsh_ss(src[d]);
+static void xllm_attend(int nr, const float **q, float **out, const int64_t *nk, const void *kt,
+                        ptrdiff_t ldb, const void *v, ptrdiff_t ldv, int f16, int hd, float scale) {
+    if (f16) xa_attend(nr, q, out, nk, kt, ldb, v, ldv, 1, hd, scale);  /* one copy per type */
+    else xa_attend(nr, q, out, nk, kt, ldb, v, ldv, 0, hd, scale);
+}
+
+/* Store key row k (kvd floats) as key t of a blocked K cache (float16 when f16). */
+static inline void xllm_store_key(const float *k, void *kc, ptrdiff_t kvd, ptrdiff_t t, int f16) {
+    ptrdiff_t o = (t / XA_BK) * kvd * XA_BK + t % XA_BK;
+    for (ptrdiff_t c = 0; c < kvd; c++, o += XA_BK) {
+        if (f16) ((uint16_t *)kc)[o] = _cvtss_sh(k[c], _MM_FROUND_TO_NEAREST_INT);
+        else ((float *)kc)[o] = k[c];
     }
 }
 
@@ -327,13 +346,6 @@ static inline void xllm_to_f16(const float *src, uint16_t *dst, ptrdiff_t n) {
         _mm_storeu_si128((__m128i *)(dst + d),
                          _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
     for (; d < n; d++) dst[d] = _cvtss_sh(src[d], _MM_FROUND_TO_NEAREST_INT);
-}
-
-/* Prefetch n rows (stride ld floats) of hd floats each into L1: attention reads K/V rows at a
- * stride of n_kv_heads*head_dim, a pattern the hardware prefetchers follow poorly. */
-static inline void xllm_prefetch_rows(const float *p, ptrdiff_t ld, int n, int hd) {
-    for (int j = 0; j < n; j++, p += ld)
-        for (int d = 0; d < hd; d += 16) _mm_prefetch((const char *)(p + d), _MM_HINT_T0);
 }
 
 /* ---------------- sampling ---------------- */
