@@ -12,8 +12,8 @@
  *      q = clamp(rint(t), -127, 127), t = (t - q) * 256;
  *   2. per block, exact int32 dots c12 = 256 * (q1 . c) + (q2 . c) and c3 = q3 . c with the
  *      weight codes c (minus 8 for symmetric int4): on AVX-512 VNNI with vpdpbusd of the
- *      unsigned codes (int8 stored + 128), then minus 128 (int8) or 8 (int4) times the same sums
- *      of the q's; on AVX2 with maddubs/madd;
+ *      unsigned codes (int8 stored + 128), each part's dot starting from -128 (int8) or -8
+ *      (int4) times the sum of its q's; on AVX2 with maddubs/madd;
  *   3. per output element, in increasing block order, float32, no FMA contraction, with
  *      dx' = dx / 256: v = (float)c12 + (float)c3 / 256; acc = acc + (dw * dx') * v; and for
  *      asymmetric W, with S the same combination of the sums of the q's:
@@ -38,7 +38,7 @@
 #define XQ_PF 1024 /* software prefetch distance along a panel, bytes */
 #endif
 
-#define XQ_MR512 4 /* rows of x per AVX-512 micro-kernel call */
+#define XQ_MR512 6 /* rows of x per AVX-512 micro-kernel call, at most: 24 of 32 zmm hold sums */
 #define XQ_MR256 2 /* and per AVX2 call */
 
 typedef struct {
@@ -49,68 +49,75 @@ typedef struct {
     int bits, gshift, f32; /* 8 or 4; log2(G / 32); scales are float32 */
 } xq_weights;
 
-/* Quantize rows [m0, m1) of x (row stride ldx) into three int8 parts per 32-value block:
- * x ~ dx * (q1 + q2 / 256 + q3 / 65536). Row m: q1 at qx + 3 * K * m, q2 and q3 K and 2K bytes
- * after it; per block b at m * (K / 32) + b: dx / 256, and at 2 * (m * (K / 32) + b) the sums
- * 256 * sum(q1) + sum(q2) and sum(q3). */
+/* Wait for all the threads of the enclosing OpenMP parallel region. */
+static inline void xq_barrier(void) { _Pragma("omp barrier") }
+
+/* One 32-value block of one row of x, quantized (step 1): 128 bytes, 2 cache lines. */
+typedef struct {
+    int8_t q[3][32];        /* the three parts */
+    float d, ds;            /* dx / 256; d * S (S = 256 sum(q1) + sum(q2) + sum(q3) / 256) */
+    int32_t c128[3], c8[3]; /* -128 and -8 times the sum of each part: the dots with unsigned
+                             * codes start from these, so no offset is subtracted later */
+} xq_xb;
+
+/* Quantize rows [m0, m1) of x (row stride ldx) into qx (row m, block b at qx[m * K / 32 + b]). */
 static void xq_quantize_rows(const float *x, size_t ldx, size_t m0, size_t m1, size_t K,
-                             int8_t *qx, float *dx, int32_t *sx)
+                             xq_xb *qx)
 {
     const size_t nb = K / 32;
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
     const __m256 k256 = _mm256_set1_ps(256.0f);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    const int rn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     for (size_t m = m0; m < m1; m++) {
         for (size_t b = 0; b < nb; b++) {
             const float *p = x + m * ldx + 32 * b;
-            int8_t *q = qx + 3 * K * m + 32 * b;
-            int32_t *s = sx + 2 * (m * nb + b);
-            __m256 v[4], a = _mm256_setzero_ps();
-            for (int j = 0; j < 4; j++) {
-                v[j] = _mm256_loadu_ps(p + 8 * j);
-                a = _mm256_max_ps(a, _mm256_and_ps(v[j], absmask));
-            }
+            xq_xb *o = qx + m * nb + b;
+            __m256 a = _mm256_setzero_ps();
+            for (int j = 0; j < 4; j++)
+                a = _mm256_max_ps(a, _mm256_and_ps(_mm256_loadu_ps(p + 8 * j), absmask));
             __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
             a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
             a4 = _mm_max_ss(a4, _mm_movehdup_ps(a4));
-            const float d = _mm_cvtss_f32(a4) / 127.0f;
-            dx[m * nb + b] = d * (1.0f / 256.0f);
-            __m256i iq[3][4], s12 = _mm256_setzero_si256(), s3 = s12;
+            o->ds = _mm_cvtss_f32(a4) / 127.0f; /* d for now */
+        }
+        /* a second pass: with d ready, the long chains of the blocks overlap (-30% time) */
+        for (size_t b = 0; b < nb; b++) {
+            const float *p = x + m * ldx + 32 * b;
+            xq_xb *o = qx + m * nb + b;
+            __m256 v[4];
+            for (int j = 0; j < 4; j++)
+                v[j] = _mm256_loadu_ps(p + 8 * j);
+            const float d = o->ds;
+            o->d = d * (1.0f / 256.0f);
+            __m256i iq[3][4], s[3];
             for (int j = 0; j < 4; j++) {
                 /* t = x / d; each part is the rounded remainder of the previous one, * 256 */
                 __m256 t = d == 0.0f ? _mm256_setzero_ps() : _mm256_div_ps(v[j], _mm256_set1_ps(d));
                 for (int k = 0; k < 3; k++) {
-                    __m256 r = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(t, rn), lo), hi);
-                    iq[k][j] = _mm256_cvtps_epi32(r);
-                    t = _mm256_mul_ps(_mm256_sub_ps(t, r), k256);
+                    /* rint by the conversion, clamp as ints: |t| < 2^22 even for subnormal
+                     * d, and NaN gives INT_MIN -> -127, as the float clamp did */
+                    iq[k][j] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(t), lo), hi);
+                    t = _mm256_mul_ps(_mm256_sub_ps(t, _mm256_cvtepi32_ps(iq[k][j])), k256);
+                    s[k] = j ? _mm256_add_epi32(s[k], iq[k][j]) : iq[k][j];
                 }
-                s12 = _mm256_add_epi32(s12, _mm256_add_epi32(_mm256_slli_epi32(iq[0][j], 8),
-                                                             iq[1][j]));
-                s3 = _mm256_add_epi32(s3, iq[2][j]);
             }
-            for (int k = 0; k < 2; k++) {
-                __m256i t = k ? s3 : s12;
-                __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t),
-                                           _mm256_extracti128_si256(t, 1));
-                t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
-                t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
-                s[k] = _mm_cvtsi128_si32(t4);
-            }
+            int32_t sum[3];
             for (int k = 0; k < 3; k++) { /* packs work within 128-bit lanes: permute after */
+                __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(s[k]),
+                                           _mm256_extracti128_si256(s[k], 1));
+                t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+                sum[k] = _mm_cvtsi128_si32(_mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1)));
+                o->c128[k] = -128 * sum[k];
+                o->c8[k] = -8 * sum[k];
                 __m256i b8 = _mm256_packs_epi16(_mm256_packs_epi32(iq[k][0], iq[k][1]),
                                                 _mm256_packs_epi32(iq[k][2], iq[k][3]));
-                _mm256_storeu_si256((__m256i *)(q + k * K), _mm256_permutevar8x32_epi32(b8, perm));
+                _mm256_storeu_si256((__m256i *)o->q[k], _mm256_permutevar8x32_epi32(b8, perm));
             }
+            /* exact product: FMA or not, same */
+            o->ds = o->d * ((float)(256 * sum[0] + sum[1]) + (float)sum[2] * (1.0f / 256.0f));
         }
     }
-}
-
-/* The block's sum of x / dx', as float: (256 * sum(q1) + sum(q2)) + sum(q3) / 256. */
-static inline float xq_sum(const int32_t *s)
-{
-    return (float)s[0] + (float)s[1] * (1.0f / 256.0f); /* exact product: FMA or not, same */
 }
 
 static inline XQ_AI int32_t xq_load4(const int8_t *p)
@@ -120,22 +127,28 @@ static inline XQ_AI int32_t xq_load4(const int8_t *p)
     return v;
 }
 
-/* Store the first nr lanes of r (row i of a tile) to o, or add them when accumulating. */
+/* Store the first nr lanes of r (row i of an AVX2 tile) to o, or add them when accumulating. */
 static inline void xq_store(float *o, const float *r, size_t nr, int accum)
 {
     for (size_t j = 0; j < nr; j++)
         o[j] = accum ? o[j] + r[j] : r[j];
 }
 
+/* acc + dpbusd(w, 4 bytes at p broadcast): GCC does not fold the broadcast into the
+ * instruction itself ({1to16}), and the separate vpbroadcastd costs 5-15% at M = 4..16. */
+static inline XQ_AI XQ_T512 __m512i xq_dpbusd(__m512i acc, __m512i w, const int8_t *p)
+{
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)p));
+    return acc;
+}
+
 /* AVX-512 VNNI micro-kernel: MR rows of x against panel p (16 rows of W, the first nr valid). */
 /* KIND (a constant, so each kind gets its own code): 0 int8, 1 int4 symmetric, 2 asymmetric. */
 static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const xq_weights *w,
-                                          size_t p, const int8_t *qx, const float *dx,
-                                          const int32_t *sx, size_t K, float *out, size_t ldo,
+                                          size_t p, const xq_xb *x, float *out, size_t ldo,
                                           size_t nr, int accum)
 {
     const size_t nb = w->nb, qb = KIND ? 256 : 512, ss = w->f32 ? 64 : 32;
-    const int off = KIND == 0 ? 128 : KIND == 1 ? 8 : 0;
     const uint8_t *wq = w->qs + p * nb * qb, *sc = w->scales + p * w->ng * ss;
     const uint8_t *mn = KIND == 2 ? w->mins + p * w->ng * ss : NULL;
     const __m512i low4 = _mm512_set1_epi8(0x0f);
@@ -147,21 +160,26 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const xq
         const uint8_t *blk = wq + b * qb;
         _mm_prefetch((const char *)blk + XQ_PF, _MM_HINT_T0);
         _mm_prefetch((const char *)blk + XQ_PF + 64 * (qb / 128), _MM_HINT_T0);
-        __m512i d[3][XQ_MR512];
-        for (int i = 0; i < MR; i++)
-            d[0][i] = d[1][i] = d[2][i] = _mm512_setzero_si512();
-        const int8_t *xb = qx + 32 * b;
+        const xq_xb *xb[XQ_MR512];
+        __m512i d[3][XQ_MR512]; /* dots of the parts, from the offset corrections (loads) */
+        for (int i = 0; i < MR; i++) {
+            xb[i] = x + i * nb + b;
+            for (int k = 0; k < 3; k++)
+                d[k][i] = KIND == 2 ? _mm512_setzero_si512()
+                                    : _mm512_set1_epi32(KIND ? xb[i]->c8[k] : xb[i]->c128[k]);
+        }
 #define XQ_DP512(W, o)                                                                    \
     for (int i = 0; i < MR; i++)                                                          \
         for (int k = 0; k < 3; k++)                                                       \
-            d[k][i] = _mm512_dpbusd_epi32(                                                \
-                d[k][i], W, _mm512_set1_epi32(xq_load4(xb + (3 * i + k) * K + (o))));
+            d[k][i] = xq_dpbusd(d[k][i], W, xb[i]->q[k] + (o));
         if (KIND == 0) {
+#pragma GCC unroll 8 /* else the accumulators are shuffled between registers and spilled */
             for (int j = 0; j < 8; j++) {
                 __m512i W = _mm512_loadu_si512(blk + 64 * j);
                 XQ_DP512(W, 4 * j)
             }
         } else {
+#pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
                 __m512i P = _mm512_loadu_si512(blk + 64 * j);
                 __m512i L = _mm512_and_si512(P, low4);
@@ -176,37 +194,35 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const xq
         __m512 wm = KIND != 2 ? ws : w->f32 ? _mm512_loadu_ps(mn + g)
                                       : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mn + g)));
         for (int i = 0; i < MR; i++) {
-            const float dxi = dx[i * nb + b];
-            const int32_t *sxi = sx + 2 * (i * nb + b);
             __m512i c12 = _mm512_add_epi32(_mm512_slli_epi32(d[0][i], 8), d[1][i]);
-            c12 = _mm512_sub_epi32(c12, _mm512_set1_epi32(off * sxi[0]));
-            __m512i c3 = _mm512_sub_epi32(d[2][i], _mm512_set1_epi32(off * sxi[1]));
-            __m512 v = _mm512_add_ps(_mm512_cvtepi32_ps(c12),  /* the product below is exact */
-                                     _mm512_mul_ps(_mm512_cvtepi32_ps(c3), inv256));
-            __m512 t = _mm512_mul_ps(_mm512_mul_ps(ws, _mm512_set1_ps(dxi)), v);
+            /* c12 + c3 / 256: the product is exact, so one FMA rounds as mul + add do */
+            __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[2][i]), inv256,
+                                       _mm512_cvtepi32_ps(c12));
+            __m512 t = _mm512_mul_ps(_mm512_mul_ps(ws, _mm512_set1_ps(xb[i]->d)), v);
             XQ_BARRIER(t);
             acc[i] = _mm512_add_ps(acc[i], t);
             if (KIND == 2) {
-                __m512 u = _mm512_mul_ps(wm, _mm512_set1_ps(dxi * xq_sum(sxi)));
+                __m512 u = _mm512_mul_ps(wm, _mm512_set1_ps(xb[i]->ds));
                 XQ_BARRIER(u);
                 acc[i] = _mm512_add_ps(acc[i], u);
             }
         }
     }
+    const __mmask16 valid = (__mmask16)((1u << nr) - 1); /* masked: no scalar stores */
     for (int i = 0; i < MR; i++) {
-        float r[16];
-        _mm512_storeu_ps(r, acc[i]);
-        xq_store(out + i * ldo, r, nr, accum);
+        float *o = out + i * ldo;
+        if (accum)
+            acc[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(valid, o), acc[i]);
+        _mm512_mask_storeu_ps(o, valid, acc[i]);
     }
 }
 
 /* AVX2 micro-kernel: MR rows of x against half h (rows 8h..8h+7) of panel p. */
 static inline XQ_AI void xq_mk256(const int MR, const xq_weights *w, size_t p, int h,
-                                  const int8_t *qx, const float *dx, const int32_t *sx, size_t K,
-                                  float *out, size_t ldo, size_t nr, int accum)
+                                  const xq_xb *x, float *out, size_t ldo, size_t nr, int accum)
 {
     const size_t nb = w->nb, qb = w->bits == 8 ? 512 : 256, ss = w->f32 ? 64 : 32;
-    const int off = w->bits == 8 ? 0 : (w->mins ? 0 : 8); /* int8: signed dot, no offset */
+    const int sym4 = w->bits == 4 && !w->mins; /* only these dots need an offset correction */
     const uint8_t *wq = w->qs + p * nb * qb + 32 * h, *sc = w->scales + p * w->ng * ss;
     const uint8_t *mn = w->mins ? w->mins + p * w->ng * ss : NULL;
     const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
@@ -217,11 +233,14 @@ static inline XQ_AI void xq_mk256(const int MR, const xq_weights *w, size_t p, i
         acc[i] = _mm256_setzero_ps();
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *blk = wq + b * qb;
+        const xq_xb *xb[XQ_MR256];
         __m256i d[3][XQ_MR256];
-        for (int i = 0; i < MR; i++)
-            d[0][i] = d[1][i] = d[2][i] = _mm256_setzero_si256();
-        const int8_t *xb = qx + 32 * b;
-#define XQ_X256(i, k, o) _mm256_set1_epi32(xq_load4(xb + (3 * (i) + (k)) * K + (o)))
+        for (int i = 0; i < MR; i++) {
+            xb[i] = x + i * nb + b;
+            for (int k = 0; k < 3; k++)
+                d[k][i] = _mm256_set1_epi32(sym4 ? xb[i]->c8[k] : 0); /* int8: signed dot */
+        }
+#define XQ_X256(i, k, o) _mm256_set1_epi32(xq_load4(xb[i]->q[k] + (o)))
         for (int j = 0; j < (w->bits == 8 ? 8 : 4); j++) {
             __m256i P = _mm256_loadu_si256((const __m256i *)(blk + 64 * j));
             __m256i W = _mm256_xor_si256(P, flip), A = _mm256_sign_epi8(W, W);
@@ -242,18 +261,14 @@ static inline XQ_AI void xq_mk256(const int MR, const xq_weights *w, size_t p, i
         __m256 wm = !mn ? ws : w->f32 ? _mm256_loadu_ps((const float *)(mn + g))
                                       : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + g)));
         for (int i = 0; i < MR; i++) {
-            const float dxi = dx[i * nb + b];
-            const int32_t *sxi = sx + 2 * (i * nb + b);
             __m256i c12 = _mm256_add_epi32(_mm256_slli_epi32(d[0][i], 8), d[1][i]);
-            c12 = _mm256_sub_epi32(c12, _mm256_set1_epi32(off * sxi[0]));
-            __m256i c3 = _mm256_sub_epi32(d[2][i], _mm256_set1_epi32(off * sxi[1]));
-            __m256 v = _mm256_add_ps(_mm256_cvtepi32_ps(c12),
-                                     _mm256_mul_ps(_mm256_cvtepi32_ps(c3), inv256));
-            __m256 t = _mm256_mul_ps(_mm256_mul_ps(ws, _mm256_set1_ps(dxi)), v);
+            __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[2][i]), inv256,
+                                       _mm256_cvtepi32_ps(c12));
+            __m256 t = _mm256_mul_ps(_mm256_mul_ps(ws, _mm256_set1_ps(xb[i]->d)), v);
             XQ_BARRIER(t);
             acc[i] = _mm256_add_ps(acc[i], t);
             if (mn) {
-                __m256 u = _mm256_mul_ps(wm, _mm256_set1_ps(dxi * xq_sum(sxi)));
+                __m256 u = _mm256_mul_ps(wm, _mm256_set1_ps(xb[i]->ds));
                 XQ_BARRIER(u);
                 acc[i] = _mm256_add_ps(acc[i], u);
             }
@@ -266,65 +281,58 @@ static inline XQ_AI void xq_mk256(const int MR, const xq_weights *w, size_t p, i
     }
 }
 
+/* The M rows in near-equal tiles of at most XQ_MR512 (13 = 5 + 4 + 4: no 1-row tile, which
+ * would cost almost as much as a full one). */
 static inline XQ_AI XQ_T512 void xq_rows512(const int KIND, const xq_weights *w, size_t p,
-                                            const int8_t *qx, const float *dx, const int32_t *sx,
-                                            size_t M, size_t K, float *out, size_t ldo, size_t nr,
-                                            int accum)
+                                            const xq_xb *x, size_t M, float *out, size_t ldo,
+                                            size_t nr, int accum)
 {
-    const size_t nb = K / 32;
-    size_t m = 0;
-#define XQ_CALL512(R) xq_mk512(R, KIND, w, p, qx + 3 * m * K, dx + m * nb, sx + 2 * m * nb, K, \
-                               out + m * ldo, ldo, nr, accum)
-    for (; m + XQ_MR512 <= M; m += XQ_MR512)
-        XQ_CALL512(XQ_MR512);
-    switch (M - m) {
-    case 3: XQ_CALL512(3); break;
-    case 2: XQ_CALL512(2); break;
-    case 1: XQ_CALL512(1); break;
-    default: break;
+    const size_t nt = (M + XQ_MR512 - 1) / XQ_MR512;
+    for (size_t t = 0, m = 0, r; t < nt; t++, m += r) {
+        r = M / nt + (t < M % nt);
+#define XQ_CASE512(R) case R: xq_mk512(R, KIND, w, p, x + m * w->nb, out + m * ldo, ldo, nr, \
+                                       accum); break;
+        switch (r) {
+        XQ_CASE512(1) XQ_CASE512(2) XQ_CASE512(3) XQ_CASE512(4) XQ_CASE512(5) XQ_CASE512(6)
+        default: break;
+        }
     }
 }
 
-static XQ_T512 void xq_panel512(const xq_weights *w, size_t p, const int8_t *qx, const float *dx,
-                                const int32_t *sx, size_t M, size_t K, float *out, size_t ldo,
-                                size_t nr, int accum)
+static XQ_T512 void xq_panel512(const xq_weights *w, size_t p, const xq_xb *x, size_t M,
+                                float *out, size_t ldo, size_t nr, int accum)
 {
     if (w->bits == 8)
-        xq_rows512(0, w, p, qx, dx, sx, M, K, out, ldo, nr, accum);
+        xq_rows512(0, w, p, x, M, out, ldo, nr, accum);
     else if (!w->mins)
-        xq_rows512(1, w, p, qx, dx, sx, M, K, out, ldo, nr, accum);
+        xq_rows512(1, w, p, x, M, out, ldo, nr, accum);
     else
-        xq_rows512(2, w, p, qx, dx, sx, M, K, out, ldo, nr, accum);
+        xq_rows512(2, w, p, x, M, out, ldo, nr, accum);
 }
 
-static void xq_panel256(const xq_weights *w, size_t p, const int8_t *qx, const float *dx,
-                        const int32_t *sx, size_t M, size_t K, float *out, size_t ldo,
-                        size_t nr, int accum)
+static void xq_panel256(const xq_weights *w, size_t p, const xq_xb *x, size_t M, float *out,
+                        size_t ldo, size_t nr, int accum)
 {
-    const size_t nb = K / 32;
     for (int h = 0; h < 2 && nr > (size_t)(8 * h); h++) {
         const size_t nh = nr - 8 * h < 8 ? nr - 8 * h : 8;
         size_t m = 0;
-#define XQ_CALL256(R) xq_mk256(R, w, p, h, qx + 3 * m * K, dx + m * nb, sx + 2 * m * nb, K, \
-                               out + m * ldo, ldo, nh, accum)
         for (; m + XQ_MR256 <= M; m += XQ_MR256)
-            XQ_CALL256(XQ_MR256);
+            xq_mk256(XQ_MR256, w, p, h, x + m * w->nb, out + m * ldo, ldo, nh, accum);
         if (M > m)
-            XQ_CALL256(1);
+            xq_mk256(1, w, p, h, x + m * w->nb, out + m * ldo, ldo, nh, accum);
     }
 }
 
 /* Panels [p0, p1) of out (all M rows); N = rows of W. isa: 0 = AVX2, 1 = AVX-512 VNNI. */
-static void xq_panels(int isa, const xq_weights *w, size_t p0, size_t p1, const int8_t *qx,
-                      const float *dx, const int32_t *sx, size_t M, size_t K, size_t N,
-                      float *out, int accum)
+static void xq_panels(int isa, const xq_weights *w, size_t p0, size_t p1, const xq_xb *x,
+                      size_t M, size_t N, float *out, int accum)
 {
     for (size_t p = p0; p < p1; p++) {
         const size_t nr = N - 16 * p < 16 ? N - 16 * p : 16;
         if (isa)
-            xq_panel512(w, p, qx, dx, sx, M, K, out + 16 * p, N, nr, accum);
+            xq_panel512(w, p, x, M, out + 16 * p, N, nr, accum);
         else
-            xq_panel256(w, p, qx, dx, sx, M, K, out + 16 * p, N, nr, accum);
+            xq_panel256(w, p, x, M, out + 16 * p, N, nr, accum);
     }
 }
 

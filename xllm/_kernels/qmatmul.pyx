@@ -6,8 +6,8 @@ import os
 import numpy as np
 
 cimport numpy as cnp
-from cython.parallel cimport prange
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport free, malloc
 
 from xllm._kernels._cpu cimport get_num_threads
@@ -23,12 +23,14 @@ cdef extern from "gemm_q.h" nogil:
         const uint8_t *mins
         size_t nb, ng
         int bits, gshift, f32
+    ctypedef struct xq_xb:
+        pass
     void xq_quantize_rows(const float *x, size_t ldx, size_t m0, size_t m1, size_t K,
-                          int8_t *qx, float *dx, int32_t *sx)
-    void xq_panels(int isa, const xq_weights *w, size_t p0, size_t p1, const int8_t *qx,
-                   const float *dx, const int32_t *sx, size_t M, size_t K, size_t N,
-                   float *out, int accum)
+                          xq_xb *qx)
+    void xq_panels(int isa, const xq_weights *w, size_t p0, size_t p1, const xq_xb *x,
+                   size_t M, size_t N, float *out, int accum)
     void xq_dequant_row(const xq_weights *w, size_t r, float *o)
+    void xq_barrier()
 
 
 # ---- instruction-set path (set_isa, get_isa: _matrix.pxi) ----
@@ -60,10 +62,9 @@ cdef xq_weights _weights(object w) except *:
 cdef size_t _ROWS = 128
 # Products this small (multiply-adds) run on one thread.
 cdef size_t _SERIAL_MAX_MACS = 1 << 16
-# The quantized x of up to this many values (and its scales) lives on the stack.
+# The quantized x of up to this many 32-value blocks (128 bytes each) lives on the stack.
 cdef enum:
-    _STACK_Q = 3 * 8 * 8192
-    _STACK_D = _STACK_Q // 96
+    _STACK_B = 8 * 8192 // 32
 
 
 cdef enum:
@@ -114,36 +115,29 @@ def qmatmul(x, w, out, accumulate=False):
     if nt > npanels * <Py_ssize_t>M:
         nt = <int>(npanels * M)
 
-    # quantized x (int8 values, float scales, int sums): on the stack when small, else malloc
+    # quantized x (xq_xb blocks, cache-line aligned): on the stack when small, else malloc
     cdef size_t nb = K // 32
-    cdef int8_t qstack[_STACK_Q]
-    cdef float dstack[_STACK_D]
-    cdef int32_t sstack[2 * _STACK_D]
-    cdef int8_t *qx = qstack
-    cdef float *dx = dstack
-    cdef int32_t *sx = sstack
+    cdef char qstack[128 * _STACK_B + 64]
     cdef void *mem = NULL
-    if 3 * M * K > _STACK_Q:
-        mem = malloc(M * nb * 12 + 3 * M * K + 64)
+    if M * nb > _STACK_B:
+        mem = malloc(128 * M * nb + 64)
         if mem == NULL:
             raise MemoryError("qmatmul: cannot allocate scratch memory for the quantized x")
-        dx = <float *>mem
-        sx = <int32_t *>(dx + M * nb)
-        qx = <int8_t *>(sx + 2 * M * nb)
+    cdef xq_xb *qx = <xq_xb *>((<size_t>(mem or qstack) + 63) & ~(<size_t>63))
     cdef Py_ssize_t it, m, p
     cdef size_t m0, m1
     cdef Py_ssize_t nitems = npanels * <Py_ssize_t>((M + _ROWS - 1) // _ROWS)
     try:
-        with nogil:
-            if M < 8 or nt == 1:
-                xq_quantize_rows(xp, K, 0, M, K, qx, dx, sx)
-            else:
-                for m in prange(<Py_ssize_t>M, schedule="static", num_threads=nt):
-                    xq_quantize_rows(xp, K, <size_t>m, <size_t>m + 1, K, qx, dx, sx)
-            # work items: (block of _ROWS rows of x) x (panel of one W); static, so each thread
-            # streams one contiguous run of panels (decode of SmolLM2 int4: 167 -> 237 tok/s
-            # against dynamic). Which thread computes an item never changes its bits.
-            for it in prange(nitems, schedule="static", num_threads=nt):
+        # One parallel region (each costs microseconds, much at M = 16, N = 192): the threads
+        # quantize rows of x, wait for each other, then take work items: (block of _ROWS rows
+        # of x) x (panel of one W); static, so each thread streams one contiguous run of panels
+        # (decode of SmolLM2 int4: 167 -> 237 tok/s against dynamic). Which thread computes an
+        # item never changes its bits.
+        with nogil, parallel(num_threads=nt):
+            for m in prange(<Py_ssize_t>M, schedule="static"):
+                xq_quantize_rows(xp, K, <size_t>m, <size_t>m + 1, K, qx)
+            xq_barrier()  # Cython's prange ends with nowait
+            for it in prange(nitems, schedule="static"):
                 m0 = (it // npanels) * _ROWS
                 m1 = min(m0 + _ROWS, M)
                 p = it % npanels
@@ -151,8 +145,8 @@ def qmatmul(x, w, out, accumulate=False):
                 while p >= first[j + 1]:
                     j = j + 1
                 p = p - first[j]
-                xq_panels(isa, &cw[j], p, p + 1, qx + 3 * K * m0, dx + m0 * nb,
-                          sx + 2 * m0 * nb, m1 - m0, K, Ns[j], ops[j] + m0 * Ns[j], acc)
+                xq_panels(isa, &cw[j], p, p + 1, qx + m0 * nb, m1 - m0, Ns[j],
+                          ops[j] + m0 * Ns[j], acc)
     finally:
         free(mem)
 
