@@ -333,7 +333,7 @@ def _tiny(**kw):
     scores = [0, 0, 0, -1, -2, -2, -2, -1, -0.5, -0.2, 0, -0.5]
     types = [UNKNOWN, CONTROL, CONTROL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL,
              NORMAL, USER_DEFINED, NORMAL]
-    return SentencePieceBPE.from_pieces(pieces, scores, types, byte_fallback=False, **kw)
+    return SentencePieceBPE(pieces, scores, types, byte_fallback=False, **kw)
 
 
 def test_from_pieces_merges_and_unk():
@@ -358,11 +358,11 @@ def test_unused_pieces():
     pieces = ["<unk>", "<s>", "</s>", "\u2581", "a", "b", "ab", "\u2581ab", "c"]
     scores = [0, 0, 0, -1, -2, -2, -0.5, -0.1, -2]
     types = [UNKNOWN, CONTROL, CONTROL, NORMAL, NORMAL, NORMAL, UNUSED, NORMAL, UNUSED]
-    tok = SentencePieceBPE.from_pieces(pieces, scores, types, byte_fallback=False)
+    tok = SentencePieceBPE(pieces, scores, types, byte_fallback=False)
     # "ab" is UNUSED: it can still be an intermediate merge ("▁"+"ab" -> "▁ab") ...
     assert tok.encode("ab") == [7]
     # ... but if it survives to the end it is split back into "a", "b".
-    tok2 = SentencePieceBPE.from_pieces(pieces, scores, types, byte_fallback=False,
+    tok2 = SentencePieceBPE(pieces, scores, types, byte_fallback=False,
                                         add_dummy_prefix=False)
     assert tok2.encode("ab") == [4, 5]
     # A single UNUSED character is never output: it counts as unknown.
@@ -444,9 +444,9 @@ def test_random_vocabularies_match_sentencepiece(tmp_path_factory, data):
 
 def test_from_pieces_validates():
     with pytest.raises(ModelFormatError):
-        SentencePieceBPE.from_pieces(["a"], [0.0, 1.0], [NORMAL])
+        SentencePieceBPE(["a"], [0.0, 1.0], [NORMAL])
     with pytest.raises(ModelFormatError):
-        SentencePieceBPE.from_pieces(["<0xZZ>"], [0.0], [BYTE], bos_id=-1, eos_id=-1, unk_id=-1)
+        SentencePieceBPE(["<0xZZ>"], [0.0], [BYTE], bos_id=-1, eos_id=-1, unk_id=-1)
 
 
 # ----------------------------------------------------------------------------- bad files

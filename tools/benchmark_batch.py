@@ -218,6 +218,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16, help="number of prompts run together")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--kv-dtype", default=None, choices=["float32", "float16"],
+                   help="KV-cache storage (default: xllm.load's)")
     p.add_argument("--raw", action="store_true", help="plain text prompts (no chat template)")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--single", action="store_true",
@@ -232,7 +234,8 @@ def main(argv=None):
         p.error("--batch, --max-new-tokens and --reps must be >= 1")
 
     path = a.model or random_model_dir(a.random, a.dtype)
-    model = xllm.load(path, threads=a.threads)
+    model = xllm.load(path, threads=a.threads,
+                      **({"kv_dtype": a.kv_dtype} if a.kv_dtype else {}))
     c = model.config
     texts, n_lines = read_prompts(a.file, a.batch)
     templated = not a.raw and model.chat_template is not None

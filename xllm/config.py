@@ -62,11 +62,6 @@ class ModelConfig:
         """Width of the key and value projections: num_kv_heads * head_dim."""
         return self.num_kv_heads * self.head_dim
 
-    @property
-    def kv_groups(self) -> int:
-        """Query heads per KV head (1 for multi-head attention)."""
-        return self.num_heads // self.num_kv_heads
-
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies [head_dim/2], float32, with Llama 3 scaling if configured."""
         d = self.head_dim

@@ -57,7 +57,7 @@ class Transformer:
     """Llama weights plus the forward pass. ``forward`` serves prefill and decode alike."""
 
     def __init__(self, config: ModelConfig, weights: dict, *, max_batch_rows=512,
-                 kv_dtype="float32"):
+                 kv_dtype="float16"):
         c = self.config = config
         self.kv_dtype = np.dtype(kv_dtype)
         if self.kv_dtype not in (np.float32, np.float16):

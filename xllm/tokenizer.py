@@ -182,15 +182,6 @@ class SentencePieceBPE(_Tokenizer):
             self._user_defined.setdefault(p[0], []).append(p)
 
     @classmethod
-    def from_pieces(cls, pieces, scores, types, *, bos_id=1, eos_id=2, unk_id=0,
-                    add_dummy_prefix=True, remove_extra_whitespaces=False,
-                    byte_fallback=True) -> "SentencePieceBPE":
-        """Build from parallel lists (pieces with ``▁`` for spaces, scores, NORMAL..BYTE types)."""
-        return cls(pieces, scores, types, bos_id=bos_id, eos_id=eos_id, unk_id=unk_id,
-                   add_dummy_prefix=add_dummy_prefix, byte_fallback=byte_fallback,
-                   remove_extra_whitespaces=remove_extra_whitespaces)
-
-    @classmethod
     def from_model_file(cls, path) -> "SentencePieceBPE":
         """Load a SentencePiece ``tokenizer.model`` (a serialized ``ModelProto``)."""
         path = os.fspath(path)
