@@ -214,17 +214,19 @@ static inline __m256 xa_ld(const void *p, ptrdiff_t i, int f16, int n) {
  * XA_BK apart), d in increasing order. */
 static inline __attribute__((always_inline)) void xa_scores(const int MR, const float *qs, int hd,
                                                             const void *kb, int f16, float *s) {
-    __m256 a[XA_MR][4];
-    for (int r = 0; r < MR; r++)
-        for (int u = 0; u < 4; u++) a[r][u] = _mm256_setzero_ps();
-    for (int d = 0; d < hd; d++)
-        for (int u = 0; u < 4; u++) {
-            __m256 k = xa_ld(kb, (ptrdiff_t)d * XA_BK + 8 * u, f16, 8);
-            for (int r = 0; r < MR; r++)
-                a[r][u] = _mm256_fmadd_ps(_mm256_broadcast_ss(qs + r * hd + d), k, a[r][u]);
-        }
-    for (int r = 0; r < MR; r++)
-        for (int u = 0; u < 4; u++) _mm256_storeu_ps(s + r * XA_BK + 8 * u, a[r][u]);
+    __m256 a[XA_MR][4], k[4];
+#pragma GCC unroll 8
+    for (int i = 0; i < 4 * MR; i++) a[i / 4][i % 4] = _mm256_setzero_ps();
+    for (int d = 0; d < hd; d++) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) k[u] = xa_ld(kb, (ptrdiff_t)d * XA_BK + 8 * u, f16, 8);
+#pragma GCC unroll 8
+        for (int i = 0; i < 4 * MR; i++)
+            a[i / 4][i % 4] = _mm256_fmadd_ps(_mm256_broadcast_ss(qs + (i / 4) * hd + d), k[i % 4],
+                                              a[i / 4][i % 4]);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 4 * MR; i++) _mm256_storeu_ps(s + (i / 4) * XA_BK + 8 * (i % 4), a[i / 4][i % 4]);
 }
 
 /* One block of a row's online softmax: s holds its XA_BK scores, the first n valid. Raises the
@@ -255,24 +257,34 @@ static inline void xa_softmax(float *s, int n, float *m, float *l, float *acc, i
     *l += xllm_hsum_ps(sum);
 }
 
-/* acc[r][0..hd) += sum over j < n of p[r][j] * V[j][0..hd) for MR rows (acc rows hdp apart, p
- * rows XA_BK apart, V rows ldv apart), j in increasing order. */
+/* acc[r][d..d+32) += sum over j < n of p[r][j] * V[j][d..d+32) for MR rows (acc rows hdp apart,
+ * p rows XA_BK apart, V rows ldv apart), j in increasing order; w >= 32 floats of V row are left
+ * from d, or only w (TAIL). Unrolled so that the 4 x MR sums stay in registers. */
+static inline __attribute__((always_inline)) void xa_pv_chunk(
+        const int MR, const int TAIL, float *acc, int d, int w, int hdp, const float *p,
+        const void *v, ptrdiff_t ldv, int f16, int n) {
+    __m256 c[XA_MR][4], x[4];
+#pragma GCC unroll 8
+    for (int i = 0; i < 4 * MR; i++) c[i / 4][i % 4] = _mm256_loadu_ps(acc + (i / 4) * hdp + d + 8 * (i % 4));
+    for (int j = 0; j < n; j++) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) x[u] = xa_ld(v, j * ldv + d + 8 * u, f16, TAIL ? w - 8 * u : 8);
+#pragma GCC unroll 8
+        for (int i = 0; i < 4 * MR; i++)
+            c[i / 4][i % 4] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + (i / 4) * XA_BK + j), x[i % 4],
+                                              c[i / 4][i % 4]);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 4 * MR; i++) _mm256_storeu_ps(acc + (i / 4) * hdp + d + 8 * (i % 4), c[i / 4][i % 4]);
+}
+
+/* acc[r][0..hd) += sum over j < n of p[r][j] * V[j][0..hd) for MR rows, 32 columns at a time. */
 static inline __attribute__((always_inline)) void xa_pv(const int MR, float *acc, int hd, int hdp,
                                                         const float *p, const void *v,
                                                         ptrdiff_t ldv, int f16, int n) {
-    for (int d = 0; d < hd; d += 32) {
-        __m256 c[XA_MR][4];
-        for (int r = 0; r < MR; r++)
-            for (int u = 0; u < 4; u++) c[r][u] = _mm256_loadu_ps(acc + r * hdp + d + 8 * u);
-        for (int j = 0; j < n; j++)
-            for (int u = 0; u < 4; u++) {
-                __m256 x = xa_ld(v, j * ldv + d + 8 * u, f16, hd - d - 8 * u);
-                for (int r = 0; r < MR; r++)
-                    c[r][u] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r * XA_BK + j), x, c[r][u]);
-            }
-        for (int r = 0; r < MR; r++)
-            for (int u = 0; u < 4; u++) _mm256_storeu_ps(acc + r * hdp + d + 8 * u, c[r][u]);
-    }
+    int d = 0;
+    for (; d + 32 <= hd; d += 32) xa_pv_chunk(MR, 0, acc, d, 32, hdp, p, v, ldv, f16, n);
+    if (d < hd) xa_pv_chunk(MR, 1, acc, d, hd - d, hdp, p, v, ldv, f16, n);
 }
 
 /* Attention of nr query rows that read one KV head of one sequence, nr * round_up(hd, 32) <=
