@@ -140,11 +140,70 @@ def python_share(model, prompt, new_tokens):
     return python / real
 
 
+GEMM_SHAPES = [(512, 2048, 2048), (512, 2048, 5632), (512, 5632, 2048), (512, 576, 1536),
+               (512, 1536, 576), (16, 576, 1536), (1, 2048, 5632)]  # (M, K, N)
+
+
+def gemm_table(threads, reps):
+    """GFLOP/s (2*M*N*K / median time) of every kernel path on TinyLlama-1.1B and SmolLM2 shapes,
+    next to numpy and torch (fp32, bf16) on the same operands."""
+    from xllm import quant
+    from xllm._kernels import matmul as mm, qmatmul as qm
+    _kernels.set_threads(threads)
+    rng = np.random.default_rng(0)
+    rows = {}
+
+    def timed(name, shape, fn):
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        m, k, n = shape
+        rows.setdefault(name, {})[shape] = 2 * m * n * k / statistics.median(times) / 1e9
+
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        torch = None
+    for shape in GEMM_SHAPES:
+        m, k, n = shape
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        w = rng.standard_normal((n, k), dtype=np.float32) * 0.05
+        out = np.empty((m, n), np.float32)
+        bf16 = (w.view(np.uint32) >> 16).astype(np.uint16)
+        for kind, mod, wt, isas in (
+                ("fp32", mm, w, ("avx2", "avx512")), ("bf16", mm, bf16, ("avx2", "avx512")),
+                ("int8", qm, quant.quantize(w, 8, 32), ("avx2", "avx512vnni")),
+                ("int4", qm, quant.quantize(w, 4, 32, asymmetric=True), ("avx2", "avx512vnni"))):
+            for isa in isas:
+                try:
+                    mod.set_isa(isa)
+                except ValueError:
+                    continue  # this CPU lacks the path
+                f = mod.matmul if mod is mm else mod.qmatmul
+                timed(f"xllm {kind} {isa}", shape, lambda: f(x, wt, out))
+            mod._init_isa()  # back to the default path
+        timed("numpy fp32", shape, lambda: np.matmul(x, w.T, out=out))
+        if torch is not None:
+            for name, dt in (("torch fp32", torch.float32), ("torch bf16", torch.bfloat16)):
+                tx, tw = torch.from_numpy(x).to(dt), torch.from_numpy(w).to(dt)
+                timed(name, shape, lambda: torch.matmul(tx, tw.T))
+    print(f"GEMM GFLOP/s, {threads} threads, median of {reps} (shapes M x K -> N)")
+    print(f"  {'path':24s}" + "".join(f"{f'{m}x{k}->{n}':>16s}" for m, k, n in GEMM_SHAPES))
+    for name, r in rows.items():
+        print(f"  {name:24s}" + "".join(f"{r.get(sh, float('nan')):16.1f}" for sh in GEMM_SHAPES))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a model path xllm loads")
     src.add_argument("--random", choices=sorted(xllm.config.PRESETS), help="random model shape")
+    src.add_argument("--gemm", action="store_true",
+                     help="only the GEMM table: GFLOP/s per kernel path and shape, numpy, torch")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weight dtype of the --random model")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -161,6 +220,8 @@ def main(argv=None):
                    help="measure memory read bandwidth and the decode bound it implies")
     p.add_argument("--python-share", action="store_true")
     a = p.parse_args(argv)
+    if a.gemm:
+        return gemm_table(a.threads or _kernels.default_threads(), a.reps)
     path = a.model or random_model_dir(a.random, a.dtype)  # a model name is resolved by load
     model = xllm.load(path, threads=a.threads)
     threads = model.threads
