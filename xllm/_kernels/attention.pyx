@@ -3,8 +3,8 @@
 The K cache of a sequence is stored transposed in blocks of 32 keys, [blocks, kv_dim, 32]
 (``reference.k_blocks`` builds one from rows); the V cache is rows [capacity, kv_dim]. A work item,
 run by prange, is a tile of query rows of one sequence that read the same KV head: up to
-XA_ROWBUF floats of queries (e.g. 16 tokens x 3 heads of a GQA group in prefill, the group's
-heads of one token in decode). It streams the blocks its rows need with an online softmax
+XA_ROWBUF floats of queries (head_dim 64: 21 tokens x the 3 heads of a GQA group in prefill, the
+group's heads of one token in decode). It streams the blocks its rows need with an online softmax
 (vecmath.h xllm_attend): per block, the scores of all its rows (broadcast FMAs against the
 transposed keys, no horizontal sums), the running max and sum, and the p-weighted value rows.
 No [heads, M, T] score matrix exists and nothing is allocated per call but a small item list.
