@@ -3,12 +3,14 @@
 * The quantizers are bit-exact with the gguf package's Q8_0 / Q4_0 / Q4_1, and repacking GGUF
   blocks gives the same QTensor as quantizing (dequantize == gguf.quants.dequantize, exactly).
 * qmatmul must match the NumPy reference (xllm._kernels.reference.qmatmul, which spells out the
-  arithmetic) BIT-EXACTLY for every format, M, thread count and ISA path: that is also what
-  makes a row's result independent of the batch it is computed in.
-* Independently, qmatmul is compared with float64 x @ dequantize(W).T. The activations are
-  quantized to about 15 bits per 32-value block (x ~ dx (q1 + q2/256), dx = amax/127), so each
-  value is off by at most amax/65024 (plus clamping in degenerate blocks): we allow
-  |d| <= 1e-4 * (|x| @ |W|.T) + 1e-5 elementwise, an error bound rather than a typical value.
+  arithmetic) BIT-EXACTLY for every format, M, thread count, ISA path and number of activation
+  parts (QTensor.parts, 2 or 3): that is also what makes a row's result independent of the
+  batch it is computed in.
+* Independently, qmatmul is compared with float64 x @ dequantize(W).T. With 2 parts the
+  activations are quantized to about 16 bits per 32-value block (x ~ dx (q1 + q2/256),
+  dx = amax/127), so each value is off by at most amax/65024 (plus clamping in degenerate
+  blocks; 3 parts are 256 times closer): we allow |d| <= 1e-4 * (|x| @ |W|.T) + 1e-5
+  elementwise, an error bound rather than a typical value.
 """
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from hypothesis import strategies as st
 
 from xllm import quant
 from xllm._kernels import _cpu
+from xllm._kernels import backend
 from xllm._kernels import reference as R
 from xllm.errors import ModelFormatError
 
@@ -107,18 +110,21 @@ def test_quantize_rejects_bad_arguments():
         quant.QTensor(t.shape, 3, 64, t.qs, t.scales)
 
 
-@settings(**SETTINGS)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("fmt", FORMATS)  # every (format, parts, ISA): 15 examples each
+@settings(**dict(SETTINGS, max_examples=15))
 @given(m=st.integers(1, 15), n=st.integers(1, 50), nb=st.sampled_from([1, 2, 4, 12, 127]),
-       fmt=st.sampled_from(FORMATS), threads=st.sampled_from([1, 2]),
-       isa=st.sampled_from(ISAS), accumulate=st.booleans(),
+       threads=st.sampled_from([1, 2]), accumulate=st.booleans(),
        scale=st.sampled_from([1e-3, 1.0, 50.0]), seed=st.integers(0, 999))
-def test_qmatmul_matches_reference(m, n, nb, fmt, threads, isa, accumulate, scale, seed):
+def test_qmatmul_matches_reference(m, n, nb, fmt, threads, isa, accumulate, parts, scale, seed):
     bits, group, asym, sdt = fmt
     k = 32 * nb
     if k % group:
         k = group * nb
     rng = np.random.default_rng(seed)
-    w = quant.quantize(weights(rng, n, k, seed % 4 == 0), bits, group, asym, sdt)
+    w = quant.quantize(weights(rng, n, k, seed % 4 == 0), bits, group, asym, sdt, parts)
+    assert w.parts == parts
     x = (rng.standard_normal((m, k)) * scale).astype(np.float32)
     if seed % 5 == 0:
         x[:, :32] = 0  # an all-zero block of x
@@ -136,13 +142,14 @@ def test_qmatmul_matches_reference(m, n, nb, fmt, threads, isa, accumulate, scal
     assert np.all(np.abs(got - exact) <= bound + 1e-6 * np.abs(out0 if accumulate else 0))
 
 
+@pytest.mark.parametrize("parts", [2, 3])
 @pytest.mark.parametrize("fmt", FORMATS[::2] + [FORMATS[5]])
-def test_batch_thread_and_isa_invariance(fmt):
+def test_batch_thread_and_isa_invariance(fmt, parts):
     bits, group, asym, sdt = fmt
     rng = np.random.default_rng(1)
     K, N = 2048, 333
     x = rng.standard_normal((19, K)).astype(np.float32)
-    w = quant.quantize(weights(rng, N, K), bits, group, asym, sdt)
+    w = quant.quantize(weights(rng, N, K), bits, group, asym, sdt, parts)
     full = np.empty((19, N), np.float32)
     Q.qmatmul(x, w, full)
     for isa in ISAS:
@@ -155,10 +162,11 @@ def test_batch_thread_and_isa_invariance(fmt):
                 np.testing.assert_array_equal(part, full[m0:m1])
 
 
-def test_long_rows_stack_boundary_and_extreme_blocks():
+@pytest.mark.parametrize("parts", [2, 3])
+def test_long_rows_stack_boundary_and_extreme_blocks(parts):
     rng = np.random.default_rng(2)
     K = 8192  # 2 * M * K around the on-stack buffer (2 * 8 * 8192): stack and malloc paths
-    w = quant.quantize(weights(rng, 17, K), 8, 32)
+    w = quant.quantize(weights(rng, 17, K), 8, 32, parts=parts)
     for m in (8, 9):
         x = rng.standard_normal((m, K)).astype(np.float32)
         x[0, :32] = rng.standard_normal(32) * 1e-42   # subnormal block scale
@@ -201,12 +209,14 @@ def test_bad_inputs():
         Q.qmatmul(x, w, np.empty((2, 3), np.float32))
 
 
-def test_several_weights_sharing_x():
+@pytest.mark.parametrize("parts", [2, 3])
+def test_several_weights_sharing_x(parts):
     """qmatmul(x, (w1, w2, w3), (o1, o2, o3)): the same bits as three separate calls."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((9, 128)).astype(np.float32)
-    ws = (quant.quantize(weights(rng, 40, 128), 8, 64), quant.quantize(weights(rng, 7, 128), 4),
-          quant.quantize(weights(rng, 16, 128), 4, 32, True))
+    ws = (quant.quantize(weights(rng, 40, 128), 8, 64, parts=parts),
+          quant.quantize(weights(rng, 7, 128), 4, parts=parts),
+          quant.quantize(weights(rng, 16, 128), 4, 32, True, parts=parts))
     outs = tuple(np.empty((9, w.shape[0]), np.float32) for w in ws)
     for t in (1, 2):
         _cpu.set_threads(t)
@@ -217,3 +227,62 @@ def test_several_weights_sharing_x():
             np.testing.assert_array_equal(o, alone)
     with pytest.raises(ValueError, match="same length"):
         Q.qmatmul(x, ws, outs[:2])
+    other = quant.quantize(weights(rng, 8, 128), 8, parts=5 - parts)
+    for impl in (Q, R):
+        with pytest.raises(ValueError, match="equal parts"):
+            impl.qmatmul(x, ws[:1] + (other,), outs[:1] + (np.empty((9, 8), np.float32),))
+    # the model's backend splits such a tuple (a GGUF may mix Q8_0 and Q4_0 in wq/wk/wv)
+    mixed, o2 = ws[:1] + (other,), outs[:1] + (np.empty((9, 8), np.float32),)
+    backend.matmul(x, mixed, o2)
+    for w, o in zip(mixed, o2):
+        alone = np.empty_like(o)
+        Q.qmatmul(x, w, alone)
+        np.testing.assert_array_equal(o, alone)
+
+
+def test_parts_defaults_and_validation():
+    rng = np.random.default_rng(6)
+    w = weights(rng, 20, 64)
+    assert quant.quantize(w, 8).parts == 2 and quant.quantize(w, 8, parts=3).parts == 3
+    assert quant.quantize(w, 4).parts == 3 and quant.quantize(w, 4, 32, True, parts=2).parts == 2
+    for name, bits, asym in GGUF_KINDS:
+        raw = gguf_quantize(w, T[name])
+        assert quant.from_gguf_blocks(raw, name, w.shape).parts == (2 if bits == 8 else 3)
+        other = 3 if bits == 8 else 2
+        assert quant.from_gguf_blocks(raw, name, w.shape, parts=other).parts == other
+    q = quant.quantize_weights({"a": w, "n": np.ones(64, np.float32)}, 8, parts=3)
+    assert q["a"].parts == 3
+    for bad in (1, 4, 0, "2", 2.0, True):
+        with pytest.raises(ValueError, match="parts .*must be 2 or 3"):
+            quant.QTensor(q["a"].shape, 8, 32, q["a"].qs, q["a"].scales, parts=bad)
+    with pytest.raises(ValueError, match="must be 2 or 3, got 4"):
+        quant.quantize(w, 4, parts=4)
+    t = quant.quantize(w, 8)
+    t.parts = 1  # corrupted after construction: caught before the kernel runs
+    with pytest.raises(ValueError, match="must be 2 or 3, got 1"):
+        Q.qmatmul(np.zeros((1, 64), np.float32), t, np.empty((1, 20), np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", [FORMATS[0], FORMATS[4], FORMATS[5]])
+def test_two_parts_differ_from_three_within_bound(fmt, isa):
+    """The switch is not a no-op: 2 parts give other bits than 3 on random data (same codes
+    and scales), and both stay close to float64 x @ W.T. With 2 parts each activation is off by
+    at most amax / 65024 (amax of its block, about 3 |x| on average for Gaussian x), so we
+    require |d| <= 3e-5 * (|x| @ |W|.T) (measured: 5e-6); 3 parts, 1e-6 (measured 4e-7, mostly
+    the float32 sums), and the 2-part error must be clearly larger than the 3-part one."""
+    bits, group, asym, sdt = fmt
+    rng = np.random.default_rng(7)
+    Q.set_isa(isa)
+    x = rng.standard_normal((13, 512)).astype(np.float32)
+    w2 = quant.quantize(weights(rng, 70, 512), bits, group, asym, sdt, parts=2)
+    w3 = quant.QTensor(w2.shape, bits, group, w2.qs, w2.scales, w2.mins, parts=3)
+    o2, o3 = np.empty((13, 70), np.float32), np.empty((13, 70), np.float32)
+    Q.qmatmul(x, w2, o2)
+    Q.qmatmul(x, w3, o3)
+    assert np.mean(o2 != o3) > 0.5  # most elements differ
+    W = w2.dequantize().astype(np.float64)
+    exact, mag = x.astype(np.float64) @ W.T, np.abs(x).astype(np.float64) @ np.abs(W).T
+    err2, err3 = np.abs(o2 - exact) / mag, np.abs(o3 - exact) / mag
+    print(f"{fmt} {isa}: max relative error 2 parts {err2.max():.2e}, 3 parts {err3.max():.2e}")
+    assert err2.max() <= 3e-5 and err3.max() <= 1e-6 and err2.max() > 4 * err3.max()

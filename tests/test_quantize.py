@@ -147,12 +147,13 @@ def test_xllm_round_trip(hf_src, tmp_path, kind):
     assert meta["xllm_format"] == 1 and meta["quantization"] == {
         "bits": bits, "group_size": group, "asymmetric": asym,
         "scale_dtype": "fp16" if sd == np.float16 else "fp32",
-        "kept": ["layers.0.w2", "layers.1.w2"]}  # K = 172
+        "kept": ["layers.0.w2", "layers.1.w2"], "parts": 2 if bits == 8 else 3}  # K = 172
     src, model = xllm.load(hf_src), xllm.load(out)
     assert model.config == src.config
     _assert_same_tokenizer(model, src)
     w = model.transformer.layers[0].wq
     assert isinstance(w, quant.QTensor) and w.kind.startswith(f"int{bits} g{group}")
+    assert w.parts == (2 if bits == 8 else 3)  # the default for the bits
     assert not w.qs.flags.owndata and not w.qs.flags.writeable  # a view of the mapped file
     ckpt = load_checkpoint(hf_src)
     mem = quant.quantize_weights(ckpt.weights, bits, group, asym, sd)
@@ -168,6 +169,32 @@ def test_xllm_round_trip(hf_src, tmp_path, kind):
         assert diff < 0.03 and rel < 0.03 and agree >= 0.9
     else:
         assert diff < 0.3 and rel < 0.3
+
+
+@pytest.mark.parametrize("bits,parts", [(8, 3), (4, 2), (8, 2)])
+def test_activation_parts_round_trip(hf_src, tmp_path, bits, parts):
+    """--activation-parts is recorded in config.json and every QTensor reloads with it; a file
+    without the record (written before it existed) gets the default for its bits; a bad value
+    is a ModelFormatError naming the tensor."""
+    out = tmp_path / "q"
+    assert run("--model", hf_src, "--out", out, "--bits", bits, "--activation-parts", parts) == 0
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["quantization"]["parts"] == parts
+    ckpt = load_checkpoint(out)
+    qt = [w for w in ckpt.weights.values() if isinstance(w, quant.QTensor)]
+    assert len(qt) > 10 and all(w.parts == parts for w in qt)
+    src = load_checkpoint(hf_src)
+    mem = quant.quantize_weights(src.weights, bits, 32, bits == 4, parts=parts)
+    np.testing.assert_array_equal(xllm.load(out).logits(IDS), _logits(src, mem))
+    del meta["quantization"]["parts"]
+    (out / "config.json").write_text(json.dumps(meta))
+    assert all(w.parts == (2 if bits == 8 else 3) for w in load_checkpoint(out).weights.values()
+               if isinstance(w, quant.QTensor))
+    meta["quantization"]["parts"] = 4
+    (out / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFormatError, match=r"model\.safetensors: tensor '.*parts.*must be 2 or "
+                                               r"3, got 4"):
+        load_checkpoint(out)
 
 
 def test_xllm_keep_and_requantize(hf_src, tmp_path):
@@ -359,15 +386,19 @@ def test_llama_cpp_runs_our_gguf(hf_src, tmp_path, one_thread):
 
 
 def test_bad_options(hf_src, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        run("--model", hf_src, "--out", tmp_path / "x", "--bits", 3)
-    assert e.value.code == 2
+    for bad in (("--bits", 3), ("--bits", 8, "--activation-parts", 1)):
+        with pytest.raises(SystemExit) as e:
+            run("--model", hf_src, "--out", tmp_path / "x", *bad)
+        assert e.value.code == 2
     for args, msg in [(("--bits", 8, "--group-size", 48), "not a power of two"),
                       (("--bits", 8, "--group-size", 128), "does not divide hidden_size 64"),
                       (("--bits", 4, "--group-size", 64), "int4 supports group size 32 only"),
                       (("--bits", 8, "--asymmetric"), "--bits 4 only"),
                       (("--bits", 8, "--format", "gguf", "--group-size", 64), "GGUF blocks"),
-                      (("--bits", 8, "--keep", "norms"), "not one of embeddings, output")]:
+                      (("--bits", 8, "--keep", "norms"), "not one of embeddings, output"),
+                      (("--bits", 8, "--format", "gguf", "--activation-parts", 3),
+                       "--activation-parts applies to the xllm format"),
+                      (("--bits", 16, "--activation-parts", 2), "with --bits 8 or 4")]:
         capsys.readouterr()
         assert run("--model", hf_src, "--out", tmp_path / "x", *args) == 2
         err = capsys.readouterr().err

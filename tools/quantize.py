@@ -2,7 +2,7 @@
 
     python tools/quantize.py --model SRC --out DST --bits {32,16,8,4} [--group-size 32]
         [--asymmetric | --symmetric] [--scale-dtype fp16|fp32] [--format xllm|gguf]
-        [--keep embeddings,output] [--force]
+        [--keep embeddings,output] [--activation-parts {2,3}] [--force]
 
 SRC is anything xllm loads (Hugging Face or Meta directory, GGUF, llama2.c .bin, an xllm
 quantized directory) or a registered model name such as smollm2-135m-instruct; quantized
@@ -10,6 +10,8 @@ sources are dequantized first. --bits 8 / 4 quantize the matrices (int8 is symme
 asymmetric unless --symmetric in the xllm format, symmetric Q4_0 unless --asymmetric (Q4_1) in
 GGUF); --bits 32 / 16 write dense float32 / float16. Norms always stay float32 (GGUF) or as
 stored (xllm); --keep leaves the token embeddings and/or the output matrix unquantized.
+--activation-parts (xllm format) records how many int8 parts qmatmul splits the activations
+into for these weights: 2 (faster) or 3 (more exact); default 2 for int8, 3 for int4.
 
 The xllm format is described in docs/quantization.rst. The output is written next to DST
 under a temporary name and moved into place at the end: on an error or Ctrl-C nothing is left
@@ -62,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--format", choices=["xllm", "gguf"], default="xllm")
     p.add_argument("--keep", default="",
                    help="comma-separated matrices to leave unquantized: embeddings, output")
+    p.add_argument("--activation-parts", type=int, choices=[2, 3], default=None,
+                   help="int8 parts per activation block in qmatmul (xllm format, --bits 8/4): "
+                        "2 faster, 3 more exact (default: 2 for int8, 3 for int4)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     return p.parse_args(argv)
 
@@ -83,10 +88,14 @@ def check_options(a):
     unknown = keep - set(KEEP_NAMES)
     if unknown:
         raise ValueError(f"--keep {','.join(sorted(unknown))}: not one of embeddings, output")
+    if a.activation_parts is not None and (gguf or a.bits > 8):
+        raise ValueError("--activation-parts applies to the xllm format with --bits 8 or 4 "
+                         "(GGUF Q8_0 files run with 2 parts, Q4_0/Q4_1 with 3)")
     asym = (not gguf) if a.asymmetric is None and a.bits == 4 else bool(a.asymmetric)
+    parts = (a.activation_parts or (2 if a.bits == 8 else 3)) if a.bits <= 8 else None
     return SimpleNamespace(bits=a.bits, group=g if a.bits <= 8 else 0, asym=asym,
                            scale_dtype=np.float16 if a.scale_dtype == "fp16" else np.float32,
-                           keep={KEEP_NAMES[k] for k in keep}, format=a.format)
+                           keep={KEEP_NAMES[k] for k in keep}, format=a.format, parts=parts)
 
 
 def _inside(path, root):
@@ -158,7 +167,7 @@ def convert_weights(ckpt, o):
         return {n: dense(w, np.float32 if len(w.shape) == 1 else dt)
                 for n, w in _bar(ckpt.weights.items(), "converting")}, []
     out = quantize_weights(ckpt.weights, o.bits, o.group, o.asym, o.scale_dtype, o.keep,
-                           lambda items: _bar(items, "quantizing"))
+                           lambda items: _bar(items, "quantizing"), o.parts)
     kept = [n for n, w in out.items() if not isinstance(w, QTensor) and w.ndim == 2]
     for n in kept:
         if n not in o.keep:
@@ -205,7 +214,7 @@ def write_xllm(out, ckpt, o, source):
     meta = {"xllm_format": 1, "config": config,
             "quantization": {"bits": o.bits, "group_size": o.group, "asymmetric": o.asym,
                              "scale_dtype": "fp16" if o.scale_dtype == np.float16 else "fp32",
-                             "kept": kept},
+                             "kept": kept, "parts": o.parts},
             "source": source, "chat_template": ckpt.chat_template,
             "tokenizer": write_tokenizer(out, ckpt, o.fields)}
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
@@ -407,8 +416,8 @@ def main(argv=None):
         msg = str(e) if known else f"{type(e).__name__}: {e}"
         print(f"quantize: error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
-    what = f"int{o.bits} g{o.group}{' asym' if o.asym else ''}" if o.bits <= 8 else \
-        f"float{o.bits}"
+    what = f"int{o.bits} g{o.group}{' asym' if o.asym else ''}, {o.parts} activation parts" \
+        if o.bits <= 8 else f"float{o.bits}"
     if o.format == "gguf":
         what = {32: "F32", 16: "F16", 8: "Q8_0", 4: "Q4_1" if o.asym else "Q4_0"}[o.bits]
     print(f"{args.out} ({o.format}, {what}): {quantized} tensors quantized, {dense_count} dense"

@@ -19,6 +19,9 @@ values of each of the 16 rows (the operand of VNNI ``vpdpbusd``):
 * ``qs`` uint8 [P, K/32, 256] for int4: the same with j = 0..3, value 4j + t in the low nibble and
   value 16 + 4j + t in the high nibble;
 * ``scales`` (and ``mins``) float16 or float32 [P, K/G, 16]: group g of row 16p + r at [p, g, r].
+
+``parts`` (2 or 3; default 2 for int8, 3 for int4) is how many int8 parts ``qmatmul`` splits
+each block of the activations into (docs/quantization.rst, "The kernel arithmetic").
 """
 import numpy as np
 
@@ -30,12 +33,13 @@ BLOCK = 32  # values per quantized block (the kernel's unit along K)
 
 class QTensor:
     """A [N, K] weight matrix quantized in groups along K, in the packed panel layout."""
-    __slots__ = ("shape", "bits", "group", "qs", "scales", "mins")
+    __slots__ = ("shape", "bits", "group", "qs", "scales", "mins", "parts")
     dtype = np.dtype(np.uint8)  # so generic code asking for a dtype gets an answer
 
-    def __init__(self, shape, bits, group, qs, scales, mins=None):
+    def __init__(self, shape, bits, group, qs, scales, mins=None, parts=None):
         self.shape, self.bits, self.group = (int(shape[0]), int(shape[1])), int(bits), int(group)
         self.qs, self.scales, self.mins = qs, scales, mins
+        self.parts = (2 if self.bits == 8 else 3) if parts is None else parts
         check_qtensor(self, "QTensor")
 
     @property
@@ -93,6 +97,8 @@ def check_qtensor(t, where):
     n, k = t.shape
     if t.bits not in (4, 8):
         raise ModelFormatError(f"{where}: {t.bits}-bit weights are not supported (use 8 or 4)")
+    if not isinstance(t.parts, (int, np.integer)) or t.parts not in (2, 3):
+        raise ModelFormatError(f"{where}: parts (of x, in qmatmul) must be 2 or 3, got {t.parts!r}")
     g = t.group
     if g < BLOCK or g & (g - 1) or k % g or (t.bits == 4 and g != BLOCK):
         raise ModelFormatError(f"{where}: group size {g} is invalid for K = {k} and {t.bits} bits "
@@ -122,9 +128,9 @@ def _roundf(a):
     return np.sign(a) * (f + np.floor(2 * (b - f)))
 
 
-def pack(codes, scales, mins, bits, group, rows=1024):
-    """A QTensor from integer codes [N, K] (int8 values for 8 bits, 0..15 for 4 bits) and
-    per-group scales (and mins) [N, K/G] (float16 or float32); `codes` may be a function
+def pack(codes, scales, mins, bits, group, rows=1024, parts=None):
+    """A QTensor (with `parts`) from integer codes [N, K] (int8 values for 8 bits, 0..15 for 4
+    bits) and per-group scales (and mins) [N, K/G] (float16 or float32); `codes` may be a function
     (r0, r1) -> codes[r0:r1], called `rows` rows at a time to bound the temporary memory."""
     n, k = codes.shape if hasattr(codes, "shape") else (scales.shape[0], codes(0, 1).shape[1])
     p, nb = -(-n // PANEL), k // BLOCK
@@ -143,10 +149,10 @@ def pack(codes, scales, mins, bits, group, rows=1024):
     def panels(a):
         return None if a is None else np.ascontiguousarray(
             np.pad(a, ((0, p * PANEL - n), (0, 0))).reshape(p, PANEL, -1).transpose(0, 2, 1))
-    return QTensor((n, k), bits, group, qs, panels(scales), panels(mins))
+    return QTensor((n, k), bits, group, qs, panels(scales), panels(mins), parts)
 
 
-def quantize(w, bits=8, group=32, asymmetric=False, scale_dtype=np.float16):
+def quantize(w, bits=8, group=32, asymmetric=False, scale_dtype=np.float16, parts=None):
     """Quantize a float weight matrix [N, K] (any float dtype, or uint16 bfloat16 bits) into a
     QTensor: int8 symmetric (GGUF Q8_0's rule), int4 symmetric (Q4_0's) or asymmetric (Q4_1's)."""
     from ._kernels.reference import to_float32
@@ -176,14 +182,14 @@ def quantize(w, bits=8, group=32, asymmetric=False, scale_dtype=np.float16):
             mins = lo[:, :, 0].astype(scale_dtype)
         if bits == 4:
             q = np.minimum(q, 15)
-    return pack(q.reshape(n, k), d[:, :, 0].astype(scale_dtype), mins, bits, group)
+    return pack(q.reshape(n, k), d[:, :, 0].astype(scale_dtype), mins, bits, group, parts=parts)
 
 
 # GGUF block layouts: type name -> (bytes per 32 values, bits, has a minimum)
 GGUF_NATIVE = {"Q8_0": (34, 8, False), "Q4_0": (18, 4, False), "Q4_1": (20, 4, True)}
 
 
-def from_gguf_blocks(raw, kind, shape):
+def from_gguf_blocks(raw, kind, shape, parts=None):
     """A QTensor from the raw bytes [N, K/32 * block bytes] of a GGUF Q8_0/Q4_0/Q4_1 tensor."""
     size, bits, has_min = GGUF_NATIVE[kind]
     n, k = shape
@@ -198,11 +204,11 @@ def from_gguf_blocks(raw, kind, shape):
             return body.view(np.int8).reshape(r1 - r0, k)
         # byte i: value i in the low nibble, value i + 16 in the high nibble
         return np.concatenate([body & 15, body >> 4], axis=2).reshape(r1 - r0, k)
-    return pack(codes, d, m, bits, BLOCK)
+    return pack(codes, d, m, bits, BLOCK, parts=parts)
 
 
 def quantize_weights(weights, bits=8, group=32, asymmetric=False, scale_dtype=np.float16,
-                     keep=(), progress=None):
+                     keep=(), progress=None, parts=None):
     """A new canonical weight dict with every matrix quantized, except norms (always kept), the
     names in `keep` ("tok_embeddings", "output") and matrices whose K is not a multiple of
     `group` (kept as they are). Already-quantized matrices are dequantized first."""
@@ -211,5 +217,5 @@ def quantize_weights(weights, bits=8, group=32, asymmetric=False, scale_dtype=np
         if isinstance(w, QTensor):
             w = w.dequantize()
         out[name] = w if w.ndim != 2 or name in keep or w.shape[1] % group else \
-            quantize(w, bits, group, asymmetric, scale_dtype)
+            quantize(w, bits, group, asymmetric, scale_dtype, parts)
     return out

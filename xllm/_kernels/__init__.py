@@ -44,8 +44,9 @@ class Backend:
         embedding, qembedding = functions["embedding"], functions["qembedding"]
 
         def any_matmul(x, w, out, accumulate=False):
-            if type(w) is QTensor or type(w) is tuple and all(type(t) is QTensor for t in w):
-                qmatmul(x, w, out, accumulate)
+            if type(w) is QTensor or type(w) is tuple and all(
+                    type(t) is QTensor and t.parts == w[0].parts for t in w):
+                qmatmul(x, w, out, accumulate)  # (a GGUF may mix Q8_0 and Q4_x in a tuple)
             elif type(w) is tuple:  # weights sharing the input x, with their outputs
                 for wi, oi in zip(w, out):
                     any_matmul(x, wi, oi, accumulate)

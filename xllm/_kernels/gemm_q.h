@@ -9,7 +9,9 @@
  *   1. each 32-value block of each row of x is quantized to three int8 parts (about 23 bits,
  *      close to float32; one int8 part alone moved SmolLM2's logits by up to 2):
  *      x ~ dx * (q1 + q2 / 256 + q3 / 65536), dx = amax / 127, t = x / dx, and for each part
- *      q = clamp(rint(t), -127, 127), t = (t - q) * 256;
+ *      q = clamp(rint(t), -127, 127), t = (t - q) * 256. With PARTS = 2 (the weight's `parts`;
+ *      the int8 default: their own rounding is far coarser) q3 = 0 (about 16 bits): the
+ *      micro-kernels, compiled per PARTS, skip its dots and the c3 term below, which is 0;
  *   2. per block, exact int32 dots c12 = 256 * (q1 . c) + (q2 . c) and c3 = q3 . c with the
  *      weight codes c (minus 8 for symmetric int4): on AVX-512 VNNI with vpdpbusd of the
  *      unsigned codes (int8 stored + 128), each part's dot starting from -128 (int8) or -8
@@ -46,7 +48,7 @@ typedef struct {
     const uint8_t *scales; /* [P][ng][16] float16 or float32 */
     const uint8_t *mins;  /* the same shape and type, or NULL (symmetric) */
     size_t nb, ng;        /* K / 32 blocks, K / G groups per row */
-    int bits, gshift, f32; /* 8 or 4; log2(G / 32); scales are float32 */
+    int bits, gshift, f32, parts; /* 8 or 4; log2(G / 32); scales are float32; 2 or 3 */
 } xq_weights;
 
 /* Wait for all the threads of the enclosing OpenMP parallel region. */
@@ -54,7 +56,7 @@ static inline void xq_barrier(void) { _Pragma("omp barrier") }
 
 /* One 32-value block of one row of x, quantized (step 1): 128 bytes, 2 cache lines. */
 typedef struct {
-    int8_t q[3][32];        /* the three parts */
+    int8_t q[3][32];        /* the three parts (the third all 0 for 2 parts) */
     float d, ds;            /* dx / 256; d * S (S = 256 sum(q1) + sum(q2) + sum(q3) / 256) */
     int32_t c128[3], c8[3]; /* -128 and -8 times the sum of each part: the dots with unsigned
                              * codes start from these, so no offset is subtracted later */
@@ -62,7 +64,7 @@ typedef struct {
 
 /* Quantize rows [m0, m1) of x (row stride ldx) into qx (row m, block b at qx[m * K / 32 + b]). */
 static void xq_quantize_rows(const float *x, size_t ldx, size_t m0, size_t m1, size_t K,
-                             xq_xb *qx)
+                             int parts, xq_xb *qx)
 {
     const size_t nb = K / 32;
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -97,7 +99,8 @@ static void xq_quantize_rows(const float *x, size_t ldx, size_t m0, size_t m1, s
                 for (int k = 0; k < 3; k++) {
                     /* rint by the conversion, clamp as ints: |t| < 2^22 even for subnormal
                      * d, and NaN gives INT_MIN -> -127, as the float clamp did */
-                    iq[k][j] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(t), lo), hi);
+                    iq[k][j] = k == parts ? _mm256_setzero_si256() :
+                        _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(t), lo), hi);
                     t = _mm256_mul_ps(_mm256_sub_ps(t, _mm256_cvtepi32_ps(iq[k][j])), k256);
                     s[k] = j ? _mm256_add_epi32(s[k], iq[k][j]) : iq[k][j];
                 }
@@ -143,10 +146,10 @@ static inline XQ_AI XQ_T512 __m512i xq_dpbusd(__m512i acc, __m512i w, const int8
 }
 
 /* AVX-512 VNNI micro-kernel: MR rows of x against panel p (16 rows of W, the first nr valid). */
-/* KIND (a constant, so each kind gets its own code): 0 int8, 1 int4 symmetric, 2 asymmetric. */
-static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const xq_weights *w,
-                                          size_t p, const xq_xb *x, float *out, size_t ldo,
-                                          size_t nr, int accum)
+/* KIND, PARTS (constants: each gets its own code): 0 int8, 1 int4 sym., 2 asym.; 2 or 3 parts */
+static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const int PARTS,
+                                          const xq_weights *w, size_t p, const xq_xb *x,
+                                          float *out, size_t ldo, size_t nr, int accum)
 {
     const size_t nb = w->nb, qb = KIND ? 256 : 512, ss = w->f32 ? 64 : 32;
     const uint8_t *wq = w->qs + p * nb * qb, *sc = w->scales + p * w->ng * ss;
@@ -164,13 +167,13 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const xq
         __m512i d[3][XQ_MR512]; /* dots of the parts, from the offset corrections (loads) */
         for (int i = 0; i < MR; i++) {
             xb[i] = x + i * nb + b;
-            for (int k = 0; k < 3; k++)
+            for (int k = 0; k < PARTS; k++)
                 d[k][i] = KIND == 2 ? _mm512_setzero_si512()
                                     : _mm512_set1_epi32(KIND ? xb[i]->c8[k] : xb[i]->c128[k]);
         }
 #define XQ_DP512(W, o)                                                                    \
     for (int i = 0; i < MR; i++)                                                          \
-        for (int k = 0; k < 3; k++)                                                       \
+        for (int k = 0; k < PARTS; k++)                                                   \
             d[k][i] = xq_dpbusd(d[k][i], W, xb[i]->q[k] + (o));
         if (KIND == 0) {
 #pragma GCC unroll 8 /* else the accumulators are shuffled between registers and spilled */
@@ -196,8 +199,8 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const xq
         for (int i = 0; i < MR; i++) {
             __m512i c12 = _mm512_add_epi32(_mm512_slli_epi32(d[0][i], 8), d[1][i]);
             /* c12 + c3 / 256: the product is exact, so one FMA rounds as mul + add do */
-            __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[2][i]), inv256,
-                                       _mm512_cvtepi32_ps(c12));
+            __m512 v = _mm512_cvtepi32_ps(c12);
+            if (PARTS == 3) v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[2][i]), inv256, v);
             __m512 t = _mm512_mul_ps(_mm512_mul_ps(ws, _mm512_set1_ps(xb[i]->d)), v);
             XQ_BARRIER(t);
             acc[i] = _mm512_add_ps(acc[i], t);
@@ -217,9 +220,10 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const xq
     }
 }
 
-/* AVX2 micro-kernel: MR rows of x against half h (rows 8h..8h+7) of panel p. */
-static inline XQ_AI void xq_mk256(const int MR, const xq_weights *w, size_t p, int h,
-                                  const xq_xb *x, float *out, size_t ldo, size_t nr, int accum)
+/* AVX2 micro-kernel: MR rows of x (PARTS parts) against half h (rows 8h..8h+7) of panel p. */
+static inline XQ_AI void xq_mk256(const int MR, const int PARTS, const xq_weights *w, size_t p,
+                                  int h, const xq_xb *x, float *out, size_t ldo, size_t nr,
+                                  int accum)
 {
     const size_t nb = w->nb, qb = w->bits == 8 ? 512 : 256, ss = w->f32 ? 64 : 32;
     const int sym4 = w->bits == 4 && !w->mins; /* only these dots need an offset correction */
@@ -237,7 +241,7 @@ static inline XQ_AI void xq_mk256(const int MR, const xq_weights *w, size_t p, i
         __m256i d[3][XQ_MR256];
         for (int i = 0; i < MR; i++) {
             xb[i] = x + i * nb + b;
-            for (int k = 0; k < 3; k++)
+            for (int k = 0; k < PARTS; k++)
                 d[k][i] = _mm256_set1_epi32(sym4 ? xb[i]->c8[k] : 0); /* int8: signed dot */
         }
 #define XQ_X256(i, k, o) _mm256_set1_epi32(xq_load4(xb[i]->q[k] + (o)))
@@ -247,7 +251,7 @@ static inline XQ_AI void xq_mk256(const int MR, const xq_weights *w, size_t p, i
             __m256i L = _mm256_and_si256(P, low4);
             __m256i H = _mm256_and_si256(_mm256_srli_epi16(P, 4), low4);
             for (int i = 0; i < MR; i++)
-                for (int k = 0; k < 3; k++) {
+                for (int k = 0; k < PARTS; k++) {
                     __m256i s16 = w->bits == 8
                         ? _mm256_maddubs_epi16(A, _mm256_sign_epi8(XQ_X256(i, k, 4 * j), W))
                         : _mm256_add_epi16(_mm256_maddubs_epi16(L, XQ_X256(i, k, 4 * j)),
@@ -262,8 +266,8 @@ static inline XQ_AI void xq_mk256(const int MR, const xq_weights *w, size_t p, i
                                       : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + g)));
         for (int i = 0; i < MR; i++) {
             __m256i c12 = _mm256_add_epi32(_mm256_slli_epi32(d[0][i], 8), d[1][i]);
-            __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[2][i]), inv256,
-                                       _mm256_cvtepi32_ps(c12));
+            __m256 v = _mm256_cvtepi32_ps(c12);
+            if (PARTS == 3) v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[2][i]), inv256, v);
             __m256 t = _mm256_mul_ps(_mm256_mul_ps(ws, _mm256_set1_ps(xb[i]->d)), v);
             XQ_BARRIER(t);
             acc[i] = _mm256_add_ps(acc[i], t);
@@ -283,15 +287,15 @@ static inline XQ_AI void xq_mk256(const int MR, const xq_weights *w, size_t p, i
 
 /* The M rows in near-equal tiles of at most XQ_MR512 (13 = 5 + 4 + 4: no 1-row tile, which
  * would cost almost as much as a full one). */
-static inline XQ_AI XQ_T512 void xq_rows512(const int KIND, const xq_weights *w, size_t p,
-                                            const xq_xb *x, size_t M, float *out, size_t ldo,
-                                            size_t nr, int accum)
+static inline XQ_AI XQ_T512 void xq_rows512(const int KIND, const int PARTS, const xq_weights *w,
+                                            size_t p, const xq_xb *x, size_t M, float *out,
+                                            size_t ldo, size_t nr, int accum)
 {
     const size_t nt = (M + XQ_MR512 - 1) / XQ_MR512;
     for (size_t t = 0, m = 0, r; t < nt; t++, m += r) {
         r = M / nt + (t < M % nt);
-#define XQ_CASE512(R) case R: xq_mk512(R, KIND, w, p, x + m * w->nb, out + m * ldo, ldo, nr, \
-                                       accum); break;
+#define XQ_CASE512(R) case R: xq_mk512(R, KIND, PARTS, w, p, x + m * w->nb, out + m * ldo, ldo, \
+                                       nr, accum); break;
         switch (r) {
         XQ_CASE512(1) XQ_CASE512(2) XQ_CASE512(3) XQ_CASE512(4) XQ_CASE512(5) XQ_CASE512(6)
         default: break;
@@ -302,12 +306,13 @@ static inline XQ_AI XQ_T512 void xq_rows512(const int KIND, const xq_weights *w,
 static XQ_T512 void xq_panel512(const xq_weights *w, size_t p, const xq_xb *x, size_t M,
                                 float *out, size_t ldo, size_t nr, int accum)
 {
+#define XQ_ROWS512(K, P) xq_rows512(K, P, w, p, x, M, out, ldo, nr, accum)
     if (w->bits == 8)
-        xq_rows512(0, w, p, x, M, out, ldo, nr, accum);
+        w->parts == 2 ? XQ_ROWS512(0, 2) : XQ_ROWS512(0, 3);
     else if (!w->mins)
-        xq_rows512(1, w, p, x, M, out, ldo, nr, accum);
+        w->parts == 2 ? XQ_ROWS512(1, 2) : XQ_ROWS512(1, 3);
     else
-        xq_rows512(2, w, p, x, M, out, ldo, nr, accum);
+        w->parts == 2 ? XQ_ROWS512(2, 2) : XQ_ROWS512(2, 3);
 }
 
 static void xq_panel256(const xq_weights *w, size_t p, const xq_xb *x, size_t M, float *out,
@@ -316,10 +321,11 @@ static void xq_panel256(const xq_weights *w, size_t p, const xq_xb *x, size_t M,
     for (int h = 0; h < 2 && nr > (size_t)(8 * h); h++) {
         const size_t nh = nr - 8 * h < 8 ? nr - 8 * h : 8;
         size_t m = 0;
+#define XQ_MK256(R, P) xq_mk256(R, P, w, p, h, x + m * w->nb, out + m * ldo, ldo, nh, accum)
         for (; m + XQ_MR256 <= M; m += XQ_MR256)
-            xq_mk256(XQ_MR256, w, p, h, x + m * w->nb, out + m * ldo, ldo, nh, accum);
+            w->parts == 2 ? XQ_MK256(XQ_MR256, 2) : XQ_MK256(XQ_MR256, 3);
         if (M > m)
-            xq_mk256(1, w, p, h, x + m * w->nb, out + m * ldo, ldo, nh, accum);
+            w->parts == 2 ? XQ_MK256(1, 2) : XQ_MK256(1, 3);
     }
 }
 

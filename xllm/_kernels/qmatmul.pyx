@@ -22,11 +22,11 @@ cdef extern from "gemm_q.h" nogil:
         const uint8_t *scales
         const uint8_t *mins
         size_t nb, ng
-        int bits, gshift, f32
+        int bits, gshift, f32, parts
     ctypedef struct xq_xb:
         pass
     void xq_quantize_rows(const float *x, size_t ldx, size_t m0, size_t m1, size_t K,
-                          xq_xb *qx)
+                          int parts, xq_xb *qx)
     void xq_panels(int isa, const xq_weights *w, size_t p0, size_t p1, const xq_xb *x,
                    size_t M, size_t N, float *out, int accum)
     void xq_dequant_row(const xq_weights *w, size_t r, float *o)
@@ -53,7 +53,7 @@ cdef xq_weights _weights(object w) except *:
     c.scales = <const uint8_t *>cnp.PyArray_DATA(sc)
     c.mins = NULL if w.mins is None else <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>w.mins)
     c.nb, c.ng = <size_t>qs.shape[1], <size_t>sc.shape[1]
-    c.bits, c.f32 = w.bits, sc.dtype == np.float32
+    c.bits, c.f32, c.parts = w.bits, sc.dtype == np.float32, w.parts
     c.gshift = (w.group // 32).bit_length() - 1
     return c
 
@@ -76,9 +76,9 @@ def qmatmul(x, w, out, accumulate=False):
 
     x, out: float32, C-contiguous. w and out may also be equal-length tuples (up to 4) of
     weights and outputs sharing the input x, which is then quantized once and all products run
-    in one parallel loop. x is quantized per 32-value block (see gemm_q.h), so the result
-    carries that (about 23-bit) activation-quantization error; each element is bitwise
-    independent of M, of its row index, of the thread count and of the ISA path.
+    in one parallel loop (equal ``parts`` required). x is quantized per 32-value block into
+    ``w.parts`` int8 parts (gemm_q.h): the result carries that (about 16-bit, 23-bit for 3 parts)
+    error; each element is bitwise independent of M, its row, the thread count and the ISA path.
     """
     ws, outs = (w, out) if type(w) is tuple else ((w,), (out,))
     if type(outs) is not tuple or not 1 <= len(ws) == len(outs) <= _MAXW:
@@ -94,6 +94,8 @@ def qmatmul(x, w, out, accumulate=False):
     first[0] = 0
     for j in range(nw):
         cw[j] = _weights(ws[j])
+        if cw[j].parts != cw[0].parts:
+            raise ValueError(f"weights sharing x need equal parts: {cw[0].parts}, {cw[j].parts}")
         oa = _check_2d(outs[j], "out", cnp.NPY_FLOAT32, "float32")
         _check_out(oa)
         Ns[j] = <size_t>ws[j].shape[0]
@@ -135,7 +137,7 @@ def qmatmul(x, w, out, accumulate=False):
         # item never changes its bits.
         with nogil, parallel(num_threads=nt):
             for m in prange(<Py_ssize_t>M, schedule="static"):
-                xq_quantize_rows(xp, K, <size_t>m, <size_t>m + 1, K, qx)
+                xq_quantize_rows(xp, K, <size_t>m, <size_t>m + 1, K, cw[0].parts, qx)
             xq_barrier()  # Cython's prange ends with nowait
             for it in prange(nitems, schedule="static"):
                 m0 = (it // npanels) * _ROWS

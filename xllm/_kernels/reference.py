@@ -205,6 +205,8 @@ def quantize_activations(x):
 def qmatmul(x, w, out, accumulate=False):
     """out (+)= x @ W.T for a QTensor W (or tuples of W and out): gemm_q.h's exact arithmetic."""
     if type(w) is tuple:
+        if len({wi.parts for wi in w}) > 1:
+            raise ValueError("weights sharing x need equal parts")
         for wi, oi in zip(w, out):
             qmatmul(x, wi, oi, accumulate)
         return
@@ -214,6 +216,7 @@ def qmatmul(x, w, out, accumulate=False):
     if w.bits == 4 and not w.asymmetric:
         qw -= 8
     q = q.astype(np.int64)
+    q[w.parts:] = 0  # 2 parts: the third is taken as 0
     c12 = np.einsum("mbi,nbi->mnb", 256 * q[0] + q[1], qw).astype(np.float32)
     c3 = np.einsum("mbi,nbi->mnb", q[2], qw).astype(np.float32)
     v = c12 + c3 * np.float32(1 / 256)

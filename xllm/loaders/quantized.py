@@ -2,7 +2,8 @@
 a directory with config.json (``"xllm_format": 1``), model.safetensors and the tokenizer.
 
 A QTensor is stored as ``<name>.qs`` (U8), ``<name>.scales`` (F16/F32) and, if asymmetric,
-``<name>.mins``, exactly the packed arrays of :class:`xllm.quant.QTensor`; dense tensors as
+``<name>.mins``, exactly the packed arrays of :class:`xllm.quant.QTensor` (its ``parts`` is
+``"parts"`` in the quantization record, default by bits); dense tensors as
 ``<name>`` (F32/F16/BF16). Everything is a read-only view of the memory-mapped file.
 """
 import json
@@ -67,7 +68,7 @@ def load_quantized(directory) -> Checkpoint:
             raise ModelFormatError(f"{where}: its arrays give (bits, group, asymmetric, scales) "
                                    f"= {got}, config.json records {want}")
         try:
-            weights[name] = QTensor(shape, got[0], got[1], qs, scales, mins)
+            weights[name] = QTensor(shape, *got[:2], qs, scales, mins, q.get("parts"))
         except ModelFormatError as e:
             raise ModelFormatError(f"{where}: {str(e).removeprefix('QTensor: ')}") from None
     check_weights(weights, config, fpath)
