@@ -309,6 +309,12 @@ static inline __attribute__((always_inline)) void xa_attend(
     for (int64_t b0 = 0; b0 < last; b0 += XA_BK) {
         const char *kb = (const char *)kt + (b0 / XA_BK) * ldb * es;
         const char *vb = (const char *)v + b0 * ldv * es;
+        if (b0 + XA_BK < last) {  /* fetch the next block while this one is computed */
+            for (int i = 0; i < hd * XA_BK * es; i += 64) _mm_prefetch(kb + ldb * es + i, _MM_HINT_T0);
+            for (int j = 0; j < XA_BK; j++)
+                for (int i = 0; i < hd * es; i += 64)
+                    _mm_prefetch(vb + (XA_BK + j) * ldv * es + i, _MM_HINT_T0);
+        }
         int r = 0;
         for (; r + XA_MR <= nr; r += XA_MR) xa_scores(XA_MR, qs + r * hd, hd, kb, f16, s + r * XA_BK);
         for (; r < nr; r++) xa_scores(1, qs + r * hd, hd, kb, f16, s + r * XA_BK);
