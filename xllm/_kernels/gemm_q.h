@@ -150,7 +150,7 @@ static inline XQ_AI XQ_T512 __m512i xq_dpbusd(__m512i acc, __m512i w, const int8
 static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const int PARTS,
                                           const xq_weights *w, size_t p, const xq_xb *x,
                                           float *out, size_t ldo, size_t nr, int accum,
-                                          size_t pf)
+                                          size_t t, size_t nt)
 {
     const size_t nb = w->nb, qb = KIND ? 256 : 512, ss = w->f32 ? 64 : 32;
     const uint8_t *wq = w->qs + p * nb * qb, *sc = w->scales + p * w->ng * ss;
@@ -162,8 +162,13 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const in
         acc[i] = _mm512_setzero_ps();
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *blk = wq + b * qb;
-        for (size_t i = 0; i < qb; i += 64) /* pf bytes ahead: this panel, or the next one */
-            _mm_prefetch((const char *)blk + pf + i, _MM_HINT_T0);
+        if (nt == 1) /* stream this panel, XQ_PF bytes ahead */
+            for (size_t i = 0; i < qb; i += 64)
+                _mm_prefetch((const char *)blk + XQ_PF + i, _MM_HINT_T0);
+        else /* row tile t of nt: its share of the next panel's lines (a panel is in cache
+              * before its first tile starts) */
+            for (size_t l = (t * nb + b) * qb / 64 / nt; l < (t * nb + b + 1) * qb / 64 / nt; l++)
+                _mm_prefetch((const char *)wq + nb * qb + 64 * l, _MM_HINT_T0);
         const xq_xb *xb[XQ_MR512];
         __m512i d[3][XQ_MR512]; /* dots of the parts, from the offset corrections (loads) */
         for (int i = 0; i < MR; i++) {
@@ -292,14 +297,11 @@ static inline XQ_AI XQ_T512 void xq_rows512(const int KIND, const int PARTS, con
                                             size_t p, const xq_xb *x, size_t M, float *out,
                                             size_t ldo, size_t nr, int accum)
 {
-    /* The first row tile streams the panel from memory; the others re-read it from cache and
-     * meanwhile prefetch the next panel, a growing share of it each (the last one: all). */
-    const size_t nt = (M + XQ_MR512 - 1) / XQ_MR512, bytes = w->nb * (KIND ? 256 : 512);
+    const size_t nt = (M + XQ_MR512 - 1) / XQ_MR512;
     for (size_t t = 0, m = 0, r; t < nt; t++, m += r) {
         r = M / nt + (t < M % nt);
-        const size_t pf = t ? t * bytes / (nt - 1) : XQ_PF;
 #define XQ_CASE512(R) case R: xq_mk512(R, KIND, PARTS, w, p, x + m * w->nb, out + m * ldo, ldo, \
-                                       nr, accum, pf); break;
+                                       nr, accum, t, nt); break;
         switch (r) {
         XQ_CASE512(1) XQ_CASE512(2) XQ_CASE512(3) XQ_CASE512(4) XQ_CASE512(5) XQ_CASE512(6)
         default: break;
