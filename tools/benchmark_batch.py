@@ -148,9 +148,10 @@ def rates(r):
             "wall": r["wall_seconds"]}
 
 
-def run_singles(model, prompts, max_new_tokens, stop_ids):
-    """The same prompts one at a time (batch 1): summed tokens and times, as one result."""
-    runs = [run_batch(model, [p], max_new_tokens, stop_ids) for p in prompts]
+def run_singles(run, prompts):
+    """The prompts one at a time (run([prompt]) is a batch of 1): summed tokens and times, as
+    one result."""
+    runs = [run([p]) for p in prompts]
     s = {k: sum(r[k] for r in runs) for k in ("prompt_tokens", "generated", "prefill_seconds",
                                               "decode_seconds", "decode_tokens", "wall_seconds")}
     s["total"] = [r["total"][0] for r in runs]
@@ -263,7 +264,7 @@ def main(argv=None):
         print(f"rep {rep}: batch {a.batch:3d}  prefill {x['prefill']:8.1f} tok/s  decode "
               f"{x['decode']:8.1f} tok/s  wall {x['wall']:6.2f} s", file=sys.stderr)
         if a.single:
-            s = run_singles(model, prompts, a.max_new_tokens, stop_ids)
+            s = run_singles(lambda ps: run_batch(model, ps, a.max_new_tokens, stop_ids), prompts)
             single_runs.append(s)
             x = rates(s)
             print(f"rep {rep}: single     prefill {x['prefill']:8.1f} tok/s  decode "
@@ -271,10 +272,7 @@ def main(argv=None):
         if lc is not None:
             lc_runs.append(lc.run(prompts, a.max_new_tokens))
             if a.single:
-                runs = [lc.run([q], a.max_new_tokens) for q in prompts]
-                lc_single_runs.append({k: sum(r[k] for r in runs) for k in (
-                    "prompt_tokens", "generated", "prefill_seconds", "decode_seconds",
-                    "decode_tokens", "wall_seconds")})
+                lc_single_runs.append(run_singles(lambda ps: lc.run(ps, a.max_new_tokens), prompts))
             x = rates(lc_runs[-1])
             print(f"rep {rep}: llama.cpp batch prefill {x['prefill']:8.1f} tok/s  decode "
                   f"{x['decode']:8.1f} tok/s", file=sys.stderr)
@@ -298,28 +296,25 @@ def main(argv=None):
     cols = ("prefill", "decode", "overall", "wall")
     print(f"  {'':22s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'overall tok/s':>14s} "
           f"{'wall s':>8s}")
-    b = {k: med(batch_runs, lambda r: rates(r)[k]) for k in cols}
-    print(f"  {'aggregate (batch ' + str(a.batch) + ')':22s} {b['prefill']:14.1f} "
-          f"{b['decode']:13.1f} {b['overall']:14.1f} {b['wall']:8.2f}")
+    def medians(runs, label):  # print one row of medians, return them
+        x = {k: med(runs, lambda r: rates(r)[k]) for k in cols}
+        print(f"  {label:22s} {x['prefill']:14.1f} {x['decode']:13.1f} {x['overall']:14.1f} "
+              f"{x['wall']:8.2f}")
+        return x
+
+    def ratios(label, x, y, faster=""):
+        print(f"  {label:22s} {x['prefill'] / y['prefill']:13.2f}x {x['decode'] / y['decode']:12.2f}x "
+              f"{x['overall'] / y['overall']:13.2f}x" + faster)
+
+    b = medians(batch_runs, f"aggregate (batch {a.batch})")
     if single_runs:
-        s = {k: med(single_runs, lambda r: rates(r)[k]) for k in cols}
-        print(f"  {'single (batch 1)':22s} {s['prefill']:14.1f} {s['decode']:13.1f} "
-              f"{s['overall']:14.1f} {s['wall']:8.2f}")
-        print(f"  {'aggregate / single':22s} {b['prefill'] / s['prefill']:13.2f}x "
-              f"{b['decode'] / s['decode']:12.2f}x {b['overall'] / s['overall']:13.2f}x "
-              f"{s['wall'] / b['wall']:7.2f}x faster")
+        s = medians(single_runs, "single (batch 1)")
+        ratios("aggregate / single", b, s, f" {s['wall'] / b['wall']:7.2f}x faster")
     if lc_runs:
-        lb = {k: med(lc_runs, lambda r: rates(r)[k]) for k in cols}
-        print(f"  {'llama.cpp batch ' + str(a.batch):22s} {lb['prefill']:14.1f} "
-              f"{lb['decode']:13.1f} {lb['overall']:14.1f} {lb['wall']:8.2f}")
+        lb = medians(lc_runs, f"llama.cpp batch {a.batch}")
         if lc_single_runs:
-            ls = {k: med(lc_single_runs, lambda r: rates(r)[k]) for k in cols}
-            print(f"  {'llama.cpp single':22s} {ls['prefill']:14.1f} {ls['decode']:13.1f} "
-                  f"{ls['overall']:14.1f} {ls['wall']:8.2f}")
-            print(f"  {'llama.cpp batch/single':22s} {lb['prefill'] / ls['prefill']:13.2f}x "
-                  f"{lb['decode'] / ls['decode']:12.2f}x {lb['overall'] / ls['overall']:13.2f}x")
-        print(f"  {'xllm / llama.cpp batch':22s} {b['prefill'] / lb['prefill']:13.2f}x "
-              f"{b['decode'] / lb['decode']:12.2f}x {b['overall'] / lb['overall']:13.2f}x")
+            ratios("llama.cpp batch/single", lb, medians(lc_single_runs, "llama.cpp single"))
+        ratios("xllm / llama.cpp batch", b, lb)
     print(f"  {'latency per sequence':22s} {'median':>8s} {'p90':>8s} {'max':>8s}")
     rows = [("time to first token s", [latency(r["ttft"]) for r in batch_runs]),
             ("total time s", [latency(r["total"]) for r in batch_runs])]
