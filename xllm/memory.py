@@ -14,9 +14,9 @@ import resource
 import numpy as np
 
 from .config import PRESETS, ModelConfig
+from .kv_cache import block_rows
 from .loaders import expected_shapes
 from .quant import PANEL, QTensor
-from .kv_cache import block_rows
 
 GROUPS = (("embedding", ("tok_embeddings",)), ("head", ("output", "norm")),
           ("attention", ("wq", "wk", "wv", "wo", "attention_norm")),

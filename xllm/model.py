@@ -45,8 +45,8 @@ class Workspace:
         self.tokens = np.zeros(rows, np.int64)                     # [R] token ids
         self.positions = np.zeros(rows, np.int64)                  # [R] their positions
         self.arange = np.arange(rows, dtype=np.int64)              # [R] 0..R-1
-        self.bounds = np.zeros(rows + 1, np.int64)                 # [S+1] first row of each sequence
-        self.starts = np.zeros(rows, np.int64)                     # [S] its cached keys before them
+        self.bounds = np.zeros(rows + 1, np.int64)                 # [S+1] each sequence's rows
+        self.starts = np.zeros(rows, np.int64)                     # [S] its keys cached before
 
     @property
     def nbytes(self):

@@ -226,7 +226,8 @@ static inline __attribute__((always_inline)) void xa_scores(const int MR, const 
                                               a[i / 4][i % 4]);
     }
 #pragma GCC unroll 8
-    for (int i = 0; i < 4 * MR; i++) _mm256_storeu_ps(s + (i / 4) * XA_BK + 8 * (i % 4), a[i / 4][i % 4]);
+    for (int i = 0; i < 4 * MR; i++)
+        _mm256_storeu_ps(s + (i / 4) * XA_BK + 8 * (i % 4), a[i / 4][i % 4]);
 }
 
 /* One block of a row's online softmax: s holds its XA_BK scores, the first n valid. Raises the
@@ -246,7 +247,8 @@ static inline void xa_softmax(float *s, int n, float *m, float *l, float *acc, i
     if (bm > *m) {  /* from -inf the factor is 0: nothing accumulated yet */
         __m256 c = _mm256_set1_ps(expf(*m - bm));
         *l *= _mm256_cvtss_f32(c);
-        for (int d = 0; d < hdp; d += 8) _mm256_storeu_ps(acc + d, _mm256_mul_ps(_mm256_loadu_ps(acc + d), c));
+        for (int d = 0; d < hdp; d += 8)
+            _mm256_storeu_ps(acc + d, _mm256_mul_ps(_mm256_loadu_ps(acc + d), c));
         *m = bm;
     }
     for (int u = 0; u < 4; u++) {  /* exp(-inf) = 0 for the lanes past n */
@@ -265,17 +267,19 @@ static inline __attribute__((always_inline)) void xa_pv_chunk(
         const void *v, ptrdiff_t ldv, int f16, int n) {
     __m256 c[XA_MR][4], x[4];
 #pragma GCC unroll 8
-    for (int i = 0; i < 4 * MR; i++) c[i / 4][i % 4] = _mm256_loadu_ps(acc + (i / 4) * hdp + d + 8 * (i % 4));
+    for (int i = 0; i < 4 * MR; i++)
+        c[i / 4][i % 4] = _mm256_loadu_ps(acc + (i / 4) * hdp + d + 8 * (i % 4));
     for (int j = 0; j < n; j++) {
 #pragma GCC unroll 4
         for (int u = 0; u < 4; u++) x[u] = xa_ld(v, j * ldv + d + 8 * u, f16, TAIL ? w - 8 * u : 8);
 #pragma GCC unroll 8
         for (int i = 0; i < 4 * MR; i++)
-            c[i / 4][i % 4] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + (i / 4) * XA_BK + j), x[i % 4],
-                                              c[i / 4][i % 4]);
+            c[i / 4][i % 4] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + (i / 4) * XA_BK + j),
+                                              x[i % 4], c[i / 4][i % 4]);
     }
 #pragma GCC unroll 8
-    for (int i = 0; i < 4 * MR; i++) _mm256_storeu_ps(acc + (i / 4) * hdp + d + 8 * (i % 4), c[i / 4][i % 4]);
+    for (int i = 0; i < 4 * MR; i++)
+        _mm256_storeu_ps(acc + (i / 4) * hdp + d + 8 * (i % 4), c[i / 4][i % 4]);
 }
 
 /* acc[r][0..hd) += sum over j < n of p[r][j] * V[j][0..hd) for MR rows, 32 columns at a time. */
@@ -310,13 +314,15 @@ static inline __attribute__((always_inline)) void xa_attend(
         const char *kb = (const char *)kt + (b0 / XA_BK) * ldb * es;
         const char *vb = (const char *)v + b0 * ldv * es;
         if (b0 + XA_BK < last) {  /* fetch the next block while this one is computed */
-            for (int i = 0; i < hd * XA_BK * es; i += 64) _mm_prefetch(kb + ldb * es + i, _MM_HINT_T0);
+            for (int i = 0; i < hd * XA_BK * es; i += 64)
+                _mm_prefetch(kb + ldb * es + i, _MM_HINT_T0);
             for (int j = 0; j < XA_BK; j++)
                 for (int i = 0; i < hd * es; i += 64)
                     _mm_prefetch(vb + (XA_BK + j) * ldv * es + i, _MM_HINT_T0);
         }
         int r = 0;
-        for (; r + XA_MR <= nr; r += XA_MR) xa_scores(XA_MR, qs + r * hd, hd, kb, f16, s + r * XA_BK);
+        for (; r + XA_MR <= nr; r += XA_MR)
+            xa_scores(XA_MR, qs + r * hd, hd, kb, f16, s + r * XA_BK);
         for (; r < nr; r++) xa_scores(1, qs + r * hd, hd, kb, f16, s + r * XA_BK);
         for (r = 0; r < nr; r++)
             if (nk[r] > b0)
