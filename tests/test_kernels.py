@@ -295,17 +295,25 @@ def test_attention_out_may_be_q_and_long_context():
     np.testing.assert_allclose(q, want, atol=1e-5)
 
 
-def test_attention_chunked_prefill_equals_whole():
-    """Prefill in chunks (start_pos > 0, M > 1) == prefill at once == token by token."""
+@pytest.mark.parametrize("h, kv, hd", [(4, 2, 16), (16, 2, 64), (4, 4, 100)])  # 1-5 tiles
+@pytest.mark.parametrize("threads", THREADS)
+def test_attention_chunked_prefill_equals_whole(h, kv, hd, threads):
+    """Prefill in chunks (start_pos > 0, M > 1) == prefill at once == token by token, bit for
+    bit: each row goes through the same operations whatever rows share its work item."""
+    _cpu.set_threads(threads)
     rng = np.random.default_rng(5)
-    m, h, kv, hd = 40, 4, 2, 16
+    m = 40
     q, k, v = attention_case(rng, m, 0, h, kv, hd, extra=0)
     whole = np.zeros_like(q)
     A.attention(q, k, v, whole, 0, h, kv, 0.25)
     parts = np.zeros_like(q)
     for lo, hi in [(0, 13), (13, 14), (14, 40)]:
         A.attention(q[lo:hi], k, v, parts[lo:hi], lo, h, kv, 0.25)
-    np.testing.assert_allclose(parts, whole, atol=1e-6)
+    np.testing.assert_array_equal(parts, whole)
+    for i in (0, 21, 39):  # one row alone
+        one = np.zeros_like(q[:1])
+        A.attention(q[i:i + 1], k, v, one, i, h, kv, 0.25)
+        np.testing.assert_array_equal(one, whole[i:i + 1])
 
 
 def test_attention_reference_vs_torch_sdpa():
