@@ -10,7 +10,6 @@ int4 3), shape (K -> N) and M.
 """
 import argparse
 import itertools
-import time
 
 import numpy as np
 
@@ -18,19 +17,11 @@ from xllm import quant
 from xllm._kernels import _cpu
 from xllm._kernels import qmatmul as Q
 
+from bench_matmul import median_time  # noqa: E402 (same directory)
+
 SHAPES = {"smollm2": [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)],
           "tinyllama": [(2048, 2048), (2048, 256), (2048, 5632), (5632, 2048)]}  # (K, N)
 FORMATS = {"int8": dict(bits=8), "int4a": dict(bits=4, asymmetric=True)}  # all g32 fp16
-
-
-def median_time(fn, reps):
-    fn()  # warm up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def main():
