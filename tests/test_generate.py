@@ -184,7 +184,7 @@ def test_bad_files_raise_clear_errors(tmp_path, data_dir):
 
 
 def test_kv_cache_grows_amortised_and_accounts_memory():
-    from xllm._kernels.reference import k_rows
+    from xllm._kernels.reference import k_rows, v_rows
     from xllm.kv_cache import KVCache
     kv = KVCache(num_layers=2, kv_dim=8, max_len=1000, initial_capacity=16)
     assert kv.nbytes == 0  # nothing allocated up front
@@ -194,14 +194,15 @@ def test_kv_cache_grows_amortised_and_accounts_memory():
         kv.reserve(1)
         t = kv.length
         kv.k[1][t // 32, :, t % 32] = t  # key t of a blocked K cache
-        kv.v[1][t] = -t
+        kv.v[1][t // 32, 0, t % 32] = -t  # value t (one KV head)
         kv.length += 1
         growths += kv.capacity != cap
     # 32 (16 rounded up to a block), 64, ... 512, then the cap (1000 rounded up to 1024)
     assert growths <= 7 and kv.capacity == 1024 >= kv.length
     assert kv.nbytes == 2 * 2 * 1024 * 8 * 4
     keys = k_rows(kv.k[1])
-    assert keys[599, 0] == 599 and keys[17, 3] == 17 and kv.v[1][40, 0] == -40  # survive growth
+    assert keys[599, 0] == 599 and keys[17, 3] == 17  # both survive growth
+    assert v_rows(kv.v[1])[40, 0] == -40
     kv.truncate(10)
     assert kv.length == 10
     with pytest.raises(ValueError):

@@ -212,7 +212,7 @@ def attention_case(rng, m, start, h, kv, hd, extra=3):
     k, v = randn(rng, cap, kv * hd), randn(rng, cap, kv * hd)
     k[start + m:] = np.nan  # rows past the filled part must never be used
     v[start + m:] = np.nan
-    return q, R.k_blocks(k), v
+    return q, R.k_blocks(k), R.v_blocks(v, kv)
 
 
 @settings(**SETTINGS)
@@ -249,7 +249,8 @@ def test_attention_batch_matches_reference(rows, kv, group, hd, threads, kv_dtyp
     bounds = np.concatenate([[0], np.cumsum(rows)])
     q, kn, vn = randn(rng, m, h * hd), randn(rng, m, kv * hd), randn(rng, m, kv * hd)
     caches = [[R.k_blocks(randn(rng, st_ + n + 2, kv * hd)).astype(kv_dtype),
-               randn(rng, st_ + n + 2, kv * hd).astype(kv_dtype)] for st_, n in zip(starts, rows)]
+               R.v_blocks(randn(rng, st_ + n + 2, kv * hd), kv).astype(kv_dtype)]
+              for st_, n in zip(starts, rows)]
     mine = [[c.copy() for c in pair] for pair in caches]
     want, got = np.zeros_like(q), np.zeros_like(q)
     R.attention_batch(q, kn, vn, [c[0] for c in caches], [c[1] for c in caches], bounds, starts,
@@ -269,12 +270,12 @@ def test_attention_batch_matches_reference(rows, kv, group, hd, threads, kv_dtyp
 def test_attention_batch_bad_input():
     q, kn = np.zeros((3, 128), np.float32), np.zeros((3, 64), np.float32)
     kc = [np.zeros((1, 64, 32), np.float32), np.zeros((1, 64, 32), np.float32)]
-    vc = [np.zeros((32, 64), np.float32), np.zeros((5, 64), np.float32)]
+    vc = [np.zeros((1, 1, 32, 64), np.float32), np.zeros((1, 1, 32, 64), np.float32)]
     args = (2, 1, 1.0)
     with pytest.raises(ValueError, match="bounds"):  # bounds must end at the 3 rows
         A.attention_batch(q, kn, kn, kc, vc, [0, 1, 2], [0, 0], q.copy(), *args)
-    with pytest.raises(ValueError, match="capacity"):  # 4 + 2 rows > 5 rows of vc[1]
-        A.attention_batch(q, kn, kn, kc, vc, [0, 1, 3], [0, 4], q.copy(), *args)
+    with pytest.raises(ValueError, match="capacity"):  # 31 + 2 rows > the 32 of one block
+        A.attention_batch(q, kn, kn, kc, vc, [0, 1, 3], [0, 31], q.copy(), *args)
     with pytest.raises(ValueError, match="S caches"):
         A.attention_batch(q, kn, kn, kc, vc[:1], [0, 1, 3], [0, 0], q.copy(), *args)
     with pytest.raises(TypeError):  # one cache of another dtype
@@ -282,8 +283,14 @@ def test_attention_batch_bad_input():
                           q.copy(), *args)
     with pytest.raises(ValueError, match="k_new"):
         A.attention_batch(q, kn[:2], kn, kc, vc, [0, 1, 3], [0, 0], q.copy(), *args)
+    rows = [np.zeros((32, 64), np.float32)] * 2
     with pytest.raises(ValueError, match="k_cache"):  # K given as rows, not blocks
-        A.attention_batch(q, kn, kn, vc, vc, [0, 1, 3], [0, 0], q.copy(), *args)
+        A.attention_batch(q, kn, kn, rows, vc, [0, 1, 3], [0, 0], q.copy(), *args)
+    with pytest.raises(ValueError, match="v_cache"):  # V given as rows
+        A.attention_batch(q, kn, kn, kc, rows, [0, 1, 3], [0, 0], q.copy(), *args)
+    with pytest.raises(ValueError, match="v_cache"):  # V blocks of another number of heads
+        A.attention_batch(q, kn, kn, kc, [v.reshape(1, 2, 32, 32) for v in vc], [0, 1, 3],
+                          [0, 0], q.copy(), *args)
 
 
 def test_attention_out_may_be_q_and_long_context():
@@ -320,8 +327,8 @@ def test_attention_reference_vs_torch_sdpa():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(6)
     m, h, kv, hd = 7, 8, 2, 32
-    q, kb, v = attention_case(rng, m, 0, h, kv, hd, extra=0)
-    k = R.k_rows(kb)[:m]
+    q, kb, vb = attention_case(rng, m, 0, h, kv, hd, extra=0)
+    k, v = R.k_rows(kb)[:m], R.v_rows(vb)[:m]
     tq = torch.from_numpy(q).reshape(m, h, hd).transpose(0, 1)
     tk = torch.from_numpy(k).reshape(m, kv, hd).transpose(0, 1).repeat_interleave(h // kv, 0)
     tv = torch.from_numpy(v).reshape(m, kv, hd).transpose(0, 1).repeat_interleave(h // kv, 0)
@@ -329,12 +336,12 @@ def test_attention_reference_vs_torch_sdpa():
     want = want.transpose(0, 1).reshape(m, h * hd).numpy()
     for impl in (R.attention, A.attention):
         got = np.zeros_like(q)
-        impl(q, kb, v, got, 0, h, kv, hd ** -0.5)
+        impl(q, kb, vb, got, 0, h, kv, hd ** -0.5)
         np.testing.assert_allclose(got, want, atol=1e-5)
     # start_pos > 0: the last rows of a full causal pass
     start = 4
     got = np.zeros_like(q[start:])
-    A.attention(q[start:], kb, v, got, start, h, kv, hd ** -0.5)
+    A.attention(q[start:], kb, vb, got, start, h, kv, hd ** -0.5)
     np.testing.assert_allclose(got, want[start:], atol=1e-5)
 
 
@@ -534,21 +541,21 @@ def test_bad_inputs_raise():
     with pytest.raises(TypeError):
         K.rope(x, np.array([0.0, 1.0]), cos, sin, 2, True)
     q = np.zeros((1, 4 * 64), np.float32)
-    vc = np.zeros((10, 2 * 64), np.float32)
-    kc = R.k_blocks(vc)
+    rows = np.zeros((10, 2 * 64), np.float32)
+    kc, vc = R.k_blocks(rows), R.v_blocks(rows, 2)
     with pytest.raises(ValueError):  # n_heads not a multiple of n_kv_heads
         A.attention(q, kc, vc, q.copy(), 0, 4, 3, 1.0)
-    with pytest.raises(ValueError):  # past the cache
-        A.attention(q, kc, vc, q.copy(), 10, 4, 2, 1.0)
+    with pytest.raises(ValueError):  # past the cache (one block of 32 rows)
+        A.attention(q, kc, vc, q.copy(), 32, 4, 2, 1.0)
     with pytest.raises(ValueError):
         A.attention(q, kc, vc, q.copy(), -1, 4, 2, 1.0)
     with pytest.raises(ValueError):  # head_dim 512 > 256
         A.attention(np.zeros((1, 512), np.float32), np.zeros((1, 512, 32), np.float32),
                     np.zeros((4, 512), np.float32), np.zeros((1, 512), np.float32), 0, 1, 1, 1.0)
     with pytest.raises(ValueError):  # cache width mismatch
-        A.attention(q, kc[:, :100], vc[:, :100], q.copy(), 0, 4, 2, 1.0)
-    with pytest.raises(ValueError):  # out overlaps the cache
-        A.attention(q[:, :128], kc, vc, vc[:1], 0, 2, 2, 1.0)
+        A.attention(q, np.ascontiguousarray(kc[:, :100]), vc, q.copy(), 0, 4, 2, 1.0)
+    with pytest.raises(ValueError, match="overlaps"):  # out overlaps the cache
+        A.attention(q[:, :128].copy(), kc, vc, vc.reshape(-1, 128)[:1], 0, 2, 2, 1.0)
     with pytest.raises(ValueError):
         S.argmax(np.zeros(0, np.float32))
     with pytest.raises(TypeError):
@@ -575,7 +582,8 @@ def test_print_timings():
         return best * 1e6
 
     h, kv, hd, t = 32, 4, 64, 2048
-    q, k, v = randn(rng, 1, h * hd), R.k_blocks(randn(rng, t, kv * hd)), randn(rng, t, kv * hd)
+    q, k = randn(rng, 1, h * hd), R.k_blocks(randn(rng, t, kv * hd))
+    v = R.v_blocks(randn(rng, t, kv * hd), kv)
     out = np.empty_like(q)
     for threads in THREADS:
         _cpu.set_threads(threads)

@@ -25,9 +25,7 @@ class Model:
 
     def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, *, threads=None,
                  chat_template=None, kv_dtype="float16"):
-        self.config = config
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template
+        self.config, self.tokenizer, self.chat_template = config, tokenizer, chat_template
         self.transformer = Transformer(config, weights, kv_dtype=kv_dtype)
         self._kv = None  # the last generated sequence, whose prefix a new prompt may reuse
         if threads is not None:
@@ -52,9 +50,8 @@ class Model:
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [len(ids), vocab] (float32) of a fresh sequence, one row per position."""
         ids = self._check_ids(ids)
-        kv = self.transformer.new_cache()
         out = np.empty((len(ids), self.config.vocab_size), np.float32)
-        self.transformer.forward(ids, kv, logits_out=out)
+        self.transformer.forward(ids, self.transformer.new_cache(), logits_out=out)
         return out
 
     def _check_ids(self, ids):
@@ -154,8 +151,7 @@ class Model:
         ends at the template's end-of-turn token. Returns the reply text, or an iterator of
         pieces with stream=True. Other keywords are those of :meth:`generate`.
         """
-        return self.generate(self.chat_ids(messages, template), stream=stream,
-                             **generate_kwargs)
+        return self.generate(self.chat_ids(messages, template), stream=stream, **generate_kwargs)
 
     def chat_ids(self, messages, template=None):
         """The token ids of `messages` rendered with the chat template, ready for a reply."""
@@ -204,4 +200,4 @@ def load(path, *, tokenizer=None, threads=None, kv_dtype="float16") -> Model:
                                        f"model {ckpt.config.vocab_size}")
             tok = None  # a sibling file that belongs to another model
     return Model(ckpt.config, ckpt.weights, tok, threads=threads, kv_dtype=kv_dtype,
-                 chat_template=getattr(ckpt, "chat_template", None))
+                 chat_template=ckpt.chat_template)

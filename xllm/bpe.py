@@ -8,6 +8,7 @@ rank; results match Hugging Face ``tokenizers`` and llama.cpp.
 import json
 import os
 from itertools import repeat
+from pathlib import Path
 
 import regex
 
@@ -89,8 +90,7 @@ class ByteLevelBPE(_Tokenizer):
         come from a ``tokenizer_config.json`` next to it, if any."""
         path = os.fspath(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
             model = data["model"]
             if model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
                 raise ValueError(f"model type is {model.get('type')!r}, not BPE")
@@ -151,7 +151,9 @@ class ByteLevelBPE(_Tokenizer):
             i = vocab.get(word)
             if i is not None:
                 return [i]
-        get, syms = self._ranks.get, list(word)
+        # bytes the vocabulary lacks are dropped first (as tokenizers does without <unk>), so
+        # their neighbours may merge
+        get, syms = self._ranks.get, [c for c in word if c in vocab]
         # rk[i] is the rank of the pair (syms[i], syms[i + 1]); the last slot is a sentinel.
         rk = [*map(get, zip(syms, syms[1:]), repeat(_NO_MERGE)), _NO_MERGE]
         r = min(rk)
@@ -169,8 +171,8 @@ class ByteLevelBPE(_Tokenizer):
             rk[-1] = _NO_MERGE
             r = min(rk)
         out = []
-        for s in syms:  # else its bytes; bytes the vocabulary lacks are dropped (as without <unk>)
-            out += [vocab[s]] if s in vocab else [vocab[c] for c in s if c in vocab]
+        for s in syms:  # else its bytes
+            out += [vocab[s]] if s in vocab else [vocab[c] for c in s]
         return out
 
     def _surface(self, i, strip):
@@ -203,8 +205,7 @@ def _json_pre_tokenizer(pre) -> list[str]:
 def _config_ids(folder: str, tokens: list[str]) -> list[int]:
     """BOS, EOS and UNK ids named in ``tokenizer_config.json`` (-1 if absent)."""
     try:
-        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
-            config = json.load(f)
+        config = json.loads(Path(folder, "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         config = {}
     names = [t.get("content") if isinstance(t, dict) else t

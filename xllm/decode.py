@@ -24,24 +24,20 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name, ok, rule in (("temperature", self.temperature >= 0, ">= 0"),
+                               ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+                               ("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
+                               ("top_k", self.top_k >= 0, ">= 0"),
+                               ("repetition_penalty", self.repetition_penalty > 0, "> 0")):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
 
 
 class Sampler:
     """Picks tokens from logits; the same seed gives the same choices."""
 
     def __init__(self, params: SamplingParams):
-        self.p = params
-        self.rng = np.random.default_rng(params.seed)
+        self.p, self.rng = params, np.random.default_rng(params.seed)
 
     def __call__(self, logits, history):
         """Choose a token from logits [V] (modified in place by the repetition penalty)."""
@@ -130,8 +126,7 @@ class StopFilter:
         if hits:
             self.done, self.pending = True, ""
             return p[:min(hits)]
-        hold = max((k for s in self.stop for k in range(1, len(s)) if p.endswith(s[:k])),
-                   default=0)
+        hold = max((k for s in self.stop for k in range(1, len(s)) if p.endswith(s[:k])), default=0)
         self.pending = p[len(p) - hold:]
         return p[:len(p) - hold]
 

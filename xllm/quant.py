@@ -1,27 +1,14 @@
 """Group-quantized weights: :class:`QTensor`, the quantizers and the GGUF Q8_0/Q4_0/Q4_1 repacking.
 
-A weight W [N, K] is quantized in groups of G consecutive values along K, one scale d per group
-(and, for asymmetric int4, a minimum m per group):
+A weight W [N, K] is quantized in groups of G values along K, one scale d (and for asymmetric
+int4 a minimum m) per group: int8 ``W = d * q`` (G = 32, 64, ...; GGUF Q8_0 is G = 32), int4
+(G = 32) ``W = d * (q - 8)`` (Q4_0) or ``W = d * q + m`` (Q4_1); q in [-127, 127] or [0, 15]. The
+quantizers are bit-exact with the ``gguf`` package's, generalised to other G and float32 scales.
 
-* int8, symmetric, G = 32, 64, 128 ...: ``W = d * q``, q in [-127, 127] (GGUF Q8_0 is G = 32);
-* int4, symmetric, G = 32: ``W = d * (q - 8)``, q in [0, 15] (GGUF Q4_0);
-* int4, asymmetric, G = 32: ``W = d * q + m``, q in [0, 15] (GGUF Q4_1).
-
-The quantizers are bit-exact with the ``gguf`` package's Q8_0 / Q4_0 / Q4_1 (the same scale
-choice and rounding), generalised to other group sizes and to float32 scales.
-
-Packed layout (read by ``qmatmul``, stored as is by the xllm format): rows of W in panels of 16
-(zero-padded), each 32-value block interleaved so that one 64-byte load holds 4 consecutive
-values of each of the 16 rows (the operand of VNNI ``vpdpbusd``):
-
-* ``qs`` uint8 [P, K/32, 512] for int8: byte ``64*j + 4*r + t`` of block b of panel p is
-  ``q + 128`` of row 16p + r, column 32b + 4j + t (j = 0..7);
-* ``qs`` uint8 [P, K/32, 256] for int4: the same with j = 0..3, value 4j + t in the low nibble and
-  value 16 + 4j + t in the high nibble;
-* ``scales`` (and ``mins``) float16 or float32 [P, K/G, 16]: group g of row 16p + r at [p, g, r].
-
-``parts`` (2 or 3; default 2 for int8, 3 for int4) is how many int8 parts ``qmatmul`` splits
-each block of the activations into (docs/quantization.rst, "The kernel arithmetic").
+docs/quantization.rst describes the packed layout (read by ``qmatmul``, stored as is by the xllm
+format) and ``parts``: rows in panels of 16, ``qs`` uint8 [P, K/32, 512 (int8) or 256 (int4)],
+``scales`` (and ``mins``) [P, K/G, 16]; ``parts`` (2 or 3; default 2 for int8, 3 for int4) is
+how many int8 parts ``qmatmul`` splits each block of the activations into.
 """
 import numpy as np
 
@@ -65,8 +52,7 @@ class QTensor:
         n, k = self.shape
         rows = np.arange(n) if rows is None else np.asarray(rows)
         p, r = rows // PANEL, rows % PANEL
-        nb = k // BLOCK
-        q = self.qs[p].reshape(len(rows), nb, -1, PANEL, 4)[np.arange(len(rows)), :, :, r]
+        q = self.qs[p].reshape(len(rows), k // BLOCK, -1, PANEL, 4)[np.arange(len(rows)), :, :, r]
         if self.bits == 4:  # low nibbles: values 0..15 of the block, high: 16..31
             q = np.concatenate([q & 15, q >> 4], axis=2)
         return q.reshape(len(rows), k).astype(np.int16) - (128 if self.bits == 8 else 0)
@@ -75,21 +61,17 @@ class QTensor:
         """(scales, mins or None) as float32 [len(rows), K/G]."""
         rows = np.arange(self.shape[0]) if rows is None else np.asarray(rows)
         p, r = rows // PANEL, rows % PANEL
-        d = self.scales[p, :, r].astype(np.float32)
         m = None if self.mins is None else self.mins[p, :, r].astype(np.float32)
-        return d, m
+        return self.scales[p, :, r].astype(np.float32), m
 
     def dequantize(self, rows=None):
         """W (or the given rows of it) as float32 [len(rows), K]."""
         q = self.codes(rows).astype(np.float32)
         d, m = self.group_params(rows)
-        n, k = q.shape
-        qg = q.reshape(n, -1, self.group)
+        qg = q.reshape(len(q), -1, self.group)
         if m is not None:
-            return (d[:, :, None] * qg + m[:, :, None]).reshape(n, k)
-        if self.bits == 4:
-            qg = qg - np.float32(8)
-        return (d[:, :, None] * qg).reshape(n, k)
+            return (d[:, :, None] * qg + m[:, :, None]).reshape(q.shape)
+        return (d[:, :, None] * (qg - np.float32(8) if self.bits == 4 else qg)).reshape(q.shape)
 
 
 def check_qtensor(t, where):
@@ -115,10 +97,9 @@ def check_qtensor(t, where):
         if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype not in dtypes \
                 or not a.flags.c_contiguous:
             got = (a.shape, str(a.dtype)) if isinstance(a, np.ndarray) else type(a).__name__
+            spec = f"{shape} {'/'.join(np.dtype(d).name for d in dtypes)}"
             raise ModelFormatError(f"{where}: {name} of a {t.shape} int{t.bits} g{g} tensor must "
-                                   f"be C-contiguous {shape} "
-                                   f"{'/'.join(np.dtype(d).name for d in dtypes)}, "
-                                   f"got {got}")
+                                   f"be C-contiguous {spec}, got {got}")
 
 
 def _roundf(a):

@@ -174,12 +174,9 @@ class SentencePieceBPE(_Tokenizer):
         self._ids = {**normal, **reserved}
         self._merge_score = {p: self.scores[i] for p, i in normal.items()}
         self._unused = {p for p, i in normal.items() if self.types[i] == UNUSED}
-        user = [p for p, i in normal.items() if self.types[i] == USER_DEFINED]
+        self._user_rx = _alternation(p for p, i in normal.items() if self.types[i] == USER_DEFINED)
         self._byte_ids = [self.piece_to_id("<0x%02X>" % b) for b in range(256)]
         self._set_special({p: i for p, i in reserved.items() if self.types[i] != BYTE})
-        self._user_defined = {}  # first char -> user-defined pieces, longest first
-        for p in sorted(user, key=len, reverse=True):
-            self._user_defined.setdefault(p[0], []).append(p)
 
     @classmethod
     def from_model_file(cls, path) -> "SentencePieceBPE":
@@ -264,14 +261,12 @@ class SentencePieceBPE(_Tokenizer):
         s = self.normalize(text)
         if not s:
             return
-        # Initial symbols: characters, except that user-defined pieces stay whole (frozen).
-        symbols, frozen, i, ud = list(s), [False] * len(s), 0, self._user_defined
-        if ud:
-            symbols, frozen = [], []
-            while i < len(s):
-                p = next((p for p in ud.get(s[i], ()) if s.startswith(p, i)), None)
-                symbols.append(p or s[i]), frozen.append(p is not None)
-                i += len(symbols[-1])
+        # Initial symbols: characters, except that user-defined pieces (the longest one at each
+        # place, leftmost first) stay whole (frozen).
+        symbols, frozen = [], []
+        for k, part in enumerate(self._user_rx.split(s) if self._user_rx else (s,)):
+            symbols += [part] if k % 2 else part
+            frozen += [True] if k % 2 else [False] * len(part)
         # Symbols form a linked list (prev/nxt; merged-away ones become ''). The heap holds
         # candidates (-score, left, right, merged length): best score first, then leftmost;
         # stale ones (a side gone or grown) are skipped. rev_merge remembers how UNUSED
@@ -422,17 +417,20 @@ def load_tokenizer(path, vocab_size=None):
     return SentencePieceBPE.from_llama2c_file(path, vocab_size)
 
 
+def open_gguf(path):
+    """A ``gguf.GGUFReader`` of the file; ``ModelFormatError`` naming it if it cannot be parsed."""
+    from gguf import GGUFReader
+    try:
+        return GGUFReader(os.fspath(path))
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{os.fspath(path)}: not a valid GGUF file ({e}); "
+                               "the file may be truncated or corrupt") from None
+
+
 def read_gguf_metadata(source) -> dict:
     """The key/value metadata of a GGUF file (a path, or an open ``gguf.GGUFReader``) as Python
     values (arrays as lists). Raises ``ModelFormatError`` naming the file."""
-    reader = source
-    if isinstance(source, (str, os.PathLike)):
-        from gguf import GGUFReader
-        try:
-            reader = GGUFReader(os.fspath(source))
-        except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
-            raise ModelFormatError(f"{os.fspath(source)}: not a valid GGUF file ({e}); "
-                                   "the file may be truncated or corrupt") from None
+    reader = open_gguf(source) if isinstance(source, (str, os.PathLike)) else source
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 

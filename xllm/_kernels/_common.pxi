@@ -20,9 +20,10 @@ cdef extern from "vecmath.h" nogil:
     void xllm_silu_mul(const float *a, const float *b, float *out, Py_ssize_t n)
     enum: XA_BK, XA_ROWBUF
     void xllm_attend(int nr, const float **q, float **out, const int64_t *nk, const void *kt,
-                     Py_ssize_t ldb, const void *v, Py_ssize_t ldv, int f16, int hd, float scale)
-    void xllm_store_key(const float *k, void *kc, Py_ssize_t kvd, Py_ssize_t t, int f16)
-    void xllm_to_f16(const float *src, uint16_t *dst, Py_ssize_t n)
+                     const void *vt, Py_ssize_t ldb, int f16, int hd, float scale)
+    void xllm_store_kv(const float *k, const float *v, void *kc, void *vc, Py_ssize_t kvd,
+                       Py_ssize_t hd, Py_ssize_t t, int f16)
+    void xllm_barrier()
     void xllm_weights(const float *l, Py_ssize_t n, double top, double inv_t, double per_nat,
                       int nb, uint16_t *bucket, double *w, Py_ssize_t *cnt, double *mass)
     Py_ssize_t xllm_find_u16(const uint16_t *a, Py_ssize_t n, uint16_t lo, uint16_t hi,

@@ -1,7 +1,8 @@
 """Causal grouped-query attention over KV caches (semantics: ``reference.attention``).
 
-The K cache of a sequence is stored transposed in blocks of 32 keys, [blocks, kv_dim, 32]
-(``reference.k_blocks`` builds one from rows); the V cache is rows [capacity, kv_dim]. A work item,
+A sequence's caches are stored in blocks of 32 rows: K transposed, [blocks, kv_dim, 32], and V
+[blocks, n_kv_heads, 32, head_dim] (``reference.k_blocks`` and ``v_blocks`` build them from rows),
+so that one KV head's part of a block is contiguous. A work item,
 run by prange, is a tile of query rows of one sequence that read the same KV head: up to
 XA_ROWBUF floats of queries (head_dim 64: 21 tokens x the 3 heads of a GQA group in prefill, the
 group's heads of one token in decode). It streams the blocks its rows need with an online softmax
@@ -11,7 +12,7 @@ No [heads, M, T] score matrix exists and nothing is allocated per call but a sma
 """
 include "_common.pxi"
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
+from cython.parallel cimport parallel
 
 from xllm._kernels.reference import KV_BLOCK
 
@@ -26,7 +27,7 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     """Causal grouped-query attention of M new queries over the cache.
 
     q, out: float32 [M, n_heads*head_dim] (out may be q itself); k_cache: [blocks, n_kv_heads *
-    head_dim, 32] (keys stored transposed in blocks of 32), v_cache: [capacity, n_kv_heads *
+    head_dim, 32] (keys stored transposed in blocks of 32), v_cache: [blocks, n_kv_heads, 32,
     head_dim], float32 or float16 (both the same), holding the first start_pos + M keys and
     values. Query row i sits at position start_pos + i and attends to keys 0 .. start_pos + i;
     query head h reads KV head h // (n_heads // n_kv_heads). head_dim may be 1..256.
@@ -87,14 +88,15 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
             raise MemoryError()
         for s in range(S):
             ka = _f32(k_caches[s], "k_cache", store, 3, f16)
-            va = _f32(v_caches[s], "v_cache", store, 2, f16)
-            if ka.shape[1] != ldkv or ka.shape[2] != XA_BK or va.shape[1] != ldkv:
+            va = _f32(v_caches[s], "v_cache", store, 4, f16)
+            if ka.shape[1] != ldkv or ka.shape[2] != XA_BK or (<object>va).shape != (
+                    ka.shape[0], nkv, XA_BK, hd):
                 raise ValueError(f"k_cache {(<object>ka).shape} must be [blocks, n_kv_heads*"
                                  f"head_dim = {ldkv}, {XA_BK}] and v_cache "
-                                 f"{(<object>va).shape} [capacity, {ldkv}]")
-            if sp[s] < 0 or sp[s] + bp[s + 1] - bp[s] > min(ka.shape[0] * XA_BK, va.shape[0]):
+                                 f"{(<object>va).shape} [blocks, {nkv}, {XA_BK}, {hd}]")
+            if sp[s] < 0 or sp[s] + bp[s + 1] - bp[s] > ka.shape[0] * XA_BK:
                 raise ValueError(f"start_pos {sp[s]} + {bp[s + 1] - bp[s]} rows exceeds the "
-                                 f"cache capacity {min(ka.shape[0] * XA_BK, va.shape[0])}")
+                                 f"cache capacity {ka.shape[0] * XA_BK}")
             if _overlap(oa, ka, False) or _overlap(oa, va, False):
                 raise ValueError("out overlaps the caches")
             kp[s], vp[s] = <char *>cnp.PyArray_DATA(ka), <char *>cnp.PyArray_DATA(va)
@@ -124,8 +126,8 @@ cdef void _item(const int64_t *it, const float *qp, char **kp, char **vp, bint f
             qr[n], orow[n] = qp + i * nh * hd + col, op + i * nh * hd + col
             nk[n] = sp[s] + i - bp[s] + 1
             n += 1
-    xllm_attend(<int>n, qr, orow, nk, kp[s] + h * hd * XA_BK * es, ldkv * XA_BK,
-                vp[s] + h * hd * es, ldkv, f16, <int>hd, sc)
+    xllm_attend(<int>n, qr, orow, nk, kp[s] + h * hd * XA_BK * es, vp[s] + h * hd * XA_BK * es,
+                ldkv * XA_BK, f16, <int>hd, sc)
 
 
 cdef void _run(const float *qp, const float *knp, const float *vnp, char **kp, char **vp,
@@ -133,15 +135,6 @@ cdef void _run(const float *qp, const float *knp, const float *vnp, char **kp, c
                Py_ssize_t nh, Py_ssize_t nkv, Py_ssize_t hd, float sc, int64_t *lst,
                Py_ssize_t items, Py_ssize_t gh, Py_ssize_t tq) noexcept nogil:
     cdef Py_ssize_t s, i, t, g, it = 0, ldkv = nkv * hd, group = nh // nkv
-    for s in range(S):  # store the new keys and values
-        for i in range(bp[s], bp[s + 1]):
-            t = sp[s] + i - bp[s]
-            if knp != NULL:
-                xllm_store_key(knp + i * ldkv, kp[s], ldkv, t, f16)
-                if f16:
-                    xllm_to_f16(vnp + i * ldkv, <uint16_t *>vp[s] + t * ldkv, ldkv)
-                else:
-                    memcpy(<float *>vp[s] + t * ldkv, vnp + i * ldkv, ldkv * 4)
     # Rows of a GQA group share each K and V block; the latest rows (the most keys) go first.
     for s in range(S):
         t = bp[s + 1] - bp[s]
@@ -158,5 +151,12 @@ cdef void _run(const float *qp, const float *knp, const float *vnp, char **kp, c
     cdef int nt = get_num_threads()
     if nt > items:
         nt = <int>items
-    for it in prange(items, nogil=True, num_threads=nt, schedule="dynamic"):
-        _item(lst + 6 * it, qp, kp, vp, f16, bp, sp, op, nh, nkv, hd, sc)
+    with parallel(num_threads=nt):  # one region: each costs microseconds
+        if knp != NULL:  # store the new keys and values, then wait for all of them
+            for s in prange(S, schedule="static"):
+                for i in range(bp[s], bp[s + 1]):
+                    xllm_store_kv(knp + i * ldkv, vnp + i * ldkv, kp[s], vp[s], ldkv, hd,
+                                  sp[s] + i - bp[s], f16)
+            xllm_barrier()  # Cython's prange ends with nowait
+        for it in prange(items, schedule="dynamic"):
+            _item(lst + 6 * it, qp, kp, vp, f16, bp, sp, op, nh, nkv, hd, sc)

@@ -16,10 +16,10 @@
  *      weight codes c (minus 8 for symmetric int4): on AVX-512 VNNI with vpdpbusd of the
  *      unsigned codes (int8 stored + 128), each part's dot starting from -128 (int8) or -8
  *      (int4) times the sum of its q's; on AVX2 with maddubs/madd;
- *   3. per output element, in increasing block order, float32, no FMA contraction, with
- *      dx' = dx / 256: v = (float)c12 + (float)c3 / 256; acc = acc + (dw * dx') * v; and for
- *      asymmetric W, with S the same combination of the sums of the q's:
- *      acc = acc + mw * (dx' * S);
+ *   3. per output element, in increasing block order, float32, with fma(a, b, c) = a * b + c
+ *      rounded once and dx' = dx / 256: v = (float)c12 + (float)c3 / 256 (exact products, so
+ *      FMA or not is the same); acc = fma(dw * dx', v, acc); and for asymmetric W, with S the
+ *      same combination of the sums of the q's: acc = fma(mw, dx' * S, acc);
  *   4. out = acc, or out = out + acc.
  * Each output element goes through the same operations whatever M, its row, the thread count or
  * the ISA path: results are bitwise batch-invariant.
@@ -207,14 +207,9 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const in
             /* c12 + c3 / 256: the product is exact, so one FMA rounds as mul + add do */
             __m512 v = _mm512_cvtepi32_ps(c12);
             if (PARTS == 3) v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[2][i]), inv256, v);
-            __m512 t = _mm512_mul_ps(_mm512_mul_ps(ws, _mm512_set1_ps(xb[i]->d)), v);
-            XQ_BARRIER(t);
-            acc[i] = _mm512_add_ps(acc[i], t);
-            if (KIND == 2) {
-                __m512 u = _mm512_mul_ps(wm, _mm512_set1_ps(xb[i]->ds));
-                XQ_BARRIER(u);
-                acc[i] = _mm512_add_ps(acc[i], u);
-            }
+            acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(ws, _mm512_set1_ps(xb[i]->d)), v, acc[i]);
+            if (KIND == 2)
+                acc[i] = _mm512_fmadd_ps(wm, _mm512_set1_ps(xb[i]->ds), acc[i]);
         }
     }
     const __mmask16 valid = (__mmask16)((1u << nr) - 1); /* masked: no scalar stores */
@@ -274,14 +269,9 @@ static inline XQ_AI void xq_mk256(const int MR, const int PARTS, const xq_weight
             __m256i c12 = _mm256_add_epi32(_mm256_slli_epi32(d[0][i], 8), d[1][i]);
             __m256 v = _mm256_cvtepi32_ps(c12);
             if (PARTS == 3) v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[2][i]), inv256, v);
-            __m256 t = _mm256_mul_ps(_mm256_mul_ps(ws, _mm256_set1_ps(xb[i]->d)), v);
-            XQ_BARRIER(t);
-            acc[i] = _mm256_add_ps(acc[i], t);
-            if (mn) {
-                __m256 u = _mm256_mul_ps(wm, _mm256_set1_ps(xb[i]->ds));
-                XQ_BARRIER(u);
-                acc[i] = _mm256_add_ps(acc[i], u);
-            }
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(ws, _mm256_set1_ps(xb[i]->d)), v, acc[i]);
+            if (mn)
+                acc[i] = _mm256_fmadd_ps(wm, _mm256_set1_ps(xb[i]->ds), acc[i]);
         }
     }
     for (int i = 0; i < MR; i++) {

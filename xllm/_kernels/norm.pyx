@@ -121,8 +121,10 @@ def silu_mul(a, b, out):
     cdef const float *ap = <const float *>cnp.PyArray_DATA(aa)
     cdef const float *bp = <const float *>cnp.PyArray_DATA(ba)
     cdef float *op = <float *>cnp.PyArray_DATA(oa)
-    # chunks of GRAIN floats (a multiple of 8), so that one long row also uses all threads
-    cdef Py_ssize_t nchunks = (n + GRAIN - 1) // GRAIN
-    for c in prange(nchunks, nogil=True, num_threads=_threads(nchunks, n), schedule="static"):
-        lo = c * GRAIN
-        xllm_silu_mul(ap + lo, bp + lo, op + lo, min(n - lo, <Py_ssize_t>GRAIN))
+    # one equal chunk (a multiple of 8 floats) per thread: an exp costs as much as 8 floats of
+    # the other kernels, so GRAIN // 8 floats per thread already pay for the parallel region
+    cdef Py_ssize_t nt = _threads(n, 8 * n), chunk = (n + 8 * nt - 1) // (8 * nt) * 8
+    for c in prange(nt, nogil=True, num_threads=nt, schedule="static"):
+        lo = c * chunk
+        if lo < n:
+            xllm_silu_mul(ap + lo, bp + lo, op + lo, min(n - lo, chunk))

@@ -77,17 +77,22 @@ def silu_mul(a, b, out):
     out[...] = (a / (1.0 + np.exp(-a.astype(np.float64)))).astype(np.float32) * b
 
 
-KV_BLOCK = 32  # keys per block of a K cache, stored transposed: [blocks, kv_dim, KV_BLOCK]
+KV_BLOCK = 32  # rows per block of a KV cache (K: [blocks, kv_dim, KV_BLOCK], transposed)
+
+
+def _blocks(rows, capacity):
+    """Rows [T, kv_dim] zero-padded to [ceil(capacity / KV_BLOCK), KV_BLOCK, kv_dim]."""
+    t, kvd = rows.shape
+    nb = -(-(t if capacity is None else capacity) // KV_BLOCK)
+    padded = np.zeros((nb * KV_BLOCK, kvd), rows.dtype)
+    padded[:t] = rows
+    return padded.reshape(nb, KV_BLOCK, kvd)
 
 
 def k_blocks(k_rows, capacity=None):
     """Key rows [T, kv_dim] as a K cache [ceil(capacity / KV_BLOCK), kv_dim, KV_BLOCK] (zeros
     past T; capacity defaults to T)."""
-    t, kvd = k_rows.shape
-    nb = -(-(t if capacity is None else capacity) // KV_BLOCK)
-    padded = np.zeros((nb * KV_BLOCK, kvd), k_rows.dtype)
-    padded[:t] = k_rows
-    return np.ascontiguousarray(padded.reshape(nb, KV_BLOCK, kvd).transpose(0, 2, 1))
+    return np.ascontiguousarray(_blocks(k_rows, capacity).transpose(0, 2, 1))
 
 
 def k_rows(k_cache):
@@ -95,11 +100,25 @@ def k_rows(k_cache):
     return k_cache.transpose(0, 2, 1).reshape(-1, k_cache.shape[1])
 
 
+def v_blocks(v_rows, n_kv_heads, capacity=None):
+    """Value rows [T, kv_dim] as a V cache [ceil(capacity / KV_BLOCK), n_kv_heads, KV_BLOCK,
+    head_dim] (zeros past T; capacity defaults to T)."""
+    b = _blocks(v_rows, capacity)
+    return np.ascontiguousarray(b.reshape(*b.shape[:2], n_kv_heads, -1).transpose(0, 2, 1, 3))
+
+
+def v_rows(v_cache):
+    """The value rows [blocks * KV_BLOCK, kv_dim] of a V cache (the inverse of v_blocks)."""
+    nb, nkv, bk, hd = v_cache.shape
+    return v_cache.transpose(0, 2, 1, 3).reshape(nb * bk, nkv * hd)
+
+
 def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     """Causal grouped-query attention of M new queries over the cache.
 
     q, out: [M, n_heads*head_dim]; k_cache: [blocks, n_kv_heads*head_dim, KV_BLOCK] (k_blocks),
-    v_cache: [capacity, n_kv_heads*head_dim], holding the first start_pos + M keys and values. Query row i sits at position start_pos + i and attends to keys
+    v_cache: [blocks, n_kv_heads, KV_BLOCK, head_dim] (v_blocks), holding the first start_pos + M
+    keys and values. Query row i sits at position start_pos + i and attends to keys
     0 .. start_pos + i. Query head h reads KV head h // (n_heads // n_kv_heads).
     """
     m = q.shape[0]
@@ -107,7 +126,7 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     t = start_pos + m
     qh = q.reshape(m, n_heads, hd).astype(np.float64)
     k = k_rows(k_cache)[:t].reshape(t, n_kv_heads, hd).astype(np.float64)
-    v = v_cache[:t].reshape(t, n_kv_heads, hd).astype(np.float64)
+    v = v_rows(v_cache)[:t].reshape(t, n_kv_heads, hd).astype(np.float64)
     o = out.reshape(m, n_heads, hd)
     masked = np.arange(t)[None, :] > (start_pos + np.arange(m))[:, None]
     group = n_heads // n_kv_heads
@@ -129,7 +148,8 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
         if k_new is not None:
             for i in range(b - a):
                 kc[(p + i) // KV_BLOCK, :, (p + i) % KV_BLOCK] = k_new[a + i]
-            vc[p:p + b - a] = v_new[a:b]
+                vc[(p + i) // KV_BLOCK, :, (p + i) % KV_BLOCK] = v_new[a + i].reshape(
+                    vc.shape[1], -1)
         if b > a:
             attention(q[a:b], kc, vc, out[a:b], p, n_heads, n_kv_heads, scale)
 
@@ -188,18 +208,30 @@ def sample(logits, temperature, top_k, top_p, min_p, u):
     return int(order[min(i, order.size - 1)])
 
 
-def quantize_activations(x):
+def quantize_activations(x, parts=3):
     """Step 1 of gemm_q.h: (q [3, M, K/32, 32] int8, dx / 256 float32 [M, K/32]) of x [M, K]."""
     m, k = x.shape
     xb = x.reshape(m, k // 32, 32)
     d = (np.abs(xb).max(axis=2) / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(d[:, :, None] == 0, np.float32(0), xb / d[:, :, None])
-    q = []
-    for _ in range(3):
-        q.append(np.clip(np.rint(t), -127, 127))
-        t = (t - q[-1]) * np.float32(256)
-    return np.array(q, np.int8), d * np.float32(1 / 256)
+    q = np.zeros((3, m, k // 32, 32), np.int64)
+    for i in range(parts):
+        q[i] = np.clip(np.rint(t), -127, 127)
+        t = (t - q[i]) * np.float32(256)
+    return q, d * np.float32(1 / 256)
+
+
+def fma(a, b, c):
+    """a * b + c rounded once to float32 (as an FMA instruction) for float32 arrays."""
+    p = a.astype(np.float64) * b  # exact
+    s = p + c
+    e = (p - (s - (s - p))) + (c - (s - p))  # s + e == p + c exactly (TwoSum)
+    r = s.astype(np.float32)
+    # rounding s again to float32 is wrong only when s is a tie and p + c is not
+    other = np.nextafter(r, np.where(s > r, np.float32(np.inf), np.float32(-np.inf)))
+    tie = (e != 0) & (2 * s == r.astype(np.float64) + other)
+    return np.where(tie & ((e > 0) == (other > r)), other, r)
 
 
 def qmatmul(x, w, out, accumulate=False):
@@ -210,13 +242,11 @@ def qmatmul(x, w, out, accumulate=False):
         for wi, oi in zip(w, out):
             qmatmul(x, wi, oi, accumulate)
         return
-    q, dx = quantize_activations(np.asarray(x, np.float32))
+    q, dx = quantize_activations(np.asarray(x, np.float32), w.parts)
     n, k = w.shape
     qw = w.codes().reshape(n, k // 32, 32).astype(np.int64)
     if w.bits == 4 and not w.asymmetric:
         qw -= 8
-    q = q.astype(np.int64)
-    q[w.parts:] = 0  # 2 parts: the third is taken as 0
     c12 = np.einsum("mbi,nbi->mnb", 256 * q[0] + q[1], qw).astype(np.float32)
     c3 = np.einsum("mbi,nbi->mnb", q[2], qw).astype(np.float32)
     v = c12 + c3 * np.float32(1 / 256)
@@ -226,9 +256,9 @@ def qmatmul(x, w, out, accumulate=False):
     per = w.group // 32
     acc = np.zeros((x.shape[0], n), np.float32)
     for b in range(k // 32):
-        acc = acc + (dw[None, :, b // per] * dx[:, b, None]) * v[:, :, b]
+        acc = fma(dw[None, :, b // per] * dx[:, b, None], v[:, :, b], acc)
         if mw is not None:
-            acc = acc + mw[None, :, b // per] * (dx[:, b] * s[:, b])[:, None]
+            acc = fma(mw[None, :, b // per], (dx[:, b] * s[:, b])[:, None], acc)
     if accumulate:
         out += acc
     else:

@@ -191,10 +191,11 @@ static inline void xllm_silu_mul(const float *a, const float *b, float *out, ptr
 
 /* ---------------- attention ---------------- */
 
-/* K caches are stored transposed in blocks of XA_BK keys: [blocks][kv_dim][XA_BK], element
- * (key t, column c) at (t / XA_BK, c, t % XA_BK). The scores of a query against a block are then
- * 4 vectors of 8 keys built with broadcast FMAs (no horizontal sums) by the same operations for
- * one query row or many. V caches are plain rows [capacity][kv_dim]. */
+/* Caches are stored in blocks of XA_BK rows, so that one KV head's part of a block is contiguous.
+ * K transposed, [blocks][kv_dim][XA_BK]: element (key t, column c) at (t / XA_BK, c, t % XA_BK);
+ * the scores of a query against a block are then 4 vectors of 8 keys built with broadcast FMAs
+ * (no horizontal sums) by the same operations for one query row or many. V [blocks][n_kv_heads]
+ * [XA_BK][head_dim]: value t of head g at (t / XA_BK, g, t % XA_BK). */
 #define XA_BK 32
 #define XA_MR 2          /* query rows per register tile (2 x 4 accumulators) */
 #define XA_ROWBUF 4096   /* floats of queries (and of output accumulators) per work item */
@@ -291,14 +292,18 @@ static inline __attribute__((always_inline)) void xa_pv(const int MR, float *acc
     if (d < hd) xa_pv_chunk(MR, 1, acc, d, hd - d, hdp, p, v, ldv, f16, n);
 }
 
+static inline void xa_prefetch(const void *p, int bytes) {
+    for (int i = 0; i < bytes; i += 64) _mm_prefetch((const char *)p + i, _MM_HINT_T0);
+}
+
 /* Attention of nr query rows that read one KV head of one sequence, nr * round_up(hd, 32) <=
  * XA_ROWBUF: row r's query q[r] (hd floats, times scale) attends to keys 0 .. nk[r]-1 and the
- * result goes to out[r]. kt: the head's rows of K block 0 (blocks ldb elements apart); v: the
- * head's columns of V row 0 (rows ldv elements apart); f16: both caches hold float16. Each row
- * goes through the same operations whichever rows share its call (batch invariance). */
+ * result goes to out[r]. kt, vt: the head's part of K and V block 0 (blocks ldb elements
+ * apart); f16: both caches hold float16. Each row goes through the same operations whichever
+ * rows share its call (batch invariance). */
 static inline __attribute__((always_inline)) void xa_attend(
-        int nr, const float **q, float **out, const int64_t *nk, const void *kt, ptrdiff_t ldb,
-        const void *v, ptrdiff_t ldv, const int f16, int hd, float scale) {
+        int nr, const float **q, float **out, const int64_t *nk, const void *kt, const void *vt,
+        ptrdiff_t ldb, const int f16, int hd, float scale) {
     float qs[XA_ROWBUF], acc[XA_ROWBUF], s[XA_ROWBUF / 32 * XA_BK], m[XA_ROWBUF / 32],
         l[XA_ROWBUF / 32];
     const int hdp = (hd + 31) & ~31, es = f16 ? 2 : 4;
@@ -310,15 +315,16 @@ static inline __attribute__((always_inline)) void xa_attend(
         l[r] = 0.0f;
         last = nk[r] > last ? nk[r] : last;
     }
+    const int kbytes = hd * XA_BK * es, vrow = hd * es;  /* one head's K block; a V row */
+    xa_prefetch(kt, kbytes);
+    xa_prefetch(vt, (int)(last < XA_BK ? last : XA_BK) * vrow);
     for (int64_t b0 = 0; b0 < last; b0 += XA_BK) {
         const char *kb = (const char *)kt + (b0 / XA_BK) * ldb * es;
-        const char *vb = (const char *)v + b0 * ldv * es;
-        if (b0 + XA_BK < last) {  /* fetch the next block while this one is computed */
-            for (int i = 0; i < hd * XA_BK * es; i += 64)
-                _mm_prefetch(kb + ldb * es + i, _MM_HINT_T0);
-            for (int j = 0; j < XA_BK; j++)
-                for (int i = 0; i < hd * es; i += 64)
-                    _mm_prefetch(vb + (XA_BK + j) * ldv * es + i, _MM_HINT_T0);
+        const char *vb = (const char *)vt + (b0 / XA_BK) * ldb * es;
+        if (b0 + XA_BK < last) {  /* fetch the next block (its rows in use) meanwhile */
+            const int64_t n = last - b0 - XA_BK;
+            xa_prefetch(kb + ldb * es, kbytes);
+            xa_prefetch(vb + ldb * es, (int)(n < XA_BK ? n : XA_BK) * vrow);
         }
         int r = 0;
         for (; r + XA_MR <= nr; r += XA_MR)
@@ -332,11 +338,11 @@ static inline __attribute__((always_inline)) void xa_attend(
             int full = r + XA_MR <= nr;
             for (int i = 0; full && i < XA_MR; i++) full = nk[r + i] >= b0 + XA_BK;
             if (full) {
-                xa_pv(XA_MR, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, ldv, f16, XA_BK);
+                xa_pv(XA_MR, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, hd, f16, XA_BK);
                 r += XA_MR;
             } else {
                 if (nk[r] > b0)
-                    xa_pv(1, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, ldv, f16,
+                    xa_pv(1, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, hd, f16,
                           (int)(nk[r] - b0 < XA_BK ? nk[r] - b0 : XA_BK));
                 r++;
             }
@@ -349,18 +355,9 @@ static inline __attribute__((always_inline)) void xa_attend(
 }
 
 static void xllm_attend(int nr, const float **q, float **out, const int64_t *nk, const void *kt,
-                        ptrdiff_t ldb, const void *v, ptrdiff_t ldv, int f16, int hd, float scale) {
-    if (f16) xa_attend(nr, q, out, nk, kt, ldb, v, ldv, 1, hd, scale);  /* one copy per type */
-    else xa_attend(nr, q, out, nk, kt, ldb, v, ldv, 0, hd, scale);
-}
-
-/* Store key row k (kvd floats) as key t of a blocked K cache (float16 when f16). */
-static inline void xllm_store_key(const float *k, void *kc, ptrdiff_t kvd, ptrdiff_t t, int f16) {
-    ptrdiff_t o = (t / XA_BK) * kvd * XA_BK + t % XA_BK;
-    for (ptrdiff_t c = 0; c < kvd; c++, o += XA_BK) {
-        if (f16) ((uint16_t *)kc)[o] = _cvtss_sh(k[c], _MM_FROUND_TO_NEAREST_INT);
-        else ((float *)kc)[o] = k[c];
-    }
+                        const void *vt, ptrdiff_t ldb, int f16, int hd, float scale) {
+    if (f16) xa_attend(nr, q, out, nk, kt, vt, ldb, 1, hd, scale);  /* one copy per type */
+    else xa_attend(nr, q, out, nk, kt, vt, ldb, 0, hd, scale);
 }
 
 /* dst[d] = float16(src[d]) for d < n, rounding to nearest even (as numpy's astype does). */
@@ -371,6 +368,30 @@ static inline void xllm_to_f16(const float *src, uint16_t *dst, ptrdiff_t n) {
                          _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
     for (; d < n; d++) dst[d] = _cvtss_sh(src[d], _MM_FROUND_TO_NEAREST_INT);
 }
+
+/* Store key row k and value row v (kvd floats each, heads of hd) as row t of blocked K and V
+ * caches (float16 when f16). */
+static inline void xllm_store_kv(const float *k, const float *v, void *kc, void *vc,
+                                 ptrdiff_t kvd, ptrdiff_t hd, ptrdiff_t t, int f16) {
+    const ptrdiff_t b = (t / XA_BK) * kvd * XA_BK, r = t % XA_BK;
+    uint16_t h[8];
+    for (ptrdiff_t c = 0; c < kvd; c += 8) {  /* K: column c + j of the block, row r */
+        const int n = kvd - c < 8 ? (int)(kvd - c) : 8;
+        if (f16) xllm_to_f16(k + c, h, n);
+        for (int j = 0; j < n; j++) {
+            if (f16) ((uint16_t *)kc)[b + (c + j) * XA_BK + r] = h[j];
+            else ((float *)kc)[b + (c + j) * XA_BK + r] = k[c + j];
+        }
+    }
+    for (ptrdiff_t g = 0; g < kvd / hd; g++) {  /* V: row r of head g's part of the block */
+        const ptrdiff_t o = b + (g * XA_BK + r) * hd;
+        if (f16) xllm_to_f16(v + g * hd, (uint16_t *)vc + o, hd);
+        else memcpy((float *)vc + o, v + g * hd, hd * sizeof(float));
+    }
+}
+
+/* Wait for all the threads of the enclosing OpenMP parallel region. */
+static inline void xllm_barrier(void) { _Pragma("omp barrier") }
 
 /* ---------------- sampling ---------------- */
 

@@ -2,9 +2,9 @@
 
 Every loader returns a :class:`Checkpoint` whose weights use Meta-style canonical names
 (``tok_embeddings``, ``norm``, ``output``, ``layers.{i}.wq`` ...), shaped [out, in], kept in the
-dtype they were stored in (float32, float16, or uint16 = bfloat16 bits) and memory-mapped
-read-only where the format allows; quantized GGUF tensors are expanded once at load. q/k rows
-are never permuted; ``config.rope_interleaved`` records which RoPE layout the checkpoint uses.
+dtype they were stored in (float32, float16, uint16 = bfloat16 bits, or a ``QTensor``) and
+memory-mapped where the format allows. q/k rows are never permuted; ``config.rope_interleaved``
+records which RoPE layout the checkpoint uses.
 """
 import os
 from dataclasses import dataclass
@@ -16,7 +16,6 @@ from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..quant import QTensor, check_qtensor
 
-LAYER_NAMES = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16))
 
 
@@ -49,9 +48,8 @@ def check_weights(weights: dict, config: ModelConfig, source: str, names=None) -
     """Raise ModelFormatError unless `weights` has every tensor `config` needs, with the right
     shape and a supported dtype. `names` maps canonical names to labels naming the tensor as
     the file does (and the file), so messages point at something the user can find."""
-    names = names or {}
     for key, shape in expected_shapes(config).items():
-        label = names.get(key) or repr(key)
+        label = (names or {}).get(key) or repr(key)
         w = weights.get(key)
         if w is None:
             raise ModelFormatError(f"{source}: missing tensor {label}")
@@ -75,11 +73,8 @@ def make_config(source, **kwargs) -> ModelConfig:
 
 def find_file(directory, candidates):
     """The first of `candidates` that exists in `directory`, or None."""
-    for name in candidates:
-        p = os.path.join(directory, name)
-        if os.path.isfile(p):
-            return p
-    return None
+    paths = (os.path.join(directory, name) for name in candidates)
+    return next((p for p in paths if os.path.isfile(p)), None)
 
 
 def load_checkpoint(path) -> Checkpoint:

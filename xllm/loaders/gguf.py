@@ -1,21 +1,12 @@
 """GGUF files (llama.cpp) of the ``llama`` architecture, read with ``gguf.GGUFReader``.
 
 F32, F16 and BF16 (as uint16 bits) tensors are zero-copy views of the memory-mapped file.
-Q8_0, Q4_0 and Q4_1 tensors run natively: they are repacked once at load (a copy of the same
-size, no expansion) into the panel layout of :class:`xllm.quant.QTensor`, and the file's pages
-are then dropped from memory. The other quantized types (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) are
-expanded once at load with ``gguf.quants.dequantize``, a few rows at a time, into arrays of
-``EXPANDED_DTYPE``.
-
-``EXPANDED_DTYPE`` is float32. float16 would halve the memory, but rounding the expanded values
-(a float16 scale times a small integer, plus a minimum, needs more than fp16's 11 bits) moved
-SmolLM2-135M Q4_1's logits by up to 0.041 from transformers' float32 expansion of the same file
-and changed one argmax in 40 positions; with float32 they agree within 1e-4. Cost: 513 MB of
-expanded weights for SmolLM2-135M instead of 256 MB. The expansion holds at most one chunk
-(``_CHUNK`` elements) of float32 temporaries besides the output array.
-
-llama.cpp's converter stores q/k rows in the interleaved (adjacent pairs) RoPE layout, so the
-tensors are used as stored with ``rope_interleaved=True``.
+Q8_0, Q4_0 and Q4_1 run natively: repacked once at load (same size) into a ``QTensor``, then
+the file's pages are dropped. Q5_0, Q5_1, Q4_K, Q5_K and Q6_K are expanded once, a chunk of rows
+at a time, with ``gguf.quants.dequantize`` into float32 (``EXPANDED_DTYPE``): float16 would halve
+that memory (SmolLM2-135M: 256 instead of 513 MB) but moved SmolLM2-135M Q4_1's logits by up to
+0.041 from transformers' float32 expansion (one argmax in 40 changed; float32: within 1e-4).
+q/k rows are in llama.cpp's interleaved RoPE layout, used as stored (``rope_interleaved=True``).
 """
 import mmap
 import os
@@ -25,6 +16,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..quant import GGUF_NATIVE, from_gguf_blocks
+from ..tokenizer import open_gguf, read_gguf_metadata, tokenizer_from_gguf
 from . import Checkpoint, check_weights, expected_shapes, make_config
 
 EXPANDED_DTYPE = np.float32
@@ -71,9 +63,11 @@ def _array(t, path, reader):
     return out.reshape(tuple(reversed([int(d) for d in t.shape])))
 
 
-def _llama3_scaling(factors, theta, head_dim, orig_ctx, path):
-    """Llama 3 rope_scaling parameters reproducing llama.cpp's rope_freqs tensor, or an error."""
-    if np.allclose(factors, 1.0):
+def _llama3_scaling(tensor, theta, head_dim, orig_ctx, path):
+    """Llama 3 rope_scaling parameters reproducing llama.cpp's rope_freqs tensor (None if there
+    is none or it scales nothing), or an error."""
+    factors = None if tensor is None else np.asarray(tensor.data, np.float32).reshape(-1)
+    if factors is None or np.allclose(factors, 1.0):
         return None
     s = {"rope_type": "llama3", "factor": round(float(factors.max()), 4), "low_freq_factor": 1.0,
          "high_freq_factor": 4.0, "original_max_position_embeddings": orig_ctx}
@@ -89,12 +83,7 @@ def _llama3_scaling(factors, theta, head_dim, orig_ctx, path):
 def load_gguf(path) -> Checkpoint:
     """Load a llama GGUF file: config from its ``llama.*`` metadata, canonical weights."""
     path = os.fspath(path)
-    try:
-        from gguf import GGUFReader
-        reader = GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") \
-            from None
+    reader = open_gguf(path)
     if reader.byte_order != "I":
         raise ModelFormatError(f"{path}: big-endian GGUF files are not supported")
 
@@ -119,11 +108,8 @@ def load_gguf(path) -> Checkpoint:
     kind = get("llama.rope.scaling.type", "none")
     if kind != "none":
         raise ModelFormatError(f"{path}: RoPE scaling type {kind!r} is not supported")
-    scaling = None
-    if "rope_freqs.weight" in tensors:
-        factors = np.asarray(tensors["rope_freqs.weight"].data, np.float32).reshape(-1)
-        orig = get("llama.rope.scaling.original_context_length", 8192)
-        scaling = _llama3_scaling(factors, theta, head_dim, orig, path)
+    scaling = _llama3_scaling(tensors.get("rope_freqs.weight"), theta, head_dim,
+                              get("llama.rope.scaling.original_context_length", 8192), path)
     eos = [get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     eos = [e for i, e in enumerate(eos) if e is not None and e not in eos[:i]]
     config = make_config(
@@ -139,7 +125,6 @@ def load_gguf(path) -> Checkpoint:
         eos_token_id=eos[0] if eos else None, extra_eos_token_ids=tuple(eos[1:]))
     tokenizer, template = None, get("tokenizer.chat_template")
     if "tokenizer.ggml.model" in reader.fields:  # one parse of the file serves both
-        from ..tokenizer import read_gguf_metadata, tokenizer_from_gguf
         tokenizer = tokenizer_from_gguf(read_gguf_metadata(reader), path)
     reader.fields.clear()  # the parsed metadata (~90 MB for a 32k vocabulary) before the weights
     files = {k: gguf_name(k) for k in expected_shapes(config)}

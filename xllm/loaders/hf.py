@@ -4,6 +4,7 @@ so ``rope_interleaved=False``."""
 import json
 import os
 import re
+from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
@@ -32,17 +33,15 @@ def canonical_name(hf_name):
 
 
 def _hf_name(canonical):
-    for k, v in _TOP.items():
-        if v == canonical:
-            return k
+    if canonical in _TOP.values():
+        return next(k for k, v in _TOP.items() if v == canonical)
     _, i, short = canonical.split(".")
     return f"model.layers.{i}.{next(k for k, v in _LAYER.items() if v == short)}.weight"
 
 
 def _read_json(path):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ModelFormatError(f"{path}: cannot read JSON: {e}") from None
 
@@ -71,14 +70,11 @@ def read_config(directory) -> ModelConfig:
         scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
     elif kind != "default":
         raise ModelFormatError(f"{path}: rope scaling type {kind!r} is not supported")
-    eos = raw.get("eos_token_id")
-    eos = list(eos) if isinstance(eos, list) else ([] if eos is None else [eos])
     gen_path = os.path.join(directory, "generation_config.json")
-    if os.path.isfile(gen_path):
-        gen_eos = _read_json(gen_path).get("eos_token_id")
-        for e in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
-            if e is not None and e not in eos:
-                eos.append(e)
+    gen = _read_json(gen_path) if os.path.isfile(gen_path) else {}
+    eos = [e for ids in (raw.get("eos_token_id"), gen.get("eos_token_id"))
+           for e in (ids if isinstance(ids, list) else [ids]) if e is not None]
+    eos = list(dict.fromkeys(eos))  # in order, without repeats
     return make_config(
         path, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
         intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
@@ -134,8 +130,7 @@ def read_chat_template(directory):
     "chat_template" (a string, or a list of named templates: "default" is used), else None."""
     jinja = os.path.join(directory, "chat_template.jinja")
     if os.path.isfile(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read()
+        return Path(jinja).read_text(encoding="utf-8")
     path = os.path.join(directory, "tokenizer_config.json")
     t = _read_json(path).get("chat_template") if os.path.isfile(path) else None
     if isinstance(t, list):

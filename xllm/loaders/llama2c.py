@@ -72,17 +72,12 @@ def load_llama2c(path) -> Checkpoint:
     # v0 flags an untied classifier with a negative vocab size; v1 has a separate byte.
     h["tied"] = h["vocab_size"] > 0 if version == 0 else bool(buf[36])
 
-    problem = None
-    if any(v <= 0 for k, v in h.items() if k not in ("vocab_size", "tied")) or h["vocab_size"] == 0:
-        problem = "sizes must be positive"
-    elif version and h["vocab_size"] < 0:
-        problem = "vocab_size must be positive in version 1"
-    elif h["dim"] % h["n_heads"]:
-        problem = "n_heads does not divide dim"
-    elif h["n_heads"] % h["n_kv_heads"]:
-        problem = "n_kv_heads does not divide n_heads"
-    elif (h["dim"] // h["n_heads"]) % 2:
-        problem = "head size must be even"
+    sizes = [v for k, v in h.items() if k not in ("vocab_size", "tied")]
+    problem = ("sizes must be positive" if min(sizes) <= 0 or h["vocab_size"] == 0 else
+               "vocab_size must be positive in version 1" if version and h["vocab_size"] < 0 else
+               "n_heads does not divide dim" if h["dim"] % h["n_heads"] else
+               "n_kv_heads does not divide n_heads" if h["n_heads"] % h["n_kv_heads"] else
+               "head size must be even" if h["dim"] // h["n_heads"] % 2 else None)
     if problem:
         raise ModelFormatError(f"{path}: not a valid llama2.c v{version} header ({shown}): "
                                f"{problem}")

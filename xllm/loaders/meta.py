@@ -74,8 +74,7 @@ def load_meta(directory) -> Checkpoint:
     try:
         import torch
     except ImportError:
-        raise ImportError("loading Meta .pth checkpoints needs PyTorch (pip install torch)"
-                          ) from None
+        raise ImportError("loading Meta .pth files needs PyTorch (pip install torch)") from None
     ppath = os.path.join(directory, "params.json")
     try:
         with open(ppath, encoding="utf-8") as f:
@@ -87,8 +86,7 @@ def load_meta(directory) -> Checkpoint:
     if not files:
         raise ModelFormatError(f"{directory}: params.json but no consolidated.*.pth files")
     shards = [_load_shard(torch, f) for f in files]
-    merged = {k: _merge(shards, k, dim) for k in shards[0]}
-    weights = {k: v for k, v in merged.items() if v is not None}
+    weights = {k: w for k in shards[0] if (w := _merge(shards, k, dim)) is not None}
     emb, w1 = weights.get("tok_embeddings"), weights.get("layers.0.w1")
     if emb is None or w1 is None:
         raise ModelFormatError(f"{files[0]}: missing tok_embeddings.weight or "

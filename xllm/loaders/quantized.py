@@ -1,13 +1,11 @@
 """xllm's quantized checkpoint format (written by ``tools/quantize.py``; docs/quantization.rst):
-a directory with config.json (``"xllm_format": 1``), model.safetensors and the tokenizer.
-
-A QTensor is stored as ``<name>.qs`` (U8), ``<name>.scales`` (F16/F32) and, if asymmetric,
-``<name>.mins``, exactly the packed arrays of :class:`xllm.quant.QTensor` (its ``parts`` is
-``"parts"`` in the quantization record, default by bits); dense tensors as
-``<name>`` (F32/F16/BF16). Everything is a read-only view of the memory-mapped file.
+a directory with config.json (``"xllm_format": 1``), model.safetensors and the tokenizer. A
+QTensor is stored as its arrays ``<name>.qs``, ``<name>.scales`` and (if asymmetric)
+``<name>.mins``, a dense tensor as ``<name>``; all are read-only views of the mapped file.
 """
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -22,8 +20,7 @@ FORMAT_VERSION = 1
 def is_quantized_dir(directory) -> bool:
     """Whether `directory` has a config.json with the key "xllm_format"."""
     try:
-        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(Path(directory, "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False  # the Hugging Face loader reports unreadable JSON
     return isinstance(meta, dict) and "xllm_format" in meta
@@ -34,8 +31,7 @@ def load_quantized(directory) -> Checkpoint:
     directory = os.fspath(directory)
     cpath, fpath = (os.path.join(directory, n) for n in ("config.json", "model.safetensors"))
     try:
-        with open(cpath, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(Path(cpath).read_text(encoding="utf-8"))
         if meta.get("xllm_format") != FORMAT_VERSION:
             raise ValueError(f"xllm_format {meta.get('xllm_format')!r} is not supported "
                              f"(this xllm reads {FORMAT_VERSION})")
