@@ -208,8 +208,9 @@ def sample(logits, temperature, top_k, top_p, min_p, u):
     return int(order[min(i, order.size - 1)])
 
 
-def quantize_activations(x, parts=3):
-    """Step 1 of gemm_q.h: (q [3, M, K/32, 32] int8, dx / 256 float32 [M, K/32]) of x [M, K]."""
+def quantize_activations(x, parts):
+    """Step 1 of gemm_q.h: (q [3, M, K/32, 32] int64, the parts past `parts` 0; dx / 256 float32
+    [M, K/32]) of x [M, K]."""
     m, k = x.shape
     xb = x.reshape(m, k // 32, 32)
     d = (np.abs(xb).max(axis=2) / np.float32(127)).astype(np.float32)

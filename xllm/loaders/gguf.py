@@ -111,7 +111,7 @@ def load_gguf(path) -> Checkpoint:
     scaling = _llama3_scaling(tensors.get("rope_freqs.weight"), theta, head_dim,
                               get("llama.rope.scaling.original_context_length", 8192), path)
     eos = [get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    eos = [e for i, e in enumerate(eos) if e is not None and e not in eos[:i]]
+    eos = list(dict.fromkeys(e for e in eos if e is not None))  # in order, without repeats
     config = make_config(
         path, vocab_size=int(tensors["token_embd.weight"].shape[1]), hidden_size=hidden,
         intermediate_size=get("llama.feed_forward_length", 0),

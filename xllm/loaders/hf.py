@@ -33,8 +33,9 @@ def canonical_name(hf_name):
 
 
 def _hf_name(canonical):
-    if canonical in _TOP.values():
-        return next(k for k, v in _TOP.items() if v == canonical)
+    top = next((k for k, v in _TOP.items() if v == canonical), None)
+    if top is not None:
+        return top
     _, i, short = canonical.split(".")
     return f"model.layers.{i}.{next(k for k, v in _LAYER.items() if v == short)}.weight"
 
