@@ -17,8 +17,7 @@ class Model:
 
     Attributes: ``config`` (:class:`xllm.ModelConfig`), ``tokenizer`` (``encode(text,
     add_bos=False)``, ``decode(ids)``, ``bos_id``, ``eos_id``; None if the checkpoint has none),
-    ``transformer`` (weights and forward pass) and ``last_stats`` (timings of the last
-    generation).
+    ``transformer`` (weights and forward pass) and ``last_stats`` (timings of the last generation).
     """
 
     max_batch = 256  # prompts one generate() call accepts
@@ -82,8 +81,7 @@ class Model:
         or with stream=True an iterator of (index, piece). Each text is exactly the one its
         prompt gives alone.
         """
-        if isinstance(stop, str):
-            stop = (stop,)
+        stop = (stop,) if isinstance(stop, str) else stop
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -140,8 +138,7 @@ class Model:
             if text:
                 yield i, text
         for i, (d, f) in enumerate(zip(decs, filters)):
-            text = f.flush() if f.done or d is None else f.push(d.flush()) + f.flush()
-            if text:
+            if text := (f.flush() if f.done or d is None else f.push(d.flush()) + f.flush()):
                 yield i, text
 
     def chat(self, messages, *, template=None, stream=False, **generate_kwargs):
@@ -190,8 +187,7 @@ def load(path, *, tokenizer=None, threads=None, kv_dtype="float16") -> Model:
         _kernels.set_threads(threads)
     from .hub import resolve
     ckpt = load_checkpoint(resolve(os.fspath(path)))
-    tok_path = tokenizer or ckpt.tokenizer_path
-    tok = None if tokenizer else ckpt.tokenizer
+    tok_path, tok = (tokenizer, None) if tokenizer else (ckpt.tokenizer_path, ckpt.tokenizer)
     if tok is None and tok_path is not None:
         tok = load_tokenizer(tok_path, vocab_size=ckpt.config.vocab_size)
         if tok.vocab_size != ckpt.config.vocab_size:

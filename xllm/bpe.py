@@ -2,8 +2,7 @@
 
 Text is split into words by regexes (the pre-tokenizer), each word's UTF-8 bytes are spelled
 with GPT-2's byte-to-unicode alphabet (``"Ġ"`` for a space) and BPE merges are applied by
-rank; results match Hugging Face ``tokenizers`` and llama.cpp.
-"""
+rank; results match Hugging Face ``tokenizers`` and llama.cpp."""
 
 import json
 import os
@@ -135,8 +134,7 @@ class ByteLevelBPE(_Tokenizer):
     def _encode_part(self, text: str, ids: list[int]) -> None:
         cache = self._cache
         for w in self.pre_tokenize(text):
-            r = cache.get(w)
-            if r is None:
+            if (r := cache.get(w)) is None:
                 if len(cache) >= _CACHE_LIMIT:
                     cache.clear()
                 spelled = w.encode("utf-8").decode("latin-1").translate(_TO_ALPHABET)
@@ -148,8 +146,7 @@ class ByteLevelBPE(_Tokenizer):
         (as tokenizers and llama.cpp do)."""
         vocab = self._ids
         if len(word) == 1 or (self.ignore_merges and word in vocab):
-            i = vocab.get(word)
-            if i is not None:
+            if (i := vocab.get(word)) is not None:
                 return [i]
         # bytes the vocabulary lacks are dropped first (as tokenizers does without <unk>), so
         # their neighbours may merge

@@ -1,8 +1,7 @@
 """Chat templates: turn a list of messages into a prompt, the way Hugging Face does.
 
 Templates are Jinja2, usually shipped with the model (``tokenizer.chat_template``). They are
-untrusted code, so they run in Jinja's immutable sandbox.
-"""
+untrusted code, so they run in Jinja's immutable sandbox."""
 import json
 from datetime import datetime
 from functools import lru_cache

@@ -1,8 +1,7 @@
 """The generation loop: prefill, then one decode step per token; sampling, stop strings.
 
-(The command line lives in xllm/generate.py; this module is separate so that
-``python -m xllm.generate`` does not import its own module twice.)
-"""
+(Not in xllm/generate.py, the command line, so that ``python -m xllm.generate`` does not import
+its own module twice.)"""
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -56,11 +55,9 @@ def generate_ids(transformer, prompts, max_new_tokens, samplers, stop_ids, *, kv
     leaves (dropping its cache) at a stop id (not yielded), after its max_new_tokens (an int or
     one per prompt), at the context limit, or when the caller adds its index to `stopped`. Its
     tokens are exactly those it gets alone. `kvs` may give caches holding earlier sequences
-    (their common prefix with the prompt is reused); `stats` receives counts and timings.
-    """
-    n = len(prompts)
+    (their common prefix with the prompt is reused); `stats` receives counts and timings."""
+    n, max_len = len(prompts), transformer.config.max_seq_len
     limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    max_len = transformer.config.max_seq_len
     for i, ids in enumerate(prompts):
         if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty: give at least one token (e.g. add_bos=True)")
@@ -78,9 +75,8 @@ def generate_ids(transformer, prompts, max_new_tokens, samplers, stop_ids, *, kv
     stats = {} if stats is None else stats
     stats.update(prompt_tokens=sum(map(len, prompts)), cached_tokens=sum(k.length for k in kvs),
                  generated=0, decode_steps=0, decode_seconds=0.0, finish="length")
-    lens = [len(p) for p in prompts]
+    lens, live = [len(p) for p in prompts], list(range(n))
     logits = np.empty((n, transformer.config.vocab_size), np.float32)
-    live = list(range(n))
     t = time.perf_counter()
     transformer.forward_batch([h[k.length:m] for h, k, m in zip(hist, kvs, lens)], kvs, logits)
     stats["prefill_seconds"] = time.perf_counter() - t
@@ -122,8 +118,7 @@ class StopFilter:
         if self.done or not self.stop:
             return "" if self.done else piece
         p = self.pending + piece
-        hits = [i for i in (p.find(s) for s in self.stop) if i >= 0]
-        if hits:
+        if hits := [i for i in (p.find(s) for s in self.stop) if i >= 0]:
             self.done, self.pending = True, ""
             return p[:min(hits)]
         hold = max((k for s in self.stop for k in range(1, len(s)) if p.endswith(s[:k])), default=0)

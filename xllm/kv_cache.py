@@ -26,14 +26,9 @@ class KVCache:
     def __init__(self, num_layers, kv_dim, max_len, *, n_kv_heads=1, initial_capacity=256,
                  dtype=np.float32):
         self.num_layers, self.kv_dim, self.max_len = num_layers, kv_dim, max_len
-        self.n_kv_heads = n_kv_heads
-        self.dtype = np.dtype(dtype)
+        self.n_kv_heads, self.dtype = n_kv_heads, np.dtype(dtype)
         self.initial_capacity = max(1, initial_capacity)
-        self.length = 0
-        self.capacity = 0
-        self.k = []  # num_layers arrays (shapes above)
-        self.v = []
-        self.ids = np.zeros(0, np.int64)  # [capacity] token ids of the cached rows
+        self.reset()
 
     def reserve(self, n_new):
         """Make room for n_new more rows; raise ContextLengthError past max_len."""
@@ -43,21 +38,17 @@ class KVCache:
                 f"the sequence would reach {need} tokens, past the model's context of "
                 f"{self.max_len} ({self.length} in the cache, {n_new} new)")
         if need > self.capacity:
-            cap = block_rows(min(self.max_len, max(need, 2 * self.capacity,
-                                                   self.initial_capacity)))
+            cap = block_rows(min(self.max_len, max(need, 2 * self.capacity, self.initial_capacity)))
             n, nb, nkv = block_rows(self.length) // KV_BLOCK, cap // KV_BLOCK, self.n_kv_heads
             shapes = ((nb, self.kv_dim, KV_BLOCK), (nb, nkv, KV_BLOCK, self.kv_dim // nkv))
             for cache, shape in zip((self.k, self.v), shapes):
-                for layer in range(self.num_layers):
+                for layer in range(self.num_layers):  # one at a time: the old one is freed
                     grown = np.empty(shape, self.dtype)
                     if layer < len(cache):
                         grown[:n] = cache[layer][:n]
-                        cache[layer] = grown
-                    else:
-                        cache.append(grown)
-            ids = np.zeros(cap, np.int64)
-            ids[:self.length] = self.ids[:self.length]
-            self.ids, self.capacity = ids, cap
+                    cache[layer:layer + 1] = [grown]  # replaces it, or appends to an empty cache
+            self.ids = np.pad(self.ids[:self.length], (0, cap - self.length))  # zeros after
+            self.capacity = cap
 
     def truncate(self, length):
         """Forget every row from `length` on (the memory stays reserved for reuse)."""
@@ -68,6 +59,7 @@ class KVCache:
     def reset(self):
         """Empty the cache and free its memory."""
         self.length = self.capacity = 0
+        # k, v: num_layers arrays (shapes above); ids: [capacity] token ids of the cached rows
         self.k, self.v, self.ids = [], [], np.zeros(0, np.int64)
 
     def common_prefix(self, ids) -> int:

@@ -6,8 +6,7 @@
 
 Weights per group and dtype; the KV rows generation reserves; activations: the Workspace, the
 batch's logits and history, the quantized x of a prefill chunk (peak) or a decode step (normal);
-runtime: the process without weights (after loading, less the weights copied, for --model).
-"""
+runtime: the process without weights (after loading, less the weights copied, for --model)."""
 import argparse
 import resource
 
@@ -114,9 +113,8 @@ def main(argv=None):
     src.add_argument("--model", help="a model path or name xllm loads")
     src.add_argument("--random", choices=sorted(PRESETS), help="a preset shape (nothing loaded)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_BYTES) + ["int8", "int4"])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--gen-len", type=int, default=512)
+    for name, default in (("--batch", 1), ("--prompt-len", 512), ("--gen-len", 512)):
+        p.add_argument(name, type=int, default=default)
     p.add_argument("--kv-dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--threads", type=int)
     p.add_argument("--measure", action="store_true", help="run the workload (--model only)")

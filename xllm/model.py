@@ -1,8 +1,7 @@
 """The Llama forward pass, composed in Python from the compiled kernels.
 
 Shapes below: R = rows processed at once (prompt chunk or 1 for decode), D = hidden_size,
-Q = num_heads*head_dim, KV = num_kv_heads*head_dim, F = intermediate_size, V = vocab_size.
-"""
+Q = num_heads*head_dim, KV = num_kv_heads*head_dim, F = intermediate_size, V = vocab_size."""
 import numpy as np
 
 from . import _kernels
@@ -31,16 +30,13 @@ class Workspace:
     """Every activation buffer of the forward pass, allocated once for up to `rows` tokens."""
 
     def __init__(self, config: ModelConfig, rows: int):
-        c, f32 = config, np.float32
-        self.rows = rows
-        self.x = np.zeros((rows, c.hidden_size), f32)              # [R, D] residual stream
-        self.xn = np.zeros((rows, c.hidden_size), f32)             # [R, D] normed input
-        self.q = np.zeros((rows, c.q_dim), f32)                    # [R, Q] queries
-        self.kn = np.zeros((rows, c.kv_dim), f32)                  # [R, KV] new keys
-        self.vn = np.zeros((rows, c.kv_dim), f32)                  # [R, KV] new values
-        self.attn = np.zeros((rows, c.q_dim), f32)                 # [R, Q] attention output
-        self.gate = np.zeros((rows, c.intermediate_size), f32)     # [R, F] w1 x, then silu(w1 x)*w3 x
-        self.up = np.zeros((rows, c.intermediate_size), f32)       # [R, F] w3 x
+        c, f32, self.rows = config, np.float32, rows
+        d, q, kv, f = c.hidden_size, c.q_dim, c.kv_dim, c.intermediate_size
+        self.x, self.xn = np.zeros((rows, d), f32), np.zeros((rows, d), f32)  # [R, D] x, normed
+        self.q, self.attn = np.zeros((rows, q), f32), np.zeros((rows, q), f32)  # [R, Q] q, output
+        self.kn, self.vn = np.zeros((rows, kv), f32), np.zeros((rows, kv), f32)  # [R, KV] new k, v
+        # [R, F] w1 x (then silu(w1 x) * w3 x) and w3 x
+        self.gate, self.up = np.zeros((rows, f), f32), np.zeros((rows, f), f32)
         self.logits = np.zeros((1, c.vocab_size), f32)             # [1, V] last row's logits
         self.tokens = np.zeros(rows, np.int64)                     # [R] token ids
         self.positions = np.zeros(rows, np.int64)                  # [R] their positions
@@ -63,8 +59,7 @@ class Transformer:
         if self.kv_dtype not in (np.float32, np.float16):
             raise ValueError(f"kv_dtype must be float32 or float16, got {kv_dtype!r}")
         check_weights(weights, c, "weights")
-        self.tok_embeddings = weights["tok_embeddings"]
-        self.norm = _f32(weights["norm"])
+        self.tok_embeddings, self.norm = weights["tok_embeddings"], _f32(weights["norm"])
         self.output = weights.get("output", self.tok_embeddings)  # absent: tied embeddings
         self.layers = [Layer(weights, i) for i in range(c.num_layers)]
         self.ws = Workspace(c, min(max_batch_rows, c.max_seq_len))
@@ -87,8 +82,7 @@ class Transformer:
         """Run `tokens` (continuing the sequence in `kv`) through the model.
 
         Returns the last row's logits [V] (a view of a reused buffer, valid until the next call),
-        or fills ``logits_out`` [len(tokens), V] with every row's logits when it is given.
-        """
+        or fills ``logits_out`` [len(tokens), V] with every row's logits when it is given."""
         rows, n = self.ws.rows, len(tokens)
         for s in range(0, n, rows):
             part = tokens[s:s + rows]
@@ -119,19 +113,18 @@ class Transformer:
         K, c, ws = _kernels.backend, self.config, self.ws
         m, a = sum(len(t) for t, _ in segments), 0
         spans = []  # (first row, rows, kv, start position)
-        for toks, kv in segments:
+        for j, (toks, kv) in enumerate(segments):
             kv.reserve(len(toks))
             self._ensure_rope(kv.length + len(toks))
             b = a + len(toks)
             ws.tokens[a:b] = toks
             kv.ids[kv.length:kv.length + len(toks)] = toks
             np.add(ws.arange[:b - a], kv.length, out=ws.positions[a:b])
+            ws.bounds[j], ws.starts[j] = a, kv.length
             spans.append((a, b, kv, kv.length))
             a = b
+        ws.bounds[len(spans)] = m
         bounds, starts = ws.bounds[:len(spans) + 1], ws.starts[:len(spans)]
-        for j, sp in enumerate(spans):
-            bounds[j], starts[j] = sp[0], sp[3]
-        bounds[-1] = m
         k_caches = list(zip(*(sp[2].k for sp in spans)))  # [layer][sequence]
         v_caches = list(zip(*(sp[2].v for sp in spans)))
         x, xn, q, attn = ws.x[:m], ws.xn[:m], ws.q[:m], ws.attn[:m]
@@ -161,7 +154,7 @@ class Transformer:
             K.matmul(xn, self.output, all_out)
         elif last_out is not None:
             n = len(spans)
-            for r, (_, b, _, _) in enumerate(spans):  # each sequence's last row
-                xn[r] = x[b - 1]
+            for r in range(n):  # each sequence's last row (no temporary array)
+                xn[r] = x[bounds[r + 1] - 1]
             K.rmsnorm(xn[:n], self.norm, eps, xn[:n])
             K.matmul(xn[:n], self.output, last_out[:n])

@@ -5,11 +5,9 @@ int4 a minimum m) per group: int8 ``W = d * q`` (G = 32, 64, ...; GGUF Q8_0 is G
 (G = 32) ``W = d * (q - 8)`` (Q4_0) or ``W = d * q + m`` (Q4_1); q in [-127, 127] or [0, 15]. The
 quantizers are bit-exact with the ``gguf`` package's, generalised to other G and float32 scales.
 
-docs/quantization.rst describes the packed layout (read by ``qmatmul``, stored as is by the xllm
-format) and ``parts``: rows in panels of 16, ``qs`` uint8 [P, K/32, 512 (int8) or 256 (int4)],
-``scales`` (and ``mins``) [P, K/G, 16]; ``parts`` (2 or 3; default 2 for int8, 3 for int4) is
-how many int8 parts ``qmatmul`` splits each block of the activations into.
-"""
+docs/quantization.rst describes the packed layout (rows in panels of 16, shapes checked by
+:func:`check_qtensor`) and ``parts``: into how many int8 parts (2 or 3) ``qmatmul`` splits
+each block of the activations."""
 import numpy as np
 
 from .errors import ModelFormatError

@@ -3,8 +3,7 @@
 A plain-Python re-implementation of what ``sentencepiece`` 0.2.x does for BPE models (read from
 ``tokenizer.model``, llama2.c ``tokenizer.bin`` or GGUF), so xllm does not need sentencepiece at
 run time. Models needing anything else (unigram, a normalisation table, whitespace-as-suffix)
-are rejected with ``ModelFormatError`` rather than tokenized slightly wrongly.
-"""
+are rejected with ``ModelFormatError`` rather than tokenized slightly wrongly."""
 
 import codecs
 import heapq
@@ -67,8 +66,7 @@ class _Tokenizer:
         return ids
 
     def _special_id(self, name):
-        i = getattr(self, name + "_id")
-        if i < 0:
+        if (i := getattr(self, name + "_id")) < 0:
             raise ValueError(f"this tokenizer has no {name.upper()} token")
         return i
 
@@ -165,8 +163,7 @@ class SentencePieceBPE(_Tokenizer):
             elif t in (UNKNOWN, CONTROL, BYTE):
                 reserved.setdefault(p, i)
                 if t == BYTE:
-                    m = _BYTE_PIECE_RE.match(p)
-                    if not m:
+                    if not (m := _BYTE_PIECE_RE.match(p)):
                         raise ModelFormatError(f"byte piece {i} is {p!r}, not <0xNN>")
                     self._byte[i] = bytes([int(m.group(1), 16)])
             else:
@@ -229,9 +226,8 @@ class SentencePieceBPE(_Tokenizer):
                     raise ValueError(f"token {i} has a bad length ({n}) or runs past the end")
                 text = raw.decode("utf-8")
                 # tokenizer.py wrote <s>/</s> inside newlines and "▁" as " "; undo both
-                piece, ptype = named.get(text) or (
-                    (text, BYTE) if _BYTE_PIECE_RE.match(text) else
-                    (text.replace(" ", SPACE_SYMBOL), NORMAL))
+                piece, ptype = named.get(text) or ((text, BYTE) if _BYTE_PIECE_RE.match(text) else
+                                                   (text.replace(" ", SPACE_SYMBOL), NORMAL))
                 pieces.append(piece), scores.append(score), types.append(ptype)
             if pos != len(data):
                 raise ValueError(f"{len(data) - pos} unexpected bytes after the tokens")
@@ -258,8 +254,7 @@ class SentencePieceBPE(_Tokenizer):
         return text
 
     def _encode_part(self, text: str, out: list[int]) -> None:
-        s = self.normalize(text)
-        if not s:
+        if not (s := self.normalize(text)):
             return
         # Initial symbols: characters, except that user-defined pieces (the longest one at each
         # place, leftmost first) stay whole (frozen).
@@ -278,8 +273,7 @@ class SentencePieceBPE(_Tokenizer):
         def candidate(left, right):
             if not (frozen[left] or frozen[right]):
                 a, b = symbols[left], symbols[right]
-                score = score_of.get(a + b)
-                if score is not None:
+                if (score := score_of.get(a + b)) is not None:
                     heapq.heappush(heap, (-score, left, right, len(a) + len(b)))
                     if a + b in self._unused:
                         rev_merge[a + b] = (a, b)

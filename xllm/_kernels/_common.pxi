@@ -19,8 +19,8 @@ cdef extern from "vecmath.h" nogil:
     float xllm_exp_shift(const float *x, float shift, float *out, Py_ssize_t n)
     void xllm_silu_mul(const float *a, const float *b, float *out, Py_ssize_t n)
     enum: XA_BK, XA_ROWBUF
-    void xllm_attend(int nr, const float **q, float **out, const int64_t *nk, const void *kt,
-                     const void *vt, Py_ssize_t ldb, int f16, int hd, float scale)
+    void xllm_attend(int isa, int nr, const float **q, float **out, const int64_t *nk,
+                     const void *kt, const void *vt, Py_ssize_t ldb, int f16, int hd, float scale)
     void xllm_store_kv(const float *k, const float *v, void *kc, void *vc, Py_ssize_t kvd,
                        Py_ssize_t hd, Py_ssize_t t, int f16)
     void xllm_barrier()

@@ -11,12 +11,22 @@ transposed keys, no horizontal sums), the running max and sum, and the p-weighte
 No [heads, M, T] score matrix exists and nothing is allocated per call but a small item list.
 """
 include "_common.pxi"
+import os
+
 from libc.stdlib cimport free, malloc
 from cython.parallel cimport parallel
 
+from xllm._kernels._cpu import features
 from xllm._kernels.reference import KV_BLOCK
 
 assert KV_BLOCK == XA_BK
+
+# Instruction-set path (set_isa, get_isa): both give the same bits, AVX-512 in fewer instructions.
+_ISAS = ("avx2", "avx512")
+_NEEDS = {"avx512": ("avx512",)}
+
+include "_isa.pxi"
+_init_isa()
 
 cdef enum:
     MAX_HEAD_DIM = 256
@@ -126,7 +136,7 @@ cdef void _item(const int64_t *it, const float *qp, char **kp, char **vp, bint f
             qr[n], orow[n] = qp + i * nh * hd + col, op + i * nh * hd + col
             nk[n] = sp[s] + i - bp[s] + 1
             n += 1
-    xllm_attend(<int>n, qr, orow, nk, kp[s] + h * hd * XA_BK * es, vp[s] + h * hd * XA_BK * es,
+    xllm_attend(_isa, <int>n, qr, orow, nk, kp[s] + h * hd * XA_BK * es, vp[s] + h * hd * XA_BK * es,
                 ldkv * XA_BK, f16, <int>hd, sc)
 
 

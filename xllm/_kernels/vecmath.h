@@ -292,6 +292,71 @@ static inline __attribute__((always_inline)) void xa_pv(const int MR, float *acc
     if (d < hd) xa_pv_chunk(MR, 1, acc, d, hd - d, hdp, p, v, ldv, f16, n);
 }
 
+/* The AVX-512 twins of xa_scores and xa_pv: 16 lanes, up to XA_MR512 rows. Each lane runs the
+ * same chain of FMAs as in the AVX2 code, so both paths give the same bits. */
+#define XA_MR512 4
+#define XA_T512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
+
+static inline XA_T512 __m512 xa_ld16(const void *p, ptrdiff_t i, int f16, int n) {
+    const __mmask16 m = n >= 16 ? 0xffff : n > 0 ? (__mmask16)((1u << n) - 1) : 0;
+    return f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i))
+               : _mm512_maskz_loadu_ps(m, (const float *)p + i);
+}
+
+static inline XA_T512 void xa_scores16(const int MR, const float *qs, int hd, const void *kb,
+                                       int f16, float *s) {
+    __m512 a[XA_MR512][2], k[2];
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * MR; i++) a[i / 2][i % 2] = _mm512_setzero_ps();
+    for (int d = 0; d < hd; d++) {
+        k[0] = xa_ld16(kb, (ptrdiff_t)d * XA_BK, f16, 16);
+        k[1] = xa_ld16(kb, (ptrdiff_t)d * XA_BK + 16, f16, 16);
+#pragma GCC unroll 8
+        for (int i = 0; i < 2 * MR; i++)
+            a[i / 2][i % 2] = _mm512_fmadd_ps(_mm512_set1_ps(qs[(i / 2) * hd + d]), k[i % 2],
+                                              a[i / 2][i % 2]);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * MR; i++) _mm512_storeu_ps(s + (i / 2) * XA_BK + 16 * (i % 2), a[i / 2][i % 2]);
+}
+
+/* 64 columns at a time (masked past hd: nothing is read or written there). */
+static inline XA_T512 void xa_pv16(const int MR, float *acc, int hd, int hdp, const float *p,
+                                   const void *v, ptrdiff_t ldv, int f16, int n) {
+    for (int d = 0; d < hd; d += 64) {
+        __m512 c[XA_MR512][4], x[4];
+        __mmask16 mk[4];
+        for (int u = 0; u < 4; u++) {
+            const int w = hd - d - 16 * u;
+            mk[u] = w >= 16 ? 0xffff : w > 0 ? (__mmask16)((1u << w) - 1) : 0;
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < 4 * MR; i++)
+            c[i / 4][i % 4] = _mm512_maskz_loadu_ps(mk[i % 4], acc + (i / 4) * hdp + d + 16 * (i % 4));
+        for (int j = 0; j < n; j++) {
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++) x[u] = xa_ld16(v, j * ldv + d + 16 * u, f16, hd - d - 16 * u);
+#pragma GCC unroll 16
+            for (int i = 0; i < 4 * MR; i++)
+                c[i / 4][i % 4] = _mm512_fmadd_ps(_mm512_set1_ps(p[(i / 4) * XA_BK + j]), x[i % 4],
+                                                  c[i / 4][i % 4]);
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < 4 * MR; i++)
+            _mm512_mask_storeu_ps(acc + (i / 4) * hdp + d + 16 * (i % 4), mk[i % 4], c[i / 4][i % 4]);
+    }
+}
+
+/* Row tiles of t (1 .. the path's tile height) rows: F(MR, ...) with MR a constant. */
+#define XA_TILE(W, t, F2, F16, ...)                                                       \
+    do {                                                                                  \
+        if ((W) == 8) { if ((t) == 2) F2(2, __VA_ARGS__); else F2(1, __VA_ARGS__); }        \
+        else if ((t) == 4) F16(4, __VA_ARGS__);                                           \
+        else if ((t) == 3) F16(3, __VA_ARGS__);                                           \
+        else if ((t) == 2) F16(2, __VA_ARGS__);                                           \
+        else F16(1, __VA_ARGS__);                                                         \
+    } while (0)
+
 static inline void xa_prefetch(const void *p, int bytes) {
     for (int i = 0; i < bytes; i += 64) _mm_prefetch((const char *)p + i, _MM_HINT_T0);
 }
@@ -302,8 +367,9 @@ static inline void xa_prefetch(const void *p, int bytes) {
  * apart); f16: both caches hold float16. Each row goes through the same operations whichever
  * rows share its call (batch invariance). */
 static inline __attribute__((always_inline)) void xa_attend(
-        int nr, const float **q, float **out, const int64_t *nk, const void *kt, const void *vt,
-        ptrdiff_t ldb, const int f16, int hd, float scale) {
+        const int W, int nr, const float **q, float **out, const int64_t *nk, const void *kt,
+        const void *vt, ptrdiff_t ldb, const int f16, int hd, float scale) {
+    const int mrt = W == 8 ? XA_MR : XA_MR512;  /* rows per tile */
     float qs[XA_ROWBUF], acc[XA_ROWBUF], s[XA_ROWBUF / 32 * XA_BK], m[XA_ROWBUF / 32],
         l[XA_ROWBUF / 32];
     const int hdp = (hd + 31) & ~31, es = f16 ? 2 : 4;
@@ -326,26 +392,21 @@ static inline __attribute__((always_inline)) void xa_attend(
             xa_prefetch(kb + ldb * es, kbytes);
             xa_prefetch(vb + ldb * es, (int)(n < XA_BK ? n : XA_BK) * vrow);
         }
-        int r = 0;
-        for (; r + XA_MR <= nr; r += XA_MR)
-            xa_scores(XA_MR, qs + r * hd, hd, kb, f16, s + r * XA_BK);
-        for (; r < nr; r++) xa_scores(1, qs + r * hd, hd, kb, f16, s + r * XA_BK);
-        for (r = 0; r < nr; r++)
+        for (int r = 0, t; r < nr; r += t) {
+            t = nr - r < mrt ? nr - r : mrt;
+            XA_TILE(W, t, xa_scores, xa_scores16, qs + r * hd, hd, kb, f16, s + r * XA_BK);
+        }
+        for (int r = 0; r < nr; r++)
             if (nk[r] > b0)
                 xa_softmax(s + r * XA_BK, (int)(nk[r] - b0 < XA_BK ? nk[r] - b0 : XA_BK), m + r,
                            l + r, acc + r * hdp, hdp);
-        for (r = 0; r < nr;) {  /* tiles of rows that all use the whole block, else row by row */
-            int full = r + XA_MR <= nr;
-            for (int i = 0; full && i < XA_MR; i++) full = nk[r + i] >= b0 + XA_BK;
-            if (full) {
-                xa_pv(XA_MR, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, hd, f16, XA_BK);
-                r += XA_MR;
-            } else {
-                if (nk[r] > b0)
-                    xa_pv(1, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, hd, f16,
-                          (int)(nk[r] - b0 < XA_BK ? nk[r] - b0 : XA_BK));
-                r++;
-            }
+        for (int r = 0, t; r < nr; r += t) {  /* tiles of rows that use the same keys */
+            const int64_t n = nk[r] - b0 < XA_BK ? nk[r] - b0 : XA_BK;
+            for (t = 1; t < mrt && r + t < nr && (nk[r + t] - b0 < XA_BK ? nk[r + t] - b0 : XA_BK)
+                 == n; t++) {}
+            if (n > 0)
+                XA_TILE(W, t, xa_pv, xa_pv16, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, hd,
+                        f16, (int)n);
         }
     }
     for (int r = 0; r < nr; r++) {
@@ -354,10 +415,21 @@ static inline __attribute__((always_inline)) void xa_attend(
     }
 }
 
-static void xllm_attend(int nr, const float **q, float **out, const int64_t *nk, const void *kt,
-                        const void *vt, ptrdiff_t ldb, int f16, int hd, float scale) {
-    if (f16) xa_attend(nr, q, out, nk, kt, vt, ldb, 1, hd, scale);  /* one copy per type */
-    else xa_attend(nr, q, out, nk, kt, vt, ldb, 0, hd, scale);
+/* flatten: every call inlined, so that the tiles get constant sizes */
+XA_T512 __attribute__((flatten)) static void xa_attend512(
+        int nr, const float **q, float **out, const int64_t *nk, const void *kt, const void *vt,
+        ptrdiff_t ldb, int f16, int hd, float scale) {
+    if (f16) xa_attend(16, nr, q, out, nk, kt, vt, ldb, 1, hd, scale);
+    else xa_attend(16, nr, q, out, nk, kt, vt, ldb, 0, hd, scale);
+}
+
+/* isa: 0 AVX2, 1 AVX-512 (the same results). */
+static void xllm_attend(int isa, int nr, const float **q, float **out, const int64_t *nk,
+                        const void *kt, const void *vt, ptrdiff_t ldb, int f16, int hd,
+                        float scale) {
+    if (isa) xa_attend512(nr, q, out, nk, kt, vt, ldb, f16, hd, scale);
+    else if (f16) xa_attend(8, nr, q, out, nk, kt, vt, ldb, 1, hd, scale);  /* one copy per type */
+    else xa_attend(8, nr, q, out, nk, kt, vt, ldb, 0, hd, scale);
 }
 
 /* dst[d] = float16(src[d]) for d < n, rounding to nearest even (as numpy's astype does). */

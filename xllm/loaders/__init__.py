@@ -3,9 +3,7 @@
 Every loader returns a :class:`Checkpoint` whose weights use Meta-style canonical names
 (``tok_embeddings``, ``norm``, ``output``, ``layers.{i}.wq`` ...), shaped [out, in], kept in the
 dtype they were stored in (float32, float16, uint16 = bfloat16 bits, or a ``QTensor``) and
-memory-mapped where the format allows. q/k rows are never permuted; ``config.rope_interleaved``
-records which RoPE layout the checkpoint uses.
-"""
+memory-mapped where the format allows. q/k rows are never permuted (see ``rope_interleaved``)."""
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -78,15 +76,11 @@ def find_file(directory, candidates):
 
 
 def load_checkpoint(path) -> Checkpoint:
-    """Load a model from `path`, detecting its format.
-
-    A directory whose config.json has the key "xllm_format" is an xllm quantized checkpoint
-    (``xllm.loaders.quantized``); another directory with config.json is a Hugging Face one; a
-    directory with params.json is a Meta one (consolidated.*.pth); a file starting with b"GGUF"
-    (or named *.gguf) is a GGUF file; a file starting with the llama2.c magic "ak42" or a
-    plausible llama2.c v0 header is a llama2.c .bin. A *.safetensors or *.pth file stands for
-    its directory. Anything else raises ModelFormatError naming the path.
-    """
+    """Load a model from `path`, detecting its format: a directory with config.json (xllm
+    quantized if it has the key "xllm_format", else Hugging Face) or params.json (Meta); a GGUF
+    file (b"GGUF" or *.gguf); a llama2.c .bin (magic "ak42" or a plausible v0 header). A
+    *.safetensors, *.pth or config.json file stands for its directory. Anything else raises
+    ModelFormatError naming the path."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path does not exist: {path}")

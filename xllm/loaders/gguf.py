@@ -2,12 +2,10 @@
 
 F32, F16 and BF16 (as uint16 bits) tensors are zero-copy views of the memory-mapped file.
 Q8_0, Q4_0 and Q4_1 run natively: repacked once at load (same size) into a ``QTensor``, then
-the file's pages are dropped. Q5_0, Q5_1, Q4_K, Q5_K and Q6_K are expanded once, a chunk of rows
-at a time, with ``gguf.quants.dequantize`` into float32 (``EXPANDED_DTYPE``): float16 would halve
-that memory (SmolLM2-135M: 256 instead of 513 MB) but moved SmolLM2-135M Q4_1's logits by up to
-0.041 from transformers' float32 expansion (one argmax in 40 changed; float32: within 1e-4).
-q/k rows are in llama.cpp's interleaved RoPE layout, used as stored (``rope_interleaved=True``).
-"""
+the file's pages are dropped. Other quantized types are expanded once, a chunk of rows at a
+time, into float32 (``EXPANDED_DTYPE``; float16 halves that memory but moved SmolLM2-135M
+Q4_1's logits by up to 0.041, against 1e-4, from transformers' float32 expansion).
+q/k rows are in llama.cpp's interleaved RoPE layout, used as stored (``rope_interleaved=True``)."""
 import mmap
 import os
 
@@ -43,9 +41,8 @@ def _array(t, path, reader):
     kind = t.tensor_type.name
     if kind in GGUF_NATIVE and len(t.shape) == 2:
         q = from_gguf_blocks(t.data, kind, (int(t.shape[1]), int(t.shape[0])))
-        mm = getattr(reader.data, "_mmap", None)  # numpy.memmap's mmap object
-        if mm is not None:  # the copy is all we need: drop the file's pages from our RSS
-            mm.madvise(mmap.MADV_DONTNEED)
+        if (mm := getattr(reader.data, "_mmap", None)) is not None:  # numpy.memmap's mmap
+            mm.madvise(mmap.MADV_DONTNEED)  # the copy is all we need: drop the file's pages
         return q
     if kind in ("F32", "F16"):
         return np.asarray(t.data)
@@ -91,8 +88,7 @@ def load_gguf(path) -> Checkpoint:
         f = reader.fields.get(key)
         return default if f is None else f.contents()
 
-    arch = get("general.architecture")
-    if arch != "llama":
+    if (arch := get("general.architecture")) != "llama":
         raise ModelFormatError(f"{path}: GGUF architecture {arch!r} is not supported; xllm loads "
                                f"'llama' models")
     tensors = {t.name: t for t in reader.tensors}
@@ -105,8 +101,7 @@ def load_gguf(path) -> Checkpoint:
         raise ModelFormatError(f"{path}: rope.dimension_count={rot} or key/value lengths differ "
                                f"from head_dim={head_dim} (partial RoPE is not supported)")
     theta = float(get("llama.rope.freq_base", 10000.0))
-    kind = get("llama.rope.scaling.type", "none")
-    if kind != "none":
+    if (kind := get("llama.rope.scaling.type", "none")) != "none":
         raise ModelFormatError(f"{path}: RoPE scaling type {kind!r} is not supported")
     scaling = _llama3_scaling(tensors.get("rope_freqs.weight"), theta, head_dim,
                               get("llama.rope.scaling.original_context_length", 8192), path)
@@ -115,11 +110,10 @@ def load_gguf(path) -> Checkpoint:
     config = make_config(
         path, vocab_size=int(tensors["token_embd.weight"].shape[1]), hidden_size=hidden,
         intermediate_size=get("llama.feed_forward_length", 0),
-        num_layers=get("llama.block_count", 0),
         num_heads=heads, num_kv_heads=get("llama.attention.head_count_kv") or heads,
         head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
         rms_norm_eps=float(get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_word_embeddings="output.weight" not in tensors,
+        num_layers=get("llama.block_count", 0), tie_word_embeddings="output.weight" not in tensors,
         max_seq_len=get("llama.context_length", 2048), rope_interleaved=True,
         bos_token_id=get("tokenizer.ggml.bos_token_id"),
         eos_token_id=eos[0] if eos else None, extra_eos_token_ids=tuple(eos[1:]))

@@ -26,16 +26,14 @@ def canonical_name(hf_name):
     """Canonical xllm name of a HF tensor name, or None for tensors xllm does not use."""
     if hf_name in _TOP:
         return _TOP[hf_name]
-    m = _LAYER_RE.fullmatch(hf_name)
-    if m and m.group(2) in _LAYER:
+    if (m := _LAYER_RE.fullmatch(hf_name)) and m.group(2) in _LAYER:
         return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}"
     return None
 
 
 def _hf_name(canonical):
-    top = next((k for k, v in _TOP.items() if v == canonical), None)
-    if top is not None:
-        return top
+    if canonical in _TOP.values():
+        return next(k for k, v in _TOP.items() if v == canonical)
     _, i, short = canonical.split(".")
     return f"model.layers.{i}.{next(k for k, v in _LAYER.items() if v == short)}.weight"
 
@@ -57,8 +55,7 @@ def read_config(directory) -> ModelConfig:
                                f"xllm loads Llama-architecture ('llama') checkpoints")
     if raw.get("attention_bias") or raw.get("mlp_bias") or raw.get("hidden_act", "silu") != "silu":
         raise ModelFormatError(f"{path}: biases or a hidden_act other than silu are not supported")
-    missing = [k for k in _REQUIRED if k not in raw]
-    if missing:
+    if missing := [k for k in _REQUIRED if k not in raw]:
         raise ModelFormatError(f"{path}: missing {', '.join(missing)}")
     # transformers 5 keeps RoPE settings in rope_parameters; 4.x has rope_theta + rope_scaling.
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
@@ -79,9 +76,8 @@ def read_config(directory) -> ModelConfig:
     return make_config(
         path, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
         intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
-        num_heads=raw["num_attention_heads"],
+        num_heads=raw["num_attention_heads"], head_dim=raw.get("head_dim") or 0,
         num_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-        head_dim=raw.get("head_dim") or 0,
         rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -110,8 +106,7 @@ def load_hf(directory) -> Checkpoint:
         if not os.path.isfile(fpath):
             raise ModelFormatError(f"{index}: lists shard {fname}, which does not exist")
         for key, entry in read_safetensors(fpath).items():
-            canon = canonical_name(key)
-            if canon is not None:
+            if (canon := canonical_name(key)) is not None:
                 weights[canon] = as_array(entry, key, fpath)
                 names[canon] = f"{key!r} in {fname}"
     # transformers omits lm_head.weight when it is tied; treat a missing one as tied.

@@ -2,8 +2,7 @@
 
 Both store every per-layer tensor stacked for all layers ([n_layers, ...]), so the loader maps
 the file once and hands out views: ``layers.{i}.wq`` is ``wq_all[i]``. llama2.c rotates adjacent
-pairs in RoPE, hence ``rope_interleaved=True``.
-"""
+pairs in RoPE, hence ``rope_interleaved=True``."""
 import os
 import struct
 
@@ -104,9 +103,8 @@ def load_llama2c(path) -> Checkpoint:
     vocab = abs(h["vocab_size"])
     config = make_config(
         path, vocab_size=vocab, hidden_size=h["dim"], intermediate_size=h["hidden_dim"],
-        num_layers=n, num_heads=h["n_heads"], num_kv_heads=h["n_kv_heads"],
-        tie_word_embeddings=h["tied"], max_seq_len=h["seq_len"], rope_interleaved=True,
-        bos_token_id=1, eos_token_id=2)
+        num_layers=n, num_heads=h["n_heads"], num_kv_heads=h["n_kv_heads"], rope_interleaved=True,
+        tie_word_embeddings=h["tied"], max_seq_len=h["seq_len"], bos_token_id=1, eos_token_id=2)
     check_weights(weights, config, path)
     directory = os.path.dirname(os.path.abspath(path))
     stem = os.path.splitext(os.path.basename(path))[0]

@@ -92,11 +92,10 @@ def load_meta(directory) -> Checkpoint:
         raise ModelFormatError(f"{files[0]}: missing tok_embeddings.weight or "
                                f"layers.0.feed_forward.w1.weight")
     vocab = p.get("vocab_size", -1)
-    scaling = None
-    if p.get("use_scaled_rope"):  # Llama 3.1's frequency scaling, constants from Meta's code
-        scaling = {"rope_type": "llama3", "factor": p.get("rope_scaling_factor") or 8.0,
-                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 8192}
+    # use_scaled_rope: Llama 3.1's frequency scaling, constants from Meta's code
+    scaling = {"rope_type": "llama3", "factor": p.get("rope_scaling_factor") or 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192} if p.get("use_scaled_rope") else None
     config = make_config(
         ppath, vocab_size=vocab if vocab and vocab > 0 else emb.shape[0], hidden_size=dim,
         intermediate_size=w1.shape[0], num_layers=n_layers, num_heads=n_heads,

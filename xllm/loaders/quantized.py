@@ -1,8 +1,7 @@
 """xllm's quantized checkpoint format (written by ``tools/quantize.py``; docs/quantization.rst):
 a directory with config.json (``"xllm_format": 1``), model.safetensors and the tokenizer. A
 QTensor is stored as its arrays ``<name>.qs``, ``<name>.scales`` and (if asymmetric)
-``<name>.mins``, a dense tensor as ``<name>``; all are read-only views of the mapped file.
-"""
+``<name>.mins``, a dense tensor as ``<name>``; all are read-only views of the mapped file."""
 import json
 import os
 from pathlib import Path
@@ -68,9 +67,8 @@ def load_quantized(directory) -> Checkpoint:
         except ModelFormatError as e:
             raise ModelFormatError(f"{where}: {str(e).removeprefix('QTensor: ')}") from None
     check_weights(weights, config, fpath)
-    tok = meta.get("tokenizer")
-    if tok is not None and (tok != os.path.basename(tok)
-                            or not os.path.isfile(os.path.join(directory, tok))):
+    if (tok := meta.get("tokenizer")) is not None and (
+            tok != os.path.basename(tok) or not os.path.isfile(os.path.join(directory, tok))):
         raise ModelFormatError(f"{cpath}: tokenizer file {tok!r} is not in {directory}")
     return Checkpoint(config=config, weights=weights, source=directory,
                       tokenizer_path=tok and os.path.join(directory, tok),

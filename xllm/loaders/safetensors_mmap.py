@@ -2,8 +2,7 @@
 
 We parse it ourselves because the ``safetensors`` package's NumPy API copies every tensor and has
 no bfloat16; here each tensor is a read-only view into one mmap of the file, and bf16 comes back
-as uint16 bits.
-"""
+as uint16 bits."""
 import json
 import mmap
 import os
@@ -29,14 +28,10 @@ def map_file(path):
 
 
 def read_safetensors(path):
-    """Map a .safetensors file: returns {name: (safetensors dtype, shape, raw uint8 view)}.
-
-    A truncated or corrupt file raises ModelFormatError naming the file and tensor. Call
-    :func:`as_array` to turn an entry into a typed array.
-    """
+    """Map a .safetensors file: {name: (safetensors dtype, shape, raw uint8 view)}; see
+    :func:`as_array`. A truncated or corrupt file raises ModelFormatError naming file and tensor."""
     buf = map_file(path)
-    size = buf.size
-    if size < 8:
+    if (size := buf.size) < 8:
         raise ModelFormatError(f"{path}: {size} bytes is too short for a safetensors file")
     n = int(buf[:8].view("<u8")[0])
     if n > min(size - 8, _MAX_HEADER):
