@@ -31,6 +31,7 @@ cdef extern from "gemm_q.h" nogil:
                    size_t M, size_t N, float *out, int accum)
     void xq_dequant_row(const xq_weights *w, size_t r, float *o)
     void xq_barrier()
+    enum: XQ_X_BYTES
 
 
 # ---- instruction-set path (set_isa, get_isa: _matrix.pxi) ----
@@ -58,8 +59,9 @@ cdef xq_weights _weights(object w) except *:
     return c
 
 
-# Rows of x per parallel work item (with one panel of W).
-cdef size_t _ROWS = 128
+# Rows of x per parallel work item (with one panel of W): at most 128, and their quantized
+# blocks at most _X_BYTES, so that they stay in L2 while the item's panel streams past them.
+cdef size_t _ROWS = 128, _X_BYTES = XQ_X_BYTES
 # Products this small (multiply-adds) run on one thread.
 cdef size_t _SERIAL_MAX_MACS = 1 << 16
 # The quantized x of up to this many 32-value blocks (128 bytes each) lives on the stack.
@@ -128,10 +130,11 @@ def qmatmul(x, w, out, accumulate=False):
     cdef xq_xb *qx = <xq_xb *>((<size_t>(mem or qstack) + 63) & ~(<size_t>63))
     cdef Py_ssize_t it, m, p
     cdef size_t m0, m1
-    cdef Py_ssize_t nitems = npanels * <Py_ssize_t>((M + _ROWS - 1) // _ROWS)
+    cdef size_t rows = max(8, min(_ROWS, _X_BYTES // (128 * nb)))
+    cdef Py_ssize_t nitems = npanels * <Py_ssize_t>((M + rows - 1) // rows)
     try:
         # One parallel region (each costs microseconds, much at M = 16, N = 192): the threads
-        # quantize rows of x, wait for each other, then take work items: (block of _ROWS rows
+        # quantize rows of x, wait for each other, then take work items: (block of `rows` rows
         # of x) x (panel of one W); static, so each thread streams one contiguous run of panels
         # (decode of SmolLM2 int4: 167 -> 237 tok/s against dynamic). Which thread computes an
         # item never changes its bits.
@@ -140,8 +143,8 @@ def qmatmul(x, w, out, accumulate=False):
                 xq_quantize_rows(xp, K, <size_t>m, <size_t>m + 1, K, cw[0].parts, qx)
             xq_barrier()  # Cython's prange ends with nowait
             for it in prange(nitems, schedule="static"):
-                m0 = (it // npanels) * _ROWS
-                m1 = min(m0 + _ROWS, M)
+                m0 = (it // npanels) * rows
+                m1 = min(m0 + rows, M)
                 p = it % npanels
                 j = 0
                 while p >= first[j + 1]:
@@ -173,3 +176,4 @@ def qembedding(table, ids, out):
     with nogil:
         for i in range(n):
             xq_dequant_row(&cw, <size_t>ip[i], op + i * D)
+
