@@ -335,7 +335,10 @@ static inline XA_T512 void xa_pv16(const int MR, float *acc, int hd, int hdp, co
             c[i / 4][i % 4] = _mm512_maskz_loadu_ps(mk[i % 4], acc + (i / 4) * hdp + d + 16 * (i % 4));
         for (int j = 0; j < n; j++) {
 #pragma GCC unroll 4
-            for (int u = 0; u < 4; u++) x[u] = xa_ld16(v, j * ldv + d + 16 * u, f16, hd - d - 16 * u);
+            for (int u = 0; u < 4; u++)  /* with the masks above: none computed per key */
+                x[u] = f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                                 mk[u], (const uint16_t *)v + j * ldv + d + 16 * u))
+                           : _mm512_maskz_loadu_ps(mk[u], (const float *)v + j * ldv + d + 16 * u);
 #pragma GCC unroll 16
             for (int i = 0; i < 4 * MR; i++)
                 c[i / 4][i % 4] = _mm512_fmadd_ps(_mm512_set1_ps(p[(i / 4) * XA_BK + j]), x[i % 4],
@@ -371,7 +374,7 @@ static inline __attribute__((always_inline)) void xa_attend(
         const void *vt, ptrdiff_t ldb, const int f16, int hd, float scale) {
     const int mrt = W == 8 ? XA_MR : XA_MR512;  /* rows per tile */
     float qs[XA_ROWBUF], acc[XA_ROWBUF], s[XA_ROWBUF / 32 * XA_BK], m[XA_ROWBUF / 32],
-        l[XA_ROWBUF / 32];
+        l[XA_ROWBUF / 32], kw[256 * XA_BK], vw[256 * XA_BK + 8];  /* kw, vw: a widened block */
     const int hdp = (hd + 31) & ~31, es = f16 ? 2 : 4;
     int64_t last = 0;
     for (int r = 0; r < nr; r++) {
@@ -392,9 +395,21 @@ static inline __attribute__((always_inline)) void xa_attend(
             xa_prefetch(kb + ldb * es, kbytes);
             xa_prefetch(vb + ldb * es, (int)(n < XA_BK ? n : XA_BK) * vrow);
         }
+        const int64_t nv = last - b0 < XA_BK ? last - b0 : XA_BK;  /* V rows in use */
+        const int wide = f16 && nr > mrt;  /* several row tiles: widen the block once for all */
+        if (wide) {
+            for (int i = 0; i < hd * XA_BK; i += 8) _mm256_storeu_ps(kw + i, xa_ld(kb, i, 1, 8));
+            for (int i = 0; i < nv * hd; i += 8)
+                _mm256_storeu_ps(vw + i, xa_ld(vb, i, 1, (int)(nv * hd - i)));
+            kb = (const char *)kw;
+            vb = (const char *)vw;
+        }
         for (int r = 0, t; r < nr; r += t) {
             t = nr - r < mrt ? nr - r : mrt;
-            XA_TILE(W, t, xa_scores, xa_scores16, qs + r * hd, hd, kb, f16, s + r * XA_BK);
+            if (f16 && !wide)
+                XA_TILE(W, t, xa_scores, xa_scores16, qs + r * hd, hd, kb, 1, s + r * XA_BK);
+            else
+                XA_TILE(W, t, xa_scores, xa_scores16, qs + r * hd, hd, kb, 0, s + r * XA_BK);
         }
         for (int r = 0; r < nr; r++)
             if (nk[r] > b0)
@@ -404,9 +419,12 @@ static inline __attribute__((always_inline)) void xa_attend(
             const int64_t n = nk[r] - b0 < XA_BK ? nk[r] - b0 : XA_BK;
             for (t = 1; t < mrt && r + t < nr && (nk[r + t] - b0 < XA_BK ? nk[r + t] - b0 : XA_BK)
                  == n; t++) {}
-            if (n > 0)
-                XA_TILE(W, t, xa_pv, xa_pv16, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, hd,
-                        f16, (int)n);
+            if (n > 0 && f16 && !wide)
+                XA_TILE(W, t, xa_pv, xa_pv16, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, hd, 1,
+                        (int)n);
+            else if (n > 0)
+                XA_TILE(W, t, xa_pv, xa_pv16, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, hd, 0,
+                        (int)n);
         }
     }
     for (int r = 0; r < nr; r++) {
