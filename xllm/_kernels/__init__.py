@@ -1,9 +1,6 @@
-"""Kernel backends: the compiled Cython kernels, or the NumPy reference.
-
-``XLLM_BACKEND=reference`` forces the NumPy reference. On a CPU without AVX2/FMA/F16C the
-compiled modules are never imported (they would fault with "Illegal instruction"); xllm warns and
-uses the reference instead.
-"""
+"""Kernel backends: the compiled Cython kernels, or the NumPy reference (``XLLM_BACKEND=reference``
+forces it). On a CPU without AVX2/FMA/F16C the compiled modules are never imported (they would
+fault with "Illegal instruction"); xllm warns and uses the reference instead."""
 import os
 import warnings
 
@@ -21,13 +18,9 @@ def _compiled():
     except ImportError as e:
         raise ImportError(f"xllm's compiled kernels are missing or broken ({e}); reinstall xllm "
                           "(pip install .) or set XLLM_BACKEND=reference") from e
-    return {"matmul": matmul.matmul, "embedding": matmul.embedding, "rmsnorm": norm.rmsnorm,
-            "rope": norm.rope, "softmax": norm.softmax, "silu_mul": norm.silu_mul,
-            "attention": attention.attention,
-            "attention_batch": attention.attention_batch, "argmax": sampling.argmax,
-            "apply_repetition_penalty": sampling.apply_repetition_penalty,
-            "sample": sampling.sample, "qmatmul": qmatmul.qmatmul,
-            "qembedding": qmatmul.qembedding}
+    # each kernel from the module that defines it (matmul.matmul, matmul.embedding, norm.rope, ...)
+    return {k: getattr(m, k) for m in (matmul, norm, attention, sampling, qmatmul)
+            for k in KERNEL_NAMES + QUANT_NAMES if hasattr(m, k)}
 
 
 class Backend:

@@ -23,11 +23,12 @@ cdef extern from *:
     int xllm_cpu_has(int which) nogil
 
 
+_FEATURES = ("avx2", "f16c", "avx512", "avx512bf16", "avx512vnni")  # xllm_cpu_has(0 .. 4)
+
+
 def features():
     """Instruction-set extensions of this CPU that xllm can use, as a dict of booleans."""
-    return {"avx2": bool(xllm_cpu_has(0)), "f16c": bool(xllm_cpu_has(1)),
-            "avx512": bool(xllm_cpu_has(2)), "avx512bf16": bool(xllm_cpu_has(3)),
-            "avx512vnni": bool(xllm_cpu_has(4))}
+    return {name: bool(xllm_cpu_has(i)) for i, name in enumerate(_FEATURES)}
 
 
 # ---- thread count: every kernel's prange reads it through get_num_threads() ----

@@ -1,10 +1,6 @@
-"""Matrix multiply (``x @ w.T``) and embedding lookup, the hot kernels of a Llama forward pass.
-
-The arithmetic lives in ``gemm.h`` (AVX2 and AVX-512 intrinsics); this module validates
-arguments at the Python boundary, picks the instruction-set path, and splits the rows of ``w``
-across threads. See ``gemm.h`` for why results are bit-for-bit independent of the batch size and
-the thread count.
-"""
+"""Matrix multiply (``x @ w.T``) and embedding lookup: argument checks, the instruction-set path
+and the split of w's rows across threads. The arithmetic (AVX2, AVX-512) and why it is bitwise
+independent of the batch size and the thread count: gemm.h."""
 import os
 
 import numpy as np
@@ -40,8 +36,6 @@ _ISAS = ("avx2", "avx512")
 _NEEDS = {"avx512": ("avx512",)}
 
 
-# ---- argument checks (all before any nogil code) ----
-
 cdef int _weight_type(cnp.ndarray a, str name) except -1:
     cdef int t = cnp.PyArray_TYPE(a)
     if t == cnp.NPY_FLOAT32:
@@ -60,16 +54,12 @@ _init_isa()
 
 # ---- matmul ----
 
-# Prefill converts w to float32 one panel of rows at a time (per thread): about 1 MiB, so the
-# panel stays in L2 (2 MiB per core on current Xeons) while the packed rows of x stream past
-# it; larger panels mean fewer passes over x.
+# Prefill converts w to float32 one panel of rows at a time (per thread): about 1 MiB stays in
+# L2 (2 MiB per core on current Xeons) while the packed rows of x stream past it.
 cdef size_t _PANEL_BYTES = 1024 * 1024
-# From this many rows of x on, use the prefill path (w converted to float32 once per panel,
-# K blocking); below it, w streams once through registers (decode).
-cdef size_t _PREFILL_MIN_M = 16
-cdef size_t _KC = XLLM_KC
-# Products this small (multiply-adds) run on one thread.
-cdef size_t _SERIAL_MAX_MACS = 1 << 16
+# From this many rows of x on, the prefill path; below it, w streams through registers (decode).
+cdef size_t _PREFILL_MIN_M = 16, _KC = XLLM_KC
+cdef size_t _SERIAL_MAX_MACS = 1 << 16  # products this small (multiply-adds) run on one thread
 
 
 def _tune(kc=None, panel_bytes=None, prefill_min_m=None):
@@ -100,8 +90,7 @@ def matmul(x, w, out, accumulate=False):
     cdef cnp.ndarray oa = _check_2d(out, "out", cnp.NPY_FLOAT32, "float32")
     cdef int wt = _weight_type(wa, "w")
     _check_out(oa)
-    cdef size_t M = <size_t>xa.shape[0], K = <size_t>xa.shape[1]
-    cdef size_t N = <size_t>wa.shape[0]
+    cdef size_t M = <size_t>xa.shape[0], K = <size_t>xa.shape[1], N = <size_t>wa.shape[0]
     if <size_t>wa.shape[1] != K:
         raise ValueError(f"x and w disagree on K: x {x.shape}, w {w.shape} "
                          "(w is [N, K], used as x @ w.T)")
@@ -116,60 +105,48 @@ def matmul(x, w, out, accumulate=False):
     cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
     cdef const void *wp = <const void *>cnp.PyArray_DATA(wa)
     cdef float *op = <float *>cnp.PyArray_DATA(oa)
-    cdef int isa = _isa
-    cdef int acc = 1 if accumulate else 0
-    cdef int nt = get_num_threads()
+    cdef int isa = _isa, acc = 1 if accumulate else 0, nt = get_num_threads()
     if M * N * K < _SERIAL_MAX_MACS:
         nt = 1  # waking a second thread would cost more than it saves
     cdef size_t nr = XLLM_NR5 if isa else XLLM_NR2
     # Row stride of converted panels: 64-byte aligned rows, plus one extra cache line so that
     # rows are not a multiple of 4 KiB apart (which would map them all to the same L1 sets).
     cdef size_t nb, kc = 0, ldk = ((K + 15) & ~(<size_t>15)) + 16
-    cdef size_t per_thread = 0, conv_floats = 0
+    cdef size_t per_thread = 0, conv_floats = 0, mr, n0, n1
     cdef bint prefill = M >= _PREFILL_MIN_M
     cdef float *scratch = NULL
     cdef float *xpk = NULL
     cdef float *xpk_mem = NULL
-    cdef size_t mr
-    cdef Py_ssize_t g, ngroups = 0
+    cdef Py_ssize_t g, p, ngroups = 0
 
     if not prefill:
-        # Decode: memory bound. Small panels spread the rows of w evenly over the threads;
-        # each row of w is read exactly once and converted in registers. No allocation.
-        # (24: a multiple of every tile width, 3 and 6.)
+        # Decode: memory bound. Small panels (24: a multiple of the tile widths 3 and 6) spread
+        # the rows of w evenly over the threads; each is read once, converted in registers.
         nb = 24
     else:
-        # Prefill: compute bound. A float32 panel of w sized to stay in L2 while all rows
-        # of x stream past it, K-blocked so the current rows of x stay in L1.
-        nb = _PANEL_BYTES // (4 * ldk)
-        # ... but at least two panels per thread, so no thread idles when N is small
-        nb = min(nb, (N + 2 * nt - 1) // (2 * nt))
+        # Prefill: compute bound. A float32 panel of w sized to stay in L2 while all rows of x
+        # stream past it (but at least two panels per thread, so that none idles when N is
+        # small), K-blocked so the current rows of x stay in L1.
+        nb = min(_PANEL_BYTES // (4 * ldk), (N + 2 * nt - 1) // (2 * nt))
         nb = max(nr, nb - nb % nr)
         kc = _KC
         conv_floats = nb * ldk
-        per_thread = conv_floats + XLLM_ACCBUF_FLOATS
-        per_thread = (per_thread + 15) & ~(<size_t>15)  # keep each thread's part 64-B aligned
+        # keep each thread's part 64-byte aligned
+        per_thread = (conv_floats + XLLM_ACCBUF_FLOATS + 15) & ~(<size_t>15)
     cdef Py_ssize_t npanels = <Py_ssize_t>((N + nb - 1) // nb)
-    if nt > npanels:
-        nt = <int>npanels
-    if prefill:
-        mr = xllm_mr(isa)
-        ngroups = <Py_ssize_t>((M + mr - 1) // mr)
-        scratch = <float *>malloc(<size_t>nt * per_thread * sizeof(float) + 64)
-        xpk_mem = <float *>malloc(<size_t>ngroups * mr * K * sizeof(float) + 64)
-        if scratch == NULL or xpk_mem == NULL:
-            free(scratch)
-            free(xpk_mem)
-            raise MemoryError("matmul: cannot allocate scratch memory")
-        xpk = _align64(xpk_mem)
-
-    cdef Py_ssize_t p
-    cdef size_t n0, n1
+    nt = <int>min(<Py_ssize_t>nt, npanels)
     # per-thread parts of scratch: the float32 panel of w, then the parked accumulators
     cdef float *conv = NULL
     cdef float *accbuf = NULL
     try:
-        if xpk != NULL:
+        if prefill:
+            mr = xllm_mr(isa)
+            ngroups = <Py_ssize_t>((M + mr - 1) // mr)
+            scratch = <float *>malloc(<size_t>nt * per_thread * sizeof(float) + 64)
+            xpk_mem = <float *>malloc(<size_t>ngroups * mr * K * sizeof(float) + 64)
+            if scratch == NULL or xpk_mem == NULL:
+                raise MemoryError("matmul: cannot allocate scratch memory")  # freed in finally
+            xpk = _align64(xpk_mem)
             for g in prange(ngroups, nogil=True, schedule="static", num_threads=nt):
                 xllm_pack_x(isa, xp, K, M, K, kc, <size_t>g, xpk)
         with nogil, parallel(num_threads=nt):

@@ -1,8 +1,6 @@
-"""Row-wise kernels: rmsnorm, rope, softmax, silu_mul (semantics: ``reference.py``).
-
-Arguments are validated here, with the GIL held; the loops then run without it. Rows are split
-across threads with prange only when there is enough work to pay for waking the team.
-"""
+"""Row-wise kernels: rmsnorm, rope, softmax, silu_mul (semantics: ``reference.py``). Arguments
+are validated with the GIL held; the loops then run without it, on several threads only when
+there is enough work to pay for waking the team."""
 include "_common.pxi"
 from libc.math cimport sqrt
 

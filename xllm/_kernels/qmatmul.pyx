@@ -62,14 +62,9 @@ cdef xq_weights _weights(object w) except *:
 # Rows of x per parallel work item (with one panel of W): at most 128, and their quantized
 # blocks at most _X_BYTES, so that they stay in L2 while the item's panel streams past them.
 cdef size_t _ROWS = 128, _X_BYTES = XQ_X_BYTES
-# Products this small (multiply-adds) run on one thread.
-cdef size_t _SERIAL_MAX_MACS = 1 << 16
-# The quantized x of up to this many 32-value blocks (128 bytes each) lives on the stack.
+cdef size_t _SERIAL_MAX_MACS = 1 << 16  # products this small (multiply-adds) run on one thread
 cdef enum:
-    _STACK_B = 8 * 8192 // 32
-
-
-cdef enum:
+    _STACK_B = 8 * 8192 // 32  # quantized x of up to this many blocks (128 B) lives on the stack
     _MAXW = 4  # weights sharing one x in a call
 
 
@@ -116,11 +111,10 @@ def qmatmul(x, w, out, accumulate=False):
     cdef int isa = _isa, acc = 1 if accumulate else 0, nt = get_num_threads()
     if M * K * <size_t>npanels * 16 < _SERIAL_MAX_MACS:
         nt = 1
-    if nt > npanels * <Py_ssize_t>M:
-        nt = <int>(npanels * M)
+    nt = <int>min(<Py_ssize_t>nt, npanels * <Py_ssize_t>M)
 
     # quantized x (xq_xb blocks, cache-line aligned): on the stack when small, else malloc
-    cdef size_t nb = K // 32
+    cdef size_t nb = K // 32, m0, m1
     cdef char qstack[128 * _STACK_B + 64]
     cdef void *mem = NULL
     if M * nb > _STACK_B:
@@ -129,15 +123,13 @@ def qmatmul(x, w, out, accumulate=False):
             raise MemoryError("qmatmul: cannot allocate scratch memory for the quantized x")
     cdef xq_xb *qx = <xq_xb *>((<size_t>(mem or qstack) + 63) & ~(<size_t>63))
     cdef Py_ssize_t it, m, p
-    cdef size_t m0, m1
     cdef size_t rows = max(8, min(_ROWS, _X_BYTES // (128 * nb)))
     cdef Py_ssize_t nitems = npanels * <Py_ssize_t>((M + rows - 1) // rows)
     try:
-        # One parallel region (each costs microseconds, much at M = 16, N = 192): the threads
-        # quantize rows of x, wait for each other, then take work items: (block of `rows` rows
-        # of x) x (panel of one W); static, so each thread streams one contiguous run of panels
-        # (decode of SmolLM2 int4: 167 -> 237 tok/s against dynamic). Which thread computes an
-        # item never changes its bits.
+        # One parallel region (each costs microseconds): the threads quantize rows of x, wait,
+        # then take work items (block of `rows` rows of x) x (panel of one W); static, so each
+        # thread streams one contiguous run of panels (SmolLM2 int4 decode: 167 -> 237 tok/s
+        # against dynamic). Which thread computes an item never changes its bits.
         with nogil, parallel(num_threads=nt):
             for m in prange(<Py_ssize_t>M, schedule="static"):
                 xq_quantize_rows(xp, K, <size_t>m, <size_t>m + 1, K, cw[0].parts, qx)

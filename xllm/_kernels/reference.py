@@ -1,13 +1,10 @@
-"""NumPy reference for every kernel.
-
-Same names, signatures and semantics as the compiled kernels; tests run the same cases through
-both. Conventions shared by all kernels:
+"""NumPy reference for every kernel: same names, signatures and semantics as the compiled
+kernels; tests run the same cases through both. Conventions shared by all kernels:
 
 - activations are float32, C-contiguous; results go into a caller-provided ``out``;
 - weights are float32, float16, or uint16 arrays holding bfloat16 bit patterns (numpy has no
   bfloat16 dtype; ``uint16`` always means bf16 in xllm);
-- a matrix ``w`` of shape [N, K] is used as ``x @ w.T`` (the layout of ``torch.nn.Linear``).
-"""
+- a matrix ``w`` of shape [N, K] is used as ``x @ w.T`` (the layout of ``torch.nn.Linear``)."""
 import numpy as np
 
 
@@ -55,12 +52,8 @@ def rope(x, positions, cos, sin, n_heads, interleaved):
     positions = np.asarray(positions)
     if positions.size and (positions.min() < 0 or positions.max() >= cos.shape[0]):
         raise IndexError(f"positions must lie in [0, {cos.shape[0]})")  # no negative wrap-around
-    c = cos[positions][:, None, :]
-    s = sin[positions][:, None, :]
-    if interleaved:
-        a, b = v[..., 0::2], v[..., 1::2]
-    else:
-        a, b = v[..., :half], v[..., half:]
+    c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+    a, b = (v[..., 0::2], v[..., 1::2]) if interleaved else (v[..., :half], v[..., half:])
     a0, b0 = a.copy(), b.copy()
     a[...] = a0 * c - b0 * s
     b[...] = a0 * s + b0 * c
@@ -121,8 +114,7 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     keys and values. Query row i sits at position start_pos + i and attends to keys
     0 .. start_pos + i. Query head h reads KV head h // (n_heads // n_kv_heads).
     """
-    m = q.shape[0]
-    hd = q.shape[1] // n_heads
+    m, hd = q.shape[0], q.shape[1] // n_heads
     t = start_pos + m
     qh = q.reshape(m, n_heads, hd).astype(np.float64)
     k = k_rows(k_cache)[:t].reshape(t, n_kv_heads, hd).astype(np.float64)

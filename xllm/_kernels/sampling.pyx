@@ -1,20 +1,15 @@
 """Token selection: argmax, repetition penalty, and temperature/top-k/top-p/min-p sampling.
 
-Semantics are those of ``reference.py``; probabilities are handled in double precision, so the
-chosen token agrees with the reference except when u, top_p or min_p sit within ~1e-9 of a
-decision boundary.
+Semantics are those of ``reference.py``, in double precision: the chosen token agrees with the
+reference unless u, top_p or min_p sit within ~1e-9 of a decision boundary.
 
-``sample`` never sorts the vocabulary. One vectorised pass gives every token its weight exp(-d),
-d = (max - logit) / temperature, and its bucket floor(d * PER_NAT) (bucket order is rank order);
-counts and masses per bucket then bound the buckets that can hold the top-k, top-p, min-p and
-draw boundaries. Only those buckets are gathered, as keys ordering by (logit descending, id
-ascending), and each stage is a weighted quickselect on them: "the first rank at which the
-running count or mass crosses a target". If rounding put a boundary past the gathered buckets,
-the stages are rerun on the whole vocabulary.
-
-The scratch buffers are module-level and grow with V only; sample and apply_repetition_penalty
-run with the GIL held (they take well under a millisecond), which keeps them thread-safe.
-"""
+``sample`` never sorts the vocabulary. One pass gives every token its weight exp(-d), d = (max -
+logit) / temperature, and its bucket floor(d * PER_NAT) (bucket order is rank order); counts and
+masses per bucket bound the buckets holding the top-k, top-p, min-p and draw boundaries. Only
+those are gathered, as keys ordering by (logit descending, id ascending); each stage is a
+weighted quickselect on them, rerun on the whole vocabulary if rounding put a boundary past
+them. The scratch buffers are module-level and grow with V only; they are used with the GIL
+held (well under a millisecond), which keeps them thread-safe."""
 include "_common.pxi"
 from libc.math cimport log
 from libc.stdlib cimport realloc
