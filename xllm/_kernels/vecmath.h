@@ -294,7 +294,7 @@ static inline __attribute__((always_inline)) void xa_pv(const int MR, float *acc
 
 /* The AVX-512 twins of xa_scores and xa_pv: 16 lanes, up to XA_MR512 rows. Each lane runs the
  * same chain of FMAs as in the AVX2 code, so both paths give the same bits. */
-#define XA_MR512 4
+#define XA_MR512 6
 #define XA_T512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
 
 static inline XA_T512 __m512 xa_ld16(const void *p, ptrdiff_t i, int f16, int n) {
@@ -306,17 +306,17 @@ static inline XA_T512 __m512 xa_ld16(const void *p, ptrdiff_t i, int f16, int n)
 static inline XA_T512 void xa_scores16(const int MR, const float *qs, int hd, const void *kb,
                                        int f16, float *s) {
     __m512 a[XA_MR512][2], k[2];
-#pragma GCC unroll 8
+#pragma GCC unroll 12
     for (int i = 0; i < 2 * MR; i++) a[i / 2][i % 2] = _mm512_setzero_ps();
     for (int d = 0; d < hd; d++) {
         k[0] = xa_ld16(kb, (ptrdiff_t)d * XA_BK, f16, 16);
         k[1] = xa_ld16(kb, (ptrdiff_t)d * XA_BK + 16, f16, 16);
-#pragma GCC unroll 8
+#pragma GCC unroll 12
         for (int i = 0; i < 2 * MR; i++)
             a[i / 2][i % 2] = _mm512_fmadd_ps(_mm512_set1_ps(qs[(i / 2) * hd + d]), k[i % 2],
                                               a[i / 2][i % 2]);
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 12
     for (int i = 0; i < 2 * MR; i++) _mm512_storeu_ps(s + (i / 2) * XA_BK + 16 * (i % 2), a[i / 2][i % 2]);
 }
 
@@ -330,7 +330,7 @@ static inline XA_T512 void xa_pv16(const int MR, float *acc, int hd, int hdp, co
             const int w = hd - d - 16 * u;
             mk[u] = w >= 16 ? 0xffff : w > 0 ? (__mmask16)((1u << w) - 1) : 0;
         }
-#pragma GCC unroll 16
+#pragma GCC unroll 24
         for (int i = 0; i < 4 * MR; i++)
             c[i / 4][i % 4] = _mm512_maskz_loadu_ps(mk[i % 4], acc + (i / 4) * hdp + d + 16 * (i % 4));
         for (int j = 0; j < n; j++) {
@@ -339,12 +339,12 @@ static inline XA_T512 void xa_pv16(const int MR, float *acc, int hd, int hdp, co
                 x[u] = f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
                                  mk[u], (const uint16_t *)v + j * ldv + d + 16 * u))
                            : _mm512_maskz_loadu_ps(mk[u], (const float *)v + j * ldv + d + 16 * u);
-#pragma GCC unroll 16
+#pragma GCC unroll 24
             for (int i = 0; i < 4 * MR; i++)
                 c[i / 4][i % 4] = _mm512_fmadd_ps(_mm512_set1_ps(p[(i / 4) * XA_BK + j]), x[i % 4],
                                                   c[i / 4][i % 4]);
         }
-#pragma GCC unroll 16
+#pragma GCC unroll 24
         for (int i = 0; i < 4 * MR; i++)
             _mm512_mask_storeu_ps(acc + (i / 4) * hdp + d + 16 * (i % 4), mk[i % 4], c[i / 4][i % 4]);
     }
@@ -354,6 +354,8 @@ static inline XA_T512 void xa_pv16(const int MR, float *acc, int hd, int hdp, co
 #define XA_TILE(W, t, F2, F16, ...)                                                       \
     do {                                                                                  \
         if ((W) == 8) { if ((t) == 2) F2(2, __VA_ARGS__); else F2(1, __VA_ARGS__); }        \
+        else if ((t) == 6) F16(6, __VA_ARGS__);                                           \
+        else if ((t) == 5) F16(5, __VA_ARGS__);                                           \
         else if ((t) == 4) F16(4, __VA_ARGS__);                                           \
         else if ((t) == 3) F16(3, __VA_ARGS__);                                           \
         else if ((t) == 2) F16(2, __VA_ARGS__);                                           \
