@@ -43,6 +43,9 @@
 #ifndef XQ_X_BYTES
 #define XQ_X_BYTES (1 << 19) /* quantized x per work item, at most (qmatmul.pyx) */
 #endif
+#ifndef XQ_OWN_M
+#define XQ_OWN_M 2 /* up to this many rows, every thread quantizes x itself (qmatmul.pyx) */
+#endif
 #define XQ_MR512 6 /* rows of x per AVX-512 micro-kernel call, at most: 24 of 32 zmm hold sums */
 #define XQ_MR256 2 /* and per AVX2 call */
 
