@@ -1,6 +1,7 @@
 """Prefill and decode speed of xllm, optionally side by side with transformers (PyTorch).
 
     python tools/benchmark.py --random tinyllama-1.1b --dtype bf16 --threads 2 --vs-torch
+    python tools/benchmark.py --model int8-dir --vs-torch --torch-model its-hf-source-dir
     python tools/benchmark.py --model DIR --prompt-len 128 --new-tokens 128 --reps 3
     python tools/benchmark.py --model q8.gguf --vs-llama-cpp --prefill-len 512 --bandwidth
     python tools/benchmark.py --model int8-dir --vs-llama-cpp --llama-cpp-model q8.gguf
@@ -211,6 +212,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--vs-torch", action="store_true", help="also run transformers fp32 and bf16")
+    p.add_argument("--torch-model", help="the Hugging Face directory transformers loads (default: "
+                   "the xllm model; give the source of a quantized model to compare with it)")
     p.add_argument("--vs-llama-cpp", action="store_true",
                    help="also run llama.cpp (llama-cpp-python) on the same GGUF file")
     p.add_argument("--llama-cpp-model", help="the GGUF file llama.cpp runs (default: --model)")
@@ -234,7 +237,7 @@ def main(argv=None):
         from transformers import AutoModelForCausalLM
         torch.set_num_threads(threads)
         for name, dt in (("torch fp32", torch.float32), ("torch bf16", torch.bfloat16)):
-            tm = AutoModelForCausalLM.from_pretrained(path, dtype=dt).eval()
+            tm = AutoModelForCausalLM.from_pretrained(a.torch_model or path, dtype=dt).eval()
             runners[name] = (lambda m: lambda p, n: run_torch(m, p, n))(tm)
     if a.vs_llama_cpp:
         from llama_cpp import Llama
