@@ -193,43 +193,11 @@ static inline void xllm_silu_mul(const float *a, const float *b, float *out, ptr
 
 /* Caches are stored in blocks of XA_BK rows, so that one KV head's part of a block is contiguous.
  * K transposed, [blocks][kv_dim][XA_BK]: element (key t, column c) at (t / XA_BK, c, t % XA_BK);
- * the scores of a query against a block are then 4 vectors of 8 keys built with broadcast FMAs
- * (no horizontal sums) by the same operations for one query row or many. V [blocks][n_kv_heads]
- * [XA_BK][head_dim]: value t of head g at (t / XA_BK, g, t % XA_BK). */
+ * the scores of a query against a block are then XA_BK / W vectors of W keys built with broadcast
+ * FMAs (no horizontal sums) by the same operations for one query row or many. V [blocks]
+ * [n_kv_heads][XA_BK][head_dim]: value t of head g at (t / XA_BK, g, t % XA_BK). */
 #define XA_BK 32
-#define XA_MR 2          /* query rows per register tile (2 x 4 accumulators) */
 #define XA_ROWBUF 4096   /* floats of queries (and of output accumulators) per work item */
-
-/* 8 values at element i of a float32 or (f16) float16 array; only the first n when n < 8. */
-static inline __m256 xa_ld(const void *p, ptrdiff_t i, int f16, int n) {
-    if (n >= 8)
-        return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
-                   : _mm256_loadu_ps((const float *)p + i);
-    if (!f16) return _mm256_maskload_ps((const float *)p + i, xllm_tail_mask(n));
-    uint16_t t[8] = {0};
-    memcpy(t, (const uint16_t *)p + i, 2 * (size_t)(n > 0 ? n : 0));
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
-}
-
-/* s[r][0..XA_BK) = sum over d of qs[r][d] * K[d][0..XA_BK) for MR rows (qs rows hd apart, s rows
- * XA_BK apart), d in increasing order. */
-static inline __attribute__((always_inline)) void xa_scores(const int MR, const float *qs, int hd,
-                                                            const void *kb, int f16, float *s) {
-    __m256 a[XA_MR][4], k[4];
-#pragma GCC unroll 8
-    for (int i = 0; i < 4 * MR; i++) a[i / 4][i % 4] = _mm256_setzero_ps();
-    for (int d = 0; d < hd; d++) {
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; u++) k[u] = xa_ld(kb, (ptrdiff_t)d * XA_BK + 8 * u, f16, 8);
-#pragma GCC unroll 8
-        for (int i = 0; i < 4 * MR; i++)
-            a[i / 4][i % 4] = _mm256_fmadd_ps(_mm256_broadcast_ss(qs + (i / 4) * hd + d), k[i % 4],
-                                              a[i / 4][i % 4]);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < 4 * MR; i++)
-        _mm256_storeu_ps(s + (i / 4) * XA_BK + 8 * (i % 4), a[i / 4][i % 4]);
-}
 
 /* One block of a row's online softmax: s holds its XA_BK scores, the first n valid. Raises the
  * running max *m (scaling *l and acc[0..hdp) by exp(old - new)), turns s into p = exp(s - *m)
@@ -260,106 +228,95 @@ static inline void xa_softmax(float *s, int n, float *m, float *l, float *acc, i
     *l += xllm_hsum_ps(sum);
 }
 
-/* acc[r][d..d+32) += sum over j < n of p[r][j] * V[j][d..d+32) for MR rows (acc rows hdp apart,
- * p rows XA_BK apart, V rows ldv apart), j in increasing order; w >= 32 floats of V row are left
- * from d, or only w (TAIL). Unrolled so that the 4 x MR sums stay in registers. */
-static inline __attribute__((always_inline)) void xa_pv_chunk(
-        const int MR, const int TAIL, float *acc, int d, int w, int hdp, const float *p,
-        const void *v, ptrdiff_t ldv, int f16, int n) {
-    __m256 c[XA_MR][4], x[4];
-#pragma GCC unroll 8
-    for (int i = 0; i < 4 * MR; i++)
-        c[i / 4][i % 4] = _mm256_loadu_ps(acc + (i / 4) * hdp + d + 8 * (i % 4));
-    for (int j = 0; j < n; j++) {
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; u++) x[u] = xa_ld(v, j * ldv + d + 8 * u, f16, TAIL ? w - 8 * u : 8);
-#pragma GCC unroll 8
-        for (int i = 0; i < 4 * MR; i++)
-            c[i / 4][i % 4] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + (i / 4) * XA_BK + j),
-                                              x[i % 4], c[i / 4][i % 4]);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < 4 * MR; i++)
-        _mm256_storeu_ps(acc + (i / 4) * hdp + d + 8 * (i % 4), c[i / 4][i % 4]);
-}
-
-/* acc[r][0..hd) += sum over j < n of p[r][j] * V[j][0..hd) for MR rows, 32 columns at a time. */
-static inline __attribute__((always_inline)) void xa_pv(const int MR, float *acc, int hd, int hdp,
-                                                        const float *p, const void *v,
-                                                        ptrdiff_t ldv, int f16, int n) {
-    int d = 0;
-    for (; d + 32 <= hd; d += 32) xa_pv_chunk(MR, 0, acc, d, 32, hdp, p, v, ldv, f16, n);
-    if (d < hd) xa_pv_chunk(MR, 1, acc, d, hd - d, hdp, p, v, ldv, f16, n);
-}
-
-/* The AVX-512 twins of xa_scores and xa_pv: 16 lanes, up to XA_MR512 rows. Each lane runs the
- * same chain of FMAs as in the AVX2 code, so both paths give the same bits. */
-#define XA_MR512 6
+/* The kernels come in two widths W: 8 lanes (AVX2) and 16 (AVX-512). Each lane runs the same
+ * chain of FMAs at either width, so both paths give the same bits. Per width: the vector type
+ * xa_v##W, the intrinsic f as XA_MM##W(f), the query rows of a register tile XA_MR##W;
+ * xa_ld##W(p, i, f16, n): W values at element i of a float32 or (f16) float16 array, only the
+ * first n when n < W; xa_st##W(p, x, n): stores the first n of the W floats x at p. */
 #define XA_T512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
+#define xa_v8 __m256
+#define xa_v16 __m512
+#define XA_MM8(f) _mm256_##f
+#define XA_MM16(f) _mm512_##f
+#define XA_MR8 2    /* p*V: 2 x 4 accumulators (of 16 registers) */
+#define XA_MR16 6   /* 6 x 4 (of 32) */
+/* the mask of the first n lanes, without branches so that it is hoisted out of loops */
+#define XA_MASK16(n) ((__mmask16)((1u << ((n) < 0 ? 0 : (n) > 16 ? 16 : (n))) - 1))
+
+static inline __m256 xa_ld8(const void *p, ptrdiff_t i, int f16, int n) {
+    if (n >= 8)
+        return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+                   : _mm256_loadu_ps((const float *)p + i);
+    if (!f16) return _mm256_maskload_ps((const float *)p + i, xllm_tail_mask(n));
+    uint16_t t[8] = {0};
+    memcpy(t, (const uint16_t *)p + i, 2 * (size_t)(n > 0 ? n : 0));
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+}
 
 static inline XA_T512 __m512 xa_ld16(const void *p, ptrdiff_t i, int f16, int n) {
-    const __mmask16 m = n >= 16 ? 0xffff : n > 0 ? (__mmask16)((1u << n) - 1) : 0;
-    return f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i))
-               : _mm512_maskz_loadu_ps(m, (const float *)p + i);
+    return f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(XA_MASK16(n), (const uint16_t *)p + i))
+               : _mm512_maskz_loadu_ps(XA_MASK16(n), (const float *)p + i);
 }
 
-static inline XA_T512 void xa_scores16(const int MR, const float *qs, int hd, const void *kb,
-                                       int f16, float *s) {
-    __m512 a[XA_MR512][2], k[2];
-#pragma GCC unroll 12
-    for (int i = 0; i < 2 * MR; i++) a[i / 2][i % 2] = _mm512_setzero_ps();
-    for (int d = 0; d < hd; d++) {
-        k[0] = xa_ld16(kb, (ptrdiff_t)d * XA_BK, f16, 16);
-        k[1] = xa_ld16(kb, (ptrdiff_t)d * XA_BK + 16, f16, 16);
-#pragma GCC unroll 12
-        for (int i = 0; i < 2 * MR; i++)
-            a[i / 2][i % 2] = _mm512_fmadd_ps(_mm512_set1_ps(qs[(i / 2) * hd + d]), k[i % 2],
-                                              a[i / 2][i % 2]);
-    }
-#pragma GCC unroll 12
-    for (int i = 0; i < 2 * MR; i++) _mm512_storeu_ps(s + (i / 2) * XA_BK + 16 * (i % 2), a[i / 2][i % 2]);
-}
+#define xa_st8(p, x, n) \
+    ((n) >= 8 ? _mm256_storeu_ps(p, x) : _mm256_maskstore_ps(p, xllm_tail_mask(n), x))
+#define xa_st16(p, x, n) _mm512_mask_storeu_ps(p, XA_MASK16(n), x)
 
-/* 64 columns at a time (masked past hd: nothing is read or written there). */
-static inline XA_T512 void xa_pv16(const int MR, float *acc, int hd, int hdp, const float *p,
-                                   const void *v, ptrdiff_t ldv, int f16, int n) {
-    for (int d = 0; d < hd; d += 64) {
-        __m512 c[XA_MR512][4], x[4];
-        __mmask16 mk[4];
-        for (int u = 0; u < 4; u++) {
-            const int w = hd - d - 16 * u;
-            mk[u] = w >= 16 ? 0xffff : w > 0 ? (__mmask16)((1u << w) - 1) : 0;
-        }
-#pragma GCC unroll 24
-        for (int i = 0; i < 4 * MR; i++)
-            c[i / 4][i % 4] = _mm512_maskz_loadu_ps(mk[i % 4], acc + (i / 4) * hdp + d + 16 * (i % 4));
-        for (int j = 0; j < n; j++) {
-#pragma GCC unroll 4
-            for (int u = 0; u < 4; u++)  /* with the masks above: none computed per key */
-                x[u] = f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                                 mk[u], (const uint16_t *)v + j * ldv + d + 16 * u))
-                           : _mm512_maskz_loadu_ps(mk[u], (const float *)v + j * ldv + d + 16 * u);
-#pragma GCC unroll 24
-            for (int i = 0; i < 4 * MR; i++)
-                c[i / 4][i % 4] = _mm512_fmadd_ps(_mm512_set1_ps(p[(i / 4) * XA_BK + j]), x[i % 4],
-                                                  c[i / 4][i % 4]);
-        }
-#pragma GCC unroll 24
-        for (int i = 0; i < 4 * MR; i++)
-            _mm512_mask_storeu_ps(acc + (i / 4) * hdp + d + 16 * (i % 4), mk[i % 4], c[i / 4][i % 4]);
-    }
+/* The kernels of width W (attributes ATTR), unrolled so that the NV x MR sums stay in registers.
+ * xa_mm##W: C[r][0..NV*W) = (ZERO ? 0 : C[r][0..NV*W)) + sum over j < k of A[r][j] * B[j][d..
+ *   d+NV*W) for MR rows (A rows lda apart, C rows ldc apart; B rows ldb apart, float16 if f16),
+ *   j in increasing order; only the first w columns are read and written if w < NV*W.
+ * xa_scores##W: s[r][0..XA_BK) = sum over d of qs[r][d] * K[d][0..XA_BK) for MR rows (qs rows hd
+ *   apart, s rows XA_BK apart). xa_pv##W: acc[r][0..hd) += sum over j < n of p[r][j] *
+ *   V[j][0..hd) for MR rows (acc rows hdp apart, p rows XA_BK apart, V rows ldv apart). */
+#define XA_KERNELS(W, ATTR)                                                                      \
+static inline ATTR void xa_mm##W(const int MR, const int NV, const int ZERO, const int f16,      \
+        float *c, int ldc, const float *a, ptrdiff_t lda, const void *b, ptrdiff_t ldb, int d,   \
+        int k, int w) {                                                                          \
+    xa_v##W s[4 * XA_MR##W], x[4];                                                               \
+    const int nw[4] = {w, w - W, w - 2 * W, w - 3 * W};  /* valid columns per vector (>= W: all) */\
+    _Pragma("GCC unroll 24")                                                                     \
+    for (int i = 0; i < NV * MR; i++)                                                            \
+        s[i] = ZERO ? XA_MM##W(setzero_ps)()                                                     \
+                    : xa_ld##W(c + i / NV * ldc, W * (i % NV), 0, nw[i % NV]);                   \
+    for (int j = 0; j < k; j++) {                                                                \
+        _Pragma("GCC unroll 4")                                                                  \
+        for (int u = 0; u < NV; u++) x[u] = xa_ld##W(b, j * ldb + d + W * u, f16, nw[u]);        \
+        _Pragma("GCC unroll 24")                                                                 \
+        for (int i = 0; i < NV * MR; i++)                                                        \
+            s[i] = XA_MM##W(fmadd_ps)(XA_MM##W(set1_ps)(a[i / NV * lda + j]), x[i % NV], s[i]);  \
+    }                                                                                            \
+    _Pragma("GCC unroll 24")                                                                     \
+    for (int i = 0; i < NV * MR; i++) xa_st##W(c + i / NV * ldc + W * (i % NV), s[i], nw[i % NV]);\
+}                                                                                                \
+static inline ATTR void xa_scores##W(const int MR, const int f16, const float *qs, int hd,       \
+                                     const void *kb, float *s) {                                 \
+    xa_mm##W(MR, XA_BK / W, 1, f16, s, XA_BK, qs, hd, kb, XA_BK, 0, hd, XA_BK);                  \
+}                                                                                                \
+static inline ATTR void xa_pv##W(const int MR, const int f16, float *acc, int hd, int hdp,       \
+                                 const float *p, const void *v, ptrdiff_t ldv, int n) {          \
+    int d = 0;  /* 4W columns at a time, w a constant (no masks) but for the rest */              \
+    for (; d + 4 * W <= hd; d += 4 * W)                                                          \
+        xa_mm##W(MR, 4, 0, f16, acc + d, hdp, p, XA_BK, v, ldv, d, n, 4 * W);                    \
+    if (d < hd) xa_mm##W(MR, 4, 0, f16, acc + d, hdp, p, XA_BK, v, ldv, d, n, hd - d);           \
 }
+XA_KERNELS(8, __attribute__((always_inline)))
+XA_KERNELS(16, XA_T512)
 
-/* Row tiles of t (1 .. the path's tile height) rows: F(MR, ...) with MR a constant. */
-#define XA_TILE(W, t, F2, F16, ...)                                                       \
-    do {                                                                                  \
-        if ((W) == 8) { if ((t) == 2) F2(2, __VA_ARGS__); else F2(1, __VA_ARGS__); }        \
-        else if ((t) == 6) F16(6, __VA_ARGS__);                                           \
-        else if ((t) == 5) F16(5, __VA_ARGS__);                                           \
-        else if ((t) == 4) F16(4, __VA_ARGS__);                                           \
-        else if ((t) == 3) F16(3, __VA_ARGS__);                                           \
-        else if ((t) == 2) F16(2, __VA_ARGS__);                                           \
-        else F16(1, __VA_ARGS__);                                                         \
+/* F##W(MR, h, ...) for a tile of t (1 .. XA_MR##W) rows, with MR and h (0 or 1) constants. */
+#define XA_TILE(W, t, h, F, ...)                                                                 \
+    do {                                                                                         \
+        if (h) XA_TILE_MR(W, t, F, 1, __VA_ARGS__); else XA_TILE_MR(W, t, F, 0, __VA_ARGS__);    \
+    } while (0)
+#define XA_TILE_MR(W, t, F, ...)                                                                 \
+    do {                                                                                         \
+        if ((W) == 8) { if ((t) == 2) F##8(2, __VA_ARGS__); else F##8(1, __VA_ARGS__); }         \
+        else if ((t) == 6) F##16(6, __VA_ARGS__);                                                \
+        else if ((t) == 5) F##16(5, __VA_ARGS__);                                                \
+        else if ((t) == 4) F##16(4, __VA_ARGS__);                                                \
+        else if ((t) == 3) F##16(3, __VA_ARGS__);                                                \
+        else if ((t) == 2) F##16(2, __VA_ARGS__);                                                \
+        else F##16(1, __VA_ARGS__);                                                              \
     } while (0)
 
 static inline void xa_prefetch(const void *p, int bytes) {
@@ -374,7 +331,7 @@ static inline void xa_prefetch(const void *p, int bytes) {
 static inline __attribute__((always_inline)) void xa_attend(
         const int W, int nr, const float **q, float **out, const int64_t *nk, const void *kt,
         const void *vt, ptrdiff_t ldb, const int f16, int hd, float scale) {
-    const int mrt = W == 8 ? XA_MR : XA_MR512;  /* rows per tile */
+    const int mrt = W == 8 ? XA_MR8 : XA_MR16;  /* rows per tile */
     float qs[XA_ROWBUF], acc[XA_ROWBUF], s[XA_ROWBUF / 32 * XA_BK], m[XA_ROWBUF / 32],
         l[XA_ROWBUF / 32], kw[256 * XA_BK], vw[256 * XA_BK + 8];  /* kw, vw: a widened block */
     const int hdp = (hd + 31) & ~31, es = f16 ? 2 : 4;
@@ -399,34 +356,27 @@ static inline __attribute__((always_inline)) void xa_attend(
         }
         const int64_t nv = last - b0 < XA_BK ? last - b0 : XA_BK;  /* V rows in use */
         const int wide = f16 && nr > mrt;  /* several row tiles: widen the block once for all */
+        const int kf16 = f16 && !wide;  /* the kernels read float16 */
         if (wide) {
-            for (int i = 0; i < hd * XA_BK; i += 8) _mm256_storeu_ps(kw + i, xa_ld(kb, i, 1, 8));
+            for (int i = 0; i < hd * XA_BK; i += 8) _mm256_storeu_ps(kw + i, xa_ld8(kb, i, 1, 8));
             for (int i = 0; i < nv * hd; i += 8)
-                _mm256_storeu_ps(vw + i, xa_ld(vb, i, 1, (int)(nv * hd - i)));
+                _mm256_storeu_ps(vw + i, xa_ld8(vb, i, 1, (int)(nv * hd - i)));
             kb = (const char *)kw;
             vb = (const char *)vw;
         }
         for (int r = 0, t; r < nr; r += t) {
             t = nr - r < mrt ? nr - r : mrt;
-            if (f16 && !wide)
-                XA_TILE(W, t, xa_scores, xa_scores16, qs + r * hd, hd, kb, 1, s + r * XA_BK);
-            else
-                XA_TILE(W, t, xa_scores, xa_scores16, qs + r * hd, hd, kb, 0, s + r * XA_BK);
+            XA_TILE(W, t, kf16, xa_scores, qs + r * hd, hd, kb, s + r * XA_BK);
         }
         for (int r = 0; r < nr; r++)
             if (nk[r] > b0)
                 xa_softmax(s + r * XA_BK, (int)(nk[r] - b0 < XA_BK ? nk[r] - b0 : XA_BK), m + r,
                            l + r, acc + r * hdp, hdp);
         for (int r = 0, t; r < nr; r += t) {  /* tiles of rows that use the same keys */
-            const int64_t n = nk[r] - b0 < XA_BK ? nk[r] - b0 : XA_BK;
+            const int n = (int)(nk[r] - b0 < XA_BK ? nk[r] - b0 : XA_BK);
             for (t = 1; t < mrt && r + t < nr && (nk[r + t] - b0 < XA_BK ? nk[r + t] - b0 : XA_BK)
                  == n; t++) {}
-            if (n > 0 && f16 && !wide)
-                XA_TILE(W, t, xa_pv, xa_pv16, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, hd, 1,
-                        (int)n);
-            else if (n > 0)
-                XA_TILE(W, t, xa_pv, xa_pv16, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, hd, 0,
-                        (int)n);
+            if (n > 0) XA_TILE(W, t, kf16, xa_pv, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, hd, n);
         }
     }
     for (int r = 0; r < nr; r++) {
