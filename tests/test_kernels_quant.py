@@ -165,9 +165,10 @@ def test_batch_thread_and_isa_invariance(fmt, parts):
 @pytest.mark.parametrize("parts", [2, 3])
 def test_long_rows_stack_boundary_and_extreme_blocks(parts):
     rng = np.random.default_rng(2)
-    K = 8192  # 2 * M * K around the on-stack buffer (2 * 8 * 8192): stack and malloc paths
+    K = 8192  # 2 * M * K around the on-stack buffer (2 * 8 * 8192): stack and malloc paths;
+    # 40 rows: 3 row chunks (at K = 8192 a work item takes 16 rows, XQ_X_BYTES)
     w = quant.quantize(weights(rng, 17, K), 8, 32, parts=parts)
-    for m in (8, 9):
+    for m in (8, 9, 40):
         x = rng.standard_normal((m, K)).astype(np.float32)
         x[0, :32] = rng.standard_normal(32) * 1e-42   # subnormal block scale
         x[1, 32:64] = rng.standard_normal(32) * 1e30

@@ -136,8 +136,8 @@ cdef void _item(const int64_t *it, const float *qp, char **kp, char **vp, bint f
             qr[n], orow[n] = qp + i * nh * hd + col, op + i * nh * hd + col
             nk[n] = sp[s] + i - bp[s] + 1
             n += 1
-    xllm_attend(_isa, <int>n, qr, orow, nk, kp[s] + h * hd * XA_BK * es, vp[s] + h * hd * XA_BK * es,
-                ldkv * XA_BK, f16, <int>hd, sc)
+    xllm_attend(_isa, <int>n, qr, orow, nk, kp[s] + h * hd * XA_BK * es,
+                vp[s] + h * hd * XA_BK * es, ldkv * XA_BK, f16, <int>hd, sc)
 
 
 cdef void _run(const float *qp, const float *knp, const float *vnp, char **kp, char **vp,
