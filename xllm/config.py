@@ -7,6 +7,55 @@ import numpy as np
 from .errors import ModelFormatError
 
 
+# Inclusive [low, high] of the integer fields: generous for real models (a 1T-parameter model
+# has ~16k hidden units, ~150 layers, a 256k vocabulary), small enough that nothing absurd is
+# allocated from a hostile file. The loaders also check the config against the file's size.
+LIMITS = {"vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 17),
+          "intermediate_size": (1, 1 << 20), "num_layers": (1, 1 << 12), "num_heads": (1, 1 << 12),
+          "num_kv_heads": (1, 1 << 12), "head_dim": (1, 1 << 12), "max_seq_len": (1, 1 << 24)}
+MAX_WIDTH = 1 << 18  # num_heads * head_dim
+LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+
+
+def _is_int(v) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_float(source, name, v, low, high) -> None:
+    """ModelFormatError unless `v` is a real number with low < v <= high."""
+    number = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    if not number or not low < v <= high:  # NaN fails the comparison
+        raise ModelFormatError(f"{source}: {name} must be a number in ({low:g}, {high:g}], "
+                               f"got {v!r}")
+
+
+def _check_rope_scaling(source, s) -> None:
+    """ModelFormatError unless `s` is None, {"rope_type": "default"} or Llama 3 scaling with a
+    positive factor, 0 < low_freq_factor < high_freq_factor and a positive original context."""
+    if s is None:
+        return
+    if not isinstance(s, dict):
+        raise ModelFormatError(f"{source}: rope_scaling must be an object, got {s!r}")
+    kind = s.get("rope_type", s.get("type"))
+    if kind in (None, "default"):
+        return
+    if kind != "llama3":
+        raise ModelFormatError(f"{source}: rope_scaling type {kind!r} is not supported")
+    s = {**LLAMA3_DEFAULTS, **s}
+    if "factor" not in s:
+        raise ModelFormatError(f"{source}: llama3 rope_scaling needs factor")
+    _check_float(source, "rope_scaling.factor", s["factor"], 0.0, 1e6)
+    _check_float(source, "rope_scaling.low_freq_factor", s["low_freq_factor"], 0.0, 1e6)
+    _check_float(source, "rope_scaling.high_freq_factor", s["high_freq_factor"],
+                 s["low_freq_factor"], 1e6)
+    old = s["original_max_position_embeddings"]
+    if not _is_int(old) or not 0 < old <= LIMITS["max_seq_len"][1]:
+        raise ModelFormatError(f"{source}: rope_scaling.original_max_position_embeddings must be "
+                               f"a positive integer, got {old!r}")
+
+
 @dataclass
 class ModelConfig:
     """Hyper-parameters of a Llama-family model.
@@ -33,24 +82,47 @@ class ModelConfig:
     extra_eos_token_ids: tuple = field(default_factory=tuple)
 
     def __post_init__(self):
-        if not self.head_dim:
-            self.head_dim = self.hidden_size // max(self.num_heads, 1)
         self.validate()
 
     def validate(self, source="config"):
-        """Raise ModelFormatError naming `source` if the numbers cannot describe a model."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_seq_len"):
+        """Raise ModelFormatError naming `source` and the field unless every value is of the
+        right type and within what a real model could have (see LIMITS); fills in head_dim."""
+        for name, (low, high) in LIMITS.items():
             v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v <= 0:
-                raise ModelFormatError(f"{source}: {name} must be a positive integer, got {v!r}")
+            if name == "head_dim" and v == 0 and _is_int(v):
+                continue  # derived below
+            if not _is_int(v) or not low <= v <= high:
+                raise ModelFormatError(f"{source}: {name} must be an integer in [{low}, {high}], "
+                                       f"got {v!r}")
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_heads
+            if self.head_dim == 0:
+                raise ModelFormatError(f"{source}: hidden_size={self.hidden_size} is smaller "
+                                       f"than num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ModelFormatError(f"{source}: num_heads={self.num_heads} is not a multiple of "
                                    f"num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ModelFormatError(f"{source}: head_dim={self.head_dim} must be even for RoPE")
-        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
-            raise ModelFormatError(f"{source}: rms_norm_eps and rope_theta must be positive")
+        if self.q_dim > MAX_WIDTH:
+            raise ModelFormatError(f"{source}: num_heads * head_dim = {self.q_dim} is more than "
+                                   f"{MAX_WIDTH}")
+        _check_float(source, "rope_theta", self.rope_theta, 1.0, 1e15)
+        _check_float(source, "rms_norm_eps", self.rms_norm_eps, 0.0, 1.0)
+        for name in ("tie_word_embeddings", "rope_interleaved"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelFormatError(f"{source}: {name} must be true or false, "
+                                       f"got {getattr(self, name)!r}")
+        _check_rope_scaling(source, self.rope_scaling)
+        if not isinstance(self.extra_eos_token_ids, tuple):
+            raise ModelFormatError(f"{source}: extra_eos_token_ids must be a tuple, "
+                                   f"got {self.extra_eos_token_ids!r}")
+        ids = [("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id)]
+        ids += [("eos_token_id", e) for e in self.extra_eos_token_ids]
+        for name, v in ids:
+            if v is not None and not (_is_int(v) and 0 <= v < self.vocab_size):
+                raise ModelFormatError(f"{source}: {name} must be a token id in [0, "
+                                       f"{self.vocab_size}) (the vocabulary), got {v!r}")
 
     @property
     def q_dim(self) -> int:
@@ -69,8 +141,9 @@ class ModelConfig:
         s = self.rope_scaling or {}
         kind = s.get("rope_type", s.get("type"))
         if kind == "llama3":
-            factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-            old = s.get("original_max_position_embeddings", 8192)
+            s = {**LLAMA3_DEFAULTS, **s}
+            factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+            old = s["original_max_position_embeddings"]
             wavelen = 2 * np.pi / inv
             smooth = (old / wavelen - lo) / (hi - lo)
             scaled = np.where(wavelen > old / lo, inv / factor, inv)

@@ -412,45 +412,51 @@ def load_tokenizer(path, vocab_size=None):
 
 
 def open_gguf(path):
-    """A ``gguf.GGUFReader`` of the file; ``ModelFormatError`` naming it if it cannot be parsed."""
-    from gguf import GGUFReader
-    try:
-        return GGUFReader(os.fspath(path))
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{os.fspath(path)}: not a valid GGUF file ({e}); "
-                               "the file may be truncated or corrupt") from None
+    """The parsed GGUF file (``xllm.loaders.gguf_file.GGUFFile``: ``metadata``, ``tensors``);
+    ``ModelFormatError`` naming it if it cannot be parsed."""
+    from .loaders.gguf_file import GGUFFile
+    return GGUFFile(os.fspath(path))
 
 
 def read_gguf_metadata(source) -> dict:
-    """The key/value metadata of a GGUF file (a path, or an open ``gguf.GGUFReader``) as Python
+    """The key/value metadata of a GGUF file (a path, or an opened ``GGUFFile``) as Python
     values (arrays as lists). Raises ``ModelFormatError`` naming the file."""
-    reader = open_gguf(source) if isinstance(source, (str, os.PathLike)) else source
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    gguf_file = open_gguf(source) if isinstance(source, (str, os.PathLike)) else source
+    return gguf_file.metadata
 
 
 def tokenizer_from_gguf(meta: dict, name: str = "GGUF file"):
     """The tokenizer that GGUF metadata describes (``tokenizer.ggml.model`` ``llama`` or
-    ``gpt2``); otherwise ``ModelFormatError`` naming ``name``."""
-    def get(key, default=None):
-        return meta.get("tokenizer.ggml." + key, default)
+    ``gpt2``); otherwise ``ModelFormatError`` naming ``name`` (and the field, if one has the
+    wrong type)."""
+    from .loaders.gguf_file import typed_list, typed_value
 
-    model, tokens, types = get("model"), get("tokens"), get("token_type")
+    def get(key, kind, default=None):
+        return typed_value(meta, "tokenizer.ggml." + key, kind, default, name)
+
+    def get_list(key, kind, default=None):
+        return typed_list(meta, "tokenizer.ggml." + key, kind, default, name)
+
+    model, tokens = get("model", str), get_list("tokens", str)
+    types = get_list("token_type", int)
     try:
         if model not in ("llama", "gpt2"):
             raise ModelFormatError(f"tokenizer model {model!r} is not supported "
                                    "(only 'llama' and 'gpt2')")
-        if not isinstance(tokens, list) or not tokens:
+        if not tokens:
             raise ModelFormatError("no tokenizer.ggml.tokens")
         if model == "gpt2":
             from .bpe import ByteLevelBPE
             return ByteLevelBPE.from_gguf_fields(
-                tokens, get("merges", []), types, get("pre", "default"),
-                bos_id=get("bos_token_id", -1), eos_id=get("eos_token_id", -1),
-                unk_id=get("unknown_token_id", -1), add_bos=get("add_bos_token", False))
+                tokens, get_list("merges", str, []), types, get("pre", str, "default"),
+                bos_id=get("bos_token_id", int, -1), eos_id=get("eos_token_id", int, -1),
+                unk_id=get("unknown_token_id", int, -1),
+                add_bos=get("add_bos_token", bool, False))
         return SentencePieceBPE(  # with llama.cpp's defaults
-            tokens, get("scores", [0.0] * len(tokens)), types or [NORMAL] * len(tokens),
-            bos_id=get("bos_token_id", 1), eos_id=get("eos_token_id", 2),
-            unk_id=get("unknown_token_id", 0), add_dummy_prefix=get("add_space_prefix", True),
-            byte_fallback=BYTE in (types or ()), add_bos_default=get("add_bos_token", True))
+            tokens, get_list("scores", float, [0.0] * len(tokens)), types or [NORMAL] * len(tokens),
+            bos_id=get("bos_token_id", int, 1), eos_id=get("eos_token_id", int, 2),
+            unk_id=get("unknown_token_id", int, 0),
+            add_dummy_prefix=get("add_space_prefix", bool, True),
+            byte_fallback=BYTE in (types or ()), add_bos_default=get("add_bos_token", bool, True))
     except ModelFormatError as e:
         raise ModelFormatError(f"{name}: {e}") from None

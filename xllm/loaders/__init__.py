@@ -5,6 +5,7 @@ Every loader returns a :class:`Checkpoint` whose weights use Meta-style canonica
 dtype they were stored in (float32, float16, uint16 = bfloat16 bits, or a ``QTensor``) and
 memory-mapped where the format allows. q/k rows are never permuted (see ``rope_interleaved``)."""
 import os
+import stat
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,6 +41,41 @@ def expected_shapes(c: ModelConfig) -> dict:
     for i in range(c.num_layers):
         shapes.update({f"layers.{i}.{k}": s for k, s in per_layer.items()})
     return shapes
+
+
+def check_regular_file(path) -> None:
+    """ModelFormatError naming `path` unless it is a regular file (symlinks followed): opening
+    a FIFO would block forever, and a device, socket or directory is no model file.
+    FileNotFoundError if it does not exist."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ModelFormatError(f"{path}: cannot stat ({e})") from None
+    if not stat.S_ISREG(mode):
+        raise ModelFormatError(f"{path}: not a regular file (a FIFO, device, socket or "
+                               f"directory); refused")
+
+
+def check_fits(config: ModelConfig, n_tensors: int, nbytes: int, source) -> None:
+    """ModelFormatError naming `source` if `config` needs more tensors than the files hold
+    (`n_tensors`) or more weight bytes than their size (`nbytes`), at 1 bit per weight, the
+    least any format stores. Runs before anything is allocated from the config's sizes."""
+    c = config
+    layers = c.num_layers
+    need = 2 + 9 * layers  # tok_embeddings, norm, 9 per layer (output may be tied)
+    if n_tensors < need:
+        raise ModelFormatError(f"{source}: num_layers={layers} needs at least {need} tensors but "
+                               f"the file holds {n_tensors}")
+    h = c.hidden_size
+    per_layer = 2 * h + 2 * c.q_dim * h + 2 * c.kv_dim * h + 3 * c.intermediate_size * h
+    weights = c.vocab_size * h + h + layers * per_layer  # Python ints: no overflow
+    if weights // 8 > nbytes:
+        raise ModelFormatError(f"{source}: the config (vocab_size={c.vocab_size}, hidden_size="
+                               f"{h}, num_layers={layers}, intermediate_size="
+                               f"{c.intermediate_size}) needs {weights} weights, more than "
+                               f"the {nbytes} bytes of the file can hold")
 
 
 def check_weights(weights: dict, config: ModelConfig, source: str, names=None) -> None:
@@ -98,6 +134,7 @@ def load_checkpoint(path) -> Checkpoint:
             return load_meta(path)
         raise ModelFormatError(f"{path}: unknown model format (a directory needs config.json for "
                                f"Hugging Face or params.json for Meta checkpoints)")
+    check_regular_file(path)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF" or path.endswith(".gguf"):

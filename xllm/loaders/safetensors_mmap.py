@@ -4,12 +4,14 @@ We parse it ourselves because the ``safetensors`` package's NumPy API copies eve
 no bfloat16; here each tensor is a read-only view into one mmap of the file, and bf16 comes back
 as uint16 bits."""
 import json
+import math
 import mmap
 import os
 
 import numpy as np
 
 from ..errors import ModelFormatError
+from . import check_regular_file
 
 # safetensors dtype name -> NumPy dtype (uint16 holds bfloat16 bits, the xllm convention).
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
@@ -20,6 +22,7 @@ _MAX_HEADER = 100 << 20  # the reference implementation refuses headers over 100
 
 def map_file(path):
     """A read-only uint8 array over the whole file, backed by one mmap (kept alive by the array)."""
+    check_regular_file(path)
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise ModelFormatError(f"{path}: file is empty")
@@ -29,7 +32,9 @@ def map_file(path):
 
 def read_safetensors(path):
     """Map a .safetensors file: {name: (safetensors dtype, shape, raw uint8 view)}; see
-    :func:`as_array`. A truncated or corrupt file raises ModelFormatError naming file and tensor."""
+    :func:`as_array`. A truncated or corrupt file raises ModelFormatError naming file and tensor:
+    every entry needs a known dtype, a shape of non-negative integers and data_offsets inside
+    the file, matching the shape and overlapping no other tensor's."""
     buf = map_file(path)
     if (size := buf.size) < 8:
         raise ModelFormatError(f"{path}: {size} bytes is too short for a safetensors file")
@@ -41,33 +46,65 @@ def read_safetensors(path):
         header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ModelFormatError(f"{path}: corrupt safetensors header: {e}") from None
-    base, out = 8 + n, {}
+    base, out, spans = 8 + n, {}, []
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        try:
-            dtype, shape = info["dtype"], [int(d) for d in info["shape"]]
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ModelFormatError(f"{path}: corrupt safetensors entry for tensor {key!r}: "
-                                   f"{info!r}") from None
-        if not 0 <= begin <= end or base + end > size:
+        dtype, shape, begin, end = _entry(path, key, info)
+        if base + end > size:
             raise ModelFormatError(f"{path}: tensor {key!r} needs bytes {base + begin}.."
                                    f"{base + end} but the file has {size} bytes (truncated?)")
-        want = int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE.get(dtype, 0)
-        if dtype in _ITEMSIZE and want != end - begin:
+        want = math.prod(shape) * _ITEMSIZE[dtype]  # Python ints: no overflow
+        if want != end - begin:
             raise ModelFormatError(f"{path}: tensor {key!r} ({dtype} {shape}) should take {want} "
                                    f"bytes but its data_offsets span {end - begin}")
         out[key] = (dtype, tuple(shape), buf[base + begin:base + end])
+        spans.append((begin, end, key))
+    spans.sort()
+    for (_, end, key), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ModelFormatError(f"{path}: tensors {key!r} and {other!r} overlap (data_offsets "
+                                   f"{begin} < {end})")
     return out
 
 
+def _entry(path, key, info):
+    """(dtype, shape, begin, end) of one header entry, each of the right type and range."""
+    def bad(why):
+        text = repr(info)
+        text = text if len(text) <= 200 else text[:200] + "..."
+        return ModelFormatError(f"{path}: corrupt safetensors entry for tensor {key!r}: {why} "
+                                f"(got {text})")
+
+    if not isinstance(info, dict):
+        raise bad("not a JSON object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
+        raise bad(f"dtype must be one of {', '.join(_ITEMSIZE)}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad("shape must be a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1]):
+        raise bad("data_offsets must be [begin, end] with 0 <= begin <= end")
+    return dtype, shape, offsets[0], offsets[1]
+
+
+def _is_count(v) -> bool:
+    """A non-negative integer, not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def as_array(entry, key, path):
-    """Typed, shaped read-only view of one entry from :func:`read_safetensors`."""
+    """Typed, shaped read-only view of one entry from :func:`read_safetensors`. Data that is not
+    aligned to its element size (a header whose length is not a multiple of 8, written by some
+    tools) is copied once into an aligned array, which the kernels need."""
     dtype, shape, raw = entry
     if dtype not in DTYPES:
         raise ModelFormatError(f"{path}: tensor {key!r} has dtype {dtype}; xllm supports "
                                f"{', '.join(DTYPES)}")
+    if raw.ctypes.data % np.dtype(DTYPES[dtype]).itemsize:
+        raw = raw.copy()  # a fresh array is aligned
+        raw.flags.writeable = False
     return raw.view(DTYPES[dtype]).reshape(shape)
