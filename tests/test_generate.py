@@ -140,11 +140,12 @@ def test_no_allocation_in_decode_loop(tmp_path):
     tr, argmax = m.transformer, xllm._kernels.backend.argmax
     kv = tr.new_cache()
     kv.reserve(200)  # the cache's amortised growth is allowed; keep it out of the measurement
-    logits = tr.forward(np.arange(1, 20), kv)
+    logits = np.zeros((1, m.config.vocab_size), np.float32)
+    tr.forward_batch([np.arange(1, 20)], [kv], logits)
     tok = np.zeros(1, np.int64)
     for _ in range(3):  # warm up
-        tok[0] = argmax(logits)
-        logits = tr.forward(tok, kv)
+        tok[0] = argmax(logits[0])
+        tr.forward_batch([tok], [kv], logits)
     gc.collect()
     blocks = sys.getallocatedblocks()
     tracemalloc.start()
@@ -152,8 +153,8 @@ def test_no_allocation_in_decode_loop(tmp_path):
     for _ in range(100):
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
-        tok[0] = argmax(logits)
-        logits = tr.forward(tok, kv)
+        tok[0] = argmax(logits[0])
+        tr.forward_batch([tok], [kv], logits)
         worst = max(worst, tracemalloc.get_traced_memory()[1] - base)
     tracemalloc.stop()
     gc.collect()
@@ -221,13 +222,18 @@ def test_cpu_without_avx2_falls_back_to_reference(monkeypatch):
         assert _kernels._select() is _kernels.REFERENCE
 
 
-def test_prompt_prefix_is_reused_with_identical_results(stories):
-    first = stories.generate("Once upon a time", max_new_tokens=20)
+def test_session_reuses_the_prefix_with_identical_results(stories):
+    session = stories.session()
+    first = session.generate("Once upon a time", max_new_tokens=20)
     follow = "Once upon a time" + first + " The end. Then"
-    stories.generate(follow, max_new_tokens=30)
-    reused = stories.last_stats
+    session.generate(follow, max_new_tokens=30)
+    reused = session.last_stats
     assert reused["cached_tokens"] >= 20
-    stories.reset()
-    stories.generate(follow, max_new_tokens=30)
+    stories.generate(follow, max_new_tokens=30)  # a model call: always a fresh sequence
     assert stories.last_stats["cached_tokens"] == 0
     assert stories.last_stats["tokens"] == reused["tokens"]
+    session.reset()
+    assert session.cached_tokens == 0
+    session.generate(follow, max_new_tokens=30)
+    assert session.last_stats["cached_tokens"] == 0
+    assert session.last_stats["tokens"] == reused["tokens"]

@@ -5,10 +5,12 @@
 >>> model.generate("Once upon a time", max_new_tokens=32)   # doctest: +SKIP
 """
 from ._kernels import get_threads, set_threads
-from .api import Model, load
+from .api import Model, Session, load
 from .config import ModelConfig
-from .errors import ContextLengthError, ModelFormatError, XLLMError
+from .errors import (ChatTemplateError, ContextLengthError, ModelFormatError, SessionBusyError,
+                     XLLMError)
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "ModelConfig", "set_threads", "get_threads", "XLLMError",
-           "ModelFormatError", "ContextLengthError", "__version__"]
+__all__ = ["load", "Model", "Session", "ModelConfig", "set_threads", "get_threads", "XLLMError",
+           "ModelFormatError", "ContextLengthError", "ChatTemplateError", "SessionBusyError",
+           "__version__"]

@@ -1,74 +1,88 @@
-"""The public entry points: ``xllm.load(path) -> Model``."""
+"""The public entry points: ``xllm.load(path) -> Model`` and ``Model.session() -> Session``.
+
+A Model is read-only once loaded and may be shared by any number of threads; everything a call
+changes (KV caches, samplers, stop filters, statistics) belongs to that call, or to a Session
+that one caller owns for a multi-turn conversation."""
 import os
-from dataclasses import replace
+import threading
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence, Union
 
 import numpy as np
 
-from . import _kernels
 from .config import ModelConfig
-from .errors import ModelFormatError
-from .decode import SamplingParams, Sampler, StopFilter, generate_ids
+from .decode import SamplingParams, Sampler, StopFilter, check_count, generate_ids
+from .errors import ModelFormatError, SessionBusyError
 from .model import Transformer
+from ._kernels import get_threads, set_threads
 
 
 class Model:
-    """A loaded model and the generation API.
+    """A loaded model and the generation API; safe to use from several threads at once.
 
     Attributes: ``config`` (:class:`xllm.ModelConfig`), ``tokenizer`` (``encode(text,
     add_bos=False)``, ``decode(ids)``, ``bos_id``, ``eos_id``; None if the checkpoint has none),
-    ``transformer`` (weights and forward pass) and ``last_stats`` (timings of the last generation).
+    ``transformer`` (weights and forward pass) and ``last_stats`` (timings of the calling
+    thread's last generation).
     """
 
     max_batch = 256  # prompts one generate() call accepts
 
     def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, *, threads=None,
                  chat_template=None, kv_dtype="float16"):
-        self.config, self.tokenizer, self.chat_template = config, tokenizer, chat_template
+        self.config = config
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
         self.transformer = Transformer(config, weights, kv_dtype=kv_dtype)
-        self._kv = None  # the last generated sequence, whose prefix a new prompt may reuse
-        if threads is not None:
-            self.threads = threads
-        self.last_stats = {}
+        self.threads = threads
+        self._local = threading.local()  # last_stats of each thread
 
     @property
     def threads(self) -> int:
-        """Kernel threads (process-wide); assign an int, or None for all usable cores."""
-        return _kernels.get_threads()
+        """Kernel threads of this model's forward passes. Assign an int, or None to follow the
+        process-wide count (:func:`xllm.set_threads`, default: all usable cores)."""
+        return self.transformer.threads or get_threads()
 
     @threads.setter
     def threads(self, n):
-        _kernels.set_threads(n)
+        if n is not None:
+            n = check_count("threads", n, minimum=1)
+        self.transformer.threads = n
 
-    def _tokenizer(self):
+    @property
+    def last_stats(self) -> dict:
+        """Counts and timings of the last generation started by the calling thread."""
+        return getattr(self._local, "stats", {})
+
+    @property
+    def vocab_limit(self) -> int:
+        """Ids below this are real tokens: the tokenizer's size (an embedding may be padded past
+        it; those rows are never sampled), or the embedding's when there is no tokenizer."""
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass tokenizer=PATH to xllm.load, "
-                             "or give prompts as lists of token ids")
-        return self.tokenizer
+            return self.config.vocab_size
+        return min(self.tokenizer.vocab_size, self.config.vocab_size)
+
+    def session(self) -> "Session":
+        """A new conversation with its own KV cache, reused from one call to the next."""
+        return Session(self)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [len(ids), vocab] (float32) of a fresh sequence, one row per position."""
-        ids = self._check_ids(ids)
+        ids = np.asarray(self._check_ids(ids, "ids"), np.int64)
+        if len(ids) == 0:
+            raise ValueError("no token ids given")
         out = np.empty((len(ids), self.config.vocab_size), np.float32)
         self.transformer.forward(ids, self.transformer.new_cache(), logits_out=out)
         return out
 
-    def _check_ids(self, ids):
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise ValueError("no token ids given")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        return ids
-
     def generate(self, prompt: Union[str, Sequence[int]], *, max_new_tokens=256,
                  temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                  seed=None, stop=(), stream=False, add_bos=None) -> Union[str, Iterator[str]]:
-        """Continue `prompt` (text, or a list of token ids used as given).
+        """Continue `prompt` (text, or a list of token ids used as given) in a fresh sequence.
 
         add_bos=None prepends BOS to text prompts if the tokenizer's model asks for it (Llama
-        SentencePiece models do, SmolLM2 does not). The KV cache of the previous generation is
-        kept: its longest common prefix with this prompt is not computed again.
+        SentencePiece models do, SmolLM2 does not). To continue a conversation without
+        computing its prefix again, use a :meth:`session`.
 
         Greedy when temperature is 0, else sampled (top_k, top_p, min_p applied in that order
         after the temperature); the same seed gives the same text. Stops at the end-of-sequence
@@ -81,44 +95,67 @@ class Model:
         or with stream=True an iterator of (index, piece). Each text is exactly the one its
         prompt gives alone.
         """
-        stop = (stop,) if isinstance(stop, str) else stop
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and \
-            isinstance(prompt[0], (str, list, tuple, np.ndarray))
-        if batch and len(prompt) > self.max_batch:
-            raise ValueError(f"{len(prompt)} prompts exceed max_batch={self.max_batch} (the "
-                             f"Model attribute); split them or raise it")
-        ids = [self._encode(p, add_bos) for p in (prompt if batch else [prompt])]
-        if not batch and self._kv is None:
-            self._kv = self.transformer.new_cache()
-        pieces = self._pieces(ids, max_new_tokens, params, stop, None if batch else [self._kv])
-        if not batch:
-            text = (piece for _, piece in pieces)
-            return text if stream else "".join(text)
-        if stream:
-            return pieces
-        texts = [""] * len(ids)
-        for i, piece in pieces:
-            texts[i] += piece
-        return texts
+        request = self._request(prompt, max_new_tokens, stop, add_bos,
+                                SamplingParams(temperature, top_k, top_p, min_p,
+                                               repetition_penalty, seed))
+        if request.batch and len(request.ids) > self.max_batch:
+            raise ValueError(f"{len(request.ids)} prompts exceed max_batch={self.max_batch} "
+                             f"(the Model attribute); split them or raise it")
+        stats = {"tokens": []}
+        self._local.stats = stats
+        pieces = self._pieces(request, kvs=None, stats=stats)
+        return _deliver(pieces, request.batch, stream, len(request.ids))
 
-    def _encode(self, prompt, add_bos):
+    def _request(self, prompt, max_new_tokens, stop, add_bos, params) -> "_Request":
+        """A generation request with every argument checked and the prompts encoded."""
+        max_new_tokens = check_count("max_new_tokens", max_new_tokens)
+        stop = _check_stop(stop)
+        if add_bos is not None and not isinstance(add_bos, bool):
+            raise TypeError(f"add_bos must be True, False or None, got {add_bos!r}")
+        batch = _is_batch(prompt)
+        prompts = prompt if batch else [prompt]
+        ids = [self._encode(p, add_bos, f"prompt[{i}]" if batch else "prompt")
+               for i, p in enumerate(prompts)]
+        return _Request(ids, batch, max_new_tokens, params, stop)
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass tokenizer=PATH to xllm.load, "
+                             "or give prompts as lists of token ids")
+        return self.tokenizer
+
+    def _encode(self, prompt, add_bos, name):
         if isinstance(prompt, str):
             tok = self._tokenizer()
             if add_bos is None:
                 add_bos = getattr(tok, "add_bos_default", True)
-            ids = tok.encode(prompt, add_bos=add_bos)
-        else:
-            ids = [int(i) for i in prompt]
-        if ids:
-            self._check_ids(ids)
-        return ids
+            return tok.encode(prompt, add_bos=add_bos)
+        return self._check_ids(prompt, name)
 
-    def _pieces(self, ids, max_new_tokens, params, stop, kvs):
-        """(index, text piece) of generating the prompts `ids` as one batch (seed + i for i)."""
+    def _check_ids(self, ids, name):
+        """`ids` (a sequence or 1-D array of integers) as a list of ints below the vocab."""
+        if isinstance(ids, (bytes, bytearray, memoryview)):
+            raise TypeError(f"{name} is bytes: give text as str (decode it first) or token ids "
+                            "as a list of ints")
+        if isinstance(ids, np.ndarray):
+            if ids.ndim != 1 or ids.dtype.kind not in "iu":
+                raise TypeError(f"{name} must be a 1-D integer array, got {ids.dtype} "
+                                f"{ids.shape}")
+            ids = ids.tolist()
+        elif not isinstance(ids, (list, tuple)):
+            raise TypeError(f"{name} must be a str or a list of token ids, got "
+                            f"{type(ids).__name__}")
+        out = [check_count(f"{name} token", i) for i in ids]
+        limit = self.vocab_limit if self.tokenizer is not None else self.config.vocab_size
+        if out and max(out) >= limit:
+            raise ValueError(f"{name}: token ids must be in [0, {limit}), got {max(out)}")
+        return out
+
+    def _pieces(self, request, *, kvs, stats):
+        """(index, text piece) of generating the request's prompts as one batch (prompt i
+        samples with seed + i)."""
         c, tok = self.config, self.tokenizer
+        ids, params = request.ids, request.params
         stop_ids = frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids) if i is not None)
         samplers = [Sampler(replace(params, seed=None if params.seed is None else params.seed + i))
                     for i in range(len(ids))]
@@ -127,10 +164,11 @@ class Model:
         bos = getattr(tok, "bos_id", None)
         decs = [tok.decoder(strip_leading_space=all(t == bos for t in p)) if tok else None
                 for p in ids]
-        stopped, filters = set(), [StopFilter(stop) for _ in ids]
-        stats = self.last_stats = {"tokens": []}
-        for i, t in generate_ids(self.transformer, ids, max_new_tokens, samplers, stop_ids,
-                                 kvs=kvs, stats=stats, stopped=stopped):
+        stopped = set()
+        filters = [StopFilter(request.stop) for _ in ids]
+        for i, t in generate_ids(self.transformer, ids, request.max_new_tokens, samplers, stop_ids,
+                                 kvs=kvs, stats=stats, stopped=stopped,
+                                 vocab_limit=self.vocab_limit):
             stats["tokens"].append(t)
             text = filters[i].push(decs[i].push(t)) if decs[i] else ""
             if filters[i].done:
@@ -146,7 +184,8 @@ class Model:
 
         The messages are rendered with the model's chat template (or `template`), so the reply
         ends at the template's end-of-turn token. Returns the reply text, or an iterator of
-        pieces with stream=True. Other keywords are those of :meth:`generate`.
+        pieces with stream=True. Other keywords are those of :meth:`generate`. For a multi-turn
+        conversation whose earlier turns stay in the KV cache, use :meth:`session`.
         """
         return self.generate(self.chat_ids(messages, template), stream=stream, **generate_kwargs)
 
@@ -163,8 +202,154 @@ class Model:
         return tok.encode(text, add_bos=False, parse_special=True)
 
     def reset(self):
-        """Forget the cached sequence (frees its KV cache)."""
-        self._kv = None
+        """Does nothing: generate() no longer keeps the last sequence's KV cache (use a
+        :meth:`session` to continue a conversation). Kept for existing callers."""
+
+
+class Session:
+    """One caller's conversation (or document) with a model, continued over several calls.
+
+    The session owns a KV cache: each call's prompt reuses the longest prefix it shares with
+    the previous call's whole sequence (prompt and reply), so a chat computes only each new
+    turn. The model stays shareable; a session is for one caller at a time: a call made while
+    another of its calls is running, or while its stream is not yet exhausted or closed, raises
+    :class:`xllm.SessionBusyError`.
+    """
+
+    def __init__(self, model: Model):
+        self.model = model
+        self._kv = model.transformer.new_cache()
+        self._busy = threading.Lock()
+        self.last_stats = {}
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens whose keys and values the session holds."""
+        return self._kv.length
+
+    def generate(self, prompt, *, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
+                 min_p=0.0, repetition_penalty=1.0, seed=None, stop=(), stream=False,
+                 add_bos=None):
+        """:meth:`Model.generate` for one prompt, continuing this session's KV cache."""
+        request = self.model._request(prompt, max_new_tokens, stop, add_bos,
+                                      SamplingParams(temperature, top_k, top_p, min_p,
+                                                     repetition_penalty, seed))
+        if request.batch:
+            raise ValueError("a session continues one sequence: give one prompt (for a batch, "
+                             "use Model.generate)")
+        if not self._busy.acquire(blocking=False):
+            raise SessionBusyError("this session is still running a call (or its stream is not "
+                                   "exhausted or closed): finish it first, or use another "
+                                   "session")
+        try:
+            self.last_stats = {"tokens": []}
+            pieces = self.model._pieces(request, kvs=[self._kv], stats=self.last_stats)
+            text = _Stream((piece for _, piece in pieces), self._busy.release)
+        except BaseException:
+            self._busy.release()
+            raise
+        if stream:
+            return text
+        with text:
+            return "".join(text)
+
+    def chat(self, messages, *, template=None, stream=False, **generate_kwargs):
+        """:meth:`Model.chat`, continuing this session's KV cache: pass the whole
+        conversation each time (earlier turns, the replies included, are not computed again)."""
+        ids = self.model.chat_ids(messages, template)
+        return self.generate(ids, stream=stream, **generate_kwargs)
+
+    def reset(self):
+        """Forget the cached sequence and free its memory."""
+        if not self._busy.acquire(blocking=False):
+            raise SessionBusyError("cannot reset a session while one of its calls runs")
+        try:
+            self._kv.reset()
+        finally:
+            self._busy.release()
+
+
+@dataclass
+class _Request:
+    """One generate() call's arguments, checked: a prompt's ids (or several, for a batch)."""
+    ids: list
+    batch: bool
+    max_new_tokens: int
+    params: SamplingParams
+    stop: tuple
+
+
+class _Stream:
+    """An iterator over a generation's pieces that calls `release` once when it is exhausted,
+    fails, is closed, or is garbage-collected unfinished (so a session is free again)."""
+
+    def __init__(self, pieces, release):
+        self._pieces = pieces
+        self._release = release
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._release is None:
+            raise StopIteration
+        try:
+            return next(self._pieces)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        """Stop the generation here (what was generated stays in the session's cache)."""
+        release, self._release = self._release, None
+        if release is not None:
+            try:
+                self._pieces.close()
+            finally:
+                release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+def _deliver(pieces, batch, stream, n):
+    """What generate() returns for (index, piece) pairs: text, texts, or their stream."""
+    if not batch:
+        text = (piece for _, piece in pieces)
+        return text if stream else "".join(text)
+    if stream:
+        return pieces
+    texts = [""] * n
+    for i, piece in pieces:
+        texts[i] += piece
+    return texts
+
+
+def _is_batch(prompt) -> bool:
+    """True for a list of prompts (texts or id lists), False for one prompt."""
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+            and isinstance(prompt[0], (str, list, tuple, np.ndarray)))
+
+
+def _check_stop(stop):
+    """`stop` (None, a str, or an iterable of str) as a tuple of str."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, (bytes, bytearray)) or not hasattr(stop, "__iter__"):
+        raise TypeError(f"stop must be a str or a list of str, got {type(stop).__name__}")
+    stop = tuple(stop)
+    for s in stop:
+        if not isinstance(s, str):
+            raise TypeError(f"stop strings must be str, got {type(s).__name__} {s!r}")
+    return stop
 
 
 def _piece(tok, i):
@@ -177,23 +362,30 @@ def load(path, *, tokenizer=None, threads=None, kv_dtype="float16") -> Model:
     and cached on first use).
 
     `tokenizer` is a tokenizer file (``tokenizer.model`` or llama2.c ``tokenizer.bin``) for
-    checkpoints that do not carry one; `threads` sets the kernel thread count (default: all
-    cores this process may use); `kv_dtype` how the KV cache stores keys and values: "float16"
-    (the default, half the memory) or "float32".
+    checkpoints that do not carry one; `threads` sets this model's kernel thread count (default:
+    the process-wide count, all cores this process may use); `kv_dtype` how the KV cache stores
+    keys and values: "float16" (the default, half the memory) or "float32".
     """
+    from .hub import resolve
     from .loaders import load_checkpoint
     from .tokenizer import load_tokenizer
     if threads is not None:
-        _kernels.set_threads(threads)
-    from .hub import resolve
+        threads = check_count("threads", threads, minimum=1)
     ckpt = load_checkpoint(resolve(os.fspath(path)))
+    vocab = ckpt.config.vocab_size
     tok_path, tok = (tokenizer, None) if tokenizer else (ckpt.tokenizer_path, ckpt.tokenizer)
     if tok is None and tok_path is not None:
-        tok = load_tokenizer(tok_path, vocab_size=ckpt.config.vocab_size)
-        if tok.vocab_size != ckpt.config.vocab_size:
-            if tokenizer is not None:
-                raise ModelFormatError(f"{tok_path}: tokenizer has {tok.vocab_size} tokens, the "
-                                       f"model {ckpt.config.vocab_size}")
+        tok = load_tokenizer(tok_path, vocab_size=vocab)
+        if tokenizer is not None and tok.vocab_size > vocab:
+            raise ModelFormatError(f"{tok_path}: tokenizer has {tok.vocab_size} tokens, more "
+                                   f"than the model's embedding ({vocab})")
+        if tokenizer is None and tok.vocab_size != vocab:
             tok = None  # a sibling file that belongs to another model
+    if tok is not None and tok.vocab_size > vocab:
+        raise ModelFormatError(f"{ckpt.source}: tokenizer has {tok.vocab_size} tokens, more than "
+                               f"the model's embedding ({vocab})")
     return Model(ckpt.config, ckpt.weights, tok, threads=threads, kv_dtype=kv_dtype,
                  chat_template=ckpt.chat_template)
+
+
+__all__ = ["Model", "Session", "load", "set_threads", "get_threads"]

@@ -2,6 +2,8 @@
 
 (Not in xllm/generate.py, the command line, so that ``python -m xllm.generate`` does not import
 its own module twice.)"""
+import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -10,6 +12,27 @@ import numpy as np
 
 from . import _kernels
 from .errors import ContextLengthError
+
+
+def check_count(name, value, minimum=0):
+    """`value` as an int if it is an integer (Python or NumPy, not bool) >= minimum; TypeError
+    for other types (floats included: 2.5 tokens mean nothing), ValueError below minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_real(name, value):
+    """`value` as a float if it is a finite real number (not bool); TypeError or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
 
 
 @dataclass
@@ -23,10 +46,16 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def __post_init__(self):
+        self.temperature = check_real("temperature", self.temperature)
+        self.top_p = check_real("top_p", self.top_p)
+        self.min_p = check_real("min_p", self.min_p)
+        self.repetition_penalty = check_real("repetition_penalty", self.repetition_penalty)
+        self.top_k = check_count("top_k", self.top_k)
+        if self.seed is not None:
+            self.seed = check_count("seed", self.seed)
         for name, ok, rule in (("temperature", self.temperature >= 0, ">= 0"),
                                ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
                                ("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
-                               ("top_k", self.top_k >= 0, ">= 0"),
                                ("repetition_penalty", self.repetition_penalty > 0, "> 0")):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
@@ -49,13 +78,15 @@ class Sampler:
 
 
 def generate_ids(transformer, prompts, max_new_tokens, samplers, stop_ids, *, kvs=None,
-                 stats=None, stopped=()):
+                 stats=None, stopped=(), vocab_limit=None):
     """Yield (index, token id) for the prompts generated together: one ragged prefill, then one
     decode step per token for every running sequence, each with its own sampler. A sequence
     leaves (dropping its cache) at a stop id (not yielded), after its max_new_tokens (an int or
-    one per prompt), at the context limit, or when the caller adds its index to `stopped`. Its
-    tokens are exactly those it gets alone. `kvs` may give caches holding earlier sequences
-    (their common prefix with the prompt is reused); `stats` receives counts and timings."""
+    one per prompt; counts past the context are clamped to it), at the context limit, or when
+    the caller adds its index to `stopped`. Its tokens are exactly those it gets alone. `kvs`
+    may give caches holding earlier sequences (their common prefix with the prompt is reused);
+    `stats` receives counts and timings. Only ids below `vocab_limit` (default: all) are
+    sampled: an embedding padded past the tokenizer's vocabulary never yields its padding."""
     n, max_len = len(prompts), transformer.config.max_seq_len
     limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     for i, ids in enumerate(prompts):
@@ -64,6 +95,8 @@ def generate_ids(transformer, prompts, max_new_tokens, samplers, stop_ids, *, kv
         if len(ids) > max_len:
             raise ContextLengthError(f"prompt {i} has {len(ids)} tokens; the model's context "
                                      f"is {max_len}")
+        limits[i] = min(limits[i], max_len + 1 - len(ids))  # the last token needs no KV row
+    vocab = transformer.config.vocab_size if vocab_limit is None else vocab_limit
     hist = [np.zeros(len(p) + m, np.int64) for p, m in zip(prompts, limits)]
     kvs = list(kvs) if kvs is not None else [transformer.new_cache() for _ in prompts]
     for h, p, m, kv in zip(hist, prompts, limits, kvs):
@@ -85,7 +118,7 @@ def generate_ids(transformer, prompts, max_new_tokens, samplers, stop_ids, *, kv
         for row, i in enumerate(live):
             if lens[i] - len(prompts[i]) >= limits[i] or i in stopped:
                 continue
-            token = samplers[i](logits[row], hist[i][:lens[i]])
+            token = samplers[i](logits[row, :vocab], hist[i][:lens[i]])
             if token in stop_ids:
                 stats["finish"] = "stop"
                 continue

@@ -19,3 +19,7 @@ class ChatTemplateError(XLLMError, ValueError):
 
 class DownloadError(XLLMError):
     """A named model could not be downloaded, verified or cached."""
+
+
+class SessionBusyError(XLLMError, RuntimeError):
+    """A session was called while another of its calls (or an unfinished stream) was running."""

@@ -39,13 +39,13 @@ def _parser():
     return p
 
 
-def _summary(model):
-    s = model.last_stats
+def _summary(s, threads):
+    """One line on stderr from a generation's stats dict."""
     pre = (s["prompt_tokens"] - s.get("cached_tokens", 0)) / max(s["prefill_seconds"], 1e-9)
     dec = s["decode_steps"] / s["decode_seconds"] if s["decode_seconds"] else 0.0
     cached = f" ({s['cached_tokens']} cached)" if s.get("cached_tokens") else ""
     print(f"prompt: {s['prompt_tokens']} tokens{cached}, {pre:.1f} tok/s | generated: {s['generated']} "
-          f"tokens, {dec:.1f} tok/s | threads: {model.threads}", file=sys.stderr)
+          f"tokens, {dec:.1f} tok/s | threads: {threads}", file=sys.stderr)
 
 
 def _stream(pieces):
@@ -57,6 +57,8 @@ def _stream(pieces):
             out.append(piece)
     except KeyboardInterrupt:
         sys.stdout.write(" [interrupted]")
+    finally:
+        pieces.close()  # an interrupted reply frees its session for the next turn
     print(flush=True)
     return "".join(out)
 
@@ -70,7 +72,8 @@ def _prompt(model, args, text):
 
 
 def _chat_loop(model, system, kwargs):
-    """Multi-turn chat; the conversation's KV cache is kept between turns (prefix reuse)."""
+    """Multi-turn chat in one session: earlier turns stay in its KV cache (prefix reuse)."""
+    session = model.session()
     history = [{"role": "system", "content": system}] if system else []
     print("xllm chat: /reset starts over, /exit quits", file=sys.stderr)
     while True:
@@ -83,12 +86,12 @@ def _chat_loop(model, system, kwargs):
             return
         if line.strip() == "/reset":
             history = history[:1] if system else []
-            model.reset()
+            session.reset()
         elif line.strip():
             history.append({"role": "user", "content": line})
-            reply = _stream(model.chat(history, stream=True, **kwargs))
+            reply = _stream(session.chat(history, stream=True, **kwargs))
             history.append({"role": "assistant", "content": reply})
-            _summary(model)
+            _summary(session.last_stats, model.threads)
 
 
 def main(argv=None):
@@ -113,7 +116,7 @@ def main(argv=None):
     except (XLLMError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _summary(model)
+    _summary(model.last_stats, model.threads)
     return 0
 
 

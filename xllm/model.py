@@ -2,13 +2,22 @@
 
 Shapes below: R = rows processed at once (prompt chunk or 1 for decode), D = hidden_size,
 Q = num_heads*head_dim, KV = num_kv_heads*head_dim, F = intermediate_size, V = vocab_size."""
+import threading
+from contextlib import contextmanager
+
 import numpy as np
 
 from . import _kernels
 from .config import ModelConfig
+from .errors import ContextLengthError, XLLMError
 from .kv_cache import KVCache
 from .loaders import check_weights
 
+# Kernel work runs one forward pass at a time in a process, whatever model and thread it comes
+# from: each pass already uses all the kernel threads, so N callers x T threads would only
+# oversubscribe the cores (and OpenMP threads spinning at barriers for a descheduled peer make
+# that collapse, not just slow down). The pass holding this lock owns its model's Workspace.
+_KERNEL_LOCK = threading.Lock()
 
 
 class Layer:
@@ -53,7 +62,7 @@ class Transformer:
     """Llama weights plus the forward pass. ``forward`` serves prefill and decode alike."""
 
     def __init__(self, config: ModelConfig, weights: dict, *, max_batch_rows=512,
-                 kv_dtype="float16"):
+                 kv_dtype="float16", threads=None):
         c = self.config = config
         self.kv_dtype = np.dtype(kv_dtype)
         if self.kv_dtype not in (np.float32, np.float16):
@@ -62,9 +71,11 @@ class Transformer:
         self.tok_embeddings, self.norm = weights["tok_embeddings"], _f32(weights["norm"])
         self.output = weights.get("output", self.tok_embeddings)  # absent: tied embeddings
         self.layers = [Layer(weights, i) for i in range(c.num_layers)]
-        self.ws = Workspace(c, min(max_batch_rows, c.max_seq_len))
+        self.ws = Workspace(c, min(max_batch_rows, c.max_seq_len))  # used under _KERNEL_LOCK
+        self.threads = threads  # kernel threads of this model's passes; None: xllm.get_threads()
         self._inv_freq = c.inv_freq()
         self.rope_cos = self.rope_sin = np.zeros((0, c.head_dim // 2), np.float32)
+        self.steps = StepBatcher(self)
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for one sequence of this model (rows of ``kv_dtype``)."""
@@ -78,22 +89,70 @@ class Transformer:
             size = min(self.config.max_seq_len, max(n, 2 * self.rope_cos.shape[0], 256))
             self.rope_cos, self.rope_sin = _kernels.reference.rope_tables(self._inv_freq, size)
 
-    def forward(self, tokens, kv: KVCache, logits_out=None):
+    @contextmanager
+    def _kernel_pass(self):
+        """Hold the process's kernel lock with this model's thread count for one pass."""
+        with _KERNEL_LOCK:
+            if self.threads is None:
+                yield
+                return
+            before = _kernels.get_threads()
+            _kernels.set_threads(self.threads)
+            try:
+                yield
+            finally:
+                _kernels.set_threads(before)
+
+    def forward(self, tokens, kv: KVCache, logits_out=None, last_out=None):
         """Run `tokens` (continuing the sequence in `kv`) through the model.
 
-        Returns the last row's logits [V] (a view of a reused buffer, valid until the next call),
-        or fills ``logits_out`` [len(tokens), V] with every row's logits when it is given."""
+        Fills ``logits_out`` [len(tokens), V] with every row's logits when it is given, else
+        ``last_out`` [V] (a new array when None) with the last row's; returns what it filled
+        (its last row for logits_out). Safe to call from several threads (one pass at a time)."""
+        tokens = np.asarray(tokens, np.int64).reshape(-1)
+        self._check_segment(tokens, kv)
+        if logits_out is None and last_out is None:
+            last_out = np.empty(self.config.vocab_size, np.float32)
         rows, n = self.ws.rows, len(tokens)
-        for s in range(0, n, rows):
-            part = tokens[s:s + rows]
-            out = None if logits_out is None else logits_out[s:s + len(part)]
-            self._forward_chunk([(part, kv)], out if out is not None else self.ws.logits, out)
-        return self.ws.logits[0] if logits_out is None else logits_out[-1]
+        with self._kernel_pass():
+            kv.reserve(n)
+            for s in range(0, n, rows):
+                part = tokens[s:s + rows]
+                if logits_out is not None:
+                    self._forward_chunk([(part, kv)], None, logits_out[s:s + len(part)])
+                elif s + rows < n:  # a head whose logits nobody reads
+                    self._forward_chunk([(part, kv)], None, None)
+                else:
+                    self._forward_chunk([(part, kv)], last_out.reshape(1, -1), None)
+        return last_out if logits_out is None else logits_out[-1]
+
+    def _check_segment(self, tokens, kv):
+        """Raise unless `tokens` (int64 [n]) can continue the sequence in `kv` (checked before
+        any kernel runs, so that a bad segment cannot fail a batch half-way)."""
+        if len(tokens) == 0:
+            raise ValueError("no tokens to run")
+        if len(tokens) == 1:  # a decode step: cheaper than two reductions
+            lo = hi = int(tokens[0])
+        else:
+            lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        if kv.length + len(tokens) > kv.max_len:
+            raise ContextLengthError(
+                f"the sequence would reach {kv.length + len(tokens)} tokens, past the model's "
+                f"context of {kv.max_len} ({kv.length} in the cache, {len(tokens)} new)")
 
     def forward_batch(self, seqs, kvs, out):
         """``seqs[i]`` (token ids) continues the sequence in ``kvs[i]``; ``out[i]`` [V] gets the
         logits of its last token. All rows form one matrix (no padding; attention per sequence)
-        and go through the same operations as alone: bitwise batch-invariant logits."""
+        and go through the same operations as alone: bitwise batch-invariant logits.
+
+        Safe to call from several threads: calls that arrive while a pass runs are run together
+        as one batch by the next pass (see :class:`StepBatcher`)."""
+        return self.steps.run(seqs, kvs, out)
+
+    def _forward_batch(self, seqs, kvs, out):
+        """forward_batch's pass; the caller holds the kernel lock and has checked the segments."""
         rows, chunk, first = self.ws.rows, [], 0
         for i, (toks, kv) in enumerate(zip(seqs, kvs)):
             while len(toks) > rows:  # too long to share a chunk: its head runs alone
@@ -158,3 +217,117 @@ class Transformer:
                 xn[r] = x[bounds[r + 1] - 1]
             K.rmsnorm(xn[:n], self.norm, eps, xn[:n])
             K.matmul(xn[:n], self.output, last_out[:n])
+
+
+class _Step:
+    """One forward_batch call waiting in a StepBatcher."""
+    __slots__ = ("seqs", "kvs", "out", "done", "error")
+
+    def __init__(self, seqs, kvs, out):
+        self.seqs, self.kvs, self.out = seqs, kvs, out
+        self.done = False
+        self.error = None
+
+
+class StepBatcher:
+    """Runs one model's forward_batch calls from any number of threads.
+
+    A call made while no pass is running runs at once, in the calling thread. Calls made while
+    a pass runs wait; when it ends, one of them runs all waiting calls as a single batch (one
+    read of the weights for all their sequences) and hands each its rows of logits. Batch
+    invariance makes every sequence's logits bitwise what it would get alone, so callers see
+    no difference but speed: concurrent decode steps cost about what one batched step costs.
+    """
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        self._cond = threading.Condition()
+        self._waiting = []     # steps not yet taken by a pass
+        self._running = False  # a thread is running a pass
+        self._buffer = np.zeros((0, transformer.config.vocab_size), np.float32)
+
+    def run(self, seqs, kvs, out):
+        seqs = [np.asarray(t, np.int64).reshape(-1) for t in seqs]
+        kvs = list(kvs)
+        if len(kvs) != len(seqs) or len(out) < len(seqs):
+            raise ValueError(f"{len(seqs)} sequences need as many caches ({len(kvs)}) and rows "
+                             f"of out ({len(out)})")
+        if len({id(kv) for kv in kvs}) != len(kvs):
+            raise ValueError("a KV cache appears twice in one batch")
+        for toks, kv in zip(seqs, kvs):
+            self.transformer._check_segment(toks, kv)
+        step = _Step(seqs, kvs, out)
+        with self._cond:
+            self._waiting.append(step)
+            while not step.done:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                steps = self._waiting
+                self._waiting = []
+                self._running = True
+                self._cond.release()
+                try:
+                    self._pass(steps)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+        if step.error is not None:
+            raise step.error
+        return out
+
+    def _pass(self, steps):
+        """Run `steps` as one batch; every step ends done, with its logits or its error."""
+        steps = self._without_conflicts(steps)
+        try:
+            if len(steps) == 1:
+                step = steps[0]
+                with self.transformer._kernel_pass():
+                    self.transformer._forward_batch(step.seqs, step.kvs, step.out)
+            elif steps:
+                self._batched_pass(steps)
+        except BaseException as e:
+            for step in steps:
+                step.error = e if len(steps) == 1 else XLLMError(
+                    f"a forward pass batched with other threads' steps failed: {e!r}")
+            if len(steps) == 1 or not isinstance(e, Exception):
+                raise
+        finally:
+            for step in steps:
+                step.done = True
+
+    def _without_conflicts(self, steps):
+        """The steps that may run together: a cache that another step of the pass also
+        continues would be corrupted, so the later step fails instead."""
+        seen, keep = set(), []
+        for step in steps:
+            ids = {id(kv) for kv in step.kvs}
+            if ids & seen:
+                step.error = ValueError("a KV cache is being continued by two threads at once")
+                step.done = True
+                continue
+            seen |= ids
+            try:
+                for toks, kv in zip(step.seqs, step.kvs):  # room for the rows, before the pass
+                    kv.reserve(len(toks))
+            except Exception as e:
+                step.error = e
+                step.done = True
+                continue
+            keep.append(step)
+        return keep
+
+    def _batched_pass(self, steps):
+        seqs = [t for step in steps for t in step.seqs]
+        kvs = [kv for step in steps for kv in step.kvs]
+        if len(self._buffer) < len(seqs):  # grows to the most sequences ever batched
+            self._buffer = np.zeros((len(seqs), self._buffer.shape[1]), np.float32)
+        out = self._buffer[:len(seqs)]
+        with self.transformer._kernel_pass():
+            self.transformer._forward_batch(seqs, kvs, out)
+        row = 0
+        for step in steps:
+            n = len(step.seqs)
+            step.out[:n] = out[row:row + n]
+            row += n
