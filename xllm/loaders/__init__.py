@@ -4,8 +4,10 @@ Every loader returns a :class:`Checkpoint` whose weights use Meta-style canonica
 (``tok_embeddings``, ``norm``, ``output``, ``layers.{i}.wq`` ...), shaped [out, in], kept in the
 dtype they were stored in (float32, float16, uint16 = bfloat16 bits, or a ``QTensor``) and
 memory-mapped where the format allows. q/k rows are never permuted (see ``rope_interleaved``)."""
+import json
 import os
 import stat
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,6 +17,7 @@ from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..quant import QTensor, check_qtensor
 
+MAX_JSON_BYTES = 64 << 20  # config files are kilobytes; refuse to parse gigabytes
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16))
 
 
@@ -56,6 +59,27 @@ def check_regular_file(path) -> None:
     if not stat.S_ISREG(mode):
         raise ModelFormatError(f"{path}: not a regular file (a FIFO, device, socket or "
                                f"directory); refused")
+
+
+def value_or(value, default):
+    """`value`, or `default` if it is None (JSON null or absent): 0, "" or [] are kept, so
+    ModelConfig reports them."""
+    return default if value is None else value
+
+
+def read_json(path) -> dict:
+    """The JSON object in `path` (a regular file of at most MAX_JSON_BYTES); ModelFormatError
+    naming the file if it cannot be read or is not an object."""
+    check_regular_file(path)
+    try:
+        if (size := os.path.getsize(path)) > MAX_JSON_BYTES:
+            raise ValueError(f"{size} bytes is more than the {MAX_JSON_BYTES} allowed")
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise ModelFormatError(f"{path}: cannot read JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ModelFormatError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def check_fits(config: ModelConfig, n_tensors: int, nbytes: int, source) -> None:

@@ -1,14 +1,14 @@
 """Hugging Face ``LlamaForCausalLM`` checkpoints: config.json plus model.safetensors, or shards
 listed in model.safetensors.index.json. Weights stay in HF's q/k row order (rotate_half RoPE),
 so ``rope_interleaved=False``."""
-import json
 import os
 import re
 from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from . import Checkpoint, check_weights, expected_shapes, find_file, make_config
+from . import (Checkpoint, check_fits, check_weights, expected_shapes, find_file, make_config,
+               read_json, value_or)
 from .safetensors_mmap import as_array, read_safetensors
 
 _TOP = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "norm",
@@ -38,18 +38,30 @@ def _hf_name(canonical):
     return f"model.layers.{i}.{next(k for k, v in _LAYER.items() if v == short)}.weight"
 
 
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelFormatError(f"{path}: cannot read JSON: {e}") from None
+def _object(raw, key, path):
+    """raw[key] if it is a JSON object, {} if absent or null; else ModelFormatError."""
+    value = raw.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise ModelFormatError(f"{path}: {key} must be an object, got {value!r}")
+    return value or {}
+
+
+def _token_ids(value, key, path):
+    """A token id or a list of them (as HF allows for eos_token_id) as a list; the ids are
+    range-checked by ModelConfig."""
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    for v in ids:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ModelFormatError(f"{path}: {key} must be a token id or a list of them, "
+                                   f"got {value!r}")
+    return ids
 
 
 def read_config(directory) -> ModelConfig:
     """ModelConfig from a HF directory's config.json (transformers 4.x or 5.x layout), with
     extra end-of-sequence ids from generation_config.json if present."""
     path = os.path.join(directory, "config.json")
-    raw = _read_json(path)
+    raw = read_json(path)
     if raw.get("model_type") != "llama":
         raise ModelFormatError(f"{path}: model_type {raw.get('model_type')!r} is not supported; "
                                f"xllm loads Llama-architecture ('llama') checkpoints")
@@ -58,7 +70,7 @@ def read_config(directory) -> ModelConfig:
     if missing := [k for k in _REQUIRED if k not in raw]:
         raise ModelFormatError(f"{path}: missing {', '.join(missing)}")
     # transformers 5 keeps RoPE settings in rope_parameters; 4.x has rope_theta + rope_scaling.
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope = _object(raw, "rope_parameters", path) or _object(raw, "rope_scaling", path)
     kind = rope.get("rope_type", rope.get("type", "default"))
     scaling = None
     if kind == "llama3":
@@ -69,21 +81,36 @@ def read_config(directory) -> ModelConfig:
     elif kind != "default":
         raise ModelFormatError(f"{path}: rope scaling type {kind!r} is not supported")
     gen_path = os.path.join(directory, "generation_config.json")
-    gen = _read_json(gen_path) if os.path.isfile(gen_path) else {}
-    eos = [e for ids in (raw.get("eos_token_id"), gen.get("eos_token_id"))
-           for e in (ids if isinstance(ids, list) else [ids]) if e is not None]
+    gen = read_json(gen_path) if os.path.isfile(gen_path) else {}
+    eos = (_token_ids(raw.get("eos_token_id"), "eos_token_id", path)
+           + _token_ids(gen.get("eos_token_id"), "eos_token_id", gen_path))
     eos = list(dict.fromkeys(eos))  # in order, without repeats
     return make_config(
         path, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
         intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
-        num_heads=raw["num_attention_heads"], head_dim=raw.get("head_dim") or 0,
-        num_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        num_heads=raw["num_attention_heads"], head_dim=value_or(raw.get("head_dim"), 0),
+        num_kv_heads=value_or(raw.get("num_key_value_heads"), raw["num_attention_heads"]),
+        rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),  # LlamaConfig's default
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
         max_seq_len=raw.get("max_position_embeddings", 2048), rope_interleaved=False,
         rope_scaling=scaling, bos_token_id=raw.get("bos_token_id"),
         eos_token_id=eos[0] if eos else None, extra_eos_token_ids=tuple(eos[1:]))
+
+
+def _shard_path(directory, fname, index):
+    """The path of shard `fname` named by `index`: a file inside `directory` (symlinks
+    resolved), else ModelFormatError."""
+    if not isinstance(fname, str) or not fname:
+        raise ModelFormatError(f"{index}: weight_map values must be file names, got {fname!r}")
+    root = os.path.realpath(directory)
+    fpath = os.path.realpath(os.path.join(directory, fname))
+    if os.path.commonpath([root, fpath]) != root:
+        raise ModelFormatError(f"{index}: weight_map names {fname!r}, which is outside the "
+                               f"model directory {directory}; refused")
+    if not os.path.exists(fpath):
+        raise ModelFormatError(f"{index}: lists shard {fname}, which does not exist")
+    return fpath
 
 
 def load_hf(directory) -> Checkpoint:
@@ -91,21 +118,23 @@ def load_hf(directory) -> Checkpoint:
     config = read_config(directory)
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelFormatError(f"{index}: no weight_map")
-        files = sorted(set(weight_map.values()))
+        files = [_shard_path(directory, f, index) for f in weight_map.values()]
+        files = sorted(set(files))
     elif os.path.isfile(os.path.join(directory, "model.safetensors")):
-        files = ["model.safetensors"]
+        files = [os.path.join(directory, "model.safetensors")]
     else:
         raise ModelFormatError(f"{directory}: no model.safetensors or model.safetensors.index.json "
                                f"(only safetensors checkpoints are supported)")
+    entries = {fpath: read_safetensors(fpath) for fpath in files}
+    check_fits(config, sum(map(len, entries.values())), sum(map(os.path.getsize, files)),
+               directory)
     weights, names = {}, {}
-    for fname in files:
-        fpath = os.path.join(directory, fname)
-        if not os.path.isfile(fpath):
-            raise ModelFormatError(f"{index}: lists shard {fname}, which does not exist")
-        for key, entry in read_safetensors(fpath).items():
+    for fpath, tensors in entries.items():
+        fname = os.path.relpath(fpath, os.path.realpath(directory))
+        for key, entry in tensors.items():
             if (canon := canonical_name(key)) is not None:
                 weights[canon] = as_array(entry, key, fpath)
                 names[canon] = f"{key!r} in {fname}"
@@ -126,9 +155,13 @@ def read_chat_template(directory):
     "chat_template" (a string, or a list of named templates: "default" is used), else None."""
     jinja = os.path.join(directory, "chat_template.jinja")
     if os.path.isfile(jinja):
-        return Path(jinja).read_text(encoding="utf-8")
+        try:
+            return Path(jinja).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelFormatError(f"{jinja}: cannot read the chat template ({e})") from None
     path = os.path.join(directory, "tokenizer_config.json")
-    t = _read_json(path).get("chat_template") if os.path.isfile(path) else None
+    t = read_json(path).get("chat_template") if os.path.isfile(path) else None
     if isinstance(t, list):
-        t = next((d.get("template") for d in t if d.get("name") == "default"), None)
+        named = (d for d in t if isinstance(d, dict) and d.get("name") == "default")
+        t = next((d.get("template") for d in named), None)
     return t if isinstance(t, str) else None

@@ -88,8 +88,13 @@ def load_llama2c(path) -> Checkpoint:
         raise ModelFormatError(f"{path}: llama2.c v{version} header ({shown}) implies {expected} "
                                f"bytes but the file has {buf.size} (truncated or wrong format?)")
 
+    vocab, n = abs(h["vocab_size"]), h["n_layers"]
+    config = make_config(
+        path, vocab_size=vocab, hidden_size=h["dim"], intermediate_size=h["hidden_dim"],
+        num_layers=n, num_heads=h["n_heads"], num_kv_heads=h["n_kv_heads"], rope_interleaved=True,
+        tie_word_embeddings=h["tied"], max_seq_len=h["seq_len"], bos_token_id=1, eos_token_id=2)
     flat = buf[data_offset:].view("<f4")
-    weights, pos, n = {}, 0, h["n_layers"]
+    weights, pos = {}, 0
     for name, shape in layout:
         size = int(np.prod(shape))
         arr, pos = flat[pos:pos + size].reshape(shape), pos + size
@@ -99,12 +104,6 @@ def load_llama2c(path) -> Checkpoint:
             weights[name] = arr
         else:
             weights.update({f"layers.{i}.{name}": arr[i] for i in range(n)})
-
-    vocab = abs(h["vocab_size"])
-    config = make_config(
-        path, vocab_size=vocab, hidden_size=h["dim"], intermediate_size=h["hidden_dim"],
-        num_layers=n, num_heads=h["n_heads"], num_kv_heads=h["n_kv_heads"], rope_interleaved=True,
-        tie_word_embeddings=h["tied"], max_seq_len=h["seq_len"], bos_token_id=1, eos_token_id=2)
     check_weights(weights, config, path)
     directory = os.path.dirname(os.path.abspath(path))
     stem = os.path.splitext(os.path.basename(path))[0]

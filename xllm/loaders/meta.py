@@ -1,21 +1,45 @@
 """Meta reference checkpoints: params.json + consolidated.NN.pth (one file per model-parallel
 shard). Meta's RoPE rotates adjacent pairs, hence ``rope_interleaved=True``."""
 import glob
-import json
 import os
 import pickle
+import struct
+import zipfile
 
 import numpy as np
 
 from ..errors import ModelFormatError
-from . import Checkpoint, check_weights, expected_shapes, find_file, make_config
+from . import (Checkpoint, check_fits, check_regular_file, check_weights, expected_shapes,
+               find_file, make_config, read_json, value_or)
 
 # Axis along which model-parallel shards split each weight (norms are replicated).
 _SPLIT_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
 
+def _check_archive(path):
+    """ModelFormatError naming `path` unless it is a zip archive (torch.save's format) whose
+    members are stored uncompressed inside the file: nothing is then read or allocated beyond
+    the file's own bytes (a compressed member could expand without bound; the legacy non-zip
+    format allocates storages of sizes it reads from the file)."""
+    check_regular_file(path)
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, OverflowError,
+            NotImplementedError, IndexError, KeyError) as e:
+        raise ModelFormatError(f"{path}: not a PyTorch zip archive ({type(e).__name__}: {e}); "
+                               f"re-save legacy .pth files with torch.save") from None
+    for m in members:
+        if m.compress_type != zipfile.ZIP_STORED or m.compress_size != m.file_size \
+                or m.header_offset + m.file_size > size:
+            raise ModelFormatError(f"{path}: archive member {m.filename!r} is compressed or "
+                                   f"runs past the end of the file")
+
+
 def _load_shard(torch, path):
     """{canonical name: read-only numpy view} of one consolidated.NN.pth file."""
+    _check_archive(path)
     try:
         # weights_only refuses to unpickle anything but tensors and plain containers, so a
         # malicious .pth cannot run code; mmap keeps the tensors on disk instead of in RAM.
@@ -55,8 +79,13 @@ def _merge(shards, name, dim):
         return parts[0]
     axis = _SPLIT_AXIS.get(name.rsplit(".", 1)[-1])
     if name == "tok_embeddings":  # Llama 2 splits the embedding dim, Llama 3 the vocabulary
-        axis = 0 if parts[0].shape[1] == dim else 1
-    return None if axis is None else np.concatenate(parts, axis=axis)  # None: not ours
+        axis = 0 if parts[0].shape[1:2] == (dim,) else 1
+    if axis is None:
+        return None  # not ours
+    if any(p.ndim != 2 or p.shape[1 - axis] != parts[0].shape[1 - axis] for p in parts):
+        raise ModelFormatError(f"{name}: the shards' shapes {[p.shape for p in parts]} do not "
+                               f"join along axis {axis}")
+    return np.concatenate(parts, axis=axis)
 
 
 def _meta_name(canonical):
@@ -76,32 +105,39 @@ def load_meta(directory) -> Checkpoint:
     except ImportError:
         raise ImportError("loading Meta .pth files needs PyTorch (pip install torch)") from None
     ppath = os.path.join(directory, "params.json")
-    try:
-        with open(ppath, encoding="utf-8") as f:
-            p = json.load(f)
-        dim, n_layers, n_heads = p["dim"], p["n_layers"], p["n_heads"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelFormatError(f"{ppath}: cannot read params ({type(e).__name__}: {e})") from None
+    p = read_json(ppath)
+    if missing := [k for k in ("dim", "n_layers", "n_heads") if k not in p]:
+        raise ModelFormatError(f"{ppath}: missing {', '.join(missing)}")
+    dim = p["dim"]
     files = sorted(glob.glob(os.path.join(glob.escape(directory), "consolidated.*.pth")))
     if not files:
         raise ModelFormatError(f"{directory}: params.json but no consolidated.*.pth files")
     shards = [_load_shard(torch, f) for f in files]
-    weights = {k: w for k in shards[0] if (w := _merge(shards, k, dim)) is not None}
+    try:
+        weights = {k: w for k in shards[0] if (w := _merge(shards, k, dim)) is not None}
+    except ModelFormatError as e:
+        raise ModelFormatError(f"{directory}: {e}") from None
     emb, w1 = weights.get("tok_embeddings"), weights.get("layers.0.w1")
-    if emb is None or w1 is None:
+    if emb is None or w1 is None or emb.ndim != 2 or w1.ndim != 2:
         raise ModelFormatError(f"{files[0]}: missing tok_embeddings.weight or "
-                               f"layers.0.feed_forward.w1.weight")
-    vocab = p.get("vocab_size", -1)
+                               f"layers.0.feed_forward.w1.weight (or they are not matrices)")
+    vocab = p.get("vocab_size")
+    if vocab is None or (isinstance(vocab, int) and vocab <= 0):  # -1: the embedding decides
+        vocab = emb.shape[0]
     # use_scaled_rope: Llama 3.1's frequency scaling, constants from Meta's code
-    scaling = {"rope_type": "llama3", "factor": p.get("rope_scaling_factor") or 8.0,
+    if (scaled := p.get("use_scaled_rope", False)) not in (True, False):
+        raise ModelFormatError(f"{ppath}: use_scaled_rope must be true or false, got {scaled!r}")
+    scaling = {"rope_type": "llama3", "factor": value_or(p.get("rope_scaling_factor"), 8.0),
                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192} if p.get("use_scaled_rope") else None
+               "original_max_position_embeddings": 8192} if scaled else None
     config = make_config(
-        ppath, vocab_size=vocab if vocab and vocab > 0 else emb.shape[0], hidden_size=dim,
-        intermediate_size=w1.shape[0], num_layers=n_layers, num_heads=n_heads,
-        num_kv_heads=p.get("n_kv_heads") or n_heads, rope_theta=float(p.get("rope_theta", 1e4)),
-        rms_norm_eps=float(p.get("norm_eps", 1e-5)), max_seq_len=p.get("max_seq_len", 2048),
+        ppath, vocab_size=vocab, hidden_size=dim, intermediate_size=w1.shape[0],
+        num_layers=p["n_layers"], num_heads=p["n_heads"],
+        num_kv_heads=value_or(p.get("n_kv_heads"), p["n_heads"]),
+        rope_theta=p.get("rope_theta", 1e4),
+        rms_norm_eps=p.get("norm_eps", 1e-5), max_seq_len=p.get("max_seq_len", 2048),
         tie_word_embeddings="output" not in weights, rope_interleaved=True, rope_scaling=scaling)
+    check_fits(config, len(weights), sum(map(os.path.getsize, files)), directory)
     weights = {k: weights[k] for k in expected_shapes(config) if k in weights}
     labels = {k: repr(_meta_name(k)) for k in expected_shapes(config)}
     check_weights(weights, config, directory, labels)

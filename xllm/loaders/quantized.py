@@ -2,15 +2,13 @@
 a directory with config.json (``"xllm_format": 1``), model.safetensors and the tokenizer. A
 QTensor is stored as its arrays ``<name>.qs``, ``<name>.scales`` and (if asymmetric)
 ``<name>.mins``, a dense tensor as ``<name>``; all are read-only views of the mapped file."""
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import ModelFormatError
 from ..quant import QTensor
-from . import Checkpoint, check_weights, expected_shapes, make_config
+from . import Checkpoint, check_fits, check_weights, expected_shapes, make_config, read_json
 from .safetensors_mmap import as_array, read_safetensors
 
 FORMAT_VERSION = 1
@@ -19,30 +17,37 @@ FORMAT_VERSION = 1
 def is_quantized_dir(directory) -> bool:
     """Whether `directory` has a config.json with the key "xllm_format"."""
     try:
-        meta = json.loads(Path(directory, "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False  # the Hugging Face loader reports unreadable JSON
-    return isinstance(meta, dict) and "xllm_format" in meta
+        return "xllm_format" in read_json(os.path.join(directory, "config.json"))
+    except (ModelFormatError, OSError):
+        return False  # missing, or unreadable JSON (the Hugging Face loader reports it)
 
 
 def load_quantized(directory) -> Checkpoint:
     """Load an xllm quantized directory; every tensor is checked against config.json."""
     directory = os.fspath(directory)
     cpath, fpath = (os.path.join(directory, n) for n in ("config.json", "model.safetensors"))
+    meta = read_json(cpath)
     try:
-        meta = json.loads(Path(cpath).read_text(encoding="utf-8"))
         if meta.get("xllm_format") != FORMAT_VERSION:
             raise ValueError(f"xllm_format {meta.get('xllm_format')!r} is not supported "
                              f"(this xllm reads {FORMAT_VERSION})")
-        q, raw = meta["quantization"], dict(meta["config"])
-        want = (int(q["bits"]), int(q["group_size"]), bool(q["asymmetric"]), q["scale_dtype"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        q, raw = meta["quantization"], meta["config"]
+        if not isinstance(q, dict) or not isinstance(raw, dict):
+            raise ValueError("quantization and config must be objects")
+        want = (q["bits"], q["group_size"], q["asymmetric"], q["scale_dtype"])
+        if tuple(map(type, want)) != (int, int, bool, str):
+            raise ValueError(f"quantization (bits, group_size, asymmetric, scale_dtype) = "
+                             f"{want} must be (integer, integer, true/false, string)")
+    except (ValueError, KeyError) as e:
         raise ModelFormatError(f"{cpath}: not a valid xllm quantized config ({e})") from None
-    raw["extra_eos_token_ids"] = tuple(raw.get("extra_eos_token_ids") or ())
-    config = make_config(cpath, **raw)
+    eos = raw.get("extra_eos_token_ids") or []
+    if not isinstance(eos, list):
+        raise ModelFormatError(f"{cpath}: config.extra_eos_token_ids must be a list, got {eos!r}")
+    config = make_config(cpath, **{**raw, "extra_eos_token_ids": tuple(eos)})
     if not os.path.isfile(fpath):
         raise ModelFormatError(f"{fpath}: missing (an xllm quantized directory needs it)")
     entries, weights = read_safetensors(fpath), {}
+    check_fits(config, len(entries), os.path.getsize(fpath), fpath)
     for name, shape in expected_shapes(config).items():
         if f"{name}.qs" not in entries:
             if name in entries:
