@@ -7,7 +7,10 @@ attention is far from uniform and a wrong RoPE row permutation changes the logit
 """
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,8 @@ from xllm.loaders import expected_shapes, load_checkpoint
 from xllm.loaders.gguf import gguf_name
 from xllm.loaders.safetensors_mmap import read_safetensors
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
 import quantize as qtool  # noqa: E402
 from random_model import write_random_model, write_safetensors  # noqa: E402
 
@@ -413,11 +417,50 @@ def test_refuses_source_and_existing(hf_src, tmp_path, capsys):
         assert "source model" in capsys.readouterr().err
     assert sorted(os.listdir(hf_src)) == before
     out = tmp_path / "q"
-    out.mkdir()
+    assert run("--model", hf_src, "--out", out, "--bits", 4) == 0
     assert run("--model", hf_src, "--out", out, "--bits", 8) == 2
     assert "exists (pass --force" in capsys.readouterr().err
     assert run("--model", hf_src, "--out", out, "--bits", 8, "--force") == 0
     assert sorted(os.listdir(tmp_path)) == ["q"] and load_checkpoint(out).config.vocab_size == 512
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
+    gguf_out = tmp_path / "q.gguf"
+    assert run("--model", hf_src, "--out", gguf_out, "--bits", 8, "--format", "gguf") == 0
+    assert run("--model", hf_src, "--out", gguf_out, "--bits", 4, "--format", "gguf",
+               "--force") == 0
+
+
+def _unrelated(tmp_path, kind, hf_src):
+    """Something at --out that quantize.py did not write."""
+    out = tmp_path / "out"
+    if kind == "text file":
+        out.write_text("my notes")
+    elif kind == "empty folder":
+        out.mkdir()
+    else:
+        assert run("--model", hf_src, "--out", out, "--bits", 8) == 0
+        if kind == "quantized folder with more files":
+            (out / "notes.txt").write_text("mine")
+        elif kind == "quantized folder with a subfolder":
+            (out / "data").mkdir()
+        else:  # "folder without xllm_format"
+            meta = json.loads((out / "config.json").read_text())
+            del meta["xllm_format"]
+            (out / "config.json").write_text(json.dumps(meta))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["text file", "empty folder", "quantized folder with more files",
+                                  "quantized folder with a subfolder",
+                                  "folder without xllm_format"])
+def test_force_refuses_what_it_did_not_write(hf_src, tmp_path, capsys, kind):
+    out = _unrelated(tmp_path, kind, hf_src)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    for fmt in ("xllm", "gguf"):
+        assert run("--model", hf_src, "--out", out, "--bits", 8, "--format", fmt, "--force") == 2
+        err = capsys.readouterr().err
+        assert "is not a model this tool wrote" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
 @pytest.mark.parametrize("fmt,target", [("xllm", "write_safetensors"), ("gguf", "to_interleaved")])
@@ -431,6 +474,36 @@ def test_failure_midway_leaves_nothing(hf_src, tmp_path, monkeypatch, capsys, fm
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] in ("quantize: error: RuntimeError: disk on fire",
                        "quantize: interrupted; nothing was written")
+    assert os.listdir(tmp_path) == []
+
+
+SLOW_QUANTIZE = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import quantize
+def write_slowly(*args):  # the temporary output exists by now
+    time.sleep(60)
+quantize.write_safetensors = write_slowly
+quantize.to_interleaved = write_slowly
+sys.exit(quantize.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["xllm", "gguf"])
+def test_sigterm_leaves_nothing(hf_src, tmp_path, fmt):
+    out = tmp_path / "q"
+    p = subprocess.Popen([sys.executable, "-c", SLOW_QUANTIZE, str(TOOLS), "--model", str(hf_src),
+                          "--out", str(out), "--bits", "8", "--format", fmt],
+                         stderr=subprocess.PIPE, text=True)
+    tmp = tmp_path / f"q.tmp-{p.pid}"
+    deadline = time.monotonic() + 60
+    while not tmp.exists():
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=30)[1]
+    assert p.returncode == 2 and "quantize: interrupted; nothing was written" in err, err
     assert os.listdir(tmp_path) == []
 
 

@@ -14,14 +14,16 @@ stored (xllm); --keep leaves the token embeddings and/or the output matrix unqua
 into for these weights: 2 (faster) or 3 (more exact); default 2 for int8, 3 for int4.
 
 The xllm format is described in docs/quantization.rst. The output is written next to DST
-under a temporary name and moved into place at the end: on an error or Ctrl-C nothing is left
-behind and the exit status is 2.
+under a temporary name and moved into place at the end: on an error, Ctrl-C or SIGTERM nothing is
+left behind and the exit status is 2. --force replaces only what this tool writes (a GGUF file,
+or a folder with an xllm config.json and only the files the xllm format has).
 """
 import argparse
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -34,6 +36,7 @@ from xllm import hub
 from xllm._kernels.reference import to_float32
 from xllm.loaders import expected_shapes, load_checkpoint
 from xllm.loaders.gguf import gguf_name
+from xllm.loaders.quantized import is_quantized_dir
 from xllm.quant import QTensor, quantize_weights
 
 KEEP_NAMES = {"embeddings": "tok_embeddings", "tok_embeddings": "tok_embeddings",
@@ -113,6 +116,30 @@ def check_paths(src, dst, force, tokenizer=None):
         raise ValueError(f"--out {dst} would overwrite the source's tokenizer {tokenizer}")
     if os.path.lexists(dst) and not force:
         raise ValueError(f"--out {dst} exists (pass --force to replace it)")
+    if os.path.lexists(dst) and not written_here(dst):
+        raise ValueError(f"--out {dst} exists and is not a model this tool wrote (a GGUF file, or "
+                         "a folder with config.json's \"xllm_format\" and only the files it "
+                         "writes): --force replaces only those; remove it yourself or choose "
+                         "another --out")
+
+
+def written_here(path):
+    """Whether `path` is recognisably an output of this tool, which --force may replace: a GGUF
+    file, or an xllm quantized folder holding nothing but the files write_xllm writes."""
+    if os.path.islink(path):
+        return False
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    if not is_quantized_dir(path):
+        return False
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        tokenizer = json.load(f).get("tokenizer")
+    expected = {"config.json", "model.safetensors", str(tokenizer)}
+    if tokenizer == "tokenizer.json":
+        expected.add("tokenizer_config.json")  # see write_tokenizer
+    return all(name in expected and os.path.isfile(os.path.join(path, name))
+               and not os.path.islink(os.path.join(path, name)) for name in os.listdir(path))
 
 
 def _remove(path):
@@ -376,8 +403,21 @@ def _size(path):
     return os.path.getsize(path)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does
+
+
 def main(argv=None):
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return convert(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def convert(args):
+    """Run the parsed command line; the exit status."""
     start, tmp = time.time(), None
     try:
         o = check_options(args)
