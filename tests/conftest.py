@@ -60,3 +60,125 @@ def _cpu_has_avx2():
 
 if not _cpu_has_avx2():
     collect_ignore_glob = ["test_kernels*.py"]
+
+
+# ----------------------------------------------------------------------------- tiny model files
+# Small valid models of every format, for the tests of hostile input (test_hostile_loaders.py)
+# and the fuzzer (test_fuzz.py), which corrupt copies of them. Only numpy and gguf are needed
+# (torch for the Meta .pth).
+
+TINY = dict(vocab_size=300, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+            num_kv_heads=1, max_seq_len=64)
+GGUF_KEYS = {"general.architecture": "llama", "llama.block_count": 2, "llama.context_length": 64,
+             "llama.embedding_length": 16, "llama.feed_forward_length": 32,
+             "llama.attention.head_count": 2, "llama.attention.head_count_kv": 1,
+             "llama.rope.freq_base": 10000.0, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+             "tokenizer.ggml.model": "llama", "tokenizer.ggml.bos_token_id": 1,
+             "tokenizer.ggml.eos_token_id": 2, "tokenizer.chat_template": "{{ messages }}"}
+
+
+def tiny_weights(seed=0):
+    """(ModelConfig, {canonical name: float32 array}) of the TINY shape."""
+    import numpy as np
+    from xllm.config import ModelConfig
+    from xllm.loaders import expected_shapes
+    c = ModelConfig(**TINY)
+    rng = np.random.default_rng(seed)
+    return c, {k: rng.standard_normal(s).astype(np.float32) for k, s in expected_shapes(c).items()}
+
+
+def tiny_tokens(n=TINY["vocab_size"]):
+    """A SentencePiece-style vocabulary of `n` pieces: <unk> <s> </s>, byte pieces, words."""
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [f"\u2581w{i}" for i in range(n - len(pieces))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (n - 259)
+    return pieces[:n], types[:n]
+
+
+def write_tiny_gguf(path, keys=None, tokens=None, skip=()):
+    """A TINY llama GGUF with F32 tensors and a llama tokenizer; `keys` overrides metadata
+    (None removes a key; an int is stored as UINT32 or, if larger, UINT64, a float as
+    FLOAT32, a str as STRING), `tokens` replaces the token list, `skip` leaves tensors out."""
+    import gguf
+    from xllm.loaders.gguf import gguf_name
+    V = gguf.GGUFValueType
+    _, weights = tiny_weights()
+    pieces, types = tiny_tokens()
+    fields = {**GGUF_KEYS, "tokenizer.ggml.tokens": tokens or pieces,
+              "tokenizer.ggml.scores": [0.0] * len(tokens or pieces),
+              "tokenizer.ggml.token_type": types if tokens is None else [1] * len(tokens),
+              **(keys or {})}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.kv_data[0].pop("general.architecture", None)  # written from `fields` like every key
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            sub = V.STRING if value and isinstance(value[0], str) else \
+                V.FLOAT32 if value and isinstance(value[0], float) else V.INT32
+            w.add_key_value(key, value, V.ARRAY, sub)
+        elif isinstance(value, str):
+            w.add_key_value(key, value, V.STRING)
+        elif isinstance(value, float):
+            w.add_key_value(key, value, V.FLOAT32)
+        else:
+            w.add_key_value(key, value, V.UINT32 if 0 <= value < 2**32 else V.UINT64)
+    for name, a in weights.items():
+        if gguf_name(name) not in skip:
+            w.add_tensor(gguf_name(name), a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_tiny_llama2c(path):
+    """A TINY llama2.c v0 checkpoint (tied embeddings), as llama2.c's export writes it."""
+    import struct
+    import numpy as np
+    c, w = tiny_weights()
+    n = c.num_layers
+    stacked = lambda k: np.stack([w[f"layers.{i}.{k}"] for i in range(n)])  # noqa: E731
+    order = [w["tok_embeddings"], stacked("attention_norm"),
+             *map(stacked, ("wq", "wk", "wv", "wo")), stacked("ffn_norm"),
+             *map(stacked, ("w1", "w2", "w3")), w["norm"],
+             np.zeros((2, c.max_seq_len, c.head_dim // 2), np.float32)]
+    header = struct.pack("<7i", c.hidden_size, c.intermediate_size, n, c.num_heads,
+                         c.num_kv_heads, c.vocab_size, c.max_seq_len)
+    with open(path, "wb") as f:
+        f.write(header + b"".join(a.tobytes() for a in order))
+    return path
+
+
+def write_tiny_meta(directory):
+    """A TINY Meta checkpoint: params.json and consolidated.00.pth (needs torch)."""
+    import json
+    import torch
+    from xllm.loaders.meta import _meta_name
+    c, w = tiny_weights()
+    os.makedirs(directory, exist_ok=True)
+    params = {"dim": c.hidden_size, "n_layers": c.num_layers, "n_heads": c.num_heads,
+              "n_kv_heads": c.num_kv_heads, "vocab_size": c.vocab_size, "norm_eps": 1e-5}
+    Path(directory, "params.json").write_text(json.dumps(params))
+    state = {_meta_name(k): torch.from_numpy(a) for k, a in w.items()}
+    torch.save(state, os.path.join(directory, "consolidated.00.pth"))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{"hf", "gguf", "llama2c", "meta"}: paths of TINY models (Meta only if torch imports).
+    Tests must not modify them: copy first."""
+    import sys
+    sys.path.insert(0, str(_REPO / "tools"))
+    from random_model import write_random_model
+    root = tmp_path_factory.mktemp("tiny")
+    out = {"hf": Path(write_random_model(str(root / "hf"), "tiny", "fp32", 0, **TINY)),
+           "gguf": write_tiny_gguf(root / "tiny.gguf"),
+           "llama2c": write_tiny_llama2c(root / "tiny.bin")}
+    try:
+        out["meta"] = Path(write_tiny_meta(root / "meta"))
+    except ImportError:
+        pass
+    return out

@@ -87,8 +87,10 @@ class ByteLevelBPE(_Tokenizer):
     def from_tokenizer_json(cls, path) -> "ByteLevelBPE":
         """Load a Hugging Face ``tokenizer.json`` with a byte-level BPE model; BOS/EOS/UNK
         come from a ``tokenizer_config.json`` next to it, if any."""
+        from .loaders import check_regular_file
         path = os.fspath(path)
         try:
+            check_regular_file(path)  # a FIFO would block the read
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             model = data["model"]
             if model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
@@ -97,7 +99,12 @@ class ByteLevelBPE(_Tokenizer):
                 raise ValueError(f"normalizer {data['normalizer'].get('type')!r} is not supported")
             patterns = _json_pre_tokenizer(data.get("pre_tokenizer"))
             added = data.get("added_tokens", [])
-            size = max([*model["vocab"].values(), *(t["id"] for t in added)]) + 1
+            ids = [*model["vocab"].values(), *(t["id"] for t in added)]
+            if not all(type(i) is int and i >= 0 for i in ids):
+                raise ValueError("token ids must be non-negative integers")
+            size = max(ids) + 1
+            if size > len(ids):  # ids are dense, so the largest is below their count
+                raise ValueError(f"token id {size - 1} is beyond the {len(ids)} tokens listed")
             tokens, types = [None] * size, [NORMAL] * size
             for t, i in model["vocab"].items():
                 tokens[i] = t
@@ -201,9 +208,10 @@ def _json_pre_tokenizer(pre) -> list[str]:
 
 def _config_ids(folder: str, tokens: list[str]) -> list[int]:
     """BOS, EOS and UNK ids named in ``tokenizer_config.json`` (-1 if absent)."""
+    from .loaders import read_json
     try:
-        config = json.loads(Path(folder, "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = read_json(os.path.join(folder, "tokenizer_config.json"))
+    except (ModelFormatError, OSError):  # absent, not a regular file or not JSON: no ids
         config = {}
     names = [t.get("content") if isinstance(t, dict) else t
              for t in map(config.get, ("bos_token", "eos_token", "unk_token"))]
