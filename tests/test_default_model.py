@@ -37,11 +37,13 @@ def test_cli_with_no_arguments_answers_the_default_prompt(smollm2_gguf):
 
 
 def test_chat_turns_reuse_the_kv_cache(model):
+    session = model.session()
     history = [{"role": "user", "content": "What is the capital of France?"}]
-    history.append({"role": "assistant", "content": model.chat(history, max_new_tokens=32)})
+    history.append({"role": "assistant", "content": session.chat(history, max_new_tokens=32)})
     history.append({"role": "user", "content": "And of Italy?"})
-    reply = model.chat(history, max_new_tokens=32)
-    assert model.last_stats["cached_tokens"] > 30 and "Rome" in reply
+    reply = session.chat(history, max_new_tokens=32)
+    assert session.last_stats["cached_tokens"] > 30 and "Rome" in reply
+    assert model.chat(history, max_new_tokens=32) == reply  # the same reply, computed afresh
 
 
 def test_requantized_weights_keep_the_argmax(model):

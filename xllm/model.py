@@ -2,7 +2,9 @@
 
 Shapes below: R = rows processed at once (prompt chunk or 1 for decode), D = hidden_size,
 Q = num_heads*head_dim, KV = num_kv_heads*head_dim, F = intermediate_size, V = vocab_size."""
+import os
 import threading
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -10,6 +12,7 @@ import numpy as np
 from . import _kernels
 from .config import ModelConfig
 from .errors import ContextLengthError, XLLMError
+from .governor import ThreadGovernor
 from .kv_cache import KVCache
 from .loaders import check_weights
 
@@ -73,6 +76,10 @@ class Transformer:
         self.layers = [Layer(weights, i) for i in range(c.num_layers)]
         self.ws = Workspace(c, min(max_batch_rows, c.max_seq_len))  # used under _KERNEL_LOCK
         self.threads = threads  # kernel threads of this model's passes; None: xllm.get_threads()
+        # fewer threads while the machine is busy (xllm/governor.py); XLLM_ADAPTIVE_THREADS=0
+        # or governor = None keeps the count fixed
+        adaptive = os.environ.get("XLLM_ADAPTIVE_THREADS", "1") != "0"
+        self.governor = ThreadGovernor() if adaptive else None
         self._inv_freq = c.inv_freq()
         self.rope_cos = self.rope_sin = np.zeros((0, c.head_dim // 2), np.float32)
         self.steps = StepBatcher(self)
@@ -90,18 +97,21 @@ class Transformer:
             self.rope_cos, self.rope_sin = _kernels.reference.rope_tables(self._inv_freq, size)
 
     @contextmanager
-    def _kernel_pass(self):
-        """Hold the process's kernel lock with this model's thread count for one pass."""
+    def _kernel_pass(self, rows):
+        """Hold the process's kernel lock for one pass of `rows` rows, with the thread count
+        the governor chooses (at most this model's count), and tell it the pass's time."""
         with _KERNEL_LOCK:
-            if self.threads is None:
-                yield
-                return
             before = _kernels.get_threads()
-            _kernels.set_threads(self.threads)
+            limit = self.threads or before
+            threads = limit if self.governor is None else self.governor.choose(rows, limit)
+            _kernels.set_threads(threads)
+            start = time.perf_counter()
             try:
                 yield
             finally:
                 _kernels.set_threads(before)
+            if self.governor is not None:
+                self.governor.record(rows, threads, time.perf_counter() - start)
 
     def forward(self, tokens, kv: KVCache, logits_out=None, last_out=None):
         """Run `tokens` (continuing the sequence in `kv`) through the model.
@@ -114,7 +124,7 @@ class Transformer:
         if logits_out is None and last_out is None:
             last_out = np.empty(self.config.vocab_size, np.float32)
         rows, n = self.ws.rows, len(tokens)
-        with self._kernel_pass():
+        with self._kernel_pass(n):
             kv.reserve(n)
             for s in range(0, n, rows):
                 part = tokens[s:s + rows]
@@ -283,7 +293,7 @@ class StepBatcher:
         try:
             if len(steps) == 1:
                 step = steps[0]
-                with self.transformer._kernel_pass():
+                with self.transformer._kernel_pass(sum(map(len, step.seqs))):
                     self.transformer._forward_batch(step.seqs, step.kvs, step.out)
             elif steps:
                 self._batched_pass(steps)
@@ -324,7 +334,7 @@ class StepBatcher:
         if len(self._buffer) < len(seqs):  # grows to the most sequences ever batched
             self._buffer = np.zeros((len(seqs), self._buffer.shape[1]), np.float32)
         out = self._buffer[:len(seqs)]
-        with self.transformer._kernel_pass():
+        with self.transformer._kernel_pass(sum(map(len, seqs))):
             self.transformer._forward_batch(seqs, kvs, out)
         row = 0
         for step in steps:

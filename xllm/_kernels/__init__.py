@@ -7,6 +7,15 @@ import warnings
 from . import reference
 from ._cpu import default_threads, features, get_threads, set_threads
 
+# An OpenMP thread that waits at a barrier spins GOMP_SPINCOUNT times before it sleeps. libgomp's
+# default, 300,000 (about 10 ms), makes a step collapse 30-100x while another process holds a
+# core (the waiting threads spin through the time slices of the one they wait for). A short spin
+# covers the microsecond waits of a quiet machine; xllm/governor.py then drops to fewer threads
+# while the machine stays busy. Read by libgomp when the kernels load it (set it before to
+# override).
+SPIN_COUNT = "1000"
+os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
+
 KERNEL_NAMES = ("matmul", "embedding", "rmsnorm", "rope", "softmax", "silu_mul", "attention",
                 "attention_batch", "argmax", "apply_repetition_penalty", "sample")
 QUANT_NAMES = ("qmatmul", "qembedding")
