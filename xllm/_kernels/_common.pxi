@@ -1,5 +1,7 @@
 # Included by norm.pyx, attention.pyx and sampling.pyx: imports, the vecmath.h declarations, and
 # the argument checks, which run with the GIL held so that bad input raises before nogil code.
+import operator
+
 import numpy as np
 
 cimport numpy as cnp
@@ -51,17 +53,30 @@ cdef cnp.ndarray _f32(object a, str name, bint write, int ndim, bint f16=False):
 
 
 cdef cnp.ndarray _int64(object a, str name):
-    """An integer array or sequence as a native, aligned, C-contiguous int64 ndarray (TypeError if
-    it holds no integers, IndexError for uint64 values past the int64 range)."""
+    """An integer array or sequence as a native, aligned, C-contiguous int64 ndarray: TypeError
+    if it holds no integers or is in non-native byte order, OverflowError for Python ints past
+    the int64 range, IndexError for uint64 values past it."""
     cdef cnp.ndarray arr = a if isinstance(a, np.ndarray) else np.asarray(a)
+    if not isinstance(a, np.ndarray) and arr.size == 0:  # [] is float64 to numpy
+        arr = arr.astype(np.int64)
     if cnp.PyArray_TYPE(arr) == cnp.NPY_INT64 and cnp.PyArray_ISNOTSWAPPED(arr) \
             and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr):
         return arr
+    if not cnp.PyArray_ISNOTSWAPPED(arr):
+        raise TypeError(f"{name} must be in native byte order, got dtype {arr.dtype}")
+    if arr.dtype.kind == "O":  # Python ints past int64, or other objects: each must be an int
+        return np.array([operator.index(v) for v in arr.flat], np.int64).reshape((<object>arr).shape)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
     if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > 0x7FFFFFFFFFFFFFFF:
         raise IndexError(f"{name} holds {arr.max()}, which is out of range")
     return np.require(arr, np.int64, "CA")
+
+
+cdef inline bint _in_range(int64_t start, int64_t n, int64_t cap) noexcept:
+    """Whether 0 <= start and start + n <= cap, for 0 <= n and 0 <= cap: written so that it
+    cannot overflow (start + n can, for a start near 2**63)."""
+    return 0 <= start and n <= cap and start <= cap - n
 
 
 cdef bint _overlap(cnp.ndarray a, cnp.ndarray b, bint same_ok):

@@ -49,13 +49,17 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+MAX_THREADS = 1024  # more would only ask OpenMP for threads it may fail to create (it exits)
+
+
 def set_threads(n=None):
-    """Set the number of threads the kernels use; None means default_threads()."""
+    """Set the number of threads the kernels use (1 .. MAX_THREADS); None means
+    default_threads()."""
     global _num_threads
     if n is None:
-        n = default_threads()
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"threads must be a positive integer, got {n!r}")
+        n = min(default_threads(), MAX_THREADS)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"threads must be an integer from 1 to {MAX_THREADS}, got {n!r}")
     _num_threads = n
 
 

@@ -4,18 +4,40 @@
 include "_isa.pxi"
 
 cdef cnp.ndarray _check_2d(object a, str name, int typenum, str tname):
-    """`a` as a 2-D C-contiguous ndarray of numpy type `typenum` (any type if -1)."""
+    """`a` as a 2-D C-contiguous, aligned ndarray of numpy type `typenum` (any type if -1) in
+    native byte order (TypeError or ValueError otherwise)."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
     cdef cnp.ndarray arr = <cnp.ndarray>a
     if typenum >= 0 and cnp.PyArray_TYPE(arr) != typenum:
         raise TypeError(f"{name} must be {tname}, got {arr.dtype}")
+    if not cnp.PyArray_ISNOTSWAPPED(arr):  # the numpy type of '>f4' is float32 too
+        raise TypeError(f"{name} must be in native byte order, got dtype {arr.dtype}")
     if cnp.PyArray_NDIM(arr) != 2:
         raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
-    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
-        raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, "
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
+        raise ValueError(f"{name} must be C-contiguous and aligned (shape {a.shape}, "
                          f"strides {a.strides})")
     return arr
+
+
+cdef cnp.ndarray _check_ids(object ids, cnp.ndarray out):
+    """Token ids (a 1-D int32 or int64 array or an integer sequence) as an int64 C-contiguous
+    ndarray that shares no memory with out (written while the ids are read); TypeError,
+    OverflowError (Python ints past int64) or ValueError otherwise. The range is the caller's."""
+    cdef cnp.ndarray a = ids if isinstance(ids, np.ndarray) else np.asarray(ids)
+    if not isinstance(ids, np.ndarray) and a.size == 0:  # [] is float64 to numpy
+        a = a.astype(np.int64)
+    if a.dtype.kind == "O":  # Python ints past the int64 range, or not ints at all
+        a = np.array([operator.index(v) for v in a.flat], np.int64).reshape((<object>a).shape)
+    if cnp.PyArray_TYPE(a) not in (cnp.NPY_INT32, cnp.NPY_INT64) or not cnp.PyArray_ISNOTSWAPPED(a):
+        raise TypeError(f"ids must be native int32 or int64, got {a.dtype}")
+    if cnp.PyArray_NDIM(a) != 1:
+        raise ValueError(f"ids must be 1-D, got shape {(<object>a).shape}")
+    a = np.ascontiguousarray(a, dtype=np.int64)
+    if _overlap(a, out):
+        raise ValueError("out overlaps ids")
+    return a
 
 
 cdef _check_out(cnp.ndarray out):
@@ -23,9 +45,13 @@ cdef _check_out(cnp.ndarray out):
         raise ValueError("out is read-only")
 
 
-cdef _check_no_overlap(cnp.ndarray out, cnp.ndarray a, str name):
-    # out is written while a is still being read: overlapping buffers would give garbage.
+cdef bint _overlap(cnp.ndarray out, cnp.ndarray a):
     cdef size_t o0 = <size_t>cnp.PyArray_DATA(out), a0 = <size_t>cnp.PyArray_DATA(a)
     cdef size_t o1 = o0 + <size_t>cnp.PyArray_NBYTES(out), a1 = a0 + <size_t>cnp.PyArray_NBYTES(a)
-    if o0 < a1 and a0 < o1:
+    return o0 < a1 and a0 < o1
+
+
+cdef _check_no_overlap(cnp.ndarray out, cnp.ndarray a, str name):
+    # out is written while a is still being read: overlapping buffers would give garbage.
+    if _overlap(out, a):
         raise ValueError(f"out must not overlap {name}")

@@ -13,6 +13,7 @@ No [heads, M, T] score matrix exists and nothing is allocated per call but a sma
 include "_common.pxi"
 import os
 
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdlib cimport free, malloc
 from cython.parallel cimport parallel
 
@@ -58,7 +59,12 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
     keys and values starts[s] onwards (rounded to float16 for float16 caches). Each row's result
     is bitwise the same as from ``attention`` on its own sequence.
     """
+    # All checks run here, with the GIL held, before any nogil code. Every sum and product of
+    # user-given numbers below is bounded first (comments give the bound): none can overflow.
     cdef cnp.ndarray qa = _f32(q, "q", False, 2), oa = _f32(out, "out", True, 2)
+    # tuples hold the caches alive even if the caller's lists change during the call
+    k_caches, v_caches = tuple(k_caches), tuple(v_caches)
+    # n_heads, n_kv_heads: OverflowError past Py_ssize_t, TypeError if not integers
     cdef Py_ssize_t nh = n_heads, nkv = n_kv_heads, m = qa.shape[0], hd, s, S = len(k_caches)
     if nh < 1 or nkv < 1 or nh % nkv:
         raise ValueError(f"n_heads ({nh}) must be a positive multiple of n_kv_heads ({nkv})")
@@ -67,16 +73,19 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
     if qa.shape[1] % nh or not 1 <= hd <= MAX_HEAD_DIM:
         raise ValueError(f"q has {qa.shape[1]} columns: not n_heads ({nh}) * head_dim "
                          f"(1..{MAX_HEAD_DIM})")
-    cdef Py_ssize_t ldkv = nkv * hd
+    cdef Py_ssize_t ldkv = nkv * hd  # <= nh * hd = q's columns: nkv divides nh
     cdef cnp.ndarray ba = _int64(bounds, "bounds"), sa = _int64(starts, "starts"), ka, va
     if len(v_caches) != S or (<object>ba).shape != (S + 1,) or (<object>sa).shape != (S,):
         raise ValueError(f"need S caches of each kind, S + 1 bounds and S starts; got "
                          f"{S}, {len(v_caches)}, {ba.size}, {sa.size}")
     cdef const int64_t *bp = <const int64_t *>cnp.PyArray_DATA(ba)
     cdef const int64_t *sp = <const int64_t *>cnp.PyArray_DATA(sa)
-    for s in range(S + 1):
+    for s in range(S + 1):  # after this, 0 <= bp[s] <= m for every s
         if bp[s] < (bp[s - 1] if s else 0) or (s == 0 and bp[0] != 0) or (s == S and bp[s] != m):
             raise ValueError(f"bounds must rise from 0 to the {m} rows of q")
+    # bounds and starts are read by the threads while out (and with k_new the caches) are written
+    if _overlap(oa, ba, False) or _overlap(oa, sa, False):
+        raise ValueError("out overlaps bounds or starts")
     cdef bint store = k_new is not None, f16 = S > 0 and \
         isinstance(k_caches[0], np.ndarray) and k_caches[0].dtype == np.float16
     cdef cnp.ndarray kna, vna
@@ -87,9 +96,12 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
     # Work items: tiles of rows x heads of one group of one sequence, at most `rows` of them
     cdef Py_ssize_t rows = min(<Py_ssize_t>MAX_ROWS, XA_ROWBUF // ((hd + 31) // 32 * 32))
     cdef Py_ssize_t group = nh // nkv, gh = min(group, rows), tq = max(1, rows // gh)
-    cdef Py_ssize_t items = 0
+    cdef Py_ssize_t items = 0  # at most n_heads * m (nkv * groups <= nh, tiles <= rows)
     for s in range(S):
         items += nkv * ((group + gh - 1) // gh) * ((bp[s + 1] - bp[s] + tq - 1) // tq)
+    if items > PY_SSIZE_T_MAX // 48 or S > PY_SSIZE_T_MAX // 16:  # the malloc sizes below
+        raise MemoryError(f"attention_batch: {items} work items or {S} sequences is too many")
+    cdef Py_ssize_t rows_s, cap
     cdef char **kp = <char **>malloc(2 * S * sizeof(char *) + 1)
     cdef char **vp = kp + S
     cdef int64_t *lst = <int64_t *>malloc(6 * items * sizeof(int64_t) + 1)
@@ -104,11 +116,17 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
                 raise ValueError(f"k_cache {(<object>ka).shape} must be [blocks, n_kv_heads*"
                                  f"head_dim = {ldkv}, {XA_BK}] and v_cache "
                                  f"{(<object>va).shape} [blocks, {nkv}, {XA_BK}, {hd}]")
-            if sp[s] < 0 or sp[s] + bp[s + 1] - bp[s] > ka.shape[0] * XA_BK:
-                raise ValueError(f"start_pos {sp[s]} + {bp[s + 1] - bp[s]} rows exceeds the "
-                                 f"cache capacity {ka.shape[0] * XA_BK}")
+            # rows_s <= m; cap fits: ka holds cap * ldkv floats, ldkv >= 1
+            rows_s, cap = bp[s + 1] - bp[s], ka.shape[0] * XA_BK
+            if not _in_range(sp[s], rows_s, cap):
+                raise ValueError(f"start_pos {sp[s]} + {rows_s} rows exceeds the cache capacity "
+                                 f"{cap} (or is negative)")
             if _overlap(oa, ka, False) or _overlap(oa, va, False):
                 raise ValueError("out overlaps the caches")
+            if store and (_overlap(ka, ba, False) or _overlap(ka, sa, False) or
+                          _overlap(va, ba, False) or _overlap(va, sa, False) or
+                          _overlap(ka, kna, False) or _overlap(va, vna, False)):
+                raise ValueError("the caches, written first, overlap bounds, starts or k_new/v_new")
             kp[s], vp[s] = <char *>cnp.PyArray_DATA(ka), <char *>cnp.PyArray_DATA(va)
         if m:
             _run(<const float *>cnp.PyArray_DATA(qa),

@@ -1,6 +1,7 @@
 """Matrix multiply (``x @ w.T``) and embedding lookup: argument checks, the instruction-set path
 and the split of w's rows across threads. The arithmetic (AVX2, AVX-512) and why it is bitwise
 independent of the batch size and the thread count: gemm.h."""
+import operator
 import os
 
 import numpy as np
@@ -106,8 +107,10 @@ def matmul(x, w, out, accumulate=False):
     cdef const void *wp = <const void *>cnp.PyArray_DATA(wa)
     cdef float *op = <float *>cnp.PyArray_DATA(oa)
     cdef int isa = _isa, acc = 1 if accumulate else 0, nt = get_num_threads()
-    if M * N * K < _SERIAL_MAX_MACS:
-        nt = 1  # waking a second thread would cost more than it saves
+    cdef size_t mk = M * K  # <= x.size, which fits
+    if mk == 0 or (mk < _SERIAL_MAX_MACS and N < (_SERIAL_MAX_MACS + mk - 1) // mk):
+        nt = 1  # M * N * K < _SERIAL_MAX_MACS, without the product that can overflow: waking
+        # a second thread would cost more than it saves
     cdef size_t nr = XLLM_NR5 if isa else XLLM_NR2
     # Row stride of converted panels: 64-byte aligned rows, plus one extra cache line so that
     # rows are not a multiple of 4 KiB apart (which would map them all to the same L1 sets).
@@ -184,12 +187,8 @@ def embedding(table, ids, out):
     cdef int wt = _weight_type(ta, "table")
     cdef cnp.ndarray oa = _check_2d(out, "out", cnp.NPY_FLOAT32, "float32")
     _check_out(oa)
-    ids_arr = np.asarray(ids)
-    if ids_arr.dtype != np.int32 and ids_arr.dtype != np.int64:
-        raise TypeError(f"ids must be int32 or int64, got {ids_arr.dtype}")
-    if ids_arr.ndim != 1:
-        raise ValueError(f"ids must be 1-D, got shape {ids_arr.shape}")
-    cdef cnp.ndarray ia = np.ascontiguousarray(ids_arr, dtype=np.int64)
+    _check_no_overlap(oa, ta, "table")
+    cdef cnp.ndarray ia = _check_ids(ids, oa)
     cdef size_t n = <size_t>ia.shape[0], V = <size_t>ta.shape[0], D = <size_t>ta.shape[1]
     if <size_t>oa.shape[0] != n or <size_t>oa.shape[1] != D:
         raise ValueError(f"out must have shape ({n}, {D}) for {n} ids and table {table.shape}, "

@@ -27,6 +27,8 @@ def rmsnorm(x, weight, eps, out):
         raise ValueError(f"weight shape {(<object>wa).shape} does not match the last axis of x "
                          f"{(<object>xa).shape}")
     _check_out(oa, xa, "x")
+    if _overlap(oa, wa, False):
+        raise ValueError("out overlaps weight")
     cdef double e = float(eps), ms
     cdef Py_ssize_t d = wa.shape[0], i
     if d == 0:
@@ -51,13 +53,16 @@ def rope(x, positions, cos, sin, n_heads, interleaved):
     cdef cnp.ndarray ca = _f32(cos, "cos", False, 2), sa = _f32(sin, "sin", False, 2)
     if (<object>sa).shape != (<object>ca).shape:
         raise ValueError(f"cos and sin differ in shape: {(<object>ca).shape}, {(<object>sa).shape}")
+    # n_heads: OverflowError past Py_ssize_t; compared by division (nh * 2 * half can overflow)
     cdef Py_ssize_t nh = n_heads, half = ca.shape[1], m = xa.shape[0], n_pos = ca.shape[0]
-    if nh < 1 or half < 1 or xa.shape[1] != nh * 2 * half:
+    if nh < 1 or half < 1 or xa.shape[1] % (2 * half) or xa.shape[1] // (2 * half) != nh:
         raise ValueError(f"x has {xa.shape[1]} columns; expected n_heads ({nh}) * 2 * "
                          f"cos.shape[1] ({half})")
     cdef cnp.ndarray pa = _int64(positions, "positions")
     if pa.ndim != 1 or pa.shape[0] != m:
         raise ValueError(f"positions must be 1-D of length {m}, got shape {(<object>pa).shape}")
+    if _overlap(xa, pa, False):  # x is written while the threads read positions
+        raise ValueError("x overlaps positions")
     cdef const int64_t *pp = <const int64_t *>cnp.PyArray_DATA(pa)
     cdef Py_ssize_t i, h, j, ld = xa.shape[1]
     for i in range(m):

@@ -1,12 +1,14 @@
 """Matrix multiply and embedding lookup with group-quantized weights (xllm.quant.QTensor): the
 argument checks at the Python boundary and the split of W's panels across threads. The arithmetic
 (AVX2, AVX-512 VNNI) and why it is bitwise batch-invariant: gemm_q.h."""
+import operator
 import os
 
 import numpy as np
 
 cimport numpy as cnp
 from cython.parallel cimport parallel, prange, threadid
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport free, malloc
 
@@ -44,37 +46,62 @@ _init_isa()
 
 
 cdef bint _fits(object a, Py_ssize_t d0, Py_ssize_t d1, Py_ssize_t d2, int t1, int t2):
-    """Whether `a` is a C-contiguous [d0, d1, d2] ndarray of numpy type t1 or t2."""
+    """Whether `a` is a C-contiguous, aligned, native-order [d0, d1, d2] ndarray of numpy type t1
+    or t2."""
     if not cnp.PyArray_Check(a):
         return False
     cdef cnp.ndarray x = <cnp.ndarray>a
     return (x.ndim == 3 and x.shape[0] == d0 and x.shape[1] == d1 and x.shape[2] == d2 and
-            cnp.PyArray_TYPE(x) in (t1, t2) and cnp.PyArray_IS_C_CONTIGUOUS(x))
+            cnp.PyArray_TYPE(x) in (t1, t2) and cnp.PyArray_IS_C_CONTIGUOUS(x) and
+            cnp.PyArray_ISALIGNED(x) and cnp.PyArray_ISNOTSWAPPED(x))
 
 
-cdef xq_weights _weights(object w) except *:
-    """The C view of QTensor `w`, re-validated (its arrays are plain attributes): the common
-    case by a quick check here (1.4 us less per call), anything else by check_qtensor."""
+cdef int _layout_ok(object n, object k, object g, object parts, object bits, object qs,
+                    object sc, object mn) except -1:
+    """1 if a QTensor's fields describe arrays the kernels can read: Python ints in range (a
+    group past K, possible when K = 0, would make a shift of 64 bits or more), arrays of the
+    shapes they imply; 0 otherwise. OverflowError for sizes past Py_ssize_t."""
+    if not (type(n) is int and type(k) is int and type(g) is int and type(parts) is int and
+            type(bits) is int and n >= 0 and k >= 0 and parts in (2, 3) and 32 <= g <= max(k, 32)
+            and not g & (g - 1) and k % g == 0 and (bits == 8 or (bits == 4 and g == 32))):
+        return 0
+    p = (n + 15) // 16
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>sc) if cnp.PyArray_Check(sc) else -1
+    return (_fits(qs, p, k // 32, 512 if bits == 8 else 256, cnp.NPY_UINT8, cnp.NPY_UINT8) and
+            _fits(sc, p, k // g, 16, cnp.NPY_FLOAT16, cnp.NPY_FLOAT32) and
+            (mn is None or (bits == 4 and _fits(mn, p, k // g, 16, t, t))))
+
+
+cdef xq_weights _weights(object w, size_t *nk, list keep) except *:
+    """The C view of QTensor `w`, re-validated (its fields are plain attributes, which may have
+    changed since it was built): the common case by a quick check here (1.4 us less per call),
+    anything else by check_qtensor, for its messages. Its shape goes to nk[0], nk[1] and its
+    arrays to `keep`, which holds them alive while the kernel runs without the GIL."""
     if type(w) is not QTensor:
         raise TypeError(f"w must be an xllm.quant.QTensor, got {type(w).__name__}")
     n, k = w.shape
-    cdef object g = w.group, parts = w.parts, mn = w.mins
-    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>w.scales) if cnp.PyArray_Check(w.scales) else -1
-    cdef Py_ssize_t p = (n + 15) // 16
-    if not (type(g) is int and type(parts) is int and parts in (2, 3) and g >= 32 and
-            not g & (g - 1) and k % g == 0 and (w.bits == 8 or (w.bits == 4 and g == 32)) and
-            _fits(w.qs, p, k // 32, 512 if w.bits == 8 else 256, cnp.NPY_UINT8, cnp.NPY_UINT8)
-            and _fits(w.scales, p, k // g, 16, cnp.NPY_FLOAT16, cnp.NPY_FLOAT32) and
-            (mn is None or (w.bits == 4 and _fits(mn, p, k // g, 16, t, t)))):
-        check_qtensor(w, "qmatmul")  # raises with the details (or accepts a rarer form)
+    cdef object g = w.group, parts = w.parts, bits = w.bits, qs = w.qs, sc = w.scales, mn = w.mins
+    if not _layout_ok(n, k, g, parts, bits, qs, sc, mn):
+        for a in (sc, mn):
+            if isinstance(a, np.ndarray) and not a.dtype.isnative:
+                raise TypeError(f"qmatmul: the scales and mins of a QTensor must be in native "
+                                f"byte order, got {a.dtype}")
+        check_qtensor(w, "qmatmul")  # raises with the details, or accepts numpy integers;
+        # it does not look at alignment, hence the second check here
+        n, k, g, parts, bits = [operator.index(v) for v in (n, k, g, parts, bits)]
+        if not _layout_ok(n, k, g, parts, bits, qs, sc, mn):
+            raise ValueError(f"qmatmul: the arrays of {w!r} must be aligned, and its fields "
+                             f"consistent with them")
+    keep += (qs, sc, mn)
     cdef xq_weights c
-    cdef cnp.ndarray qs = w.qs, sc = w.scales
-    c.qs = <const uint8_t *>cnp.PyArray_DATA(qs)
-    c.scales = <const uint8_t *>cnp.PyArray_DATA(sc)
-    c.mins = NULL if w.mins is None else <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>w.mins)
-    c.nb, c.ng = <size_t>qs.shape[1], <size_t>sc.shape[1]
-    c.bits, c.f32, c.parts = w.bits, sc.dtype == np.float32, w.parts
-    c.gshift = (w.group // 32).bit_length() - 1
+    c.qs = <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>qs)
+    c.scales = <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>sc)
+    c.mins = NULL if mn is None else <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>mn)
+    c.nb, c.ng = <size_t>(<cnp.ndarray>qs).shape[1], <size_t>(<cnp.ndarray>sc).shape[1]
+    c.bits, c.parts = bits, parts
+    c.f32 = cnp.PyArray_TYPE(<cnp.ndarray>sc) == cnp.NPY_FLOAT32
+    c.gshift = (g // 32).bit_length() - 1
+    nk[0], nk[1] = n, k
     return c
 
 
@@ -102,36 +129,53 @@ def qmatmul(x, w, out, accumulate=False):
         raise ValueError(f"w and out must be a QTensor and an array, or two tuples of the same "
                          f"length (1..{_MAXW})")
     cdef cnp.ndarray xa = _check_2d(x, "x", cnp.NPY_FLOAT32, "float32")
-    cdef size_t M = <size_t>xa.shape[0], K = <size_t>xa.shape[1], nw = len(ws), j
+    cdef size_t M = <size_t>xa.shape[0], K = <size_t>xa.shape[1], nw = len(ws), j, i
     cdef xq_weights cw[_MAXW]
     cdef float *ops[_MAXW]
     cdef size_t Ns[_MAXW]
+    cdef size_t nk[2]
     cdef Py_ssize_t first[_MAXW + 1]  # first panel of each weight in the joint panel list
     cdef cnp.ndarray oa
+    cdef list keep = []  # the weights' arrays, alive until the end even if w's fields change
     first[0] = 0
     for j in range(nw):
-        cw[j] = _weights(ws[j])
+        cw[j] = _weights(ws[j], nk, keep)
         if cw[j].parts != cw[0].parts:
             raise ValueError(f"weights sharing x need equal parts: {cw[0].parts}, {cw[j].parts}")
         oa = _check_2d(outs[j], "out", cnp.NPY_FLOAT32, "float32")
         _check_out(oa)
-        Ns[j] = <size_t>ws[j].shape[0]
-        if K != <size_t>ws[j].shape[1]:
-            raise ValueError(f"x has {K} columns but W {ws[j].shape} has {ws[j].shape[1]}")
+        Ns[j] = nk[0]
+        if K != nk[1]:
+            raise ValueError(f"x has {K} columns but W {ws[j].shape} has {nk[1]}")
         if <size_t>oa.shape[0] != M or <size_t>oa.shape[1] != Ns[j]:
             raise ValueError(f"out must have shape ({M}, {Ns[j]}) for x {x.shape} and W "
                              f"{ws[j].shape}, got {outs[j].shape}")
         _check_no_overlap(oa, xa, "x")
+        for i in range(3 * j + 3):  # the weights so far (None: no mins)
+            if keep[i] is not None:
+                _check_no_overlap(oa, keep[i], "a weight")
         ops[j] = <float *>cnp.PyArray_DATA(oa)
+        for i in range(j):
+            if _overlap(oa, outs[i]):
+                raise ValueError("the outputs overlap")
         first[j + 1] = first[j] + <Py_ssize_t>((Ns[j] + 15) // 16)
     cdef Py_ssize_t npanels = first[nw]
     if M == 0 or npanels == 0:
         return
+    if K == 0:  # (no blocks of x: the products are 0)
+        for j in range(nw):
+            if not accumulate:
+                outs[j][...] = 0
+        return
     cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
     cdef int isa = _isa, acc = 1 if accumulate else 0, nt = get_num_threads()
-    if M * K * <size_t>npanels * 16 < _SERIAL_MAX_MACS:
-        nt = 1
-    nt = <int>min(<Py_ssize_t>nt, npanels * <Py_ssize_t>M)
+    # The sizes below cannot overflow: M * K <= x.size, npanels * 16 * K <= the weights' size,
+    # and the checks that multiply sizes that are not so bounded are written as divisions.
+    cdef size_t mk = M * K
+    if mk < _SERIAL_MAX_MACS and <size_t>npanels * 16 < (_SERIAL_MAX_MACS + mk - 1) // mk:
+        nt = 1  # M * K * npanels * 16 < _SERIAL_MAX_MACS
+    if npanels < nt and M < <size_t>nt:  # (else npanels * M >= nt)
+        nt = <int>min(<Py_ssize_t>nt, npanels * <Py_ssize_t>M)
 
     # quantized x (xq_xb blocks, cache-line aligned): on the stack when small, else malloc
     cdef size_t nb = K // 32, m0, m1
@@ -139,7 +183,9 @@ def qmatmul(x, w, out, accumulate=False):
     cdef void *mem = NULL
     # up to _OWN_M rows, each thread quantizes all of x into its own copy: no barrier
     cdef bint own = M <= _OWN_M and nt > 1
-    cdef size_t copies = <size_t>nt if own else 1
+    cdef size_t copies = <size_t>nt if own else 1  # copies * M <= max(M, nt * _OWN_M)
+    if copies * M > (<size_t>PY_SSIZE_T_MAX - 64) // (128 * nb):
+        raise MemoryError(f"qmatmul: {copies} copies of {M} x {K} quantized is too large")
     if copies * M * nb > _STACK_B:
         mem = malloc(128 * copies * M * nb + 64)
         if mem == NULL:
@@ -148,6 +194,8 @@ def qmatmul(x, w, out, accumulate=False):
     cdef xq_xb *qxt
     cdef Py_ssize_t it, m, p
     cdef size_t rows = max(8, min(_ROWS, _X_BYTES // (128 * nb)))
+    if <size_t>npanels > <size_t>PY_SSIZE_T_MAX // ((M + rows - 1) // rows):
+        raise MemoryError(f"qmatmul: {npanels} panels x {M} rows is too many work items")
     cdef Py_ssize_t nitems = npanels * <Py_ssize_t>((M + rows - 1) // rows)
     try:
         # One parallel region (each costs microseconds): the threads quantize rows of x, wait,
@@ -179,22 +227,27 @@ def qmatmul(x, w, out, accumulate=False):
 
 def qembedding(table, ids, out):
     """out[i, :] = row ids[i] of the QTensor `table`, dequantized to float32 (exactly as
-    ``QTensor.dequantize``); IndexError for an id outside 0 .. V-1."""
-    cdef xq_weights cw = _weights(table)
+    ``QTensor.dequantize``); ids: 1-D int32 or int64 (or a sequence of ints); IndexError for an
+    id outside 0 .. V-1."""
+    cdef list keep = []
+    cdef size_t vd[2]
+    cdef xq_weights cw = _weights(table, vd, keep)
+    cdef size_t V = vd[0], D = vd[1], n, i
     cdef cnp.ndarray oa = _check_2d(out, "out", cnp.NPY_FLOAT32, "float32")
     _check_out(oa)
-    cdef cnp.ndarray ia = np.ascontiguousarray(ids, dtype=np.int64)
-    cdef size_t n = <size_t>ia.shape[0], V = <size_t>table.shape[0], D = <size_t>table.shape[1]
-    if ia.ndim != 1 or <size_t>oa.shape[0] != n or <size_t>oa.shape[1] != D:
-        raise ValueError(f"out must have shape ({n}, {D}) for {n} ids (1-D) and table "
+    for a in keep:
+        if a is not None:
+            _check_no_overlap(oa, a, "table")
+    cdef cnp.ndarray ia = _check_ids(ids, oa)
+    n = <size_t>ia.shape[0]
+    if <size_t>oa.shape[0] != n or <size_t>oa.shape[1] != D:
+        raise ValueError(f"out must have shape ({n}, {D}) for {n} ids and table "
                          f"{table.shape}, got {out.shape}")
     cdef const int64_t *ip = <const int64_t *>cnp.PyArray_DATA(ia)
     cdef float *op = <float *>cnp.PyArray_DATA(oa)
-    cdef size_t i
     for i in range(n):
         if ip[i] < 0 or <size_t>ip[i] >= V:
             raise IndexError(f"token id {ip[i]} out of range for an embedding table of {V} rows")
     with nogil:
         for i in range(n):
             xq_dequant_row(&cw, <size_t>ip[i], op + i * D)
-

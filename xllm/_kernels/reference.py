@@ -4,8 +4,34 @@ kernels; tests run the same cases through both. Conventions shared by all kernel
 - activations are float32, C-contiguous; results go into a caller-provided ``out``;
 - weights are float32, float16, or uint16 arrays holding bfloat16 bit patterns (numpy has no
   bfloat16 dtype; ``uint16`` always means bf16 in xllm);
-- a matrix ``w`` of shape [N, K] is used as ``x @ w.T`` (the layout of ``torch.nn.Linear``)."""
+- a matrix ``w`` of shape [N, K] is used as ``x @ w.T`` (the layout of ``torch.nn.Linear``);
+- bad input raises what the compiled kernels raise where that is practical: TypeError for arrays
+  in non-native byte order, IndexError for ids and positions out of range, ValueError for a
+  start past the cache (the compiled kernels also insist on C-contiguous aligned arrays)."""
+import operator
+
 import numpy as np
+
+
+def _native(*arrays):
+    """TypeError for an array in non-native byte order: the compiled kernels would read its
+    bytes swapped, so they refuse it, and so does the reference (numpy would convert it)."""
+    for a in arrays:
+        if isinstance(a, np.ndarray) and not a.dtype.isnative:
+            raise TypeError(f"arrays must be in native byte order, got dtype {a.dtype}")
+
+
+def _ids(ids, n, what="token ids"):
+    """ids as an integer array, each in [0, n) (IndexError; no negative wrap-around)."""
+    ids = np.asarray(ids)
+    _native(ids)
+    if not ids.size:  # (an empty list is float64 to numpy)
+        return ids.astype(np.int64)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be integers, got dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= n:
+        raise IndexError(f"{what} must lie in [0, {n})")
+    return ids
 
 
 def to_float32(w):
@@ -17,6 +43,7 @@ def to_float32(w):
 
 def matmul(x, w, out, accumulate=False):
     """out[M, N] = x[M, K] @ w[N, K].T  (``+=`` when accumulate)."""
+    _native(x, w, out)
     y = (x.astype(np.float64) @ to_float32(w).astype(np.float64).T).astype(np.float32)
     if accumulate:
         out += y
@@ -26,11 +53,13 @@ def matmul(x, w, out, accumulate=False):
 
 def embedding(table, ids, out):
     """out[i] = table[ids[i]] as float32 (table: [V, D] in any weight dtype)."""
-    out[...] = to_float32(table[np.asarray(ids)])
+    _native(table, out)
+    out[...] = to_float32(table[_ids(ids, table.shape[0])])
 
 
 def rmsnorm(x, weight, eps, out):
     """out = x / sqrt(mean(x^2) + eps) * weight, per row; out may be x."""
+    _native(x, weight, out)
     ms = np.mean(np.square(x.astype(np.float64)), axis=-1, keepdims=True)
     out[...] = (x / np.sqrt(ms + eps)).astype(np.float32) * weight
 
@@ -47,11 +76,13 @@ def rope(x, positions, cos, sin, n_heads, interleaved):
     interleaved=True rotates adjacent pairs (2i, 2i+1) (Meta, llama2.c, GGUF); False rotates
     (i, i + head_dim/2) ("rotate_half", Hugging Face).
     """
-    m, half = x.shape[0], cos.shape[1]
+    _native(x, cos, sin)
+    m, half, n_heads = x.shape[0], cos.shape[1], operator.index(n_heads)
+    if n_heads < 1 or x.shape[1] != n_heads * 2 * half:
+        raise ValueError(f"x has {x.shape[1]} columns; expected n_heads ({n_heads}) * 2 * "
+                         f"cos.shape[1] ({half})")
     v = x.reshape(m, n_heads, 2 * half)
-    positions = np.asarray(positions)
-    if positions.size and (positions.min() < 0 or positions.max() >= cos.shape[0]):
-        raise IndexError(f"positions must lie in [0, {cos.shape[0]})")  # no negative wrap-around
+    positions = _ids(positions, cos.shape[0], "positions")
     c, s = cos[positions][:, None, :], sin[positions][:, None, :]
     a, b = (v[..., 0::2], v[..., 1::2]) if interleaved else (v[..., :half], v[..., half:])
     a0, b0 = a.copy(), b.copy()
@@ -61,12 +92,14 @@ def rope(x, positions, cos, sin, n_heads, interleaved):
 
 def softmax(x, out):
     """Row-wise softmax; out may be x."""
+    _native(x, out)
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     out[...] = e / e.sum(axis=-1, keepdims=True)
 
 
 def silu_mul(a, b, out):
     """out = silu(a) * b = a / (1 + exp(-a)) * b; out may be a or b."""
+    _native(a, b, out)
     out[...] = (a / (1.0 + np.exp(-a.astype(np.float64)))).astype(np.float32) * b
 
 
@@ -114,7 +147,17 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     keys and values. Query row i sits at position start_pos + i and attends to keys
     0 .. start_pos + i. Query head h reads KV head h // (n_heads // n_kv_heads).
     """
+    _native(q, k_cache, v_cache, out)
+    start_pos, n_heads, n_kv_heads = map(operator.index, (start_pos, n_heads, n_kv_heads))
+    if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"n_heads ({n_heads}) must be a positive multiple of n_kv_heads "
+                         f"({n_kv_heads})")
     m, hd = q.shape[0], q.shape[1] // n_heads
+    if not 0 <= start_pos <= k_cache.shape[0] * KV_BLOCK - m:
+        raise ValueError(f"start_pos {start_pos} + {m} rows exceeds the cache capacity "
+                         f"{k_cache.shape[0] * KV_BLOCK} (or is negative)")
+    if m == 0:
+        return
     t = start_pos + m
     qh = q.reshape(m, n_heads, hd).astype(np.float64)
     k = k_rows(k_cache)[:t].reshape(t, n_kv_heads, hd).astype(np.float64)
@@ -135,8 +178,19 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
     """Rows bounds[s]..bounds[s+1]-1 of q belong to sequence s (caches k_caches[s], v_caches[s]
     holding starts[s] rows before them): store the new rows k_new, v_new there (when given),
     then ``attention`` per sequence."""
+    _native(q, k_new, v_new, out, bounds, starts, *k_caches, *v_caches)
+    bounds, starts = [operator.index(b) for b in bounds], [operator.index(s) for s in starts]
+    n = len(k_caches)
+    if (len(v_caches), len(bounds), len(starts)) != (n, n + 1, n):
+        raise ValueError("need S caches of each kind, S + 1 bounds and S starts")
+    if bounds[0] != 0 or bounds[-1] != q.shape[0] or any(np.diff(bounds) < 0):
+        raise ValueError(f"bounds must rise from 0 to the {q.shape[0]} rows of q")
+    for s, kc in enumerate(k_caches):  # before anything is stored
+        if not 0 <= starts[s] <= kc.shape[0] * KV_BLOCK - (bounds[s + 1] - bounds[s]):
+            raise ValueError(f"start_pos {starts[s]} + {bounds[s + 1] - bounds[s]} rows exceeds "
+                             f"the cache capacity {kc.shape[0] * KV_BLOCK} (or is negative)")
     for s, (kc, vc) in enumerate(zip(k_caches, v_caches)):
-        a, b, p = int(bounds[s]), int(bounds[s + 1]), int(starts[s])
+        a, b, p = bounds[s], bounds[s + 1], starts[s]
         if k_new is not None:
             for i in range(b - a):
                 kc[(p + i) // KV_BLOCK, :, (p + i) % KV_BLOCK] = k_new[a + i]
@@ -150,14 +204,14 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
 
 def argmax(x):
     """Index of the largest value of a 1-D array (the first one on ties)."""
+    _native(x)
     return int(np.argmax(x))
 
 
 def apply_repetition_penalty(logits, token_ids, penalty):
     """In place, once per distinct id in token_ids: logit / penalty if > 0 else logit * penalty."""
-    ids = np.unique(np.asarray(token_ids, dtype=np.int64))
-    if ids.size and (ids[0] < 0 or ids[-1] >= logits.shape[0]):
-        raise IndexError(f"token ids must lie in [0, {logits.shape[0]})")  # no negative wrap-around
+    _native(logits)
+    ids = np.unique(_ids(token_ids, logits.shape[0]))
     sel = logits[ids]
     logits[ids] = np.where(sel > 0, sel / penalty, sel * penalty)
 
@@ -173,6 +227,7 @@ def sample(logits, temperature, top_k, top_p, min_p, u):
     ValueError if temperature is NaN, or if (temperature > 0) logits hold NaN or +inf or are all
     -inf: there is no distribution to draw from.
     """
+    _native(logits)
     if temperature != temperature:
         raise ValueError("temperature is NaN")
     if temperature <= 0:
@@ -235,6 +290,11 @@ def qmatmul(x, w, out, accumulate=False):
         for wi, oi in zip(w, out):
             qmatmul(x, wi, oi, accumulate)
         return
+    _native(x, out, w.scales, w.mins)
+    if w.shape[1] == 0:  # (no blocks: the product is 0)
+        if not accumulate:
+            out[...] = 0
+        return
     q, dx = quantize_activations(np.asarray(x, np.float32), w.parts)
     n, k = w.shape
     qw = w.codes().reshape(n, k // 32, 32).astype(np.int64)
@@ -260,4 +320,5 @@ def qmatmul(x, w, out, accumulate=False):
 
 def qembedding(table, ids, out):
     """out[i] = row ids[i] of the QTensor `table`, dequantized to float32."""
-    out[...] = table.dequantize(np.asarray(ids))
+    _native(out, table.scales, table.mins)
+    out[...] = table.dequantize(_ids(ids, table.shape[0]))

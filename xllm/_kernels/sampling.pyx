@@ -264,6 +264,8 @@ def apply_repetition_penalty(logits, token_ids, penalty):
     cdef cnp.ndarray ids = _int64(token_ids, "token_ids").reshape(-1)
     cdef const int64_t *ip = <const int64_t *>cnp.PyArray_DATA(ids)
     cdef Py_ssize_t n = ids.shape[0], v = la.shape[0], i
+    if _overlap(la, ids, False):  # logits are written while ids are read
+        raise ValueError("logits overlap token_ids")
     for i in range(n):
         if ip[i] < 0 or ip[i] >= v:
             raise IndexError(f"token id {ip[i]} is out of range for {v} logits")
