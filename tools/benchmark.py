@@ -7,7 +7,10 @@
     python tools/benchmark.py --model int8-dir --vs-llama-cpp --llama-cpp-model q8.gguf
 
 Each repetition runs xllm then (with --vs-torch) transformers fp32 and bf16 on the same weights,
-so the engines alternate and share the machine's state; medians and ratios are printed.
+so the engines alternate and share the machine's state; medians and ratios are printed. Every
+engine runs in a process of its own (EngineProcess), loaded and warmed up once: no engine's threads
+(OpenMP's or llama.cpp's pool, which keep spinning for a while after their work) exist in the
+process of another, whose figures are then those it has alone.
 Prefill = tokens/s over one forward pass of the prompt; decode = tokens/s of the greedy loop
 (one forward + argmax per token) after it. --python-share reruns the decode loop with every
 kernel replaced by a no-op to measure the time spent outside the kernels. --prefill-len N adds
@@ -16,11 +19,14 @@ bandwidth (two threads summing 1 GiB) and prints the decode bound it implies: ba
 bytes of weights read per token (every matrix but the embedding table, plus one embedding row).
 """
 import argparse
+import functools
+import multiprocessing
 import os
 import resource
 import statistics
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -100,6 +106,119 @@ def run_llama_cpp(llm, prompt, new_tokens):
     return len(prompt) / (t1 - t0), new_tokens / (t2 - t1)
 
 
+# ----------------------------------------------------------------------------- engine processes
+
+
+def _serve(conn, engine_class, args):
+    """An engine process: build engine_class(*args), report its `info`, then call its methods as
+    the parent asks ((name, args) -> (True, result) or (False, error text)) until None."""
+    try:
+        engine = engine_class(*args)
+    except BaseException as e:  # SystemExit too
+        conn.send((False, _failure(e)))
+        return
+    conn.send((True, dict(getattr(engine, "info", {}), pid=os.getpid())))
+    while (request := conn.recv()) is not None:
+        method, method_args = request
+        try:
+            conn.send((True, getattr(engine, method)(*method_args)))
+        except Exception as e:
+            conn.send((False, _failure(e)))
+
+
+def _failure(e):
+    """What the parent reports of exception `e`: one line for a user's error (a bad path, a
+    missing package, a SystemExit's message), else the traceback."""
+    if isinstance(e, SystemExit):
+        return str(e.code)
+    if isinstance(e, (OSError, ValueError, ImportError)):
+        return f"{type(e).__name__}: {e}"
+    return traceback.format_exc()
+
+
+class EngineProcess:
+    """engine_class(*args) in a fresh (spawned) process of its own; `call(name, *args)` runs its
+    method there and returns the result. `info`: the engine's info dict, plus its process id.
+    A failure there raises SystemExit with its message here."""
+
+    def __init__(self, engine_class, *args):
+        ctx = multiprocessing.get_context("spawn")  # not fork: nothing of this process's state
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, engine_class, args), daemon=True)
+        self.process.start()
+        child.close()
+        self.name = engine_class.__name__
+        self.info = self._reply()
+
+    def _reply(self):
+        try:
+            ok, value = self.conn.recv()
+        except EOFError:
+            self.process.join(10)
+            raise SystemExit(f"{self.name}: its process died (exit {self.process.exitcode})")
+        if not ok:
+            raise SystemExit(f"{self.name}: {value}")
+        return value
+
+    def call(self, method, *args):
+        self.conn.send((method, args))
+        return self._reply()
+
+    def close(self):
+        if self.process.is_alive():
+            self.conn.send(None)
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+        self.conn.close()
+
+
+class XllmEngine:
+    """xllm's measurements on one model (built in its EngineProcess)."""
+
+    def __init__(self, path, threads):
+        self.model = xllm.load(path, threads=threads)
+        self.info = {"threads": self.model.threads, "vocab_size": self.model.config.vocab_size}
+
+    def run(self, prompt, new_tokens):
+        return run_xllm(self.model, prompt, new_tokens)
+
+    def python_share(self, prompt, new_tokens):
+        return python_share(self.model, prompt, new_tokens)
+
+    def weight_bytes_per_token(self):
+        return weight_bytes_per_token(self.model)
+
+    def memory(self):
+        """(peak RSS of this process, KV-cache bytes of the last run) in bytes."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, KV_BYTES[0]
+
+
+class TorchEngine:
+    """transformers (PyTorch) on a Hugging Face directory, in `dtype` ("float32", "bfloat16")."""
+
+    def __init__(self, path, dtype, threads):
+        import torch
+        from transformers import AutoModelForCausalLM
+        torch.set_num_threads(threads)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+
+    def run(self, prompt, new_tokens):
+        return run_torch(self.model, prompt, new_tokens)
+
+
+class LlamaCppEngine:
+    """llama.cpp (llama-cpp-python) on a GGUF file."""
+
+    def __init__(self, path, threads, n_ctx, n_batch):
+        from llama_cpp import Llama
+        self.llm = Llama(path, n_threads=threads, n_threads_batch=threads, verbose=False,
+                         n_ctx=n_ctx, n_batch=n_batch)
+
+    def run(self, prompt, new_tokens):
+        return run_llama_cpp(self.llm, prompt, new_tokens)
+
+
 def prefill_only(run, prompt):
     """Prefill tok/s alone (no decode) of engine runner `run`."""
     return run(prompt, 0)[0]
@@ -132,7 +251,8 @@ def weight_bytes_per_token(model):
 def python_share(model, prompt, new_tokens):
     """Fraction of decode time spent outside the kernels (kernels stubbed out vs real)."""
     real = 1 / run_xllm(model, prompt, new_tokens)[1]
-    stub = _kernels.Backend("stub", {k: (lambda *a, **kw: 0) for k in _kernels.KERNEL_NAMES})
+    stub = _kernels.Backend("stub", {k: (lambda *a, **kw: 0)
+                                      for k in _kernels.KERNEL_NAMES + _kernels.QUANT_NAMES})
     saved, _kernels._backend = _kernels.backend, stub
     try:
         python = 1 / run_xllm(model, prompt, new_tokens)[1]
@@ -226,28 +346,32 @@ def main(argv=None):
     if a.gemm:
         return gemm_table(a.threads or _kernels.default_threads(), a.reps)
     path = a.model or random_model_dir(a.random, a.dtype)  # a model name is resolved by load
-    model = xllm.load(path, threads=a.threads)
-    threads = model.threads
+    engines = {"xllm": EngineProcess(XllmEngine, path, a.threads)}
+    try:
+        report(a, path, engines)
+    finally:
+        for engine in engines.values():
+            engine.close()
+
+
+def report(a, path, engines):
+    """Start the other engines beside engines["xllm"], run the repetitions, print the tables."""
+    threads = engines["xllm"].info["threads"]
+    vocab_size = engines["xllm"].info["vocab_size"]
     rng = np.random.default_rng(0)
-    prompt = [int(i) for i in rng.integers(3, model.config.vocab_size, a.prompt_len)]
-    long_prompt = [int(i) for i in rng.integers(3, model.config.vocab_size, a.prefill_len)]
-    runners = {"xllm": lambda p, n: run_xllm(model, p, n)}
+    prompt = [int(i) for i in rng.integers(3, vocab_size, a.prompt_len)]
+    long_prompt = [int(i) for i in rng.integers(3, vocab_size, a.prefill_len)]
     if a.vs_torch:
-        import torch
-        from transformers import AutoModelForCausalLM
-        torch.set_num_threads(threads)
-        for name, dt in (("torch fp32", torch.float32), ("torch bf16", torch.bfloat16)):
-            tm = AutoModelForCausalLM.from_pretrained(a.torch_model or path, dtype=dt).eval()
-            runners[name] = (lambda m: lambda p, n: run_torch(m, p, n))(tm)
+        for name, dtype in (("torch fp32", "float32"), ("torch bf16", "bfloat16")):
+            engines[name] = EngineProcess(TorchEngine, a.torch_model or path, dtype, threads)
     if a.vs_llama_cpp:
-        from llama_cpp import Llama
         n_ctx = max(a.prompt_len + a.new_tokens, a.prefill_len) + 8
-        llm = Llama(resolve(a.llama_cpp_model or path), n_threads=threads,
-                    n_threads_batch=threads, verbose=False, n_ctx=n_ctx,
-                    n_batch=max(512, a.prompt_len, a.prefill_len))
-        runners["llama.cpp"] = lambda p, n: run_llama_cpp(llm, p, n)
+        engines["llama.cpp"] = EngineProcess(LlamaCppEngine, resolve(a.llama_cpp_model or path),
+                                             threads, n_ctx, max(512, a.prompt_len, a.prefill_len))
+    runners = {name: functools.partial(engine.call, "run") for name, engine in engines.items()}
+    for run in runners.values():
+        run(prompt[:8], 2)  # warm up (page in the weights)
     results = {k: [] for k in runners}
-    run_xllm(model, prompt[:8], 2)  # warm up (page in the weights)
     for r in range(a.reps):
         for name, run in runners.items():
             pre, dec = run(prompt, a.new_tokens)
@@ -269,19 +393,19 @@ def main(argv=None):
             if a.prefill_len:
                 line += f"  prefill@{a.prefill_len} {x[2] / long:.2f}x"
         print(line)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    xllm_engine = engines["xllm"]
+    rss, kv_bytes = xllm_engine.call("memory")
     size = path_bytes(resolve(path))
-    print(f"  peak RSS: {rss / 2**20:.0f} MiB; model files {size / 2**20:.0f} MiB, KV cache "
-          f"{KV_BYTES[0] / 2**20:.0f} MiB: RSS / (1.2 x files + KV) = "
-          f"{rss / (1.2 * size + KV_BYTES[0]):.2f}" + (" (other engines loaded too)"
-                                                      if len(runners) > 1 else ""))
+    print(f"  peak RSS (xllm's process): {rss / 2**20:.0f} MiB; model files {size / 2**20:.0f} "
+          f"MiB, KV cache {kv_bytes / 2**20:.0f} MiB: RSS / (1.2 x files + KV) = "
+          f"{rss / (1.2 * size + kv_bytes):.2f}")
     if a.bandwidth:
-        bw, nb = read_bandwidth(threads), weight_bytes_per_token(model)
+        bw, nb = read_bandwidth(threads), xllm_engine.call("weight_bytes_per_token")
         print(f"  read bandwidth ({threads} threads, 1 GiB): {bw / 1e9:.1f} GB/s; weights read "
               f"per token: {nb / 1e6:.1f} MB; decode bound {bw / nb:.1f} tok/s; xllm decode is "
               f"{med['xllm'][1] / (bw / nb):.0%} of it")
     if a.python_share:
-        shares = [python_share(model, prompt, a.new_tokens) for _ in range(a.reps)]
+        shares = [xllm_engine.call("python_share", prompt, a.new_tokens) for _ in range(a.reps)]
         print(f"  python share of decode time (outside kernels): {statistics.median(shares):.1%}")
 
 

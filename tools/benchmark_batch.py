@@ -22,7 +22,8 @@ batch, singles, ... for --reps repetitions; medians are printed) and prints the 
 ratios, and whether the batch produced the same tokens as the single runs. --profile adds one
 batch run with every kernel timed (prefill and decode separately; the rest is Python).
 --llama-cpp-model GGUF runs the same prompt ids through llama.cpp's batch API after each xllm
-run (tools/llama_cpp_batch.py; with --single, also one prompt at a time).
+run (tools/llama_cpp_batch.py; with --single, also one prompt at a time). Each engine runs in a
+process of its own (benchmark.EngineProcess), so neither finds the other's threads beside it.
 """
 import argparse
 import os
@@ -39,7 +40,7 @@ from xllm.decode import SamplingParams, Sampler, generate_ids
 from xllm.hub import resolve
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark import path_bytes, random_model_dir  # noqa: E402
+from benchmark import EngineProcess, path_bytes, random_model_dir  # noqa: E402
 
 DEFAULT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks",
                             "prompts.txt")
@@ -208,6 +209,30 @@ def print_profile(prof, r):
                       f"{secs / calls * 1e6:8.1f} us/call")
 
 
+class XllmBatch:
+    """xllm's side of the benchmark, built in its EngineProcess: the model, the prompts' ids
+    (info["prompts"]) and the runs."""
+
+    def __init__(self, path, threads, kv_dtype, texts, raw):
+        self.model = model = xllm.load(path, threads=threads,
+                                       **({"kv_dtype": kv_dtype} if kv_dtype else {}))
+        c = model.config
+        self.stop_ids = frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids)
+                                  if i is not None)
+        self.info = {"threads": model.threads, "max_seq_len": c.max_seq_len,
+                     "templated": not raw and model.chat_template is not None,
+                     "prompts": encode_prompts(model, texts, raw)}
+
+    def run(self, prompts, max_new_tokens):
+        return run_batch(self.model, prompts, max_new_tokens, self.stop_ids)
+
+    def profile(self, prompts, max_new_tokens):
+        return profile_kernels(self.model, prompts, max_new_tokens, self.stop_ids)
+
+    def peak_rss(self):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -235,44 +260,56 @@ def main(argv=None):
         p.error("--batch, --max-new-tokens and --reps must be >= 1")
 
     path = a.model or random_model_dir(a.random, a.dtype)
-    model = xllm.load(path, threads=a.threads,
-                      **({"kv_dtype": a.kv_dtype} if a.kv_dtype else {}))
-    c = model.config
     texts, n_lines = read_prompts(a.file, a.batch)
-    templated = not a.raw and model.chat_template is not None
-    prompts = encode_prompts(model, texts, a.raw)
-    room = c.max_seq_len - a.max_new_tokens
+    engines = {"xllm": EngineProcess(XllmBatch, path, a.threads, a.kv_dtype, texts, a.raw)}
+    try:
+        report(a, path, n_lines, engines)
+    finally:
+        for engine in engines.values():
+            engine.close()
+
+
+def report(a, path, n_lines, engines):
+    """Start llama.cpp beside engines["xllm"] if asked, run the repetitions, print the tables."""
+    xw = engines["xllm"]
+    threads, templated = xw.info["threads"], xw.info["templated"]
+    room = xw.info["max_seq_len"] - a.max_new_tokens
     if room < 1:
         raise SystemExit(f"--max-new-tokens {a.max_new_tokens} leaves no room for a prompt in "
-                         f"the model's context of {c.max_seq_len}")
-    cut = sum(len(q) > room for q in prompts)
-    prompts = [np.asarray(q[:room], np.int64) for q in prompts]
-    stop_ids = frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids) if i is not None)
+                         f"the model's context of {xw.info['max_seq_len']}")
+    cut = sum(len(q) > room for q in xw.info["prompts"])
+    prompts = [np.asarray(q[:room], np.int64) for q in xw.info["prompts"]]
 
-    run_batch(model, prompts[:2], 2, stop_ids)  # warm up (page in the weights)
+    def run(prompts):
+        return xw.call("run", prompts, a.max_new_tokens)
+
+    xw.call("run", prompts[:2], 2)  # warm up (page in the weights)
     batch_runs, single_runs, lc_runs, lc_single_runs = [], [], [], []
     lc = None
     if a.llama_cpp_model:
         from llama_cpp_batch import LlamaCppBatch
-        lc = LlamaCppBatch(a.llama_cpp_model, a.batch, max(len(q) for q in prompts)
-                           + a.max_new_tokens, model.threads, sum(len(q) for q in prompts))
-        lc.run(prompts[:2], 2)
+        lc = engines["llama.cpp"] = EngineProcess(
+            LlamaCppBatch, a.llama_cpp_model, a.batch,
+            max(len(q) for q in prompts) + a.max_new_tokens, threads,
+            sum(len(q) for q in prompts))
+        lc.call("run", prompts[:2], 2)
     for rep in range(a.reps):
-        r = run_batch(model, prompts, a.max_new_tokens, stop_ids)
+        r = run(prompts)
         batch_runs.append(r)
         x = rates(r)
         print(f"rep {rep}: batch {a.batch:3d}  prefill {x['prefill']:8.1f} tok/s  decode "
               f"{x['decode']:8.1f} tok/s  wall {x['wall']:6.2f} s", file=sys.stderr)
         if a.single:
-            s = run_singles(lambda ps: run_batch(model, ps, a.max_new_tokens, stop_ids), prompts)
+            s = run_singles(run, prompts)
             single_runs.append(s)
             x = rates(s)
             print(f"rep {rep}: single     prefill {x['prefill']:8.1f} tok/s  decode "
                   f"{x['decode']:8.1f} tok/s  wall {x['wall']:6.2f} s", file=sys.stderr)
         if lc is not None:
-            lc_runs.append(lc.run(prompts, a.max_new_tokens))
+            lc_runs.append(lc.call("run", prompts, a.max_new_tokens))
             if a.single:
-                lc_single_runs.append(run_singles(lambda ps: lc.run(ps, a.max_new_tokens), prompts))
+                lc_single_runs.append(run_singles(
+                    lambda ps: lc.call("run", ps, a.max_new_tokens), prompts))
             x = rates(lc_runs[-1])
             print(f"rep {rep}: llama.cpp batch prefill {x['prefill']:8.1f} tok/s  decode "
                   f"{x['decode']:8.1f} tok/s", file=sys.stderr)
@@ -283,7 +320,7 @@ def main(argv=None):
     lens = sorted(len(q) for q in prompts)
     r0 = batch_runs[0]
     label = (a.model or f"random {a.random} {a.dtype}")
-    print(f"model: {label}  threads: {model.threads}  batch: {a.batch} (of {n_lines} prompts in "
+    print(f"model: {label}  threads: {threads}  batch: {a.batch} (of {n_lines} prompts in "
           f"{os.path.basename(a.file)})  {'chat template' if templated else 'raw text'}  "
           f"max new tokens: {a.max_new_tokens}  reps: {a.reps}" + (" (medians)" if a.reps > 1
                                                                   else ""))
@@ -334,10 +371,10 @@ def main(argv=None):
         same = all(r["tokens"] == s["tokens"] for r in batch_runs for s in single_runs)
         print(f"batch tokens identical to the single runs: {'yes' if same else 'NO'}")
     if a.profile:
-        print_profile(*profile_kernels(model, prompts, a.max_new_tokens, stop_ids))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print_profile(*xw.call("profile", prompts, a.max_new_tokens))
+    rss = xw.call("peak_rss")
     files = path_bytes(resolve(path))
-    print(f"peak RSS: {rss / 2**20:.0f} MiB (model files {files / 2**20:.0f} MiB; KV-cache "
+    print(f"peak RSS (xllm's process): {rss / 2**20:.0f} MiB (model files {files / 2**20:.0f} MiB; KV-cache "
           f"capacity reserved by the batch at its peak {r0['kv_peak'] / 2**20:.0f} MiB, of which "
           f"only the rows written are resident)")
 
