@@ -516,3 +516,14 @@ def test_load_tokenizer_sniffs_unknown_names(tmp_path, data_dir, tok512):
     copy2 = tmp_path / "vocab.dat"
     copy2.write_bytes((data_dir / "llama2c" / "tok512.bin").read_bytes())
     assert load_tokenizer(copy2, vocab_size=512).pieces == tok512.pieces
+
+
+@needs_spm
+@pytest.mark.parametrize("unit", ["a", "ab", "\u4e2d\u6587", "aab", " a", "1", "\u00e9"])
+def test_long_words_match_sentencepiece(llama_tok, llama_spm, tok512, tok512_spm, unit):
+    # 20,000 characters without a space, and random letters (the heap merge on long input)
+    texts = [unit * (20_000 // len(unit)),
+             "".join(random.Random(unit).choice("abcdefgh\u00e9") for _ in range(20_000))]
+    for text in texts:
+        assert llama_tok.encode(text) == llama_spm.encode(text)
+        assert tok512.encode(text) == tok512_spm.encode(text)

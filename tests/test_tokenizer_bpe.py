@@ -3,6 +3,7 @@ against the SmolLM2 corpus (Hugging Face tokenizers, cross-checked with llama.cp
 llama.cpp's vocab conformance files and Hugging Face tokenizers itself."""
 
 import json
+import random
 import time
 
 import pytest
@@ -359,3 +360,27 @@ def test_gguf_truncated_or_not_gguf(tmp_path, data_dir):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ModelFormatError, match=name):
             load_tokenizer(tmp_path / name)
+
+
+# ----------------------------------------------------------------------------- long words
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_long_words_match_hf(smollm2, hf_tok, seed):
+    # one word of 20,000 characters: runs, repeats, CJK, random letters (the heap merge)
+    rng = random.Random(seed)
+    unit = ["a", "ab", "\u4e2d\u6587", "aab"][seed]
+    texts = [unit * (20_000 // len(unit)),
+             "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(20_000)),
+             "".join(rng.choice("aab\u00e9\u4e2d") for _ in range(5_000))]
+    hf_tok.encode_special_tokens = True
+    for text in texts:
+        assert smollm2.encode(text) == hf_tok.encode(text, add_special_tokens=False).ids
+
+
+def test_merges_out_of_rank_order():
+    # a merge can make a pair that ranks lower than itself; it is merged next (as in
+    # tokenizers), before the later occurrences of the first pair
+    tok = ByteLevelBPE(["a", "b", "ab", "aba"], ["ab a", "a b"])
+    assert tok.encode("abab") == [3, 1]
+    assert tok.encode("abab" * 3000) == [3, 1] * 3000

@@ -6,7 +6,7 @@ rank; results match Hugging Face ``tokenizers`` and llama.cpp."""
 
 import json
 import os
-from itertools import repeat
+from heapq import heapify, heappop, heappush
 from pathlib import Path
 
 import regex
@@ -34,7 +34,7 @@ _BYTE_CHARS = [chr(b) if b in _KEEP else chr(256 + sum(c not in _KEEP for c in r
 _TO_ALPHABET = dict(enumerate(_BYTE_CHARS))  # str.translate tables for Latin-1 text
 _FROM_ALPHABET = {ord(c): b for b, c in enumerate(_BYTE_CHARS)}
 _CACHE_LIMIT = 100_000  # words; the cache is dropped when it grows past this
-_NO_MERGE = 1 << 62
+_CACHE_WORD_LIMIT = 256  # characters; longer words are not cached (they would pin the memory)
 
 
 class ByteLevelBPE(_Tokenizer):
@@ -71,6 +71,28 @@ class ByteLevelBPE(_Tokenizer):
                 self._bytes.append(latin.encode("latin-1") if latin1 else t.encode("utf-8"))
         self._set_special(special, always)
         self._cache: dict[str, list[int]] = {}
+        self._build_merge_table()
+
+    def _build_merge_table(self):
+        """Number every symbol a merge can make and key the merges by the numbers of the pair.
+
+        Symbols are vocabulary ids; a merge result missing from the vocabulary gets a number
+        past its end (``_unlisted`` maps it to the ids of its characters, its output). With
+        ``K = _n_symbols``, ``_merges[a * K + b] = rank * K + result``: ordering those values
+        orders the merges by rank, and the result is the value modulo K."""
+        ids, unlisted, spellings = self._ids, {}, {}
+        for a, b in self._ranks:
+            if a + b not in ids and a + b not in unlisted:
+                unlisted[a + b] = self.vocab_size + len(unlisted)
+        self._n_symbols = k = self.vocab_size + len(unlisted)
+        number = {**unlisted, **ids}.get
+        self._merges = {}
+        for (a, b), rank in self._ranks.items():
+            if (left := number(a)) is not None and (right := number(b)) is not None:
+                self._merges[left * k + right] = rank * k + number(a + b)
+        for s, i in unlisted.items():
+            spellings[i] = [ids[c] for c in s if c in ids]
+        self._unlisted = spellings
 
     @classmethod
     def from_gguf_fields(cls, tokens, merges, token_types=None, pre="default", *, bos_id=-1,
@@ -144,39 +166,64 @@ class ByteLevelBPE(_Tokenizer):
             if (r := cache.get(w)) is None:
                 if len(cache) >= _CACHE_LIMIT:
                     cache.clear()
-                spelled = w.encode("utf-8").decode("latin-1").translate(_TO_ALPHABET)
-                r = cache[w] = self._bpe(spelled)
+                r = self._bpe(w.encode("utf-8").decode("latin-1").translate(_TO_ALPHABET))
+                if len(w) <= _CACHE_WORD_LIMIT:
+                    cache[w] = r
             ids += r
 
     def _bpe(self, word: str) -> list[int]:
         """BPE on one byte-spelled word: merge the adjacent pair of lowest rank, leftmost first
-        (as tokenizers and llama.cpp do)."""
+        (as tokenizers and llama.cpp do), in O(n log n) for n characters.
+
+        The symbols form a doubly linked list over their first positions (``nxt``/``prv``). A
+        heap holds candidate merges as ``value << shift | position`` (``value`` from
+        ``_merges``), so it pops the lowest rank first and, within a rank, the leftmost pair;
+        ``cand[position]`` is the one candidate still valid there (-1: none), and heap entries
+        that differ from it are stale and skipped."""
         vocab = self._ids
         if len(word) == 1 or (self.ignore_merges and word in vocab):
             if (i := vocab.get(word)) is not None:
                 return [i]
         # bytes the vocabulary lacks are dropped first (as tokenizers does without <unk>), so
         # their neighbours may merge
-        get, syms = self._ranks.get, [c for c in word if c in vocab]
-        # rk[i] is the rank of the pair (syms[i], syms[i + 1]); the last slot is a sentinel.
-        rk = [*map(get, zip(syms, syms[1:]), repeat(_NO_MERGE)), _NO_MERGE]
-        r = min(rk)
-        while r != _NO_MERGE:
-            rk[-1], i, n = r, rk.index(r), len(syms) - 1
-            while i < n:  # this pair, then its later occurrences while nothing ranks lower
-                syms[i] += syms.pop(i + 1)
-                del rk[i]
-                n -= 1
-                if i:
-                    rk[i - 1] = get((syms[i - 1], syms[i]), _NO_MERGE)
-                if i < n:
-                    rk[i] = get((syms[i], syms[i + 1]), _NO_MERGE)
-                i = rk.index(r, i) if r < rk[i] and (i == 0 or r < rk[i - 1]) else n
-            rk[-1] = _NO_MERGE
-            r = min(rk)
-        out = []
-        for s in syms:  # else its bytes
-            out += [vocab[s]] if s in vocab else [vocab[c] for c in s]
+        sym = [i for i in map(vocab.get, word) if i is not None]
+        n, k, get = len(sym), self._n_symbols, self._merges.get
+        shift = n.bit_length()
+        mask = (1 << shift) - 1
+        cand = [-1] * n
+        heap = []
+        for i in range(n - 1):
+            if (m := get(sym[i] * k + sym[i + 1])) is not None:
+                cand[i] = m << shift | i
+                heap.append(cand[i])
+        heapify(heap)
+        nxt, prv = [*range(1, n + 1)], [*range(-1, n - 1)]
+        while heap:
+            key = heappop(heap)
+            left = key & mask
+            if cand[left] != key:
+                continue
+            right = nxt[left]
+            new = sym[left] = (key >> shift) % k
+            after = nxt[left] = nxt[right]
+            cand[right] = cand[left] = -1
+            if after < n:
+                prv[after] = left
+                if (m := get(new * k + sym[after])) is not None:
+                    cand[left] = m << shift | left
+                    heappush(heap, cand[left])
+            if (before := prv[left]) >= 0:
+                m = get(sym[before] * k + new)
+                cand[before] = -1 if m is None else m << shift | before
+                if m is not None:
+                    heappush(heap, cand[before])
+        out, i, listed = [], 0, self.vocab_size
+        while i < n:  # a merge result missing from the vocabulary becomes its characters
+            s, i = sym[i], nxt[i]
+            if s < listed:
+                out.append(s)
+            else:
+                out += self._unlisted[s]
         return out
 
     def _surface(self, i, strip):
