@@ -340,8 +340,8 @@ def report(a, path, n_lines, engines):
         return x
 
     def ratios(label, x, y, faster=""):
-        print(f"  {label:22s} {x['prefill'] / y['prefill']:13.2f}x {x['decode'] / y['decode']:12.2f}x "
-              f"{x['overall'] / y['overall']:13.2f}x" + faster)
+        print(f"  {label:22s} {x['prefill'] / y['prefill']:13.2f}x "
+              f"{x['decode'] / y['decode']:12.2f}x {x['overall'] / y['overall']:13.2f}x" + faster)
 
     b = medians(batch_runs, f"aggregate (batch {a.batch})")
     if single_runs:
@@ -374,9 +374,9 @@ def report(a, path, n_lines, engines):
         print_profile(*xw.call("profile", prompts, a.max_new_tokens))
     rss = xw.call("peak_rss")
     files = path_bytes(resolve(path))
-    print(f"peak RSS (xllm's process): {rss / 2**20:.0f} MiB (model files {files / 2**20:.0f} MiB; KV-cache "
-          f"capacity reserved by the batch at its peak {r0['kv_peak'] / 2**20:.0f} MiB, of which "
-          f"only the rows written are resident)")
+    print(f"peak RSS (xllm's process): {rss / 2**20:.0f} MiB (model files "
+          f"{files / 2**20:.0f} MiB; KV-cache capacity reserved by the batch at its peak "
+          f"{r0['kv_peak'] / 2**20:.0f} MiB, of which only the rows written are resident)")
 
 
 if __name__ == "__main__":
