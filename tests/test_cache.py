@@ -1,4 +1,4 @@
-"""python -m xllm.cache (list, verify, remove) on a fake registry entry, a tiny wheel. No network."""
+"""python -m xllm.cache (list, verify, remove) on a fake registry entry (a tiny wheel)."""
 import hashlib
 import os
 import subprocess
