@@ -282,5 +282,8 @@ def test_governor_shapes_and_limits_are_separate(monkeypatch):
     busy = {1: 0.011, 2: 0.300}
     _run(gov, clock, busy.get, 100, rows=1)
     assert gov.choose(1, 2) == 1
-    assert gov.choose(300, 2) == 2  # a prefill shape learns on its own
+    assert gov.choose(300, 2) == 1  # a new shape starts from what the last one learned ...
+    _run(gov, clock, {1: 0.5, 2: 0.26}.get, 10, rows=300)
+    assert gov.choose(300, 2) == 2  # ... and learns on its own
+    assert gov.choose(1, 2) == 1
     assert gov.choose(1, 4) == 4  # a new limit starts over

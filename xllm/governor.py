@@ -18,7 +18,7 @@ TRIAL_SHARE = 0.01  # at most about this share of a shape's time goes to trial p
 MIN_TRIAL_GAP = 0.5  # seconds between two trials of one shape, at least
 SLOWER = 1.5         # passes this much slower than their average suggest a busier machine
 SLOW_PASSES = 2      # ... when this many come in a row (one can be a page fault or an interrupt)
-EARLY_TRIAL = 3      # a shape's pass after which fewer threads are tried once (catches a
+EARLY_TRIAL = 2      # a shape's pass after which the other count is tried once (catches a
                      # machine that was busy from the start)
 AVERAGE = 0.3        # weight of the newest pass time in the moving average
 
@@ -43,6 +43,7 @@ class ThreadGovernor:
     def __init__(self):
         self._shapes = {}
         self._limit = None  # the most threads allowed when the shapes were learned
+        self._latest = None  # the count the last pass of any shape settled on
 
     def choose(self, rows: int, limit: int) -> int:
         """The thread count for a pass of `rows` rows, at most `limit`."""
@@ -51,9 +52,10 @@ class ThreadGovernor:
         if limit != self._limit:  # a new limit: what was learned no longer applies
             self._shapes.clear()
             self._limit = limit
+            self._latest = None
         shape = self._shapes.get(_key(rows))
-        if shape is None:
-            shape = self._shapes[_key(rows)] = _Shape(limit)
+        if shape is None:  # a new shape starts where the machine seems to be now
+            shape = self._shapes[_key(rows)] = _Shape(self._latest or limit)
         return shape.trial or shape.current
 
     def record(self, rows: int, threads: int, seconds: float) -> None:
@@ -63,12 +65,14 @@ class ThreadGovernor:
             return
         before = shape.seconds.get(threads)
         shape.passes += 1
+        self._latest = shape.current
         if threads != shape.current:  # the end of a trial: keep the faster count
             shape.seconds[threads] = seconds  # what was known of this count is old
             shape.trial = None
             shape.last_trial = time.monotonic()
             if shape.seconds[threads] < 0.95 * shape.seconds[shape.current]:
                 shape.current = threads
+                self._latest = threads
             return
         if before is None:
             shape.seconds[threads] = seconds
@@ -88,8 +92,8 @@ class ThreadGovernor:
         if fewer and shape.slow >= SLOW_PASSES:
             shape.slow = 0
             return fewer  # much slower than usual: maybe a core was taken
-        if fewer and shape.passes == EARLY_TRIAL:
-            return fewer
+        if shape.passes == EARLY_TRIAL:
+            return fewer or more
         gap = max(MIN_TRIAL_GAP, min(shape.seconds.values()) / TRIAL_SHARE)
         if now - shape.last_trial < gap:
             return None
