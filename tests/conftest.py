@@ -97,8 +97,9 @@ def tiny_tokens(n=TINY["vocab_size"]):
 
 def write_tiny_gguf(path, keys=None, tokens=None, skip=()):
     """A TINY llama GGUF with F32 tensors and a llama tokenizer; `keys` overrides metadata
-    (None removes a key; an int is stored as UINT32 or, if larger, UINT64, a float as
-    FLOAT32, a str as STRING), `tokens` replaces the token list, `skip` leaves tensors out."""
+    (None removes a key; an int is stored as UINT32, or UINT64/INT32/INT64 where it must be, a
+    float as FLOAT32, a str as STRING, a list as an ARRAY of its first item's type), `tokens`
+    replaces the token list, `skip` leaves tensors out."""
     import gguf
     from xllm.loaders.gguf import gguf_name
     V = gguf.GGUFValueType
@@ -114,15 +115,10 @@ def write_tiny_gguf(path, keys=None, tokens=None, skip=()):
         if value is None:
             continue
         if isinstance(value, list):
-            sub = V.STRING if value and isinstance(value[0], str) else \
-                V.FLOAT32 if value and isinstance(value[0], float) else V.INT32
+            sub = _gguf_type(value[0] if value else 0)
             w.add_key_value(key, value, V.ARRAY, sub)
-        elif isinstance(value, str):
-            w.add_key_value(key, value, V.STRING)
-        elif isinstance(value, float):
-            w.add_key_value(key, value, V.FLOAT32)
         else:
-            w.add_key_value(key, value, V.UINT32 if 0 <= value < 2**32 else V.UINT64)
+            w.add_key_value(key, value, _gguf_type(value))
     for name, a in weights.items():
         if gguf_name(name) not in skip:
             w.add_tensor(gguf_name(name), a)
@@ -131,6 +127,20 @@ def write_tiny_gguf(path, keys=None, tokens=None, skip=()):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _gguf_type(value):
+    """The GGUF value type write_tiny_gguf stores `value` as."""
+    from gguf import GGUFValueType as V
+    if isinstance(value, bool):
+        return V.BOOL
+    if isinstance(value, str):
+        return V.STRING
+    if isinstance(value, float):
+        return V.FLOAT64 if 3e38 < abs(value) < float("inf") else V.FLOAT32
+    if 0 <= value < 2**32:
+        return V.UINT32
+    return V.UINT64 if value >= 0 else V.INT32 if value >= -2**31 else V.INT64
 
 
 def write_tiny_llama2c(path):

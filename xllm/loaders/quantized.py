@@ -72,9 +72,11 @@ def load_quantized(directory) -> Checkpoint:
         except ModelFormatError as e:
             raise ModelFormatError(f"{where}: {str(e).removeprefix('QTensor: ')}") from None
     check_weights(weights, config, fpath)
-    if (tok := meta.get("tokenizer")) is not None and (
-            tok != os.path.basename(tok) or not os.path.isfile(os.path.join(directory, tok))):
+    tok, template = meta.get("tokenizer"), meta.get("chat_template")
+    if tok is not None and (not isinstance(tok, str) or tok != os.path.basename(tok)
+                            or not os.path.isfile(os.path.join(directory, tok))):
         raise ModelFormatError(f"{cpath}: tokenizer file {tok!r} is not in {directory}")
+    if template is not None and not isinstance(template, str):
+        raise ModelFormatError(f"{cpath}: chat_template must be a string, got {template!r}")
     return Checkpoint(config=config, weights=weights, source=directory,
-                      tokenizer_path=tok and os.path.join(directory, tok),
-                      chat_template=meta.get("chat_template"))
+                      tokenizer_path=tok and os.path.join(directory, tok), chat_template=template)
