@@ -356,6 +356,44 @@ def test_mutated_qtensor_fields(field, value, kernel):
         COMPILED[kernel](*args)
 
 
+def read_only(a):
+    b = a.copy()
+    b.flags.writeable = False
+    return b
+
+
+SPOILERS = {"swapped": swapped, "misaligned": misaligned, "strided": strided,
+            "float64": lambda a: a.astype(np.float64), "float16": lambda a: a.astype(np.float16),
+            "int32": lambda a: a.astype(np.int32), "uint64": lambda a: a.astype(np.uint64),
+            "bool": lambda a: a.astype(bool), "object": lambda a: a.astype(object),
+            "read-only": read_only, "empty": lambda a: a[:0], "one row": lambda a: a[:1],
+            "transposed": lambda a: a.T, "flat": lambda a: a.reshape(-1),
+            "extra axis": lambda a: a[None], "0-d": lambda a: a.reshape(-1)[:1].reshape(()),
+            "list": lambda a: a.tolist(), "None": lambda a: None, "scalar": lambda a: 3}
+ARRAY_ARGS = {name: [i for n, i, _ in array_args() if n == name] for name in COMPILED}
+
+
+@settings(**SETTINGS)
+@given(name=st.sampled_from(sorted(COMPILED)),
+       spoils=st.lists(st.tuples(st.integers(0, 99), st.sampled_from(sorted(SPOILERS))),
+                       min_size=1, max_size=3))
+def test_spoilt_arrays(name, spoils):
+    """Any kernel with one to three of its array arguments spoilt (wrong dtype, byte order,
+    layout, shape, a non-array ...): the call works or raises one of ERRORS, nothing else."""
+    args = valid_calls()[name]
+    chosen = {ARRAY_ARGS[name][k % len(ARRAY_ARGS[name])]: spoil for k, spoil in spoils}
+    for i, spoil in chosen.items():  # (each argument spoilt once)
+        if isinstance(i, tuple):
+            args[i[0]] = list(args[i[0]])
+            args[i[0]][i[1]] = SPOILERS[spoil](args[i[0]][i[1]])
+        else:
+            args[i] = SPOILERS[spoil](args[i])
+    try:
+        COMPILED[name](*args)
+    except ERRORS:
+        pass
+
+
 # ---------------- hostile integers (in process, hypothesis) ----------------
 
 def attention_case(m=2, blocks=2, h=2, kv=1, hd=64):
