@@ -5,8 +5,11 @@ encoded as text, never as control tokens."""
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xllm.bpe import PRE_TOKENIZERS, ByteLevelBPE
+from xllm.decode import StopFilter
 from xllm.tokenizer import CONTROL, NORMAL, SentencePieceBPE, load_tokenizer
 
 _RATIO = 15  # the issue's bar: 10x the input may cost at most 15x the time
@@ -91,3 +94,59 @@ def test_special_token_splitter_longest_match_and_deep_tries():
     ids = tok.encode("a" * 310 + "b<s>x<s>", parse_special=True)
     assert ids == [tok.special_tokens["a" * 300], tok.special_tokens["a" * 10], 0,
                    tok.special_tokens["<s>x"], tok.special_tokens["<s>"]]
+
+
+# ----------------------------------------------------------------------------- stop strings
+
+
+def _reference_stop_filter(stop, pieces):
+    """What a stop filter must emit, by the definition: per piece, the text up to the earliest
+    complete stop string, else all but the longest end that begins a stop string."""
+    stop, pending, out = [s for s in stop if s], "", []
+    for piece in pieces:
+        text = pending + piece
+        if hits := [i for i in (text.find(s) for s in stop) if i >= 0]:
+            return out + [text[:min(hits)]], True
+        hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])),
+                   default=0)
+        out.append(text[:len(text) - hold])
+        pending = text[len(text) - hold:]
+    return out + [pending], False
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.text("abc", max_size=6), max_size=4),
+       st.lists(st.text("abcd", max_size=5), max_size=10))
+def test_stop_filter_matches_definition(stop, pieces):
+    f = StopFilter(stop)
+    out = [f.push(p) for p in pieces]
+    done = f.done
+    expected, expected_done = _reference_stop_filter(stop, pieces)
+    assert out + [f.flush()] == (expected + [""] * (len(pieces) + 1))[:len(pieces) + 1]
+    assert done == expected_done
+
+
+def test_stop_filter_long_stop_strings():
+    # two stop strings of 300,000 characters that the text keeps almost matching: 12 s per
+    # 10 tokens before (every prefix of every stop string compared at each push)
+    stop = ["x" * 299_999 + "y", "x" * 150_000 + "z"]
+    t0 = time.process_time()
+    f = StopFilter(stop)
+    emitted = [f.push("x" * 5) for _ in range(2_000)]
+    assert emitted == [""] * 2_000 and len(f.pending) == 10_000  # all could begin a stop
+    assert f.push("q") == "x" * 10_000 + "q" and f.pending == ""
+    assert "".join(f.push("x" * 50) for _ in range(3_000)) == ""
+    assert f.push("xz") == "x"  # 150,001 "x" then "z": cut before the second stop string
+    assert f.done and f.push("more") == "" and f.flush() == ""
+    assert time.process_time() - t0 < 2.0
+
+
+def test_stop_filter_many_stop_strings():
+    # 20,000 stop strings: each character costs O(1) amortized, not one step per stop string
+    stop = [f"<{i}>" for i in range(20_000)]
+    f = StopFilter(stop)
+    t0 = time.process_time()
+    text = "".join(f.push(c) for c in "<1<12<123<1234<12345<1" * 1_000)
+    assert time.process_time() - t0 < 1.0
+    assert text + f.pending == "<1<12<123<1234<12345<1" * 1_000 and f.pending == "<1"
+    assert f.push("9999>") == "" and f.done  # "<19999>"
