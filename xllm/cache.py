@@ -19,8 +19,8 @@ from .errors import XLLMError
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m xllm.cache",
-                                description=__doc__.split("\n")[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="python -m xllm.cache", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--home", type=Path, default=None,
                    help="the cache folder (default: $XLLM_HOME, else ~/.cache/xllm)")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
