@@ -91,7 +91,8 @@ class Transformer:
                        dtype=self.kv_dtype)
 
     def _ensure_rope(self, n):
-        # cos/sin tables grow with the longest sequence seen (doubling), never per token.
+        # cos/sin tables grow with the longest sequence seen (doubling), never per token; only
+        # passes read them, and a pass holds the kernel lock, so growing is safe here.
         if n > self.rope_cos.shape[0]:
             size = min(self.config.max_seq_len, max(n, 2 * self.rope_cos.shape[0], 256))
             self.rope_cos, self.rope_sin = _kernels.reference.rope_tables(self._inv_freq, size)
