@@ -220,6 +220,12 @@ def test_bad_ids_are_refused(name, ids):
         COMPILED[name](table, ids, out[:1])
 
 
+def _at(buf, i, values):
+    """buf[i:i + len(values)] set to values (a view)."""
+    buf[i:i + len(values)] = values
+    return buf[i:i + len(values)]
+
+
 def test_index_arrays_that_overlap_the_output_are_refused():
     """An index array sharing memory with what the kernel writes would change under it (an id
     or start pointing far outside: a wild read or write); int64 arrays are used in place, so
@@ -251,12 +257,6 @@ def test_index_arrays_that_overlap_the_output_are_refused():
         A.attention_batch(args[0], kc.reshape(-1)[:192].reshape(3, 64), *args[2:])
 
 
-def _at(buf, i, values):
-    """buf[i:i + len(values)] set to values (a view)."""
-    buf[i:i + len(values)] = values
-    return buf[i:i + len(values)]
-
-
 @pytest.mark.parametrize("name", ["matmul", "rmsnorm", "softmax", "silu_mul", "attention",
                                   "qmatmul"])
 def test_outputs_that_partly_overlap_an_input_are_refused(name):
@@ -285,7 +285,7 @@ def test_weights_that_overlap_the_output_are_refused():
         Q.qmatmul(x, qt, qt.qs.reshape(-1).view(np.float32)[:32].reshape(2, 16))
     with pytest.raises(ValueError, match="overlap"):
         Q.qmatmul(x, (qt, qtensor()), (out, out))  # two outputs in one place
-    x, w, _, out = valid_calls()["rmsnorm"]
+    w = valid_calls()["rmsnorm"][1]
     with pytest.raises(ValueError, match="overlap"):
         N.rmsnorm(np.ones((1, 8), np.float32), w, 1e-5, w.reshape(1, 8))
 

@@ -65,7 +65,8 @@ cdef cnp.ndarray _int64(object a, str name):
     if not cnp.PyArray_ISNOTSWAPPED(arr):
         raise TypeError(f"{name} must be in native byte order, got dtype {arr.dtype}")
     if arr.dtype.kind == "O":  # Python ints past int64, or other objects: each must be an int
-        return np.array([operator.index(v) for v in arr.flat], np.int64).reshape((<object>arr).shape)
+        ints = [operator.index(v) for v in arr.flat]
+        return np.array(ints, np.int64).reshape((<object>arr).shape)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
     if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > 0x7FFFFFFFFFFFFFFF:
