@@ -44,19 +44,18 @@ class _Cursor:
     """Reads little-endian values from `buf` (uint8 array), never past its end."""
 
     def __init__(self, buf, path):
-        self.buf, self.path, self.pos = buf, path, 0
+        self.view, self.size, self.path, self.pos = memoryview(buf), buf.size, path, 0
 
     def fail(self, what, why):
         raise ModelFormatError(f"{self.path}: {what}: {why} (at byte {self.pos} of "
-                               f"{self.buf.size}); the file is truncated or corrupt")
+                               f"{self.size}); the file is truncated or corrupt")
 
     def take(self, n, what):
-        """The next `n` bytes as a uint8 view."""
-        if n > self.buf.size - self.pos:
-            self.fail(what, f"needs {n} bytes, {self.buf.size - self.pos} are left")
-        out = self.buf[self.pos:self.pos + n]
+        """The next `n` bytes (a memoryview)."""
+        if n > self.size - self.pos:
+            self.fail(what, f"needs {n} bytes, {self.size - self.pos} are left")
         self.pos += n
-        return out
+        return self.view[self.pos - n:self.pos]
 
     def scalar(self, fmt, what):
         return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt), what))[0]
@@ -64,14 +63,14 @@ class _Cursor:
     def count(self, what, min_item_bytes):
         """A uint64 count of items that each take at least `min_item_bytes` bytes."""
         n = self.scalar("Q", what)
-        if n * min_item_bytes > self.buf.size - self.pos:
-            self.fail(what, f"{n} items cannot fit in the {self.buf.size - self.pos} bytes left")
+        if n * min_item_bytes > self.size - self.pos:
+            self.fail(what, f"{n} items cannot fit in the {self.size - self.pos} bytes left")
         return n
 
     def string(self, what):
         raw = self.take(self.count(what, 1), what)
         try:
-            return bytes(raw).decode("utf-8")
+            return str(raw, "utf-8")
         except UnicodeDecodeError as e:
             self.fail(what, f"not UTF-8 ({e.reason})")
 
