@@ -47,7 +47,7 @@ from xllm.loaders import load_checkpoint
 from xllm.tokenizer import load_tokenizer
 
 FORMATS = ("gguf_bytes", "gguf_keys", "safetensors_bytes", "safetensors_header", "hf_config",
-           "llama2c", "meta_params", "meta_pth", "quantized_config")
+           "llama2c", "meta_params", "meta_pth", "quantized_config", "tokenizer_json")
 DEFAULT_EXAMPLES = 90 * len(FORMATS)
 EXAMPLES = int(os.environ.get("XLLM_FUZZ_EXAMPLES", DEFAULT_EXAMPLES)) // len(FORMATS)
 EXAMPLE_SECONDS = 20
@@ -358,3 +358,42 @@ def test_fuzz_quantized_config(seeds):
         write_json(q / "config.json", mutate_json(meta, d.draw, keys))
         load_or_refuse(q, stats)
     run("quantized_config", example)
+
+
+def _tiny_tokenizer_json(directory):
+    """A byte-level BPE tokenizer.json (GPT-2's byte alphabet, three merges, one special
+    token) and the tokenizer_config.json that names its EOS."""
+    from xllm.bpe import _BYTE_CHARS
+    vocab = {c: i for i, c in enumerate(_BYTE_CHARS)}
+    merges = ["\u0120 t", "h e", "\u0120t he"]
+    for m in merges:
+        vocab[m.replace(" ", "")] = len(vocab)
+    data = {"model": {"type": "BPE", "vocab": vocab, "merges": merges},
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False},
+            "added_tokens": [{"id": len(vocab), "content": "<|end|>", "special": True}]}
+    write_json(directory / "tokenizer_config.json", {"eos_token": "<|end|>"})
+    return data
+
+
+def test_fuzz_tokenizer_json(tmp_path):
+    data = _tiny_tokenizer_json(tmp_path)
+    keys = ["model", "model.type", "model.vocab", "model.merges", "model.ignore_merges",
+            "pre_tokenizer", "pre_tokenizer.type", "pre_tokenizer.use_regex", "normalizer",
+            "added_tokens", "post_processor", "model.vocab.he", "model.vocab.a"]
+    text = json.dumps(data).encode()
+
+    def example(d, directory, stats):
+        path = directory / "tokenizer.json"
+        _tiny_tokenizer_json(directory)
+        if d.draw(st.booleans()):
+            write_json(path, mutate_json(data, d.draw, keys))
+        else:
+            path.write_bytes(mutate_bytes(text, d.draw, len(text)))
+        with budget():
+            try:
+                load_tokenizer(path)
+            except XLLMError:
+                stats["refused"] += 1
+                return
+        stats["loaded"] += 1
+    run("tokenizer_json", example)

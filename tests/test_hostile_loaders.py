@@ -450,3 +450,11 @@ def test_tokenizer_json_huge_id(tmp_path):
     path.write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 10**12}, "merges": []},
                                 "pre_tokenizer": {"type": "ByteLevel"}}))
     expect_error(path, "tokenizer.json", "id", loader=load_tokenizer)
+
+
+def test_deeply_nested_json(tmp_path, hf):
+    """JSON nested 100,000 deep (before: RecursionError) in tokenizer.json and config.json."""
+    (tmp_path / "tokenizer.json").write_text("[" * 100_000)
+    expect_error(tmp_path / "tokenizer.json", "tokenizer.json", loader=load_tokenizer)
+    (hf / "config.json").write_text("[" * 100_000)
+    expect_error(hf, "config.json")

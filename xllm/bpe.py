@@ -141,7 +141,7 @@ class ByteLevelBPE(_Tokenizer):
                        add_bos_default=bos >= 0 and _template_adds(data, tokens[bos]))
         except OSError as e:
             raise ModelFormatError(f"{path}: cannot read tokenizer.json ({e})") from None
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
             detail = f"missing key {e}" if isinstance(e, KeyError) else e
             raise ModelFormatError(f"{path}: not a supported byte-level BPE tokenizer.json "
                                    f"({detail})") from None
