@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xllm.bpe import PRE_TOKENIZERS, ByteLevelBPE
+from xllm.chat import render_chat
 from xllm.decode import StopFilter
+from xllm.errors import ChatTemplateError
 from xllm.tokenizer import CONTROL, NORMAL, SentencePieceBPE, load_tokenizer
 
 _RATIO = 15  # the issue's bar: 10x the input may cost at most 15x the time
@@ -150,3 +152,69 @@ def test_stop_filter_many_stop_strings():
     assert time.process_time() - t0 < 1.0
     assert text + f.pending == "<1<12<123<1234<12345<1" * 1_000 and f.pending == "<1"
     assert f.push("9999>") == "" and f.done  # "<19999>"
+
+
+# ----------------------------------------------------------------------------- chat templates
+
+
+_BUDGET_CASES = {
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}"
+                    "{% endfor %}{% endfor %}",
+    "nested loops over a string": "{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}"
+                                  "{% endfor %}{% endfor %}",
+    "nested loops printing": "{% for i in range(100000) %}{% for j in range(100000) %}x"
+                             "{% endfor %}{% endfor %}",
+    "doubling in a namespace": "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+                               "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "doubling by recursion": "{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% endif %}"
+                             "{% endmacro %}{{ f('x', 60) }}",
+    "repetition": "{{ 'x' * 10**9 }}",
+    "str.format width": "{{ '{:>1000000000}'.format(1) }}",
+    "str.format fields": "{{ ('{0}' * 1000000).format('x' * 1000) }}",
+    "% width": "{{ '%1000000000s' % 1 }}",
+    "% star width": "{{ '%*s' % (1000000000, 'x') }}",
+    "center": "{{ 'x'.center(10**9) }}",
+    "center filter": "{{ 'x'|center(10**9) }}",
+    "replace filter": "{{ ('a' * 1000)|replace('a', 'b' * 100000) }}",
+    "str.replace": "{{ ('a' * 1000).replace('a', 'b' * 100000) }}",
+    "indent filter": "{{ ('\\n' * 1000000)|indent(1000) }}",
+    "wordwrap filter": "{{ ('a ' * 1000000)|wordwrap(1, wrapstring='x' * 1000) }}",
+    "join": "{{ (['x' * 1000000] * 100)|join }}",
+    "str.join": "{{ ''.join(['x' * 1000000] * 100) }}",
+    "tojson indent": "{{ messages|tojson(indent=10**6) }}",
+    "power": "{{ 2 ** 100000 }}",
+}
+
+
+@pytest.mark.parametrize("name", _BUDGET_CASES)
+def test_chat_template_budget(name):
+    # each of these ran for hours or allocated gigabytes; now a clear ChatTemplateError
+    t0 = time.process_time()
+    with pytest.raises(ChatTemplateError, match="rendering budget"):
+        render_chat(_BUDGET_CASES[name], [{"role": "user", "content": "hi"}])
+    assert time.process_time() - t0 < 5.0
+
+
+def load_tokenizer_template(path):
+    gguf = pytest.importorskip("gguf")
+    field = gguf.GGUFReader(path).fields["tokenizer.chat_template"]
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def test_chat_template_budget_fits_long_conversations(smollm2_gguf):
+    # SmolLM2's own template on 15,000 messages of 1,000 characters (9 steps a message; 15 MB,
+    # far more than any model's context holds)
+    template = load_tokenizer_template(smollm2_gguf)
+    messages = [{"role": ("user", "assistant")[i % 2], "content": f"{i} " + "x" * 995}
+                for i in range(15_000)]
+    text = render_chat(template, messages)
+    assert text.count("<|im_start|>") == 15_002 and len(text) > 15_000_000
+
+
+def test_chat_template_budget_output():
+    # a template may print at most MAX_RENDER_OUTPUT characters
+    with pytest.raises(ChatTemplateError, match="characters of output"):
+        render_chat("{% for i in range(30) %}{{ 'x' * 1000000 }}{% endfor %}",
+                    [{"role": "user", "content": "hi"}])
+    assert len(render_chat("{% for i in range(19) %}{{ 'x' * 1000000 }}{% endfor %}",
+                           [{"role": "user", "content": "hi"}])) == 19_000_000

@@ -3,11 +3,27 @@
 Templates are Jinja2, usually shipped with the model (``tokenizer.chat_template``). They are
 untrusted code, so they run in Jinja's immutable sandbox."""
 import json
+import re
+import string
+from contextvars import ContextVar
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, wraps
 from typing import Optional
 
 from .errors import ChatTemplateError
+
+#: The rendering budget of a chat template (templates are untrusted code: a loop inside a loop
+#: could run for hours). Steps are loop iterations, calls (functions, methods, macros, filters,
+#: tests), attribute and item lookups and arithmetic; SmolLM2's template takes 9 steps per
+#: message, so the budget covers conversations of 500,000 messages.
+MAX_RENDER_STEPS = 5_000_000
+#: The longest rendered prompt, in characters (far beyond any model's context).
+MAX_RENDER_OUTPUT = 20_000_000
+#: The largest value a template may make (characters of a string, items of a list), and the
+#: largest number it may pass as a width, count or format field (so no single step can
+#: allocate more than about this much).
+MAX_RENDER_VALUE = 10_000_000
+_MAX_INT_BITS = 4096  # integers a template computes stay below 2**4096
 
 #: A plain ChatML template, for models that carry none (pass it explicitly).
 CHATML = ("{% for message in messages %}"
@@ -23,21 +39,191 @@ def _raise_exception(message):
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # Jinja's own tojson escapes HTML characters; templates expect plain json.dumps.
+    if len(indent if isinstance(indent, str) else " " * (indent or 0)) > 64:
+        _over(f"tojson with an indent of {indent!r} (at most 64)")
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                       sort_keys=sort_keys)
+
+
+_budget: ContextVar = ContextVar("xllm_chat_budget", default=None)  # steps left, per render
+
+
+def _over(what):
+    raise ChatTemplateError(f"the chat template went over its rendering budget: {what} (see "
+                            "xllm.chat.MAX_RENDER_STEPS / MAX_RENDER_OUTPUT / MAX_RENDER_VALUE)")
+
+
+def _step():
+    """Count one step of the current render against its budget."""
+    if (left := _budget.get()) is not None:
+        if left[0] <= 0:
+            _over(f"more than {MAX_RENDER_STEPS:,} steps (loop iterations, calls, lookups)")
+        left[0] -= 1
+
+
+def _check_value(value):
+    """`value`, unless it is larger than a template may make."""
+    sized = isinstance(value, (str, list, tuple, dict, set, frozenset))
+    if sized and len(value) > MAX_RENDER_VALUE:
+        _over(f"a {type(value).__name__} of {len(value):,} items (the limit is "
+              f"{MAX_RENDER_VALUE:,})")
+    if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
+        _over(f"an integer of {value.bit_length():,} bits")
+    return value
+
+
+def _check_arguments(args, kwargs=None, numbers=True):
+    """Refuse strings or lists larger than MAX_RENDER_VALUE as arguments and, with `numbers`,
+    numbers above it (widths, counts)."""
+    for a in (*args, *(kwargs or {}).values()):
+        if numbers and isinstance(a, int) and not isinstance(a, bool) and \
+                abs(a) > MAX_RENDER_VALUE:
+            _over(f"the number {a} passed as an argument (the limit is {MAX_RENDER_VALUE:,})")
+        _check_value(a)
+
+
+def _check_format(fmt):
+    """Refuse format strings (``%``-style and ``{}``-style) with widths above the limit."""
+    specs = [m.group(1) for m in re.finditer(r"%[#0 +-]*(\d*)", fmt)]
+    try:
+        specs += [spec or "" for _, _, spec, _ in string.Formatter().parse(fmt)]
+    except ValueError:
+        pass  # not a {}-style format string (format will say so itself if it is used as one)
+    for digits in re.findall(r"\d+", " ".join(specs)):
+        if len(digits) > 7 and int(digits) > MAX_RENDER_VALUE:
+            _over(f"a field width of {digits} in a format string")
+
+
+def _expected_size(name, text, args, kwargs=None):
+    """An upper bound, roughly, on the length of what str method or filter `name` makes of
+    `text` with the `args` and `kwargs` that follow it (0 when it is not one that can blow
+    up)."""
+    n = len(text)
+    if name == "wordwrap":  # (width, break_long_words, wrapstring)
+        width = args[0] if args and isinstance(args[0], int) else 1
+        wrap = (kwargs or {}).get("wrapstring") or (args[2] if len(args) > 2 else None)
+        return n + (n // max(width, 1) + 1) * len(wrap if isinstance(wrap, str) else "\n")
+    if name == "replace" and len(args) >= 2 and isinstance(args[1], str):
+        old, new = str(args[0]), args[1]
+        return n + (text.count(old) if old else n + 1) * len(new)
+    if name in ("indent", "expandtabs") and args and isinstance(args[0], int):
+        return n + (text.count("\n") + 1 if name == "indent" else text.count("\t")) * args[0]
+    if name == "join" and args and isinstance(args[0], list):
+        return sum(len(x) if isinstance(x, str) else 32 for x in args[0]) + n * len(args[0])
+    if name in ("format", "format_map", "%"):  # every field may repeat the longest argument
+        values = [*args, *(v for a in args if isinstance(a, dict) for v in a.values())]
+        longest = max((len(v) for v in values if isinstance(v, str)), default=32)
+        return n + (text.count("{") + text.count("%")) * longest
+    return 0
+
+
+def _guard(name, f):
+    """Filter or test `f` counted as a step, its arguments and result checked (the numbers
+    among its parameters, not the value it filters or tests)."""
+    first = 1 if getattr(f, "jinja_pass_arg", None) else 0  # after a context, if it takes one
+
+    @wraps(f)
+    def guarded(*args, **kwargs):
+        _step()
+        if name == "join" and len(args) > first:  # (items, separator)
+            args = (*args[:first], list(args[first]), *args[first + 1:])
+            separator = args[first + 1] if len(args) > first + 1 else kwargs.get("d", "")
+            if _expected_size("join", str(separator), args[first:first + 1]) > MAX_RENDER_VALUE:
+                _over(f"the join filter would make more than {MAX_RENDER_VALUE:,} characters")
+        # numbers are widths and counts, except for a format without "*" (a number to print)
+        numbers = name != "format" or "*" in str(args[first:first + 1])
+        _check_arguments(args[:first + 1], numbers=False)
+        _check_arguments(args[first + 1:], kwargs, numbers=numbers)
+        if len(args) > first and isinstance(text := args[first], str):
+            if name == "format":
+                _check_format(text)
+            if _expected_size(name, text, args[first + 1:], kwargs) > MAX_RENDER_VALUE:
+                _over(f"the {name} filter would make more than {MAX_RENDER_VALUE:,} characters")
+        return _check_value(f(*args, **kwargs))
+    return guarded
+
+
+def _counted(iterable):
+    """Iterate `iterable`, one step per item (every for loop's iterable is wrapped in this)."""
+    for item in iterable:
+        _step()
+        yield item
 
 
 @lru_cache(maxsize=1)
 def _environment():
     try:
+        from jinja2 import nodes
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2.utils import Namespace
     except ImportError as e:
         raise ImportError("chat templates need jinja2: pip install 'jinja2>=3.1.6'") from e
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
+
+    class BudgetedNamespace(Namespace):
+        def __setitem__(self, name, value):  # {% set ns.x = ... %}
+            _step()
+            super().__setitem__(name, _check_value(value))
+
+    class BudgetedSandbox(ImmutableSandboxedEnvironment):
+        """The immutable sandbox with every step counted and every value's size checked."""
+        intercepted_binops = frozenset(["+", "*", "%", "**", "//"])
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (as in Jinja)
+            _step()
+            method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+            target = getattr(method, "__self__", None)
+            _check_arguments(args, kwargs, numbers=isinstance(target, str))  # str widths
+            if isinstance(target, str):  # a str method: formats and blow-ups checked first
+                name = getattr(method, "__name__", "")
+                if name in ("format", "format_map"):
+                    _check_format(target)
+                if name == "join" and args:
+                    args = (list(args[0]), *args[1:])
+                    _check_arguments(args)
+                if _expected_size(name, target, args) > MAX_RENDER_VALUE:
+                    _over(f"str.{name} would make more than {MAX_RENDER_VALUE:,} characters")
+            return _check_value(super().call(__context, __obj, *args, **kwargs))
+
+        def getattr(self, obj, attribute):
+            _step()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            _step()
+            return super().getitem(obj, argument)
+
+        def call_binop(self, context, operator, left, right):
+            _step()
+            if operator == "*":
+                for seq, count in ((left, right), (right, left)):
+                    if (isinstance(seq, (str, list, tuple)) and isinstance(count, int)
+                            and len(seq) * count > MAX_RENDER_VALUE):
+                        _over(f"a repetition making {len(seq) * count:,} items")
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+                if abs(left) > 1 and right * left.bit_length() > _MAX_INT_BITS:
+                    _over(f"the power {left} ** {right}")
+            elif operator == "%" and isinstance(left, str):
+                right_args = right if isinstance(right, tuple) else (right,)
+                _check_format(left)
+                _check_arguments(right_args, numbers="*" in left)  # "%*s": a width argument
+                if _expected_size("%", left, right_args) > MAX_RENDER_VALUE:
+                    _over(f"a % format making more than {MAX_RENDER_VALUE:,} characters")
+            return _check_value(super().call_binop(context, operator, left, right))
+
+        def _generate(self, source, name, filename, defer_init=False):
+            for loop in source.find_all(nodes.For):  # count every loop's iterations
+                loop.iter = nodes.Filter(loop.iter, "xllm_counted", [], [], None, None,
+                                         lineno=loop.lineno)
+            return super()._generate(source, name, filename, defer_init)
+
+    env = BudgetedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception,
+    for table in (env.filters, env.tests):
+        for name, f in list(table.items()):
+            table[name] = _guard(name, f)
+    env.filters["xllm_counted"] = _counted
+    env.globals.update(raise_exception=_raise_exception, namespace=BudgetedNamespace,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env
 
@@ -82,10 +268,20 @@ def render_chat(template: Optional[str], messages, *, add_generation_prompt=True
                                 "template=xllm.chat.CHATML) or format the prompt yourself")
     check_messages(messages)
     compiled = _compile(template)
+    token = _budget.set([MAX_RENDER_STEPS])
     try:
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token, **extra)
+        pieces, size = [], 0
+        for piece in compiled.generate(messages=messages, bos_token=bos_token,
+                                       add_generation_prompt=add_generation_prompt,
+                                       eos_token=eos_token, **extra):
+            size += len(piece)
+            if size > MAX_RENDER_OUTPUT:
+                _over(f"more than {MAX_RENDER_OUTPUT:,} characters of output")
+            pieces.append(piece)
+        return "".join(pieces)
     except ChatTemplateError:
         raise
     except Exception as e:  # a template is code: any failure inside it is the template's
         raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+    finally:
+        _budget.reset(token)
