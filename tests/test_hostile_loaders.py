@@ -458,3 +458,13 @@ def test_deeply_nested_json(tmp_path, hf):
     expect_error(tmp_path / "tokenizer.json", "tokenizer.json", loader=load_tokenizer)
     (hf / "config.json").write_text("[" * 100_000)
     expect_error(hf, "config.json")
+
+
+def test_meta_shards_that_do_not_join(meta):
+    """Two model-parallel shards whose pieces of one weight disagree (before: numpy's
+    ValueError from concatenate)."""
+    import torch
+    state = torch.load(meta / "consolidated.00.pth", weights_only=True)
+    state["layers.0.attention.wq.weight"] = torch.zeros(16, 8)
+    torch.save(state, meta / "consolidated.01.pth")
+    expect_error(meta, str(meta), "layers.0.wq", "do not join")

@@ -7,8 +7,8 @@ memory-mapped where the format allows. q/k rows are never permuted (see ``rope_i
 import json
 import os
 import stat
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np

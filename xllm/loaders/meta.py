@@ -69,7 +69,7 @@ def _load_shard(torch, path):
     return out
 
 
-def _merge(shards, name, dim):
+def _merge(shards, name, dim, source):
     """Join one weight from all shards along its model-parallel axis (a copy only if > 1 shard);
     None if some shard lacks it (then it is reported as missing)."""
     parts = [s.get(name) for s in shards]
@@ -83,8 +83,8 @@ def _merge(shards, name, dim):
     if axis is None:
         return None  # not ours
     if any(p.ndim != 2 or p.shape[1 - axis] != parts[0].shape[1 - axis] for p in parts):
-        raise ModelFormatError(f"{name}: the shards' shapes {[p.shape for p in parts]} do not "
-                               f"join along axis {axis}")
+        raise ModelFormatError(f"{source}: the shards' shapes of {name} "
+                               f"({[p.shape for p in parts]}) do not join along axis {axis}")
     return np.concatenate(parts, axis=axis)
 
 
@@ -113,10 +113,7 @@ def load_meta(directory) -> Checkpoint:
     if not files:
         raise ModelFormatError(f"{directory}: params.json but no consolidated.*.pth files")
     shards = [_load_shard(torch, f) for f in files]
-    try:
-        weights = {k: w for k in shards[0] if (w := _merge(shards, k, dim)) is not None}
-    except ModelFormatError as e:
-        raise ModelFormatError(f"{directory}: {e}") from None
+    weights = {k: w for k in shards[0] if (w := _merge(shards, k, dim, directory)) is not None}
     emb, w1 = weights.get("tok_embeddings"), weights.get("layers.0.w1")
     if emb is None or w1 is None or emb.ndim != 2 or w1.ndim != 2:
         raise ModelFormatError(f"{files[0]}: missing tok_embeddings.weight or "
