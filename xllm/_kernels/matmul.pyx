@@ -68,14 +68,13 @@ def _tune(kc=None, panel_bytes=None, prefill_min_m=None):
     prefill path is used; returns the previous values. Results stay bitwise the same."""
     global _KC, _PANEL_BYTES, _PREFILL_MIN_M
     old = (_KC, _PANEL_BYTES, _PREFILL_MIN_M)
-    if prefill_min_m is not None:
-        _PREFILL_MIN_M = max(1, prefill_min_m)
-    if kc is not None:
-        if kc < 16 or kc % 16:
-            raise ValueError("kc must be a positive multiple of 16")
-        _KC = kc
-    if panel_bytes is not None:
-        _PANEL_BYTES = max(1, panel_bytes)
+    if kc is not None and (kc < 16 or kc % 16):
+        raise ValueError("kc must be a positive multiple of 16")
+    # all converted (OverflowError past size_t) before any is set
+    cdef size_t new_kc = _KC if kc is None else kc
+    cdef size_t new_panel = _PANEL_BYTES if panel_bytes is None else max(1, panel_bytes)
+    cdef size_t new_min_m = _PREFILL_MIN_M if prefill_min_m is None else max(1, prefill_min_m)
+    _KC, _PANEL_BYTES, _PREFILL_MIN_M = new_kc, new_panel, new_min_m
     return old
 
 

@@ -53,7 +53,8 @@ def rope(x, positions, cos, sin, n_heads, interleaved):
     cdef cnp.ndarray ca = _f32(cos, "cos", False, 2), sa = _f32(sin, "sin", False, 2)
     if (<object>sa).shape != (<object>ca).shape:
         raise ValueError(f"cos and sin differ in shape: {(<object>ca).shape}, {(<object>sa).shape}")
-    # n_heads: OverflowError past Py_ssize_t; compared by division (nh * 2 * half can overflow)
+    # n_heads: OverflowError past Py_ssize_t; compared by division (nh * 2 * half can overflow,
+    # 2 * half cannot: numpy keeps cos's row, half floats, under 2**63 bytes even with 0 rows)
     cdef Py_ssize_t nh = n_heads, half = ca.shape[1], m = xa.shape[0], n_pos = ca.shape[0]
     if nh < 1 or half < 1 or xa.shape[1] % (2 * half) or xa.shape[1] // (2 * half) != nh:
         raise ValueError(f"x has {xa.shape[1]} columns; expected n_heads ({nh}) * 2 * "
