@@ -11,6 +11,7 @@ from functools import lru_cache, wraps
 from typing import Optional
 
 from .errors import ChatTemplateError
+from .tokenizer import ESCAPE_MARK
 
 #: The rendering budget of a chat template (templates are untrusted code: a loop inside a loop
 #: could run for hours). Steps are loop iterations, calls (functions, methods, macros, filters,
@@ -41,8 +42,13 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     # Jinja's own tojson escapes HTML characters; templates expect plain json.dumps.
     if len(indent if isinstance(indent, str) else " " * (indent or 0)) > 64:
         _over(f"tojson with an indent of {indent!r} (at most 64)")
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+    text = json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                       sort_keys=sort_keys)
+    # ASCII JSON writes the escape mark as \ufdd0: put it back (not after a backslash that is
+    # itself escaped), so the special token text after it stays escaped
+    if ensure_ascii:
+        text = re.sub(r"(?<!\\)((?:\\\\)*)\\ufdd0", "\\1" + ESCAPE_MARK, text)
+    return text
 
 
 _budget: ContextVar = ContextVar("xllm_chat_budget", default=None)  # steps left, per render
@@ -285,3 +291,39 @@ def render_chat(template: Optional[str], messages, *, add_generation_prompt=True
         raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
     finally:
         _budget.reset(token)
+
+
+def encode_chat(tokenizer, template: Optional[str], messages, *, add_generation_prompt=True,
+                special_in_content=False, **extra) -> list:
+    """The token ids of `messages` rendered with the chat `template` (see ``render_chat``;
+    ``bos_token`` and ``eos_token`` are the tokenizer's), ready for the model's reply.
+
+    The template's own markup becomes control tokens, while every string the caller gives (in
+    `messages`: contents, roles, tool calls...; and in `extra`, e.g. ``tools``) stays text: a
+    special token's text inside it, such as ``<|im_end|>``, is encoded as those characters and
+    can never close a turn or open another. This works by escaping those strings before
+    rendering (``tokenizer.escape_special``), so templates that rewrite contents (for example
+    keep what follows ``</think>``) still render. With ``special_in_content=True`` strings are
+    not escaped: special token texts in them become control tokens (only for trusted input)."""
+    bos, eos = (tokenizer.id_to_piece(i) if i >= 0 else "" for i in (tokenizer.bos_id,
+                                                                       tokenizer.eos_id))
+    if not special_in_content:
+        try:
+            messages = _escaped(messages, tokenizer.escape_special)
+            extra = _escaped(extra, tokenizer.escape_special)
+        except RecursionError:
+            raise ValueError("messages or template variables nest too deeply") from None
+    text = render_chat(template, messages, add_generation_prompt=add_generation_prompt,
+                       bos_token=bos, eos_token=eos, **extra)
+    return tokenizer.encode(text, parse_special=True, escaped=not special_in_content)
+
+
+def _escaped(value, escape):
+    """`value` with `escape` applied to every string in it (dict keys too)."""
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {_escaped(k, escape): _escaped(v, escape) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_escaped(v, escape) for v in value)
+    return value

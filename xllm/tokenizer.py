@@ -14,7 +14,7 @@ from heapq import heappop, heappush
 
 from .errors import ModelFormatError
 
-__all__ = ["NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE",
+__all__ = ["NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE", "ESCAPE_MARK",
            "SentencePieceBPE", "StreamDecoder", "load_tokenizer"]
 
 # Piece types, numbered as in sentencepiece_model.proto.
@@ -25,6 +25,9 @@ _BYTE_PIECE_RE = re.compile(r"<0x([0-9A-Fa-f]{2})>\Z")
 _MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
 # sentencepiece decodes each byte at which no valid UTF-8 character starts to one U+FFFD.
 codecs.register_error("xllm-spm", lambda e: ("\ufffd", e.start + 1))
+#: The mark of escaped text (see ``escape_special``): a noncharacter, one of the code points
+#: Unicode keeps for a program's internal use.
+ESCAPE_MARK = "\ufdd0"
 
 
 class _Tokenizer:
@@ -49,21 +52,64 @@ class _Tokenizer:
     def _set_special(self, special, always=()):
         self.special_tokens = special
         self._special_rx, self._always_rx = _alternation(special), _alternation(always)
+        # escape_special marks every place where a special text starts (in any letter case, so
+        # a template's upper/lower still meets a mark) and doubles marks; encode reads back
+        # mark + mark, mark + special text (group 1), a lone mark, or a special text (group 2)
+        mark, body = re.escape(ESCAPE_MARK), self._special_rx and self._special_rx.pattern[1:-1]
+        self._escape_rx = re.compile(f"(?=(?i:{body}))|{mark}" if body else mark)
+        self._unescape_rx = re.compile(f"{mark}({mark}|{body})?|({body})" if body else
+                                       f"{mark}({mark})?")
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False,
-               parse_special: bool = False) -> list[int]:
+               parse_special: bool = False, escaped: bool = False) -> list[int]:
         """Token ids of ``text``. With ``parse_special`` the texts of special tokens (longest
-        first) become those tokens and the text between them is encoded on its own."""
+        first) become those tokens and the text between them is encoded on its own; with
+        ``escaped`` too, the parts of ``text`` made by ``escape_special`` are plain text."""
         ids = [self._special_id("bos")] if add_bos else []
-        rx = self._special_rx if parse_special else self._always_rx
-        for k, part in enumerate(rx.split(text) if rx else (text,)):
+        if parse_special and escaped:
+            self._encode_escaped(text, ids)
+        elif parse_special and self._special_rx:
+            for k, part in enumerate(self._special_rx.split(text)):
+                if k % 2:
+                    ids.append(self.special_tokens[part])
+                else:
+                    self._encode_plain(part, ids)
+        else:
+            self._encode_plain(text, ids)
+        if add_eos:
+            ids.append(self._special_id("eos"))
+        return ids
+
+    def escape_special(self, text: str) -> str:
+        """``text`` (untrusted, e.g. a chat message) made to stay plain text inside a text
+        encoded with ``parse_special=True, escaped=True``: ESCAPE_MARK goes before every place
+        where a special token's text begins (in any letter case) and each ESCAPE_MARK of
+        ``text`` is doubled. The encoder reads a doubled mark as one mark, a mark followed by a
+        special token's text as that text, and drops any other mark (one that a template
+        separated from its text); special token texts without a mark are the tokens."""
+        return self._escape_rx.sub(lambda m: ESCAPE_MARK + m[0], text)
+
+    def _encode_escaped(self, text, ids):
+        plain, pos = [], 0
+        for m in self._unescape_rx.finditer(text):
+            plain.append(text[pos:m.start()])
+            pos = m.end()
+            if m.lastindex == 2:  # a special token's text without a mark: the token
+                self._encode_plain("".join(plain), ids)
+                plain = []
+                ids.append(self.special_tokens[m[2]])
+            elif m[1]:  # an escaped mark or special text: plain text (a lone mark is dropped)
+                plain.append(m[1])
+        plain.append(text[pos:])
+        self._encode_plain("".join(plain), ids)
+
+    def _encode_plain(self, text, ids):
+        """Encode text without control tokens (user-defined ones still match)."""
+        for k, part in enumerate(self._always_rx.split(text) if self._always_rx else (text,)):
             if k % 2:
                 ids.append(self.special_tokens[part])
             elif part:
                 self._encode_part(part, ids)
-        if add_eos:
-            ids.append(self._special_id("eos"))
-        return ids
 
     def _special_id(self, name):
         if (i := getattr(self, name + "_id")) < 0:
