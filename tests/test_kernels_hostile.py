@@ -226,34 +226,41 @@ def _at(buf, i, values):
     return buf[i:i + len(values)]
 
 
-def test_index_arrays_that_overlap_the_output_are_refused():
-    """An index array sharing memory with what the kernel writes would change under it (an id
-    or start pointing far outside: a wild read or write); int64 arrays are used in place, so
-    this is checked."""
+def test_index_arrays_that_share_memory_with_the_output():
+    """An index array in the memory a kernel writes would change under it (ids, positions or
+    starts pointing far outside: a wild read or write). The kernels check and use a private
+    copy, so the result is that of the indices as they were at the call."""
+    def same_as_with_copies(fn, args, *written):
+        """fn(*args) writes into its arguments `written` what it writes with all copied."""
+        want = [a.copy() if isinstance(a, np.ndarray) else
+                [c.copy() for c in a] if isinstance(a, list) else a for a in args]
+        fn(*want)
+        fn(*args)
+        for i in written:
+            np.testing.assert_array_equal(args[i], want[i])
+
     buf = np.zeros(64, np.int64)
     f32 = buf.view(np.float32)
-    with pytest.raises(ValueError, match="overlap"):
-        MM.embedding(np.ones((10, 2), np.float32), buf[:8], f32[4:20].reshape(8, 2))
-    with pytest.raises(ValueError, match="overlap"):
-        Q.qembedding(qtensor(k=32), buf[:2], f32[:64].reshape(2, 32))
+    buf[:8] = [1, 2, 3, 4, 5, 6, 7, 8]
+    table = rng_f32(10, 2) * 1e30  # rows that are ids far outside, as int64
+    out = f32[4:20].reshape(8, 2)  # over ids[2:]
+    same_as_with_copies(MM.embedding, [table, buf[:8], out], 2)
+    buf[:2] = [3, 15]
+    same_as_with_copies(Q.qembedding, [qtensor(k=32), buf[:2], f32[2:66].reshape(2, 32)], 2)
     cos, sin = R.rope_tables(np.ones(2, np.float32), 10)
-    with pytest.raises(ValueError, match="overlap"):  # positions inside x
-        N.rope(f32[:16].reshape(2, 8), buf[:2], cos, sin, 2, True)
-    with pytest.raises(ValueError, match="overlap"):
-        S.apply_repetition_penalty(f32[:50], buf[:3], 1.2)
+    buf[:2] = [3, 5]  # positions inside x
+    same_as_with_copies(N.rope, [f32[:16].reshape(2, 8), buf[:2], cos, sin, 2, True], 0)
+    buf[:3] = [3, 5, 0]
+    same_as_with_copies(S.apply_repetition_penalty, [f32[:50], buf[:3], 1e-30], 0)
     args = valid_calls()["attention_batch"]
     ints = np.zeros(1024, np.int64)
     out = ints.view(np.float32)[:384].reshape(3, 128)
-    with pytest.raises(ValueError, match="overlap"):  # bounds inside out
-        A.attention_batch(*args[:5], _at(ints, 10, [0, 1, 3]), _at(ints, 500, [5, 30]), out,
-                          *args[8:])
-    with pytest.raises(ValueError, match="overlap"):  # starts inside out
-        A.attention_batch(*args[:5], _at(ints, 500, [0, 1, 3]), _at(ints, 20, [5, 30]), out,
-                          *args[8:])
-    kc = args[3][0]
-    with pytest.raises(ValueError, match="overlap"):  # starts inside a cache, written first
-        A.attention_batch(*args[:6], _at(kc.reshape(-1).view(np.int64), 0, [5, 30]), *args[7:])
-    with pytest.raises(ValueError, match="overlap"):  # k_new inside the cache
+    bounds, starts = _at(ints, 10, [0, 1, 3]), _at(ints, 100, [5, 30])  # inside out
+    same_as_with_copies(A.attention_batch, args[:5] + [bounds, starts, out] + args[8:], 3, 4, 7)
+    kc = args[3][0]  # starts inside a cache, which is written first
+    starts = _at(kc.reshape(-1).view(np.int64), 0, [5, 30])
+    same_as_with_copies(A.attention_batch, args[:6] + [starts] + args[7:], 3, 4, 7)
+    with pytest.raises(ValueError, match="overlap"):  # k_new inside the cache it is stored in
         A.attention_batch(args[0], kc.reshape(-1)[:192].reshape(3, 64), *args[2:])
 
 

@@ -36,7 +36,7 @@ cdef cnp.ndarray _f32(object a, str name, bint write, int ndim, bint f16=False):
     """`a` as a native-order, aligned, C-contiguous float32 (float16 if f16) ndarray with ndim
     dimensions (any number >= 1 if ndim is 0), writeable if `write`; TypeError or ValueError
     otherwise."""
-    if not isinstance(a, np.ndarray):
+    if not cnp.PyArray_Check(a):  # (isinstance(a, np.ndarray) in a nanosecond)
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
     cdef cnp.ndarray arr = <cnp.ndarray>a
     cdef int want = cnp.NPY_FLOAT16 if f16 else cnp.NPY_FLOAT32
@@ -56,9 +56,13 @@ cdef cnp.ndarray _int64(object a, str name):
     """An integer array or sequence as a native, aligned, C-contiguous int64 ndarray: TypeError
     if it holds no integers or is in non-native byte order, OverflowError for Python ints past
     the int64 range, IndexError for uint64 values past it."""
-    cdef cnp.ndarray arr = a if isinstance(a, np.ndarray) else np.asarray(a)
-    if not isinstance(a, np.ndarray) and arr.size == 0:  # [] is float64 to numpy
-        arr = arr.astype(np.int64)
+    cdef cnp.ndarray arr
+    if cnp.PyArray_Check(a):
+        arr = <cnp.ndarray>a
+    else:
+        arr = np.asarray(a)
+        if arr.size == 0:  # [] is float64 to numpy
+            arr = arr.astype(np.int64)
     if cnp.PyArray_TYPE(arr) == cnp.NPY_INT64 and cnp.PyArray_ISNOTSWAPPED(arr) \
             and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr):
         return arr

@@ -15,6 +15,7 @@ import os
 
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 from cython.parallel cimport parallel
 
 from xllm._kernels._cpu import features
@@ -78,35 +79,46 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
     if len(v_caches) != S or (<object>ba).shape != (S + 1,) or (<object>sa).shape != (S,):
         raise ValueError(f"need S caches of each kind, S + 1 bounds and S starts; got "
                          f"{S}, {len(v_caches)}, {ba.size}, {sa.size}")
-    cdef const int64_t *bp = <const int64_t *>cnp.PyArray_DATA(ba)
-    cdef const int64_t *sp = <const int64_t *>cnp.PyArray_DATA(sa)
-    for s in range(S + 1):  # after this, 0 <= bp[s] <= m for every s
-        if bp[s] < (bp[s - 1] if s else 0) or (s == 0 and bp[0] != 0) or (s == S and bp[s] != m):
-            raise ValueError(f"bounds must rise from 0 to the {m} rows of q")
-    # bounds and starts are read by the threads while out (and with k_new the caches) are written
-    if _overlap(oa, ba, False) or _overlap(oa, sa, False):
-        raise ValueError("out overlaps bounds or starts")
-    cdef bint store = k_new is not None, f16 = S > 0 and \
-        isinstance(k_caches[0], np.ndarray) and k_caches[0].dtype == np.float16
-    cdef cnp.ndarray kna, vna
-    if store:
-        kna, vna = _f32(k_new, "k_new", False, 2), _f32(v_new, "v_new", False, 2)
-        if (<object>kna).shape != (m, ldkv) or (<object>vna).shape != (m, ldkv):
-            raise ValueError(f"k_new and v_new must be [{m}, {ldkv}]")
-    # Work items: tiles of rows x heads of one group of one sequence, at most `rows` of them
-    cdef Py_ssize_t rows = min(<Py_ssize_t>MAX_ROWS, XA_ROWBUF // ((hd + 31) // 32 * 32))
-    cdef Py_ssize_t group = nh // nkv, gh = min(group, rows), tq = max(1, rows // gh)
-    cdef Py_ssize_t items = 0  # at most n_heads * m (nkv * groups <= nh, tiles <= rows)
-    for s in range(S):
-        items += nkv * ((group + gh - 1) // gh) * ((bp[s + 1] - bp[s] + tq - 1) // tq)
-    if items > PY_SSIZE_T_MAX // 48 or S > PY_SSIZE_T_MAX // 16:  # the malloc sizes below
-        raise MemoryError(f"attention_batch: {items} work items or {S} sequences is too many")
-    cdef Py_ssize_t rows_s, cap
-    cdef char **kp = <char **>malloc(2 * S * sizeof(char *) + 1)
+    # The threads read private copies of bounds and starts: what is checked below is what they
+    # use, whatever happens to the caller's arrays meanwhile (another thread, or out sharing
+    # their memory). One block: the copies, then the cache pointers.
+    if S > PY_SSIZE_T_MAX // 32:
+        raise MemoryError(f"attention_batch: {S} sequences is too many")
+    cdef int64_t *bp = <int64_t *>malloc((2 * S + 1) * sizeof(int64_t) + 2 * S * sizeof(char *))
+    if bp == NULL:
+        raise MemoryError()
+    cdef int64_t *sp = bp + S + 1
+    cdef char **kp = <char **>(sp + S)
     cdef char **vp = kp + S
-    cdef int64_t *lst = <int64_t *>malloc(6 * items * sizeof(int64_t) + 1)
+    cdef int64_t *lst = NULL
+    cdef Py_ssize_t rows, group, gh, tq, items, rows_s, cap
+    cdef bint store = k_new is not None, f16
+    cdef cnp.ndarray kna, vna
     try:
-        if kp == NULL or lst == NULL:
+        memcpy(bp, cnp.PyArray_DATA(ba), (S + 1) * sizeof(int64_t))
+        memcpy(sp, cnp.PyArray_DATA(sa), S * sizeof(int64_t))
+        for s in range(S + 1):  # after this, 0 <= bp[s] <= m for every s
+            if bp[s] < (bp[s - 1] if s else 0) or (s == 0 and bp[0] != 0) or \
+                    (s == S and bp[s] != m):
+                raise ValueError(f"bounds must rise from 0 to the {m} rows of q")
+        f16 = S > 0 and cnp.PyArray_Check(k_caches[0]) and \
+            cnp.PyArray_TYPE(<cnp.ndarray>k_caches[0]) == cnp.NPY_FLOAT16
+        if store:
+            kna, vna = _f32(k_new, "k_new", False, 2), _f32(v_new, "v_new", False, 2)
+            if (<object>kna).shape != (m, ldkv) or (<object>vna).shape != (m, ldkv):
+                raise ValueError(f"k_new and v_new must be [{m}, {ldkv}]")
+        # Work items: tiles of rows x heads of one group of one sequence, at most `rows` of them
+        rows = min(<Py_ssize_t>MAX_ROWS, XA_ROWBUF // ((hd + 31) // 32 * 32))
+        group = nh // nkv
+        gh = min(group, rows)
+        tq = max(1, rows // gh)
+        items = 0  # at most n_heads * m (nkv * groups <= nh, tiles <= rows)
+        for s in range(S):
+            items += nkv * ((group + gh - 1) // gh) * ((bp[s + 1] - bp[s] + tq - 1) // tq)
+        if items > PY_SSIZE_T_MAX // 48:  # (6 int64 per item)
+            raise MemoryError(f"attention_batch: {items} work items is too many")
+        lst = <int64_t *>malloc(6 * items * sizeof(int64_t) + 1)
+        if lst == NULL:
             raise MemoryError()
         for s in range(S):
             ka = _f32(k_caches[s], "k_cache", store, 3, f16)
@@ -123,10 +135,8 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
                                  f"{cap} (or is negative)")
             if _overlap(oa, ka, False) or _overlap(oa, va, False):
                 raise ValueError("out overlaps the caches")
-            if store and (_overlap(ka, ba, False) or _overlap(ka, sa, False) or
-                          _overlap(va, ba, False) or _overlap(va, sa, False) or
-                          _overlap(ka, kna, False) or _overlap(va, vna, False)):
-                raise ValueError("the caches, written first, overlap bounds, starts or k_new/v_new")
+            if store and (_overlap(ka, kna, False) or _overlap(va, vna, False)):
+                raise ValueError("k_new or v_new overlaps the caches they are stored in")
             kp[s], vp[s] = <char *>cnp.PyArray_DATA(ka), <char *>cnp.PyArray_DATA(va)
         if m:
             _run(<const float *>cnp.PyArray_DATA(qa),
@@ -135,7 +145,7 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
                  kp, vp, f16, S, bp, sp, <float *>cnp.PyArray_DATA(oa), nh, nkv, hd,
                  float(scale), lst, items, gh, tq)
     finally:
-        free(kp)
+        free(bp)
         free(lst)
 
 

@@ -187,7 +187,7 @@ def embedding(table, ids, out):
     cdef cnp.ndarray oa = _check_2d(out, "out", cnp.NPY_FLOAT32, "float32")
     _check_out(oa)
     _check_no_overlap(oa, ta, "table")
-    cdef cnp.ndarray ia = _check_ids(ids, oa)
+    cdef cnp.ndarray ia = _check_ids(ids)
     cdef size_t n = <size_t>ia.shape[0], V = <size_t>ta.shape[0], D = <size_t>ta.shape[1]
     if <size_t>oa.shape[0] != n or <size_t>oa.shape[1] != D:
         raise ValueError(f"out must have shape ({n}, {D}) for {n} ids and table {table.shape}, "

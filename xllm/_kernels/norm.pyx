@@ -3,6 +3,8 @@ are validated with the GIL held; the loops then run without it, on several threa
 there is enough work to pay for waking the team."""
 include "_common.pxi"
 from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 cdef enum:
     GRAIN = 16384  # below this many floats per thread a parallel region costs more than it saves
@@ -62,14 +64,8 @@ def rope(x, positions, cos, sin, n_heads, interleaved):
     cdef cnp.ndarray pa = _int64(positions, "positions")
     if pa.ndim != 1 or pa.shape[0] != m:
         raise ValueError(f"positions must be 1-D of length {m}, got shape {(<object>pa).shape}")
-    if _overlap(xa, pa, False):  # x is written while the threads read positions
-        raise ValueError("x overlaps positions")
-    cdef const int64_t *pp = <const int64_t *>cnp.PyArray_DATA(pa)
-    cdef Py_ssize_t i, h, j, ld = xa.shape[1]
-    for i in range(m):
-        if pp[i] < 0 or pp[i] >= n_pos:
-            raise IndexError(f"position {pp[i]} is outside the rope tables [0, {n_pos})")
     cdef bint il = interleaved
+    cdef Py_ssize_t i, h, j, ld = xa.shape[1]
     cdef float *xp = <float *>cnp.PyArray_DATA(xa)
     cdef const float *c0 = <const float *>cnp.PyArray_DATA(ca)
     cdef const float *s0 = <const float *>cnp.PyArray_DATA(sa)
@@ -77,23 +73,35 @@ def rope(x, positions, cos, sin, n_heads, interleaved):
     cdef const float *s
     cdef float *v
     cdef float a, b
-    for i in prange(m, nogil=True, num_threads=_threads(m, m * ld), schedule="static"):
-        c = c0 + pp[i] * half
-        s = s0 + pp[i] * half
-        for h in range(nh):  # two loops with constant strides, so that both vectorise
-            v = xp + i * ld + h * 2 * half
-            if il:  # pairs (2j, 2j+1)
-                for j in range(half):
-                    a = v[2 * j]
-                    b = v[2 * j + 1]
-                    v[2 * j] = a * c[j] - b * s[j]
-                    v[2 * j + 1] = a * s[j] + b * c[j]
-            else:  # pairs (j, j + half), "rotate_half"
-                for j in range(half):
-                    a = v[j]
-                    b = v[j + half]
-                    v[j] = a * c[j] - b * s[j]
-                    v[j + half] = a * s[j] + b * c[j]
+    # The threads read a private copy of positions: what is checked is what they use, even if x
+    # shares memory with positions or another thread writes them meanwhile.
+    cdef int64_t *pp = <int64_t *>malloc(m * sizeof(int64_t) + 1)
+    if pp == NULL:
+        raise MemoryError()
+    try:
+        memcpy(pp, cnp.PyArray_DATA(pa), m * sizeof(int64_t))
+        for i in range(m):
+            if pp[i] < 0 or pp[i] >= n_pos:
+                raise IndexError(f"position {pp[i]} is outside the rope tables [0, {n_pos})")
+        for i in prange(m, nogil=True, num_threads=_threads(m, m * ld), schedule="static"):
+            c = c0 + pp[i] * half
+            s = s0 + pp[i] * half
+            for h in range(nh):  # two loops with constant strides, so that both vectorise
+                v = xp + i * ld + h * 2 * half
+                if il:  # pairs (2j, 2j+1)
+                    for j in range(half):
+                        a = v[2 * j]
+                        b = v[2 * j + 1]
+                        v[2 * j] = a * c[j] - b * s[j]
+                        v[2 * j + 1] = a * s[j] + b * c[j]
+                else:  # pairs (j, j + half), "rotate_half"
+                    for j in range(half):
+                        a = v[j]
+                        b = v[j + half]
+                        v[j] = a * c[j] - b * s[j]
+                        v[j + half] = a * s[j] + b * c[j]
+    finally:
+        free(pp)
 
 
 def softmax(x, out):

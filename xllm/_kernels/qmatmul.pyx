@@ -238,7 +238,7 @@ def qembedding(table, ids, out):
     for a in keep:
         if a is not None:
             _check_no_overlap(oa, a, "table")
-    cdef cnp.ndarray ia = _check_ids(ids, oa)
+    cdef cnp.ndarray ia = _check_ids(ids)
     n = <size_t>ia.shape[0]
     if <size_t>oa.shape[0] != n or <size_t>oa.shape[1] != D:
         raise ValueError(f"out must have shape ({n}, {D}) for {n} ids and table "

@@ -261,11 +261,11 @@ def apply_repetition_penalty(logits, token_ids, penalty):
     cdef cnp.ndarray la = _logits(logits, True)
     if np.size(token_ids) == 0:
         return
-    cdef cnp.ndarray ids = _int64(token_ids, "token_ids").reshape(-1)
+    # a private copy (flatten copies): the ids checked are the ids used, even if logits share
+    # their memory or code without the GIL writes them meanwhile
+    cdef cnp.ndarray ids = _int64(token_ids, "token_ids").flatten()
     cdef const int64_t *ip = <const int64_t *>cnp.PyArray_DATA(ids)
     cdef Py_ssize_t n = ids.shape[0], v = la.shape[0], i
-    if _overlap(la, ids, False):  # logits are written while ids are read
-        raise ValueError("logits overlap token_ids")
     for i in range(n):
         if ip[i] < 0 or ip[i] >= v:
             raise IndexError(f"token id {ip[i]} is out of range for {v} logits")
