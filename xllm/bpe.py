@@ -33,8 +33,11 @@ _BYTE_CHARS = [chr(b) if b in _KEEP else chr(256 + sum(c not in _KEEP for c in r
                for b in range(256)]
 _TO_ALPHABET = dict(enumerate(_BYTE_CHARS))  # str.translate tables for Latin-1 text
 _FROM_ALPHABET = {ord(c): b for b, c in enumerate(_BYTE_CHARS)}
-_CACHE_LIMIT = 100_000  # words; the cache is dropped when it grows past this
-_CACHE_WORD_LIMIT = 256  # characters; longer words are not cached (they would pin the memory)
+# The word cache is dropped when it holds more than _CACHE_LIMIT words or _CACHE_CHARS
+# characters of them; words longer than _CACHE_WORD_LIMIT characters are not cached.
+_CACHE_LIMIT, _CACHE_CHARS, _CACHE_WORD_LIMIT = 100_000, 4_000_000, 4096
+_FEW = 16  # words of at most this many symbols are merged by rescanning (faster when short)
+_NO_MERGE = 1 << 62
 
 
 class ByteLevelBPE(_Tokenizer):
@@ -71,6 +74,7 @@ class ByteLevelBPE(_Tokenizer):
                 self._bytes.append(latin.encode("latin-1") if latin1 else t.encode("utf-8"))
         self._set_special(special, always)
         self._cache: dict[str, list[int]] = {}
+        self._cached_chars = 0
         self._build_merge_table()
 
     def _build_merge_table(self):
@@ -164,22 +168,18 @@ class ByteLevelBPE(_Tokenizer):
         cache = self._cache
         for w in self.pre_tokenize(text):
             if (r := cache.get(w)) is None:
-                if len(cache) >= _CACHE_LIMIT:
-                    cache.clear()
                 r = self._bpe(w.encode("utf-8").decode("latin-1").translate(_TO_ALPHABET))
                 if len(w) <= _CACHE_WORD_LIMIT:
+                    if len(cache) >= _CACHE_LIMIT or self._cached_chars >= _CACHE_CHARS:
+                        cache.clear()
+                        self._cached_chars = 0
                     cache[w] = r
+                    self._cached_chars += len(w)
             ids += r
 
     def _bpe(self, word: str) -> list[int]:
         """BPE on one byte-spelled word: merge the adjacent pair of lowest rank, leftmost first
-        (as tokenizers and llama.cpp do), in O(n log n) for n characters.
-
-        The symbols form a doubly linked list over their first positions (``nxt``/``prv``). A
-        heap holds candidate merges as ``value << shift | position`` (``value`` from
-        ``_merges``), so it pops the lowest rank first and, within a rank, the leftmost pair;
-        ``cand[position]`` is the one candidate still valid there (-1: none), and heap entries
-        that differ from it are stale and skipped."""
+        (as tokenizers and llama.cpp do)."""
         vocab = self._ids
         if len(word) == 1 or (self.ignore_merges and word in vocab):
             if (i := vocab.get(word)) is not None:
@@ -187,43 +187,93 @@ class ByteLevelBPE(_Tokenizer):
         # bytes the vocabulary lacks are dropped first (as tokenizers does without <unk>), so
         # their neighbours may merge
         sym = [i for i in map(vocab.get, word) if i is not None]
-        n, k, get = len(sym), self._n_symbols, self._merges.get
-        shift = n.bit_length()
-        mask = (1 << shift) - 1
-        cand = [-1] * n
-        heap = []
-        for i in range(n - 1):
-            if (m := get(sym[i] * k + sym[i + 1])) is not None:
-                cand[i] = m << shift | i
-                heap.append(cand[i])
-        heapify(heap)
-        nxt, prv = [*range(1, n + 1)], [*range(-1, n - 1)]
-        while heap:
-            key = heappop(heap)
-            left = key & mask
-            if cand[left] != key:
-                continue
-            right = nxt[left]
-            new = sym[left] = (key >> shift) % k
-            after = nxt[left] = nxt[right]
-            cand[right] = cand[left] = -1
-            if after < n:
-                prv[after] = left
-                if (m := get(new * k + sym[after])) is not None:
-                    cand[left] = m << shift | left
-                    heappush(heap, cand[left])
-            if (before := prv[left]) >= 0:
-                m = get(sym[before] * k + new)
-                cand[before] = -1 if m is None else m << shift | before
-                if m is not None:
-                    heappush(heap, cand[before])
-        out, i, listed = [], 0, self.vocab_size
-        while i < n:  # a merge result missing from the vocabulary becomes its characters
-            s, i = sym[i], nxt[i]
+        sym = self._merge_few(sym) if len(sym) <= _FEW else self._merge_many(sym)
+        out, listed = [], self.vocab_size
+        for s in sym:  # a merge result missing from the vocabulary becomes its characters
             if s < listed:
                 out.append(s)
             else:
                 out += self._unlisted[s]
+        return out
+
+    def _merge_few(self, sym):
+        """Merge a short word's symbols: scan all pairs for the lowest, merge it, again (the
+        fastest way for words of a few symbols; O(n^2))."""
+        k, get = self._n_symbols, self._merges.get
+        while True:
+            best, at = _NO_MERGE, 0
+            for i in range(len(sym) - 1):
+                if (m := get(sym[i] * k + sym[i + 1], _NO_MERGE)) < best:
+                    best, at = m, i
+            if best == _NO_MERGE:
+                return sym
+            sym[at:at + 2] = (best % k,)
+
+    def _merge_many(self, sym):
+        """Merge a long word's symbols in O(n log n).
+
+        The symbols form a doubly linked list over their first positions (``nxt``/``prv``,
+        with a sentinel that merges with nothing at index n, which is also index -1).
+        ``cand[position]`` is the merge value (see ``_merges``) of the pair starting there (-1:
+        none); a position queued under another value is stale and skipped. Positions wait in
+        one bucket per value, and the buckets are taken lowest rank first, each in position
+        order. Merging a pair never makes another pair of its rank (every symbol made while a
+        rank is taken contains that pair, so it is neither of the pair's symbols), but it can
+        make one of a lower rank (the merges of a file need not come in order): those go to
+        the heap ``urgent`` and are merged before the bucket goes on."""
+        n, k, get = len(sym), self._n_symbols, self._merges.get
+        sym.append(k * k)  # the sentinel: no pair key involving it exists
+        cand, buckets = [-1] * (n + 1), {}
+        for i in range(n - 1):
+            if (m := get(sym[i] * k + sym[i + 1])) is not None:
+                cand[i] = m
+                if (bucket := buckets.get(m)) is None:
+                    buckets[m] = [i]
+                else:
+                    bucket.append(i)
+        ranks = list(buckets)
+        heapify(ranks)
+        nxt, prv = [*range(1, n + 2)], [*range(-1, n)]
+        shift = n.bit_length()  # urgent merges are queued as value << shift | position
+        mask = (1 << shift) - 1
+        while ranks:
+            rank = heappop(ranks)
+            todo = sorted(buckets.pop(rank))
+            todo.append(n)  # the end
+            at, urgent = 0, []
+            while True:
+                if urgent:
+                    key = heappop(urgent)
+                    left, m = key & mask, key >> shift
+                elif (left := todo[at]) < n:
+                    at += 1
+                    m = rank
+                else:
+                    break
+                if cand[left] != m:
+                    continue
+                right = nxt[left]
+                new = sym[left] = m % k
+                after = nxt[left] = nxt[right]
+                prv[after] = left
+                cand[right] = -1
+                before = prv[left]
+                for pos, m in ((left, get(new * k + sym[after])),
+                               (before, get(sym[before] * k + new))):
+                    cand[pos] = -1 if m is None else m
+                    if m is None:
+                        continue
+                    if m < rank:
+                        heappush(urgent, m << shift | pos)
+                    elif (bucket := buckets.get(m)) is not None:
+                        bucket.append(pos)
+                    else:
+                        buckets[m] = [pos]
+                        heappush(ranks, m)
+        out, i = [], 0
+        while i < n:
+            out.append(sym[i])
+            i = nxt[i]
         return out
 
     def _surface(self, i, strip):
