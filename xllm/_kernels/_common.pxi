@@ -44,7 +44,8 @@ cdef cnp.ndarray _f32(object a, str name, bint write, int ndim, bint f16=False):
         raise TypeError(f"{name} must be a native {'float16' if f16 else 'float32'} array, "
                         f"got dtype {arr.dtype}")
     if (arr.ndim != ndim) if ndim else (arr.ndim < 1):
-        raise ValueError(f"{name} must be {ndim or 'at least 1'}-D, got shape {(<object>arr).shape}")
+        raise ValueError(f"{name} must be {ndim or 'at least 1'}-D, "
+                         f"got shape {(<object>arr).shape}")
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or not cnp.PyArray_ISALIGNED(arr):
         raise ValueError(f"{name} must be C-contiguous and aligned")
     if write and not cnp.PyArray_ISWRITEABLE(arr):
@@ -73,7 +74,8 @@ cdef cnp.ndarray _int64(object a, str name):
         return np.array(ints, np.int64).reshape((<object>arr).shape)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
-    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > 0x7FFFFFFFFFFFFFFF:
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and \
+            arr.max() > 0x7FFFFFFFFFFFFFFF:
         raise IndexError(f"{name} holds {arr.max()}, which is out of range")
     return np.require(arr, np.int64, "CA")
 
