@@ -179,27 +179,30 @@ class Model:
             if text := (f.flush() if f.done or d is None else f.push(d.flush()) + f.flush()):
                 yield i, text
 
-    def chat(self, messages, *, template=None, stream=False, **generate_kwargs):
+    def chat(self, messages, *, template=None, special_in_content=False, stream=False,
+             **generate_kwargs):
         """Reply to a conversation (OpenAI-style ``[{"role": ..., "content": ...}]``).
 
         The messages are rendered with the model's chat template (or `template`), so the reply
-        ends at the template's end-of-turn token. Returns the reply text, or an iterator of
-        pieces with stream=True. Other keywords are those of :meth:`generate`. For a multi-turn
-        conversation whose earlier turns stay in the KV cache, use :meth:`session`.
+        ends at the template's end-of-turn token. Contents are encoded as text: a special
+        token's text in them (``<|im_end|>``) cannot end or forge a turn, unless
+        ``special_in_content=True`` (for trusted input only). Returns the reply text, or an
+        iterator of pieces with stream=True. Other keywords are those of :meth:`generate`. For a
+        multi-turn conversation whose earlier turns stay in the KV cache, use :meth:`session`.
         """
-        return self.generate(self.chat_ids(messages, template), stream=stream, **generate_kwargs)
+        ids = self.chat_ids(messages, template, special_in_content=special_in_content)
+        return self.generate(ids, stream=stream, **generate_kwargs)
 
-    def chat_ids(self, messages, template=None):
-        """The token ids of `messages` rendered with the chat template, ready for a reply."""
-        from .chat import render_chat
+    def chat_ids(self, messages, template=None, *, special_in_content=False, **extra):
+        """The token ids of `messages` rendered with the chat template, ready for a reply
+        (`extra`, e.g. ``tools=[...]``, goes to the template; its strings are text too)."""
+        from .chat import encode_chat
         template = template or self.chat_template
         if template is None:
             raise ValueError("this model has no chat template: pass template=... (for example "
                              "xllm.chat.CHATML) or use generate() on plain text")
-        tok = self._tokenizer()
-        text = render_chat(template, messages, add_generation_prompt=True,
-                           bos_token=_piece(tok, tok.bos_id), eos_token=_piece(tok, tok.eos_id))
-        return tok.encode(text, add_bos=False, parse_special=True)
+        return encode_chat(self._tokenizer(), template, messages,
+                           special_in_content=special_in_content, **extra)
 
     def reset(self):
         """Does nothing: generate() no longer keeps the last sequence's KV cache (use a
@@ -253,10 +256,11 @@ class Session:
         with text:
             return "".join(text)
 
-    def chat(self, messages, *, template=None, stream=False, **generate_kwargs):
+    def chat(self, messages, *, template=None, special_in_content=False, stream=False,
+             **generate_kwargs):
         """:meth:`Model.chat`, continuing this session's KV cache: pass the whole
         conversation each time (earlier turns, the replies included, are not computed again)."""
-        ids = self.model.chat_ids(messages, template)
+        ids = self.model.chat_ids(messages, template, special_in_content=special_in_content)
         return self.generate(ids, stream=stream, **generate_kwargs)
 
     def reset(self):
@@ -350,10 +354,6 @@ def _check_stop(stop):
         if not isinstance(s, str):
             raise TypeError(f"stop strings must be str, got {type(s).__name__} {s!r}")
     return stop
-
-
-def _piece(tok, i):
-    return tok.id_to_piece(i) if i is not None and i >= 0 else ""
 
 
 def load(path, *, tokenizer=None, threads=None, kv_dtype="float16") -> Model:
