@@ -62,8 +62,8 @@ cdef int _layout_ok(object n, object k, object g, object parts, object bits, obj
     group past K, possible when K = 0, would make a shift of 64 bits or more), arrays of the
     shapes they imply; 0 otherwise. OverflowError for sizes past Py_ssize_t."""
     if not (type(n) is int and type(k) is int and type(g) is int and type(parts) is int and
-            type(bits) is int and n >= 0 and k >= 0 and parts in (2, 3) and 32 <= g <= max(k, 32)
-            and not g & (g - 1) and k % g == 0 and (bits == 8 or (bits == 4 and g == 32))):
+            type(bits) is int and n >= 0 and k >= 0 and parts in (2, 3) and 32 <= g and
+            (g <= k or g == 32) and not g & (g - 1) and k % g == 0 and (bits == 8 or (bits == 4 and g == 32))):
         return 0
     p = (n + 15) // 16
     cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>sc) if cnp.PyArray_Check(sc) else -1
@@ -90,8 +90,7 @@ cdef xq_weights _weights(object w, size_t *nk, list keep) except *:
         # it does not look at alignment, hence the second check here
         n, k, g, parts, bits = [operator.index(v) for v in (n, k, g, parts, bits)]
         if not _layout_ok(n, k, g, parts, bits, qs, sc, mn):
-            raise ValueError(f"qmatmul: the arrays of {w!r} must be aligned, and its fields "
-                             f"consistent with them")
+            raise ValueError(f"qmatmul: {w!r} has misaligned arrays or a group larger than K")
     keep += (qs, sc, mn)
     cdef xq_weights c
     c.qs = <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>qs)
