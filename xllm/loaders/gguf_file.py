@@ -26,6 +26,7 @@ SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "
 STRING, ARRAY = 8, 9
 MIN_KV_BYTES = 8 + 4 + 1         # empty key, type, the smallest value
 MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # empty name, n_dims, type, offset
+TENSOR_TYPES = {t.value: t for t in GGML_QUANT_SIZES}  # the types of known block size
 # Tensor types that come back typed; the others are uint8 rows of blocks.
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
@@ -199,11 +200,10 @@ class GGUFFile:
             cur.fail(where, f"n_dims must be 1..{MAX_DIMS}, got {n_dims}")
         dims = tuple(cur.scalar("Q", where) for _ in range(n_dims))
         code, offset = cur.scalar("I", where), cur.scalar("Q", where)
-        try:
-            kind = GGMLQuantizationType(code).name
-        except ValueError:
+        if code not in TENSOR_TYPES:
             cur.fail(where, f"unknown tensor type {code}")
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(code)]
+        kind = TENSOR_TYPES[code].name
+        block, size = GGML_QUANT_SIZES[TENSOR_TYPES[code]]
         if min(dims) < 1 or dims[0] % block:
             cur.fail(where, f"dims {list(dims)} must be positive, the first a multiple of "
                             f"the {kind} block ({block})")
