@@ -52,7 +52,10 @@ class ByteLevelBPE(_Tokenizer):
                          [int(t) for t in types], (bos_id, eos_id, unk_id))
         self.add_bos_default, self.ignore_merges = bool(add_bos_default), bool(ignore_merges)
         try:
-            self._passes = [regex.compile(p) for p in pre_patterns]
+            # each pass splits with the pattern in a group (so the matches are kept); the
+            # pattern's own groups are dropped from the result
+            self._passes = [(regex.compile(f"({p})"), regex.compile(p).groups)
+                            for p in pre_patterns]
         except regex.error as e:
             raise ModelFormatError(f"bad pre-tokenizer regex: {e}") from None
         self._ids = {t: i for i, t in enumerate(pieces)}
@@ -153,14 +156,13 @@ class ByteLevelBPE(_Tokenizer):
     def pre_tokenize(self, text: str) -> list[str]:
         """Split ``text`` into the words BPE works on (before byte-level spelling)."""
         words = [text] if text else []
-        for rx in self._passes:  # the text before each match, the match; then the rest
+        for rx, groups in self._passes:  # the text before each match, the match; the rest
             out = []
             for w in words:
-                pos = 0
-                for m in rx.finditer(w):
-                    out += (w[pos:m.start()], m[0])
-                    pos = m.end()
-                out.append(w[pos:])
+                parts = rx.split(w)
+                if groups:  # [before, match, its groups..., before, ...]: keep the first two
+                    parts = [s for i, s in enumerate(parts) if i % (groups + 2) < 2]
+                out += parts
             words = [w for w in out if w]
         return words
 
