@@ -347,44 +347,74 @@ class SentencePieceBPE(_Tokenizer):
             symbols += [part] if k % 2 else part
             frozen += [True] if k % 2 else [False] * len(part)
         # Symbols form a linked list over their first positions (nxt/prv; merged-away ones
-        # become ''), ended at both sides (index n, or -1) by a frozen empty sentinel. The heap
-        # holds candidate merges as rank << shift | left position (rank: of the merged piece's
-        # score, best first), so it pops the best score, then the leftmost pair, as
-        # sentencepiece does; cand[left] is the one candidate still valid at left (-1: none)
-        # and other entries are stale. rev_merge remembers how UNUSED pieces were formed, to
-        # split them back (the last candidate written wins).
-        rank_of, unused, rev_merge, heap = self._merge_rank, self._unused, {}, []
+        # become ''), ended at both sides (index n, or -1) by a frozen empty sentinel. Merges
+        # go best score first, then leftmost, as in sentencepiece: ranks number the scores,
+        # best first, and cand[left] is the rank of the pair starting at left (-1: none; a
+        # position queued under another rank is stale). Positions wait in one bucket per rank,
+        # taken in rank order, each in position order; merges made meanwhile of a better rank
+        # go to the heap `urgent` (merged first), of the same rank (pieces of equal score) to
+        # the heap `later` (merged in position order with the bucket). rev_merge remembers
+        # how UNUSED pieces were formed, to split them back (the last candidate written wins).
+        rank_of, unused, rev_merge, buckets = self._merge_rank, self._unused, {}, {}
         n = len(symbols)
         symbols.append("")
         frozen.append(True)
-        shift = n.bit_length()
+        shift = n.bit_length()  # urgent merges are queued as rank << shift | position
         mask = (1 << shift) - 1
-        cand, nxt, prv = [-1] * (n + 1), [*range(1, n + 2)], [*range(-1, n)]
+        cand, nxt, prv, ranks = [-1] * (n + 1), [*range(1, n + 2)], [*range(-1, n)], []
 
         def candidate(left, right):
+            """The rank of merging the symbols at `left` and `right` (None: not a piece)."""
             cand[left] = -1
-            if not (frozen[left] or frozen[right]):
-                a, b = symbols[left], symbols[right]
-                if (rank := rank_of.get(a + b)) is not None:
-                    cand[left] = key = rank << shift | left
-                    heappush(heap, key)
-                    if a + b in unused:
-                        rev_merge[a + b] = (a, b)
+            if frozen[left] or frozen[right]:
+                return None
+            a, b = symbols[left], symbols[right]
+            if (rank := rank_of.get(a + b)) is not None:
+                cand[left] = rank
+                if a + b in unused:
+                    rev_merge[a + b] = (a, b)
+            return rank
+
+        def queue(position, rank, current):
+            if rank is None:
+                return
+            if rank < current:
+                heappush(urgent, rank << shift | position)
+            elif rank == current:
+                heappush(later, position)
+            elif (bucket := buckets.get(rank)) is not None:
+                bucket.append(position)
+            else:
+                buckets[rank] = [position]
+                heappush(ranks, rank)
 
         for i in range(n - 1):
-            candidate(i, i + 1)
-        while heap:
-            key = heappop(heap)
-            left = key & mask
-            if cand[left] != key:
-                continue
-            right = nxt[left]
-            symbols[left] += symbols[right]
-            symbols[right], cand[right] = "", -1
-            after = nxt[left] = nxt[right]
-            prv[after] = left
-            candidate(prv[left], left)
-            candidate(left, after)
+            queue(i, candidate(i, i + 1), -1)
+        while ranks:
+            rank = heappop(ranks)
+            todo = sorted(buckets.pop(rank))
+            todo.append(n)  # the end
+            at, urgent, later = 0, [], []
+            while True:
+                if urgent:
+                    key = heappop(urgent)
+                    left, r = key & mask, key >> shift
+                elif later and later[0] < todo[at]:
+                    left, r = heappop(later), rank
+                elif (left := todo[at]) < n:
+                    at, r = at + 1, rank
+                else:
+                    break
+                if cand[left] != r:
+                    continue
+                right = nxt[left]
+                symbols[left] += symbols[right]
+                symbols[right], cand[right] = "", -1
+                after = nxt[left] = nxt[right]
+                prv[after] = left
+                before = prv[left]
+                queue(before, candidate(before, left), rank)
+                queue(left, candidate(left, after), rank)
         symbols.pop()
         resolved = []
         for sym in filter(None, symbols):  # merged-away symbols are ''; the rest are in order
