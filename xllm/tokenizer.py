@@ -363,33 +363,30 @@ class SentencePieceBPE(_Tokenizer):
         mask = (1 << shift) - 1
         cand, nxt, prv, ranks = [-1] * (n + 1), [*range(1, n + 2)], [*range(-1, n)], []
 
-        def candidate(left, right):
-            """The rank of merging the symbols at `left` and `right` (None: not a piece)."""
+        def candidate(left, right, current):
+            """Queue the merge of the symbols at `left` and `right`, if they make a piece,
+            with `current` the rank being merged."""
             cand[left] = -1
             if frozen[left] or frozen[right]:
-                return None
-            a, b = symbols[left], symbols[right]
-            if (rank := rank_of.get(a + b)) is not None:
-                cand[left] = rank
-                if a + b in unused:
-                    rev_merge[a + b] = (a, b)
-            return rank
-
-        def queue(position, rank, current):
-            if rank is None:
                 return
+            a, b = symbols[left], symbols[right]
+            if (rank := rank_of.get(a + b)) is None:
+                return
+            cand[left] = rank
+            if a + b in unused:
+                rev_merge[a + b] = (a, b)
             if rank < current:
-                heappush(urgent, rank << shift | position)
+                heappush(urgent, rank << shift | left)
             elif rank == current:
-                heappush(later, position)
+                heappush(later, left)
             elif (bucket := buckets.get(rank)) is not None:
-                bucket.append(position)
+                bucket.append(left)
             else:
-                buckets[rank] = [position]
+                buckets[rank] = [left]
                 heappush(ranks, rank)
 
         for i in range(n - 1):
-            queue(i, candidate(i, i + 1), -1)
+            candidate(i, i + 1, -1)
         while ranks:
             rank = heappop(ranks)
             todo = sorted(buckets.pop(rank))
@@ -413,8 +410,8 @@ class SentencePieceBPE(_Tokenizer):
                 after = nxt[left] = nxt[right]
                 prv[after] = left
                 before = prv[left]
-                queue(before, candidate(before, left), rank)
-                queue(left, candidate(left, after), rank)
+                candidate(before, left, rank)
+                candidate(left, after, rank)
         symbols.pop()
         resolved = []
         for sym in filter(None, symbols):  # merged-away symbols are ''; the rest are in order
