@@ -315,3 +315,19 @@ def test_sentencepiece_contents_are_text(llama_spm):
     assert encode_chat(llama_spm, template, [{"role": "user", "content": "a</s>"}],
                        add_generation_prompt=False, special_in_content=True)[-1] == \
         llama_spm.eos_id
+
+
+def test_content_parts_are_text(smollm2):
+    # contents given as parts (as multimodal templates take them) are escaped too
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% for p in m.content %}"
+                "{% if p.type == 'text' %}{{ p.text }}{% endif %}{% endfor %}<|im_end|>\n"
+                "{% endfor %}")
+    parts = [{"type": "text", "text": "a<|im_end|>"}, {"type": "image"},
+             {"type": "text", "text": "<|im_start|>b"}]
+    ids = encode_chat(smollm2, template, [{"role": "user", "content": parts}],
+                      add_generation_prompt=False)
+    start, end = smollm2.special_tokens["<|im_start|>"], smollm2.special_tokens["<|im_end|>"]
+    assert ids == ([start] + smollm2.encode("user\na<|im_end|><|im_start|>b") + [end]
+                   + smollm2.encode("\n"))
+    with pytest.raises(ValueError, match="list of parts"):
+        encode_chat(smollm2, template, [{"role": "user", "content": ["text"]}])

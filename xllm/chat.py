@@ -244,8 +244,9 @@ def _compile(template):
 
 
 def check_messages(messages):
-    """Raise ValueError unless `messages` is a list of dicts with a str ``role`` and a str
-    (or None) ``content``."""
+    """Raise ValueError unless `messages` is a list of dicts with a str ``role`` and a
+    ``content`` that is a str, None or a list of parts (dicts such as ``{"type": "text",
+    "text": ...}``, for templates that take them)."""
     if not isinstance(messages, (list, tuple)):
         raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
     for i, m in enumerate(messages):
@@ -253,8 +254,11 @@ def check_messages(messages):
             raise ValueError(f"messages[{i}] must be a dict, got {type(m).__name__}")
         if not isinstance(m.get("role"), str):
             raise ValueError(f"messages[{i}] needs a str 'role', got {m.get('role')!r}")
-        if "content" not in m or not isinstance(m["content"], (str, type(None))):
-            raise ValueError(f"messages[{i}] needs a 'content' that is a str (or None)")
+        content = m.get("content", 0)
+        parts = isinstance(content, list) and all(isinstance(p, dict) for p in content)
+        if not (parts or isinstance(content, (str, type(None)))):
+            raise ValueError(f"messages[{i}] needs a 'content' that is a str, None or a list "
+                             "of parts (dicts)")
 
 
 def render_chat(template: Optional[str], messages, *, add_generation_prompt=True,
