@@ -59,7 +59,7 @@ def test_byte_level_bpe_long_word_scales(smollm2):
     print(f"\nSmolLM2, one word of 'a': 100 kB {short:.3f} s, 1 MB {long:.3f} s, "
           f"ratio {ratio:.1f}")
     assert ratio <= _RATIO
-    assert long < 2.0  # the bar (HF tokenizers: 0.8 s)
+    assert long < 2.0  # the bar (0.65 s measured; HF tokenizers 0.61 s, same machine)
 
 
 def test_sentencepiece_long_word_scales(llama_spm):
