@@ -9,7 +9,8 @@ deletion (biased towards the headers, where the structure is), or a field of the
 header/JSON set to a value from a hostile list (0, -1, 2**31-1, 2**32-1, 2**63-1, 2**64-1,
 nan, inf, 1e300, "", "abc", [], {}, None, a 100 kB string ...). It is loaded with
 ``xllm.loaders.load_checkpoint`` (which builds a GGUF's tokenizer) and, if it loads, its
-tokenizer file is loaded too, in this process, under two budgets:
+tokenizer file is loaded too and one token runs through the model, in this process, under
+two budgets:
 
 * time: ``signal.alarm`` interrupts an example after ``EXAMPLE_SECONDS`` (Hypothesis'
   ``deadline`` is off: on a busy shared machine it would report slowness, not hangs);
@@ -42,6 +43,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import xllm
 from conftest import GGUF_KEYS, TINY, write_tiny_gguf
 from xllm.errors import XLLMError
 from xllm.loaders import load_checkpoint
@@ -86,7 +88,9 @@ def budget():
 
 
 def load_or_refuse(path, stats):
-    """Load `path` (and its tokenizer file) within the budget; library errors are fine."""
+    """Load `path` (and its tokenizer file) within the budget; library errors are fine. What
+    loads must run: one token through the model (a library error, such as a context of 0
+    tokens, is fine too; a crash or another exception is not)."""
     with budget():
         try:
             ck = load_checkpoint(path)
@@ -95,10 +99,15 @@ def load_or_refuse(path, stats):
         except (XLLMError, FileNotFoundError):
             stats["refused"] += 1
             return
+        for name, w in ck.weights.items():  # the kernels need aligned, contiguous arrays
+            if isinstance(w, np.ndarray):
+                assert w.flags.aligned and w.flags.c_contiguous, name
+        try:
+            logits = xllm.Model(ck.config, ck.weights).logits([0])
+            assert logits.shape == (1, ck.config.vocab_size)
+        except XLLMError:
+            pass
     stats["loaded"] += 1
-    for name, w in ck.weights.items():  # what loads must be usable by the kernels
-        if isinstance(w, np.ndarray):
-            assert w.flags.aligned and w.flags.c_contiguous, name
 
 
 def run(fmt, example):
