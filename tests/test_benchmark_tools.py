@@ -44,7 +44,16 @@ def test_xllm_runs_in_a_process_of_its_own(tiny):
         assert 0 < engine.call("python_share", [5, 6, 7, 8], 3) < 2
     finally:
         engine.close()
-    assert not engine.process.is_alive()
+    assert engine.process.poll() is not None
+
+
+def test_engine_environment_has_the_launch_openmp_settings(monkeypatch):
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")  # as importing xllm sets it (to 1000)
+    monkeypatch.setenv("OMP_TEST_SETTING", "1")
+    monkeypatch.setenv("XLLM_TEST_SETTING", "1")
+    env = benchmark.engine_environment()
+    assert env.get("GOMP_SPINCOUNT") != "7" and "OMP_TEST_SETTING" not in env
+    assert env["XLLM_TEST_SETTING"] == "1" and env["PATH"] == os.environ["PATH"]
 
 
 def test_engine_failure_is_reported(tmp_path):

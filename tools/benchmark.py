@@ -8,9 +8,10 @@
 
 Each repetition runs xllm then (with --vs-torch) transformers fp32 and bf16 on the same weights,
 so the engines alternate and share the machine's state; medians and ratios are printed. Every
-engine runs in a process of its own (EngineProcess), loaded and warmed up once: no engine's threads
-(OpenMP's or llama.cpp's pool, which keep spinning for a while after their work) exist in the
-process of another, whose figures are then those it has alone.
+engine runs in a fresh process of its own (EngineProcess), loaded and warmed up once: no engine's
+threads (OpenMP's or llama.cpp's pool, which keep spinning for a while after their work) exist in
+the process of another, and each OpenMP runtime starts with the settings the benchmark was
+started with (not xllm's GOMP_SPINCOUNT), so each engine's figures are those it has alone.
 Prefill = tokens/s over one forward pass of the prompt; decode = tokens/s of the greedy loop
 (one forward + argmax per token) after it. --python-share reruns the decode loop with every
 kernel replaced by a no-op to measure the time spent outside the kernels. --prefill-len N adds
@@ -20,13 +21,16 @@ bytes of weights read per token (every matrix but the embedding table, plus one 
 """
 import argparse
 import functools
+import importlib
 import multiprocessing
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 
@@ -108,17 +112,57 @@ def run_llama_cpp(llm, prompt, new_tokens):
 
 # ----------------------------------------------------------------------------- engine processes
 
+OPENMP_PREFIXES = ("OMP_", "GOMP_", "KMP_")  # settings OpenMP runtimes read when they load
 
-def _serve(conn, engine_class, args):
-    """An engine process: build engine_class(*args), report its `info`, then call its methods as
-    the parent asks ((name, args) -> (True, result) or (False, error text)) until None."""
+# An engine process: this script's module path, then the modules to load before any other (an
+# engine's native libraries, so that their OpenMP runtime starts with the launch settings before
+# an import of xllm sets its own), then serve().
+WORKER = """
+import importlib, sys
+from multiprocessing.connection import Connection
+conn = Connection(int(sys.argv[1]))
+sys.path[:0] = conn.recv()
+for module in conn.recv():
+    importlib.import_module(module)
+from benchmark import serve
+serve(conn)
+"""
+
+
+def engine_environment():
+    """os.environ for an engine process, with the OpenMP settings this process was started with
+    (/proc/self/environ): importing xllm sets GOMP_SPINCOUNT for xllm's threads, which would
+    make another engine's OpenMP threads sleep at every barrier (llama.cpp decode 5x slower)."""
     try:
-        engine = engine_class(*args)
+        launch = Path("/proc/self/environ").read_bytes().split(b"\0")
+    except OSError:  # not Linux: as it is
+        return dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(OPENMP_PREFIXES)}
+    for item in map(os.fsdecode, launch):
+        key, _, value = item.partition("=")
+        if key.startswith(OPENMP_PREFIXES):
+            env[key] = value
+    return env
+
+
+def serve(conn):
+    """An engine process: build the engine the parent names ((module, class name, args)),
+    report its `info`, then call its methods as the parent asks ((name, args) -> (True, result)
+    or (False, error text)) until None."""
+    module, name, args = conn.recv()
+    try:
+        engine = getattr(importlib.import_module(module), name)(*args)
     except BaseException as e:  # SystemExit too
         conn.send((False, _failure(e)))
         return
     conn.send((True, dict(getattr(engine, "info", {}), pid=os.getpid())))
-    while (request := conn.recv()) is not None:
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if request is None:
+            return
         method, method_args = request
         try:
             conn.send((True, getattr(engine, method)(*method_args)))
@@ -136,26 +180,36 @@ def _failure(e):
     return traceback.format_exc()
 
 
+def _module_name(cls):
+    """The name a fresh interpreter imports `cls`'s module by (a script's file name)."""
+    if cls.__module__ != "__main__":
+        return cls.__module__
+    return Path(sys.modules["__main__"].__file__).stem
+
+
 class EngineProcess:
-    """engine_class(*args) in a fresh (spawned) process of its own; `call(name, *args)` runs its
-    method there and returns the result. `info`: the engine's info dict, plus its process id.
-    A failure there raises SystemExit with its message here."""
+    """engine_class(*args) in a fresh Python process of its own, loading engine_class.PRELOAD
+    first (see WORKER, engine_environment); `call(name, *args)` runs its method there and returns
+    the result. `info`: the engine's info dict, plus its process id. A failure there raises
+    SystemExit with its message here."""
 
     def __init__(self, engine_class, *args):
-        ctx = multiprocessing.get_context("spawn")  # not fork: nothing of this process's state
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, engine_class, args), daemon=True)
-        self.process.start()
-        child.close()
         self.name = engine_class.__name__
+        self.conn, child = multiprocessing.Pipe()
+        self.process = subprocess.Popen(  # its stdout to our stderr: ours carries the tables
+            [sys.executable, "-c", WORKER, str(child.fileno())], pass_fds=[child.fileno()],
+            env=engine_environment(), stdout=2)
+        child.close()
+        self.conn.send(sys.path)
+        self.conn.send(getattr(engine_class, "PRELOAD", ()))
+        self.conn.send((_module_name(engine_class), engine_class.__qualname__, args))
         self.info = self._reply()
 
     def _reply(self):
         try:
             ok, value = self.conn.recv()
         except EOFError:
-            self.process.join(10)
-            raise SystemExit(f"{self.name}: its process died (exit {self.process.exitcode})")
+            raise SystemExit(f"{self.name}: its process died (exit {self.process.wait(10)})")
         if not ok:
             raise SystemExit(f"{self.name}: {value}")
         return value
@@ -165,11 +219,13 @@ class EngineProcess:
         return self._reply()
 
     def close(self):
-        if self.process.is_alive():
+        if self.process.poll() is None:
             self.conn.send(None)
-        self.process.join(10)
-        if self.process.is_alive():
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
         self.conn.close()
 
 
@@ -196,6 +252,7 @@ class XllmEngine:
 
 class TorchEngine:
     """transformers (PyTorch) on a Hugging Face directory, in `dtype` ("float32", "bfloat16")."""
+    PRELOAD = ("torch",)
 
     def __init__(self, path, dtype, threads):
         import torch
@@ -209,6 +266,7 @@ class TorchEngine:
 
 class LlamaCppEngine:
     """llama.cpp (llama-cpp-python) on a GGUF file."""
+    PRELOAD = ("llama_cpp",)
 
     def __init__(self, path, threads, n_ctx, n_batch):
         from llama_cpp import Llama

@@ -14,6 +14,7 @@ import numpy as np
 
 class LlamaCppBatch:
     """A llama.cpp model and context sized for `n_seq` sequences of up to `seq_len` tokens."""
+    PRELOAD = ("llama_cpp",)  # see benchmark.EngineProcess
 
     def __init__(self, path, n_seq, seq_len, threads, n_batch):
         import llama_cpp as L
