@@ -468,3 +468,16 @@ def test_meta_shards_that_do_not_join(meta):
     state["layers.0.attention.wq.weight"] = torch.zeros(16, 8)
     torch.save(state, meta / "consolidated.01.pth")
     expect_error(meta, str(meta), "layers.0.wq", "do not join")
+
+
+def test_explicit_tokenizer_checks(tmp_path, data_dir):
+    """xllm.load(..., tokenizer=X): a FIFO is refused (it would block the read forever), and
+    so is a tokenizer with more tokens than the model's embedding."""
+    import xllm
+    fifo = tmp_path / "tokenizer.model"
+    os.mkfifo(fifo)
+    model = data_dir / "llama2c" / "stories260K.bin"
+    with pytest.raises(ModelFormatError, match="tokenizer.model"):
+        xllm.load(model, tokenizer=fifo)
+    with pytest.raises(ModelFormatError, match="more than the 512 rows"):
+        xllm.load(model, tokenizer=data_dir / "llama2c" / "tokenizer.model")

@@ -376,14 +376,13 @@ def load(path, *, tokenizer=None, threads=None, kv_dtype="float16") -> Model:
     tok_path, tok = (tokenizer, None) if tokenizer else (ckpt.tokenizer_path, ckpt.tokenizer)
     if tok is None and tok_path is not None:
         tok = load_tokenizer(tok_path, vocab_size=vocab)
-        if tokenizer is not None and tok.vocab_size > vocab:
-            raise ModelFormatError(f"{tok_path}: tokenizer has {tok.vocab_size} tokens, more "
-                                   f"than the model's embedding ({vocab})")
-        if tokenizer is None and tok.vocab_size != vocab:
-            tok = None  # a sibling file that belongs to another model
+        if tokenizer is None and tok.vocab_size > vocab:
+            tok = None  # a file next to the model that belongs to another model
+    # An embedding padded past the tokenizer is normal (those ids are never sampled); a
+    # tokenizer with ids the embedding lacks is not.
     if tok is not None and tok.vocab_size > vocab:
-        raise ModelFormatError(f"{ckpt.source}: tokenizer has {tok.vocab_size} tokens, more than "
-                               f"the model's embedding ({vocab})")
+        raise ModelFormatError(f"{tok_path or ckpt.source}: the tokenizer has {tok.vocab_size} "
+                               f"tokens, more than the {vocab} rows of the model's embedding")
     return Model(ckpt.config, ckpt.weights, tok, threads=threads, kv_dtype=kv_dtype,
                  chat_template=ckpt.chat_template)
 

@@ -509,7 +509,9 @@ def load_tokenizer(path, vocab_size=None):
     """Load a tokenizer file: ``*.model`` (SentencePiece), ``*.bin`` (llama2.c; needs
     ``vocab_size``), ``*.gguf`` (its metadata), ``*.json`` (Hugging Face byte-level BPE); other
     names are tried as SentencePiece, then llama2.c. Raises ``ModelFormatError`` naming the file."""
+    from .loaders import check_regular_file
     path = os.fspath(path)
+    check_regular_file(path)  # a FIFO would block the read forever
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".model":
         return SentencePieceBPE.from_model_file(path)
