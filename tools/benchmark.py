@@ -132,7 +132,8 @@ serve(conn)
 def engine_environment():
     """os.environ for an engine process, with the OpenMP settings this process was started with
     (/proc/self/environ): importing xllm sets GOMP_SPINCOUNT for xllm's threads, which would
-    make another engine's OpenMP threads sleep at every barrier (llama.cpp decode 5x slower)."""
+    make another engine's OpenMP threads sleep at every barrier (llama.cpp's decode lost 2-15%
+    of its speed on a quiet machine here, up to half of it while the machine was busy)."""
     try:
         launch = Path("/proc/self/environ").read_bytes().split(b"\0")
     except OSError:  # not Linux: as it is

@@ -214,8 +214,8 @@ class XllmBatch:
     (info["prompts"]) and the runs."""
 
     def __init__(self, path, threads, kv_dtype, texts, raw):
-        self.model = model = xllm.load(path, threads=threads,
-                                       **({"kv_dtype": kv_dtype} if kv_dtype else {}))
+        model = xllm.load(path, threads=threads, **({"kv_dtype": kv_dtype} if kv_dtype else {}))
+        self.model = model
         c = model.config
         self.stop_ids = frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids)
                                   if i is not None)
@@ -280,8 +280,8 @@ def report(a, path, n_lines, engines):
     cut = sum(len(q) > room for q in xw.info["prompts"])
     prompts = [np.asarray(q[:room], np.int64) for q in xw.info["prompts"]]
 
-    def run(prompts):
-        return xw.call("run", prompts, a.max_new_tokens)
+    def runner(engine):  # a batch of prompts in one engine process: run_batch's result
+        return lambda prompts: engine.call("run", prompts, a.max_new_tokens)
 
     xw.call("run", prompts[:2], 2)  # warm up (page in the weights)
     batch_runs, single_runs, lc_runs, lc_single_runs = [], [], [], []
@@ -294,22 +294,21 @@ def report(a, path, n_lines, engines):
             sum(len(q) for q in prompts))
         lc.call("run", prompts[:2], 2)
     for rep in range(a.reps):
-        r = run(prompts)
+        r = runner(xw)(prompts)
         batch_runs.append(r)
         x = rates(r)
         print(f"rep {rep}: batch {a.batch:3d}  prefill {x['prefill']:8.1f} tok/s  decode "
               f"{x['decode']:8.1f} tok/s  wall {x['wall']:6.2f} s", file=sys.stderr)
         if a.single:
-            s = run_singles(run, prompts)
+            s = run_singles(runner(xw), prompts)
             single_runs.append(s)
             x = rates(s)
             print(f"rep {rep}: single     prefill {x['prefill']:8.1f} tok/s  decode "
                   f"{x['decode']:8.1f} tok/s  wall {x['wall']:6.2f} s", file=sys.stderr)
         if lc is not None:
-            lc_runs.append(lc.call("run", prompts, a.max_new_tokens))
+            lc_runs.append(runner(lc)(prompts))
             if a.single:
-                lc_single_runs.append(run_singles(
-                    lambda ps: lc.call("run", ps, a.max_new_tokens), prompts))
+                lc_single_runs.append(run_singles(runner(lc), prompts))
             x = rates(lc_runs[-1])
             print(f"rep {rep}: llama.cpp batch prefill {x['prefill']:8.1f} tok/s  decode "
                   f"{x['decode']:8.1f} tok/s", file=sys.stderr)
