@@ -1,6 +1,7 @@
 """Kernel backends: the compiled Cython kernels, or the NumPy reference (``XLLM_BACKEND=reference``
 forces it). On a CPU without AVX2/FMA/F16C the compiled modules are never imported (they would
 fault with "Illegal instruction"); xllm warns and uses the reference instead."""
+import ctypes
 import os
 import warnings
 
@@ -11,10 +12,27 @@ from ._cpu import default_threads, features, get_threads, set_threads
 # default, 300,000 (about 10 ms), makes a step collapse 30-100x while another process holds a
 # core (the waiting threads spin through the time slices of the one they wait for). A short spin
 # covers the microsecond waits of a quiet machine; xllm/governor.py then drops to fewer threads
-# while the machine stays busy. Read by libgomp when the kernels load it (set it before to
-# override).
+# while the machine stays busy.
 SPIN_COUNT = "1000"
-os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
+
+
+def _load_openmp():
+    """Load libgomp (which reads its settings from the environment once, as it loads) with
+    GOMP_SPINCOUNT=SPIN_COUNT, unless the environment already says how OpenMP threads wait;
+    then restore the environment, so that child processes and other libraries do not inherit
+    the setting. No effect if libgomp was loaded before xllm."""
+    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    try:
+        ctypes.CDLL("libgomp.so.1")  # the kernels link it; later loads share this one
+    except OSError:
+        pass  # another OpenMP runtime, or none
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]
+
+
+_load_openmp()
 
 KERNEL_NAMES = ("matmul", "embedding", "rmsnorm", "rope", "softmax", "silu_mul", "attention",
                 "attention_batch", "argmax", "apply_repetition_penalty", "sample")
