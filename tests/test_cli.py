@@ -40,3 +40,15 @@ def test_cli_bad_threads(data_dir):
     d = data_dir / "llama2c"
     r = run_cli("--model", d / "stories260K.bin", "--tokenizer", d / "tok512.bin", "--threads", 0)
     assert r.returncode == 2 and "threads" in r.stderr
+
+
+def test_cli_huge_max_new_tokens_is_clamped_to_the_context(data_dir):
+    """--max-new-tokens 10**12 used to allocate for 10**12 tokens first (a traceback, exit 1):
+    it now stops at the model's context (512 tokens for stories260K)."""
+    d = data_dir / "llama2c"
+    r = run_cli("--model", d / "stories260K.bin", "--tokenizer", d / "tok512.bin",
+                "--prompt", "Once", "--max-new-tokens", 10**12, "--temperature", 1.0,
+                "--seed", 1)
+    assert r.returncode == 0, r.stderr
+    generated = int(r.stderr.split("generated: ")[1].split()[0])
+    assert 0 < generated <= 512
