@@ -255,9 +255,8 @@ def write_xllm(out, ckpt, o, source):
 
 def _pre_tokenizer_name(tok):
     from xllm.bpe import PRE_TOKENIZERS
-    patterns = [rx.pattern for rx, _ in tok._passes]  # each pattern in a group (ByteLevelBPE)
     for name in ("gpt-2", "smollm", "llama-bpe", "default"):
-        if [f"({p})" for p in PRE_TOKENIZERS[name]] == patterns:
+        if tuple(PRE_TOKENIZERS[name]) == tok.pre_patterns:
             return name
     raise ValueError("the tokenizer's pre-tokenizer has no llama.cpp name (known: gpt-2, "
                      "smollm, llama-bpe, default)")

@@ -51,6 +51,7 @@ class ByteLevelBPE(_Tokenizer):
         self._init_vocab(pieces, [NORMAL] * len(pieces) if types is None else
                          [int(t) for t in types], (bos_id, eos_id, unk_id))
         self.add_bos_default, self.ignore_merges = bool(add_bos_default), bool(ignore_merges)
+        self.pre_patterns = tuple(pre_patterns)  # the pre-tokenizer's regexes, in order
         try:
             # each pass splits with the pattern in a group (so the matches are kept); the
             # pattern's own groups are dropped from the result

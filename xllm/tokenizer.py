@@ -511,7 +511,10 @@ def load_tokenizer(path, vocab_size=None):
     names are tried as SentencePiece, then llama2.c. Raises ``ModelFormatError`` naming the file."""
     from .loaders import check_regular_file
     path = os.fspath(path)
-    check_regular_file(path)  # a FIFO would block the read forever
+    try:
+        check_regular_file(path)  # a FIFO would block the read forever
+    except FileNotFoundError:
+        raise ModelFormatError(f"{path}: no such tokenizer file") from None
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".model":
         return SentencePieceBPE.from_model_file(path)
