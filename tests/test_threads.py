@@ -287,3 +287,16 @@ def test_governor_shapes_and_limits_are_separate(monkeypatch):
     assert gov.choose(300, 2) == 2  # ... and learns on its own
     assert gov.choose(1, 2) == 1
     assert gov.choose(1, 4) == 4  # a new limit starts over
+
+
+def test_governor_undoes_a_burst_of_noise_quickly(monkeypatch):
+    """Three slow passes on a quiet machine (an interrupt storm, a page-fault burst) may send
+    it to one thread; it returns to two within a few dozen passes, not after seconds."""
+    clock = _Clock()
+    monkeypatch.setattr(governor.time, "monotonic", clock)
+    gov = ThreadGovernor()
+    quiet = {1: 0.010, 2: 0.0055}
+    _run(gov, clock, quiet.get, 200)
+    _run(gov, clock, {1: 0.010, 2: 0.02}.get, 3)
+    used = _run(gov, clock, quiet.get, 60)
+    assert used[-20:] == [2] * 20

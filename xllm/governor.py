@@ -21,11 +21,16 @@ SLOW_PASSES = 2      # ... when this many come in a row (one can be a page fault
 EARLY_TRIAL = 2      # a shape's pass after which the other count is tried once (catches a
                      # machine that was busy from the start)
 AVERAGE = 0.3        # weight of the newest pass time in the moving average
+RETRY = 4            # passes after dropping threads before more are tried again (and at
+                     # least 10 times their last pass time); doubles after each trial that
+                     # finds them still slower: a burst of noise on a quiet machine is undone
+                     # quickly, a lasting load costs few trials
 
 
 class _Shape:
     """What the governor knows of the passes of one shape."""
-    __slots__ = ("current", "trial", "seconds", "passes", "slow", "last_trial")
+    __slots__ = ("current", "trial", "seconds", "passes", "slow", "last_trial", "retry",
+                 "since")
 
     def __init__(self, threads):
         self.current = threads  # the count in use
@@ -33,6 +38,8 @@ class _Shape:
         self.seconds = {}       # thread count -> moving average of pass seconds
         self.passes = 0
         self.slow = 0           # passes in a row much slower than the average
+        self.retry = RETRY      # passes to wait before trying more threads again
+        self.since = 0          # passes since the last trial
         self.last_trial = time.monotonic()
 
 
@@ -70,7 +77,13 @@ class ThreadGovernor:
             shape.seconds[threads] = seconds  # what was known of this count is old
             shape.trial = None
             shape.last_trial = time.monotonic()
-            if shape.seconds[threads] < 0.95 * shape.seconds[shape.current]:
+            shape.since = 0
+            faster = shape.seconds[threads] < 0.95 * shape.seconds[shape.current]
+            if faster and threads < shape.current:
+                shape.retry = RETRY
+            elif not faster and threads > shape.current:
+                shape.retry *= 2
+            if faster:
                 shape.current = threads
                 self._latest = threads
             return
@@ -94,12 +107,14 @@ class ThreadGovernor:
             return fewer  # much slower than usual: maybe a core was taken
         if shape.passes == EARLY_TRIAL:
             return fewer or more
+        shape.since += 1
+        if more and shape.since >= shape.retry and \
+                now - shape.last_trial >= 10 * shape.seconds.get(more, 0.0):
+            return more  # fewer threads were faster a while ago: the machine may be free
         gap = max(MIN_TRIAL_GAP, min(shape.seconds.values()) / TRIAL_SHARE)
         if now - shape.last_trial < gap:
             return None
-        if more:
-            return more  # fewer threads were faster a while ago: the machine may be free
-        return fewer
+        return more or fewer
 
 
 def _key(rows: int) -> int:
