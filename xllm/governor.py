@@ -22,7 +22,7 @@ EARLY_TRIAL = 2      # a shape's pass after which the other count is tried once 
                      # machine that was busy from the start)
 AVERAGE = 0.3        # weight of the newest pass time in the moving average
 RETRY = 4            # passes after dropping threads before more are tried again (and at
-                     # least 10 times their last pass time); doubles after each trial that
+                     # least 20 times their last pass time); doubles after each trial that
                      # finds them still slower: a burst of noise on a quiet machine is undone
                      # quickly, a lasting load costs few trials
 
@@ -109,7 +109,7 @@ class ThreadGovernor:
             return fewer or more
         shape.since += 1
         if more and shape.since >= shape.retry and \
-                now - shape.last_trial >= 10 * shape.seconds.get(more, 0.0):
+                now - shape.last_trial >= 20 * shape.seconds.get(more, 0.0):
             return more  # fewer threads were faster a while ago: the machine may be free
         gap = max(MIN_TRIAL_GAP, min(shape.seconds.values()) / TRIAL_SHARE)
         if now - shape.last_trial < gap:
