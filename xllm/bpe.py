@@ -88,7 +88,9 @@ class ByteLevelBPE(_Tokenizer):
         past its end (``_unlisted`` maps it to the ids of its characters, its output). With
         ``K = _n_symbols``, ``_merges[a * K + b] = rank * K + result``: ordering those values
         orders the merges by rank, and the result is the value modulo K."""
-        ids, unlisted, spellings = self._ids, {}, {}
+        ids = self._ids
+        unlisted = {}
+        spellings = {}
         for a, b in self._ranks:
             if a + b not in ids and a + b not in unlisted:
                 unlisted[a + b] = self.vocab_size + len(unlisted)
@@ -224,7 +226,9 @@ class ByteLevelBPE(_Tokenizer):
         rank is taken contains that pair, so it is neither of the pair's symbols), but it can
         make one of a lower rank (the merges of a file need not come in order): those go to
         the heap ``urgent`` and are merged before the bucket goes on."""
-        n, k, get = len(sym), self._n_symbols, self._merges.get
+        n = len(sym)
+        k = self._n_symbols
+        get = self._merges.get
         sym.append(k * k)  # the sentinel: no pair key involving it exists
         cand, buckets = [-1] * (n + 1), {}
         for i in range(n - 1):

@@ -143,7 +143,9 @@ class ModelConfig:
         kind = s.get("rope_type", s.get("type"))
         if kind == "llama3":
             s = {**LLAMA3_DEFAULTS, **s}
-            factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+            factor = s["factor"]
+            lo = s["low_freq_factor"]
+            hi = s["high_freq_factor"]
             old = s["original_max_position_embeddings"]
             wavelen = 2 * np.pi / inv
             smooth = (old / wavelen - lo) / (hi - lo)

@@ -153,7 +153,11 @@ class StopFilter:
         # Node 0 is the empty string. _goto maps node << 21 | code point to the child node;
         # _depth is a node's length; _fail is the node of its longest proper end that is also a
         # node; _found is the length of the longest stop string it ends with (0: none).
-        goto, depth, parent, code, is_stop = {}, [0], [0], [0], [False]
+        goto = {}
+        depth = [0]
+        parent = [0]
+        code = [0]
+        is_stop = [False]
         for s in self.stop:
             node = 0
             for c in map(ord, s):
@@ -182,7 +186,10 @@ class StopFilter:
         """The text that can be emitted now ("" once a stop string was seen)."""
         if self.done or not self.stop:
             return "" if self.done else piece
-        text, node, found, cut = self.pending + piece, self._node, self._found, None
+        text = self.pending + piece
+        node = self._node
+        found = self._found
+        cut = None
         end = len(self.pending)
         for c in piece:
             node = self._advance(node, ord(c))

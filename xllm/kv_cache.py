@@ -30,13 +30,18 @@ class KVCache:
         self.initial_capacity = max(1, initial_capacity)
         self.reset()
 
-    def reserve(self, n_new):
-        """Make room for n_new more rows; raise ContextLengthError past max_len."""
+    def check_room(self, n_new):
+        """Raise ContextLengthError if n_new more rows would pass max_len."""
         need = self.length + n_new
         if need > self.max_len:
             raise ContextLengthError(
                 f"the sequence would reach {need} tokens, past the model's context of "
                 f"{self.max_len} ({self.length} in the cache, {n_new} new)")
+
+    def reserve(self, n_new):
+        """Make room for n_new more rows; raise ContextLengthError past max_len."""
+        self.check_room(n_new)
+        need = self.length + n_new
         if need > self.capacity:
             cap = block_rows(min(self.max_len, max(need, 2 * self.capacity, self.initial_capacity)))
             n, nb, nkv = block_rows(self.length) // KV_BLOCK, cap // KV_BLOCK, self.n_kv_heads

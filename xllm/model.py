@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _kernels
 from .config import ModelConfig
-from .errors import ContextLengthError, XLLMError
+from .errors import XLLMError
 from .governor import ThreadGovernor
 from .kv_cache import KVCache
 from .loaders import check_weights
@@ -49,7 +49,6 @@ class Workspace:
         self.kn, self.vn = np.zeros((rows, kv), f32), np.zeros((rows, kv), f32)  # [R, KV] new k, v
         # [R, F] w1 x (then silu(w1 x) * w3 x) and w3 x
         self.gate, self.up = np.zeros((rows, f), f32), np.zeros((rows, f), f32)
-        self.logits = np.zeros((1, c.vocab_size), f32)             # [1, V] last row's logits
         self.tokens = np.zeros(rows, np.int64)                     # [R] token ids
         self.positions = np.zeros(rows, np.int64)                  # [R] their positions
         self.arange = np.arange(rows, dtype=np.int64)              # [R] 0..R-1
@@ -148,10 +147,7 @@ class Transformer:
             lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        if kv.length + len(tokens) > kv.max_len:
-            raise ContextLengthError(
-                f"the sequence would reach {kv.length + len(tokens)} tokens, past the model's "
-                f"context of {kv.max_len} ({kv.length} in the cache, {len(tokens)} new)")
+        kv.check_room(len(tokens))
 
     def forward_batch(self, seqs, kvs, out):
         """``seqs[i]`` (token ids) continues the sequence in ``kvs[i]``; ``out[i]`` [V] gets the

@@ -355,13 +355,19 @@ class SentencePieceBPE(_Tokenizer):
         # go to the heap `urgent` (merged first), of the same rank (pieces of equal score) to
         # the heap `later` (merged in position order with the bucket). rev_merge remembers
         # how UNUSED pieces were formed, to split them back (the last candidate written wins).
-        rank_of, unused, rev_merge, buckets = self._merge_rank, self._unused, {}, {}
+        rank_of = self._merge_rank
+        unused = self._unused
+        rev_merge = {}
+        buckets = {}
         n = len(symbols)
         symbols.append("")
         frozen.append(True)
         shift = n.bit_length()  # urgent merges are queued as rank << shift | position
         mask = (1 << shift) - 1
-        cand, nxt, prv, ranks = [-1] * (n + 1), [*range(1, n + 2)], [*range(-1, n)], []
+        cand = [-1] * (n + 1)
+        nxt = [*range(1, n + 2)]
+        prv = [*range(-1, n)]
+        ranks = []
 
         def candidate(left, right, current):
             """Queue the merge of the symbols at `left` and `right`, if they make a piece,
@@ -391,7 +397,9 @@ class SentencePieceBPE(_Tokenizer):
             rank = heappop(ranks)
             todo = sorted(buckets.pop(rank))
             todo.append(n)  # the end
-            at, urgent, later = 0, [], []
+            at = 0
+            urgent = []
+            later = []
             while True:
                 if urgent:
                     key = heappop(urgent)

@@ -48,7 +48,9 @@ def read_safetensors(path):
             raise ValueError("header is not a JSON object")
     except (ValueError, RecursionError) as e:
         raise ModelFormatError(f"{path}: corrupt safetensors header: {e}") from None
-    base, out, spans = 8 + n, {}, []
+    base = 8 + n
+    out = {}
+    spans = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -80,7 +82,9 @@ def _entry(path, key, info):
 
     if not isinstance(info, dict):
         raise bad("not a JSON object")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    dtype = info.get("dtype")
+    shape = info.get("shape")
+    offsets = info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
         raise bad(f"dtype must be one of {', '.join(_ITEMSIZE)}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
