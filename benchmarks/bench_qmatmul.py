@@ -13,7 +13,7 @@ import itertools
 
 import numpy as np
 
-from xllm import quant
+from xllm.formats import qtensor as quant
 from xllm._kernels import _cpu
 from xllm._kernels import qmatmul as Q
 

@@ -81,7 +81,7 @@ def tiny_weights(seed=0):
     """(ModelConfig, {canonical name: float32 array}) of the TINY shape."""
     import numpy as np
     from xllm.config import ModelConfig
-    from xllm.loaders import expected_shapes
+    from xllm.model.weights import expected_shapes
     c = ModelConfig(**TINY)
     rng = np.random.default_rng(seed)
     return c, {k: rng.standard_normal(s).astype(np.float32) for k, s in expected_shapes(c).items()}
@@ -180,9 +180,7 @@ def write_tiny_meta(directory):
 def tiny_models(tmp_path_factory):
     """{"hf", "gguf", "llama2c", "meta"}: paths of TINY models (Meta only if torch imports).
     Tests must not modify them: copy first."""
-    import sys
-    sys.path.insert(0, str(_REPO / "tools"))
-    from random_model import write_random_model
+    from xllm.random_model import write_random_model
     root = tmp_path_factory.mktemp("tiny")
     out = {"hf": Path(write_random_model(str(root / "hf"), "tiny", "fp32", 0, **TINY)),
            "gguf": write_tiny_gguf(root / "tiny.gguf"),

@@ -1,16 +1,13 @@
 """Batched generation: ragged prefill, one decode step for all sequences, batch invariance."""
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
 import xllm
-from xllm import quant
+from xllm.formats import qtensor as quant
 from xllm.loaders import load_checkpoint
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
-from random_model import write_random_model  # noqa: E402
+from xllm.random_model import write_random_model
 
 LENGTHS = [1, 7, 300, 33, 2, 129, 64, 5, 250, 17, 90, 3, 41, 200, 12, 77]  # 16 prompts
 

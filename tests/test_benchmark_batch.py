@@ -1,12 +1,10 @@
 """tools/benchmark_batch.py: a smoke run on a tiny random model, and the prompt file."""
 import pathlib
 import re
-import sys
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_REPO / "tools"))
 import benchmark_batch  # noqa: E402
-from random_model import write_random_model  # noqa: E402
+from xllm.random_model import write_random_model
 
 PROMPTS = _REPO / "benchmarks" / "prompts.txt"
 

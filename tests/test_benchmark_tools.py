@@ -2,16 +2,14 @@
 import os
 import pathlib
 import re
-import sys
 
 import pytest
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_REPO / "tools"))
 import benchmark  # noqa: E402
 import benchmark_batch  # noqa: E402
 import quantize  # noqa: E402
-from random_model import write_random_model  # noqa: E402
+from xllm.random_model import write_random_model
 
 PROMPTS = _REPO / "benchmarks" / "prompts.txt"
 NUMBER = r"\s+([0-9.]+) tok/s"

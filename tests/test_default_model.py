@@ -51,7 +51,7 @@ def test_requantized_weights_keep_the_argmax(model):
     model, run natively: Q4_1 reproduces its grid exactly; Q8_0 keeps the argmax on >= 95% of
     the positions of an English paragraph. (Q4_0 on top of Q4_1 is a double quantization: about
     60% here, printed.)"""
-    from xllm.quant import quantize
+    from xllm.formats.qtensor import quantize
     ids = model.tokenizer.encode(TEXT)
     full = model.logits(ids)
     tr = model.transformer

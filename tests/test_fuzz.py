@@ -47,7 +47,7 @@ import xllm
 from conftest import GGUF_KEYS, TINY, write_tiny_gguf
 from xllm.errors import XLLMError
 from xllm.loaders import load_checkpoint
-from xllm.tokenizer import load_tokenizer
+from xllm.tokenizers import load_tokenizer
 
 FORMATS = ("gguf_bytes", "gguf_keys", "safetensors_bytes", "safetensors_header", "hf_config",
            "llama2c", "meta_params", "meta_pth", "quantized_config", "tokenizer_json")
@@ -184,7 +184,7 @@ def write_json(path, obj):
 @pytest.fixture(scope="module")
 def seeds(tiny_models, tmp_path_factory):
     """The TINY models, and an xllm quantized one written by tools/quantize.py."""
-    from random_model import write_random_model  # tools/, on sys.path since tiny_models
+    from xllm.random_model import write_random_model
     out, root = dict(tiny_models), tmp_path_factory.mktemp("fuzz")
     src = write_random_model(str(root / "hf32"), "tiny", "fp32", 0,
                              **{**TINY, "hidden_size": 32, "intermediate_size": 64})
@@ -197,7 +197,7 @@ def seeds(tiny_models, tmp_path_factory):
 
 
 def _gguf_header_bytes(path):
-    from xllm.loaders.gguf_file import GGUFFile
+    from xllm.files.gguf import GGUFFile
     f = GGUFFile(str(path))
     return min(t.data.ctypes.data for t in f.tensors.values()) - f.buf.ctypes.data
 
@@ -374,7 +374,7 @@ def test_fuzz_quantized_config(seeds):
 def _tiny_tokenizer_json(directory):
     """A byte-level BPE tokenizer.json (GPT-2's byte alphabet, three merges, one special
     token) and the tokenizer_config.json that names its EOS."""
-    from xllm.bpe import _BYTE_CHARS
+    from xllm.tokenizers.byte_level import _BYTE_CHARS
     vocab = {c: i for i, c in enumerate(_BYTE_CHARS)}
     merges = ["\u0120 t", "h e", "\u0120t he"]
     for m in merges:

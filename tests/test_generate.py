@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 import xllm
-from xllm.decode import StopFilter
+from xllm.engine.stops import StopFilter
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
-from random_model import write_random_model  # noqa: E402
+from xllm.random_model import write_random_model
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +185,7 @@ def test_bad_files_raise_clear_errors(tmp_path, data_dir):
 
 def test_kv_cache_grows_amortised_and_accounts_memory():
     from xllm._kernels.reference import k_rows, v_rows
-    from xllm.kv_cache import KVCache
+    from xllm.model.kv_cache import KVCache
     kv = KVCache(num_layers=2, kv_dim=8, max_len=1000, initial_capacity=16)
     assert kv.nbytes == 0  # nothing allocated up front
     growths = 0

@@ -16,7 +16,7 @@ from conftest import TINY, tiny_tokens, write_tiny_gguf
 from xllm.config import ModelConfig
 from xllm.errors import ModelFormatError
 from xllm.loaders import load_checkpoint
-from xllm.tokenizer import load_tokenizer
+from xllm.tokenizers import load_tokenizer
 
 SECONDS = 10  # every refusal below takes milliseconds; the old code took minutes or hung
 

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xllm.bpe import PRE_TOKENIZERS, ByteLevelBPE
+from xllm.tokenizers.byte_level import PRE_TOKENIZERS, ByteLevelBPE
 from xllm.chat import encode_chat, render_chat
-from xllm.decode import StopFilter
+from xllm.engine.stops import StopFilter
 from xllm.errors import ChatTemplateError
-from xllm.tokenizer import CONTROL, NORMAL, SentencePieceBPE, load_tokenizer
+from xllm.tokenizers import CONTROL, NORMAL, SentencePieceBPE, load_tokenizer
 
 _RATIO = 15  # the bar: 10x the input may cost at most 15x the time
 
@@ -281,7 +281,7 @@ def test_roles_tools_and_case_changing_templates(smollm2):
 
 def _think_tokenizer():
     # byte-level BPE without merges (one id per byte) with ChatML and reasoning control tokens
-    from xllm.bpe import _BYTE_CHARS
+    from xllm.tokenizers.byte_level import _BYTE_CHARS
     special = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     return ByteLevelBPE([*_BYTE_CHARS, *special], [], [NORMAL] * 256 + [CONTROL] * 4)
 

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from xllm.model.rope import rope_tables
 from xllm._kernels import _cpu
 from xllm._kernels import reference as R
 
@@ -88,7 +89,7 @@ def inv_freq(hd, theta=10000.0):
 def test_rope_matches_reference(m, h, half, interleaved, threads, seed):
     _cpu.set_threads(threads)
     rng = np.random.default_rng(seed)
-    cos, sin = R.rope_tables(inv_freq(2 * half), 64)
+    cos, sin = rope_tables(inv_freq(2 * half), 64)
     pos = rng.integers(0, 64, m)
     cache = randn(rng, m + 5, h * 2 * half)  # rotate a row slice of a bigger array, as the model does
     want = cache.copy()
@@ -115,7 +116,7 @@ def test_rope_reference_rotate_half_vs_transformers():
     cos_t, sin_t = emb(tq, torch.from_numpy(pos)[None])
     want, _ = apply_rotary_pos_emb(tq, tq, cos_t, sin_t)
     want = want.transpose(1, 2).reshape(m, h * hd).numpy()
-    cos, sin = R.rope_tables(emb.inv_freq.numpy(), 512)
+    cos, sin = rope_tables(emb.inv_freq.numpy(), 512)
     np.testing.assert_allclose(cos[pos], cos_t[0, :, :hd // 2].numpy(), atol=1e-6)
     got = q.copy()
     R.rope(got, pos, cos, sin, h, interleaved=False)
@@ -145,7 +146,7 @@ def test_rope_reference_interleaved_vs_llama2c():
     h, hd, m = 2, 16, 4
     x = randn(rng, m, h * hd)
     pos = np.array([0, 3, 50, 99])
-    cos, sin = R.rope_tables(inv_freq(hd), 100)
+    cos, sin = rope_tables(inv_freq(hd), 100)
     want = llama2c_rope(x, pos, hd)
     for impl in (R.rope, K.rope):
         got = x.copy()
@@ -163,7 +164,7 @@ def test_rope_layouts_agree_after_permutation(impl):
     w_hf = w.reshape(h, hd // 2, 2, dim).transpose(0, 2, 1, 3).reshape(h * hd, dim)
     x = randn(rng, m, dim)
     pos = rng.integers(0, 200, m)
-    cos, sin = R.rope_tables(inv_freq(hd), 200)
+    cos, sin = rope_tables(inv_freq(hd), 200)
     a, b = x @ w.T, x @ w_hf.T
     rope(a, pos, cos, sin, h, True)
     rope(b, pos, cos, sin, h, False)
@@ -548,7 +549,7 @@ def test_bad_inputs_raise():
     big = np.zeros(24, np.float32)
     with pytest.raises(ValueError):  # partial overlap
         K.silu_mul(big[:16], big[:16], big[8:])
-    cos, sin = R.rope_tables(inv_freq(4), 10)
+    cos, sin = rope_tables(inv_freq(4), 10)
     x = np.zeros((2, 8), np.float32)
     with pytest.raises(IndexError):
         K.rope(x, np.array([0, 10]), cos, sin, 2, True)

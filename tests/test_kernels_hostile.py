@@ -25,7 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xllm import quant
+from xllm.model.rope import rope_tables
+from xllm.formats import qtensor as quant
 from xllm._kernels import _cpu
 from xllm._kernels import reference as R
 
@@ -71,7 +72,7 @@ def qtensor(bits=8, n=16, k=64):
 def valid_calls():
     """{kernel: argument list} of small valid calls (fresh arrays on each call)."""
     rows = rng_f32(40, 64, seed=2)
-    cos, sin = R.rope_tables(np.ones(2, np.float32), 10)
+    cos, sin = rope_tables(np.ones(2, np.float32), 10)
     return {
         "matmul": [rng_f32(2, 32), rng_f32(8, 32, seed=3), np.zeros((2, 8), np.float32)],
         "embedding": [rng_f32(10, 8), np.array([1, 9]), np.zeros((2, 8), np.float32)],
@@ -247,7 +248,7 @@ def test_index_arrays_that_share_memory_with_the_output():
     same_as_with_copies(MM.embedding, [table, buf[:8], out], 2)
     buf[:2] = [3, 15]
     same_as_with_copies(Q.qembedding, [qtensor(k=32), buf[:2], f32[2:66].reshape(2, 32)], 2)
-    cos, sin = R.rope_tables(np.ones(2, np.float32), 10)
+    cos, sin = rope_tables(np.ones(2, np.float32), 10)
     buf[:2] = [3, 5]  # positions inside x
     same_as_with_copies(N.rope, [f32[:16].reshape(2, 8), buf[:2], cos, sin, 2, True], 0)
     buf[:3] = [3, 5, 0]
@@ -312,7 +313,7 @@ def test_zero_size(backend):
     K["rmsnorm"](e, np.ones(8, np.float32), 1e-5, e)
     K["softmax"](e, e)
     K["silu_mul"](e, e, e)
-    cos, sin = R.rope_tables(np.ones(2, np.float32), 10)
+    cos, sin = rope_tables(np.ones(2, np.float32), 10)
     K["rope"](e, np.zeros(0, np.int64), cos, sin, 2, True)
     K["apply_repetition_penalty"](rng_f32(5), [], 1.2)
     q = np.zeros((0, 128), np.float32)
@@ -490,7 +491,8 @@ def test_set_threads_hostile(n):
 
 PRELUDE = """
 import numpy as np
-from xllm import quant
+from xllm.formats import qtensor as quant
+from xllm.model.rope import rope_tables
 from xllm._kernels import attention as A, matmul as MM, norm as N, qmatmul as Q
 from xllm._kernels import sampling as S, reference as R, _cpu
 OK = (TypeError, ValueError, IndexError, OverflowError)
@@ -526,7 +528,7 @@ def test_issue_reproducers():
             expect("attention", A.attention, q, kc, vc, q.copy(), s, 2, 1, 1.0)
             expect("attention_batch", A.attention_batch, q, kn, kn, [kc], [vc], [0, 1], [s],
                    q.copy(), 2, 1, 1.0)
-        cos, sin = R.rope_tables(np.ones(2, np.float32), 4)
+        cos, sin = rope_tables(np.ones(2, np.float32), 4)
         expect("rope", N.rope, np.zeros((1, 4), np.float32), np.array([0]), cos, sin,
                2**62 + 1, True)
         w = quant.QTensor((16, 0), 8, 32, np.zeros((1, 0, 512), np.uint8),
@@ -558,7 +560,7 @@ def test_sweep_hostile_ints_isolated():
                            [vc, vc.copy()], [0, a, m], [b, a], q.copy(), 2, 1, 1.0)
                     expect("attb", A.attention_batch, q, None, None, [kc], [vc], [a, b],
                            [0], q.copy(), 2, 1, 1.0)
-        cos, sin = R.rope_tables(np.ones(2, np.float32), 10)
+        cos, sin = rope_tables(np.ones(2, np.float32), 10)
         for a in H:
             for b in H:
                 expect("rope", N.rope, np.ones((2, 8), np.float32), [a, b], cos, sin, 2, True)

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xllm._kernels.layout import to_float32
 from xllm._kernels import _cpu, reference
 from xllm._kernels import matmul as mm
 
@@ -51,7 +52,7 @@ def make_w(rng, n, k, dtype):
 
 
 def check_close(x, w, got, want):
-    bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(reference.to_float32(w)).T) + 1e-6
+    bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(to_float32(w)).T) + 1e-6
     err = np.abs(got.astype(np.float64) - want)
     assert np.all(err <= bound), f"max error {err.max()} (bound there {bound.flat[err.argmax()]})"
 
@@ -169,7 +170,7 @@ def test_bf16_matches_converted_fp32(isa):
         w = make_w(rng, 30, 300, dtype)
         a, b = np.empty((20, 30), np.float32), np.empty((20, 30), np.float32)
         mm.matmul(x, w, a)
-        mm.matmul(x, reference.to_float32(w).copy(), b)
+        mm.matmul(x, to_float32(w).copy(), b)
         np.testing.assert_array_equal(a, b)
 
 
@@ -222,7 +223,7 @@ def test_matmul_readonly_memmap(tmp_path):
     np.testing.assert_array_equal(got, want)
     table_out = np.empty((2, 100), np.float32)
     mm.embedding(wm, np.array([0, 39]), table_out)
-    np.testing.assert_array_equal(table_out, reference.to_float32(w[[0, 39]]))
+    np.testing.assert_array_equal(table_out, to_float32(w[[0, 39]]))
 
 
 def test_isa_selection():

@@ -1,4 +1,4 @@
-"""Tests of the group-quantized weights (xllm.quant) and their kernels (xllm._kernels.qmatmul).
+"""Tests of the group-quantized weights (xllm.formats.qtensor) and their kernels (xllm._kernels.qmatmul).
 
 * The quantizers are bit-exact with the gguf package's Q8_0 / Q4_0 / Q4_1, and repacking GGUF
   blocks gives the same QTensor as quantizing (dequantize == gguf.quants.dequantize, exactly).
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xllm import quant
+from xllm.formats import qtensor as quant
 from xllm._kernels import _cpu
 from xllm._kernels import backend
 from xllm._kernels import reference as R

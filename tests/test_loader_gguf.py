@@ -9,7 +9,7 @@ import pytest
 import xllm
 from xllm.errors import ModelFormatError
 from xllm.loaders import load_checkpoint
-from xllm.quant import QTensor
+from xllm.formats.qtensor import QTensor
 
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")

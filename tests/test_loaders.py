@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from xllm.errors import ModelFormatError
-from xllm.loaders import expected_shapes, load_checkpoint
+from xllm.loaders import load_checkpoint
+from xllm.model.weights import expected_shapes
 from xllm.loaders.hf import canonical_name
 
 torch = pytest.importorskip("torch")

@@ -1,14 +1,11 @@
 """python -m xllm.memory: the prediction from a config, and the measured run."""
-import pathlib
-import sys
 
 import pytest
 
 from xllm import memory
 from xllm.config import PRESETS, ModelConfig
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
-from random_model import write_random_model  # noqa: E402
+from xllm.random_model import write_random_model
 
 
 def test_llama2_7b_table_from_config_alone(capsys):

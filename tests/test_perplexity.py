@@ -15,7 +15,6 @@ import xllm
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _TOOL = _REPO / "tools" / "perplexity.py"
-sys.path.insert(0, str(_REPO / "tools"))
 from perplexity import perplexity  # noqa: E402
 
 # A few paragraphs of the benchmark text (Alice's Adventures in Wonderland, chapter I).

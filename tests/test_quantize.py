@@ -17,17 +17,18 @@ import numpy as np
 import pytest
 
 import xllm
-from xllm import quant
+from xllm.formats import qtensor as quant
 from xllm.config import ModelConfig
 from xllm.errors import ModelFormatError
-from xllm.loaders import expected_shapes, load_checkpoint
+from xllm.loaders import load_checkpoint
+from xllm.model.weights import expected_shapes
 from xllm.loaders.gguf import gguf_name
-from xllm.loaders.safetensors_mmap import read_safetensors
+from xllm.files.safetensors import read_safetensors
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
 import quantize as qtool  # noqa: E402
-from random_model import write_random_model, write_safetensors  # noqa: E402
+from xllm.random_model import write_safetensors
+from xllm.random_model import write_random_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -479,8 +480,7 @@ def test_failure_midway_leaves_nothing(hf_src, tmp_path, monkeypatch, capsys, fm
 
 SLOW_QUANTIZE = """
 import sys, time
-sys.path.insert(0, sys.argv[1])
-import quantize
+import quantize  # tools/ is on PYTHONPATH
 def write_slowly(*args):  # the temporary output exists by now
     time.sleep(60)
 quantize.write_safetensors = write_slowly
@@ -492,9 +492,11 @@ sys.exit(quantize.main(sys.argv[2:]))
 @pytest.mark.parametrize("fmt", ["xllm", "gguf"])
 def test_sigterm_leaves_nothing(hf_src, tmp_path, fmt):
     out = tmp_path / "q"
-    p = subprocess.Popen([sys.executable, "-c", SLOW_QUANTIZE, str(TOOLS), "--model", str(hf_src),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(TOOLS)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    p = subprocess.Popen([sys.executable, "-c", SLOW_QUANTIZE, "--model", str(hf_src),
                           "--out", str(out), "--bits", "8", "--format", fmt],
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, env=env)
     tmp = tmp_path / f"q.tmp-{p.pid}"
     deadline = time.monotonic() + 60
     while not tmp.exists():

@@ -1,18 +1,15 @@
 """One model, many callers: threads, interleaved streams, sessions, argument checks, and the
 thread governor (fewer kernel threads while the machine is busy)."""
-import pathlib
-import sys
 import threading
 
 import numpy as np
 import pytest
 
 import xllm
-from xllm import governor
-from xllm.governor import ThreadGovernor
+from xllm.model import governor
+from xllm.model.governor import ThreadGovernor
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
-from random_model import write_random_model  # noqa: E402
+from xllm.random_model import write_random_model
 from stress_threads import stress  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Tests for xllm.tokenizer against sentencepiece, llama.cpp and llama2.c reference data."""
+"""Tests for xllm.tokenizers against sentencepiece, llama.cpp and llama2.c reference data."""
 
 import json
 import random
@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xllm.errors import ModelFormatError
-from xllm.tokenizer import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,
+from xllm.tokenizers import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,
                             SentencePieceBPE, load_tokenizer)
 
 try:

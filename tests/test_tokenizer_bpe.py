@@ -1,4 +1,4 @@
-"""Tests for xllm.bpe (byte-level BPE) and tokenizers loaded from GGUF / tokenizer.json,
+"""Tests for xllm.tokenizers.byte_level (byte-level BPE) and tokenizers loaded from GGUF / tokenizer.json,
 against the SmolLM2 corpus (Hugging Face tokenizers, cross-checked with llama.cpp),
 llama.cpp's vocab conformance files and Hugging Face tokenizers itself."""
 
@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from xllm.bpe import ByteLevelBPE, _BYTE_CHARS
+from xllm.tokenizers.byte_level import ByteLevelBPE, _BYTE_CHARS
 from xllm.errors import ModelFormatError
-from xllm.tokenizer import (CONTROL, NORMAL, USER_DEFINED, SentencePieceBPE, load_tokenizer,
-                            read_gguf_metadata)
+from xllm.tokenizers import (CONTROL, NORMAL, USER_DEFINED, SentencePieceBPE, load_tokenizer)
+from xllm.files.gguf import read_gguf_metadata
 
 _FIXTURE_OK = [HealthCheck.function_scoped_fixture]
 

@@ -36,7 +36,7 @@ import numpy as np
 
 import xllm
 from xllm import _kernels
-from random_model import write_random_model
+from xllm.random_model import write_random_model
 from xllm.hub import resolve
 
 
@@ -327,7 +327,7 @@ GEMM_SHAPES = [(512, 2048, 2048), (512, 2048, 5632), (512, 5632, 2048), (512, 57
 def gemm_table(threads, reps):
     """GFLOP/s (2*M*N*K / median time) of every kernel path on TinyLlama-1.1B and SmolLM2 shapes,
     next to numpy and torch (fp32, bf16) on the same operands."""
-    from xllm import quant
+    from xllm.formats import qtensor as quant
     from xllm._kernels import matmul as mm, qmatmul as qm
     _kernels.set_threads(threads)
     rng = np.random.default_rng(0)

@@ -5,7 +5,7 @@
     python tools/benchmark_batch.py --random tiny --batch 8 --max-new-tokens 16 --raw --profile
 
 The first B lines of --file (cycled when B is larger) are rendered with the model's chat template
-(unless --raw or the model has none) and generated together by xllm.decode.generate_ids,
+(unless --raw or the model has none) and generated together by xllm.engine.generation.generate_ids,
 greedy, stopping at the end-of-sequence ids or after --max-new-tokens. Every token is timestamped:
 
 - prefill tok/s = prompt tokens of all sequences / time from the start until every sequence has
@@ -36,11 +36,11 @@ import numpy as np
 
 import xllm
 from xllm import _kernels
-from xllm.decode import SamplingParams, Sampler, generate_ids
+from xllm.engine.generation import generate_ids
+from xllm.engine.sampling import Sampler, SamplingParams
 from xllm.hub import resolve
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark import EngineProcess, path_bytes, random_model_dir  # noqa: E402
+from benchmark import EngineProcess, path_bytes, random_model_dir
 
 DEFAULT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks",
                             "prompts.txt")

@@ -33,11 +33,12 @@ import numpy as np
 from tqdm import tqdm
 
 from xllm import hub
-from xllm._kernels.reference import to_float32
-from xllm.loaders import expected_shapes, load_checkpoint
+from xllm._kernels.layout import to_float32
+from xllm.loaders import load_checkpoint
+from xllm.model.weights import expected_shapes
 from xllm.loaders.gguf import gguf_name
 from xllm.loaders.quantized import is_quantized_dir
-from xllm.quant import QTensor, quantize_weights
+from xllm.formats.qtensor import QTensor, quantize_weights
 
 KEEP_NAMES = {"embeddings": "tok_embeddings", "tok_embeddings": "tok_embeddings",
               "output": "output"}
@@ -254,7 +255,7 @@ def write_xllm(out, ckpt, o, source):
 
 
 def _pre_tokenizer_name(tok):
-    from xllm.bpe import PRE_TOKENIZERS
+    from xllm.tokenizers.byte_level import PRE_TOKENIZERS
     for name in ("gpt-2", "smollm", "llama-bpe", "default"):
         if tuple(PRE_TOKENIZERS[name]) == tok.pre_patterns:
             return name
@@ -283,7 +284,7 @@ def tokenizer_metadata(ckpt, fields):
         return [f for f in fields if f[0].startswith("tokenizer.")]
     if ckpt.tokenizer_path is None:
         return []
-    from xllm.tokenizer import SentencePieceBPE, load_tokenizer
+    from xllm.tokenizers import SentencePieceBPE, load_tokenizer
     tok, c, p = load_tokenizer(ckpt.tokenizer_path, ckpt.config.vocab_size), ckpt.config, \
         "tokenizer.ggml."
     out = [(p + "tokens", tok.pieces, T.ARRAY, T.STRING),

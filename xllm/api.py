@@ -11,9 +11,12 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 
 from .config import ModelConfig
-from .decode import SamplingParams, Sampler, StopFilter, check_count, generate_ids
+from .checks import check_count
+from .engine.generation import generate_ids
+from .engine.sampling import Sampler, SamplingParams
+from .engine.stops import StopFilter
 from .errors import ModelFormatError, SessionBusyError
-from .model import Transformer
+from .model.transformer import Transformer
 from ._kernels import get_threads, set_threads
 
 
@@ -368,7 +371,7 @@ def load(path, *, tokenizer=None, threads=None, kv_dtype="float16") -> Model:
     """
     from .hub import resolve
     from .loaders import load_checkpoint
-    from .tokenizer import load_tokenizer
+    from .tokenizers import load_tokenizer
     if threads is not None:
         threads = check_count("threads", threads, minimum=1)
     ckpt = load_checkpoint(resolve(os.fspath(path)))

@@ -11,7 +11,7 @@ from functools import lru_cache, wraps
 from typing import Optional
 
 from .errors import ChatTemplateError
-from .tokenizer import ESCAPE_MARK
+from .tokenizers.base import ESCAPE_MARK
 
 #: The rendering budget of a chat template (templates are untrusted code: a loop inside a loop
 #: could run for hours). Steps are loop iterations, calls (functions, methods, macros, filters,

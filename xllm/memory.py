@@ -13,9 +13,9 @@ import resource
 import numpy as np
 
 from .config import PRESETS, ModelConfig
-from .kv_cache import block_rows
-from .loaders import expected_shapes
-from .quant import PANEL, QTensor
+from .formats.qtensor import PANEL, QTensor
+from .model.kv_cache import block_rows
+from .model.weights import expected_shapes
 
 GROUPS = (("embedding", ("tok_embeddings",)), ("head", ("output", "norm")),
           ("attention", ("wq", "wk", "wv", "wo", "attention_norm")),
@@ -133,7 +133,8 @@ def main(argv=None):
     text, total = report(config, table, a.batch, a.prompt_len, a.gen_len, a.kv_dtype, runtime)
     print(text)
     if a.measure and not a.random:
-        from .decode import Sampler, SamplingParams, generate_ids
+        from .engine.generation import generate_ids
+        from .engine.sampling import Sampler, SamplingParams
         rng = np.random.default_rng(0)
         prompts = [rng.integers(3, config.vocab_size, a.prompt_len) for _ in range(a.batch)]
         samplers = [Sampler(SamplingParams()) for _ in prompts]

@@ -51,31 +51,14 @@ def _compiled():
 
 
 class Backend:
-    """The kernel functions of one backend as attributes (``backend.matmul(x, w, out)``).
-    ``matmul`` and ``embedding`` also take QTensor weights (passed on to qmatmul/qembedding);
-    ``matmul(x, (w1, w2, ...), (out1, out2, ...))`` computes several products of one x."""
+    """The kernel functions of one backend as attributes (``backend.matmul(x, w, out)``), as the
+    backend defines them: float weights to ``matmul``/``embedding``, packed quantized weights to
+    ``qmatmul``/``qembedding`` (xllm/formats/dispatch.py picks one by the weight's format)."""
 
     def __init__(self, name, functions):
-        from ..quant import QTensor
         self.name = name
         for k in KERNEL_NAMES + QUANT_NAMES:
             setattr(self, k, functions[k])
-        matmul, qmatmul = functions["matmul"], functions["qmatmul"]
-        embedding, qembedding = functions["embedding"], functions["qembedding"]
-
-        def any_matmul(x, w, out, accumulate=False):
-            if type(w) is QTensor or type(w) is tuple and all(
-                    type(t) is QTensor and t.parts == w[0].parts for t in w):
-                qmatmul(x, w, out, accumulate)  # (a GGUF may mix Q8_0 and Q4_x in a tuple)
-            elif type(w) is tuple:  # weights sharing the input x, with their outputs
-                for wi, oi in zip(w, out):
-                    any_matmul(x, wi, oi, accumulate)
-            else:
-                matmul(x, w, out, accumulate)
-
-        def any_embedding(table, ids, out):
-            (qembedding if type(table) is QTensor else embedding)(table, ids, out)
-        self.matmul, self.embedding = any_matmul, any_embedding
 
     def __repr__(self):
         return f"<xllm kernel backend {self.name!r}>"

@@ -1,4 +1,5 @@
-"""Matrix multiply and embedding lookup with group-quantized weights (xllm.quant.QTensor): the
+"""Matrix multiply and embedding lookup with group-quantized weights (packed as
+xllm/_kernels/layout.py describes; xllm.formats.qtensor.QTensor): the
 argument checks at the Python boundary and the split of W's panels across threads. The arithmetic
 (AVX2, AVX-512 VNNI) and why it is bitwise batch-invariant: gemm_q.h."""
 import operator
@@ -14,7 +15,7 @@ from libc.stdlib cimport free, malloc
 
 from xllm._kernels._cpu cimport get_num_threads
 from xllm._kernels._cpu import features
-from xllm.quant import QTensor, check_qtensor
+from xllm._kernels.layout import check_packed
 
 cnp.import_array()
 
@@ -77,8 +78,9 @@ cdef xq_weights _weights(object w, size_t *nk, list keep) except *:
     changed since it was built): the common case by a quick check here (1.4 us less per call),
     anything else by check_qtensor, for its messages. Its shape goes to nk[0], nk[1] and its
     arrays to `keep`, which holds them alive while the kernel runs without the GIL."""
-    if type(w) is not QTensor:
-        raise TypeError(f"w must be an xllm.quant.QTensor, got {type(w).__name__}")
+    if not hasattr(w, "qs"):
+        raise TypeError(f"w must be packed quantized weights (an xllm.formats.qtensor.QTensor), "
+                        f"got {type(w).__name__}")
     n, k = w.shape
     cdef object g = w.group, parts = w.parts, bits = w.bits, qs = w.qs, sc = w.scales, mn = w.mins
     if not _layout_ok(n, k, g, parts, bits, qs, sc, mn):
@@ -86,7 +88,7 @@ cdef xq_weights _weights(object w, size_t *nk, list keep) except *:
             if isinstance(a, np.ndarray) and not a.dtype.isnative:
                 raise TypeError(f"qmatmul: the scales and mins of a QTensor must be in native "
                                 f"byte order, got {a.dtype}")
-        check_qtensor(w, "qmatmul")  # raises with the details, or accepts numpy integers;
+        check_packed(w, "qmatmul")  # raises with the details, or accepts numpy integers;
         # it does not look at alignment, hence the second check here
         n, k, g, parts, bits = [operator.index(v) for v in (n, k, g, parts, bits)]
         if not _layout_ok(n, k, g, parts, bits, qs, sc, mn):

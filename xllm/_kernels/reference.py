@@ -12,6 +12,8 @@ import operator
 
 import numpy as np
 
+from .layout import KV_BLOCK, to_float32
+
 
 def _native(*arrays):
     """TypeError for an array in non-native byte order: the compiled kernels would read its
@@ -32,13 +34,6 @@ def _ids(ids, n, what="token ids"):
     if ids.min() < 0 or ids.max() >= n:
         raise IndexError(f"{what} must lie in [0, {n})")
     return ids
-
-
-def to_float32(w):
-    """A float32 copy (or view) of a weight array of any supported dtype."""
-    if w.dtype == np.uint16:  # bfloat16 bits: the high half of a float32
-        return (w.astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(w, dtype=np.float32)
 
 
 def matmul(x, w, out, accumulate=False):
@@ -62,12 +57,6 @@ def rmsnorm(x, weight, eps, out):
     _native(x, weight, out)
     ms = np.mean(np.square(x.astype(np.float64)), axis=-1, keepdims=True)
     out[...] = (x / np.sqrt(ms + eps)).astype(np.float32) * weight
-
-
-def rope_tables(inv_freq, n_positions):
-    """cos and sin tables [n_positions, head_dim/2], computed in float32 as transformers does."""
-    angles = np.arange(n_positions, dtype=np.float32)[:, None] * inv_freq[None, :].astype(np.float32)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def rope(x, positions, cos, sin, n_heads, interleaved):
@@ -101,9 +90,6 @@ def silu_mul(a, b, out):
     """out = silu(a) * b = a / (1 + exp(-a)) * b; out may be a or b."""
     _native(a, b, out)
     out[...] = (a / (1.0 + np.exp(-a.astype(np.float64)))).astype(np.float32) * b
-
-
-KV_BLOCK = 32  # rows per block of a KV cache (K: [blocks, kv_dim, KV_BLOCK], transposed)
 
 
 def _blocks(rows, capacity):

@@ -12,10 +12,11 @@ import os
 import numpy as np
 
 from ..errors import ModelFormatError
-from ..quant import GGUF_NATIVE, from_gguf_blocks
-from ..tokenizer import open_gguf, tokenizer_from_gguf
-from . import Checkpoint, check_fits, check_weights, expected_shapes, make_config
-from .gguf_file import typed_value
+from ..files.gguf import open_gguf, typed_value
+from ..formats.qtensor import GGUF_NATIVE, from_gguf_blocks
+from ..model.weights import check_weights, expected_shapes
+from ..tokenizers import tokenizer_from_gguf
+from .checkpoint import Checkpoint, check_fits, make_config
 
 EXPANDED_DTYPE = np.float32
 QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from . import (Checkpoint, check_fits, check_weights, expected_shapes, find_file, make_config,
-               read_json, value_or)
-from .safetensors_mmap import as_array, read_safetensors
+from ..files.common import read_json
+from ..files.safetensors import as_array, read_safetensors
+from ..model.weights import check_weights, expected_shapes
+from .checkpoint import Checkpoint, check_fits, find_file, make_config, value_or
 
 _TOP = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "norm",
         "lm_head.weight": "output"}

@@ -9,8 +9,9 @@ import struct
 import numpy as np
 
 from ..errors import ModelFormatError
-from . import Checkpoint, check_weights, find_file, make_config
-from .safetensors_mmap import map_file
+from ..files.common import map_file
+from ..model.weights import check_weights
+from .checkpoint import Checkpoint, find_file, make_config
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32, written by llama2.c's export.py
 V1_HEADER_BYTES = 256

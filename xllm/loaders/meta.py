@@ -9,8 +9,9 @@ import zipfile
 import numpy as np
 
 from ..errors import ModelFormatError
-from . import (Checkpoint, check_fits, check_regular_file, check_weights, expected_shapes,
-               find_file, make_config, read_json, value_or)
+from ..files.common import check_regular_file, read_json
+from ..model.weights import check_weights, expected_shapes
+from .checkpoint import Checkpoint, check_fits, find_file, make_config, value_or
 
 # Axis along which model-parallel shards split each weight (norms are replicated).
 _SPLIT_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}

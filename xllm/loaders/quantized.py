@@ -7,9 +7,11 @@ import os
 import numpy as np
 
 from ..errors import ModelFormatError
-from ..quant import QTensor
-from . import Checkpoint, check_fits, check_weights, expected_shapes, make_config, read_json
-from .safetensors_mmap import as_array, read_safetensors
+from ..files.common import read_json
+from ..files.safetensors import as_array, read_safetensors
+from ..formats.qtensor import QTensor
+from ..model.weights import check_weights, expected_shapes
+from .checkpoint import Checkpoint, check_fits, make_config
 
 FORMAT_VERSION = 1
 

@@ -10,10 +10,8 @@ docs/quantization.rst describes the packed layout (rows in panels of 16, shapes 
 each block of the activations."""
 import numpy as np
 
-from .errors import ModelFormatError
-
-PANEL = 16  # rows of W interleaved together
-BLOCK = 32  # values per quantized block (the kernel's unit along K)
+from .._kernels.layout import BLOCK, PANEL, check_packed, to_float32
+from ..errors import ModelFormatError
 
 
 class QTensor:
@@ -74,30 +72,10 @@ class QTensor:
 
 def check_qtensor(t, where):
     """Raise ModelFormatError unless the arrays of `t` agree with its shape, bits and group."""
-    n, k = t.shape
-    if t.bits not in (4, 8):
-        raise ModelFormatError(f"{where}: {t.bits}-bit weights are not supported (use 8 or 4)")
-    if not isinstance(t.parts, (int, np.integer)) or t.parts not in (2, 3):
-        raise ModelFormatError(f"{where}: parts (of x, in qmatmul) must be 2 or 3, got {t.parts!r}")
-    g = t.group
-    if g < BLOCK or g & (g - 1) or k % g or (t.bits == 4 and g != BLOCK):
-        raise ModelFormatError(f"{where}: group size {g} is invalid for K = {k} and {t.bits} bits "
-                               f"(int8: a power of two >= 32 dividing K; int4: 32)")
-    p = -(-n // PANEL)
-    want = {"qs": ((p, k // BLOCK, 512 if t.bits == 8 else 256), (np.uint8,)),
-            "scales": ((p, k // g, PANEL), (np.float16, np.float32))}
-    if t.mins is not None:
-        if t.bits != 4:
-            raise ModelFormatError(f"{where}: asymmetric (mins) weights must be int4")
-        want["mins"] = (want["scales"][0], (t.scales.dtype,))
-    for name, (shape, dtypes) in want.items():
-        a = getattr(t, name)
-        if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype not in dtypes \
-                or not a.flags.c_contiguous:
-            got = (a.shape, str(a.dtype)) if isinstance(a, np.ndarray) else type(a).__name__
-            spec = f"{shape} {'/'.join(np.dtype(d).name for d in dtypes)}"
-            raise ModelFormatError(f"{where}: {name} of a {t.shape} int{t.bits} g{g} tensor must "
-                                   f"be C-contiguous {spec}, got {got}")
+    try:
+        check_packed(t, where)
+    except ValueError as e:
+        raise ModelFormatError(str(e)) from None
 
 
 def _roundf(a):
@@ -134,7 +112,6 @@ def pack(codes, scales, mins, bits, group, rows=1024, parts=None):
 def quantize(w, bits=8, group=32, asymmetric=False, scale_dtype=np.float16, parts=None):
     """Quantize a float weight matrix [N, K] (any float dtype, or uint16 bfloat16 bits) into a
     QTensor: int8 symmetric (GGUF Q8_0's rule), int4 symmetric (Q4_0's) or asymmetric (Q4_1's)."""
-    from ._kernels.reference import to_float32
     w = to_float32(np.asarray(w))
     n, k = w.shape
     if bits not in (4, 8):

@@ -5,29 +5,17 @@ no bfloat16; here each tensor is a read-only view into one mmap of the file, and
 as uint16 bits."""
 import json
 import math
-import mmap
-import os
 
 import numpy as np
 
 from ..errors import ModelFormatError
-from . import check_regular_file
+from .common import map_file
 
 # safetensors dtype name -> NumPy dtype (uint16 holds bfloat16 bits, the xllm convention).
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
              "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER = 100 << 20  # the reference implementation refuses headers over 100 MB too
-
-
-def map_file(path):
-    """A read-only uint8 array over the whole file, backed by one mmap (kept alive by the array)."""
-    check_regular_file(path)
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            raise ModelFormatError(f"{path}: file is empty")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return np.frombuffer(mm, dtype=np.uint8)
 
 
 def read_safetensors(path):

@@ -1,10 +1,9 @@
-"""SentencePiece-style BPE tokenizer for Llama-family models, tokenizer loading and GGUF metadata.
+"""SentencePiece-style BPE tokenizer for Llama-family models.
 
 A plain-Python re-implementation of what ``sentencepiece`` 0.2.x does for BPE models (read from
 ``tokenizer.model``, llama2.c ``tokenizer.bin`` or GGUF), so xllm does not need sentencepiece at
 run time. Models needing anything else (unigram, a normalisation table, whitespace-as-suffix)
 are rejected with ``ModelFormatError`` rather than tokenized slightly wrongly."""
-
 import codecs
 import os
 import re
@@ -12,204 +11,19 @@ import struct
 from array import array
 from heapq import heappop, heappush
 
-from .errors import ModelFormatError
+from ..errors import ModelFormatError
+from .base import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer,
+                   _alternation)
 
-__all__ = ["NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE", "ESCAPE_MARK",
-           "SentencePieceBPE", "StreamDecoder", "load_tokenizer"]
-
-# Piece types, numbered as in sentencepiece_model.proto.
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE_SYMBOL = "\u2581"  # "▁", how SentencePiece writes a space inside pieces
 DEFAULT_UNK_SURFACE = " \u2047 "  # sentencepiece's default text for <unk> (" ⁇ ")
 _BYTE_PIECE_RE = re.compile(r"<0x([0-9A-Fa-f]{2})>\Z")
 _MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
 # sentencepiece decodes each byte at which no valid UTF-8 character starts to one U+FFFD.
 codecs.register_error("xllm-spm", lambda e: ("\ufffd", e.start + 1))
-#: The mark of escaped text (see ``escape_special``): a noncharacter, one of the code points
-#: Unicode keeps for a program's internal use.
-ESCAPE_MARK = "\ufdd0"
 
 
-class _Tokenizer:
-    """What SentencePieceBPE and ByteLevelBPE share: ids, lookups, special-token splitting,
-    BOS/EOS and (streaming) decoding. Subclasses provide ``_encode_part`` and ``_surface``."""
-
-    _errors = "replace"  # how invalid UTF-8 is decoded
-    _strips_space = False  # whether decode drops the first piece's leading space
-
-    def _init_vocab(self, pieces, types, ids):
-        self.pieces, self.types, self.vocab_size = pieces, types, len(pieces)
-        if not pieces or len(types) != len(pieces):
-            raise ModelFormatError(f"tokenizer vocabulary is inconsistent or empty: "
-                                   f"{len(pieces)} pieces, {len(types)} types")
-        for name, value in zip(("bos_id", "eos_id", "unk_id"), ids):
-            value = -1 if value is None else int(value)
-            if not -1 <= value < self.vocab_size:
-                raise ModelFormatError(f"{name}={value} is outside the vocabulary "
-                                       f"(size {self.vocab_size})")
-            setattr(self, name, value)
-
-    def _set_special(self, special, always=()):
-        self.special_tokens = special
-        self._special_rx, self._always_rx = _alternation(special), _alternation(always)
-        # escape_special marks every place where a special text starts (in any letter case, so
-        # a template's upper/lower still meets a mark) and doubles marks; encode reads back
-        # mark + mark, mark + special text (group 1), a lone mark, or a special text (group 2)
-        mark, body = re.escape(ESCAPE_MARK), self._special_rx and self._special_rx.pattern[1:-1]
-        self._escape_rx = re.compile(f"(?=(?i:{body}))|{mark}" if body else mark)
-        self._unescape_rx = re.compile(f"{mark}({mark}|{body})?|({body})" if body else
-                                       f"{mark}({mark})?")
-
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False,
-               parse_special: bool = False, escaped: bool = False) -> list[int]:
-        """Token ids of ``text``. With ``parse_special`` the texts of special tokens (longest
-        first) become those tokens and the text between them is encoded on its own; with
-        ``escaped`` too, the parts of ``text`` made by ``escape_special`` are plain text."""
-        ids = [self._special_id("bos")] if add_bos else []
-        if parse_special and escaped:
-            self._encode_escaped(text, ids)
-        elif parse_special and self._special_rx:
-            for k, part in enumerate(self._special_rx.split(text)):
-                if k % 2:
-                    ids.append(self.special_tokens[part])
-                else:
-                    self._encode_plain(part, ids)
-        else:
-            self._encode_plain(text, ids)
-        if add_eos:
-            ids.append(self._special_id("eos"))
-        return ids
-
-    def escape_special(self, text: str) -> str:
-        """``text`` (untrusted, e.g. a chat message) made to stay plain text inside a text
-        encoded with ``parse_special=True, escaped=True``: ESCAPE_MARK goes before every place
-        where a special token's text begins (in any letter case) and each ESCAPE_MARK of
-        ``text`` is doubled. The encoder reads a doubled mark as one mark, a mark followed by a
-        special token's text as that text, and drops any other mark (one that a template
-        separated from its text); special token texts without a mark are the tokens."""
-        return self._escape_rx.sub(lambda m: ESCAPE_MARK + m[0], text)
-
-    def _encode_escaped(self, text, ids):
-        plain, pos = [], 0
-        for m in self._unescape_rx.finditer(text):
-            plain.append(text[pos:m.start()])
-            pos = m.end()
-            if m.lastindex == 2:  # a special token's text without a mark: the token
-                self._encode_plain("".join(plain), ids)
-                plain = []
-                ids.append(self.special_tokens[m[2]])
-            elif m[1]:  # an escaped mark or special text: plain text (a lone mark is dropped)
-                plain.append(m[1])
-        plain.append(text[pos:])
-        self._encode_plain("".join(plain), ids)
-
-    def _encode_plain(self, text, ids):
-        """Encode text without control tokens (user-defined ones still match)."""
-        for k, part in enumerate(self._always_rx.split(text) if self._always_rx else (text,)):
-            if k % 2:
-                ids.append(self.special_tokens[part])
-            elif part:
-                self._encode_part(part, ids)
-
-    def _special_id(self, name):
-        if (i := getattr(self, name + "_id")) < 0:
-            raise ValueError(f"this tokenizer has no {name.upper()} token")
-        return i
-
-    def _check_id(self, i) -> int:
-        i = int(i)
-        if not 0 <= i < self.vocab_size:
-            raise IndexError(f"token id {i} is out of range (vocab size {self.vocab_size})")
-        return i
-
-    def id_to_piece(self, i: int) -> str:
-        """The vocabulary string of id ``i``."""
-        return self.pieces[self._check_id(i)]
-
-    def piece_to_id(self, piece: str) -> int:
-        """The id of ``piece``, or ``unk_id`` if it is not in the vocabulary."""
-        return self._ids.get(piece, self.unk_id)
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def decode(self, ids) -> str:
-        """The text of ``ids``."""
-        d = StreamDecoder(self)
-        return "".join([d.push(i) for i in ids]) + d.flush()
-
-    def decoder(self, strip_leading_space: bool = True) -> "StreamDecoder":
-        """A :class:`StreamDecoder`; with ``strip_leading_space=False`` no leading space is
-        dropped (for text that continues earlier text)."""
-        return StreamDecoder(self, strip_leading_space)
-
-
-class StreamDecoder:
-    """Incremental decoder: ``push(id)`` returns the text that is now certain (never half a
-    character), ``flush()`` the rest; joined, they equal ``decode`` of all the ids."""
-
-    def __init__(self, tok, strip_leading_space: bool = True):
-        self._tok, self._utf8 = tok, codecs.getincrementaldecoder("utf-8")(tok._errors)
-        self._strip = bool(strip_leading_space) and tok._strips_space
-        self._stripped = self._nonempty = False
-
-    def push(self, token_id: int) -> str:
-        if self._stripped or self._nonempty:
-            self._strip = False
-        out, self._stripped = self._tok._surface(self._tok._check_id(token_id), self._strip)
-        if isinstance(out, bytes):
-            self._nonempty = True
-            return self._utf8.decode(out)
-        text = self.flush()
-        self._nonempty = self._nonempty or bool(out)
-        return text + out
-
-    def flush(self) -> str:
-        return self._utf8.decode(b"", True)
-
-
-_TRIE_DEPTH_LIMIT = 200  # nested groups; deeper tries fall back to a flat alternation
-
-
-def _alternation(texts):
-    """A regex with one group (so re.split keeps the matches) matching any of `texts`, the
-    longest one where several start at the same place; None if there are none. The texts form
-    a trie, so one match attempt costs at most the longest text's length, not the number of
-    texts (a flat alternation of 256 texts made 1 MB of "<|" take 2 s)."""
-    texts = sorted({t for t in texts if t}, key=len, reverse=True)  # longest first
-    if not texts:
-        return None
-    trie = {}
-    for t in texts:
-        node = trie
-        for c in t:
-            node = node.setdefault(c, {})
-        node[""] = {}  # the end of a text
-    body = _trie_pattern(trie, 0)
-    return re.compile("(%s)" % (body or "|".join(map(re.escape, texts))))
-
-
-def _trie_pattern(node, depth):
-    """The regex of a trie node: each branch tried before stopping here (so the longest text
-    wins), chains of single children written as one literal; None if it nests too deep."""
-    if depth > _TRIE_DEPTH_LIMIT:
-        return None
-    branches = []
-    for c, child in node.items():
-        if c:
-            while len(child) == 1 and "" not in child:
-                (more, child), = child.items()
-                c += more
-            if (rest := _trie_pattern(child, depth + 1)) is None:
-                return None
-            branches.append(re.escape(c) + rest)
-    if not branches:
-        return ""
-    group = branches[0] if len(branches) == 1 else "(?:%s)" % "|".join(branches)
-    return "(?:%s)?" % group if "" in node else group
-
-
-class SentencePieceBPE(_Tokenizer):
+class SentencePieceBPE(Tokenizer):
     """A SentencePiece BPE tokenizer (Llama 1/2, Mistral, TinyLlama...); encodes and decodes
     like ``sentencepiece.SentencePieceProcessor`` 0.2.x. Besides the shared attributes
     (vocab_size, bos_id, eos_id, unk_id, add_bos_default, special_tokens: the control and
@@ -513,83 +327,3 @@ def _parse_model_proto(data: bytes):
     return pieces, scores, types, specs[2], specs[3]
 
 
-def load_tokenizer(path, vocab_size=None):
-    """Load a tokenizer file: ``*.model`` (SentencePiece), ``*.bin`` (llama2.c; needs
-    ``vocab_size``), ``*.gguf`` (its metadata), ``*.json`` (Hugging Face byte-level BPE); other
-    names are tried as SentencePiece, then llama2.c. Raises ``ModelFormatError`` naming the file."""
-    from .loaders import check_regular_file
-    path = os.fspath(path)
-    try:
-        check_regular_file(path)  # a FIFO would block the read forever
-    except FileNotFoundError:
-        raise ModelFormatError(f"{path}: no such tokenizer file") from None
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix == ".model":
-        return SentencePieceBPE.from_model_file(path)
-    if suffix == ".gguf":
-        return tokenizer_from_gguf(read_gguf_metadata(path), path)
-    if suffix == ".json":
-        from .bpe import ByteLevelBPE
-        return ByteLevelBPE.from_tokenizer_json(path)
-    if suffix != ".bin":
-        try:
-            return SentencePieceBPE.from_model_file(path)
-        except ModelFormatError as e:
-            if vocab_size is None:
-                raise ModelFormatError(f"{e}; if it is a llama2.c tokenizer .bin, pass "
-                                       "vocab_size") from None
-    if vocab_size is None:
-        raise ModelFormatError(
-            f"{path}: a llama2.c tokenizer .bin needs vocab_size (from the model header)")
-    return SentencePieceBPE.from_llama2c_file(path, vocab_size)
-
-
-def open_gguf(path):
-    """The parsed GGUF file (``xllm.loaders.gguf_file.GGUFFile``: ``metadata``, ``tensors``);
-    ``ModelFormatError`` naming it if it cannot be parsed."""
-    from .loaders.gguf_file import GGUFFile
-    return GGUFFile(os.fspath(path))
-
-
-def read_gguf_metadata(source) -> dict:
-    """The key/value metadata of a GGUF file (a path, or an opened ``GGUFFile``) as Python
-    values (arrays as lists). Raises ``ModelFormatError`` naming the file."""
-    gguf_file = open_gguf(source) if isinstance(source, (str, os.PathLike)) else source
-    return gguf_file.metadata
-
-
-def tokenizer_from_gguf(meta: dict, name: str = "GGUF file"):
-    """The tokenizer that GGUF metadata describes (``tokenizer.ggml.model`` ``llama`` or
-    ``gpt2``); otherwise ``ModelFormatError`` naming ``name`` (and the field, if one has the
-    wrong type)."""
-    from .loaders.gguf_file import typed_list, typed_value
-
-    def get(key, kind, default=None):
-        return typed_value(meta, "tokenizer.ggml." + key, kind, default, name)
-
-    def get_list(key, kind, default=None):
-        return typed_list(meta, "tokenizer.ggml." + key, kind, default, name)
-
-    model, tokens = get("model", str), get_list("tokens", str)
-    types = get_list("token_type", int)
-    try:
-        if model not in ("llama", "gpt2"):
-            raise ModelFormatError(f"tokenizer model {model!r} is not supported "
-                                   "(only 'llama' and 'gpt2')")
-        if not tokens:
-            raise ModelFormatError("no tokenizer.ggml.tokens")
-        if model == "gpt2":
-            from .bpe import ByteLevelBPE
-            return ByteLevelBPE.from_gguf_fields(
-                tokens, get_list("merges", str, []), types, get("pre", str, "default"),
-                bos_id=get("bos_token_id", int, -1), eos_id=get("eos_token_id", int, -1),
-                unk_id=get("unknown_token_id", int, -1),
-                add_bos=get("add_bos_token", bool, False))
-        return SentencePieceBPE(  # with llama.cpp's defaults
-            tokens, get_list("scores", float, [0.0] * len(tokens)), types or [NORMAL] * len(tokens),
-            bos_id=get("bos_token_id", int, 1), eos_id=get("eos_token_id", int, 2),
-            unk_id=get("unknown_token_id", int, 0),
-            add_dummy_prefix=get("add_space_prefix", bool, True),
-            byte_fallback=BYTE in (types or ()), add_bos_default=get("add_bos_token", bool, True))
-    except ModelFormatError as e:
-        raise ModelFormatError(f"{name}: {e}") from None

@@ -9,12 +9,15 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import _kernels
-from .config import ModelConfig
-from .errors import XLLMError
+from .. import _kernels
+from .._kernels.layout import to_float32
+from ..config import ModelConfig
+from ..formats.dispatch import ops
+from .batcher import StepBatcher
 from .governor import ThreadGovernor
 from .kv_cache import KVCache
-from .loaders import check_weights
+from .rope import rope_tables
+from .weights import check_weights
 
 # Kernel work runs one forward pass at a time in a process, whatever model and thread it comes
 # from: each pass already uses all the kernel threads, so N callers x T threads would only
@@ -35,7 +38,7 @@ class Layer:
 
 def _f32(norm_weight):
     # Norm weights are tiny: keep them as float32 whatever the checkpoint stores.
-    return np.ascontiguousarray(_kernels.reference.to_float32(norm_weight))
+    return np.ascontiguousarray(to_float32(norm_weight))
 
 
 class Workspace:
@@ -94,7 +97,7 @@ class Transformer:
         # passes read them, and a pass holds the kernel lock, so growing is safe here.
         if n > self.rope_cos.shape[0]:
             size = min(self.config.max_seq_len, max(n, 2 * self.rope_cos.shape[0], 256))
-            self.rope_cos, self.rope_sin = _kernels.reference.rope_tables(self._inv_freq, size)
+            self.rope_cos, self.rope_sin = rope_tables(self._inv_freq, size)
 
     @contextmanager
     def _kernel_pass(self, rows):
@@ -176,7 +179,7 @@ class Transformer:
     def _forward_chunk(self, segments, last_out, all_out):
         """One pass over the rows of `segments` [(tokens, kv), ...] (at most ws.rows in all):
         the logits of each segment's last row go to last_out, or of every row to all_out."""
-        K, c, ws = _kernels.backend, self.config, self.ws
+        K, c, ws = ops(), self.config, self.ws
         m, a = sum(len(t) for t, _ in segments), 0
         spans = []  # (first row, rows, kv, start position)
         for j, (toks, kv) in enumerate(segments):
@@ -224,117 +227,3 @@ class Transformer:
                 xn[r] = x[bounds[r + 1] - 1]
             K.rmsnorm(xn[:n], self.norm, eps, xn[:n])
             K.matmul(xn[:n], self.output, last_out[:n])
-
-
-class _Step:
-    """One forward_batch call waiting in a StepBatcher."""
-    __slots__ = ("seqs", "kvs", "out", "done", "error")
-
-    def __init__(self, seqs, kvs, out):
-        self.seqs, self.kvs, self.out = seqs, kvs, out
-        self.done = False
-        self.error = None
-
-
-class StepBatcher:
-    """Runs one model's forward_batch calls from any number of threads.
-
-    A call made while no pass is running runs at once, in the calling thread. Calls made while
-    a pass runs wait; when it ends, one of them runs all waiting calls as a single batch (one
-    read of the weights for all their sequences) and hands each its rows of logits. Batch
-    invariance makes every sequence's logits bitwise what it would get alone, so callers see
-    no difference but speed: concurrent decode steps cost about what one batched step costs.
-    """
-
-    def __init__(self, transformer):
-        self.transformer = transformer
-        self._cond = threading.Condition()
-        self._waiting = []     # steps not yet taken by a pass
-        self._running = False  # a thread is running a pass
-        self._buffer = np.zeros((0, transformer.config.vocab_size), np.float32)
-
-    def run(self, seqs, kvs, out):
-        seqs = [np.asarray(t, np.int64).reshape(-1) for t in seqs]
-        kvs = list(kvs)
-        if len(kvs) != len(seqs) or len(out) < len(seqs):
-            raise ValueError(f"{len(seqs)} sequences need as many caches ({len(kvs)}) and rows "
-                             f"of out ({len(out)})")
-        if len({id(kv) for kv in kvs}) != len(kvs):
-            raise ValueError("a KV cache appears twice in one batch")
-        for toks, kv in zip(seqs, kvs):
-            self.transformer._check_segment(toks, kv)
-        step = _Step(seqs, kvs, out)
-        with self._cond:
-            self._waiting.append(step)
-            while not step.done:
-                if self._running:
-                    self._cond.wait()
-                    continue
-                steps = self._waiting
-                self._waiting = []
-                self._running = True
-                self._cond.release()
-                try:
-                    self._pass(steps)
-                finally:
-                    self._cond.acquire()
-                    self._running = False
-                    self._cond.notify_all()
-        if step.error is not None:
-            raise step.error
-        return out
-
-    def _pass(self, steps):
-        """Run `steps` as one batch; every step ends done, with its logits or its error."""
-        steps = self._without_conflicts(steps)
-        try:
-            if len(steps) == 1:
-                step = steps[0]
-                with self.transformer._kernel_pass(sum(map(len, step.seqs))):
-                    self.transformer._forward_batch(step.seqs, step.kvs, step.out)
-            elif steps:
-                self._batched_pass(steps)
-        except BaseException as e:
-            for step in steps:
-                step.error = e if len(steps) == 1 else XLLMError(
-                    f"a forward pass batched with other threads' steps failed: {e!r}")
-            if len(steps) == 1 or not isinstance(e, Exception):
-                raise
-        finally:
-            for step in steps:
-                step.done = True
-
-    def _without_conflicts(self, steps):
-        """The steps that may run together: a cache that another step of the pass also
-        continues would be corrupted, so the later step fails instead."""
-        seen, keep = set(), []
-        for step in steps:
-            ids = {id(kv) for kv in step.kvs}
-            if ids & seen:
-                step.error = ValueError("a KV cache is being continued by two threads at once")
-                step.done = True
-                continue
-            seen |= ids
-            try:
-                for toks, kv in zip(step.seqs, step.kvs):  # room for the rows, before the pass
-                    kv.reserve(len(toks))
-            except Exception as e:
-                step.error = e
-                step.done = True
-                continue
-            keep.append(step)
-        return keep
-
-    def _batched_pass(self, steps):
-        seqs = [t for step in steps for t in step.seqs]
-        kvs = [kv for step in steps for kv in step.kvs]
-        if len(self._buffer) < len(seqs):  # grows to the most sequences ever batched
-            self._buffer = np.zeros((len(seqs), self._buffer.shape[1]), np.float32)
-        out = self._buffer[:len(seqs)]
-        with self.transformer._kernel_pass(sum(map(len, seqs))):
-            self.transformer._forward_batch(seqs, kvs, out)
-        row = 0
-        for step in steps:
-            n = len(step.seqs)
-            step.out[:n] = out[row:row + n]
-            row += n

@@ -6,6 +6,7 @@ its size and is answered with ``ModelFormatError`` naming the file and the field
 values come back as Python values (arrays as lists), tensors as read-only views of one mmap
 of the file: float types typed and shaped, block-quantized types as uint8 rows."""
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 
@@ -13,8 +14,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import ModelFormatError
-from . import check_regular_file
-from .safetensors_mmap import map_file
+from .common import check_regular_file, map_file
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -212,3 +212,16 @@ class GGUFFile:
             cur.fail(where, f"dims {list(dims)} of {kind} take {nbytes} bytes, more than the "
                             f"file holds")
         return name, kind, dims, offset, nbytes
+
+
+def open_gguf(path):
+    """The parsed GGUF file (``GGUFFile``: ``metadata``, ``tensors``);
+    ``ModelFormatError`` naming it if it cannot be parsed."""
+    return GGUFFile(os.fspath(path))
+
+
+def read_gguf_metadata(source) -> dict:
+    """The key/value metadata of a GGUF file (a path, or an opened ``GGUFFile``) as Python
+    values (arrays as lists). Raises ``ModelFormatError`` naming the file."""
+    gguf_file = open_gguf(source) if isinstance(source, (str, os.PathLike)) else source
+    return gguf_file.metadata

@@ -1,8 +1,8 @@
 """KVCache: the keys and values of one sequence, per layer, growing on demand."""
 import numpy as np
 
-from ._kernels.reference import KV_BLOCK
-from .errors import ContextLengthError
+from .._kernels.layout import KV_BLOCK
+from ..errors import ContextLengthError
 
 
 def block_rows(n):

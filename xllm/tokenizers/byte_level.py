@@ -11,8 +11,9 @@ from pathlib import Path
 
 import regex
 
-from .errors import ModelFormatError
-from .tokenizer import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, _Tokenizer
+from ..errors import ModelFormatError
+from ..files.common import check_regular_file, read_json
+from .base import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer
 
 __all__ = ["ByteLevelBPE", "PRE_TOKENIZERS"]
 
@@ -40,7 +41,7 @@ _FEW = 16  # words of at most this many symbols are merged by rescanning (faster
 _NO_MERGE = 1 << 62
 
 
-class ByteLevelBPE(_Tokenizer):
+class ByteLevelBPE(Tokenizer):
     """A byte-level BPE tokenizer with the interface of ``SentencePieceBPE``. ``special_tokens``
     are the control, unknown and user-defined (added) tokens: user-defined ones always match as
     whole units, control ones only with ``parse_special``; all decode to their text."""
@@ -119,7 +120,6 @@ class ByteLevelBPE(_Tokenizer):
     def from_tokenizer_json(cls, path) -> "ByteLevelBPE":
         """Load a Hugging Face ``tokenizer.json`` with a byte-level BPE model; BOS/EOS/UNK
         come from a ``tokenizer_config.json`` next to it, if any."""
-        from .loaders import check_regular_file
         path = os.fspath(path)
         try:
             check_regular_file(path)  # a FIFO would block the read
@@ -312,7 +312,6 @@ def _json_pre_tokenizer(pre) -> list[str]:
 
 def _config_ids(folder: str, tokens: list[str]) -> list[int]:
     """BOS, EOS and UNK ids named in ``tokenizer_config.json`` (-1 if absent)."""
-    from .loaders import read_json
     try:
         config = read_json(os.path.join(folder, "tokenizer_config.json"))
     except (ModelFormatError, OSError):  # absent, not a regular file or not JSON: no ids

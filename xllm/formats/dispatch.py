@@ -1,0 +1,54 @@
+"""Which kernel computes a product: float weights go to the backend's ``matmul`` and
+``embedding``, quantized weights (QTensor) to ``qmatmul`` and ``qembedding``."""
+from .. import _kernels
+from .qtensor import QTensor
+
+
+class Ops:
+    """A kernel backend whose ``matmul`` and ``embedding`` take weights of any format.
+    ``matmul(x, (w1, w2, ...), (out1, out2, ...))`` computes several products of one x (the
+    quantized kernel quantizes x once for all of them)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        # every other kernel (rmsnorm, rope, attention, sampling ...) as the backend has it
+        for name in _kernels.KERNEL_NAMES:
+            if name not in ("matmul", "embedding"):
+                setattr(self, name, getattr(backend, name))
+
+    def matmul(self, x, w, out, accumulate=False):
+        if _all_quantized_alike(w):
+            self.backend.qmatmul(x, w, out, accumulate)
+        elif type(w) is tuple:  # weights sharing the input x, with their outputs
+            for wi, oi in zip(w, out):
+                self.matmul(x, wi, oi, accumulate)
+        else:
+            self.backend.matmul(x, w, out, accumulate)
+
+    def embedding(self, table, ids, out):
+        if type(table) is QTensor:
+            self.backend.qembedding(table, ids, out)
+        else:
+            self.backend.embedding(table, ids, out)
+
+
+def _all_quantized_alike(w):
+    """True for a QTensor, or a tuple of QTensors that one qmatmul call can take (a GGUF may mix
+    Q8_0 and Q4_x weights in wq/wk/wv: those go one by one)."""
+    if type(w) is QTensor:
+        return True
+    if type(w) is not tuple:
+        return False
+    return all(type(t) is QTensor and t.parts == w[0].parts for t in w)
+
+
+_OPS = {}
+
+
+def ops(backend=None) -> Ops:
+    """The Ops of `backend` (default: the selected one, ``xllm._kernels.backend``), made once."""
+    backend = _kernels.backend if backend is None else backend
+    found = _OPS.get(id(backend))
+    if found is None or found.backend is not backend:
+        found = _OPS[id(backend)] = Ops(backend)
+    return found

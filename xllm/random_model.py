@@ -1,0 +1,139 @@
+"""Write a random-weight Llama model as a Hugging Face directory (for tests, benchmarks, demos).
+
+    python tools/random_model.py --shape tiny --out /tmp/xllm-tiny [--dtype bf16] [--seed 0]
+    (or python -m xllm.random_model ...)
+
+The directory holds config.json, model.safetensors (fp32, fp16 or bf16) and a byte-level
+SentencePiece ``tokenizer.model``, so xllm and transformers both load it. Shapes are the presets
+of ``xllm.config.PRESETS`` (smollm2-135m, tinyllama-1.1b, llama2-7b, tiny). Only numpy is needed.
+"""
+import argparse
+import json
+import os
+import struct
+
+import numpy as np
+
+from xllm.config import PRESETS
+
+
+def to_bf16_bits(a):
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
+    bits = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def write_safetensors(path, tensors):
+    """Write {name: (array, dtype_tag)} as safetensors (header: 8-byte length + JSON).
+
+    Written by hand because safetensors' numpy API has no bfloat16.
+    """
+    header, offset = {}, 0
+    for name, (arr, tag) in tensors.items():
+        header[name] = {"dtype": tag, "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path + ".part"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for arr, _ in tensors.values():
+            f.write(np.ascontiguousarray(arr).tobytes())
+    os.replace(tmp, path)
+
+
+def _field(num, wire, payload):
+    key = bytes(_varint((num << 3) | wire))
+    if wire == 2:
+        return key + bytes(_varint(len(payload))) + payload
+    return key + payload
+
+
+def _varint(n):
+    out = []
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return out
+
+
+def write_spm_model(path, vocab_size):
+    """A SentencePiece BPE ``tokenizer.model``: <unk> <s> </s>, 256 byte pieces, then letters,
+    '▁'+letters and letter pairs as normal pieces (fields of sentencepiece_model.proto)."""
+    letters = "etaoinshrdlucmfwypvbgkjqxz"
+    extra = ["▁"] + list(letters) + ["▁" + c for c in letters] + [a + b for a in letters for b in letters]
+    extra += [f"▁w{i}" for i in range(vocab_size)]
+    pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)]
+    pieces += [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
+    pieces += [(p, -float(i), 1) for i, p in enumerate(extra[:vocab_size - len(pieces)])]
+    if len(pieces) != vocab_size:
+        raise ValueError(f"vocab_size must be at least 259, got {vocab_size}")
+    body = b"".join(_field(1, 2, _field(1, 2, p.encode()) + _field(2, 5, struct.pack("<f", s))
+                                + _field(3, 0, bytes(_varint(t)))) for p, s, t in pieces)
+    trainer = (_field(3, 0, bytes(_varint(2))) + _field(4, 0, bytes(_varint(vocab_size)))
+               + _field(35, 0, b"\x01") + _field(40, 0, b"\x00") + _field(41, 0, b"\x01")
+               + _field(42, 0, b"\x02") + _field(43, 0, bytes(_varint(2**64 - 1))))
+    normalizer = _field(1, 2, b"identity") + _field(3, 0, b"\x01") + _field(4, 0, b"\x00")
+    with open(path, "wb") as f:
+        f.write(body + _field(2, 2, trainer) + _field(3, 2, normalizer))
+
+
+def write_random_model(out, shape="tiny", dtype="fp32", seed=0, **overrides):
+    """Write a random model of a preset shape to directory `out`; returns `out`."""
+    cfg = dict(PRESETS[shape], **overrides)
+    rng = np.random.default_rng(seed)
+    d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = d // cfg["num_heads"]
+    q, kv = cfg["num_heads"] * hd, cfg["num_kv_heads"] * hd
+    tag = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}[dtype]
+
+    def tensor(*shp, std=0.02):
+        a = rng.standard_normal(shp, dtype=np.float32) * np.float32(std)
+        if len(shp) == 1:
+            a += 1.0  # norm weights around 1
+        if dtype == "bf16":
+            return to_bf16_bits(a), tag
+        return a.astype(np.float16 if dtype == "fp16" else np.float32), tag
+
+    t = {"model.embed_tokens.weight": tensor(v, d)}
+    for i in range(cfg["num_layers"]):
+        p = f"model.layers.{i}."
+        for name, shp in [("self_attn.q_proj", (q, d)), ("self_attn.k_proj", (kv, d)),
+                          ("self_attn.v_proj", (kv, d)), ("self_attn.o_proj", (d, q)),
+                          ("mlp.gate_proj", (f, d)), ("mlp.up_proj", (f, d)),
+                          ("mlp.down_proj", (d, f)), ("input_layernorm", (d,)),
+                          ("post_attention_layernorm", (d,))]:
+            t[p + name + ".weight"] = tensor(*shp)
+    t["model.norm.weight"] = tensor(d)
+    if not cfg.get("tie_word_embeddings", False):
+        t["lm_head.weight"] = tensor(v, d)
+    os.makedirs(out, exist_ok=True)
+    write_safetensors(os.path.join(out, "model.safetensors"), t)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d,
+              "intermediate_size": f, "num_hidden_layers": cfg["num_layers"],
+              "num_attention_heads": cfg["num_heads"], "num_key_value_heads": cfg["num_kv_heads"],
+              "vocab_size": v, "max_position_embeddings": cfg["max_seq_len"],
+              "rope_theta": cfg.get("rope_theta", 10000.0), "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": cfg.get("tie_word_embeddings", False),
+              "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+              "torch_dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]}
+    with open(os.path.join(out, "config.json"), "w") as fh:
+        json.dump(config, fh, indent=1)
+    write_spm_model(os.path.join(out, "tokenizer.model"), v)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    print(write_random_model(a.out, a.shape, a.dtype, a.seed))
+
+
+if __name__ == "__main__":
+    main()
