@@ -50,47 +50,49 @@ def test_batch_logits_are_bitwise_those_of_each_sequence_alone(model):
 
 def test_batch_generation_equals_each_prompt_alone(model):
     ps = prompts(model.config.vocab_size)
-    batch = model.generate(ps, max_new_tokens=64)
+    batch = model.generate_batch(ps, max_new_tokens=64)
     assert all(len(t) > 20 for t in batch)
     for p, text in zip(ps, batch):
-        model.reset()
         assert text == model.generate(p, max_new_tokens=64)
     # streaming gives (index, piece) pairs that add up to the same texts
     streamed = [""] * len(ps)
-    for i, piece in model.generate(ps, max_new_tokens=64, stream=True):
+    for i, piece in model.generate_batch(ps, max_new_tokens=64, stream=True):
         streamed[i] += piece
     assert streamed == batch
 
 
 def test_sampled_batch_uses_one_seed_per_sequence(model):
     ps = prompts(model.config.vocab_size)[:4]
-    batch = model.generate(ps, max_new_tokens=16, temperature=1.0, seed=7)
+    batch = model.generate_batch(ps, max_new_tokens=16, temperature=1.0, seed=7)
     for i, p in enumerate(ps):
         assert batch[i] == model.generate(p, max_new_tokens=16, temperature=1.0, seed=7 + i)
 
 
 def test_bad_batches(model):
     with pytest.raises(ValueError, match="empty"):
-        model.generate([[5, 6], []], max_new_tokens=4)
-    with pytest.raises(ValueError, match="empty|no token"):
-        model.generate([], max_new_tokens=4)
+        model.generate_batch([[5, 6], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="no prompts"):
+        model.generate_batch([], max_new_tokens=4)
+    with pytest.raises(TypeError, match="generate_batch"):
+        model.generate([[5, 6], [7]], max_new_tokens=4)
+    with pytest.raises(TypeError, match="list of prompts"):
+        model.generate_batch("one prompt", max_new_tokens=4)
     model.max_batch = 3
     try:
         with pytest.raises(ValueError, match="4 prompts exceed max_batch=3"):
-            model.generate([[5]] * 4, max_new_tokens=1)
-        assert len(model.generate([[5]] * 3, max_new_tokens=1)) == 3
+            model.generate_batch([[5]] * 4, max_new_tokens=1)
+        assert len(model.generate_batch([[5]] * 3, max_new_tokens=1)) == 3
     finally:
         del model.max_batch
 
 
 def test_stop_strings_per_sequence(model):
     ps = prompts(model.config.vocab_size)[:6]
-    full = model.generate(ps, max_new_tokens=32)
+    full = model.generate_batch(ps, max_new_tokens=32)
     stop = full[2][len(full[2]) // 2:][:3]  # text from the middle of one output
-    cut = model.generate(ps, max_new_tokens=32, stop=stop)
+    cut = model.generate_batch(ps, max_new_tokens=32, stop=stop)
     assert cut[2] == full[2][:full[2].find(stop)]
     for p, text in zip(ps, cut):
-        model.reset()
         assert text == model.generate(p, max_new_tokens=32, stop=stop)
 
 
@@ -125,7 +127,7 @@ def test_float16_kv_cache_halves_memory_and_stays_batch_invariant(tmp_path):
         np.testing.assert_array_equal(row, tr.forward(np.array(p), tr.new_cache()))  # invariant
         assert np.abs(row - full).max() < 2e-2 * np.abs(full).max()  # float16 K/V rounding
         assert kv.nbytes * 2 == kv32.nbytes and kv.k[0].dtype == np.float16
-    assert m16.generate(ps, max_new_tokens=16) == [m16.generate(p, max_new_tokens=16)
+    assert m16.generate_batch(ps, max_new_tokens=16) == [m16.generate(p, max_new_tokens=16)
                                                    for p in ps]
     with pytest.raises(ValueError, match="kv_dtype"):
         xllm.load(path, kv_dtype="int8")

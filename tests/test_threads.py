@@ -107,7 +107,7 @@ def test_session_is_busy_while_its_stream_is_open(stories):
     stream.close()
     assert session.cached_tokens >= 5  # what was computed stays
     session.generate("Tom", max_new_tokens=2)
-    with pytest.raises(ValueError, match="one prompt"):
+    with pytest.raises(TypeError, match="generate_batch"):
         session.generate(["a", "b"], max_new_tokens=2)
     # an abandoned stream frees the session when it is collected
     stream = session.generate("Once", stream=True, max_new_tokens=5)

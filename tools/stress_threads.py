@@ -48,7 +48,7 @@ def _call(model, kind, prompt, kw):
         template = None if model.chat_template else CHATML
         return lambda: model.chat(messages, template=template, **kw)
     if kind == "batch":
-        return lambda: model.generate([prompt, prompt[::-1], "Hello"], **kw)
+        return lambda: model.generate_batch([prompt, prompt[::-1], "Hello"], **kw)
     ids = model.tokenizer.encode(prompt, add_bos=True)
     return lambda: model.logits(ids).tobytes()
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .checks import check_count
-from .engine.generation import generate_ids
+from .engine.generation import run_sequences, start_sequences
 from .engine.sampling import Sampler, SamplingParams
 from .engine.stops import StopFilter
 from .errors import ModelFormatError, SessionBusyError
@@ -85,41 +85,75 @@ class Model:
 
         add_bos=None prepends BOS to text prompts if the tokenizer's model asks for it (Llama
         SentencePiece models do, SmolLM2 does not). To continue a conversation without
-        computing its prefix again, use a :meth:`session`.
+        computing its prefix again, use a :meth:`session`; for several prompts at once,
+        :meth:`generate_batch`.
 
         Greedy when temperature is 0, else sampled (top_k, top_p, min_p applied in that order
         after the temperature); the same seed gives the same text. Stops at the end-of-sequence
         token, after max_new_tokens, at the context limit, or before the first of the `stop`
         strings (which is never returned, even in part). Returns the text, or an iterator of
         text pieces when stream=True. Timings are left in ``self.last_stats``.
-
-        A list of prompts runs as one batch (all prompts prefilled together, one decode step
-        for all running sequences; sequence i samples with seed + i): returns a list of texts,
-        or with stream=True an iterator of (index, piece). Each text is exactly the one its
-        prompt gives alone.
         """
-        request = self._request(prompt, max_new_tokens, stop, add_bos,
-                                SamplingParams(temperature, top_k, top_p, min_p,
-                                               repetition_penalty, seed))
-        if request.batch and len(request.ids) > self.max_batch:
-            raise ValueError(f"{len(request.ids)} prompts exceed max_batch={self.max_batch} "
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        request = self._request([self._single(prompt)], max_new_tokens, stop, add_bos, params)
+        pieces = self._pieces(request, kvs=None, stats=self._new_stats())
+        return _text(pieces, stream)
+
+    def generate_batch(self, prompts: Sequence[Union[str, Sequence[int]]], *,
+                       max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                       repetition_penalty=1.0, seed=None, stop=(), stream=False, add_bos=None):
+        """Continue several prompts as one batch: all prompts prefilled together, then one
+        decode step for all running sequences. Arguments as for :meth:`generate`, for every
+        prompt; prompt i samples with seed + i. Each text is exactly the one its prompt gives
+        alone (see docs/batching.rst).
+
+        Returns the list of texts, or with stream=True an iterator of (index, piece) pairs in
+        the order they are generated."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a list of prompts, got {type(prompts).__name__} "
+                            "(for one prompt, use generate)")
+        if not prompts:
+            raise ValueError("no prompts given")
+        if len(prompts) > self.max_batch:
+            raise ValueError(f"{len(prompts)} prompts exceed max_batch={self.max_batch} "
                              f"(the Model attribute); split them or raise it")
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        request = self._request(list(prompts), max_new_tokens, stop, add_bos, params,
+                                batch=True)
+        pieces = self._pieces(request, kvs=None, stats=self._new_stats())
+        if stream:
+            return pieces
+        texts = [""] * len(prompts)
+        for index, piece in pieces:
+            texts[index] += piece
+        return texts
+
+    def _new_stats(self):
+        """A stats dict for a call of the calling thread, left in ``last_stats``."""
         stats = {"tokens": []}
         self._local.stats = stats
-        pieces = self._pieces(request, kvs=None, stats=stats)
-        return _deliver(pieces, request.batch, stream, len(request.ids))
+        return stats
 
-    def _request(self, prompt, max_new_tokens, stop, add_bos, params) -> "_Request":
+    @staticmethod
+    def _single(prompt):
+        """`prompt`, refused if it is a list of prompts (which generate_batch takes)."""
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(
+                prompt[0], (str, list, tuple, np.ndarray)):
+            raise TypeError("a list of prompts: use generate_batch (generate takes one text or "
+                            "one list of token ids)")
+        return prompt
+
+    def _request(self, prompts, max_new_tokens, stop, add_bos, params, batch=False):
         """A generation request with every argument checked and the prompts encoded."""
         max_new_tokens = check_count("max_new_tokens", max_new_tokens)
         stop = _check_stop(stop)
         if add_bos is not None and not isinstance(add_bos, bool):
             raise TypeError(f"add_bos must be True, False or None, got {add_bos!r}")
-        batch = _is_batch(prompt)
-        prompts = prompt if batch else [prompt]
-        ids = [self._encode(p, add_bos, f"prompt[{i}]" if batch else "prompt")
-               for i, p in enumerate(prompts)]
-        return _Request(ids, batch, max_new_tokens, params, stop)
+        ids = []
+        for i, prompt in enumerate(prompts):
+            name = f"prompt[{i}]" if batch else "prompt"
+            ids.append(self._encode(prompt, add_bos, name))
+        return _Request(ids, max_new_tokens, params, stop)
 
     def _tokenizer(self):
         if self.tokenizer is None:
@@ -157,29 +191,26 @@ class Model:
     def _pieces(self, request, *, kvs, stats):
         """(index, text piece) of generating the request's prompts as one batch (prompt i
         samples with seed + i)."""
-        c, tok = self.config, self.tokenizer
-        ids, params = request.ids, request.params
+        c = self.config
+        tok = self.tokenizer
         stop_ids = frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids) if i is not None)
-        samplers = [Sampler(replace(params, seed=None if params.seed is None else params.seed + i))
-                    for i in range(len(ids))]
-        # Only BOS before the continuation: its first piece loses its leading space, as in
-        # sentencepiece's decode of a whole sequence.
-        bos = getattr(tok, "bos_id", None)
-        decs = [tok.decoder(strip_leading_space=all(t == bos for t in p)) if tok else None
-                for p in ids]
-        stopped = set()
-        filters = [StopFilter(request.stop) for _ in ids]
-        for i, t in generate_ids(self.transformer, ids, request.max_new_tokens, samplers, stop_ids,
-                                 kvs=kvs, stats=stats, stopped=stopped,
-                                 vocab_limit=self.vocab_limit):
-            stats["tokens"].append(t)
-            text = filters[i].push(decs[i].push(t)) if decs[i] else ""
-            if filters[i].done:
-                stopped.add(i)
+        samplers = []
+        for i in range(len(request.ids)):
+            seed = None if request.params.seed is None else request.params.seed + i
+            samplers.append(Sampler(replace(request.params, seed=seed)))
+        sequences = start_sequences(self.transformer, request.ids, request.max_new_tokens,
+                                    samplers, kvs)
+        texts = [_TextOutput(tok, ids, request.stop) for ids in request.ids]
+        for i, token in run_sequences(self.transformer, sequences, stop_ids, stats=stats,
+                                      vocab_limit=self.vocab_limit):
+            stats["tokens"].append(token)
+            text = texts[i].push(token)
+            if texts[i].stopped:
+                sequences[i].cancel()
             if text:
                 yield i, text
-        for i, (d, f) in enumerate(zip(decs, filters)):
-            if text := (f.flush() if f.done or d is None else f.push(d.flush()) + f.flush()):
+        for i, output in enumerate(texts):
+            if text := output.flush():
                 yield i, text
 
     def chat(self, messages, *, template=None, special_in_content=False, stream=False,
@@ -207,11 +238,6 @@ class Model:
         return encode_chat(self._tokenizer(), template, messages,
                            special_in_content=special_in_content, **extra)
 
-    def reset(self):
-        """Does nothing: generate() no longer keeps the last sequence's KV cache (use a
-        :meth:`session` to continue a conversation). Kept for existing callers."""
-
-
 class Session:
     """One caller's conversation (or document) with a model, continued over several calls.
 
@@ -237,12 +263,9 @@ class Session:
                  min_p=0.0, repetition_penalty=1.0, seed=None, stop=(), stream=False,
                  add_bos=None):
         """:meth:`Model.generate` for one prompt, continuing this session's KV cache."""
-        request = self.model._request(prompt, max_new_tokens, stop, add_bos,
-                                      SamplingParams(temperature, top_k, top_p, min_p,
-                                                     repetition_penalty, seed))
-        if request.batch:
-            raise ValueError("a session continues one sequence: give one prompt (for a batch, "
-                             "use Model.generate)")
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        request = self.model._request([Model._single(prompt)], max_new_tokens, stop, add_bos,
+                                      params)
         if not self._busy.acquire(blocking=False):
             raise SessionBusyError("this session is still running a call (or its stream is not "
                                    "exhausted or closed): finish it first, or use another "
@@ -278,9 +301,8 @@ class Session:
 
 @dataclass
 class _Request:
-    """One generate() call's arguments, checked: a prompt's ids (or several, for a batch)."""
+    """One generate() or generate_batch() call's arguments, checked: the prompts' ids."""
     ids: list
-    batch: bool
     max_new_tokens: int
     params: SamplingParams
     stop: tuple
@@ -325,23 +347,41 @@ class _Stream:
         self.close()
 
 
-def _deliver(pieces, batch, stream, n):
-    """What generate() returns for (index, piece) pairs: text, texts, or their stream."""
-    if not batch:
-        text = (piece for _, piece in pieces)
-        return text if stream else "".join(text)
+class _TextOutput:
+    """One sequence's text as its tokens come: decoded incrementally, cut before the first stop
+    string (``stopped`` once one is found)."""
+
+    def __init__(self, tokenizer, prompt_ids, stop):
+        self.decoder = None
+        if tokenizer is not None:
+            # Only BOS before the continuation: its first piece loses its leading space, as in
+            # sentencepiece's decode of a whole sequence.
+            bos = getattr(tokenizer, "bos_id", None)
+            only_bos = all(t == bos for t in prompt_ids)
+            self.decoder = tokenizer.decoder(strip_leading_space=only_bos)
+        self.filter = StopFilter(stop)
+
+    @property
+    def stopped(self) -> bool:
+        return self.filter.done
+
+    def push(self, token) -> str:
+        if self.decoder is None:
+            return ""
+        return self.filter.push(self.decoder.push(token))
+
+    def flush(self) -> str:
+        if self.filter.done or self.decoder is None:
+            return self.filter.flush()
+        return self.filter.push(self.decoder.flush()) + self.filter.flush()
+
+
+def _text(pieces, stream):
+    """One sequence's (0, piece) pairs as text, or as an iterator of pieces."""
+    text = (piece for _, piece in pieces)
     if stream:
-        return pieces
-    texts = [""] * n
-    for i, piece in pieces:
-        texts[i] += piece
-    return texts
-
-
-def _is_batch(prompt) -> bool:
-    """True for a list of prompts (texts or id lists), False for one prompt."""
-    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
-            and isinstance(prompt[0], (str, list, tuple, np.ndarray)))
+        return text
+    return "".join(text)
 
 
 def _check_stop(stop):

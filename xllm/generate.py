@@ -107,7 +107,7 @@ def main(argv=None):
         if args.batch_file:
             with open(args.batch_file, encoding="utf-8") as f:
                 prompts = [_prompt(model, args, line.rstrip("\n")) for line in f if line.strip()]
-            print("\n\n".join(model.generate(prompts, **kwargs)))
+            print("\n\n".join(model.generate_batch(prompts, **kwargs)))
             return 0
         prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
         if args.echo:

@@ -1,68 +1,168 @@
-"""The generation loop: prefill, then one decode step per token for every running sequence."""
+"""The generation loop: one ragged prefill of every prompt, then one decode step per token for
+all running sequences together.
+
+A :class:`Sequence` is one prompt being continued: its tokens, its KV cache, its sampler, its
+limit and, once it has ended, why. :func:`start_sequences` checks the prompts and prepares the
+caches; :func:`run_sequences` generates. Each sequence's tokens are exactly those it gets alone
+(the forward pass is batch-invariant, and each sequence samples with its own sampler)."""
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 from ..errors import ContextLengthError
+from ..model.kv_cache import KVCache
+
+
+@dataclass
+class Sequence:
+    """One prompt being continued.
+
+    ``tokens[:length]`` is the sequence so far (the prompt, then what was generated);
+    ``tokens`` has room for ``max_new_tokens`` more. ``finish`` is None while it runs, then
+    "stop" (a stop token), "length" (max_new_tokens), "context" (the model's context is full)
+    or "cancelled" (:meth:`cancel`)."""
+    prompt_length: int
+    tokens: np.ndarray
+    length: int
+    max_new_tokens: int
+    kv: KVCache
+    sampler: object
+    finish: Optional[str] = None
+
+    @property
+    def generated(self) -> int:
+        return self.length - self.prompt_length
+
+    def cancel(self):
+        """End the sequence before its next token (a caller's stop string was found, or its
+        client went away)."""
+        if self.finish is None:
+            self.finish = "cancelled"
+
+
+def start_sequences(transformer, prompts, max_new_tokens, samplers, kvs=None):
+    """A :class:`Sequence` per prompt (a list of token ids), with `samplers[i]` and a cache.
+
+    max_new_tokens is an int or one per prompt; counts past the context are clamped to it.
+    `kvs` may give caches holding earlier sequences: the prefix they share with the prompt is
+    reused, the rest dropped. Every cache gets room for all its sequence can need at once (no
+    regrowth while generating)."""
+    max_len = transformer.config.max_seq_len
+    if isinstance(max_new_tokens, int):
+        limits = [max_new_tokens] * len(prompts)
+    else:
+        limits = list(max_new_tokens)
+    if kvs is None:
+        kvs = [transformer.new_cache() for _ in prompts]
+    sequences = []
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: give at least one token (e.g. add_bos=True)")
+        if len(prompt) > max_len:
+            raise ContextLengthError(f"prompt {i} has {len(prompt)} tokens; the model's context "
+                                     f"is {max_len}")
+        limit = min(limits[i], max_len + 1 - len(prompt))  # the last token needs no KV row
+        tokens = np.zeros(len(prompt) + limit, np.int64)
+        tokens[:len(prompt)] = prompt
+        sequences.append(Sequence(len(prompt), tokens, len(prompt), limit, kvs[i], samplers[i]))
+    for sequence in sequences:
+        _reuse_prefix(sequence, max_len)
+    return sequences
+
+
+def _reuse_prefix(sequence, max_len):
+    """Keep the cache rows the prompt shares with what the cache holds, but re-feed at least
+    the last prompt token (its logits are not kept); reserve every row the sequence can need."""
+    kv = sequence.kv
+    prompt = sequence.tokens[:sequence.prompt_length]
+    kv.truncate(min(kv.common_prefix(prompt), sequence.prompt_length - 1))
+    end = min(sequence.prompt_length + sequence.max_new_tokens, max_len)
+    kv.reserve(end - kv.length)
+
+
+def run_sequences(transformer, sequences, stop_ids, *, stats=None, vocab_limit=None):
+    """Yield (index, token id) as `sequences` generate together. A sequence ends at a stop id
+    (not yielded), after its max_new_tokens, at the context limit, or when the caller cancels
+    it (between two of its tokens). Only ids below `vocab_limit` (default: all) are sampled:
+    an embedding padded past the tokenizer's vocabulary never yields its padding. `stats`
+    receives counts and timings."""
+    stats = {} if stats is None else stats
+    stats.update(prompt_tokens=sum(s.prompt_length for s in sequences),
+                 cached_tokens=sum(s.kv.length for s in sequences),
+                 generated=0, decode_steps=0, decode_seconds=0.0, finish="length")
+    vocab = transformer.config.vocab_size if vocab_limit is None else vocab_limit
+    logits = np.empty((len(sequences), transformer.config.vocab_size), np.float32)
+    started = time.perf_counter()
+    transformer.forward_batch([s.tokens[s.kv.length:s.length] for s in sequences],
+                              [s.kv for s in sequences], logits)
+    stats["prefill_seconds"] = time.perf_counter() - started
+    running = list(range(len(sequences)))
+    while running:
+        still_running = []
+        for row, index in enumerate(running):
+            sequence = sequences[index]
+            token = _next_token(sequence, logits[row, :vocab], stop_ids)
+            if token is None:
+                _note_finish(stats, sequence)
+                continue
+            stats["generated"] += 1
+            yield index, token
+            _check_limits(sequence, transformer.config.max_seq_len)
+            if sequence.finish is None:
+                still_running.append(index)
+            else:
+                _note_finish(stats, sequence)
+        running = still_running
+        if running:
+            _decode_step(transformer, [sequences[i] for i in running], logits, stats)
+
+
+def _next_token(sequence, logits, stop_ids):
+    """The sequence's next token, appended; None (and its finish set) if it ends instead."""
+    if sequence.finish is not None:
+        return None
+    if sequence.generated >= sequence.max_new_tokens:  # max_new_tokens=0
+        sequence.finish = "length"
+        return None
+    token = sequence.sampler(logits, sequence.tokens[:sequence.length])
+    if token in stop_ids:
+        sequence.finish = "stop"
+        return None
+    sequence.tokens[sequence.length] = token
+    sequence.length += 1
+    return token
+
+
+def _check_limits(sequence, max_len):
+    if sequence.finish is not None:
+        return
+    if sequence.length > max_len:
+        sequence.finish = "context"
+    elif sequence.generated >= sequence.max_new_tokens:
+        sequence.finish = "length"
+
+
+def _note_finish(stats, sequence):
+    # stats["finish"]: why the last sequence to end ended ("length" unless one ended otherwise)
+    if sequence.finish in ("stop", "context"):
+        stats["finish"] = sequence.finish
+
+
+def _decode_step(transformer, sequences, logits, stats):
+    """One forward pass of each sequence's last token; row i of logits gets sequences[i]'s."""
+    started = time.perf_counter()
+    transformer.forward_batch([s.tokens[s.length - 1:s.length] for s in sequences],
+                              [s.kv for s in sequences], logits)
+    stats["decode_seconds"] += time.perf_counter() - started
+    stats["decode_steps"] += 1
 
 
 def generate_ids(transformer, prompts, max_new_tokens, samplers, stop_ids, *, kvs=None,
-                 stats=None, stopped=(), vocab_limit=None):
-    """Yield (index, token id) for the prompts generated together: one ragged prefill, then one
-    decode step per token for every running sequence, each with its own sampler. A sequence
-    leaves (dropping its cache) at a stop id (not yielded), after its max_new_tokens (an int or
-    one per prompt; counts past the context are clamped to it), at the context limit, or when
-    the caller adds its index to `stopped`. Its tokens are exactly those it gets alone. `kvs`
-    may give caches holding earlier sequences (their common prefix with the prompt is reused);
-    `stats` receives counts and timings. Only ids below `vocab_limit` (default: all) are
-    sampled: an embedding padded past the tokenizer's vocabulary never yields its padding."""
-    n, max_len = len(prompts), transformer.config.max_seq_len
-    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    for i, ids in enumerate(prompts):
-        if len(ids) == 0:
-            raise ValueError(f"prompt {i} is empty: give at least one token (e.g. add_bos=True)")
-        if len(ids) > max_len:
-            raise ContextLengthError(f"prompt {i} has {len(ids)} tokens; the model's context "
-                                     f"is {max_len}")
-        limits[i] = min(limits[i], max_len + 1 - len(ids))  # the last token needs no KV row
-    vocab = transformer.config.vocab_size if vocab_limit is None else vocab_limit
-    hist = [np.zeros(len(p) + m, np.int64) for p, m in zip(prompts, limits)]
-    kvs = list(kvs) if kvs is not None else [transformer.new_cache() for _ in prompts]
-    for h, p, m, kv in zip(hist, prompts, limits, kvs):
-        h[:len(p)] = p
-        # re-feed at least the last prompt token (its logits are not kept); then reserve all
-        # the rows the sequence can need at once (no regrowth)
-        kv.truncate(min(kv.common_prefix(p), len(p) - 1))
-        kv.reserve(min(len(p) + m, max_len) - kv.length)
-    stats = {} if stats is None else stats
-    stats.update(prompt_tokens=sum(map(len, prompts)), cached_tokens=sum(k.length for k in kvs),
-                 generated=0, decode_steps=0, decode_seconds=0.0, finish="length")
-    lens, live = [len(p) for p in prompts], list(range(n))
-    logits = np.empty((n, transformer.config.vocab_size), np.float32)
-    t = time.perf_counter()
-    transformer.forward_batch([h[k.length:m] for h, k, m in zip(hist, kvs, lens)], kvs, logits)
-    stats["prefill_seconds"] = time.perf_counter() - t
-    while live:
-        still = []
-        for row, i in enumerate(live):
-            if lens[i] - len(prompts[i]) >= limits[i] or i in stopped:
-                continue
-            token = samplers[i](logits[row, :vocab], hist[i][:lens[i]])
-            if token in stop_ids:
-                stats["finish"] = "stop"
-                continue
-            hist[i][lens[i]] = token
-            lens[i] += 1
-            stats["generated"] += 1
-            yield i, token
-            if lens[i] > max_len:
-                stats["finish"] = "context"
-            elif lens[i] - len(prompts[i]) < limits[i]:
-                still.append(i)
-        live = still
-        if live:
-            t = time.perf_counter()
-            transformer.forward_batch([hist[i][lens[i] - 1:lens[i]] for i in live],
-                                      [kvs[i] for i in live], logits)
-            stats["decode_seconds"] += time.perf_counter() - t
-            stats["decode_steps"] += 1
+                 stats=None, vocab_limit=None):
+    """Yield (index, token id) of generating `prompts` together (see :func:`start_sequences`
+    and :func:`run_sequences`): the loop for callers that need no handle on the sequences."""
+    sequences = start_sequences(transformer, prompts, max_new_tokens, samplers, kvs)
+    yield from run_sequences(transformer, sequences, stop_ids, stats=stats,
+                             vocab_limit=vocab_limit)

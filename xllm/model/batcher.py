@@ -11,7 +11,9 @@ class _Step:
     __slots__ = ("seqs", "kvs", "out", "done", "error")
 
     def __init__(self, seqs, kvs, out):
-        self.seqs, self.kvs, self.out = seqs, kvs, out
+        self.seqs = seqs
+        self.kvs = kvs
+        self.out = out
         self.done = False
         self.error = None
 
@@ -42,7 +44,7 @@ class StepBatcher:
         if len({id(kv) for kv in kvs}) != len(kvs):
             raise ValueError("a KV cache appears twice in one batch")
         for toks, kv in zip(seqs, kvs):
-            self.transformer._check_segment(toks, kv)
+            self.transformer.check_segment(toks, kv)
         step = _Step(seqs, kvs, out)
         with self._cond:
             self._waiting.append(step)
@@ -70,8 +72,8 @@ class StepBatcher:
         try:
             if len(steps) == 1:
                 step = steps[0]
-                with self.transformer._kernel_pass(sum(map(len, step.seqs))):
-                    self.transformer._forward_batch(step.seqs, step.kvs, step.out)
+                with self.transformer.kernel_pass(sum(map(len, step.seqs))):
+                    self.transformer.forward_batch_locked(step.seqs, step.kvs, step.out)
             elif steps:
                 self._batched_pass(steps)
         except BaseException as e:
@@ -111,8 +113,8 @@ class StepBatcher:
         if len(self._buffer) < len(seqs):  # grows to the most sequences ever batched
             self._buffer = np.zeros((len(seqs), self._buffer.shape[1]), np.float32)
         out = self._buffer[:len(seqs)]
-        with self.transformer._kernel_pass(sum(map(len, seqs))):
-            self.transformer._forward_batch(seqs, kvs, out)
+        with self.transformer.kernel_pass(sum(map(len, seqs))):
+            self.transformer.forward_batch_locked(seqs, kvs, out)
         row = 0
         for step in steps:
             n = len(step.seqs)

@@ -6,13 +6,14 @@ import os
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
 from .. import _kernels
 from .._kernels.layout import to_float32
 from ..config import ModelConfig
-from ..formats.dispatch import ops
+from ..formats.dispatch import ops as kernel_ops
 from .batcher import StepBatcher
 from .governor import ThreadGovernor
 from .kv_cache import KVCache
@@ -33,34 +34,52 @@ class Layer:
     def __init__(self, weights, i):
         for name in self.__slots__:
             setattr(self, name, weights[f"layers.{i}.{name}"])
-        self.attention_norm, self.ffn_norm = _f32(self.attention_norm), _f32(self.ffn_norm)
+        self.attention_norm = _norm_weight(self.attention_norm)
+        self.ffn_norm = _norm_weight(self.ffn_norm)
 
 
-def _f32(norm_weight):
+def _norm_weight(weight):
     # Norm weights are tiny: keep them as float32 whatever the checkpoint stores.
-    return np.ascontiguousarray(to_float32(norm_weight))
+    return np.ascontiguousarray(to_float32(weight))
 
 
 class Workspace:
-    """Every activation buffer of the forward pass, allocated once for up to `rows` tokens."""
+    """Every activation buffer of the forward pass, allocated once for up to `rows` tokens
+    (R below) of up to `rows` sequences (S below)."""
 
     def __init__(self, config: ModelConfig, rows: int):
-        c, f32, self.rows = config, np.float32, rows
-        d, q, kv, f = c.hidden_size, c.q_dim, c.kv_dim, c.intermediate_size
-        self.x, self.xn = np.zeros((rows, d), f32), np.zeros((rows, d), f32)  # [R, D] x, normed
-        self.q, self.attn = np.zeros((rows, q), f32), np.zeros((rows, q), f32)  # [R, Q] q, output
-        self.kn, self.vn = np.zeros((rows, kv), f32), np.zeros((rows, kv), f32)  # [R, KV] new k, v
-        # [R, F] w1 x (then silu(w1 x) * w3 x) and w3 x
-        self.gate, self.up = np.zeros((rows, f), f32), np.zeros((rows, f), f32)
-        self.tokens = np.zeros(rows, np.int64)                     # [R] token ids
-        self.positions = np.zeros(rows, np.int64)                  # [R] their positions
-        self.arange = np.arange(rows, dtype=np.int64)              # [R] 0..R-1
-        self.bounds = np.zeros(rows + 1, np.int64)                 # [S+1] each sequence's rows
-        self.starts = np.zeros(rows, np.int64)                     # [S] its keys cached before
+        self.rows = rows
+        hidden = config.hidden_size
+        self.x = _zeros(rows, hidden)                        # [R, D] the residual stream
+        self.xn = _zeros(rows, hidden)                       # [R, D] x normalized
+        self.q = _zeros(rows, config.q_dim)                  # [R, Q] queries
+        self.attn = _zeros(rows, config.q_dim)               # [R, Q] attention output
+        self.kn = _zeros(rows, config.kv_dim)                # [R, KV] new keys
+        self.vn = _zeros(rows, config.kv_dim)                # [R, KV] new values
+        self.gate = _zeros(rows, config.intermediate_size)   # [R, F] w1 x, then silu(w1 x) * w3 x
+        self.up = _zeros(rows, config.intermediate_size)     # [R, F] w3 x
+        self.tokens = np.zeros(rows, np.int64)               # [R] token ids
+        self.positions = np.zeros(rows, np.int64)            # [R] their positions
+        self.arange = np.arange(rows, dtype=np.int64)        # [R] 0..R-1
+        self.bounds = np.zeros(rows + 1, np.int64)           # [S+1] each sequence's first row
+        self.starts = np.zeros(rows, np.int64)               # [S] its keys cached before
 
     @property
     def nbytes(self):
         return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
+
+
+def _zeros(rows, columns):
+    return np.zeros((rows, columns), np.float32)
+
+
+@dataclass
+class _Segment:
+    """Rows of one sequence in a chunk: workspace rows first..end, continuing `kv` at `start`."""
+    first: int
+    end: int
+    kv: KVCache
+    start: int
 
 
 class Transformer:
@@ -68,22 +87,24 @@ class Transformer:
 
     def __init__(self, config: ModelConfig, weights: dict, *, max_batch_rows=512,
                  kv_dtype="float16", threads=None):
-        c = self.config = config
+        self.config = config
         self.kv_dtype = np.dtype(kv_dtype)
         if self.kv_dtype not in (np.float32, np.float16):
             raise ValueError(f"kv_dtype must be float32 or float16, got {kv_dtype!r}")
-        check_weights(weights, c, "weights")
-        self.tok_embeddings, self.norm = weights["tok_embeddings"], _f32(weights["norm"])
+        check_weights(weights, config, "weights")
+        self.tok_embeddings = weights["tok_embeddings"]
+        self.norm = _norm_weight(weights["norm"])
         self.output = weights.get("output", self.tok_embeddings)  # absent: tied embeddings
-        self.layers = [Layer(weights, i) for i in range(c.num_layers)]
-        self.ws = Workspace(c, min(max_batch_rows, c.max_seq_len))  # used under _KERNEL_LOCK
+        self.layers = [Layer(weights, i) for i in range(config.num_layers)]
+        self.ws = Workspace(config, min(max_batch_rows, config.max_seq_len))  # under the lock
         self.threads = threads  # kernel threads of this model's passes; None: xllm.get_threads()
-        # fewer threads while the machine is busy (xllm/governor.py); XLLM_ADAPTIVE_THREADS=0
-        # or governor = None keeps the count fixed
+        # fewer threads while the machine is busy (xllm/model/governor.py);
+        # XLLM_ADAPTIVE_THREADS=0 or governor = None keeps the count fixed
         adaptive = os.environ.get("XLLM_ADAPTIVE_THREADS", "1") != "0"
         self.governor = ThreadGovernor() if adaptive else None
-        self._inv_freq = c.inv_freq()
-        self.rope_cos = self.rope_sin = np.zeros((0, c.head_dim // 2), np.float32)
+        self._inv_freq = config.inv_freq()
+        self.rope_cos = np.zeros((0, config.head_dim // 2), np.float32)
+        self.rope_sin = self.rope_cos
         self.steps = StepBatcher(self)
 
     def new_cache(self) -> KVCache:
@@ -100,13 +121,16 @@ class Transformer:
             self.rope_cos, self.rope_sin = rope_tables(self._inv_freq, size)
 
     @contextmanager
-    def _kernel_pass(self, rows):
+    def kernel_pass(self, rows):
         """Hold the process's kernel lock for one pass of `rows` rows, with the thread count
         the governor chooses (at most this model's count), and tell it the pass's time."""
         with _KERNEL_LOCK:
             before = _kernels.get_threads()
             limit = self.threads or before
-            threads = limit if self.governor is None else self.governor.choose(rows, limit)
+            if self.governor is None:
+                threads = limit
+            else:
+                threads = self.governor.choose(rows, limit)
             _kernels.set_threads(threads)
             start = time.perf_counter()
             try:
@@ -123,32 +147,36 @@ class Transformer:
         ``last_out`` [V] (a new array when None) with the last row's; returns what it filled
         (its last row for logits_out). Safe to call from several threads (one pass at a time)."""
         tokens = np.asarray(tokens, np.int64).reshape(-1)
-        self._check_segment(tokens, kv)
+        self.check_segment(tokens, kv)
         if logits_out is None and last_out is None:
             last_out = np.empty(self.config.vocab_size, np.float32)
-        rows, n = self.ws.rows, len(tokens)
-        with self._kernel_pass(n):
+        rows = self.ws.rows
+        n = len(tokens)
+        with self.kernel_pass(n):
             kv.reserve(n)
-            for s in range(0, n, rows):
-                part = tokens[s:s + rows]
+            for first in range(0, n, rows):
+                part = tokens[first:first + rows]
+                segments = self._forward_chunk([(part, kv)])
                 if logits_out is not None:
-                    self._forward_chunk([(part, kv)], None, logits_out[s:s + len(part)])
-                elif s + rows < n:  # a head whose logits nobody reads
-                    self._forward_chunk([(part, kv)], None, None)
-                else:
-                    self._forward_chunk([(part, kv)], last_out.reshape(1, -1), None)
-        return last_out if logits_out is None else logits_out[-1]
+                    self._head_all_rows(len(part), logits_out[first:first + len(part)])
+                elif first + rows >= n:  # only the last chunk's head is read
+                    self._head_last_rows(segments, last_out.reshape(1, -1))
+        if logits_out is None:
+            return last_out
+        return logits_out[-1]
 
-    def _check_segment(self, tokens, kv):
+    def check_segment(self, tokens, kv):
         """Raise unless `tokens` (int64 [n]) can continue the sequence in `kv` (checked before
         any kernel runs, so that a bad segment cannot fail a batch half-way)."""
         if len(tokens) == 0:
             raise ValueError("no tokens to run")
         if len(tokens) == 1:  # a decode step: cheaper than two reductions
-            lo = hi = int(tokens[0])
+            lowest = int(tokens[0])
+            highest = lowest
         else:
-            lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.config.vocab_size:
+            lowest = int(tokens.min())
+            highest = int(tokens.max())
+        if lowest < 0 or highest >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         kv.check_room(len(tokens))
 
@@ -161,69 +189,117 @@ class Transformer:
         as one batch by the next pass (see :class:`StepBatcher`)."""
         return self.steps.run(seqs, kvs, out)
 
-    def _forward_batch(self, seqs, kvs, out):
-        """forward_batch's pass; the caller holds the kernel lock and has checked the segments."""
-        rows, chunk, first = self.ws.rows, [], 0
-        for i, (toks, kv) in enumerate(zip(seqs, kvs)):
-            while len(toks) > rows:  # too long to share a chunk: its head runs alone
-                self._forward_chunk([(toks[:rows], kv)], None, None)
-                toks = toks[rows:]
-            if sum(len(t) for t, _ in chunk) + len(toks) > rows:
-                self._forward_chunk(chunk, out[first:first + len(chunk)], None)
-                chunk, first = [], i
-            chunk.append((toks, kv))
+    def forward_batch_locked(self, seqs, kvs, out):
+        """The pass of :meth:`forward_batch`, for the StepBatcher: the caller holds
+        :meth:`kernel_pass` and has checked every segment. Sequences share chunks of at most
+        ``ws.rows`` rows; a sequence longer than that runs its head rows alone first (no output
+        head for them: only each sequence's last row is read)."""
+        rows = self.ws.rows
+        chunk = []
+        first_index = 0  # the index in seqs of chunk[0]
+        for i, (tokens, kv) in enumerate(zip(seqs, kvs)):
+            while len(tokens) > rows:
+                self._forward_chunk([(tokens[:rows], kv)])
+                tokens = tokens[rows:]
+            if sum(len(t) for t, _ in chunk) + len(tokens) > rows:
+                self._forward_chunk_to_last(chunk, out[first_index:first_index + len(chunk)])
+                chunk = []
+                first_index = i
+            chunk.append((tokens, kv))
         if chunk:
-            self._forward_chunk(chunk, out[first:first + len(chunk)], None)
+            self._forward_chunk_to_last(chunk, out[first_index:first_index + len(chunk)])
         return out
 
-    def _forward_chunk(self, segments, last_out, all_out):
-        """One pass over the rows of `segments` [(tokens, kv), ...] (at most ws.rows in all):
-        the logits of each segment's last row go to last_out, or of every row to all_out."""
-        K, c, ws = ops(), self.config, self.ws
-        m, a = sum(len(t) for t, _ in segments), 0
-        spans = []  # (first row, rows, kv, start position)
-        for j, (toks, kv) in enumerate(segments):
-            kv.reserve(len(toks))
-            self._ensure_rope(kv.length + len(toks))
-            b = a + len(toks)
-            ws.tokens[a:b] = toks
-            kv.ids[kv.length:kv.length + len(toks)] = toks
-            np.add(ws.arange[:b - a], kv.length, out=ws.positions[a:b])
-            ws.bounds[j], ws.starts[j] = a, kv.length
-            spans.append((a, b, kv, kv.length))
-            a = b
-        ws.bounds[len(spans)] = m
-        bounds, starts = ws.bounds[:len(spans) + 1], ws.starts[:len(spans)]
-        k_caches = list(zip(*(sp[2].k for sp in spans)))  # [layer][sequence]
-        v_caches = list(zip(*(sp[2].v for sp in spans)))
-        x, xn, q, attn = ws.x[:m], ws.xn[:m], ws.q[:m], ws.attn[:m]
-        kn, vn, gate, up, pos = ws.kn[:m], ws.vn[:m], ws.gate[:m], ws.up[:m], ws.positions[:m]
-        cos, sin, eps, inter = self.rope_cos, self.rope_sin, c.rms_norm_eps, c.rope_interleaved
-        nh, nkv, scale = c.num_heads, c.num_kv_heads, 1.0 / np.sqrt(c.head_dim)
-        K.embedding(self.tok_embeddings, ws.tokens[:m], x)
-        for li, layer in enumerate(self.layers):
+    def _forward_chunk_to_last(self, chunk, out):
+        segments = self._forward_chunk(chunk)
+        self._head_last_rows(segments, out)
+
+    def _forward_chunk(self, chunk):
+        """Run the rows of `chunk` [(tokens, kv), ...] (at most ws.rows in all) through every
+        layer, leaving the last layer's output in ws.x; their keys and values join the caches.
+        Returns the chunk's segments."""
+        segments = self._place(chunk)
+        self._layers(segments)
+        for segment in segments:
+            segment.kv.length = segment.start + segment.end - segment.first
+        return segments
+
+    def _place(self, chunk):
+        """Lay out the chunk's tokens, positions and sequence bounds in the workspace (and make
+        room in each cache and the RoPE tables)."""
+        ws = self.ws
+        segments = []
+        row = 0
+        for tokens, kv in chunk:
+            n = len(tokens)
+            kv.reserve(n)
+            self._ensure_rope(kv.length + n)
+            ws.tokens[row:row + n] = tokens
+            kv.ids[kv.length:kv.length + n] = tokens
+            np.add(ws.arange[:n], kv.length, out=ws.positions[row:row + n])
+            ws.bounds[len(segments)] = row
+            ws.starts[len(segments)] = kv.length
+            segments.append(_Segment(row, row + n, kv, kv.length))
+            row += n
+        ws.bounds[len(segments)] = row
+        return segments
+
+    def _layers(self, segments):
+        """The embedding and every transformer block over the workspace's first m rows."""
+        ops = kernel_ops()
+        c = self.config
+        ws = self.ws
+        m = segments[-1].end
+        n_seq = len(segments)
+        bounds = ws.bounds[:n_seq + 1]
+        starts = ws.starts[:n_seq]
+        k_caches = list(zip(*(segment.kv.k for segment in segments)))  # [layer][sequence]
+        v_caches = list(zip(*(segment.kv.v for segment in segments)))
+        x = ws.x[:m]
+        xn = ws.xn[:m]
+        q = ws.q[:m]
+        attn = ws.attn[:m]
+        kn = ws.kn[:m]
+        vn = ws.vn[:m]
+        gate = ws.gate[:m]
+        up = ws.up[:m]
+        pos = ws.positions[:m]
+        cos = self.rope_cos
+        sin = self.rope_sin
+        eps = c.rms_norm_eps
+        interleaved = c.rope_interleaved
+        scale = 1.0 / np.sqrt(c.head_dim)
+        ops.embedding(self.tok_embeddings, ws.tokens[:m], x)
+        for index, layer in enumerate(self.layers):
             # attention: x += wo · attention(rope(wq·n(x)), rope(wk·n(x)), wv·n(x))
-            K.rmsnorm(x, layer.attention_norm, eps, xn)
-            K.matmul(xn, (layer.wq, layer.wk, layer.wv), (q, kn, vn))  # one quantization of xn
-            K.rope(q, pos, cos, sin, nh, inter)
-            K.rope(kn, pos, cos, sin, nkv, inter)
+            ops.rmsnorm(x, layer.attention_norm, eps, xn)
+            ops.matmul(xn, (layer.wq, layer.wk, layer.wv), (q, kn, vn))  # one quantization of xn
+            ops.rope(q, pos, cos, sin, c.num_heads, interleaved)
+            ops.rope(kn, pos, cos, sin, c.num_kv_heads, interleaved)
             # each sequence stores its new keys and values and attends to its own cache
-            K.attention_batch(q, kn, vn, k_caches[li], v_caches[li], bounds, starts, attn, nh,
-                              nkv, scale)
-            K.matmul(attn, layer.wo, x, accumulate=True)
+            ops.attention_batch(q, kn, vn, k_caches[index], v_caches[index], bounds, starts, attn,
+                                c.num_heads, c.num_kv_heads, scale)
+            ops.matmul(attn, layer.wo, x, accumulate=True)
             # feed-forward: x += w2 · (silu(w1·n(x)) * w3·n(x))
-            K.rmsnorm(x, layer.ffn_norm, eps, xn)
-            K.matmul(xn, (layer.w1, layer.w3), (gate, up))
-            K.silu_mul(gate, up, gate)
-            K.matmul(gate, layer.w2, x, accumulate=True)
-        for a, b, kv, start in spans:
-            kv.length = start + b - a
-        if all_out is not None:
-            K.rmsnorm(x, self.norm, eps, xn)
-            K.matmul(xn, self.output, all_out)
-        elif last_out is not None:
-            n = len(spans)
-            for r in range(n):  # each sequence's last row (no temporary array)
-                xn[r] = x[bounds[r + 1] - 1]
-            K.rmsnorm(xn[:n], self.norm, eps, xn[:n])
-            K.matmul(xn[:n], self.output, last_out[:n])
+            ops.rmsnorm(x, layer.ffn_norm, eps, xn)
+            ops.matmul(xn, (layer.w1, layer.w3), (gate, up))
+            ops.silu_mul(gate, up, gate)
+            ops.matmul(gate, layer.w2, x, accumulate=True)
+
+    def _head_all_rows(self, m, out):
+        """out [m, V] = the logits of every row of the last chunk."""
+        ops = kernel_ops()
+        ws = self.ws
+        ops.rmsnorm(ws.x[:m], self.norm, self.config.rms_norm_eps, ws.xn[:m])
+        ops.matmul(ws.xn[:m], self.output, out)
+
+    def _head_last_rows(self, segments, out):
+        """out [S, V] = the logits of each segment's last row (gathered into ws.xn: no
+        temporary array)."""
+        ops = kernel_ops()
+        ws = self.ws
+        n = len(segments)
+        for i, segment in enumerate(segments):
+            ws.xn[i] = ws.x[segment.end - 1]
+        ops.rmsnorm(ws.xn[:n], self.norm, self.config.rms_norm_eps, ws.xn[:n])
+        ops.matmul(ws.xn[:n], self.output, out[:n])
