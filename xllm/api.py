@@ -330,7 +330,8 @@ class _Stream:
 
     def close(self):
         """Stop the generation here (what was generated stays in the session's cache)."""
-        release, self._release = self._release, None
+        release = self._release
+        self._release = None
         if release is not None:
             try:
                 self._pieces.close()
@@ -416,7 +417,12 @@ def load(path, *, tokenizer=None, threads=None, kv_dtype="float16") -> Model:
         threads = check_count("threads", threads, minimum=1)
     ckpt = load_checkpoint(resolve(os.fspath(path)))
     vocab = ckpt.config.vocab_size
-    tok_path, tok = (tokenizer, None) if tokenizer else (ckpt.tokenizer_path, ckpt.tokenizer)
+    if tokenizer:
+        tok_path = tokenizer
+        tok = None
+    else:
+        tok_path = ckpt.tokenizer_path
+        tok = ckpt.tokenizer
     if tok is None and tok_path is not None:
         tok = load_tokenizer(tok_path, vocab_size=vocab)
         if tokenizer is None and tok.vocab_size > vocab:

@@ -109,7 +109,8 @@ class ModelConfig:
                                    f"{MAX_WIDTH}")
         _check_float(source, "rope_theta", self.rope_theta, 1.0, 1e15)
         _check_float(source, "rms_norm_eps", self.rms_norm_eps, 0.0, 1.0)
-        self.rope_theta, self.rms_norm_eps = float(self.rope_theta), float(self.rms_norm_eps)
+        self.rope_theta = float(self.rope_theta)
+        self.rms_norm_eps = float(self.rms_norm_eps)
         for name in ("tie_word_embeddings", "rope_interleaved"):
             if not isinstance(getattr(self, name), bool):
                 raise ModelFormatError(f"{source}: {name} must be true or false, "

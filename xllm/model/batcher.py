@@ -89,7 +89,8 @@ class StepBatcher:
     def _without_conflicts(self, steps):
         """The steps that may run together: a cache that another step of the pass also
         continues would be corrupted, so the later step fails instead."""
-        seen, keep = set(), []
+        seen = set()
+        keep = []
         for step in steps:
             ids = {id(kv) for kv in step.kvs}
             if ids & seen:

@@ -62,7 +62,8 @@ class ThreadGovernor:
             self._latest = None
         shape = self._shapes.get(_key(rows))
         if shape is None:  # a new shape starts where the machine seems to be now
-            shape = self._shapes[_key(rows)] = _Shape(self._latest or limit)
+            shape = _Shape(self._latest or limit)
+            self._shapes[_key(rows)] = shape
         return shape.trial or shape.current
 
     def record(self, rows: int, threads: int, seconds: float) -> None:

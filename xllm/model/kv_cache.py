@@ -25,8 +25,11 @@ class KVCache:
 
     def __init__(self, num_layers, kv_dim, max_len, *, n_kv_heads=1, initial_capacity=256,
                  dtype=np.float32):
-        self.num_layers, self.kv_dim, self.max_len = num_layers, kv_dim, max_len
-        self.n_kv_heads, self.dtype = n_kv_heads, np.dtype(dtype)
+        self.num_layers = num_layers
+        self.kv_dim = kv_dim
+        self.max_len = max_len
+        self.n_kv_heads = n_kv_heads
+        self.dtype = np.dtype(dtype)
         self.initial_capacity = max(1, initial_capacity)
         self.reset()
 
@@ -42,18 +45,18 @@ class KVCache:
         """Make room for n_new more rows; raise ContextLengthError past max_len."""
         self.check_room(n_new)
         need = self.length + n_new
-        if need > self.capacity:
-            cap = block_rows(min(self.max_len, max(need, 2 * self.capacity, self.initial_capacity)))
-            n, nb, nkv = block_rows(self.length) // KV_BLOCK, cap // KV_BLOCK, self.n_kv_heads
-            shapes = ((nb, self.kv_dim, KV_BLOCK), (nb, nkv, KV_BLOCK, self.kv_dim // nkv))
-            for cache, shape in zip((self.k, self.v), shapes):
-                for layer in range(self.num_layers):  # one at a time: the old one is freed
-                    grown = np.empty(shape, self.dtype)
-                    if layer < len(cache):
-                        grown[:n] = cache[layer][:n]
-                    cache[layer:layer + 1] = [grown]  # replaces it, or appends to an empty cache
-            self.ids = np.pad(self.ids[:self.length], (0, cap - self.length))  # zeros after
-            self.capacity = cap
+        if need <= self.capacity:
+            return
+        capacity = block_rows(min(self.max_len, max(need, 2 * self.capacity,
+                                                    self.initial_capacity)))
+        blocks_in_use = block_rows(self.length) // KV_BLOCK
+        blocks = capacity // KV_BLOCK
+        head_dim = self.kv_dim // self.n_kv_heads
+        _grow(self.k, self.num_layers, (blocks, self.kv_dim, KV_BLOCK), blocks_in_use, self.dtype)
+        _grow(self.v, self.num_layers, (blocks, self.n_kv_heads, KV_BLOCK, head_dim),
+              blocks_in_use, self.dtype)
+        self.ids = np.pad(self.ids[:self.length], (0, capacity - self.length))  # zeros after
+        self.capacity = capacity
 
     def truncate(self, length):
         """Forget every row from `length` on (the memory stays reserved for reuse)."""
@@ -63,9 +66,11 @@ class KVCache:
 
     def reset(self):
         """Empty the cache and free its memory."""
-        self.length = self.capacity = 0
-        # k, v: num_layers arrays (shapes above); ids: [capacity] token ids of the cached rows
-        self.k, self.v, self.ids = [], [], np.zeros(0, np.int64)
+        self.length = 0
+        self.capacity = 0
+        self.k = []  # num_layers arrays [capacity / KV_BLOCK, kv_dim, KV_BLOCK]
+        self.v = []  # num_layers arrays [capacity / KV_BLOCK, n_kv_heads, KV_BLOCK, head_dim]
+        self.ids = np.zeros(0, np.int64)  # [capacity] token ids of the cached rows
 
     def common_prefix(self, ids) -> int:
         """How many leading tokens of `ids` already have their keys and values here."""
@@ -77,3 +82,16 @@ class KVCache:
     def nbytes(self):
         """Bytes held by the cache arrays (capacity, not just the rows in use)."""
         return 2 * self.num_layers * self.capacity * self.kv_dim * self.dtype.itemsize
+
+
+def _grow(cache, num_layers, shape, blocks_in_use, dtype):
+    """Replace each layer's array of `cache` by a larger one of `shape` holding its first
+    `blocks_in_use` blocks (appending the arrays of an empty cache). One layer at a time, so
+    that the old array is freed before the next new one is allocated."""
+    for layer in range(num_layers):
+        grown = np.empty(shape, dtype)
+        if layer < len(cache):
+            grown[:blocks_in_use] = cache[layer][:blocks_in_use]
+            cache[layer] = grown
+        else:
+            cache.append(grown)

@@ -10,7 +10,10 @@ SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint
 
 def expected_shapes(c: ModelConfig) -> dict:
     """Canonical name -> shape for every weight a model with config `c` needs."""
-    h, q, kv, f = c.hidden_size, c.q_dim, c.kv_dim, c.intermediate_size
+    h = c.hidden_size
+    q = c.q_dim
+    kv = c.kv_dim
+    f = c.intermediate_size
     shapes = {"tok_embeddings": (c.vocab_size, h), "norm": (h,)}
     if not c.tie_word_embeddings:
         shapes["output"] = (c.vocab_size, h)
