@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from xllm.errors import ModelFormatError
 from xllm.tokenizers import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,
                             SentencePieceBPE, load_tokenizer)
+from xllm.tokenizers.sentencepiece_model import BPE, Normalizer, Trainer, model_proto_bytes
 
 try:
     import sentencepiece as spm
@@ -369,42 +370,18 @@ def test_unused_pieces():
     assert tok2.encode("c") == [0]
 
 
-def _varint(v):
-    v &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        b, v = v & 0x7F, v >> 7
-        out.append(b | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
-
-
-def _field(num, wire, payload):
-    key = _varint(num << 3 | wire)
-    if wire == 0:
-        return key + _varint(payload)
-    if wire == 5:
-        return key + payload
-    return key + _varint(len(payload)) + payload
-
-
 def _serialize_model(pieces, scores, types, *, byte_fallback, add_dummy_prefix, remove_extra,
                      specs=True):
     """A minimal SentencePiece ModelProto (BPE, identity normaliser) for testing.
 
     With ``specs=False`` only the pieces are written, like a file cut after them.
     """
-    import struct
-    out = b""
-    for p, s, t in zip(pieces, scores, types):
-        out += _field(1, 2, _field(1, 2, p.encode()) + _field(2, 5, struct.pack("<f", s))
-                      + _field(3, 0, t))
+    trainer = {Trainer.MODEL_TYPE: BPE, Trainer.BYTE_FALLBACK: byte_fallback}
+    normalizer = {Normalizer.NAME: "identity", Normalizer.ADD_DUMMY_PREFIX: add_dummy_prefix,
+                  Normalizer.REMOVE_EXTRA_WHITESPACES: remove_extra}
     if not specs:
-        return out
-    out += _field(2, 2, _field(3, 0, 2) + _field(35, 0, int(byte_fallback)))
-    out += _field(3, 2, _field(1, 2, b"identity") + _field(3, 0, int(add_dummy_prefix))
-                  + _field(4, 0, int(remove_extra)))
-    return out
+        return model_proto_bytes(zip(pieces, scores, types), None, None)
+    return model_proto_bytes(zip(pieces, scores, types), trainer, normalizer)
 
 
 @needs_spm

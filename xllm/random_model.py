@@ -15,6 +15,8 @@ import struct
 import numpy as np
 
 from xllm.config import PRESETS
+from xllm.tokenizers import BYTE, CONTROL, NORMAL, UNKNOWN
+from xllm.tokenizers.sentencepiece_model import BPE, Normalizer, Trainer, write_model_proto
 
 
 def to_bf16_bits(a):
@@ -43,41 +45,33 @@ def write_safetensors(path, tensors):
     os.replace(tmp, path)
 
 
-def _field(num, wire, payload):
-    key = bytes(_varint((num << 3) | wire))
-    if wire == 2:
-        return key + bytes(_varint(len(payload))) + payload
-    return key + payload
-
-
-def _varint(n):
-    out = []
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return out
-
-
 def write_spm_model(path, vocab_size):
     """A SentencePiece BPE ``tokenizer.model``: <unk> <s> </s>, 256 byte pieces, then letters,
-    '▁'+letters and letter pairs as normal pieces (fields of sentencepiece_model.proto)."""
+    '▁'+letters and letter pairs as normal pieces (the file format is
+    xllm.tokenizers.sentencepiece_model's)."""
     letters = "etaoinshrdlucmfwypvbgkjqxz"
     extra = ["▁"] + list(letters) + ["▁" + c for c in letters] + [a + b for a in letters for b in letters]
     extra += [f"▁w{i}" for i in range(vocab_size)]
-    pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)]
-    pieces += [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
-    pieces += [(p, -float(i), 1) for i, p in enumerate(extra[:vocab_size - len(pieces)])]
+    pieces = [("<unk>", 0.0, UNKNOWN), ("<s>", 0.0, CONTROL), ("</s>", 0.0, CONTROL)]
+    pieces += [(f"<0x{b:02X}>", 0.0, BYTE) for b in range(256)]
+    pieces += [(p, -float(i), NORMAL) for i, p in enumerate(extra[:vocab_size - len(pieces)])]
     if len(pieces) != vocab_size:
         raise ValueError(f"vocab_size must be at least 259, got {vocab_size}")
-    body = b"".join(_field(1, 2, _field(1, 2, p.encode()) + _field(2, 5, struct.pack("<f", s))
-                                + _field(3, 0, bytes(_varint(t)))) for p, s, t in pieces)
-    trainer = (_field(3, 0, bytes(_varint(2))) + _field(4, 0, bytes(_varint(vocab_size)))
-               + _field(35, 0, b"\x01") + _field(40, 0, b"\x00") + _field(41, 0, b"\x01")
-               + _field(42, 0, b"\x02") + _field(43, 0, bytes(_varint(2**64 - 1))))
-    normalizer = _field(1, 2, b"identity") + _field(3, 0, b"\x01") + _field(4, 0, b"\x00")
-    with open(path, "wb") as f:
-        f.write(body + _field(2, 2, trainer) + _field(3, 2, normalizer))
+    trainer = {
+        Trainer.MODEL_TYPE: BPE,
+        Trainer.VOCAB_SIZE: vocab_size,
+        Trainer.BYTE_FALLBACK: True,
+        Trainer.UNK_ID: 0,
+        Trainer.BOS_ID: 1,
+        Trainer.EOS_ID: 2,
+        Trainer.PAD_ID: -1,  # no padding piece
+    }
+    normalizer = {
+        Normalizer.NAME: "identity",
+        Normalizer.ADD_DUMMY_PREFIX: True,
+        Normalizer.REMOVE_EXTRA_WHITESPACES: False,
+    }
+    write_model_proto(path, pieces, trainer, normalizer)
 
 
 def write_random_model(out, shape="tiny", dtype="fp32", seed=0, **overrides):

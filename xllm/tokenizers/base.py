@@ -6,7 +6,12 @@ import re
 from ..errors import ModelFormatError
 
 # Piece types, numbered as in sentencepiece_model.proto.
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+NORMAL = 1
+UNKNOWN = 2
+CONTROL = 3
+USER_DEFINED = 4
+UNUSED = 5
+BYTE = 6
 #: The mark of escaped text (see ``escape_special``): a noncharacter, one of the code points
 #: Unicode keeps for a program's internal use.
 ESCAPE_MARK = "\ufdd0"
@@ -20,7 +25,9 @@ class Tokenizer:
     _strips_space = False  # whether decode drops the first piece's leading space
 
     def _init_vocab(self, pieces, types, ids):
-        self.pieces, self.types, self.vocab_size = pieces, types, len(pieces)
+        self.pieces = pieces
+        self.types = types
+        self.vocab_size = len(pieces)
         if not pieces or len(types) != len(pieces):
             raise ModelFormatError(f"tokenizer vocabulary is inconsistent or empty: "
                                    f"{len(pieces)} pieces, {len(types)} types")
@@ -32,15 +39,22 @@ class Tokenizer:
             setattr(self, name, value)
 
     def _set_special(self, special, always=()):
+        """Set the special tokens (``{text: id}``): ``encode`` with ``parse_special`` turns
+        their texts into them, and always those of ``always`` (user-defined tokens)."""
         self.special_tokens = special
-        self._special_rx, self._always_rx = _alternation(special), _alternation(always)
+        self._special_rx = alternation(special)
+        self._always_rx = alternation(always)
         # escape_special marks every place where a special text starts (in any letter case, so
         # a template's upper/lower still meets a mark) and doubles marks; encode reads back
         # mark + mark, mark + special text (group 1), a lone mark, or a special text (group 2)
-        mark, body = re.escape(ESCAPE_MARK), self._special_rx and self._special_rx.pattern[1:-1]
-        self._escape_rx = re.compile(f"(?=(?i:{body}))|{mark}" if body else mark)
-        self._unescape_rx = re.compile(f"{mark}({mark}|{body})?|({body})" if body else
-                                       f"{mark}({mark})?")
+        mark = re.escape(ESCAPE_MARK)
+        if self._special_rx:
+            special_text = self._special_rx.pattern[1:-1]  # without the group
+            self._escape_rx = re.compile(f"(?=(?i:{special_text}))|{mark}")
+            self._unescape_rx = re.compile(f"{mark}({mark}|{special_text})?|({special_text})")
+        else:
+            self._escape_rx = re.compile(mark)
+            self._unescape_rx = re.compile(f"{mark}({mark})?")
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False,
                parse_special: bool = False, escaped: bool = False) -> list[int]:
@@ -72,7 +86,8 @@ class Tokenizer:
         return self._escape_rx.sub(lambda m: ESCAPE_MARK + m[0], text)
 
     def _encode_escaped(self, text, ids):
-        plain, pos = [], 0
+        plain = []
+        pos = 0
         for m in self._unescape_rx.finditer(text):
             plain.append(text[pos:m.start()])
             pos = m.end()
@@ -87,7 +102,11 @@ class Tokenizer:
 
     def _encode_plain(self, text, ids):
         """Encode text without control tokens (user-defined ones still match)."""
-        for k, part in enumerate(self._always_rx.split(text) if self._always_rx else (text,)):
+        if not self._always_rx:
+            if text:
+                self._encode_part(text, ids)
+            return
+        for k, part in enumerate(self._always_rx.split(text)):
             if k % 2:
                 ids.append(self.special_tokens[part])
             elif part:
@@ -131,9 +150,11 @@ class StreamDecoder:
     character), ``flush()`` the rest; joined, they equal ``decode`` of all the ids."""
 
     def __init__(self, tok, strip_leading_space: bool = True):
-        self._tok, self._utf8 = tok, codecs.getincrementaldecoder("utf-8")(tok._errors)
+        self._tok = tok
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(tok._errors)
         self._strip = bool(strip_leading_space) and tok._strips_space
-        self._stripped = self._nonempty = False
+        self._stripped = False  # whether the last piece had its leading space dropped
+        self._nonempty = False  # whether any text has come out yet
 
     def push(self, token_id: int) -> str:
         if self._stripped or self._nonempty:
@@ -153,7 +174,7 @@ class StreamDecoder:
 _TRIE_DEPTH_LIMIT = 200  # nested groups; deeper tries fall back to a flat alternation
 
 
-def _alternation(texts):
+def alternation(texts):
     """A regex with one group (so re.split keeps the matches) matching any of `texts`, the
     longest one where several start at the same place; None if there are none. The texts form
     a trie, so one match attempt costs at most the longest text's length, not the number of
@@ -177,14 +198,16 @@ def _trie_pattern(node, depth):
     if depth > _TRIE_DEPTH_LIMIT:
         return None
     branches = []
-    for c, child in node.items():
-        if c:
-            while len(child) == 1 and "" not in child:
-                (more, child), = child.items()
-                c += more
-            if (rest := _trie_pattern(child, depth + 1)) is None:
-                return None
-            branches.append(re.escape(c) + rest)
+    for text, child in node.items():
+        if not text:  # the end of a text
+            continue
+        while len(child) == 1 and "" not in child:
+            [(more, child)] = child.items()
+            text += more
+        rest = _trie_pattern(child, depth + 1)
+        if rest is None:
+            return None
+        branches.append(re.escape(text) + rest)
     if not branches:
         return ""
     group = branches[0] if len(branches) == 1 else "(?:%s)" % "|".join(branches)

@@ -12,13 +12,20 @@ from array import array
 from heapq import heappop, heappush
 
 from ..errors import ModelFormatError
-from .base import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer,
-                   _alternation)
+from .base import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer, alternation
+from .sentencepiece_model import (BPE, MODEL_TYPES, UNIGRAM, Normalizer, Trainer,
+                                  read_model_proto)
 
 SPACE_SYMBOL = "\u2581"  # "▁", how SentencePiece writes a space inside pieces
 DEFAULT_UNK_SURFACE = " \u2047 "  # sentencepiece's default text for <unk> (" ⁇ ")
 _BYTE_PIECE_RE = re.compile(r"<0x([0-9A-Fa-f]{2})>\Z")
-_MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
+# Piece types that merges can make; the others (CONTROL, UNKNOWN, BYTE) are reserved.
+_MERGEABLE = (NORMAL, USER_DEFINED, UNUSED)
+_RESERVED = (UNKNOWN, CONTROL, BYTE)
+# How llama2.c's tokenizer.py wrote the pieces that are not plain text: (piece, type).
+_LLAMA2C_NAMED = {"\n<s>\n": ("<s>", CONTROL), "\n</s>\n": ("</s>", CONTROL),
+                  "<unk>": ("<unk>", UNKNOWN)}
+_LLAMA2C_HEADER = 4  # max_token_length, a buffer-size hint
 # sentencepiece decodes each byte at which no valid UTF-8 character starts to one U+FFFD.
 codecs.register_error("xllm-spm", lambda e: ("\ufffd", e.start + 1))
 
@@ -44,34 +51,38 @@ class SentencePieceBPE(Tokenizer):
         self.scores = array("f", map(float, scores)).tolist()
         self.add_dummy_prefix = bool(add_dummy_prefix)
         self.remove_extra_whitespaces = bool(remove_extra_whitespaces)
+        self.byte_fallback = bool(byte_fallback)
+        self.escape_whitespaces = bool(escape_whitespaces)
+        self.unk_surface = unk_surface
+        self.add_bos_default = bool(add_bos_default)
         self._strips_space = self.add_dummy_prefix or self.remove_extra_whitespaces
-        self.byte_fallback, self.escape_whitespaces = bool(byte_fallback), bool(escape_whitespaces)
-        self.unk_surface, self.add_bos_default = unk_surface, bool(add_bos_default)
-        # Only "normal" pieces (NORMAL, USER_DEFINED, UNUSED) can come out of merges; reserved
-        # ones (CONTROL, UNKNOWN, BYTE) win piece-to-id lookups.
-        self._byte, normal, reserved = {}, {}, {}
-        for i, (p, t) in enumerate(zip(self.pieces, self.types)):
-            if not p:
-                raise ModelFormatError(f"piece {i} is empty")
-            if t in (NORMAL, USER_DEFINED, UNUSED):
-                normal.setdefault(p, i)  # the first occurrence wins
-            elif t in (UNKNOWN, CONTROL, BYTE):
-                reserved.setdefault(p, i)
-                if t == BYTE:
-                    if not (m := _BYTE_PIECE_RE.match(p)):
-                        raise ModelFormatError(f"byte piece {i} is {p!r}, not <0xNN>")
-                    self._byte[i] = bytes([int(m.group(1), 16)])
-            else:
-                raise ModelFormatError(f"piece {i} ({p!r}) has unknown type {t}")
-        self._ids = {**normal, **reserved}
-        # merge ranks: by score, best first (equal scores share a rank; NaN ranks last)
-        by_score = sorted({s for s in self.scores if s == s}, reverse=True)
-        rank = {s: r for r, s in enumerate(by_score)}
-        self._merge_rank = {p: rank.get(self.scores[i], len(by_score)) for p, i in normal.items()}
-        self._unused = {p for p, i in normal.items() if self.types[i] == UNUSED}
-        self._user_rx = _alternation(p for p, i in normal.items() if self.types[i] == USER_DEFINED)
+        mergeable, reserved, self._byte = self._index_pieces()
+        self._ids = {**mergeable, **reserved}  # reserved pieces win piece-to-id lookups
+        self._merge_rank = _merge_ranks(mergeable, self.scores)
+        self._unused = {p for p, i in mergeable.items() if self.types[i] == UNUSED}
+        self._user_rx = alternation(p for p, i in mergeable.items()
+                                    if self.types[i] == USER_DEFINED)
         self._byte_ids = [self.piece_to_id("<0x%02X>" % b) for b in range(256)]
         self._set_special({p: i for p, i in reserved.items() if self.types[i] != BYTE})
+
+    def _index_pieces(self):
+        """``{piece: id}`` of the mergeable pieces and of the reserved ones (the first
+        occurrence of a piece wins), and ``{id: byte}`` of the byte pieces; checks every piece."""
+        mergeable = {}
+        reserved = {}
+        byte_of = {}
+        for i, (piece, kind) in enumerate(zip(self.pieces, self.types)):
+            if not piece:
+                raise ModelFormatError(f"piece {i} is empty")
+            if kind in _MERGEABLE:
+                mergeable.setdefault(piece, i)
+            elif kind in _RESERVED:
+                reserved.setdefault(piece, i)
+                if kind == BYTE:
+                    byte_of[i] = _byte_of_piece(i, piece)
+            else:
+                raise ModelFormatError(f"piece {i} ({piece!r}) has unknown type {kind}")
+        return mergeable, reserved, byte_of
 
     @classmethod
     def from_model_file(cls, path) -> "SentencePieceBPE":
@@ -79,31 +90,23 @@ class SentencePieceBPE(Tokenizer):
         path = os.fspath(path)
         data = _read_file(path)
         try:
-            pieces, scores, types, tr, nm = _parse_model_proto(data)
-            unk = [i for i, t in enumerate(types) if t == UNKNOWN]
-            mtype = tr.get(3, 1)
-            for bad, msg in (
-                    (not pieces, "no pieces found"),
-                    (not tr or not nm, "no trainer/normalizer spec (the file may be truncated)"),
-                    (mtype != 2, f"model type is {_MODEL_TYPES.get(mtype, mtype)}; only BPE "
-                                 "models are supported"),
-                    (nm.get(2), f"it uses the {nm.get(1, b'custom').decode()!r} normalisation "
-                                "table; only the identity normaliser is supported"),
-                    (tr.get(24), "treat_whitespace_as_suffix is not supported"),
-                    (not tr.get(35) and BYTE in types, "byte pieces but byte_fallback is off"),
-                    (len(unk) != 1, f"needs exactly one <unk> piece, found {len(unk)}")):
-                if bad:
-                    raise ValueError(msg)
-
-            def control(name):  # like sentencepiece: by name, and only a control piece
-                i = pieces.index(name) if name in pieces else -1
-                return i if i >= 0 and types[i] == CONTROL else -1
-
-            return cls(pieces, scores, types, bos_id=control(tr.get(46, b"<s>").decode()),
-                       eos_id=control(tr.get(47, b"</s>").decode()), unk_id=unk[0],
-                       add_dummy_prefix=nm.get(3, True), remove_extra_whitespaces=nm.get(4, True),
-                       byte_fallback=tr.get(35, False), escape_whitespaces=nm.get(5, True),
-                       unk_surface=tr.get(44, DEFAULT_UNK_SURFACE.encode()).decode())
+            model = read_model_proto(data)
+            _check_supported(model)
+            trainer = model.trainer
+            normalizer = model.normalizer
+            bos_piece = trainer.get(Trainer.BOS_PIECE, b"<s>").decode()
+            eos_piece = trainer.get(Trainer.EOS_PIECE, b"</s>").decode()
+            unk_surface = trainer.get(Trainer.UNK_SURFACE, DEFAULT_UNK_SURFACE.encode())
+            return cls(model.pieces, model.scores, model.types,
+                       bos_id=_control_id(model, bos_piece),
+                       eos_id=_control_id(model, eos_piece),
+                       unk_id=model.types.index(UNKNOWN),
+                       add_dummy_prefix=normalizer.get(Normalizer.ADD_DUMMY_PREFIX, True),
+                       remove_extra_whitespaces=normalizer.get(
+                           Normalizer.REMOVE_EXTRA_WHITESPACES, True),
+                       byte_fallback=trainer.get(Trainer.BYTE_FALLBACK, False),
+                       escape_whitespaces=normalizer.get(Normalizer.ESCAPE_WHITESPACES, True),
+                       unk_surface=unk_surface.decode())
         except (ValueError, IndexError, KeyError, TypeError, AttributeError, struct.error) as e:
             raise ModelFormatError(f"{path}: not a valid SentencePiece BPE model ({e}); the "
                                    "file may be truncated or corrupt") from None
@@ -112,26 +115,13 @@ class SentencePieceBPE(Tokenizer):
     def from_llama2c_file(cls, path, vocab_size: int) -> "SentencePieceBPE":
         """Load a llama2.c ``tokenizer.bin``; ``vocab_size`` comes from the model header."""
         path = os.fspath(path)
-        data, pos = _read_file(path), 4  # skip max_token_length, a buffer-size hint
-        pieces, scores, types = [], [], []
-        named = {"\n<s>\n": ("<s>", CONTROL), "\n</s>\n": ("</s>", CONTROL),
-                 "<unk>": ("<unk>", UNKNOWN)}
+        data = _read_file(path)
         try:
-            for i in range(int(vocab_size)):
-                score, n = struct.unpack_from("<fi", data, pos)
-                raw, pos = data[pos + 8:pos + 8 + n], pos + 8 + n
-                if n <= 0 or len(raw) != n:
-                    raise ValueError(f"token {i} has a bad length ({n}) or runs past the end")
-                text = raw.decode("utf-8")
-                # tokenizer.py wrote <s>/</s> inside newlines and "▁" as " "; undo both
-                piece, ptype = named.get(text) or ((text, BYTE) if _BYTE_PIECE_RE.match(text) else
-                                                   (text.replace(" ", SPACE_SYMBOL), NORMAL))
-                pieces.append(piece), scores.append(score), types.append(ptype)
-            if pos != len(data):
-                raise ValueError(f"{len(data) - pos} unexpected bytes after the tokens")
-            found = [*zip(pieces, types)]
-            ids = [found.index(pt) if pt in found else -1 for pt in named.values()]
-            return cls(pieces, scores, types, bos_id=ids[0], eos_id=ids[1], unk_id=ids[2],
+            pieces, scores, types = _read_llama2c_tokens(data, vocab_size)
+            return cls(pieces, scores, types,
+                       bos_id=_first_id(pieces, types, "<s>", CONTROL),
+                       eos_id=_first_id(pieces, types, "</s>", CONTROL),
+                       unk_id=_first_id(pieces, types, "<unk>", UNKNOWN),
                        add_dummy_prefix=True, byte_fallback=True)
         except (ValueError, struct.error) as e:
             raise ModelFormatError(f"{path}: not a llama2.c tokenizer with {vocab_size} tokens "
@@ -152,94 +142,51 @@ class SentencePieceBPE(Tokenizer):
         return text
 
     def _encode_part(self, text: str, out: list[int]) -> None:
-        if not (s := self.normalize(text)):
+        normalized = self.normalize(text)
+        if not normalized:
             return
-        # Initial symbols: characters, except that user-defined pieces (the longest one at each
-        # place, leftmost first) stay whole (frozen).
-        symbols, frozen = [], []
-        for k, part in enumerate(self._user_rx.split(s) if self._user_rx else (s,)):
-            symbols += [part] if k % 2 else part
-            frozen += [True] if k % 2 else [False] * len(part)
-        # Symbols form a linked list over their first positions (nxt/prv; merged-away ones
-        # become ''), ended at both sides (index n, or -1) by a frozen empty sentinel. Merges
-        # go best score first, then leftmost, as in sentencepiece: ranks number the scores,
-        # best first, and cand[left] is the rank of the pair starting at left (-1: none; a
-        # position queued under another rank is stale). Positions wait in one bucket per rank,
-        # taken in rank order, each in position order; merges made meanwhile of a better rank
-        # go to the heap `urgent` (merged first), of the same rank (pieces of equal score) to
-        # the heap `later` (merged in position order with the bucket). rev_merge remembers
-        # how UNUSED pieces were formed, to split them back (the last candidate written wins).
-        rank_of = self._merge_rank
-        unused = self._unused
-        rev_merge = {}
-        buckets = {}
-        n = len(symbols)
-        symbols.append("")
-        frozen.append(True)
-        shift = n.bit_length()  # urgent merges are queued as rank << shift | position
-        mask = (1 << shift) - 1
-        cand = [-1] * (n + 1)
-        nxt = [*range(1, n + 2)]
-        prv = [*range(-1, n)]
-        ranks = []
+        symbols, frozen = self._initial_symbols(normalized)
+        formed_from = _merge_by_score(symbols, frozen, self._merge_rank, self._unused)
+        final = []
+        for symbol in symbols:
+            if symbol:  # merged-away symbols are ''; the rest are in order
+                self._resegment(symbol, formed_from, final)
+        self._append_ids(final, out)
 
-        def candidate(left, right, current):
-            """Queue the merge of the symbols at `left` and `right`, if they make a piece,
-            with `current` the rank being merged."""
-            cand[left] = -1
-            if frozen[left] or frozen[right]:
-                return
-            a, b = symbols[left], symbols[right]
-            if (rank := rank_of.get(a + b)) is None:
-                return
-            cand[left] = rank
-            if a + b in unused:
-                rev_merge[a + b] = (a, b)
-            if rank < current:
-                heappush(urgent, rank << shift | left)
-            elif rank == current:
-                heappush(later, left)
-            elif (bucket := buckets.get(rank)) is not None:
-                bucket.append(left)
+    def _initial_symbols(self, text):
+        """The symbols BPE starts from: the characters of ``text``, except that user-defined
+        pieces (the longest one at each place, leftmost first) stay whole, and those are
+        frozen: they never merge. Returns the symbols and, for each, whether it is frozen."""
+        if not self._user_rx:
+            return list(text), [False] * len(text)
+        symbols = []
+        frozen = []
+        for k, part in enumerate(self._user_rx.split(text)):
+            if k % 2:  # a user-defined piece
+                symbols.append(part)
+                frozen.append(True)
             else:
-                buckets[rank] = [left]
-                heappush(ranks, rank)
+                symbols += part
+                frozen += [False] * len(part)
+        return symbols, frozen
 
-        for i in range(n - 1):
-            candidate(i, i + 1, -1)
-        while ranks:
-            rank = heappop(ranks)
-            todo = sorted(buckets.pop(rank))
-            todo.append(n)  # the end
-            at = 0
-            urgent = []
-            later = []
-            while True:
-                if urgent:
-                    key = heappop(urgent)
-                    left, r = key & mask, key >> shift
-                elif later and later[0] < todo[at]:
-                    left, r = heappop(later), rank
-                elif (left := todo[at]) < n:
-                    at, r = at + 1, rank
-                else:
-                    break
-                if cand[left] != r:
-                    continue
-                right = nxt[left]
-                symbols[left] += symbols[right]
-                symbols[right], cand[right] = "", -1
-                after = nxt[left] = nxt[right]
-                prv[after] = left
-                before = prv[left]
-                candidate(before, left, rank)
-                candidate(left, after, rank)
-        symbols.pop()
-        resolved = []
-        for sym in filter(None, symbols):  # merged-away symbols are ''; the rest are in order
-            self._resegment(sym, rev_merge, resolved)
+    def _resegment(self, piece, formed_from, out) -> None:
+        """Append ``(piece, id)`` for a final symbol, splitting UNUSED pieces back into the
+        two symbols they were merged from (an unmerged one counts as unknown)."""
+        pid = self._ids.get(piece, self.unk_id)
+        if pid >= 0 and self.types[pid] == UNUSED:
+            if piece in formed_from:
+                for part in formed_from[piece]:
+                    self._resegment(part, formed_from, out)
+                return
+            pid = self.unk_id
+        out.append((piece, pid))
+
+    def _append_ids(self, final, out) -> None:
+        """Append the ids of the ``(piece, id)`` of ``final`` to ``out``, unknown pieces as
+        bytes (with byte fallback) or as <unk> (one for a run of them, as sentencepiece does)."""
         prev_unk = False
-        for piece, pid in resolved:
+        for piece, pid in final:
             if pid != self.unk_id:
                 out.append(pid)
             elif self.byte_fallback:  # unknown text becomes one <0xNN> piece per UTF-8 byte
@@ -249,32 +196,204 @@ class SentencePieceBPE(Tokenizer):
                 out.extend(ids)
             elif pid < 0:
                 raise ValueError(f"cannot encode {piece!r}: not in the vocabulary and no <unk>")
-            elif not prev_unk:  # without byte fallback a run of unknowns is one <unk>
+            elif not prev_unk:
                 out.append(pid)
             prev_unk = pid == self.unk_id
 
-    def _resegment(self, piece, rev_merge, out) -> None:
-        """Append ``(piece, id)`` for a final symbol, splitting UNUSED pieces back into the
-        two symbols they were merged from (an unmerged one counts as unknown)."""
-        pid = self._ids.get(piece, self.unk_id)
-        if pid >= 0 and self.types[pid] == UNUSED:
-            if piece in rev_merge:
-                for part in rev_merge[piece]:
-                    self._resegment(part, rev_merge, out)
-                return
-            pid = self.unk_id
-        out.append((piece, pid))
-
     def _surface(self, i, strip):
         """Bytes of a byte piece, else (text, whether a leading "▁" was stripped)."""
-        t = self.types[i]
-        if t != NORMAL and t != USER_DEFINED and t != UNUSED:
-            return self._byte[i] if t == BYTE else self.unk_surface if t == UNKNOWN else "", False
-        p = self.pieces[i]
-        if strip and p.startswith(SPACE_SYMBOL):
+        kind = self.types[i]
+        if kind == BYTE:
+            return self._byte[i], False
+        if kind == UNKNOWN:
+            return self.unk_surface, False
+        if kind == CONTROL:
+            return "", False
+        piece = self.pieces[i]
+        if strip and piece.startswith(SPACE_SYMBOL):
             # with whitespace folding, stripping goes on until real text appears
-            return p[1:].replace(SPACE_SYMBOL, " "), not self.remove_extra_whitespaces
-        return p.replace(SPACE_SYMBOL, " "), False
+            return piece[1:].replace(SPACE_SYMBOL, " "), not self.remove_extra_whitespaces
+        return piece.replace(SPACE_SYMBOL, " "), False
+
+
+def _merge_by_score(symbols, frozen, merge_rank, unused):
+    """Merge adjacent ``symbols`` in place as sentencepiece does: the pair that makes the
+    piece of best rank first, the leftmost first among equals; ``frozen`` symbols never merge.
+    A merged-away symbol becomes ''. Returns ``{piece: (left, right)}`` for the pieces of
+    ``unused`` that were made (the last pair that could make one wins), to split them back.
+
+    The symbols form a linked list over their first positions (``next_of``/``prev_of``),
+    ended on both sides (index n, which is also index -1) by a frozen empty sentinel.
+    ``rank_at[left]`` is the rank of the pair starting at ``left`` (-1: none); a position
+    queued under another rank is stale and skipped. Positions wait in one bucket per rank,
+    the buckets taken best rank first, each in position order. A pair a merge makes goes to
+    the heap ``urgent`` if its rank is better (merged first), to the heap ``later`` if it is
+    the same (pieces of equal score; merged in position order with the bucket), else to the
+    bucket of its rank."""
+    n = len(symbols)
+    symbols.append("")
+    frozen.append(True)
+    rank_at = [-1] * (n + 1)
+    next_of = list(range(1, n + 2))
+    prev_of = list(range(-1, n))
+    buckets = {}
+    bucket_ranks = []  # a heap of the ranks that have a bucket
+    urgent = []  # a heap of rank << shift | position
+    later = []  # a heap of positions
+    formed_from = {}
+    shift = n.bit_length()
+    mask = (1 << shift) - 1
+
+    def queue(left, right, current):
+        """Queue the pair at ``left`` and ``right`` if it makes a piece; ``current`` is the
+        rank being merged."""
+        rank_at[left] = -1
+        if frozen[left] or frozen[right]:
+            return
+        merged = symbols[left] + symbols[right]
+        rank = merge_rank.get(merged)
+        if rank is None:
+            return
+        rank_at[left] = rank
+        if merged in unused:
+            formed_from[merged] = (symbols[left], symbols[right])
+        if rank < current:
+            heappush(urgent, rank << shift | left)
+        elif rank == current:
+            heappush(later, left)
+        elif rank in buckets:
+            buckets[rank].append(left)
+        else:
+            buckets[rank] = [left]
+            heappush(bucket_ranks, rank)
+
+    for i in range(n - 1):
+        queue(i, i + 1, -1)
+    while bucket_ranks:
+        rank = heappop(bucket_ranks)
+        todo = sorted(buckets.pop(rank))
+        todo.append(n)  # the end
+        at = 0
+        while True:
+            if urgent:
+                key = heappop(urgent)
+                left = key & mask
+                pair_rank = key >> shift
+            elif later and later[0] < todo[at]:
+                left = heappop(later)
+                pair_rank = rank
+            else:
+                left = todo[at]
+                if left >= n:
+                    break
+                at += 1
+                pair_rank = rank
+            if rank_at[left] != pair_rank:
+                continue
+            right = next_of[left]
+            after = next_of[right]
+            symbols[left] += symbols[right]
+            symbols[right] = ""
+            rank_at[right] = -1
+            next_of[left] = after
+            prev_of[after] = left
+            queue(prev_of[left], left, rank)
+            queue(left, after, rank)
+    symbols.pop()
+    return formed_from
+
+
+def _merge_ranks(mergeable, scores):
+    """``{piece: rank}`` of the mergeable pieces: ranks number the scores, best first; equal
+    scores share a rank, and NaN ranks last."""
+    by_score = sorted({s for s in scores if s == s}, reverse=True)  # s == s: not NaN
+    rank_of_score = {s: r for r, s in enumerate(by_score)}
+    nan_rank = len(by_score)
+    return {p: rank_of_score.get(scores[i], nan_rank) for p, i in mergeable.items()}
+
+
+def _byte_of_piece(i, piece):
+    """The byte that the byte piece ``<0xNN>`` (id ``i``) stands for."""
+    match = _BYTE_PIECE_RE.match(piece)
+    if not match:
+        raise ModelFormatError(f"byte piece {i} is {piece!r}, not <0xNN>")
+    return bytes([int(match.group(1), 16)])
+
+
+def _check_supported(model):
+    """Raise ValueError at the first thing of ``model`` (a ``ModelProto``) that this
+    tokenizer would not do exactly as sentencepiece does."""
+    trainer = model.trainer or {}
+    normalizer = model.normalizer or {}
+    table = normalizer.get(Normalizer.NAME, b"custom").decode()
+    model_type = trainer.get(Trainer.MODEL_TYPE, UNIGRAM)
+    unknown_count = model.types.count(UNKNOWN)
+    if not model.pieces:
+        raise ValueError("no pieces found")
+    if model.trainer is None or model.normalizer is None:
+        raise ValueError("no trainer/normalizer spec (the file may be truncated)")
+    if model_type != BPE:
+        raise ValueError(f"model type is {MODEL_TYPES.get(model_type, model_type)}; only BPE "
+                         "models are supported")
+    if normalizer.get(Normalizer.PRECOMPILED_CHARSMAP):
+        raise ValueError(f"it uses the {table!r} normalisation table; only the identity "
+                         "normaliser is supported")
+    if trainer.get(Trainer.TREAT_WHITESPACE_AS_SUFFIX):
+        raise ValueError("treat_whitespace_as_suffix is not supported")
+    if not trainer.get(Trainer.BYTE_FALLBACK) and BYTE in model.types:
+        raise ValueError("byte pieces but byte_fallback is off")
+    if unknown_count != 1:
+        raise ValueError(f"needs exactly one <unk> piece, found {unknown_count}")
+
+
+def _control_id(model, name):
+    """The id of the BOS or EOS piece ``name``: like sentencepiece, found by its text, and
+    only a control piece counts (-1 if there is none)."""
+    if name not in model.pieces:
+        return -1
+    i = model.pieces.index(name)
+    return i if model.types[i] == CONTROL else -1
+
+
+def _read_llama2c_tokens(data, vocab_size):
+    """Pieces, scores and types of a llama2.c ``tokenizer.bin``: after the header, each token
+    is a float32 score, an int32 length and that many bytes of UTF-8 text."""
+    pieces = []
+    scores = []
+    types = []
+    pos = _LLAMA2C_HEADER
+    for i in range(int(vocab_size)):
+        score, size = struct.unpack_from("<fi", data, pos)
+        pos += 8
+        raw = data[pos:pos + size]
+        pos += size
+        if size <= 0 or len(raw) != size:
+            raise ValueError(f"token {i} has a bad length ({size}) or runs past the end")
+        piece, kind = _llama2c_piece(raw.decode("utf-8"))
+        pieces.append(piece)
+        scores.append(score)
+        types.append(kind)
+    if pos != len(data):
+        raise ValueError(f"{len(data) - pos} unexpected bytes after the tokens")
+    return pieces, scores, types
+
+
+def _llama2c_piece(text):
+    """``(piece, type)`` of a llama2.c token: its tokenizer.py wrote <s>/</s> inside newlines
+    and "▁" as " "; both are undone."""
+    if text in _LLAMA2C_NAMED:
+        return _LLAMA2C_NAMED[text]
+    if _BYTE_PIECE_RE.match(text):
+        return text, BYTE
+    return text.replace(" ", SPACE_SYMBOL), NORMAL
+
+
+def _first_id(pieces, types, piece, kind):
+    """The first id of ``piece`` with type ``kind``, or -1."""
+    for i, (p, t) in enumerate(zip(pieces, types)):
+        if p == piece and t == kind:
+            return i
+    return -1
 
 
 def _read_file(path: str) -> bytes:
@@ -283,47 +402,3 @@ def _read_file(path: str) -> bytes:
             return f.read()
     except OSError as e:
         raise ModelFormatError(f"{path}: cannot read tokenizer file ({e})") from None
-
-
-def _varint(buf: bytes, pos: int):
-    result = shift = 0
-    while shift < 70:
-        b = buf[pos]
-        result, pos, shift = result | (b & 0x7F) << shift, pos + 1, shift + 7
-        if b < 0x80:
-            return result, pos
-    raise ValueError("varint is longer than 10 bytes")
-
-
-def _fields(buf: bytes):
-    """``(field number, value)`` of one protobuf message: ints, or bytes (wire types 1, 2, 5)."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        wire = key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire in (1, 2, 5) and key >> 3:
-            size, pos = _varint(buf, pos) if wire == 2 else (8 if wire == 1 else 4, pos)
-            value, pos = buf[pos:pos + size], pos + size
-            if pos > len(buf):
-                raise ValueError("a field runs past the end of the data")
-        else:
-            raise ValueError(f"field {key >> 3} has unsupported wire type {wire}")
-        yield key >> 3, value
-
-
-def _parse_model_proto(data: bytes):
-    """Pieces, scores, types, TrainerSpec and NormalizerSpec fields of a ModelProto."""
-    pieces, scores, types, specs = [], [], [], {2: {}, 3: {}}
-    for field, value in _fields(data):
-        if field == 1:
-            p = dict(_fields(value))
-            pieces.append(p[1].decode("utf-8"))
-            scores.append(struct.unpack("<f", p.get(2, bytes(4)))[0])
-            types.append(p.get(3, NORMAL))
-        elif field in (2, 3):  # repeated occurrences merge, the last value wins
-            specs[field].update(_fields(value), _present=True)
-    return pieces, scores, types, specs[2], specs[3]
-
-
