@@ -14,7 +14,7 @@ from .config import ModelConfig
 from .checks import check_count
 from .engine.generation import run_sequences, start_sequences
 from .engine.sampling import Sampler, SamplingParams
-from .engine.stops import StopFilter
+from .engine.text import TextOutput
 from .errors import ModelFormatError, SessionBusyError
 from .model.transformer import Transformer
 from ._kernels import get_threads, set_threads
@@ -200,7 +200,7 @@ class Model:
             samplers.append(Sampler(replace(request.params, seed=seed)))
         sequences = start_sequences(self.transformer, request.ids, request.max_new_tokens,
                                     samplers, kvs)
-        texts = [_TextOutput(tok, ids, request.stop) for ids in request.ids]
+        texts = [TextOutput(tok, ids, request.stop) for ids in request.ids]
         for i, token in run_sequences(self.transformer, sequences, stop_ids, stats=stats,
                                       vocab_limit=self.vocab_limit):
             stats["tokens"].append(token)
@@ -346,35 +346,6 @@ class _Stream:
 
     def __del__(self):
         self.close()
-
-
-class _TextOutput:
-    """One sequence's text as its tokens come: decoded incrementally, cut before the first stop
-    string (``stopped`` once one is found)."""
-
-    def __init__(self, tokenizer, prompt_ids, stop):
-        self.decoder = None
-        if tokenizer is not None:
-            # Only BOS before the continuation: its first piece loses its leading space, as in
-            # sentencepiece's decode of a whole sequence.
-            bos = getattr(tokenizer, "bos_id", None)
-            only_bos = all(t == bos for t in prompt_ids)
-            self.decoder = tokenizer.decoder(strip_leading_space=only_bos)
-        self.filter = StopFilter(stop)
-
-    @property
-    def stopped(self) -> bool:
-        return self.filter.done
-
-    def push(self, token) -> str:
-        if self.decoder is None:
-            return ""
-        return self.filter.push(self.decoder.push(token))
-
-    def flush(self) -> str:
-        if self.filter.done or self.decoder is None:
-            return self.filter.flush()
-        return self.filter.push(self.decoder.flush()) + self.filter.flush()
 
 
 def _text(pieces, stream):

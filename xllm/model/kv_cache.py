@@ -41,14 +41,20 @@ class KVCache:
                 f"the sequence would reach {need} tokens, past the model's context of "
                 f"{self.max_len} ({self.length} in the cache, {n_new} new)")
 
+    def capacity_for(self, n_new) -> int:
+        """The capacity (rows) the cache would have after ``reserve(n_new)``."""
+        need = self.length + n_new
+        if need <= self.capacity:
+            return self.capacity
+        return block_rows(min(self.max_len, max(need, 2 * self.capacity,
+                                                self.initial_capacity)))
+
     def reserve(self, n_new):
         """Make room for n_new more rows; raise ContextLengthError past max_len."""
         self.check_room(n_new)
-        need = self.length + n_new
-        if need <= self.capacity:
+        capacity = self.capacity_for(n_new)
+        if capacity == self.capacity:
             return
-        capacity = block_rows(min(self.max_len, max(need, 2 * self.capacity,
-                                                    self.initial_capacity)))
         blocks_in_use = block_rows(self.length) // KV_BLOCK
         blocks = capacity // KV_BLOCK
         head_dim = self.kv_dim // self.n_kv_heads
@@ -57,6 +63,20 @@ class KVCache:
               blocks_in_use, self.dtype)
         self.ids = np.pad(self.ids[:self.length], (0, capacity - self.length))  # zeros after
         self.capacity = capacity
+
+    def copy_prefix(self, source: "KVCache", n: int):
+        """Make this (empty) cache hold the first n rows of `source`: the same keys and values,
+        bit for bit, as computing them again."""
+        if self.length:
+            raise ValueError("copy_prefix needs an empty cache")
+        if not 0 <= n <= source.length:
+            raise ValueError(f"cannot copy {n} rows of a cache of {source.length}")
+        self.reserve(n)
+        blocks = block_rows(n) // KV_BLOCK
+        for mine, theirs in zip(self.k + self.v, source.k + source.v):
+            mine[:blocks] = theirs[:blocks]
+        self.ids[:n] = source.ids[:n]
+        self.length = n
 
     def truncate(self, length):
         """Forget every row from `length` on (the memory stays reserved for reuse)."""
@@ -81,7 +101,11 @@ class KVCache:
     @property
     def nbytes(self):
         """Bytes held by the cache arrays (capacity, not just the rows in use)."""
-        return 2 * self.num_layers * self.capacity * self.kv_dim * self.dtype.itemsize
+        return self.bytes_for(self.capacity)
+
+    def bytes_for(self, rows) -> int:
+        """Bytes of the cache arrays at a capacity of `rows` rows."""
+        return 2 * self.num_layers * rows * self.kv_dim * self.dtype.itemsize
 
 
 def _grow(cache, num_layers, shape, blocks_in_use, dtype):

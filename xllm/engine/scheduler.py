@@ -1,0 +1,455 @@
+"""Engine: continuous batching. One loop owns the running batch; requests join at the next step
+and leave the moment they finish, stop or are cancelled.
+
+Each step runs one forward pass over a ragged batch: one row for every sequence that is
+decoding, plus chunks of the prompts still being prefilled, as many rows as a per-step budget
+allows (so that a long prompt arriving does not freeze the streams already running: the budget
+keeps a step at about ``step_factor`` times a decode-only step). Admission respects the number
+of running sequences, the queue length and the KV budget: a request that could never fit is
+refused when it is submitted, one that cannot fit yet waits, and when the running sequences'
+caches outgrow the budget the newest is preempted (its cache dropped, its tokens kept; it is
+prefilled again later and, the forward pass being batch-invariant, continues exactly as it
+would have). Finished sequences' caches go to a :class:`PrefixCache` for later prompts that
+begin the same way.
+
+Determinism: a sequence's tokens depend only on its prompt, its sampling parameters and its
+seed, never on what else runs (the forward pass is bitwise batch-invariant, chunked prefill is
+bitwise the same as one pass, and each sequence has its own random generator)."""
+import collections
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import ContextLengthError, XLLMError
+from ..model.kv_cache import KVCache, block_rows
+from .generation import Sequence
+from .prefix_cache import PrefixCache
+from .sampling import Sampler, SamplingParams, log_softmax_top
+from .text import TextOutput
+
+DEFAULT_STEP_FACTOR = 2.5  # a step with prefill rows takes at most about this many decode steps
+MIN_PREFILL_ROWS = 16  # prefill rows per step however busy (a long prompt still progresses)
+TIME_AVERAGE = 0.2  # weight of the newest measurement in the step-time averages
+FIRST_ROWS = 256  # cache rows a sequence starts with (KVCache's initial capacity)
+
+
+class QueueFullError(XLLMError):
+    """The engine's queue is full: try again later (HTTP 429)."""
+
+
+class EngineClosedError(XLLMError):
+    """The engine is shutting down and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class TokenEvent:
+    """A generated token: its id, the text that is now certain (may be empty), and its
+    log-probability and the most likely alternatives when the request asked for them."""
+    token: int
+    text: str
+    logprob: Optional[float] = None
+    top_logprobs: Optional[list] = None
+
+
+@dataclass
+class FinishEvent:
+    """The end of a request: why ("stop", "length", "cancelled" or "error"), the text held
+    back until now, and the token counts."""
+    reason: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    error: Optional[BaseException] = None
+
+
+@dataclass
+class Request:
+    """One sequence to generate. ``emit`` receives its events, from the engine's thread: a
+    TokenEvent per token, then one FinishEvent. ``logprobs``: None for none, else how many
+    alternatives to report with each token (0: only the token's own)."""
+    prompt: list
+    max_new_tokens: int
+    params: SamplingParams
+    emit: Callable
+    stop: tuple = ()
+    logprobs: Optional[int] = None
+    cancelled: bool = False
+
+    def cancel(self):
+        """Stop generating (the client went away); the engine drops the sequence at its next
+        step and frees its cache."""
+        self.cancelled = True
+
+
+class _Running:
+    """A request the engine has admitted: its sequence, text and counters."""
+
+    def __init__(self, request, sequence, text, order):
+        self.request = request
+        self.sequence = sequence
+        self.text = text
+        self.order = order  # admission order: the newest is preempted first
+        self.cached_tokens = 0
+
+    @property
+    def kv(self):
+        return self.sequence.kv
+
+    @property
+    def rows_left(self):
+        """Rows still to run before the next token can be sampled."""
+        return self.sequence.length - self.sequence.kv.length
+
+
+class Engine:
+    """Runs :class:`Request` objects for one model on a background thread.
+
+    max_running: sequences in the running batch; max_queue: requests waiting beyond those
+    (``submit`` raises QueueFullError past it); kv_budget: bytes of KV cache for running
+    sequences and the prefix cache together; prefix_cache: whether finished sequences' caches
+    are kept for reuse."""
+
+    def __init__(self, model, *, max_running=32, max_queue=256, kv_budget=1 << 30,
+                 prefix_cache=True, step_factor=DEFAULT_STEP_FACTOR):
+        self.model = model
+        self.transformer = model.transformer
+        self.max_running = max_running
+        self.max_queue = max_queue
+        self.kv_budget = kv_budget
+        self.step_factor = step_factor
+        self.prefix_cache = PrefixCache(kv_budget if prefix_cache else 0)
+        config = model.config
+        ids = (config.eos_token_id, *config.extra_eos_token_ids)
+        self.stop_ids = frozenset(i for i in ids if i is not None)
+        self._waiting = collections.deque()  # requests not yet running, oldest first
+        self._running = []  # _Running objects of the batch
+        self._preempted = {}  # id(request) -> its _Running, for requests queued again
+        self._admitted = 0
+        self._closing = False
+        self._cond = threading.Condition()
+        self._logits = np.zeros((0, config.vocab_size), np.float32)
+        self._decode_seconds = None  # average time of a step with decode rows only
+        self._row_seconds = None  # average time per row of a step with many rows
+        self.steps = 0
+        self.preemptions = 0
+        self._thread = threading.Thread(target=self._loop, name="xllm-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side ----
+
+    def submit(self, request: Request):
+        """Queue `request`. ContextLengthError if its prompt and max_new_tokens pass the
+        model's context; ValueError if its KV cache could never fit the budget;
+        QueueFullError if the queue is full; EngineClosedError while shutting down."""
+        max_len = self.model.config.max_seq_len
+        if len(request.prompt) == 0:
+            raise ValueError("the prompt is empty")
+        end = len(request.prompt) + request.max_new_tokens
+        if end > max_len + 1:  # the last token needs no row
+            raise ContextLengthError(
+                f"the prompt ({len(request.prompt)} tokens) and max_tokens "
+                f"({request.max_new_tokens}) pass the model's context of {max_len} tokens")
+        need = self._cache_bytes(self._rows_limit(request))
+        if need > self.kv_budget:
+            raise ValueError(f"this request needs {need / 2**20:.1f} MiB of KV cache, more than "
+                             f"the engine's budget of {self.kv_budget / 2**20:.1f} MiB")
+        with self._cond:
+            if self._closing:
+                raise EngineClosedError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting already")
+            self._waiting.append(request)
+            self._cond.notify_all()
+
+    def wake(self):
+        """Make the loop look at its requests now (after a cancel)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of KV cache held: the running sequences' and the prefix cache's."""
+        running = list(self._running)
+        return sum(r.kv.nbytes for r in running) + self.prefix_cache.nbytes
+
+    def close(self, timeout=30.0):
+        """Take no new requests, let the running and waiting ones finish for up to `timeout`
+        seconds, cancel the rest, and stop the loop."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while (self._running or self._waiting) and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, min(0.1, deadline - time.monotonic())))
+            for request in list(self._waiting):
+                request.cancel()
+            for running in list(self._running):
+                running.request.cancel()
+            self._cond.notify_all()
+        self._thread.join(timeout=5.0)
+
+    # ---- the loop ----
+
+    def _loop(self):
+        while True:
+            with self._cond:
+                while not (self._waiting or self._running or self._closing):
+                    self._cond.wait()
+                if self._closing and not (self._waiting or self._running):
+                    return
+                if self._closing and self._all_cancelled():
+                    self._drop_cancelled_waiting()
+            try:
+                self._step()
+            except BaseException as error:  # a bug: fail what runs, keep serving
+                self._fail_all(error)
+            with self._cond:
+                self._cond.notify_all()  # close() waits for the batch to drain
+
+    def _all_cancelled(self):
+        return all(r.cancelled for r in self._waiting) and \
+            all(r.request.cancelled for r in self._running)
+
+    def _drop_cancelled_waiting(self):
+        for request in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(request)
+            self._emit(request, FinishEvent("cancelled", "", len(request.prompt), 0, 0))
+
+    def _step(self):
+        self._retire_cancelled()
+        self._admit()
+        plan = self._plan()
+        if not plan:
+            with self._cond:
+                if not self._running and self._waiting:
+                    self._cond.wait(0.01)  # nothing fits yet
+            return
+        started = time.perf_counter()
+        logits = self._logits_rows(len(plan))
+        seqs = []
+        for running, rows in plan:
+            first = running.kv.length
+            seqs.append(running.sequence.tokens[first:first + rows])
+        self.transformer.forward_batch(seqs, [running.kv for running, _ in plan], logits)
+        self._measure(plan, time.perf_counter() - started)
+        self.steps += 1
+        for row, (running, _) in enumerate(plan):
+            if running.rows_left == 0:
+                self._next_token(running, logits[row])
+        self._retire_finished()
+
+    def _logits_rows(self, n):
+        if len(self._logits) < n:  # grows to the most sequences ever run in one step
+            self._logits = np.zeros((max(n, 2 * len(self._logits)), self._logits.shape[1]),
+                                    np.float32)
+        return self._logits[:n]
+
+    # ---- admission and memory ----
+
+    def _rows_limit(self, request):
+        """The most rows the request's cache can ever hold."""
+        rows = len(request.prompt) + request.max_new_tokens - 1
+        return min(max(rows, len(request.prompt)), self.model.config.max_seq_len)
+
+    def _cache_bytes(self, rows):
+        c = self.model.config
+        itemsize = self.transformer.kv_dtype.itemsize
+        return 2 * c.num_layers * block_rows(rows) * c.kv_dim * itemsize
+
+    def _new_cache(self, request):
+        c = self.model.config
+        return KVCache(c.num_layers, c.kv_dim, self._rows_limit(request),
+                       n_kv_heads=c.num_kv_heads, dtype=self.transformer.kv_dtype)
+
+    def _running_bytes(self):
+        return sum(r.kv.nbytes for r in self._running)
+
+    def _admit(self):
+        """Move waiting requests into the batch while there is room for their first rows
+        (the prefix cache gives up what it must). With nothing running, the first waiting
+        request always starts: ``submit`` checked that it fits the budget alone."""
+        while True:
+            with self._cond:
+                if not self._waiting or len(self._running) >= self.max_running:
+                    return
+                request = self._waiting[0]
+                if request.cancelled:
+                    self._waiting.popleft()
+                    self._preempted.pop(id(request), None)
+                    self._emit(request, FinishEvent("cancelled", "", len(request.prompt), 0, 0))
+                    continue
+                resumed = self._preempted.get(id(request))
+                rows = len(request.prompt) if resumed is None else resumed.sequence.length
+                need = self._running_bytes() + self._cache_bytes(min(rows, FIRST_ROWS))
+                if self._running and need > self.kv_budget:
+                    return  # wait for running sequences to finish
+                self.prefix_cache.evict(max(0, self.kv_budget - need))
+                self._waiting.popleft()
+                self._preempted.pop(id(request), None)
+            self._running.append(self._start(request, resumed))
+
+    def _start(self, request, resumed):
+        """The running state of a newly admitted request, or of one resumed after preemption
+        (which continues from its tokens so far)."""
+        self._admitted += 1
+        if resumed is not None:
+            resumed.order = self._admitted
+            self._lend_prefix(resumed, resumed.sequence.tokens[:resumed.sequence.length],
+                              request)
+            return resumed
+        prompt = request.prompt
+        limit = min(request.max_new_tokens, self.model.config.max_seq_len + 1 - len(prompt))
+        tokens = np.zeros(len(prompt) + limit, np.int64)
+        tokens[:len(prompt)] = prompt
+        sequence = Sequence(len(prompt), tokens, len(prompt), limit, None,
+                            Sampler(request.params))
+        text = TextOutput(self.model.tokenizer, prompt, request.stop)
+        running = _Running(request, sequence, text, self._admitted)
+        self._lend_prefix(running, tokens[:len(prompt)], request)
+        running.cached_tokens = running.kv.length
+        return running
+
+    def _lend_prefix(self, running, tokens, request):
+        kv = self.prefix_cache.lookup(tokens, lambda: self._new_cache(request))
+        running.sequence.kv = kv if kv is not None else self._new_cache(request)
+
+    def _plan(self):
+        """[(running, rows)] for this step: one row for each sequence ready to decode, then
+        prefill chunks in admission order within the step's budget; preempts the newest
+        sequences if the caches would outgrow the KV budget."""
+        while True:
+            plan = []
+            prefill_budget = self._prefill_budget()
+            decoding = any(r.rows_left == 1 for r in self._running)
+            if not decoding:
+                prefill_budget = self.transformer.ws.rows
+            for running in sorted(self._running, key=lambda r: r.order):
+                rows = running.rows_left
+                if rows == 1:
+                    plan.append((running, 1))
+                elif prefill_budget > 0:
+                    take = min(rows, prefill_budget)
+                    prefill_budget -= take
+                    plan.append((running, take))
+            if self._fits(plan) or len(self._running) <= 1:
+                return plan
+            self._preempt_newest()
+
+    def _fits(self, plan):
+        """Whether the running caches, grown for `plan`, and the prefix cache (which gives up
+        what it must first) fit the KV budget."""
+        planned = {id(running): rows for running, rows in plan}
+        running_bytes = 0
+        for running in self._running:
+            capacity = running.kv.capacity_for(planned.get(id(running), 0))
+            running_bytes += running.kv.bytes_for(capacity)
+        self.prefix_cache.evict(max(0, self.kv_budget - running_bytes))
+        return running_bytes + self.prefix_cache.nbytes <= self.kv_budget
+
+    def _preempt_newest(self):
+        """Drop the newest sequence's cache and queue it again at the front: it is prefilled
+        again when there is room, and continues exactly where it was."""
+        newest = max(self._running, key=lambda r: r.order)
+        self._running.remove(newest)
+        newest.kv.reset()
+        with self._cond:
+            self._preempted[id(newest.request)] = newest
+            self._waiting.appendleft(newest.request)
+        self.preemptions += 1
+
+    def _prefill_budget(self):
+        """Prefill rows for a step that also decodes: about (step_factor - 1) decode steps'
+        worth of time."""
+        if self._decode_seconds is None or self._row_seconds is None:
+            return MIN_PREFILL_ROWS
+        extra = (self.step_factor - 1.0) * self._decode_seconds
+        return max(MIN_PREFILL_ROWS, int(extra / self._row_seconds))
+
+    def _measure(self, plan, seconds):
+        rows = sum(n for _, n in plan)
+        if all(n == 1 for _, n in plan):
+            self._decode_seconds = _average(self._decode_seconds, seconds)
+        if rows >= 64:
+            self._row_seconds = _average(self._row_seconds, seconds / rows)
+
+    # ---- tokens and endings ----
+
+    def _next_token(self, running, logits):
+        """Sample the sequence's next token from its logits row and emit it (or its end)."""
+        sequence = running.sequence
+        request = running.request
+        if request.cancelled or sequence.finish is not None:
+            return
+        if sequence.generated >= sequence.max_new_tokens:
+            sequence.finish = "length"
+            return
+        row = logits[:self.model.vocab_limit]
+        logprob = None
+        top = None
+        if request.logprobs is not None:
+            raw = row.copy()  # the sampler applies penalties in place
+        generated = sequence.tokens[sequence.prompt_length:sequence.length]
+        token = sequence.sampler(row, sequence.tokens[:sequence.length], generated)
+        if request.logprobs is not None:
+            logprob, top = log_softmax_top(raw, token, request.logprobs)
+        if token in self.stop_ids:
+            sequence.finish = "stop"
+            return
+        sequence.tokens[sequence.length] = token
+        sequence.length += 1
+        text = running.text.push(token)
+        self._emit(request, TokenEvent(token, text, logprob, top))
+        if running.text.stopped:
+            sequence.finish = "stop"
+        elif sequence.generated >= sequence.max_new_tokens or \
+                sequence.length > self.model.config.max_seq_len:
+            sequence.finish = "length"
+
+    def _retire_finished(self):
+        for running in [r for r in self._running if r.sequence.finish is not None]:
+            self._running.remove(running)
+            self._finish(running, running.sequence.finish)
+            # the cache holds every token but the last: a later prompt may begin the same way
+            self.prefix_cache.insert(running.kv)
+
+    def _retire_cancelled(self):
+        for running in [r for r in self._running if r.request.cancelled]:
+            self._running.remove(running)
+            running.kv.reset()
+            self._finish(running, "cancelled")
+
+    def _finish(self, running, reason, error=None):
+        text = "" if reason in ("cancelled", "error") else running.text.flush()
+        self._emit(running.request, FinishEvent(
+            reason, text, running.sequence.prompt_length, running.sequence.generated,
+            running.cached_tokens, error))
+
+    def _fail_all(self, error):
+        for running in list(self._running):
+            self._running.remove(running)
+            running.kv.reset()
+            self._finish(running, "error", error)
+
+    def _emit(self, request, event):
+        try:
+            request.emit(event)
+        except Exception:  # the receiver is gone: nobody wants the rest
+            request.cancel()
+
+
+def _average(old, new):
+    if old is None:
+        return new
+    return (1.0 - TIME_AVERAGE) * old + TIME_AVERAGE * new
