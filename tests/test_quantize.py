@@ -23,11 +23,12 @@ from xllm.errors import ModelFormatError
 from xllm.loaders import load_checkpoint
 from xllm.model.weights import expected_shapes
 from xllm.loaders.gguf import gguf_name
-from xllm.files.safetensors import read_safetensors
+from xllm.files import xllm_format
+from xllm.files.safetensors import read_safetensors, write_safetensors
+from xllm.formats import registry
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 import quantize as qtool  # noqa: E402
-from xllm.random_model import write_safetensors
 from xllm.random_model import write_random_model
 
 gguf = pytest.importorskip("gguf")
@@ -50,8 +51,7 @@ def hf_src(tmp_path_factory):
     t = read_safetensors(d / "model.safetensors")
     arrays = {k: np.array(e[2].view(np.float32).reshape(e[1])) for k, e in t.items()}
     write_safetensors(str(d / "model.safetensors"), {
-        k: (a * (QK_SCALE if "q_proj" in k or "k_proj" in k else 1), "F32")
-        for k, a in arrays.items()})
+        k: a * (QK_SCALE if "q_proj" in k or "k_proj" in k else 1) for k, a in arrays.items()})
     (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
     return d
 
@@ -288,7 +288,7 @@ def test_gguf_from_gguf(gguf_src, tmp_path, bits, flag, kind):
     types = _gguf_types(out)
     assert "output.weight" not in types and types["token_embd.weight"] == kind
     meta = gguf.GGUFReader(out).fields
-    assert meta["general.file_type"].contents() == qtool.GGUF_FILE_TYPES[kind]
+    assert meta["general.file_type"].contents() == gguf.LlamaFileType[f"MOSTLY_{kind}"]
     src_fields = {k: v for k, v, *_ in _fields(gguf_src)}
     assert {k: v for k, v, *_ in _fields(out)} == src_fields  # every tokenizer.* field
     ckpt, model = load_checkpoint(gguf_src), xllm.load(out)
@@ -464,12 +464,14 @@ def test_force_refuses_what_it_did_not_write(hf_src, tmp_path, capsys, kind):
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
-@pytest.mark.parametrize("fmt,target", [("xllm", "write_safetensors"), ("gguf", "to_interleaved")])
+@pytest.mark.parametrize("fmt,module,target", [("xllm", xllm_format, "write_safetensors"),
+                                               ("gguf", qtool, "to_interleaved")])
 @pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
-def test_failure_midway_leaves_nothing(hf_src, tmp_path, monkeypatch, capsys, fmt, target, exc):
+def test_failure_midway_leaves_nothing(hf_src, tmp_path, monkeypatch, capsys, fmt, module, target,
+                                       exc):
     def boom(*a, **k):
         raise exc
-    monkeypatch.setattr(qtool, target, boom)
+    monkeypatch.setattr(module, target, boom)
     out = tmp_path / ("q.gguf" if fmt == "gguf" else "q")
     assert run("--model", hf_src, "--out", out, "--bits", 8, "--format", fmt) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -481,11 +483,12 @@ def test_failure_midway_leaves_nothing(hf_src, tmp_path, monkeypatch, capsys, fm
 SLOW_QUANTIZE = """
 import sys, time
 import quantize  # tools/ is on PYTHONPATH
-def write_slowly(*args):  # the temporary output exists by now
+from xllm.files import xllm_format
+def write_slowly(*args, **kwargs):  # the temporary output exists by now
     time.sleep(60)
-quantize.write_safetensors = write_slowly
+xllm_format.write_safetensors = write_slowly
 quantize.to_interleaved = write_slowly
-sys.exit(quantize.main(sys.argv[2:]))
+sys.exit(quantize.main(sys.argv[1:]))
 """
 
 
@@ -522,8 +525,7 @@ def _rewrite(path, change):
     dt = {"U8": np.uint8, "F16": np.float16, "F32": np.float32}
     arrays = {k: np.array(e[2].view(dt[e[0]]).reshape(e[1])) for k, e in t.items()}
     change(arrays)
-    tags = {np.dtype(v): k for k, v in dt.items()}
-    write_safetensors(str(path), {k: (a, tags[a.dtype]) for k, a in arrays.items()})
+    write_safetensors(str(path), arrays)
 
 
 def test_truncated_file(qdir):

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import sys
 import time
 from types import SimpleNamespace
@@ -34,18 +33,16 @@ from tqdm import tqdm
 
 from xllm import hub
 from xllm._kernels.layout import to_float32
+from xllm.files import gguf as gguf_file
+from xllm.files import xllm_format
+from xllm.formats.qtensor import QTensor, describe, quantize_weights
+from xllm.formats.registry import FORMATS, PANELS, float_format, packed_format
 from xllm.loaders import load_checkpoint
-from xllm.model.weights import expected_shapes
 from xllm.loaders.gguf import gguf_name
-from xllm.loaders.quantized import is_quantized_dir
-from xllm.formats.qtensor import QTensor, quantize_weights
+from xllm.model.weights import expected_shapes
 
 KEEP_NAMES = {"embeddings": "tok_embeddings", "tok_embeddings": "tok_embeddings",
               "output": "output"}
-SAFETENSORS_TAGS = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-                    np.dtype(np.uint16): "BF16", np.dtype(np.uint8): "U8"}
-GGUF_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # general.file_type
-ALIGN = 64  # bytes; the data of most tensors starts at a multiple of this
 
 
 def parse_args(argv=None):
@@ -132,7 +129,7 @@ def written_here(path):
     if os.path.isfile(path):
         with open(path, "rb") as f:
             return f.read(4) == b"GGUF"
-    if not is_quantized_dir(path):
+    if not xllm_format.is_xllm_dir(path):
         return False
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         tokenizer = json.load(f).get("tokenizer")
@@ -168,24 +165,6 @@ def _bar(items, desc):
 
 
 # ----------------------------------------------------------------------------- xllm format
-
-
-def write_safetensors(path, tensors):
-    """Write [(name, array)] as a safetensors file. The data starts 64-byte aligned and the
-    tensors whose size is a multiple of 64 bytes come first (keeping them aligned), then the
-    others by decreasing item size (keeping each naturally aligned); there are no holes."""
-    order = sorted(tensors, key=lambda t: (t[1].nbytes % ALIGN != 0, -t[1].itemsize))
-    header, offset = {"__metadata__": {"format": "xllm"}}, 0
-    for name, a in order:
-        header[name] = {"dtype": SAFETENSORS_TAGS[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    raw = json.dumps(header).encode()
-    raw += b" " * (-(8 + len(raw)) % ALIGN)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for _, a in order:
-            f.write(np.ascontiguousarray(a).data)
 
 
 def convert_weights(ckpt, o):
@@ -227,28 +206,18 @@ def write_tokenizer(directory, ckpt, fields):
 
 
 def write_xllm(out, ckpt, o, source):
+    """Write the xllm format into the new directory `out`; (quantized, dense, kept) counts."""
     os.mkdir(out)
     weights, kept = convert_weights(ckpt, o)
-    tensors = []
-    for name, w in weights.items():
-        if isinstance(w, QTensor):
-            tensors += [(f"{name}.{p}", getattr(w, p)) for p in ("qs", "scales", "mins")
-                        if getattr(w, p) is not None]
-        else:
-            tensors.append((name, w))
-    write_safetensors(os.path.join(out, "model.safetensors"), tensors)
-    config = {k: list(v) if isinstance(v, tuple) else v
-              for k, v in dataclasses.asdict(ckpt.config).items()}
-    meta = {"xllm_format": 1, "config": config,
-            "quantization": {"bits": o.bits, "group_size": o.group, "asymmetric": o.asym,
-                             "scale_dtype": "fp16" if o.scale_dtype == np.float16 else "fp32",
-                             "kept": kept, "parts": o.parts},
-            "source": source, "chat_template": ckpt.chat_template,
-            "tokenizer": write_tokenizer(out, ckpt, o.fields)}
-    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, default=lambda x: x.item())  # .item(): NumPy scalars
-    n = sum(isinstance(w, QTensor) for w in weights.values())
-    return n, len(weights) - n, kept
+    xllm_format.write_weights(out, weights)
+    quantization = xllm_format.Quantization(
+        bits=o.bits, group_size=o.group, asymmetric=o.asym,
+        scale_dtype="fp16" if o.scale_dtype == np.float16 else "fp32", kept=kept, parts=o.parts)
+    tokenizer = write_tokenizer(out, ckpt, o.fields)
+    xllm_format.write_header(out, ckpt.config, quantization, source, ckpt.chat_template,
+                             tokenizer)
+    quantized = sum(isinstance(w, QTensor) for w in weights.values())
+    return quantized, len(weights) - quantized, kept
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -308,90 +277,104 @@ def tokenizer_metadata(ckpt, fields):
                   if i is not None and i >= 0]
 
 
-def _gguf_types(ckpt, o):
-    """Canonical name -> GGUF type of each tensor."""
-    q = {32: "F32", 16: "F16", 8: "Q8_0", 4: "Q4_1" if o.asym else "Q4_0"}[o.bits]
-    types = {}
+def weight_format(o):
+    """The registry format of the quantized (or dense) matrices that the options ask for."""
+    if o.bits == 32:
+        return float_format(np.float32)
+    if o.bits == 16:
+        return float_format(np.float16)
+    return packed_format(o.bits, o.group, o.asym)
+
+
+def _gguf_formats(ckpt, o):
+    """(format of the matrices, {canonical name: format of that tensor}) of a GGUF output: norms
+    and kept matrices stay float (F32, or F16 for --bits 16), and so do matrices whose K is not
+    a multiple of the format's block."""
+    chosen = weight_format(o)
+    formats = {}
     for name, shape in expected_shapes(ckpt.config).items():
         if len(shape) == 1:
-            types[name] = "F32"
+            formats[name] = FORMATS["F32"]
         elif name in o.keep:
-            types[name] = "F16" if o.bits == 16 else "F32"
-        elif q.startswith("Q") and shape[1] % 32:
-            print(f"note: {name} stays F32: K = {shape[1]} is not a multiple of 32",
-                  file=sys.stderr)
-            types[name] = "F32"
+            formats[name] = FORMATS["F16"] if o.bits == 16 else FORMATS["F32"]
+        elif shape[1] % chosen.block:
+            print(f"note: {name} stays F32: K = {shape[1]} is not a multiple of "
+                  f"{chosen.block}", file=sys.stderr)
+            formats[name] = FORMATS["F32"]
         else:
-            types[name] = q
-    return q, types
+            formats[name] = chosen
+    return chosen, formats
+
+
+def gguf_fields(ckpt, o, source, chosen):
+    """[(key, value, GGUFValueType, item type)]: the GGUF metadata of the output, in order."""
+    from gguf import GGML_QUANT_VERSION, Keys
+    from gguf import GGUFValueType as T
+    c = ckpt.config
+    arch = "llama"
+    fields = [f for f in o.fields if f[0].startswith("general.") and f[0] not in (
+        "general.architecture", "general.file_type", "general.quantization_version")]
+    if not fields:  # a GGUF source's name, license ... else the source's file name
+        fields.append((Keys.General.NAME, os.path.basename(os.path.normpath(source)),
+                       T.STRING, None))
+    hyperparameters = [(Keys.LLM.VOCAB_SIZE, c.vocab_size),
+                       (Keys.LLM.CONTEXT_LENGTH, c.max_seq_len),
+                       (Keys.LLM.EMBEDDING_LENGTH, c.hidden_size),
+                       (Keys.LLM.BLOCK_COUNT, c.num_layers),
+                       (Keys.LLM.FEED_FORWARD_LENGTH, c.intermediate_size),
+                       (Keys.Attention.HEAD_COUNT, c.num_heads),
+                       (Keys.Attention.HEAD_COUNT_KV, c.num_kv_heads),
+                       (Keys.Rope.DIMENSION_COUNT, c.head_dim)]
+    if c.head_dim != c.hidden_size // c.num_heads:
+        hyperparameters += [(Keys.Attention.KEY_LENGTH, c.head_dim),
+                            (Keys.Attention.VALUE_LENGTH, c.head_dim)]
+    fields += [(key.format(arch=arch), value, T.UINT32, None) for key, value in hyperparameters]
+    fields.append((Keys.Attention.LAYERNORM_RMS_EPS.format(arch=arch), c.rms_norm_eps,
+                   T.FLOAT32, None))
+    fields.append((Keys.Rope.FREQ_BASE.format(arch=arch), c.rope_theta, T.FLOAT32, None))
+    fields.append((Keys.General.FILE_TYPE, int(chosen.file_type), T.UINT32, None))
+    if chosen.packing == PANELS:
+        fields.append((Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION, T.UINT32, None))
+    for field in tokenizer_metadata(ckpt, o.fields):
+        if field[0] != "tokenizer.chat_template" and (field[3] is None or len(field[1])):
+            fields.append(field)
+    if ckpt.chat_template:
+        fields.append((Keys.Tokenizer.CHAT_TEMPLATE, ckpt.chat_template, T.STRING, None))
+    if c.rope_scaling:
+        original_context = int(c.rope_scaling["original_max_position_embeddings"])
+        fields.append((Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch), original_context,
+                       T.UINT32, None))
+    return fields
+
+
+def gguf_matrix(ckpt, name):
+    """Weight `name` as float32 in GGUF's layout (q/k rows in the interleaved RoPE order)."""
+    c = ckpt.config
+    a = dense(ckpt.weights[name], np.float32)
+    if name.endswith((".wq", ".wk")) and not c.rope_interleaved:
+        a = to_interleaved(a, c.num_heads if name.endswith(".wq") else c.num_kv_heads)
+    return np.ascontiguousarray(a)
 
 
 def write_gguf(path, ckpt, o, source):
-    import gguf
-    from gguf.quants import quant_shape_to_byte_shape, quantize
-    c, G = ckpt.config, gguf.GGMLQuantizationType
-    kind, types = _gguf_types(ckpt, o)
-    w = gguf.GGUFWriter(path, "llama")
-    general = [f for f in o.fields if f[0].startswith("general.") and f[0] not in (
-        "general.architecture", "general.file_type", "general.quantization_version")]
-    for field in general:  # a GGUF source's name, license ...
-        w.add_key_value(*field)
-    if not general:
-        w.add_name(os.path.basename(os.path.normpath(source)))
-    w.add_vocab_size(c.vocab_size)
-    w.add_context_length(c.max_seq_len)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_heads)
-    w.add_head_count_kv(c.num_kv_heads)
-    w.add_rope_dimension_count(c.head_dim)
-    if c.head_dim != c.hidden_size // c.num_heads:
-        w.add_key_length(c.head_dim)
-        w.add_value_length(c.head_dim)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_file_type(GGUF_FILE_TYPES[kind])
-    if kind.startswith("Q"):
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for field in tokenizer_metadata(ckpt, o.fields):
-        if field[0] != "tokenizer.chat_template" and (field[3] is None or len(field[1])):
-            w.add_key_value(*field)
-    if ckpt.chat_template:
-        w.add_chat_template(ckpt.chat_template)
-    extra = {}
+    """Write a GGUF file; (quantized, dense, kept) counts."""
+    c = ckpt.config
+    chosen, formats = _gguf_formats(ckpt, o)
+    shapes = expected_shapes(c)
+    tensors = [gguf_file.TensorToWrite(gguf_name(name), shapes[name], weight_format,
+                                       lambda name=name: gguf_matrix(ckpt, name))
+               for name, weight_format in formats.items()]
     if c.rope_scaling:  # llama.cpp reads Llama 3 scaling as a tensor of frequency divisors
         plain = dataclasses.replace(c, rope_scaling=None)
-        extra["rope_freqs.weight"] = (plain.inv_freq() / c.inv_freq()).astype(np.float32)
-        w.add_rope_scaling_orig_ctx_len(int(c.rope_scaling["original_max_position_embeddings"]))
-    for name, t in types.items():  # all tensor infos first: then each tensor is streamed
-        shape, dtype = expected_shapes(c)[name], np.dtype(np.float32 if t == "F32" else
-                                                          np.float16 if t == "F16" else np.uint8)
-        if t.startswith("Q"):
-            shape = quant_shape_to_byte_shape(shape, G[t])
-        w.add_tensor_info(gguf_name(name), shape, dtype, int(np.prod(shape)) * dtype.itemsize,
-                          G[t])
-    for name, a in extra.items():
-        w.add_tensor_info(name, a.shape, a.dtype, a.nbytes)
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for name, t in _bar(types.items(), "writing"):
-            a = dense(ckpt.weights[name], np.float32)
-            if name.endswith((".wq", ".wk")) and not c.rope_interleaved:
-                a = to_interleaved(a, c.num_heads if name.endswith(".wq") else c.num_kv_heads)
-            a = np.ascontiguousarray(a)
-            w.write_tensor_data(quantize(a, G[t]) if t.startswith("Q") else
-                                a.astype(np.float16) if t == "F16" else a)
-        for a in extra.values():
-            w.write_tensor_data(a)
-    finally:
-        w.close()
-    n = sum(t.startswith("Q") for t in types.values())
-    kept = [k for k, t in types.items() if len(expected_shapes(c)[k]) == 2 and
-            kind.startswith("Q") and not t.startswith("Q")]
-    return n, len(types) - n, kept
+        divisors = (plain.inv_freq() / c.inv_freq()).astype(np.float32)
+        tensors.append(gguf_file.TensorToWrite("rope_freqs.weight", divisors.shape,
+                                               FORMATS["F32"], lambda: divisors))
+    gguf_file.write_gguf(path, "llama", gguf_fields(ckpt, o, source, chosen), tensors,
+                         progress=lambda items: _bar(items, "writing"))
+    quantized = sum(f.packing == PANELS for f in formats.values())
+    kept = [name for name, f in formats.items() if len(shapes[name]) == 2
+            and chosen.packing == PANELS and f.packing != PANELS]
+    return quantized, len(formats) - quantized, kept
 
 
 # ----------------------------------------------------------------------------- main
@@ -456,10 +439,12 @@ def convert(args):
         msg = str(e) if known else f"{type(e).__name__}: {e}"
         print(f"quantize: error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
-    what = f"int{o.bits} g{o.group}{' asym' if o.asym else ''}, {o.parts} activation parts" \
-        if o.bits <= 8 else f"float{o.bits}"
     if o.format == "gguf":
-        what = {32: "F32", 16: "F16", 8: "Q8_0", 4: "Q4_1" if o.asym else "Q4_0"}[o.bits]
+        what = weight_format(o).name
+    elif o.bits <= 8:
+        what = f"int{o.bits} g{o.group}{' asym' if o.asym else ''}, {o.parts} activation parts"
+    else:
+        what = f"float{o.bits}"
     print(f"{args.out} ({o.format}, {what}): {quantized} tensors quantized, {dense_count} dense"
           + (f" (kept matrices: {', '.join(kept)})" if kept else "")
           + f"; {_size(args.out) / 1e6:.1f} MB in {time.time() - start:.1f} s")

@@ -13,15 +13,19 @@ import resource
 import numpy as np
 
 from .config import PRESETS, ModelConfig
-from .formats.qtensor import PANEL, QTensor
+from .formats.qtensor import PANEL, QTensor, describe
+from .formats.registry import EXPANDED_TO, FLOAT, FORMATS, PANELS
 from .model.kv_cache import block_rows
 from .model.weights import expected_shapes
 
 GROUPS = (("embedding", ("tok_embeddings",)), ("head", ("output", "norm")),
           ("attention", ("wq", "wk", "wv", "wo", "attention_norm")),
           ("MLP", ("w1", "w2", "w3", "ffn_norm")))
-DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}
-LABELS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "uint16": "bfloat16"}
+# --dtype names: the registry's formats by their short names (int8, int4: Q8_0 and Q4_0, 32-value
+# groups with float16 scales), or by the registry's own names.
+DTYPE_FORMATS = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
+DTYPES = list(DTYPE_FORMATS) + list(FORMATS)
+LABELS = {"float32": "float32", "float16": "float16", "uint16": "bfloat16"}
 
 
 def _group(name):
@@ -29,23 +33,41 @@ def _group(name):
 
 
 def weight_table(config, weights=None, dtype="fp32"):
-    """{(group, dtype label): bytes}: of loaded `weights`, or computed for a preset `dtype`
-    (fp32/fp16/bf16, or int8/int4 with 32-value groups and float16 scales) without allocating."""
+    """{(group, dtype label): bytes}: of loaded `weights`, or computed without allocating for
+    matrices of format `dtype` (a name of DTYPES; norms are float32)."""
     table = {}
     for name, shape in expected_shapes(config).items():
         if weights is not None:
-            w = weights[name]
-            label, nbytes = (w.kind if isinstance(w, QTensor) else str(w.dtype)), w.nbytes
-        elif len(shape) == 1 or dtype in DTYPE_BYTES:
-            label = "float32" if len(shape) == 1 else dtype
-            nbytes = int(np.prod(shape) * (4 if len(shape) == 1 else DTYPE_BYTES[dtype]))
-        else:  # packed panels: rows rounded up to 16; per 32 values one fp16 scale
-            rows = -(-shape[0] // PANEL) * PANEL
-            label, per = f"{dtype} g32 fp16", (1.0 if dtype == "int8" else 0.5) + 2 / 32
-            nbytes = int(rows * shape[1] * per)
-        key = (_group(name), LABELS.get(label, label))
+            label, nbytes = _loaded_bytes(weights[name])
+        elif len(shape) == 1:
+            label, nbytes = _format_bytes(FORMATS["F32"], shape)
+        else:
+            label, nbytes = _format_bytes(FORMATS[DTYPE_FORMATS.get(dtype, dtype)], shape)
+        key = (_group(name), label)
         table[key] = table.get(key, 0) + nbytes
     return table
+
+
+def _loaded_bytes(weight):
+    """(label, bytes) of a loaded weight (array or QTensor)."""
+    if isinstance(weight, QTensor):
+        return weight.kind, weight.nbytes
+    return LABELS.get(str(weight.dtype), str(weight.dtype)), weight.nbytes
+
+
+def _format_bytes(weight_format, shape):
+    """(label, bytes) of a weight of `shape` loaded in `weight_format`, from the registry's bytes
+    per block. Packed panels round the rows up to a multiple of 16; an EXPANDED format is
+    loaded as float32."""
+    if weight_format.packing == PANELS:
+        rows = -(-shape[0] // PANEL) * PANEL
+        label = describe(weight_format.bits, weight_format.block, weight_format.asymmetric,
+                         np.float16)
+        return label, int(rows * shape[1] * weight_format.bytes_per_weight)
+    if weight_format.packing != FLOAT:
+        weight_format = EXPANDED_TO
+    label = LABELS[weight_format.dtype.name]
+    return label, int(np.prod(shape) * weight_format.bytes_per_weight)
 
 
 def kv_capacity(config, prompt_len, gen_len, initial=256):
@@ -112,7 +134,8 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a model path or name xllm loads")
     src.add_argument("--random", choices=sorted(PRESETS), help="a preset shape (nothing loaded)")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_BYTES) + ["int8", "int4"])
+    p.add_argument("--dtype", default="fp32", choices=DTYPES,
+                   help="the format of the matrices of a --random model (int8: Q8_0, int4: Q4_0)")
     for name, default in (("--batch", 1), ("--prompt-len", 512), ("--gen-len", 512)):
         p.add_argument(name, type=int, default=default)
     p.add_argument("--kv-dtype", default="float16", choices=["float16", "float32"])

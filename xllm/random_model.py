@@ -10,11 +10,11 @@ of ``xllm.config.PRESETS`` (smollm2-135m, tinyllama-1.1b, llama2-7b, tiny). Only
 import argparse
 import json
 import os
-import struct
 
 import numpy as np
 
 from xllm.config import PRESETS
+from xllm.files.safetensors import write_safetensors
 from xllm.tokenizers import BYTE, CONTROL, NORMAL, UNKNOWN
 from xllm.tokenizers.sentencepiece_model import BPE, Normalizer, Trainer, write_model_proto
 
@@ -23,26 +23,6 @@ def to_bf16_bits(a):
     """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
     bits = np.ascontiguousarray(a, np.float32).view(np.uint32)
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def write_safetensors(path, tensors):
-    """Write {name: (array, dtype_tag)} as safetensors (header: 8-byte length + JSON).
-
-    Written by hand because safetensors' numpy API has no bfloat16.
-    """
-    header, offset = {}, 0
-    for name, (arr, tag) in tensors.items():
-        header[name] = {"dtype": tag, "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    tmp = path + ".part"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for arr, _ in tensors.values():
-            f.write(np.ascontiguousarray(arr).tobytes())
-    os.replace(tmp, path)
 
 
 def write_spm_model(path, vocab_size):
@@ -74,49 +54,67 @@ def write_spm_model(path, vocab_size):
     write_model_proto(path, pieces, trainer, normalizer)
 
 
+DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}  # uint16: bfloat16 bits
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Hugging Face names and shapes of one layer's weights: q, kv, d, f stand for the query and
+# key/value widths, the hidden and the feed-forward size.
+LAYER_WEIGHTS = (("self_attn.q_proj", ("q", "d")), ("self_attn.k_proj", ("kv", "d")),
+                 ("self_attn.v_proj", ("kv", "d")), ("self_attn.o_proj", ("d", "q")),
+                 ("mlp.gate_proj", ("f", "d")), ("mlp.up_proj", ("f", "d")),
+                 ("mlp.down_proj", ("d", "f")), ("input_layernorm", ("d",)),
+                 ("post_attention_layernorm", ("d",)))
+
+
 def write_random_model(out, shape="tiny", dtype="fp32", seed=0, **overrides):
     """Write a random model of a preset shape to directory `out`; returns `out`."""
     cfg = dict(PRESETS[shape], **overrides)
-    rng = np.random.default_rng(seed)
-    d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd = d // cfg["num_heads"]
-    q, kv = cfg["num_heads"] * hd, cfg["num_kv_heads"] * hd
-    tag = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}[dtype]
+    os.makedirs(out, exist_ok=True)
+    weights = random_weights(cfg, dtype, seed)
+    write_safetensors(os.path.join(out, "model.safetensors"), weights)
+    with open(os.path.join(out, "config.json"), "w") as fh:
+        json.dump(hf_config(cfg, dtype), fh, indent=1)
+    write_spm_model(os.path.join(out, "tokenizer.model"), cfg["vocab_size"])
+    return out
 
-    def tensor(*shp, std=0.02):
-        a = rng.standard_normal(shp, dtype=np.float32) * np.float32(std)
-        if len(shp) == 1:
+
+def random_weights(cfg, dtype, seed):
+    """{Hugging Face name: array of `dtype`}: normal weights of standard deviation 0.02, norm
+    weights around 1, drawn in file order from one generator seeded with `seed`."""
+    rng = np.random.default_rng(seed)
+    head_dim = cfg["hidden_size"] // cfg["num_heads"]
+    sizes = {"d": cfg["hidden_size"], "f": cfg["intermediate_size"],
+             "q": cfg["num_heads"] * head_dim, "kv": cfg["num_kv_heads"] * head_dim}
+    vocab = cfg["vocab_size"]
+
+    def tensor(*shape, std=0.02):
+        a = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        if len(shape) == 1:
             a += 1.0  # norm weights around 1
         if dtype == "bf16":
-            return to_bf16_bits(a), tag
-        return a.astype(np.float16 if dtype == "fp16" else np.float32), tag
+            return to_bf16_bits(a)
+        return a.astype(DTYPES[dtype])
 
-    t = {"model.embed_tokens.weight": tensor(v, d)}
+    weights = {"model.embed_tokens.weight": tensor(vocab, sizes["d"])}
     for i in range(cfg["num_layers"]):
-        p = f"model.layers.{i}."
-        for name, shp in [("self_attn.q_proj", (q, d)), ("self_attn.k_proj", (kv, d)),
-                          ("self_attn.v_proj", (kv, d)), ("self_attn.o_proj", (d, q)),
-                          ("mlp.gate_proj", (f, d)), ("mlp.up_proj", (f, d)),
-                          ("mlp.down_proj", (d, f)), ("input_layernorm", (d,)),
-                          ("post_attention_layernorm", (d,))]:
-            t[p + name + ".weight"] = tensor(*shp)
-    t["model.norm.weight"] = tensor(d)
+        for name, dims in LAYER_WEIGHTS:
+            weights[f"model.layers.{i}.{name}.weight"] = tensor(*(sizes[d] for d in dims))
+    weights["model.norm.weight"] = tensor(sizes["d"])
     if not cfg.get("tie_word_embeddings", False):
-        t["lm_head.weight"] = tensor(v, d)
-    os.makedirs(out, exist_ok=True)
-    write_safetensors(os.path.join(out, "model.safetensors"), t)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d,
-              "intermediate_size": f, "num_hidden_layers": cfg["num_layers"],
-              "num_attention_heads": cfg["num_heads"], "num_key_value_heads": cfg["num_kv_heads"],
-              "vocab_size": v, "max_position_embeddings": cfg["max_seq_len"],
-              "rope_theta": cfg.get("rope_theta", 10000.0), "rms_norm_eps": 1e-5,
-              "tie_word_embeddings": cfg.get("tie_word_embeddings", False),
-              "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
-              "torch_dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]}
-    with open(os.path.join(out, "config.json"), "w") as fh:
-        json.dump(config, fh, indent=1)
-    write_spm_model(os.path.join(out, "tokenizer.model"), v)
-    return out
+        weights["lm_head.weight"] = tensor(vocab, sizes["d"])
+    return weights
+
+
+def hf_config(cfg, dtype):
+    """The config.json of a random model of preset `cfg`."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"],
+            "num_hidden_layers": cfg["num_layers"], "num_attention_heads": cfg["num_heads"],
+            "num_key_value_heads": cfg["num_kv_heads"], "vocab_size": cfg["vocab_size"],
+            "max_position_embeddings": cfg["max_seq_len"],
+            "rope_theta": cfg.get("rope_theta", 10000.0), "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": cfg.get("tie_word_embeddings", False),
+            "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+            "torch_dtype": TORCH_DTYPES[dtype]}
 
 
 def main(argv=None):

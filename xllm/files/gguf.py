@@ -14,6 +14,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import ModelFormatError
+from ..formats.registry import float_dtypes
 from .common import check_regular_file, map_file
 
 MAGIC = b"GGUF"
@@ -23,12 +24,15 @@ DEFAULT_ALIGNMENT = 32
 # GGUF value type -> struct format of a scalar; 8 is a string, 9 an array.
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
            12: "d"}
-STRING, ARRAY = 8, 9
+BOOL = 7
+STRING = 8
+ARRAY = 9
 MIN_KV_BYTES = 8 + 4 + 1         # empty key, type, the smallest value
 MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # empty name, n_dims, type, offset
 TENSOR_TYPES = {t.value: t for t in GGML_QUANT_SIZES}  # the types of known block size
-# Tensor types that come back typed; the others are uint8 rows of blocks.
-FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+# Tensor types that come back typed (the registry's FLOAT formats); the others are uint8 rows
+# of blocks.
+FLOAT_TYPES = float_dtypes()
 
 
 @dataclass
@@ -45,7 +49,10 @@ class _Cursor:
     """Reads little-endian values from `buf` (uint8 array), never past its end."""
 
     def __init__(self, buf, path):
-        self.view, self.size, self.path, self.pos = memoryview(buf), buf.size, path, 0
+        self.view = memoryview(buf)
+        self.size = buf.size
+        self.path = path
+        self.pos = 0
 
     def fail(self, what, why):
         raise ModelFormatError(f"{self.path}: {what}: {why} (at byte {self.pos} of "
@@ -91,7 +98,7 @@ class _Cursor:
         fmt = "<" + SCALARS[itype]
         n = self.count(what, struct.calcsize(fmt))
         raw = self.take(n * struct.calcsize(fmt), what)
-        dtype = np.dtype(np.bool_ if itype == 7 else fmt)
+        dtype = np.dtype(np.bool_ if itype == BOOL else fmt)
         return np.frombuffer(raw, dtype).tolist()
 
 
@@ -129,89 +136,127 @@ def _short(v, limit=80):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+@dataclass
+class _TensorInfo:
+    """A tensor's entry in the header: where its data is and what it holds."""
+    name: str
+    kind: str
+    dims: tuple
+    offset: int  # from the start of the data section
+    nbytes: int
+
+
 class GGUFFile:
     """A parsed GGUF file: ``metadata`` {key: value}, ``tensors`` {name: GGUFTensor},
     ``buf`` the mapped file (uint8). Raises ModelFormatError naming the file and the field."""
 
     def __init__(self, path):
         check_regular_file(path)
-        self.path, self.buf = path, map_file(path)
-        cur = _Cursor(self.buf, path)
-        if bytes(cur.take(4, "magic")) != MAGIC:
-            raise ModelFormatError(f"{path}: not a GGUF file (no GGUF magic)")
-        version = cur.scalar("I", "version")
-        if version & 0xFFFF == 0:
-            raise ModelFormatError(f"{path}: big-endian GGUF files are not supported")
-        if version not in VERSIONS:
-            raise ModelFormatError(f"{path}: GGUF version {version} is not supported "
-                                   f"(xllm reads {VERSIONS})")
-        n_tensors = cur.scalar("Q", "tensor_count")
-        self.metadata = {}
-        for _ in range(cur.count("kv_count", MIN_KV_BYTES)):
-            key = cur.string("a metadata key")
-            if key in self.metadata:
-                cur.fail(key, "the key appears twice")
-            self.metadata[key] = cur.value(cur.scalar("I", key), key)
-        if n_tensors * MIN_TENSOR_INFO_BYTES > self.buf.size - cur.pos:
-            cur.fail("tensor_count", f"{n_tensors} tensor infos cannot fit in the file")
-        infos = [self._tensor_info(cur) for _ in range(n_tensors)]
-        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if isinstance(align, bool) or not isinstance(align, int) or align <= 0 \
-                or align & (align - 1):
-            raise ModelFormatError(f"{path}: general.alignment must be a power of two, "
-                                   f"got {align!r}")
-        start = -(-cur.pos // align) * align
-        self.tensors = {}
-        end = start  # tensors are checked in file order: none may overlap the one before
-        for name, kind, dims, offset, nbytes in sorted(infos, key=lambda t: t[3]):
-            where = f"{path}: tensor {name!r}"
-            if name in self.tensors:
-                raise ModelFormatError(f"{where}: the name appears twice")
-            need = max(align, np.dtype(FLOAT_TYPES.get(kind, np.uint8)).itemsize)
-            if (start + offset) % need:
-                raise ModelFormatError(f"{where}: offset {offset} (byte {start + offset}) is "
-                                       f"not aligned to {need} bytes")
-            if start + offset < end:
-                raise ModelFormatError(f"{where}: its data (offset {offset}) overlaps the "
-                                       f"tensor before it")
-            end = start + offset + nbytes
-            if end > self.buf.size:
-                raise ModelFormatError(f"{where}: needs bytes {start + offset}..{end} but the "
-                                       f"file has {self.buf.size} (truncated?)")
-            raw = self.buf[start + offset:end]
-            shape = tuple(reversed(dims))
-            if kind in FLOAT_TYPES:
-                data = raw.view(FLOAT_TYPES[kind]).reshape(shape)
-            else:
-                block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
-                data = raw.reshape(shape[:-1] + (shape[-1] // block * size,))
-            self.tensors[name] = GGUFTensor(name, kind, dims, data)
+        self.path = path
+        self.buf = map_file(path)
+        cursor = _Cursor(self.buf, path)
+        self._read_preamble(cursor)
+        n_tensors = cursor.scalar("Q", "tensor_count")
+        self.metadata = self._read_metadata(cursor)
+        if n_tensors * MIN_TENSOR_INFO_BYTES > self.buf.size - cursor.pos:
+            cursor.fail("tensor_count", f"{n_tensors} tensor infos cannot fit in the file")
+        infos = [self._tensor_info(cursor) for _ in range(n_tensors)]
+        alignment = self._alignment()
+        data_start = -(-cursor.pos // alignment) * alignment
+        self.tensors = self._map_tensors(infos, data_start, alignment)
 
     def drop_pages(self):
         """Let the kernel drop the file's pages from memory (they are read again if used)."""
         self.buf.base.obj.madvise(mmap.MADV_DONTNEED)  # base: a memoryview of the mmap
 
-    def _tensor_info(self, cur):
-        """(name, type name, dims, offset, bytes) of the next tensor info, checked."""
-        name = cur.string("a tensor name")
+    def _read_preamble(self, cursor):
+        """The magic and a version this reader knows."""
+        if bytes(cursor.take(4, "magic")) != MAGIC:
+            raise ModelFormatError(f"{self.path}: not a GGUF file (no GGUF magic)")
+        version = cursor.scalar("I", "version")
+        if version & 0xFFFF == 0:
+            raise ModelFormatError(f"{self.path}: big-endian GGUF files are not supported")
+        if version not in VERSIONS:
+            raise ModelFormatError(f"{self.path}: GGUF version {version} is not supported "
+                                   f"(xllm reads {VERSIONS})")
+
+    @staticmethod
+    def _read_metadata(cursor):
+        """{key: value} of the key/value section; a key may appear once."""
+        metadata = {}
+        for _ in range(cursor.count("kv_count", MIN_KV_BYTES)):
+            key = cursor.string("a metadata key")
+            if key in metadata:
+                cursor.fail(key, "the key appears twice")
+            metadata[key] = cursor.value(cursor.scalar("I", key), key)
+        return metadata
+
+    def _alignment(self):
+        """general.alignment, checked to be a power of two."""
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        is_int = isinstance(alignment, int) and not isinstance(alignment, bool)
+        if not is_int or alignment <= 0 or alignment & (alignment - 1):
+            raise ModelFormatError(f"{self.path}: general.alignment must be a power of two, "
+                                   f"got {alignment!r}")
+        return alignment
+
+    def _map_tensors(self, infos, data_start, alignment):
+        """{name: GGUFTensor}, each a view of the file. Tensors are checked in file order: each
+        must be aligned, lie inside the file and not overlap the one before it."""
+        tensors = {}
+        end = data_start
+        for info in sorted(infos, key=lambda info: info.offset):
+            where = f"{self.path}: tensor {info.name!r}"
+            if info.name in tensors:
+                raise ModelFormatError(f"{where}: the name appears twice")
+            begin = data_start + info.offset
+            item_size = np.dtype(FLOAT_TYPES.get(info.kind, np.uint8)).itemsize
+            need = max(alignment, item_size)
+            if begin % need:
+                raise ModelFormatError(f"{where}: offset {info.offset} (byte {begin}) is "
+                                       f"not aligned to {need} bytes")
+            if begin < end:
+                raise ModelFormatError(f"{where}: its data (offset {info.offset}) overlaps the "
+                                       f"tensor before it")
+            end = begin + info.nbytes
+            if end > self.buf.size:
+                raise ModelFormatError(f"{where}: needs bytes {begin}..{end} but the "
+                                       f"file has {self.buf.size} (truncated?)")
+            data = _typed(self.buf[begin:end], info.kind, tuple(reversed(info.dims)))
+            tensors[info.name] = GGUFTensor(info.name, info.kind, info.dims, data)
+        return tensors
+
+    def _tensor_info(self, cursor):
+        """The next tensor info, checked."""
+        name = cursor.string("a tensor name")
         where = f"tensor {name!r}"
-        n_dims = cur.scalar("I", where)
+        n_dims = cursor.scalar("I", where)
         if not 1 <= n_dims <= MAX_DIMS:
-            cur.fail(where, f"n_dims must be 1..{MAX_DIMS}, got {n_dims}")
-        dims = tuple(cur.scalar("Q", where) for _ in range(n_dims))
-        code, offset = cur.scalar("I", where), cur.scalar("Q", where)
+            cursor.fail(where, f"n_dims must be 1..{MAX_DIMS}, got {n_dims}")
+        dims = tuple(cursor.scalar("Q", where) for _ in range(n_dims))
+        code = cursor.scalar("I", where)
+        offset = cursor.scalar("Q", where)
         if code not in TENSOR_TYPES:
-            cur.fail(where, f"unknown tensor type {code}")
+            cursor.fail(where, f"unknown tensor type {code}")
         kind = TENSOR_TYPES[code].name
-        block, size = GGML_QUANT_SIZES[TENSOR_TYPES[code]]
+        block, block_bytes = GGML_QUANT_SIZES[TENSOR_TYPES[code]]
         if min(dims) < 1 or dims[0] % block:
-            cur.fail(where, f"dims {list(dims)} must be positive, the first a multiple of "
-                            f"the {kind} block ({block})")
-        nbytes = int(np.prod(dims, dtype=object)) // block * size  # Python ints: no overflow
+            cursor.fail(where, f"dims {list(dims)} must be positive, the first a multiple of "
+                               f"the {kind} block ({block})")
+        nbytes = int(np.prod(dims, dtype=object)) // block * block_bytes  # Python ints: no overflow
         if nbytes > self.buf.size:
-            cur.fail(where, f"dims {list(dims)} of {kind} take {nbytes} bytes, more than the "
-                            f"file holds")
-        return name, kind, dims, offset, nbytes
+            cursor.fail(where, f"dims {list(dims)} of {kind} take {nbytes} bytes, more than the "
+                               f"file holds")
+        return _TensorInfo(name, kind, dims, offset, nbytes)
+
+
+def _typed(raw, kind, shape):
+    """The bytes `raw` of a tensor of type `kind` and `shape` (row-major): typed for the float
+    types, else uint8 rows of blocks."""
+    if kind in FLOAT_TYPES:
+        return raw.view(FLOAT_TYPES[kind]).reshape(shape)
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    return raw.reshape(shape[:-1] + (shape[-1] // block * block_bytes,))
 
 
 def open_gguf(path):
@@ -225,3 +270,48 @@ def read_gguf_metadata(source) -> dict:
     values (arrays as lists). Raises ``ModelFormatError`` naming the file."""
     gguf_file = open_gguf(source) if isinstance(source, (str, os.PathLike)) else source
     return gguf_file.metadata
+
+
+@dataclass
+class TensorToWrite:
+    """One tensor of a GGUF file to write: its name, shape [rows, ..., columns], registry format
+    (one with ``from_float``), and a function returning its values as float32 (called once, when
+    its data is written)."""
+    name: str
+    shape: tuple
+    weight_format: object
+    values: object
+
+
+def write_gguf(path, arch, fields, tensors, progress=None):
+    """Write a GGUF file (with the ``gguf`` package's writer): general.architecture `arch`, the
+    metadata `fields` [(key, value, GGUFValueType, item type or None)] in order, then the
+    `tensors` (TensorToWrite): every tensor info first, then each tensor's data in turn,
+    quantized by its format's ``from_float``, so that one tensor at a time is in memory.
+    `progress` wraps the iteration over the tensors (a progress bar)."""
+    import gguf
+    writer = gguf.GGUFWriter(path, arch)
+    for field in fields:
+        writer.add_key_value(*field)
+    for tensor in tensors:
+        weight_format = tensor.weight_format
+        shape = _stored_shape(tensor.shape, weight_format)
+        dtype = weight_format.dtype if weight_format.dtype is not None else np.dtype(np.uint8)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        writer.add_tensor_info(tensor.name, shape, dtype, nbytes, weight_format.gguf_type)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in (progress or list)(tensors):
+            writer.write_tensor_data(tensor.weight_format.from_float(tensor.values()))
+    finally:
+        writer.close()
+
+
+def _stored_shape(shape, weight_format):
+    """The shape of a tensor as stored: its own for a float format, else uint8 rows of blocks."""
+    if weight_format.dtype is not None:
+        return tuple(shape)
+    row_bytes = shape[-1] // weight_format.block * weight_format.block_bytes
+    return tuple(shape[:-1]) + (row_bytes,)

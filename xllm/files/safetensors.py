@@ -1,18 +1,24 @@
-"""Zero-copy reader for .safetensors files (header length, JSON header, raw little-endian data).
+"""Reader and writer of .safetensors files (header length, JSON header, raw little-endian data).
 
-We parse it ourselves because the ``safetensors`` package's NumPy API copies every tensor and has
-no bfloat16; here each tensor is a read-only view into one mmap of the file, and bf16 comes back
-as uint16 bits."""
+We parse them ourselves because the ``safetensors`` package's NumPy API copies every tensor and
+has no bfloat16; here each tensor is a read-only view into one mmap of the file, and bf16 comes
+back (and is written from) uint16 bits."""
 import json
 import math
+import os
+import struct
 
 import numpy as np
 
 from ..errors import ModelFormatError
+from ..formats.registry import float_dtypes
 from .common import map_file
 
-# safetensors dtype name -> NumPy dtype (uint16 holds bfloat16 bits, the xllm convention).
-DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+# safetensors dtype name -> NumPy dtype of the float tensors xllm computes with (the registry's
+# FLOAT formats; uint16 holds bfloat16 bits, the xllm convention).
+DTYPES = float_dtypes()
+# NumPy dtype -> safetensors dtype name, for writing: the float formats and packed bytes.
+TAGS = {**{np.dtype(dtype): tag for tag, dtype in DTYPES.items()}, np.dtype(np.uint8): "U8"}
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
              "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _MAX_HEADER = 100 << 20  # the reference implementation refuses headers over 100 MB too
@@ -100,3 +106,34 @@ def as_array(entry, key, path):
         raw = raw.copy()  # a fresh array is aligned
         raw.flags.writeable = False
     return raw.view(DTYPES[dtype]).reshape(shape)
+
+
+def write_safetensors(path, tensors, alignment=8, metadata=None):
+    """Write `tensors` ({name: array} or [(name, array)], float32, float16, uint16 = bfloat16
+    bits or uint8) to `path` in that order, with the optional ``__metadata__`` dict first in the
+    header. The header is padded with spaces so that the data starts at a multiple of
+    `alignment` bytes. The file is written under a temporary name and renamed into place."""
+    items = list(tensors.items()) if isinstance(tensors, dict) else list(tensors)
+    header = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, array in items:
+        header[name] = {"dtype": TAGS[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-(8 + len(raw)) % alignment)
+    partial = os.fspath(path) + ".part"
+    with open(partial, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for _, array in items:
+            f.write(np.ascontiguousarray(array).data)
+    os.replace(partial, path)
+
+
+def aligned_order(tensors, alignment):
+    """[(name, array)] ordered so that in a file whose data starts `alignment`-aligned, every
+    tensor is aligned to its item size and those whose size is a multiple of `alignment` to
+    `alignment`: those come first, then the others by decreasing item size (no holes needed)."""
+    return sorted(tensors, key=lambda t: (t[1].nbytes % alignment != 0, -t[1].itemsize))

@@ -1,7 +1,16 @@
-"""Which kernel computes a product: float weights go to the backend's ``matmul`` and
-``embedding``, quantized weights (QTensor) to ``qmatmul`` and ``qembedding``."""
+"""Which kernel computes a product: the registry's ``kernel`` column. Float weights (arrays)
+go to the backend's ``matmul`` and ``embedding``, packed weights (QTensor) to ``qmatmul`` and
+``qembedding``."""
 from .. import _kernels
 from .qtensor import QTensor
+from .registry import FLOAT, MATMUL, PANELS, QMATMUL, kernel_of_packing
+
+# The kernel of each container of weights: arrays hold the FLOAT formats, QTensors the PANELS
+# ones (EXPANDED formats are float32 arrays by the time they are multiplied).
+PACKED_KERNEL = kernel_of_packing(PANELS)
+FLOAT_KERNEL = kernel_of_packing(FLOAT)
+# The embedding lookup that goes with each matrix product kernel.
+EMBEDDING = {MATMUL: "embedding", QMATMUL: "qembedding"}
 
 
 class Ops:
@@ -11,6 +20,10 @@ class Ops:
 
     def __init__(self, backend):
         self.backend = backend
+        self._packed_matmul = getattr(backend, PACKED_KERNEL)
+        self._float_matmul = getattr(backend, FLOAT_KERNEL)
+        self._packed_embedding = getattr(backend, EMBEDDING[PACKED_KERNEL])
+        self._float_embedding = getattr(backend, EMBEDDING[FLOAT_KERNEL])
         # every other kernel (rmsnorm, rope, attention, sampling ...) as the backend has it
         for name in _kernels.KERNEL_NAMES:
             if name not in ("matmul", "embedding"):
@@ -18,18 +31,18 @@ class Ops:
 
     def matmul(self, x, w, out, accumulate=False):
         if _all_quantized_alike(w):
-            self.backend.qmatmul(x, w, out, accumulate)
+            self._packed_matmul(x, w, out, accumulate)
         elif type(w) is tuple:  # weights sharing the input x, with their outputs
             for wi, oi in zip(w, out):
                 self.matmul(x, wi, oi, accumulate)
         else:
-            self.backend.matmul(x, w, out, accumulate)
+            self._float_matmul(x, w, out, accumulate)
 
     def embedding(self, table, ids, out):
         if type(table) is QTensor:
-            self.backend.qembedding(table, ids, out)
+            self._packed_embedding(table, ids, out)
         else:
-            self.backend.embedding(table, ids, out)
+            self._float_embedding(table, ids, out)
 
 
 def _all_quantized_alike(w):
@@ -50,5 +63,6 @@ def ops(backend=None) -> Ops:
     backend = _kernels.backend if backend is None else backend
     found = _OPS.get(id(backend))
     if found is None or found.backend is not backend:
-        found = _OPS[id(backend)] = Ops(backend)
+        found = Ops(backend)
+        _OPS[id(backend)] = found
     return found

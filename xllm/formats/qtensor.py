@@ -12,6 +12,7 @@ import numpy as np
 
 from .._kernels.layout import BLOCK, PANEL, check_packed, to_float32
 from ..errors import ModelFormatError
+from .registry import FORMATS, panel_block_bytes
 
 
 class QTensor:
@@ -20,9 +21,13 @@ class QTensor:
     dtype = np.dtype(np.uint8)  # so generic code asking for a dtype gets an answer
 
     def __init__(self, shape, bits, group, qs, scales, mins=None, parts=None):
-        self.shape, self.bits, self.group = (int(shape[0]), int(shape[1])), int(bits), int(group)
-        self.qs, self.scales, self.mins = qs, scales, mins
-        self.parts = (2 if self.bits == 8 else 3) if parts is None else parts
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.bits = int(bits)
+        self.group = int(group)
+        self.qs = qs
+        self.scales = scales
+        self.mins = mins
+        self.parts = default_parts(self.bits) if parts is None else parts
         check_qtensor(self, "QTensor")
 
     @property
@@ -36,38 +41,61 @@ class QTensor:
     @property
     def kind(self):
         """A short description: 'int8 g32 fp16', 'int4 g32 asym fp16' ..."""
-        a = " asym" if self.asymmetric else ""
-        s = "fp16" if self.scales.dtype == np.float16 else "fp32"
-        return f"int{self.bits} g{self.group}{a} {s}"
+        return describe(self.bits, self.group, self.asymmetric, self.scales.dtype)
 
     def __repr__(self):
         return f"QTensor({self.shape}, {self.kind})"
 
     def codes(self, rows=None):
         """The integer codes q [len(rows), K] (int16; int8 minus its +128 offset, int4 0..15)."""
-        n, k = self.shape
-        rows = np.arange(n) if rows is None else np.asarray(rows)
-        p, r = rows // PANEL, rows % PANEL
-        q = self.qs[p].reshape(len(rows), k // BLOCK, -1, PANEL, 4)[np.arange(len(rows)), :, :, r]
+        k = self.shape[1]
+        rows = self._rows(rows)
+        panel = rows // PANEL
+        row_in_panel = rows % PANEL
+        blocks = self.qs[panel].reshape(len(rows), k // BLOCK, -1, PANEL, 4)
+        q = blocks[np.arange(len(rows)), :, :, row_in_panel]
         if self.bits == 4:  # low nibbles: values 0..15 of the block, high: 16..31
             q = np.concatenate([q & 15, q >> 4], axis=2)
-        return q.reshape(len(rows), k).astype(np.int16) - (128 if self.bits == 8 else 0)
+        offset = 128 if self.bits == 8 else 0
+        return q.reshape(len(rows), k).astype(np.int16) - offset
 
     def group_params(self, rows=None):
         """(scales, mins or None) as float32 [len(rows), K/G]."""
-        rows = np.arange(self.shape[0]) if rows is None else np.asarray(rows)
-        p, r = rows // PANEL, rows % PANEL
-        m = None if self.mins is None else self.mins[p, :, r].astype(np.float32)
-        return self.scales[p, :, r].astype(np.float32), m
+        rows = self._rows(rows)
+        panel = rows // PANEL
+        row_in_panel = rows % PANEL
+        scales = self.scales[panel, :, row_in_panel].astype(np.float32)
+        if self.mins is None:
+            return scales, None
+        return scales, self.mins[panel, :, row_in_panel].astype(np.float32)
 
     def dequantize(self, rows=None):
         """W (or the given rows of it) as float32 [len(rows), K]."""
         q = self.codes(rows).astype(np.float32)
-        d, m = self.group_params(rows)
-        qg = q.reshape(len(q), -1, self.group)
-        if m is not None:
-            return (d[:, :, None] * qg + m[:, :, None]).reshape(q.shape)
-        return (d[:, :, None] * (qg - np.float32(8) if self.bits == 4 else qg)).reshape(q.shape)
+        scales, mins = self.group_params(rows)
+        grouped = q.reshape(len(q), -1, self.group)
+        if mins is not None:
+            return (scales[:, :, None] * grouped + mins[:, :, None]).reshape(q.shape)
+        if self.bits == 4:
+            grouped = grouped - np.float32(8)
+        return (scales[:, :, None] * grouped).reshape(q.shape)
+
+    def _rows(self, rows):
+        """`rows` as an array of row indices (None: every row)."""
+        return np.arange(self.shape[0]) if rows is None else np.asarray(rows)
+
+
+def default_parts(bits):
+    """Into how many int8 parts qmatmul splits each activation block by default: 2 for int8
+    weights (faster), 3 for int4 (more exact)."""
+    return 2 if bits == 8 else 3
+
+
+def describe(bits, group, asymmetric, scale_dtype):
+    """'int8 g32 fp16', 'int4 g32 asym fp16' ...: a QTensor's kind."""
+    asym = " asym" if asymmetric else ""
+    scales = "fp16" if np.dtype(scale_dtype) == np.float16 else "fp32"
+    return f"int{bits} g{group}{asym} {scales}"
 
 
 def check_qtensor(t, where):
@@ -89,23 +117,33 @@ def pack(codes, scales, mins, bits, group, rows=1024, parts=None):
     """A QTensor (with `parts`) from integer codes [N, K] (int8 values for 8 bits, 0..15 for 4
     bits) and per-group scales (and mins) [N, K/G] (float16 or float32); `codes` may be a function
     (r0, r1) -> codes[r0:r1], called `rows` rows at a time to bound the temporary memory."""
-    n, k = codes.shape if hasattr(codes, "shape") else (scales.shape[0], codes(0, 1).shape[1])
-    p, nb = -(-n // PANEL), k // BLOCK
-    qs = np.empty((p, nb, 512 if bits == 8 else 256), np.uint8)
+    if callable(codes):
+        n = scales.shape[0]
+        k = codes(0, 1).shape[1]
+    else:
+        n = codes.shape[0]
+        k = codes.shape[1]
+    n_panels = -(-n // PANEL)
+    n_blocks = k // BLOCK
+    qs = np.empty((n_panels, n_blocks, panel_block_bytes(bits)), np.uint8)
     for r0 in range(0, n, rows):  # rows is a multiple of PANEL
-        c = codes(r0, min(n, r0 + rows)) if callable(codes) else codes[r0:r0 + rows]
-        c = np.pad(c, ((0, -len(c) % PANEL), (0, 0)))
-        q = c.reshape(-1, PANEL, nb, 8, 4).transpose(0, 2, 3, 1, 4)
+        chunk = codes(r0, min(n, r0 + rows)) if callable(codes) else codes[r0:r0 + rows]
+        chunk = np.pad(chunk, ((0, -len(chunk) % PANEL), (0, 0)))
+        q = chunk.reshape(-1, PANEL, n_blocks, 8, 4).transpose(0, 2, 3, 1, 4)
         if bits == 8:
             q = (q.astype(np.int16) + 128).astype(np.uint8)
         else:
             q = q.astype(np.uint8)
             q = q[:, :, :4] | (q[:, :, 4:] << 4)
-        qs[r0 // PANEL:r0 // PANEL + len(q)] = q.reshape(len(q), nb, -1)
+        first_panel = r0 // PANEL
+        qs[first_panel:first_panel + len(q)] = q.reshape(len(q), n_blocks, -1)
 
     def panels(a):
-        return None if a is None else np.ascontiguousarray(
-            np.pad(a, ((0, p * PANEL - n), (0, 0))).reshape(p, PANEL, -1).transpose(0, 2, 1))
+        """Per-group values [N, K/G] as [panels, K/G, PANEL], rows padded with zeros."""
+        if a is None:
+            return None
+        padded = np.pad(a, ((0, n_panels * PANEL - n), (0, 0)))
+        return np.ascontiguousarray(padded.reshape(n_panels, PANEL, -1).transpose(0, 2, 1))
     return QTensor((n, k), bits, group, qs, panels(scales), panels(mins), parts)
 
 
@@ -114,6 +152,24 @@ def quantize(w, bits=8, group=32, asymmetric=False, scale_dtype=np.float16, part
     QTensor: int8 symmetric (GGUF Q8_0's rule), int4 symmetric (Q4_0's) or asymmetric (Q4_1's)."""
     w = to_float32(np.asarray(w))
     n, k = w.shape
+    _check_quantize_options(bits, group, asymmetric, k)
+    groups = w.reshape(n, k // group, group)
+    mins = None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if bits == 8:
+            scales, q = _quantize_int8(groups)
+        elif not asymmetric:
+            scales, q = _quantize_int4_symmetric(groups)
+        else:
+            scales, q, lowest = _quantize_int4_asymmetric(groups)
+            mins = lowest[:, :, 0].astype(scale_dtype)
+        if bits == 4:
+            q = np.minimum(q, 15)
+    return pack(q.reshape(n, k), scales[:, :, 0].astype(scale_dtype), mins, bits, group,
+                parts=parts)
+
+
+def _check_quantize_options(bits, group, asymmetric, k):
     if bits not in (4, 8):
         raise ValueError(f"bits must be 8 or 4, got {bits}")
     if asymmetric and bits != 4:
@@ -121,46 +177,60 @@ def quantize(w, bits=8, group=32, asymmetric=False, scale_dtype=np.float16, part
     if group < BLOCK or group & (group - 1) or k % group or (bits == 4 and group != BLOCK):
         raise ValueError(f"group size {group} is invalid for K = {k} and {bits} bits "
                          f"(int8: a power of two >= 32 dividing K; int4: 32)")
-    g = w.reshape(n, k // group, group)
-    mins = None
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if bits == 8:
-            d = np.abs(g).max(axis=2, keepdims=True) / np.float32(127)
-            q = _roundf(g * np.where(d == 0, 0, 1 / d)).astype(np.int8)
-        elif not asymmetric:
-            big = np.take_along_axis(g, np.abs(g).argmax(axis=2)[:, :, None], axis=2)
-            d = big / np.float32(-8)
-            q = np.trunc(g * np.where(d == 0, 0, 1 / d) + np.float32(8.5)).astype(np.uint8)
-        else:
-            lo = g.min(axis=2, keepdims=True)
-            d = (g.max(axis=2, keepdims=True) - lo) / np.float32(15)
-            q = np.trunc((g - lo) * np.where(d == 0, 0, 1 / d) + np.float32(0.5)).astype(np.uint8)
-            mins = lo[:, :, 0].astype(scale_dtype)
-        if bits == 4:
-            q = np.minimum(q, 15)
-    return pack(q.reshape(n, k), d[:, :, 0].astype(scale_dtype), mins, bits, group, parts=parts)
 
 
-# GGUF block layouts: type name -> (bytes per 32 values, bits, has a minimum)
-GGUF_NATIVE = {"Q8_0": (34, 8, False), "Q4_0": (18, 4, False), "Q4_1": (20, 4, True)}
+def _inverse(scales):
+    """1 / scales, and 0 where a scale is 0 (a group of zeros)."""
+    return np.where(scales == 0, 0, 1 / scales)
+
+
+def _quantize_int8(groups):
+    """(scales, codes) of Q8_0's rule: d = max |w| / 127, q = round(w / d)."""
+    scales = np.abs(groups).max(axis=2, keepdims=True) / np.float32(127)
+    return scales, _roundf(groups * _inverse(scales)).astype(np.int8)
+
+
+def _quantize_int4_symmetric(groups):
+    """(scales, codes) of Q4_0's rule: d = (the value of largest magnitude) / -8,
+    q = trunc(w / d + 8.5)."""
+    largest = np.take_along_axis(groups, np.abs(groups).argmax(axis=2)[:, :, None], axis=2)
+    scales = largest / np.float32(-8)
+    codes = np.trunc(groups * _inverse(scales) + np.float32(8.5)).astype(np.uint8)
+    return scales, codes
+
+
+def _quantize_int4_asymmetric(groups):
+    """(scales, codes, minimums) of Q4_1's rule: d = (max - min) / 15,
+    q = trunc((w - min) / d + 0.5)."""
+    lowest = groups.min(axis=2, keepdims=True)
+    scales = (groups.max(axis=2, keepdims=True) - lowest) / np.float32(15)
+    codes = np.trunc((groups - lowest) * _inverse(scales) + np.float32(0.5)).astype(np.uint8)
+    return scales, codes, lowest
 
 
 def from_gguf_blocks(raw, kind, shape, parts=None):
-    """A QTensor from the raw bytes [N, K/32 * block bytes] of a GGUF Q8_0/Q4_0/Q4_1 tensor."""
-    size, bits, has_min = GGUF_NATIVE[kind]
+    """A QTensor from the raw bytes [N, K/32 * block bytes] of a GGUF tensor of a PANELS format
+    of the registry (Q8_0, Q4_0, Q4_1)."""
+    weight_format = FORMATS[kind]
+    bits = weight_format.bits
     n, k = shape
-    b = np.asarray(raw).reshape(n, k // BLOCK, size)
-    d = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16)[:, :, 0]
-    m = np.ascontiguousarray(b[:, :, 2:4]).view(np.float16)[:, :, 0] if has_min else None
-    start = 4 if has_min else 2
+    blocks = np.asarray(raw).reshape(n, k // BLOCK, weight_format.block_bytes)
+    scales = _float16_field(blocks, 0)
+    mins = _float16_field(blocks, 2) if weight_format.asymmetric else None
+    codes_start = 4 if weight_format.asymmetric else 2
 
     def codes(r0, r1):
-        body = b[r0:r1, :, start:]
+        body = blocks[r0:r1, :, codes_start:]
         if bits == 8:
             return body.view(np.int8).reshape(r1 - r0, k)
         # byte i: value i in the low nibble, value i + 16 in the high nibble
         return np.concatenate([body & 15, body >> 4], axis=2).reshape(r1 - r0, k)
-    return pack(codes, d, m, bits, BLOCK, parts=parts)
+    return pack(codes, scales, mins, bits, BLOCK, parts=parts)
+
+
+def _float16_field(blocks, offset):
+    """The float16 at byte `offset` of every block, as [N, K/32]."""
+    return np.ascontiguousarray(blocks[:, :, offset:offset + 2]).view(np.float16)[:, :, 0]
 
 
 def quantize_weights(weights, bits=8, group=32, asymmetric=False, scale_dtype=np.float16,
@@ -168,10 +238,13 @@ def quantize_weights(weights, bits=8, group=32, asymmetric=False, scale_dtype=np
     """A new canonical weight dict with every matrix quantized, except norms (always kept), the
     names in `keep` ("tok_embeddings", "output") and matrices whose K is not a multiple of
     `group` (kept as they are). Already-quantized matrices are dequantized first."""
+    items = list(weights.items())
+    if progress is not None:
+        items = progress(items)
     out = {}
-    for name, w in (progress or (lambda x: x))(list(weights.items())):
+    for name, w in items:
         if isinstance(w, QTensor):
             w = w.dequantize()
-        out[name] = w if w.ndim != 2 or name in keep or w.shape[1] % group else \
-            quantize(w, bits, group, asymmetric, scale_dtype, parts)
+        stays_dense = w.ndim != 2 or name in keep or w.shape[1] % group
+        out[name] = w if stays_dense else quantize(w, bits, group, asymmetric, scale_dtype, parts)
     return out

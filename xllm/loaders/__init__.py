@@ -8,6 +8,7 @@ import os
 
 from ..errors import ModelFormatError
 from ..files.common import check_regular_file
+from ..files.xllm_format import is_xllm_dir
 from .checkpoint import Checkpoint
 
 
@@ -24,8 +25,8 @@ def load_checkpoint(path) -> Checkpoint:
         path = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
-            from .quantized import is_quantized_dir, load_quantized
-            if is_quantized_dir(path):
+            if is_xllm_dir(path):
+                from .quantized import load_quantized
                 return load_quantized(path)
             from .hf import load_hf
             return load_hf(path)
