@@ -152,7 +152,7 @@ class Model:
         ids = []
         for i, prompt in enumerate(prompts):
             name = f"prompt[{i}]" if batch else "prompt"
-            ids.append(self._encode(prompt, add_bos, name))
+            ids.append(self.encode_prompt(prompt, add_bos, name))
         return _Request(ids, max_new_tokens, params, stop)
 
     def _tokenizer(self):
@@ -161,7 +161,10 @@ class Model:
                              "or give prompts as lists of token ids")
         return self.tokenizer
 
-    def _encode(self, prompt, add_bos, name):
+    def encode_prompt(self, prompt, add_bos=None, name="prompt") -> list:
+        """The token ids of `prompt` as :meth:`generate` runs it: text encoded (add_bos=None:
+        BOS if the tokenizer's model asks for it), a list of ids checked against the
+        vocabulary; TypeError or ValueError naming `name` otherwise."""
         if isinstance(prompt, str):
             tok = self._tokenizer()
             if add_bos is None:
