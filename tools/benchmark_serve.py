@@ -1,0 +1,299 @@
+"""Load benchmark for OpenAI-compatible servers: many concurrent streaming requests.
+
+    python tools/benchmark_serve.py --url http://127.0.0.1:8000 --concurrency 16 --requests 64
+        [--prompts benchmarks/prompts.txt] [--max-tokens 128] [--chat]
+
+Or let it start the server (and stop it after), each in its own process, on a free port:
+
+    python tools/benchmark_serve.py --start xllm --model smollm2-135m-instruct --threads 2 ...
+    python tools/benchmark_serve.py --start llama-server --llama-server BIN --model M.gguf ...
+    python tools/benchmark_serve.py --start llama-cpp-python --model M.gguf ...
+
+and, for the same prompts as one offline batch in this process: ``--offline`` (xllm only).
+
+Prints output tokens per second (all streams together), time to first token and inter-token
+latency (p50 and p95), errors, and this client's own CPU use (it shares the machine with the
+server: one asyncio process, httpx, no per-token work but timing). Requests are greedy
+(temperature 0); the client goes to 127.0.0.1 only, and every request and the whole run are
+bounded in time."""
+import argparse
+import asyncio
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "benchmarks" / "prompts.txt"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def read_prompts(path, n):
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise SystemExit(f"{path}: no prompts")
+    return [lines[i % len(lines)] for i in range(n)]
+
+
+class Result:
+    """What one streamed request measured."""
+
+    def __init__(self):
+        self.ttft = None
+        self.gaps = []
+        self.tokens = 0
+        self.error = None
+
+
+async def one_request(client, url, prompt, args, result):
+    if args.chat:
+        path = "/v1/chat/completions"
+        body = {"messages": [{"role": "user", "content": prompt}]}
+    else:
+        path = "/v1/completions"
+        body = {"prompt": prompt}
+    body.update(model=args.model_name, max_tokens=args.max_tokens, temperature=0.0,
+                stream=True, stream_options={"include_usage": True})
+    started = time.perf_counter()
+    last = None
+    usage_tokens = None
+    try:
+        async with client.stream("POST", url + path, json=body,
+                                 timeout=args.request_timeout) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}"
+                await response.aread()
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if "error" in data:
+                    result.error = str(data["error"].get("message"))
+                    return
+                if data.get("usage"):
+                    usage_tokens = data["usage"].get("completion_tokens")
+                for choice in data.get("choices", []):
+                    text = choice.get("text")
+                    if text is None:
+                        text = (choice.get("delta") or {}).get("content")
+                    if not text:
+                        continue
+                    now = time.perf_counter()
+                    if last is None:
+                        result.ttft = now - started
+                    else:
+                        result.gaps.append(now - last)
+                    last = now
+                    result.tokens += 1
+    except Exception as error:  # a timeout or a broken connection: count it, go on
+        result.error = f"{type(error).__name__}: {error}"
+    if usage_tokens is not None:
+        result.tokens = usage_tokens
+
+
+async def run_load(url, prompts, args):
+    import httpx
+    limits = httpx.Limits(max_connections=args.concurrency)
+    results = [Result() for _ in prompts]
+    gate = asyncio.Semaphore(args.concurrency)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+    async def guarded(prompt, result):
+        async with gate:
+            await one_request(client, url, prompt, args, result)
+
+    async with httpx.AsyncClient(limits=limits, headers=headers, trust_env=False) as client:
+        started = time.perf_counter()
+        tasks = [asyncio.ensure_future(guarded(p, r)) for p, r in zip(prompts, results)]
+        done, pending = await asyncio.wait(tasks, timeout=args.max_duration)
+        for task in pending:
+            task.cancel()
+        wall = time.perf_counter() - started
+    for task, result in zip(tasks, results):
+        if task in pending:
+            result.error = "cut by --max-duration"
+    return results, wall
+
+
+def percentile(values, q):
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def report(label, results, wall, cpu_seconds):
+    tokens = sum(r.tokens for r in results if r.error is None)
+    ttfts = [r.ttft for r in results if r.ttft is not None]
+    gaps = [g for r in results for g in r.gaps]
+    errors = [r.error for r in results if r.error is not None]
+    line = {"server": label, "requests": len(results), "errors": len(errors),
+            "output_tokens": tokens, "seconds": round(wall, 3),
+            "output_tok_per_s": round(tokens / wall, 2) if wall else 0.0,
+            "ttft_p50_ms": round(1000 * percentile(ttfts, 50), 1),
+            "ttft_p95_ms": round(1000 * percentile(ttfts, 95), 1),
+            "itl_p50_ms": round(1000 * percentile(gaps, 50), 2),
+            "itl_p95_ms": round(1000 * percentile(gaps, 95), 2),
+            "client_cpu_percent": round(100 * cpu_seconds / wall, 1) if wall else 0.0}
+    print(json.dumps(line))
+    for error in sorted(set(errors))[:5]:
+        print(f"  error: {error}", file=sys.stderr)
+    return line
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(args, port):
+    if args.start == "xllm":
+        return [sys.executable, "-m", "xllm.serve", "--model", args.model, "--port", str(port),
+                "--threads", str(args.threads), "--served-model-name", args.model_name]
+    if args.start == "llama-server":
+        if not args.llama_server:
+            raise SystemExit("--start llama-server needs --llama-server BIN "
+                             "(../shared/bench/build-llama-server.sh prints it)")
+        return [args.llama_server, "-m", args.model, "--host", "127.0.0.1", "--port", str(port),
+                "-np", str(args.concurrency), "-c", str(args.concurrency * args.slot_context),
+                "-t", str(args.threads), "-tb", str(args.threads), "--alias", args.model_name]
+    if args.start == "llama-cpp-python":
+        return [sys.executable, "-m", "llama_cpp.server", "--model", args.model, "--host",
+                "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads),
+                "--n_threads_batch", str(args.threads), "--n_ctx", str(args.slot_context),
+                "--interrupt_requests", "False", "--model_alias", args.model_name]
+    raise SystemExit(f"unknown server {args.start!r}")
+
+
+def start_server(args):
+    port = free_port()
+    command = server_command(args, port)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + args.start_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{command[0]} exited with {process.returncode}:\n"
+                             f"{process.stderr.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/v1/models", timeout=1) as r:
+                if r.status == 200:
+                    return url, process
+        except OSError:
+            time.sleep(0.25)
+    stop_server(process)
+    raise SystemExit(f"{command[0]} did not answer within {args.start_timeout} s")
+
+
+def stop_server(process):
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def offline(args, prompts):
+    """The same prompts as one Model.generate_batch call: output tokens per second."""
+    import xllm
+    model = xllm.load(args.model, threads=args.threads)
+    if args.chat:
+        prompts = [model.chat_ids([{"role": "user", "content": p}]) for p in prompts]
+    started = time.perf_counter()
+    model.generate_batch(prompts, max_new_tokens=args.max_tokens)
+    wall = time.perf_counter() - started
+    tokens = len(model.last_stats["tokens"])
+    line = {"server": "offline generate_batch", "requests": len(prompts),
+            "output_tokens": tokens, "seconds": round(wall, 3),
+            "output_tok_per_s": round(tokens / wall, 2)}
+    print(json.dumps(line))
+    return line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", help="a running server (127.0.0.1 only)")
+    p.add_argument("--start", choices=("xllm", "llama-server", "llama-cpp-python"),
+                   help="start this server on a free port, run, stop it")
+    p.add_argument("--offline", action="store_true",
+                   help="run the prompts as one xllm generate_batch call instead")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="model for --start/--offline (a GGUF for the llama.cpp servers)")
+    p.add_argument("--model-name", default=None,
+                   help="the 'model' field sent (default: the server's first model)")
+    p.add_argument("--llama-server", default=None, help="llama-server binary for --start")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--slot-context", type=int, default=1024,
+                   help="context per llama.cpp slot (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests in all (default: the concurrency)")
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--chat", action="store_true", help="/v1/chat/completions (default: "
+                                                      "/v1/completions on the raw prompt)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--max-duration", type=float, default=900.0,
+                   help="cut the whole run after this many seconds")
+    p.add_argument("--start-timeout", type=float, default=180.0)
+    p.add_argument("--warmup", type=int, default=2,
+                   help="requests sent (one at a time) before measuring")
+    return p.parse_args(argv)
+
+
+def model_name(url, api_key):
+    request = urllib.request.Request(url + "/v1/models")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.load(r)["data"][0]["id"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    n = args.requests or args.concurrency
+    prompts = read_prompts(args.prompts, n)
+    if args.offline:
+        offline(args, prompts)
+        return 0
+    if bool(args.url) == bool(args.start):
+        raise SystemExit("give --url or --start (or --offline)")
+    process = None
+    if args.start:
+        args.model_name = args.model_name or Path(args.model).name
+        url, process = start_server(args)
+    else:
+        url = args.url.rstrip("/")
+        if urllib.parse.urlparse(url).hostname not in LOCAL_HOSTS:
+            raise SystemExit("this benchmark only drives servers on 127.0.0.1")
+    try:
+        args.model_name = args.model_name or model_name(url, args.api_key)
+        if args.warmup:
+            asyncio.run(run_load(url, prompts[:args.warmup], argparse.Namespace(
+                **{**vars(args), "concurrency": 1})))
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+        results, wall = asyncio.run(run_load(url, prompts, args))
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime -
+                                                             cpu_before.ru_stime)
+        report(args.start or url, results, wall, cpu)
+    finally:
+        if process is not None:
+            stop_server(process)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
