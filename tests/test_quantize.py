@@ -60,12 +60,11 @@ def _write_gguf(path, config, weights, fields):
     """A llama GGUF with F32 tensors and the given (key, value, type, item type) metadata."""
     c = config
     w = gguf.GGUFWriter(path, "llama")
-    w.add_context_length(c.max_seq_len)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_heads)
-    w.add_head_count_kv(c.num_kv_heads)
+    sizes = {"context_length": c.max_seq_len, "embedding_length": c.hidden_size,
+             "block_count": c.num_layers, "feed_forward_length": c.intermediate_size,
+             "attention.head_count": c.num_heads, "attention.head_count_kv": c.num_kv_heads}
+    for key, value in sizes.items():
+        w.add_uint32(f"llama.{key}", value)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     for f in fields:
         w.add_key_value(*f)
@@ -132,6 +131,38 @@ def _assert_same_tokenizer(a, b, template=TEMPLATE):
     assert a.chat_template == b.chat_template == template
     for t in TEXTS:
         assert a.tokenizer.encode(t) == b.tokenizer.encode(t), t
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_rows_agree_with_gguf_and_the_packing():
+    """Every row's block and bytes per block are the gguf package's; a PANELS row's reference
+    dequantizer and its QTensor (repacked from the same blocks) give the same values, as do a
+    FLOAT row's; every format tools/quantize.py writes has a GGUF file type and a quantizer."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((40, 256)).astype(np.float32)
+    for name, f in registry.FORMATS.items():
+        if f.gguf_type is not None:
+            assert gguf.GGML_QUANT_SIZES[f.gguf_type] == (f.block, f.block_bytes), name
+            assert f.gguf_type.name == name
+        if f.quantize_type is not None:
+            assert f.file_type is not None and f.from_float is not None, name
+        if f.packing == registry.PANELS and f.gguf_type is not None:
+            raw = f.from_float(w)
+            packed = quant.from_gguf_blocks(raw, name, w.shape)
+            assert packed.bits == f.bits and packed.asymmetric == f.asymmetric
+            np.testing.assert_array_equal(packed.dequantize(), f.dequantize(raw))
+            assert registry.packed_format(f.bits, f.block, f.asymmetric) is f
+        elif f.packing == registry.FLOAT:
+            assert registry.float_format(f.dtype) is f
+            if f.dtype.kind == "f":  # (BF16's uint16 holds bits)
+                stored = w.astype(f.dtype)
+                np.testing.assert_array_equal(f.dequantize(stored), stored.astype(np.float32))
+    int8 = quant.quantize(w, 8, 128)
+    np.testing.assert_array_equal(registry.packed_format(8, 128, False).dequantize(int8),
+                                  int8.dequantize())
+    assert registry.FORMATS["INT8"].bytes_per_weight == 66 / 64
 
 
 # ----------------------------------------------------------------------------- xllm format
@@ -390,8 +421,34 @@ def test_llama_cpp_runs_our_gguf(hf_src, tmp_path, one_thread):
 # ----------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.parametrize("fmt,type_args,bits_args", [
+    ("gguf", ("--type", "q8_0"), ("--bits", 8)),
+    ("gguf", ("--type", "q4_0"), ("--bits", 4)),
+    ("gguf", ("--type", "q4_1"), ("--bits", 4, "--asymmetric")),
+    ("gguf", ("--type", "f16"), ("--bits", 16)),
+    ("xllm", ("--type", "q4_0"), ("--bits", 4, "--symmetric")),
+    ("xllm", ("--type", "q4_1", "--asymmetric"), ("--bits", 4)),
+    ("xllm", ("--type", "f32"), ("--bits", 32))])
+def test_type_names_the_format(hf_src, tmp_path, fmt, type_args, bits_args):
+    """--type (llama.cpp's names, the registry's writable formats) writes the same files as the
+    --bits options it stands for."""
+    assert sorted(registry.writable_formats()) == ["f16", "f32", "q4_0", "q4_1", "q8_0"]
+    suffix = ".gguf" if fmt == "gguf" else ""
+    by_type = tmp_path / f"type{suffix}"
+    by_bits = tmp_path / f"bits{suffix}"
+    assert run("--model", hf_src, "--out", by_type, "--format", fmt, *type_args) == 0
+    assert run("--model", hf_src, "--out", by_bits, "--format", fmt, *bits_args) == 0
+    if fmt == "gguf":
+        assert by_type.read_bytes() == by_bits.read_bytes()
+    else:
+        assert sorted(os.listdir(by_type)) == sorted(os.listdir(by_bits))
+        for name in os.listdir(by_type):
+            assert (by_type / name).read_bytes() == (by_bits / name).read_bytes(), name
+
+
 def test_bad_options(hf_src, tmp_path, capsys):
-    for bad in (("--bits", 3), ("--bits", 8, "--activation-parts", 1)):
+    for bad in (("--bits", 3), ("--bits", 8, "--activation-parts", 1), ("--type", "q2_k"),
+                ("--bits", 8, "--type", "q8_0"), ()):
         with pytest.raises(SystemExit) as e:
             run("--model", hf_src, "--out", tmp_path / "x", *bad)
         assert e.value.code == 2
@@ -403,7 +460,11 @@ def test_bad_options(hf_src, tmp_path, capsys):
                       (("--bits", 8, "--keep", "norms"), "not one of embeddings, output"),
                       (("--bits", 8, "--format", "gguf", "--activation-parts", 3),
                        "--activation-parts applies to the xllm format"),
-                      (("--bits", 16, "--activation-parts", 2), "with --bits 8 or 4")]:
+                      (("--bits", 16, "--activation-parts", 2), "with --bits 8 or 4"),
+                      (("--type", "q4_0", "--asymmetric"), "--type q4_0 is symmetric"),
+                      (("--type", "q4_1", "--symmetric"), "--type q4_1 is asymmetric"),
+                      (("--type", "q8_0", "--group-size", 64), "blocks of 32 values"),
+                      (("--type", "f16", "--symmetric"), "not quantized")]:
         capsys.readouterr()
         assert run("--model", hf_src, "--out", tmp_path / "x", *args) == 2
         err = capsys.readouterr().err

@@ -1,15 +1,17 @@
 """Quantize a model into xllm's quantized format (a directory) or a llama.cpp GGUF file.
 
-    python tools/quantize.py --model SRC --out DST --bits {32,16,8,4} [--group-size 32]
-        [--asymmetric | --symmetric] [--scale-dtype fp16|fp32] [--format xllm|gguf]
-        [--keep embeddings,output] [--activation-parts {2,3}] [--force]
+    python tools/quantize.py --model SRC --out DST (--bits {32,16,8,4} | --type TYPE)
+        [--group-size 32] [--asymmetric | --symmetric] [--scale-dtype fp16|fp32]
+        [--format xllm|gguf] [--keep embeddings,output] [--activation-parts {2,3}] [--force]
 
 SRC is anything xllm loads (Hugging Face or Meta directory, GGUF, llama2.c .bin, an xllm
 quantized directory) or a registered model name such as smollm2-135m-instruct; quantized
 sources are dequantized first. --bits 8 / 4 quantize the matrices (int8 is symmetric; int4 is
 asymmetric unless --symmetric in the xllm format, symmetric Q4_0 unless --asymmetric (Q4_1) in
-GGUF); --bits 32 / 16 write dense float32 / float16. Norms always stay float32 (GGUF) or as
-stored (xllm); --keep leaves the token embeddings and/or the output matrix unquantized.
+GGUF); --bits 32 / 16 write dense float32 / float16. --type names the format instead, as
+llama.cpp does (f32, f16, q8_0, q4_0, q4_1: the weight-format registry's writable formats).
+Norms always stay float32 (GGUF) or as stored (xllm); --keep leaves the token embeddings
+and/or the output matrix unquantized.
 --activation-parts (xllm format) records how many int8 parts qmatmul splits the activations
 into for these weights: 2 (faster) or 3 (more exact); default 2 for int8, 3 for int4.
 
@@ -35,8 +37,8 @@ from xllm import hub
 from xllm._kernels.layout import to_float32
 from xllm.files import gguf as gguf_file
 from xllm.files import xllm_format
-from xllm.formats.qtensor import QTensor, describe, quantize_weights
-from xllm.formats.registry import FORMATS, PANELS, float_format, packed_format
+from xllm.formats.qtensor import QTensor, quantize_weights
+from xllm.formats.registry import FORMATS, PANELS, float_format, packed_format, writable_formats
 from xllm.loaders import load_checkpoint
 from xllm.loaders.gguf import gguf_name
 from xllm.model.weights import expected_shapes
@@ -50,8 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True,
                    help="source: a path xllm loads or a registered name (smollm2-135m-instruct)")
     p.add_argument("--out", required=True, help="output directory (xllm) or .gguf file")
-    p.add_argument("--bits", type=int, required=True, choices=[32, 16, 8, 4],
-                   help="8 or 4: quantized; 32 or 16: dense float32 / float16")
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--bits", type=int, choices=[32, 16, 8, 4],
+                      help="8 or 4: quantized; 32 or 16: dense float32 / float16")
+    kind.add_argument("--type", choices=sorted(writable_formats()),
+                      help="the format by llama.cpp's name (q8_0 = --bits 8, q4_0 = --bits 4 "
+                           "--symmetric, q4_1 = --bits 4 --asymmetric, f32, f16)")
     p.add_argument("--group-size", type=int, default=32,
                    help="values per scale along K (int8: a power of two >= 32; int4 and GGUF: 32)")
     sym = p.add_mutually_exclusive_group()
@@ -72,9 +78,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def apply_type(a):
+    """Set --bits and --asymmetric from --type, if given (ValueError if they disagree with
+    the other options)."""
+    if a.type is None:
+        return
+    chosen = writable_formats()[a.type]
+    if chosen.packing != PANELS:
+        if a.asymmetric is not None:
+            raise ValueError(f"--type {a.type} is not quantized: no --symmetric/--asymmetric")
+        a.bits = 8 * chosen.dtype.itemsize
+        return
+    if a.asymmetric is not None and a.asymmetric != chosen.asymmetric:
+        raise ValueError(f"--type {a.type} is {'a' if chosen.asymmetric else ''}symmetric")
+    if a.group_size != chosen.block:
+        raise ValueError(f"--group-size {a.group_size}: --type {a.type} has blocks of "
+                         f"{chosen.block} values")
+    a.bits = chosen.bits
+    a.asymmetric = chosen.asymmetric
+
+
 def check_options(a):
     """The validated settings of the parsed arguments (ValueError if they do not fit)."""
-    g, gguf = a.group_size, a.format == "gguf"
+    apply_type(a)
+    g = a.group_size
+    gguf = a.format == "gguf"
     if a.asymmetric and a.bits != 4:
         raise ValueError("--asymmetric applies to --bits 4 only (int8 is always symmetric)")
     if a.bits <= 8:
@@ -105,12 +133,13 @@ def _inside(path, root):
 
 def check_paths(src, dst, force, tokenizer=None):
     """Refuse an output that is (or is inside, or contains) the source, or that exists."""
-    s, d = os.path.realpath(src), os.path.realpath(dst)
-    if os.path.isfile(s) and s.endswith((".safetensors", ".pth", "config.json")):
-        s = os.path.dirname(s)  # stands for its directory
-    if _inside(d, s) or _inside(s, d):
+    source = os.path.realpath(src)
+    out = os.path.realpath(dst)
+    if os.path.isfile(source) and source.endswith((".safetensors", ".pth", "config.json")):
+        source = os.path.dirname(source)  # stands for its directory
+    if _inside(out, source) or _inside(source, out):
         raise ValueError(f"--out {dst} is the source model, inside it or contains it")
-    if tokenizer and _inside(os.path.realpath(tokenizer), d):
+    if tokenizer and _inside(os.path.realpath(tokenizer), out):
         raise ValueError(f"--out {dst} would overwrite the source's tokenizer {tokenizer}")
     if os.path.lexists(dst) and not force:
         raise ValueError(f"--out {dst} exists (pass --force to replace it)")
@@ -254,8 +283,9 @@ def tokenizer_metadata(ckpt, fields):
     if ckpt.tokenizer_path is None:
         return []
     from xllm.tokenizers import SentencePieceBPE, load_tokenizer
-    tok, c, p = load_tokenizer(ckpt.tokenizer_path, ckpt.config.vocab_size), ckpt.config, \
-        "tokenizer.ggml."
+    tok = load_tokenizer(ckpt.tokenizer_path, ckpt.config.vocab_size)
+    c = ckpt.config
+    p = "tokenizer.ggml."
     out = [(p + "tokens", tok.pieces, T.ARRAY, T.STRING),
            (p + "token_type", tok.types, T.ARRAY, T.INT32),
            (p + "add_bos_token", tok.add_bos_default, T.BOOL, None)]
@@ -399,36 +429,50 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, previous)
 
 
+def load_source(args, o):
+    """(checkpoint, how config.json names the source) of --model, checked against the
+    options; sets o.keep for a tied output and o.fields (the source's GGUF metadata)."""
+    src = hub.resolve(args.model)
+    check_paths(src, args.out, args.force)
+    ckpt = load_checkpoint(src)
+    check_paths(src, args.out, args.force, ckpt.tokenizer_path)
+    if o.bits <= 8 and ckpt.config.hidden_size % o.group:
+        raise ValueError(f"--group-size {o.group} does not divide hidden_size "
+                         f"{ckpt.config.hidden_size} (the K of most matrices)")
+    if "output" in o.keep and "output" not in ckpt.weights:
+        o.keep.add("tok_embeddings")  # tied: the output matrix is the embedding table
+    if ckpt.tokenizer is None and ckpt.tokenizer_path is None:
+        print("note: the source has no tokenizer (pass token ids, or xllm.load(..., "
+              "tokenizer=...)); llama.cpp needs one in a GGUF", file=sys.stderr)
+    o.fields = source_fields(ckpt)
+    source = args.model if src != args.model else os.path.abspath(src)
+    return ckpt, source
+
+
+def move_into_place(tmp, out):
+    """Rename the finished output `tmp` to `out` (an old `out`, with --force, is moved away
+    first and deleted after)."""
+    old = None
+    if os.path.lexists(out):
+        old = out.rstrip("/" + os.sep) + f".old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    _remove(old)
+
+
 def convert(args):
     """Run the parsed command line; the exit status."""
-    start, tmp = time.time(), None
+    start = time.time()
+    tmp = None
     try:
         o = check_options(args)
-        src = hub.resolve(args.model)
-        check_paths(src, args.out, args.force)
-        ckpt = load_checkpoint(src)
-        check_paths(src, args.out, args.force, ckpt.tokenizer_path)
-        if o.bits <= 8 and ckpt.config.hidden_size % o.group:
-            raise ValueError(f"--group-size {o.group} does not divide hidden_size "
-                             f"{ckpt.config.hidden_size} (the K of most matrices)")
-        if "output" in o.keep and "output" not in ckpt.weights:
-            o.keep.add("tok_embeddings")  # tied: the output matrix is the embedding table
-        if ckpt.tokenizer is None and ckpt.tokenizer_path is None:
-            print("note: the source has no tokenizer (pass token ids, or xllm.load(..., "
-                  "tokenizer=...)); llama.cpp needs one in a GGUF", file=sys.stderr)
-        source = args.model if src != args.model else os.path.abspath(src)
-        o.fields = source_fields(ckpt)
+        ckpt, source = load_source(args, o)
         tmp = args.out.rstrip("/" + os.sep) + f".tmp-{os.getpid()}"
         _remove(tmp)
         writer = write_gguf if o.format == "gguf" else write_xllm
         quantized, dense_count, kept = writer(tmp, ckpt, o, source)
-        old = None
-        if os.path.lexists(args.out):  # --force: move the old output away, then delete it
-            old = args.out.rstrip("/" + os.sep) + f".old-{os.getpid()}"
-            os.replace(args.out, old)
-        os.replace(tmp, args.out)
+        move_into_place(tmp, args.out)
         tmp = None
-        _remove(old)
     except KeyboardInterrupt:
         _remove(tmp)
         print("quantize: interrupted; nothing was written", file=sys.stderr)

@@ -78,14 +78,20 @@ def kv_capacity(config, prompt_len, gen_len, initial=256):
 
 def activation_bytes(config, batch, prompt_len, rows=512):
     """(peak, normal) bytes of activations for `batch` sequences (see the module docstring)."""
-    c, r = config, min(rows, config.max_seq_len)
-    ws = 4 * r * (2 * c.hidden_size + 2 * c.q_dim + 2 * c.kv_dim + 2 * c.intermediate_size)
-    ws += 4 * c.vocab_size + 3 * 8 * r + 2 * 4 * c.max_seq_len * (c.head_dim // 2)
-    per_seq = 4 * c.vocab_size + 8 * (prompt_len + 1)  # logits row, token history
-    k = max(c.hidden_size, c.q_dim, c.intermediate_size)
-    scratch = lambda m: m * (3 * k + 12 * (k // 32))  # noqa: E731  quantized x of m rows
-    prefill_rows = min(r, batch * prompt_len)
-    return ws + batch * per_seq + scratch(prefill_rows), ws + batch * per_seq + scratch(batch)
+    c = config
+    chunk = min(rows, config.max_seq_len)  # rows of a prefill chunk
+    workspace = 4 * chunk * (2 * c.hidden_size + 2 * c.q_dim + 2 * c.kv_dim
+                             + 2 * c.intermediate_size)
+    workspace += 4 * c.vocab_size + 3 * 8 * chunk + 2 * 4 * c.max_seq_len * (c.head_dim // 2)
+    per_sequence = 4 * c.vocab_size + 8 * (prompt_len + 1)  # logits row, token history
+    widest = max(c.hidden_size, c.q_dim, c.intermediate_size)
+
+    def quantized_x(rows):
+        """Bytes of the int8 parts and scales of `rows` rows of x."""
+        return rows * (3 * widest + 12 * (widest // 32))
+    prefill_rows = min(chunk, batch * prompt_len)
+    common = workspace + batch * per_sequence
+    return common + quantized_x(prefill_rows), common + quantized_x(batch)
 
 
 def model_weights(tr):
@@ -149,7 +155,8 @@ def main(argv=None):
     else:
         from . import load
         model = load(a.model, threads=a.threads, kv_dtype=a.kv_dtype)
-        config, weights = model.config, model_weights(model.transformer)
+        config = model.config
+        weights = model_weights(model.transformer)
         table = weight_table(config, weights)
         # the process after loading, less the weights it copied: interpreter, tokenizer, heap
         runtime = rss_bytes() - sum(_owned_bytes(w) for w in weights.values())

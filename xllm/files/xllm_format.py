@@ -124,9 +124,9 @@ def read_tensor(entries, name, shape, quantization, path):
     if found != quantization.expected():
         raise ModelFormatError(f"{where}: its arrays give (bits, group, asymmetric, scales) "
                                f"= {found}, config.json records {quantization.expected()}")
-    bits, group = found[:2]
     try:
-        return QTensor(shape, bits, group, qs, scales, mins, quantization.parts)
+        return QTensor(shape, quantization.bits, quantization.group_size, qs, scales, mins,
+                       quantization.parts)
     except ModelFormatError as e:
         raise ModelFormatError(f"{where}: {str(e).removeprefix('QTensor: ')}") from None
 

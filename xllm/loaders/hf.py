@@ -72,20 +72,8 @@ def read_config(directory) -> ModelConfig:
         raise ModelFormatError(f"{path}: missing {', '.join(missing)}")
     # transformers 5 keeps RoPE settings in rope_parameters; 4.x has rope_theta + rope_scaling.
     rope = _object(raw, "rope_parameters", path) or _object(raw, "rope_scaling", path)
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    scaling = None
-    if kind == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        if any(k not in rope for k in keys):
-            raise ModelFormatError(f"{path}: llama3 rope scaling needs {', '.join(keys)}")
-        scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
-    elif kind != "default":
-        raise ModelFormatError(f"{path}: rope scaling type {kind!r} is not supported")
-    gen_path = os.path.join(directory, "generation_config.json")
-    gen = read_json(gen_path) if os.path.isfile(gen_path) else {}
-    eos = (_token_ids(raw.get("eos_token_id"), "eos_token_id", path)
-           + _token_ids(gen.get("eos_token_id"), "eos_token_id", gen_path))
-    eos = list(dict.fromkeys(eos))  # in order, without repeats
+    scaling = _rope_scaling(rope, path)
+    eos = _eos_ids(raw, directory, path)
     return make_config(
         path, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
         intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
@@ -97,6 +85,29 @@ def read_config(directory) -> ModelConfig:
         max_seq_len=raw.get("max_position_embeddings", 2048), rope_interleaved=False,
         rope_scaling=scaling, bos_token_id=raw.get("bos_token_id"),
         eos_token_id=eos[0] if eos else None, extra_eos_token_ids=tuple(eos[1:]))
+
+
+def _rope_scaling(rope, path):
+    """The Llama 3 rope_scaling of the RoPE settings `rope`, None for the default RoPE."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ModelFormatError(f"{path}: rope scaling type {kind!r} is not supported")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if any(k not in rope for k in keys):
+        raise ModelFormatError(f"{path}: llama3 rope scaling needs {', '.join(keys)}")
+    return {"rope_type": "llama3", **{k: rope[k] for k in keys}}
+
+
+def _eos_ids(raw, directory, path):
+    """The end-of-sequence ids of config.json (`raw`, read from `path`) and, after them,
+    generation_config.json's, in order, without repeats."""
+    generation_path = os.path.join(directory, "generation_config.json")
+    generation = read_json(generation_path) if os.path.isfile(generation_path) else {}
+    eos = (_token_ids(raw.get("eos_token_id"), "eos_token_id", path)
+           + _token_ids(generation.get("eos_token_id"), "eos_token_id", generation_path))
+    return list(dict.fromkeys(eos))
 
 
 def _shard_path(directory, fname, index):
@@ -132,7 +143,8 @@ def load_hf(directory) -> Checkpoint:
     entries = {fpath: read_safetensors(fpath) for fpath in files}
     check_fits(config, sum(map(len, entries.values())), sum(map(os.path.getsize, files)),
                directory)
-    weights, names = {}, {}
+    weights = {}
+    names = {}
     for fpath, tensors in entries.items():
         fname = os.path.relpath(fpath, os.path.realpath(directory))
         for key, entry in tensors.items():

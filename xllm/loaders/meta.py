@@ -105,36 +105,20 @@ def load_meta(directory) -> Checkpoint:
         import torch
     except ImportError:
         raise ImportError("loading Meta .pth files needs PyTorch (pip install torch)") from None
-    ppath = os.path.join(directory, "params.json")
-    p = read_json(ppath)
-    if missing := [k for k in ("dim", "n_layers", "n_heads") if k not in p]:
-        raise ModelFormatError(f"{ppath}: missing {', '.join(missing)}")
-    dim = p["dim"]
+    params_path = os.path.join(directory, "params.json")
+    params = read_json(params_path)
+    if missing := [k for k in ("dim", "n_layers", "n_heads") if k not in params]:
+        raise ModelFormatError(f"{params_path}: missing {', '.join(missing)}")
     files = sorted(glob.glob(os.path.join(glob.escape(directory), "consolidated.*.pth")))
     if not files:
         raise ModelFormatError(f"{directory}: params.json but no consolidated.*.pth files")
     shards = [_load_shard(torch, f) for f in files]
-    weights = {k: w for k in shards[0] if (w := _merge(shards, k, dim, directory)) is not None}
-    emb, w1 = weights.get("tok_embeddings"), weights.get("layers.0.w1")
-    if emb is None or w1 is None or emb.ndim != 2 or w1.ndim != 2:
-        raise ModelFormatError(f"{files[0]}: missing tok_embeddings.weight or "
-                               f"layers.0.feed_forward.w1.weight (or they are not matrices)")
-    vocab = p.get("vocab_size")
-    if vocab is None or (isinstance(vocab, int) and vocab <= 0):  # -1: the embedding decides
-        vocab = emb.shape[0]
-    # use_scaled_rope: Llama 3.1's frequency scaling, constants from Meta's code
-    if (scaled := p.get("use_scaled_rope", False)) not in (True, False):
-        raise ModelFormatError(f"{ppath}: use_scaled_rope must be true or false, got {scaled!r}")
-    scaling = {"rope_type": "llama3", "factor": value_or(p.get("rope_scaling_factor"), 8.0),
-               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192} if scaled else None
-    config = make_config(
-        ppath, vocab_size=vocab, hidden_size=dim, intermediate_size=w1.shape[0],
-        num_layers=p["n_layers"], num_heads=p["n_heads"],
-        num_kv_heads=value_or(p.get("n_kv_heads"), p["n_heads"]),
-        rope_theta=p.get("rope_theta", 1e4),
-        rms_norm_eps=p.get("norm_eps", 1e-5), max_seq_len=p.get("max_seq_len", 2048),
-        tie_word_embeddings="output" not in weights, rope_interleaved=True, rope_scaling=scaling)
+    weights = {}
+    for name in shards[0]:
+        merged = _merge(shards, name, params["dim"], directory)
+        if merged is not None:
+            weights[name] = merged
+    config = _make_config(params, params_path, weights, files[0])
     check_fits(config, len(weights), sum(map(os.path.getsize, files)), directory)
     weights = {k: weights[k] for k in expected_shapes(config) if k in weights}
     labels = {k: repr(_meta_name(k)) for k in expected_shapes(config)}
@@ -142,3 +126,37 @@ def load_meta(directory) -> Checkpoint:
     return Checkpoint(config=config, weights=weights,
                       tokenizer_path=find_file(directory, ("tokenizer.model",)),
                       source=os.fspath(directory))
+
+
+def _make_config(params, params_path, weights, first_file):
+    """The ModelConfig of params.json; the vocabulary (when params.json leaves it to them) and
+    the feed-forward size come from the embedding and the first w1."""
+    embedding = weights.get("tok_embeddings")
+    w1 = weights.get("layers.0.w1")
+    if embedding is None or w1 is None or embedding.ndim != 2 or w1.ndim != 2:
+        raise ModelFormatError(f"{first_file}: missing tok_embeddings.weight or "
+                               f"layers.0.feed_forward.w1.weight (or they are not matrices)")
+    vocab = params.get("vocab_size")
+    if vocab is None or (isinstance(vocab, int) and vocab <= 0):  # -1: the embedding decides
+        vocab = embedding.shape[0]
+    return make_config(
+        params_path, vocab_size=vocab, hidden_size=params["dim"], intermediate_size=w1.shape[0],
+        num_layers=params["n_layers"], num_heads=params["n_heads"],
+        num_kv_heads=value_or(params.get("n_kv_heads"), params["n_heads"]),
+        rope_theta=params.get("rope_theta", 1e4),
+        rms_norm_eps=params.get("norm_eps", 1e-5), max_seq_len=params.get("max_seq_len", 2048),
+        tie_word_embeddings="output" not in weights, rope_interleaved=True,
+        rope_scaling=_rope_scaling(params, params_path))
+
+
+def _rope_scaling(params, params_path):
+    """use_scaled_rope: Llama 3.1's frequency scaling, constants from Meta's code (or None)."""
+    scaled = params.get("use_scaled_rope", False)
+    if scaled not in (True, False):
+        raise ModelFormatError(f"{params_path}: use_scaled_rope must be true or false, "
+                               f"got {scaled!r}")
+    if not scaled:
+        return None
+    return {"rope_type": "llama3", "factor": value_or(params.get("rope_scaling_factor"), 8.0),
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
