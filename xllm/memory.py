@@ -135,7 +135,7 @@ def report(config, weights_table, batch, prompt_len, gen_len, kv_dtype, runtime)
     return "\n".join(lines), total
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a model path or name xllm loads")
@@ -147,7 +147,11 @@ def main(argv=None):
     p.add_argument("--kv-dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--threads", type=int)
     p.add_argument("--measure", action="store_true", help="run the workload (--model only)")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
     runtime = rss_bytes()
     if a.random:  # computed from the preset: nothing is loaded or allocated
         config = ModelConfig(**PRESETS[a.random])
@@ -163,17 +167,23 @@ def main(argv=None):
     text, total = report(config, table, a.batch, a.prompt_len, a.gen_len, a.kv_dtype, runtime)
     print(text)
     if a.measure and not a.random:
-        from .engine.generation import generate_ids
-        from .engine.sampling import Sampler, SamplingParams
-        rng = np.random.default_rng(0)
-        prompts = [rng.integers(3, config.vocab_size, a.prompt_len) for _ in range(a.batch)]
-        samplers = [Sampler(SamplingParams()) for _ in prompts]
-        for _ in generate_ids(model.transformer, prompts, a.gen_len, samplers, ()):
-            pass
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = measure_peak(model, a.batch, a.prompt_len, a.gen_len)
         print(f"{'measured peak RSS':40s}{peak / 2**20:10.1f}   ({peak / total - 1:+.1%} "
               f"against the prediction)")
     return 0
+
+
+def measure_peak(model, batch, prompt_len, gen_len):
+    """Peak resident memory (bytes) after generating `gen_len` tokens for `batch` random
+    prompts of `prompt_len` tokens."""
+    from .engine.generation import generate_ids
+    from .engine.sampling import Sampler, SamplingParams
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, model.config.vocab_size, prompt_len) for _ in range(batch)]
+    samplers = [Sampler(SamplingParams()) for _ in prompts]
+    for _ in generate_ids(model.transformer, prompts, gen_len, samplers, ()):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 if __name__ == "__main__":

@@ -30,7 +30,33 @@ def read_safetensors(path):
     every entry needs a known dtype, a shape of non-negative integers and data_offsets inside
     the file, matching the shape and overlapping no other tensor's."""
     buf = map_file(path)
-    if (size := buf.size) < 8:
+    header = _read_header(buf, path)
+    data_start = 8 + int(buf[:8].view("<u8")[0])
+    size = buf.size
+    out = {}
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype, shape, begin, end = _entry(path, key, info)
+        if data_start + end > size:
+            raise ModelFormatError(f"{path}: tensor {key!r} needs bytes {data_start + begin}.."
+                                   f"{data_start + end} but the file has {size} bytes "
+                                   f"(truncated?)")
+        want = math.prod(shape) * _ITEMSIZE[dtype]  # Python ints: no overflow
+        if want != end - begin:
+            raise ModelFormatError(f"{path}: tensor {key!r} ({dtype} {shape}) should take {want} "
+                                   f"bytes but its data_offsets span {end - begin}")
+        out[key] = (dtype, tuple(shape), buf[data_start + begin:data_start + end])
+        spans.append((begin, end, key))
+    _check_no_overlap(spans, path)
+    return out
+
+
+def _read_header(buf, path):
+    """The JSON header (a dict) of the mapped file `buf`, its length checked against the file."""
+    size = buf.size
+    if size < 8:
         raise ModelFormatError(f"{path}: {size} bytes is too short for a safetensors file")
     n = int(buf[:8].view("<u8")[0])
     if n > min(size - 8, _MAX_HEADER):
@@ -42,28 +68,16 @@ def read_safetensors(path):
             raise ValueError("header is not a JSON object")
     except (ValueError, RecursionError) as e:
         raise ModelFormatError(f"{path}: corrupt safetensors header: {e}") from None
-    base = 8 + n
-    out = {}
-    spans = []
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype, shape, begin, end = _entry(path, key, info)
-        if base + end > size:
-            raise ModelFormatError(f"{path}: tensor {key!r} needs bytes {base + begin}.."
-                                   f"{base + end} but the file has {size} bytes (truncated?)")
-        want = math.prod(shape) * _ITEMSIZE[dtype]  # Python ints: no overflow
-        if want != end - begin:
-            raise ModelFormatError(f"{path}: tensor {key!r} ({dtype} {shape}) should take {want} "
-                                   f"bytes but its data_offsets span {end - begin}")
-        out[key] = (dtype, tuple(shape), buf[base + begin:base + end])
-        spans.append((begin, end, key))
-    spans.sort()
+    return header
+
+
+def _check_no_overlap(spans, path):
+    """ModelFormatError if two of the (begin, end, name) data spans overlap."""
+    spans = sorted(spans)
     for (_, end, key), (begin, _, other) in zip(spans, spans[1:]):
         if begin < end:
             raise ModelFormatError(f"{path}: tensors {key!r} and {other!r} overlap (data_offsets "
                                    f"{begin} < {end})")
-    return out
 
 
 def _entry(path, key, info):
