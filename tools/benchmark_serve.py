@@ -11,6 +11,17 @@ Or let it start the server (and stop it after), each in its own process, on a fr
 
 and, for the same prompts as one offline batch in this process: ``--offline`` (xllm only).
 
+Scenarios other than plain throughput (``--scenario``):
+
+* ``latency``: 8 streams decode; a new ~1,000-token prompt arrives. Reports the streams'
+  inter-token latency p95 during its prefill against their median before it, and its time to
+  first token against the same-length prompt's on the idle server.
+* ``prefix``: a ~500-token system prompt shared by 16 requests sent one after another: the
+  later requests' time to first token against the first's; with ``--start xllm`` also checks
+  that the answers equal those of a server without the prefix cache.
+* ``soak``: ``--requests`` short requests (``--max-tokens`` <= 16); with ``--start``, the
+  server's resident memory after the first quarter and at the end.
+
 Prints output tokens per second (all streams together), time to first token and inter-token
 latency (p50 and p95), errors, and this client's own CPU use (it shares the machine with the
 server: one asyncio process, httpx, no per-token work but timing). Requests are greedy
@@ -23,6 +34,7 @@ import os
 import resource
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -48,19 +60,15 @@ class Result:
     def __init__(self):
         self.ttft = None
         self.gaps = []
+        self.times = []  # when each piece arrived (perf_counter)
+        self.text = ""
         self.tokens = 0
         self.error = None
 
 
 async def one_request(client, url, prompt, args, result):
-    if args.chat:
-        path = "/v1/chat/completions"
-        body = {"messages": [{"role": "user", "content": prompt}]}
-    else:
-        path = "/v1/completions"
-        body = {"prompt": prompt}
-    body.update(model=args.model_name, max_tokens=args.max_tokens, temperature=0.0,
-                stream=True, stream_options={"include_usage": True})
+    body = prompt if isinstance(prompt, dict) else request_body(prompt, args)
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     started = time.perf_counter()
     last = None
     usage_tokens = None
@@ -87,6 +95,8 @@ async def one_request(client, url, prompt, args, result):
                     if not text:
                         continue
                     now = time.perf_counter()
+                    result.times.append(now)
+                    result.text += text
                     if last is None:
                         result.ttft = now - started
                     else:
@@ -97,6 +107,21 @@ async def one_request(client, url, prompt, args, result):
         result.error = f"{type(error).__name__}: {error}"
     if usage_tokens is not None:
         result.tokens = usage_tokens
+
+
+def request_body(prompt, args, max_tokens=None, chat=None):
+    chat = args.chat if chat is None else chat
+    if chat:
+        if isinstance(prompt, list):
+            body = {"messages": prompt}
+        else:
+            body = {"messages": [{"role": "user", "content": prompt}]}
+    else:
+        body = {"prompt": prompt}
+    body.update(model=args.model_name, temperature=0.0, stream=True,
+                max_tokens=args.max_tokens if max_tokens is None else max_tokens,
+                stream_options={"include_usage": True})
+    return body
 
 
 async def run_load(url, prompts, args):
@@ -158,7 +183,8 @@ def free_port():
 def server_command(args, port):
     if args.start == "xllm":
         return [sys.executable, "-m", "xllm.serve", "--model", args.model, "--port", str(port),
-                "--threads", str(args.threads), "--served-model-name", args.model_name]
+                "--threads", str(args.threads), "--served-model-name", args.model_name,
+                *getattr(args, "extra_server_args", [])]
     if args.start == "llama-server":
         if not args.llama_server:
             raise SystemExit("--start llama-server needs --llama-server BIN "
@@ -221,6 +247,107 @@ def offline(args, prompts):
     return line
 
 
+def long_text(tokens_wanted, seed_sentence):
+    """About `tokens_wanted` tokens of English (4 characters a token), beginning with
+    `seed_sentence` so that two such texts share no prefix."""
+    base = DEFAULT_PROMPTS.read_text(encoding="utf-8").split()
+    words = seed_sentence.split()
+    i = 0
+    while sum(len(w) + 1 for w in words) < 4 * tokens_wanted:
+        words.append(base[i % len(base)])
+        i += 1
+    return " ".join(words)
+
+
+async def scenario_latency(url, args):
+    """Inter-token latency of 8 decoding streams while a ~1,000-token prompt is prefilled."""
+    import httpx
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(headers=headers, trust_env=False, timeout=None) as client:
+        idle = Result()
+        await one_request(client, url, request_body(long_text(1000, "Alpha."), args, 1), args,
+                          idle)
+        streams = [Result() for _ in range(8)]
+        tasks = [asyncio.ensure_future(one_request(
+            client, url, request_body(f"Story number {i}: once upon a time", args, 2000,
+                                      chat=False), args, r)) for i, r in enumerate(streams)]
+        while min(len(r.times) for r in streams) < 20:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.0)
+        before_end = time.perf_counter()
+        new = Result()
+        sent = time.perf_counter()
+        await one_request(client, url, request_body(long_text(1000, "Bravo."), args, 1), args,
+                          new)
+        first_token = time.perf_counter()
+        await asyncio.sleep(0.5)
+        for task in tasks:
+            task.cancel()
+        before = [b - a for r in streams for a, b in zip(r.times, r.times[1:])
+                  if b <= before_end and a >= before_end - 2.0]
+        during = [b - a for r in streams for a, b in zip(r.times, r.times[1:])
+                  if sent <= b <= first_token]
+    line = {"scenario": "latency", "idle_prefill_ms": round(1000 * idle.ttft, 1),
+            "ttft_under_load_ms": round(1000 * new.ttft, 1),
+            "ttft_ratio": round(new.ttft / idle.ttft, 2),
+            "itl_median_before_ms": round(1000 * statistics.median(before), 2),
+            "itl_p95_during_ms": round(1000 * percentile(during, 95), 2),
+            "itl_ratio": round(percentile(during, 95) / statistics.median(before), 2),
+            "gaps_during": len(during)}
+    print(json.dumps(line))
+    return line
+
+
+async def scenario_prefix(url, args):
+    """Time to first token of 16 requests that share a ~500-token system prompt."""
+    import httpx
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    system = long_text(500, "You are a careful assistant for a public library.")
+    questions = read_prompts(args.prompts, 16)
+    results = []
+    async with httpx.AsyncClient(headers=headers, trust_env=False, timeout=None) as client:
+        for question in questions:
+            messages = [{"role": "system", "content": system},
+                        {"role": "user", "content": question}]
+            result = Result()
+            await one_request(client, url, request_body(messages, args, chat=True), args,
+                              result)
+            results.append(result)
+    first = results[0].ttft
+    later = [r.ttft for r in results[1:]]
+    line = {"scenario": "prefix", "first_ttft_ms": round(1000 * first, 1),
+            "later_ttft_median_ms": round(1000 * statistics.median(later), 1),
+            "later_ttft_max_ms": round(1000 * max(later), 1),
+            "ratio_median": round(statistics.median(later) / first, 3),
+            "ratio_max": round(max(later) / first, 3)}
+    print(json.dumps(line))
+    return [r.text for r in results]
+
+
+def resident_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def scenario_soak(url, args, process):
+    prompts = read_prompts(args.prompts, args.requests or 2000)
+    quarter = len(prompts) // 4
+    first = asyncio.run(run_load(url, prompts[:quarter], args))[0]
+    rss_quarter = resident_bytes(process.pid) if process else None
+    rest = asyncio.run(run_load(url, prompts[quarter:], args))[0]
+    rss_end = resident_bytes(process.pid) if process else None
+    errors = sum(r.error is not None for r in first + rest)
+    line = {"scenario": "soak", "requests": len(prompts), "errors": errors,
+            "rss_after_quarter_mb": rss_quarter and round(rss_quarter / 2**20, 1),
+            "rss_at_end_mb": rss_end and round(rss_end / 2**20, 1),
+            "rss_change_percent": rss_quarter and round(100 * (rss_end / rss_quarter - 1), 2)}
+    print(json.dumps(line))
+    return line
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", help="a running server (127.0.0.1 only)")
@@ -248,6 +375,8 @@ def parse_args(argv=None):
     p.add_argument("--max-duration", type=float, default=900.0,
                    help="cut the whole run after this many seconds")
     p.add_argument("--start-timeout", type=float, default=180.0)
+    p.add_argument("--scenario", choices=("throughput", "latency", "prefix", "soak"),
+                   default="throughput")
     p.add_argument("--warmup", type=int, default=2,
                    help="requests sent (one at a time) before measuring")
     return p.parse_args(argv)
@@ -280,6 +409,22 @@ def main(argv=None):
             raise SystemExit("this benchmark only drives servers on 127.0.0.1")
     try:
         args.model_name = args.model_name or model_name(url, args.api_key)
+        if args.scenario == "latency":
+            asyncio.run(scenario_latency(url, args))
+            return 0
+        if args.scenario == "prefix":
+            texts = asyncio.run(scenario_prefix(url, args))
+            if args.start == "xllm":
+                stop_server(process)
+                process = None
+                args.extra_server_args = ["--no-prefix-cache"]
+                url, process = start_server(args)
+                same = asyncio.run(scenario_prefix(url, args)) == texts
+                print(json.dumps({"scenario": "prefix", "answers_equal_without_cache": same}))
+            return 0
+        if args.scenario == "soak":
+            scenario_soak(url, args, process)
+            return 0
         if args.warmup:
             asyncio.run(run_load(url, prompts[:args.warmup], argparse.Namespace(
                 **{**vars(args), "concurrency": 1})))
