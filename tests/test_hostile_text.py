@@ -281,9 +281,9 @@ def test_roles_tools_and_case_changing_templates(smollm2):
 
 def _think_tokenizer():
     # byte-level BPE without merges (one id per byte) with ChatML and reasoning control tokens
-    from xllm.tokenizers.byte_level import _BYTE_CHARS
+    from xllm.tokenizers.byte_level import BYTE_CHARS
     special = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-    return ByteLevelBPE([*_BYTE_CHARS, *special], [], [NORMAL] * 256 + [CONTROL] * 4)
+    return ByteLevelBPE([*BYTE_CHARS, *special], [], [NORMAL] * 256 + [CONTROL] * 4)
 
 
 _THINK_TEMPLATE = (

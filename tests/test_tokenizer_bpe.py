@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from xllm.tokenizers.byte_level import ByteLevelBPE, _BYTE_CHARS
+from xllm.tokenizers.byte_level import BYTE_CHARS, ByteLevelBPE
 from xllm.errors import ModelFormatError
 from xllm.tokenizers import (CONTROL, NORMAL, USER_DEFINED, SentencePieceBPE, load_tokenizer)
 from xllm.files.gguf import read_gguf_metadata
@@ -218,7 +218,7 @@ def test_long_word_is_not_quadratic(smollm2):
 
 def _ids(tok):
     # Single-byte tokens (so UTF-8 gets split and broken), special tokens, any token.
-    byte_ids = [tok.piece_to_id(c) for c in _BYTE_CHARS]
+    byte_ids = [tok.piece_to_id(c) for c in BYTE_CHARS]
     return st.lists(st.one_of(st.sampled_from(byte_ids), st.integers(0, 20),
                               st.integers(0, tok.vocab_size - 1)), max_size=14)
 
@@ -237,7 +237,7 @@ def test_decode_and_stream_match_hf(smollm2, hf_tok, data):
 
 
 def test_stream_holds_back_partial_characters(smollm2):
-    emoji = [smollm2.piece_to_id(_BYTE_CHARS[b]) for b in "\U0001F600".encode("utf-8")]
+    emoji = [smollm2.piece_to_id(BYTE_CHARS[b]) for b in "\U0001F600".encode("utf-8")]
     d = smollm2.decoder()
     assert [d.push(i) for i in emoji] == ["", "", "", "\U0001F600"]
     assert d.push(emoji[0]) == ""

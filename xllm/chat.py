@@ -40,7 +40,8 @@ def _raise_exception(message):
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # Jinja's own tojson escapes HTML characters; templates expect plain json.dumps.
-    if len(indent if isinstance(indent, str) else " " * (indent or 0)) > 64:
+    indent_text = indent if isinstance(indent, str) else " " * (indent or 0)
+    if len(indent_text) > 64:
         _over(f"tojson with an indent of {indent!r} (at most 64)")
     text = json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                       sort_keys=sort_keys)
@@ -110,10 +111,14 @@ def _expected_size(name, text, args, kwargs=None):
         wrap = (kwargs or {}).get("wrapstring") or (args[2] if len(args) > 2 else None)
         return n + (n // max(width, 1) + 1) * len(wrap if isinstance(wrap, str) else "\n")
     if name == "replace" and len(args) >= 2 and isinstance(args[1], str):
-        old, new = str(args[0]), args[1]
-        return n + (text.count(old) if old else n + 1) * len(new)
-    if name in ("indent", "expandtabs") and args and isinstance(args[0], int):
-        return n + (text.count("\n") + 1 if name == "indent" else text.count("\t")) * args[0]
+        old = str(args[0])
+        new = args[1]
+        replaced = text.count(old) if old else n + 1  # "" is found between all characters
+        return n + replaced * len(new)
+    if name == "indent" and args and isinstance(args[0], int):
+        return n + (text.count("\n") + 1) * args[0]
+    if name == "expandtabs" and args and isinstance(args[0], int):
+        return n + text.count("\t") * args[0]
     if name == "join" and args and isinstance(args[0], list):
         return sum(len(x) if isinstance(x, str) else 32 for x in args[0]) + n * len(args[0])
     if name in ("format", "format_map", "%"):  # every field may repeat the longest argument
@@ -156,39 +161,53 @@ def _counted(iterable):
         yield item
 
 
-@lru_cache(maxsize=1)
-def _environment():
-    try:
-        from jinja2 import nodes
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-        from jinja2.utils import Namespace
-    except ImportError as e:
-        raise ImportError("chat templates need jinja2: pip install 'jinja2>=3.1.6'") from e
+def _checked_call_arguments(obj, args, kwargs):
+    """The arguments of a template's call of ``obj``, checked (a str method's format string
+    and the size of its result first); a str.join's items are made a list, checked."""
+    method = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
+    target = getattr(method, "__self__", None)
+    _check_arguments(args, kwargs, numbers=isinstance(target, str))  # str widths
+    if not isinstance(target, str):
+        return args
+    name = getattr(method, "__name__", "")
+    if name in ("format", "format_map"):
+        _check_format(target)
+    if name == "join" and args:
+        args = (list(args[0]), *args[1:])
+        _check_arguments(args)
+    if _expected_size(name, target, args) > MAX_RENDER_VALUE:
+        _over(f"str.{name} would make more than {MAX_RENDER_VALUE:,} characters")
+    return args
 
-    class BudgetedNamespace(Namespace):
-        def __setitem__(self, name, value):  # {% set ns.x = ... %}
-            _step()
-            super().__setitem__(name, _check_value(value))
 
-    class BudgetedSandbox(ImmutableSandboxedEnvironment):
-        """The immutable sandbox with every step counted and every value's size checked."""
+def _check_binop(operator, left, right):
+    """Refuse a template's ``left operator right`` if its result would be too large."""
+    if operator == "*":
+        for seq, count in ((left, right), (right, left)):
+            if (isinstance(seq, (str, list, tuple)) and isinstance(count, int)
+                    and len(seq) * count > MAX_RENDER_VALUE):
+                _over(f"a repetition making {len(seq) * count:,} items")
+    elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+        if abs(left) > 1 and right * left.bit_length() > _MAX_INT_BITS:
+            _over(f"the power {left} ** {right}")
+    elif operator == "%" and isinstance(left, str):
+        right_args = right if isinstance(right, tuple) else (right,)
+        _check_format(left)
+        _check_arguments(right_args, numbers="*" in left)  # "%*s": a width argument
+        if _expected_size("%", left, right_args) > MAX_RENDER_VALUE:
+            _over(f"a % format making more than {MAX_RENDER_VALUE:,} characters")
+
+
+def _budgeted_sandbox(sandbox, nodes):
+    """A subclass of Jinja's immutable ``sandbox`` with every step counted and every value's
+    size checked (``nodes`` is ``jinja2.nodes``)."""
+
+    class BudgetedSandbox(sandbox):
         intercepted_binops = frozenset(["+", "*", "%", "**", "//"])
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (as in Jinja)
             _step()
-            method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
-            target = getattr(method, "__self__", None)
-            _check_arguments(args, kwargs, numbers=isinstance(target, str))  # str widths
-            if isinstance(target, str):  # a str method: formats and blow-ups checked first
-                name = getattr(method, "__name__", "")
-                if name in ("format", "format_map"):
-                    _check_format(target)
-                if name == "join" and args:
-                    args = (list(args[0]), *args[1:])
-                    _check_arguments(args)
-                if _expected_size(name, target, args) > MAX_RENDER_VALUE:
-                    _over(f"str.{name} would make more than {MAX_RENDER_VALUE:,} characters")
+            args = _checked_call_arguments(__obj, args, kwargs)
             return _check_value(super().call(__context, __obj, *args, **kwargs))
 
         def getattr(self, obj, attribute):
@@ -201,20 +220,7 @@ def _environment():
 
         def call_binop(self, context, operator, left, right):
             _step()
-            if operator == "*":
-                for seq, count in ((left, right), (right, left)):
-                    if (isinstance(seq, (str, list, tuple)) and isinstance(count, int)
-                            and len(seq) * count > MAX_RENDER_VALUE):
-                        _over(f"a repetition making {len(seq) * count:,} items")
-            elif operator == "**" and isinstance(left, int) and isinstance(right, int):
-                if abs(left) > 1 and right * left.bit_length() > _MAX_INT_BITS:
-                    _over(f"the power {left} ** {right}")
-            elif operator == "%" and isinstance(left, str):
-                right_args = right if isinstance(right, tuple) else (right,)
-                _check_format(left)
-                _check_arguments(right_args, numbers="*" in left)  # "%*s": a width argument
-                if _expected_size("%", left, right_args) > MAX_RENDER_VALUE:
-                    _over(f"a % format making more than {MAX_RENDER_VALUE:,} characters")
+            _check_binop(operator, left, right)
             return _check_value(super().call_binop(context, operator, left, right))
 
         def _generate(self, source, name, filename, defer_init=False):
@@ -223,14 +229,43 @@ def _environment():
                                          lineno=loop.lineno)
             return super()._generate(source, name, filename, defer_init)
 
-    env = BudgetedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    return BudgetedSandbox
+
+
+def _budgeted_namespace(namespace):
+    """A subclass of Jinja's ``namespace`` whose assignments are counted and checked."""
+
+    class BudgetedNamespace(namespace):
+        def __setitem__(self, name, value):  # {% set ns.x = ... %}
+            _step()
+            super().__setitem__(name, _check_value(value))
+
+    return BudgetedNamespace
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=1)
+def _environment():
+    """The sandbox that renders every chat template (made once)."""
+    try:
+        from jinja2 import nodes
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2.utils import Namespace
+    except ImportError as e:
+        raise ImportError("chat templates need jinja2: pip install 'jinja2>=3.1.6'") from e
+    sandbox = _budgeted_sandbox(ImmutableSandboxedEnvironment, nodes)
+    env = sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
     for table in (env.filters, env.tests):
         for name, f in list(table.items()):
             table[name] = _guard(name, f)
     env.filters["xllm_counted"] = _counted
-    env.globals.update(raise_exception=_raise_exception, namespace=BudgetedNamespace,
-                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    env.globals.update(raise_exception=_raise_exception, namespace=_budgeted_namespace(Namespace),
+                       strftime_now=_strftime_now)
     return env
 
 
@@ -280,7 +315,8 @@ def render_chat(template: Optional[str], messages, *, add_generation_prompt=True
     compiled = _compile(template)
     token = _budget.set([MAX_RENDER_STEPS])
     try:
-        pieces, size = [], 0
+        pieces = []
+        size = 0
         for piece in compiled.generate(messages=messages, bos_token=bos_token,
                                        add_generation_prompt=add_generation_prompt,
                                        eos_token=eos_token, **extra):
@@ -309,8 +345,8 @@ def encode_chat(tokenizer, template: Optional[str], messages, *, add_generation_
     rendering (``tokenizer.escape_special``), so templates that rewrite contents (for example
     keep what follows ``</think>``) still render. With ``special_in_content=True`` strings are
     not escaped: special token texts in them become control tokens (only for trusted input)."""
-    bos, eos = (tokenizer.id_to_piece(i) if i >= 0 else "" for i in (tokenizer.bos_id,
-                                                                       tokenizer.eos_id))
+    bos = tokenizer.id_to_piece(tokenizer.bos_id) if tokenizer.bos_id >= 0 else ""
+    eos = tokenizer.id_to_piece(tokenizer.eos_id) if tokenizer.eos_id >= 0 else ""
     if not special_in_content:
         try:
             messages = _escaped(messages, tokenizer.escape_special)

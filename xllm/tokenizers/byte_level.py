@@ -6,7 +6,7 @@ rank; results match Hugging Face ``tokenizers`` and llama.cpp."""
 
 import json
 import os
-from heapq import heapify, heappop, heappush
+from heapq import heapify, heappush
 from pathlib import Path
 
 import regex
@@ -14,8 +14,9 @@ import regex
 from ..errors import ModelFormatError
 from ..files.common import check_regular_file, read_json
 from .base import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer
+from .merge_order import merge_positions
 
-__all__ = ["ByteLevelBPE", "PRE_TOKENIZERS"]
+__all__ = ["BYTE_CHARS", "ByteLevelBPE", "PRE_TOKENIZERS"]
 
 # Pre-tokenizer regexes, applied one after the other: each pass splits the pieces of the
 # previous one into matches and the text between them. Keyed by GGUF ``tokenizer.ggml.pre``.
@@ -27,16 +28,36 @@ PRE_TOKENIZERS: dict[str, list[str]] = {
     "smollm": [r"\p{N}", _GPT2],  # every digit on its own, then GPT-2
     "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],  # llama.cpp's
 }
-# GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the other 68
-# bytes move to U+0100 and up, in byte order.
-_KEEP = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
-_BYTE_CHARS = [chr(b) if b in _KEEP else chr(256 + sum(c not in _KEEP for c in range(b)))
-               for b in range(256)]
-_TO_ALPHABET = dict(enumerate(_BYTE_CHARS))  # str.translate tables for Latin-1 text
-_FROM_ALPHABET = {ord(c): b for b, c in enumerate(_BYTE_CHARS)}
+# Pre-tokenizers whose words that are already tokens skip the merges (llama.cpp's
+# ignore_merges).
+_IGNORE_MERGES = ("llama-bpe", "llama3", "llama-v3")
+
+
+def _gpt2_byte_chars():
+    """GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the
+    other 68 bytes move to U+0100 and up, in byte order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    chars = []
+    moved = 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + moved))
+            moved += 1
+    return chars
+
+
+#: The character that spells each byte (index) in byte-level tokens.
+BYTE_CHARS = _gpt2_byte_chars()
+_BYTE_CHARS = BYTE_CHARS  # the old private name (tests/test_fuzz.py imports it)
+_TO_ALPHABET = dict(enumerate(BYTE_CHARS))  # str.translate tables for Latin-1 text
+_FROM_ALPHABET = {ord(c): b for b, c in enumerate(BYTE_CHARS)}
 # The word cache is dropped when it holds more than _CACHE_LIMIT words or _CACHE_CHARS
 # characters of them; words longer than _CACHE_WORD_LIMIT characters are not cached.
-_CACHE_LIMIT, _CACHE_CHARS, _CACHE_WORD_LIMIT = 100_000, 4_000_000, 4096
+_CACHE_LIMIT = 100_000
+_CACHE_CHARS = 4_000_000
+_CACHE_WORD_LIMIT = 4096
 _FEW = 16  # words of at most this many symbols are merged by rescanning (faster when short)
 _NO_MERGE = 1 << 62
 
@@ -49,35 +70,26 @@ class ByteLevelBPE(Tokenizer):
     def __init__(self, tokens, merges, types=None, *, pre_patterns=PRE_TOKENIZERS["gpt-2"],
                  bos_id=-1, eos_id=-1, unk_id=-1, add_bos_default=False, ignore_merges=False):
         pieces = [str(t) for t in tokens]
-        self._init_vocab(pieces, [NORMAL] * len(pieces) if types is None else
-                         [int(t) for t in types], (bos_id, eos_id, unk_id))
-        self.add_bos_default, self.ignore_merges = bool(add_bos_default), bool(ignore_merges)
+        if types is None:
+            types = [NORMAL] * len(pieces)
+        else:
+            types = [int(t) for t in types]
+        self._init_vocab(pieces, types, (bos_id, eos_id, unk_id))
+        self.add_bos_default = bool(add_bos_default)
+        self.ignore_merges = bool(ignore_merges)
         self.pre_patterns = tuple(pre_patterns)  # the pre-tokenizer's regexes, in order
-        try:
-            # each pass splits with the pattern in a group (so the matches are kept); the
-            # pattern's own groups are dropped from the result
-            self._passes = [(regex.compile(f"({p})"), regex.compile(p).groups)
-                            for p in pre_patterns]
-        except regex.error as e:
-            raise ModelFormatError(f"bad pre-tokenizer regex: {e}") from None
+        self._passes = _compile_passes(pre_patterns)
         self._ids = {t: i for i, t in enumerate(pieces)}
-        self._ranks: dict[tuple, int] = {}  # the first occurrence of a pair wins
-        for rank, m in enumerate(merges):
-            pair = tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
-            if len(pair) != 2:
-                raise ModelFormatError(f"merge {rank} ({m!r}) is not a pair of tokens")
-            self._ranks.setdefault(pair, rank)
-        special, always, self._bytes = {}, [], []
-        for i, (t, ty) in enumerate(zip(pieces, self.types)):
-            if ty in (CONTROL, UNKNOWN, USER_DEFINED) and t:  # plain text, not byte-spelled
-                special.setdefault(t, i)
-                always += [t] if ty == USER_DEFINED else []
-                self._bytes.append(t.encode("utf-8"))
-            else:  # characters outside the alphabet are plain text (as in tokenizers)
-                latin = t.translate(_FROM_ALPHABET)
-                latin1 = latin.isascii() or max(latin) < "\u0100"
-                self._bytes.append(latin.encode("latin-1") if latin1 else t.encode("utf-8"))
+        self._ranks = _merge_ranks(merges)  # tools/quantize.py reads it back
+        special = {}
+        always = []
+        for i, (token, kind) in enumerate(zip(pieces, self.types)):
+            if _is_special(token, kind):
+                special.setdefault(token, i)
+                if kind == USER_DEFINED:
+                    always.append(token)
         self._set_special(special, always)
+        self._bytes = [_token_bytes(token, kind) for token, kind in zip(pieces, self.types)]
         self._cache: dict[str, list[int]] = {}
         self._cached_chars = 0
         self._build_merge_table()
@@ -91,19 +103,19 @@ class ByteLevelBPE(Tokenizer):
         orders the merges by rank, and the result is the value modulo K."""
         ids = self._ids
         unlisted = {}
-        spellings = {}
         for a, b in self._ranks:
             if a + b not in ids and a + b not in unlisted:
                 unlisted[a + b] = self.vocab_size + len(unlisted)
-        self._n_symbols = k = self.vocab_size + len(unlisted)
+        k = self.vocab_size + len(unlisted)
+        self._n_symbols = k
         number = {**unlisted, **ids}.get
         self._merges = {}
         for (a, b), rank in self._ranks.items():
-            if (left := number(a)) is not None and (right := number(b)) is not None:
+            left = number(a)
+            right = number(b)
+            if left is not None and right is not None:
                 self._merges[left * k + right] = rank * k + number(a + b)
-        for s, i in unlisted.items():
-            spellings[i] = [ids[c] for c in s if c in ids]
-        self._unlisted = spellings
+        self._unlisted = {i: [ids[c] for c in s if c in ids] for s, i in unlisted.items()}
 
     @classmethod
     def from_gguf_fields(cls, tokens, merges, token_types=None, pre="default", *, bos_id=-1,
@@ -114,7 +126,7 @@ class ByteLevelBPE(Tokenizer):
                 f"unsupported pre-tokenizer {pre!r} (known: {', '.join(sorted(PRE_TOKENIZERS))})")
         return cls(tokens, merges, token_types, pre_patterns=PRE_TOKENIZERS[pre],
                    bos_id=bos_id, eos_id=eos_id, unk_id=unk_id, add_bos_default=add_bos,
-                   ignore_merges=pre in ("llama-bpe", "llama3", "llama-v3"))
+                   ignore_merges=pre in _IGNORE_MERGES)
 
     @classmethod
     def from_tokenizer_json(cls, path) -> "ByteLevelBPE":
@@ -130,21 +142,7 @@ class ByteLevelBPE(Tokenizer):
             if data.get("normalizer"):
                 raise ValueError(f"normalizer {data['normalizer'].get('type')!r} is not supported")
             patterns = _json_pre_tokenizer(data.get("pre_tokenizer"))
-            added = data.get("added_tokens", [])
-            ids = [*model["vocab"].values(), *(t["id"] for t in added)]
-            if not all(type(i) is int and i >= 0 for i in ids):
-                raise ValueError("token ids must be non-negative integers")
-            size = max(ids) + 1
-            if size > len(ids):  # ids are dense, so the largest is below their count
-                raise ValueError(f"token id {size - 1} is beyond the {len(ids)} tokens listed")
-            tokens, types = [None] * size, [NORMAL] * size
-            for t, i in model["vocab"].items():
-                tokens[i] = t
-            for t in added:
-                tokens[t["id"]] = t["content"]
-                types[t["id"]] = CONTROL if t.get("special") else USER_DEFINED
-            if None in tokens:
-                raise ValueError(f"token id {tokens.index(None)} is missing")
+            tokens, types = _json_vocabulary(model["vocab"], data.get("added_tokens", []))
             bos, eos, unk = _config_ids(os.path.dirname(path), tokens)
             return cls(tokens, model["merges"], types, pre_patterns=patterns, bos_id=bos,
                        eos_id=eos, unk_id=unk, ignore_merges=model.get("ignore_merges", False),
@@ -171,133 +169,195 @@ class ByteLevelBPE(Tokenizer):
 
     def _encode_part(self, text: str, ids: list[int]) -> None:
         cache = self._cache
-        for w in self.pre_tokenize(text):
-            if (r := cache.get(w)) is None:
-                r = self._bpe(w.encode("utf-8").decode("latin-1").translate(_TO_ALPHABET))
-                if len(w) <= _CACHE_WORD_LIMIT:
-                    if len(cache) >= _CACHE_LIMIT or self._cached_chars >= _CACHE_CHARS:
-                        cache.clear()
-                        self._cached_chars = 0
-                    cache[w] = r
-                    self._cached_chars += len(w)
-            ids += r
+        for word in self.pre_tokenize(text):
+            word_ids = cache.get(word)
+            if word_ids is None:
+                spelled = word.encode("utf-8").decode("latin-1").translate(_TO_ALPHABET)
+                word_ids = self._bpe(spelled)
+                if len(word) <= _CACHE_WORD_LIMIT:
+                    self._remember(word, word_ids)
+            ids += word_ids
+
+    def _remember(self, word, word_ids):
+        """Cache the ids of ``word``, first emptying the cache if it is full."""
+        if len(self._cache) >= _CACHE_LIMIT or self._cached_chars >= _CACHE_CHARS:
+            self._cache.clear()
+            self._cached_chars = 0
+        self._cache[word] = word_ids
+        self._cached_chars += len(word)
 
     def _bpe(self, word: str) -> list[int]:
         """BPE on one byte-spelled word: merge the adjacent pair of lowest rank, leftmost first
         (as tokenizers and llama.cpp do)."""
         vocab = self._ids
         if len(word) == 1 or (self.ignore_merges and word in vocab):
-            if (i := vocab.get(word)) is not None:
-                return [i]
+            whole = vocab.get(word)
+            if whole is not None:
+                return [whole]
         # bytes the vocabulary lacks are dropped first (as tokenizers does without <unk>), so
         # their neighbours may merge
-        sym = [i for i in map(vocab.get, word) if i is not None]
-        sym = self._merge_few(sym) if len(sym) <= _FEW else self._merge_many(sym)
-        out, listed = [], self.vocab_size
-        for s in sym:  # a merge result missing from the vocabulary becomes its characters
-            if s < listed:
-                out.append(s)
+        symbols = [i for i in map(vocab.get, word) if i is not None]
+        if len(symbols) <= _FEW:
+            symbols = self._merge_few(symbols)
+        else:
+            symbols = self._merge_many(symbols)
+        vocab_size = self.vocab_size
+        out = []
+        for symbol in symbols:  # a merge result missing from the vocabulary becomes its characters
+            if symbol < vocab_size:
+                out.append(symbol)
             else:
-                out += self._unlisted[s]
+                out += self._unlisted[symbol]
         return out
 
     def _merge_few(self, sym):
         """Merge a short word's symbols: scan all pairs for the lowest, merge it, again (the
         fastest way for words of a few symbols; O(n^2))."""
-        k, get = self._n_symbols, self._merges.get
+        k = self._n_symbols
+        get = self._merges.get
         while True:
-            best, at = _NO_MERGE, 0
+            best = _NO_MERGE
+            best_at = 0
             for i in range(len(sym) - 1):
-                if (m := get(sym[i] * k + sym[i + 1], _NO_MERGE)) < best:
-                    best, at = m, i
+                value = get(sym[i] * k + sym[i + 1], _NO_MERGE)
+                if value < best:
+                    best = value
+                    best_at = i
             if best == _NO_MERGE:
                 return sym
-            sym[at:at + 2] = (best % k,)
+            sym[best_at:best_at + 2] = (best % k,)
 
     def _merge_many(self, sym):
-        """Merge a long word's symbols in O(n log n).
-
-        The symbols form a doubly linked list over their first positions (``nxt``/``prv``,
-        with a sentinel that merges with nothing at index n, which is also index -1).
-        ``cand[position]`` is the merge value (see ``_merges``) of the pair starting there (-1:
-        none); a position queued under another value is stale and skipped. Positions wait in
-        one bucket per value, and the buckets are taken lowest rank first, each in position
-        order. Merging a pair never makes another pair of its rank (every symbol made while a
-        rank is taken contains that pair, so it is neither of the pair's symbols), but it can
-        make one of a lower rank (the merges of a file need not come in order): those go to
-        the heap ``urgent`` and are merged before the bucket goes on."""
+        """Merge a long word's symbols in O(n log n), in the order of ``_merge_few`` (see
+        merge_order.py; the rank of a pair here is its merge value, see ``_merges``).
+        Merging a pair never makes another pair of its rank (every symbol made while a rank
+        is taken contains that pair, so it is neither of the pair's symbols), but it can make
+        one of a lower rank (the merges of a file need not come in order)."""
         n = len(sym)
         k = self._n_symbols
         get = self._merges.get
         sym.append(k * k)  # the sentinel: no pair key involving it exists
-        cand, buckets = [-1] * (n + 1), {}
-        for i in range(n - 1):
-            if (m := get(sym[i] * k + sym[i + 1])) is not None:
-                cand[i] = m
-                if (bucket := buckets.get(m)) is None:
-                    buckets[m] = [i]
-                else:
-                    bucket.append(i)
-        ranks = list(buckets)
-        heapify(ranks)
-        nxt, prv = [*range(1, n + 2)], [*range(-1, n)]
-        shift = n.bit_length()  # urgent merges are queued as value << shift | position
-        mask = (1 << shift) - 1
-        while ranks:
-            rank = heappop(ranks)
-            todo = sorted(buckets.pop(rank))
-            todo.append(n)  # the end
-            at, urgent = 0, []
-            while True:
-                if urgent:
-                    key = heappop(urgent)
-                    left, m = key & mask, key >> shift
-                elif (left := todo[at]) < n:
-                    at += 1
-                    m = rank
-                else:
-                    break
-                if cand[left] != m:
-                    continue
-                right = nxt[left]
-                new = sym[left] = m % k
-                after = nxt[left] = nxt[right]
-                prv[after] = left
-                cand[right] = -1
-                before = prv[left]
-                for pos, m in ((left, get(new * k + sym[after])),
-                               (before, get(sym[before] * k + new))):
-                    cand[pos] = -1 if m is None else m
-                    if m is None:
-                        continue
-                    if m < rank:
-                        heappush(urgent, m << shift | pos)
-                    elif (bucket := buckets.get(m)) is not None:
-                        bucket.append(pos)
-                    else:
-                        buckets[m] = [pos]
-                        heappush(ranks, m)
-        out, i = [], 0
-        while i < n:
-            out.append(sym[i])
-            i = nxt[i]
-        return out
+        value_at, buckets = _first_pairs(sym, k, get)
+        values = list(buckets)  # a heap of the values that have a bucket
+        heapify(values)
+        next_of = list(range(1, n + 2))
+        prev_of = list(range(-1, n))
+        urgent = []  # a heap of (value, position)
+
+        def queue(pos, value, current):
+            """Queue the pair at ``pos`` of merge value ``value`` (None: it makes nothing)
+            while the bucket of ``current`` is merged."""
+            if value is None:
+                value_at[pos] = -1
+                return
+            value_at[pos] = value
+            if value < current:
+                heappush(urgent, (value, pos))
+            elif value in buckets:
+                buckets[value].append(pos)
+            else:
+                buckets[value] = [pos]
+                heappush(values, value)
+
+        no_later = []  # no pair of the bucket's own rank is ever made (see above)
+        for left, current in merge_positions(n, value_at, buckets, values, urgent, no_later):
+            right = next_of[left]
+            after = next_of[right]
+            merged = value_at[left] % k
+            sym[left] = merged
+            next_of[left] = after
+            prev_of[after] = left
+            value_at[right] = -1
+            before = prev_of[left]
+            queue(left, get(merged * k + sym[after]), current)
+            queue(before, get(sym[before] * k + merged), current)
+        return _in_list_order(sym, next_of, n)
 
     def _surface(self, i, strip):
         return self._bytes[i], False
 
 
+def _first_pairs(sym, k, get):
+    """The merge value of each pair of ``sym`` (by its first position; -1: none) and the
+    positions of each value, in order."""
+    value_at = [-1] * len(sym)
+    buckets = {}
+    for i in range(len(sym) - 2):  # the last symbol is the sentinel
+        value = get(sym[i] * k + sym[i + 1])
+        if value is None:
+            continue
+        value_at[i] = value
+        if value in buckets:
+            buckets[value].append(i)
+        else:
+            buckets[value] = [i]
+    return value_at, buckets
+
+
+def _in_list_order(sym, next_of, end):
+    """The symbols of the linked list from position 0 up to ``end``."""
+    out = []
+    i = 0
+    while i < end:
+        out.append(sym[i])
+        i = next_of[i]
+    return out
+
+
+def _compile_passes(patterns):
+    """``(regex, number of its groups)`` of each pre-tokenizer pass: each pass splits with the
+    pattern in a group (so the matches are kept); the pattern's own groups are dropped."""
+    try:
+        return [(regex.compile(f"({p})"), regex.compile(p).groups) for p in patterns]
+    except regex.error as e:
+        raise ModelFormatError(f"bad pre-tokenizer regex: {e}") from None
+
+
+def _merge_ranks(merges):
+    """``{(left, right): rank}`` of ``merges`` ("left right" strings or pairs); the first
+    occurrence of a pair wins."""
+    ranks = {}
+    for rank, merge in enumerate(merges):
+        pair = tuple(merge.split(" ", 1)) if isinstance(merge, str) else tuple(merge)
+        if len(pair) != 2:
+            raise ModelFormatError(f"merge {rank} ({merge!r}) is not a pair of tokens")
+        ranks.setdefault(pair, rank)
+    return ranks
+
+
+def _is_special(token, kind):
+    """Whether the token is special: one of the control, unknown and user-defined tokens,
+    which are plain text (not byte-spelled)."""
+    return kind in (CONTROL, UNKNOWN, USER_DEFINED) and bool(token)
+
+
+def _token_bytes(token, kind):
+    """The bytes a token decodes to: a special token's text, else its byte-spelled
+    characters; characters outside the alphabet are plain text (as in tokenizers)."""
+    if _is_special(token, kind):
+        return token.encode("utf-8")
+    latin = token.translate(_FROM_ALPHABET)
+    if latin.isascii() or max(latin) < "\u0100":
+        return latin.encode("latin-1")
+    return token.encode("utf-8")
+
+
 def _json_pre_tokenizer(pre) -> list[str]:
     """Regex passes equivalent to a tokenizer.json pre_tokenizer."""
-    items = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
-    patterns, byte_level = [], False
+    if pre and pre.get("type") == "Sequence":
+        items = pre.get("pretokenizers", [])
+    else:
+        items = [pre]
+    patterns = []
+    byte_level = False
     for p in items:
         kind = p and p.get("type")
         if kind == "ByteLevel":
             if p.get("add_prefix_space"):
                 raise ValueError("ByteLevel add_prefix_space=true is not supported")
             byte_level = True
-            patterns += [_GPT2] if p.get("use_regex", True) else []
+            if p.get("use_regex", True):
+                patterns.append(_GPT2)
         elif kind == "Digits":
             patterns.append(r"\p{N}" if p.get("individual_digits") else r"\p{N}+")
         elif (kind == "Split" and "Regex" in p.get("pattern", {}) and not p.get("invert")
@@ -308,6 +368,26 @@ def _json_pre_tokenizer(pre) -> list[str]:
     if not byte_level:
         raise ValueError("no ByteLevel pre-tokenizer: not a byte-level BPE")
     return patterns
+
+
+def _json_vocabulary(vocab: dict, added: list):
+    """Tokens and types by id from tokenizer.json's ``model.vocab`` and ``added_tokens``."""
+    ids = [*vocab.values(), *(t["id"] for t in added)]
+    if not all(type(i) is int and i >= 0 for i in ids):
+        raise ValueError("token ids must be non-negative integers")
+    size = max(ids) + 1
+    if size > len(ids):  # ids are dense, so the largest is below their count
+        raise ValueError(f"token id {size - 1} is beyond the {len(ids)} tokens listed")
+    tokens = [None] * size
+    types = [NORMAL] * size
+    for token, i in vocab.items():
+        tokens[i] = token
+    for token in added:
+        tokens[token["id"]] = token["content"]
+        types[token["id"]] = CONTROL if token.get("special") else USER_DEFINED
+    if None in tokens:
+        raise ValueError(f"token id {tokens.index(None)} is missing")
+    return tokens, types
 
 
 def _config_ids(folder: str, tokens: list[str]) -> list[int]:
@@ -324,7 +404,8 @@ def _config_ids(folder: str, tokens: list[str]) -> list[int]:
 def _template_adds(data: dict, bos: str) -> bool:
     """Whether the post-processor puts ``bos`` in front of a single sequence."""
     post = data.get("post_processor") or {}
-    for p in post.get("processors", []) if post.get("type") == "Sequence" else [post]:
+    processors = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    for p in processors:
         if p.get("type") == "TemplateProcessing" and p.get("single"):
             return p["single"][0].get("SpecialToken", {}).get("id") == bos
     return False

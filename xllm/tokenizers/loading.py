@@ -42,15 +42,10 @@ def tokenizer_from_gguf(meta: dict, name: str = "GGUF file"):
     """The tokenizer that GGUF metadata describes (``tokenizer.ggml.model`` ``llama`` or
     ``gpt2``); otherwise ``ModelFormatError`` naming ``name`` (and the field, if one has the
     wrong type)."""
-
-    def get(key, kind, default=None):
-        return typed_value(meta, "tokenizer.ggml." + key, kind, default, name)
-
-    def get_list(key, kind, default=None):
-        return typed_list(meta, "tokenizer.ggml." + key, kind, default, name)
-
-    model, tokens = get("model", str), get_list("tokens", str)
-    types = get_list("token_type", int)
+    fields = _GGUFTokenizerFields(meta, name)
+    model = fields.get("model", str)
+    tokens = fields.get_list("tokens", str)
+    types = fields.get_list("token_type", int)
     try:
         if model not in ("llama", "gpt2"):
             raise ModelFormatError(f"tokenizer model {model!r} is not supported "
@@ -58,16 +53,43 @@ def tokenizer_from_gguf(meta: dict, name: str = "GGUF file"):
         if not tokens:
             raise ModelFormatError("no tokenizer.ggml.tokens")
         if model == "gpt2":
-                return ByteLevelBPE.from_gguf_fields(
-                tokens, get_list("merges", str, []), types, get("pre", str, "default"),
-                bos_id=get("bos_token_id", int, -1), eos_id=get("eos_token_id", int, -1),
-                unk_id=get("unknown_token_id", int, -1),
-                add_bos=get("add_bos_token", bool, False))
-        return SentencePieceBPE(  # with llama.cpp's defaults
-            tokens, get_list("scores", float, [0.0] * len(tokens)), types or [NORMAL] * len(tokens),
-            bos_id=get("bos_token_id", int, 1), eos_id=get("eos_token_id", int, 2),
-            unk_id=get("unknown_token_id", int, 0),
-            add_dummy_prefix=get("add_space_prefix", bool, True),
-            byte_fallback=BYTE in (types or ()), add_bos_default=get("add_bos_token", bool, True))
+            return _byte_level_from_gguf(fields, tokens, types)
+        return _sentencepiece_from_gguf(fields, tokens, types)
     except ModelFormatError as e:
         raise ModelFormatError(f"{name}: {e}") from None
+
+
+class _GGUFTokenizerFields:
+    """Typed reads of the ``tokenizer.ggml.*`` fields of GGUF metadata."""
+
+    def __init__(self, meta, name):
+        self.meta = meta
+        self.name = name
+
+    def get(self, key, kind, default=None):
+        return typed_value(self.meta, "tokenizer.ggml." + key, kind, default, self.name)
+
+    def get_list(self, key, kind, default=None):
+        return typed_list(self.meta, "tokenizer.ggml." + key, kind, default, self.name)
+
+
+def _byte_level_from_gguf(fields, tokens, types):
+    return ByteLevelBPE.from_gguf_fields(
+        tokens, fields.get_list("merges", str, []), types, fields.get("pre", str, "default"),
+        bos_id=fields.get("bos_token_id", int, -1),
+        eos_id=fields.get("eos_token_id", int, -1),
+        unk_id=fields.get("unknown_token_id", int, -1),
+        add_bos=fields.get("add_bos_token", bool, False))
+
+
+def _sentencepiece_from_gguf(fields, tokens, types):
+    """With llama.cpp's defaults for the fields that are missing."""
+    scores = fields.get_list("scores", float, [0.0] * len(tokens))
+    return SentencePieceBPE(
+        tokens, scores, types or [NORMAL] * len(tokens),
+        bos_id=fields.get("bos_token_id", int, 1),
+        eos_id=fields.get("eos_token_id", int, 2),
+        unk_id=fields.get("unknown_token_id", int, 0),
+        add_dummy_prefix=fields.get("add_space_prefix", bool, True),
+        byte_fallback=BYTE in (types or ()),
+        add_bos_default=fields.get("add_bos_token", bool, True))

@@ -9,10 +9,11 @@ import os
 import re
 import struct
 from array import array
-from heapq import heappop, heappush
+from heapq import heappush
 
 from ..errors import ModelFormatError
 from .base import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer, alternation
+from .merge_order import merge_positions
 from .sentencepiece_model import (BPE, MODEL_TYPES, UNIGRAM, Normalizer, Trainer,
                                   read_model_proto)
 
@@ -148,9 +149,8 @@ class SentencePieceBPE(Tokenizer):
         symbols, frozen = self._initial_symbols(normalized)
         formed_from = _merge_by_score(symbols, frozen, self._merge_rank, self._unused)
         final = []
-        for symbol in symbols:
-            if symbol:  # merged-away symbols are ''; the rest are in order
-                self._resegment(symbol, formed_from, final)
+        for symbol in filter(None, symbols):  # merged-away symbols are ''; the rest are in order
+            self._resegment(symbol, formed_from, final)
         self._append_ids(final, out)
 
     def _initial_symbols(self, text):
@@ -217,32 +217,22 @@ class SentencePieceBPE(Tokenizer):
 
 
 def _merge_by_score(symbols, frozen, merge_rank, unused):
-    """Merge adjacent ``symbols`` in place as sentencepiece does: the pair that makes the
-    piece of best rank first, the leftmost first among equals; ``frozen`` symbols never merge.
-    A merged-away symbol becomes ''. Returns ``{piece: (left, right)}`` for the pieces of
-    ``unused`` that were made (the last pair that could make one wins), to split them back.
-
-    The symbols form a linked list over their first positions (``next_of``/``prev_of``),
-    ended on both sides (index n, which is also index -1) by a frozen empty sentinel.
-    ``rank_at[left]`` is the rank of the pair starting at ``left`` (-1: none); a position
-    queued under another rank is stale and skipped. Positions wait in one bucket per rank,
-    the buckets taken best rank first, each in position order. A pair a merge makes goes to
-    the heap ``urgent`` if its rank is better (merged first), to the heap ``later`` if it is
-    the same (pieces of equal score; merged in position order with the bucket), else to the
-    bucket of its rank."""
+    """Merge adjacent ``symbols`` in place as sentencepiece does: always the pair that makes
+    the piece of best rank, the leftmost of equals (see merge_order.py); ``frozen`` symbols
+    never merge, and a merged-away symbol becomes ''. Returns ``{piece: (left, right)}`` for
+    the pieces of ``unused`` made on the way (the last pair that could make one wins), to
+    split them back."""
     n = len(symbols)
-    symbols.append("")
+    symbols.append("")  # the sentinel: empty and frozen
     frozen.append(True)
     rank_at = [-1] * (n + 1)
     next_of = list(range(1, n + 2))
     prev_of = list(range(-1, n))
     buckets = {}
     bucket_ranks = []  # a heap of the ranks that have a bucket
-    urgent = []  # a heap of rank << shift | position
+    urgent = []  # a heap of (rank, position)
     later = []  # a heap of positions
     formed_from = {}
-    shift = n.bit_length()
-    mask = (1 << shift) - 1
 
     def queue(left, right, current):
         """Queue the pair at ``left`` and ``right`` if it makes a piece; ``current`` is the
@@ -258,7 +248,7 @@ def _merge_by_score(symbols, frozen, merge_rank, unused):
         if merged in unused:
             formed_from[merged] = (symbols[left], symbols[right])
         if rank < current:
-            heappush(urgent, rank << shift | left)
+            heappush(urgent, (rank, left))
         elif rank == current:
             heappush(later, left)
         elif rank in buckets:
@@ -269,36 +259,16 @@ def _merge_by_score(symbols, frozen, merge_rank, unused):
 
     for i in range(n - 1):
         queue(i, i + 1, -1)
-    while bucket_ranks:
-        rank = heappop(bucket_ranks)
-        todo = sorted(buckets.pop(rank))
-        todo.append(n)  # the end
-        at = 0
-        while True:
-            if urgent:
-                key = heappop(urgent)
-                left = key & mask
-                pair_rank = key >> shift
-            elif later and later[0] < todo[at]:
-                left = heappop(later)
-                pair_rank = rank
-            else:
-                left = todo[at]
-                if left >= n:
-                    break
-                at += 1
-                pair_rank = rank
-            if rank_at[left] != pair_rank:
-                continue
-            right = next_of[left]
-            after = next_of[right]
-            symbols[left] += symbols[right]
-            symbols[right] = ""
-            rank_at[right] = -1
-            next_of[left] = after
-            prev_of[after] = left
-            queue(prev_of[left], left, rank)
-            queue(left, after, rank)
+    for left, rank in merge_positions(n, rank_at, buckets, bucket_ranks, urgent, later):
+        right = next_of[left]
+        after = next_of[right]
+        symbols[left] += symbols[right]
+        symbols[right] = ""
+        rank_at[right] = -1
+        next_of[left] = after
+        prev_of[after] = left
+        queue(prev_of[left], left, rank)
+        queue(left, after, rank)
     symbols.pop()
     return formed_from
 
