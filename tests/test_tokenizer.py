@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from xllm.errors import ModelFormatError
 from xllm.tokenizers import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,
                             SentencePieceBPE, load_tokenizer)
-from xllm.tokenizers.sentencepiece_model import BPE, Normalizer, Trainer, model_proto_bytes
+from xllm.tokenizers.sentencepiece_model import (BPE, Normalizer, Trainer, model_proto_bytes,
+                                                  read_model_proto)
 
 try:
     import sentencepiece as spm
@@ -450,6 +451,26 @@ def test_model_cut_between_pieces(tmp_path):
     ok = tmp_path / "ok.model"
     ok.write_bytes(data)
     assert load_tokenizer(ok).encode("a") == [0, 1]  # "▁" is unknown, no byte fallback
+
+
+def test_model_proto_written_is_read_back(llama_model):
+    """The writer and the reader of tokenizer.model agree, on every field type they use."""
+    pieces = [("<unk>", 0.0, UNKNOWN), ("\u2581a", -1.5, NORMAL), ("<0x41>", 0.0, BYTE)]
+    trainer = {Trainer.MODEL_TYPE: BPE, Trainer.BYTE_FALLBACK: True, Trainer.PAD_ID: -1,
+               Trainer.UNK_SURFACE: " \u2047 "}
+    normalizer = {Normalizer.NAME: "identity", Normalizer.ADD_DUMMY_PREFIX: False}
+    model = read_model_proto(model_proto_bytes(pieces, trainer, normalizer))
+    assert [*zip(model.pieces, model.scores, model.types)] == pieces
+    assert model.trainer == {Trainer.MODEL_TYPE: BPE, Trainer.BYTE_FALLBACK: 1,
+                             Trainer.PAD_ID: 2**64 - 1, Trainer.UNK_SURFACE: " \u2047 ".encode()}
+    assert model.normalizer == {Normalizer.NAME: b"identity", Normalizer.ADD_DUMMY_PREFIX: 0}
+    assert read_model_proto(model_proto_bytes(pieces, None, None)).trainer is None
+    # the Llama 2 file: its pieces, written again, read back the same
+    real = read_model_proto(llama_model.read_bytes())
+    again = read_model_proto(model_proto_bytes(zip(real.pieces, real.scores, real.types),
+                                               real.trainer, None))
+    assert (again.pieces, again.scores, again.types) == (real.pieces, real.scores, real.types)
+    assert again.trainer == real.trainer
 
 
 def test_random_bytes(tmp_path):

@@ -25,6 +25,7 @@ class Tokenizer:
     _strips_space = False  # whether decode drops the first piece's leading space
 
     def _init_vocab(self, pieces, types, ids):
+        """Set the pieces, their types and the (BOS, EOS, UNK) ``ids`` (None or -1: none)."""
         self.pieces = pieces
         self.types = types
         self.vocab_size = len(pieces)
@@ -157,6 +158,8 @@ class StreamDecoder:
         self._nonempty = False  # whether any text has come out yet
 
     def push(self, token_id: int) -> str:
+        # only the first piece loses its leading space (with whitespace folding, the pieces
+        # up to the first text: _surface then says it stripped nothing)
         if self._stripped or self._nonempty:
             self._strip = False
         out, self._stripped = self._tok._surface(self._tok._check_id(token_id), self._strip)
@@ -202,7 +205,7 @@ def _trie_pattern(node, depth):
         if not text:  # the end of a text
             continue
         while len(child) == 1 and "" not in child:
-            [(more, child)] = child.items()
+            more, child = next(iter(child.items()))  # the only child
             text += more
         rest = _trie_pattern(child, depth + 1)
         if rest is None:

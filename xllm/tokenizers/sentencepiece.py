@@ -57,7 +57,8 @@ class SentencePieceBPE(Tokenizer):
         self.unk_surface = unk_surface
         self.add_bos_default = bool(add_bos_default)
         self._strips_space = self.add_dummy_prefix or self.remove_extra_whitespaces
-        mergeable, reserved, self._byte = self._index_pieces()
+        mergeable, reserved, byte_of = self._index_pieces()
+        self._byte = byte_of  # the byte each byte piece decodes to
         self._ids = {**mergeable, **reserved}  # reserved pieces win piece-to-id lookups
         self._merge_rank = _merge_ranks(mergeable, self.scores)
         self._unused = {p for p, i in mergeable.items() if self.types[i] == UNUSED}
