@@ -109,7 +109,10 @@ def _expected_size(name, text, args, kwargs=None):
     if name == "wordwrap":  # (width, break_long_words, wrapstring)
         width = args[0] if args and isinstance(args[0], int) else 1
         wrap = (kwargs or {}).get("wrapstring") or (args[2] if len(args) > 2 else None)
-        return n + (n // max(width, 1) + 1) * len(wrap if isinstance(wrap, str) else "\n")
+        if not isinstance(wrap, str):
+            wrap = "\n"  # the default
+        lines = n // max(width, 1) + 1
+        return n + lines * len(wrap)
     if name == "replace" and len(args) >= 2 and isinstance(args[1], str):
         old = str(args[0])
         new = args[1]
