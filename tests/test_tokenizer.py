@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from xllm.errors import ModelFormatError
 from xllm.tokenizers import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,
                             SentencePieceBPE, load_tokenizer)
-from xllm.tokenizers.sentencepiece_model import (BPE, Normalizer, Trainer, model_proto_bytes,
+from xllm.tokenizers.sentencepiece_model import (BPE, NormalizerField, TrainerField,
+                                                  model_proto_bytes,
                                                   read_model_proto)
 
 try:
@@ -377,9 +378,9 @@ def _serialize_model(pieces, scores, types, *, byte_fallback, add_dummy_prefix, 
 
     With ``specs=False`` only the pieces are written, like a file cut after them.
     """
-    trainer = {Trainer.MODEL_TYPE: BPE, Trainer.BYTE_FALLBACK: byte_fallback}
-    normalizer = {Normalizer.NAME: "identity", Normalizer.ADD_DUMMY_PREFIX: add_dummy_prefix,
-                  Normalizer.REMOVE_EXTRA_WHITESPACES: remove_extra}
+    trainer = {TrainerField.MODEL_TYPE: BPE, TrainerField.BYTE_FALLBACK: byte_fallback}
+    normalizer = {NormalizerField.NAME: "identity", NormalizerField.ADD_DUMMY_PREFIX: add_dummy_prefix,
+                  NormalizerField.REMOVE_EXTRA_WHITESPACES: remove_extra}
     if not specs:
         return model_proto_bytes(zip(pieces, scores, types), None, None)
     return model_proto_bytes(zip(pieces, scores, types), trainer, normalizer)
@@ -456,14 +457,14 @@ def test_model_cut_between_pieces(tmp_path):
 def test_model_proto_written_is_read_back(llama_model):
     """The writer and the reader of tokenizer.model agree, on every field type they use."""
     pieces = [("<unk>", 0.0, UNKNOWN), ("\u2581a", -1.5, NORMAL), ("<0x41>", 0.0, BYTE)]
-    trainer = {Trainer.MODEL_TYPE: BPE, Trainer.BYTE_FALLBACK: True, Trainer.PAD_ID: -1,
-               Trainer.UNK_SURFACE: " \u2047 "}
-    normalizer = {Normalizer.NAME: "identity", Normalizer.ADD_DUMMY_PREFIX: False}
+    trainer = {TrainerField.MODEL_TYPE: BPE, TrainerField.BYTE_FALLBACK: True, TrainerField.PAD_ID: -1,
+               TrainerField.UNK_SURFACE: " \u2047 "}
+    normalizer = {NormalizerField.NAME: "identity", NormalizerField.ADD_DUMMY_PREFIX: False}
     model = read_model_proto(model_proto_bytes(pieces, trainer, normalizer))
     assert [*zip(model.pieces, model.scores, model.types)] == pieces
-    assert model.trainer == {Trainer.MODEL_TYPE: BPE, Trainer.BYTE_FALLBACK: 1,
-                             Trainer.PAD_ID: 2**64 - 1, Trainer.UNK_SURFACE: " \u2047 ".encode()}
-    assert model.normalizer == {Normalizer.NAME: b"identity", Normalizer.ADD_DUMMY_PREFIX: 0}
+    assert model.trainer == {TrainerField.MODEL_TYPE: BPE, TrainerField.BYTE_FALLBACK: 1,
+                             TrainerField.PAD_ID: 2**64 - 1, TrainerField.UNK_SURFACE: " \u2047 ".encode()}
+    assert model.normalizer == {NormalizerField.NAME: b"identity", NormalizerField.ADD_DUMMY_PREFIX: 0}
     assert read_model_proto(model_proto_bytes(pieces, None, None)).trainer is None
     # the Llama 2 file: its pieces, written again, read back the same
     real = read_model_proto(llama_model.read_bytes())

@@ -16,7 +16,8 @@ import numpy as np
 from xllm.config import PRESETS
 from xllm.files.safetensors import write_safetensors
 from xllm.tokenizers import BYTE, CONTROL, NORMAL, UNKNOWN
-from xllm.tokenizers.sentencepiece_model import BPE, Normalizer, Trainer, write_model_proto
+from xllm.tokenizers.sentencepiece_model import (BPE, NormalizerField, TrainerField,
+                                                  write_model_proto)
 
 
 def to_bf16_bits(a):
@@ -38,18 +39,18 @@ def write_spm_model(path, vocab_size):
     if len(pieces) != vocab_size:
         raise ValueError(f"vocab_size must be at least 259, got {vocab_size}")
     trainer = {
-        Trainer.MODEL_TYPE: BPE,
-        Trainer.VOCAB_SIZE: vocab_size,
-        Trainer.BYTE_FALLBACK: True,
-        Trainer.UNK_ID: 0,
-        Trainer.BOS_ID: 1,
-        Trainer.EOS_ID: 2,
-        Trainer.PAD_ID: -1,  # no padding piece
+        TrainerField.MODEL_TYPE: BPE,
+        TrainerField.VOCAB_SIZE: vocab_size,
+        TrainerField.BYTE_FALLBACK: True,
+        TrainerField.UNK_ID: 0,
+        TrainerField.BOS_ID: 1,
+        TrainerField.EOS_ID: 2,
+        TrainerField.PAD_ID: -1,  # no padding piece
     }
     normalizer = {
-        Normalizer.NAME: "identity",
-        Normalizer.ADD_DUMMY_PREFIX: True,
-        Normalizer.REMOVE_EXTRA_WHITESPACES: False,
+        NormalizerField.NAME: "identity",
+        NormalizerField.ADD_DUMMY_PREFIX: True,
+        NormalizerField.REMOVE_EXTRA_WHITESPACES: False,
     }
     write_model_proto(path, pieces, trainer, normalizer)
 

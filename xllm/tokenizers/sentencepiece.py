@@ -14,7 +14,7 @@ from heapq import heappush
 from ..errors import ModelFormatError
 from .base import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer, alternation
 from .merge_order import merge_positions
-from .sentencepiece_model import (BPE, MODEL_TYPES, UNIGRAM, Normalizer, Trainer,
+from .sentencepiece_model import (BPE, MODEL_TYPES, UNIGRAM, NormalizerField, TrainerField,
                                   read_model_proto)
 
 SPACE_SYMBOL = "\u2581"  # "▁", how SentencePiece writes a space inside pieces
@@ -96,18 +96,18 @@ class SentencePieceBPE(Tokenizer):
             _check_supported(model)
             trainer = model.trainer
             normalizer = model.normalizer
-            bos_piece = trainer.get(Trainer.BOS_PIECE, b"<s>").decode()
-            eos_piece = trainer.get(Trainer.EOS_PIECE, b"</s>").decode()
-            unk_surface = trainer.get(Trainer.UNK_SURFACE, DEFAULT_UNK_SURFACE.encode())
+            bos_piece = trainer.get(TrainerField.BOS_PIECE, b"<s>").decode()
+            eos_piece = trainer.get(TrainerField.EOS_PIECE, b"</s>").decode()
+            unk_surface = trainer.get(TrainerField.UNK_SURFACE, DEFAULT_UNK_SURFACE.encode())
             return cls(model.pieces, model.scores, model.types,
                        bos_id=_control_id(model, bos_piece),
                        eos_id=_control_id(model, eos_piece),
                        unk_id=model.types.index(UNKNOWN),
-                       add_dummy_prefix=normalizer.get(Normalizer.ADD_DUMMY_PREFIX, True),
+                       add_dummy_prefix=normalizer.get(NormalizerField.ADD_DUMMY_PREFIX, True),
                        remove_extra_whitespaces=normalizer.get(
-                           Normalizer.REMOVE_EXTRA_WHITESPACES, True),
-                       byte_fallback=trainer.get(Trainer.BYTE_FALLBACK, False),
-                       escape_whitespaces=normalizer.get(Normalizer.ESCAPE_WHITESPACES, True),
+                           NormalizerField.REMOVE_EXTRA_WHITESPACES, True),
+                       byte_fallback=trainer.get(TrainerField.BYTE_FALLBACK, False),
+                       escape_whitespaces=normalizer.get(NormalizerField.ESCAPE_WHITESPACES, True),
                        unk_surface=unk_surface.decode())
         except (ValueError, IndexError, KeyError, TypeError, AttributeError, struct.error) as e:
             raise ModelFormatError(f"{path}: not a valid SentencePiece BPE model ({e}); the "
@@ -296,8 +296,8 @@ def _check_supported(model):
     tokenizer would not do exactly as sentencepiece does."""
     trainer = model.trainer or {}
     normalizer = model.normalizer or {}
-    table = normalizer.get(Normalizer.NAME, b"custom").decode()
-    model_type = trainer.get(Trainer.MODEL_TYPE, UNIGRAM)
+    table = normalizer.get(NormalizerField.NAME, b"custom").decode()
+    model_type = trainer.get(TrainerField.MODEL_TYPE, UNIGRAM)
     unknown_count = model.types.count(UNKNOWN)
     if not model.pieces:
         raise ValueError("no pieces found")
@@ -306,12 +306,12 @@ def _check_supported(model):
     if model_type != BPE:
         raise ValueError(f"model type is {MODEL_TYPES.get(model_type, model_type)}; only BPE "
                          "models are supported")
-    if normalizer.get(Normalizer.PRECOMPILED_CHARSMAP):
+    if normalizer.get(NormalizerField.PRECOMPILED_CHARSMAP):
         raise ValueError(f"it uses the {table!r} normalisation table; only the identity "
                          "normaliser is supported")
-    if trainer.get(Trainer.TREAT_WHITESPACE_AS_SUFFIX):
+    if trainer.get(TrainerField.TREAT_WHITESPACE_AS_SUFFIX):
         raise ValueError("treat_whitespace_as_suffix is not supported")
-    if not trainer.get(Trainer.BYTE_FALLBACK) and BYTE in model.types:
+    if not trainer.get(TrainerField.BYTE_FALLBACK) and BYTE in model.types:
         raise ValueError("byte pieces but byte_fallback is off")
     if unknown_count != 1:
         raise ValueError(f"needs exactly one <unk> piece, found {unknown_count}")

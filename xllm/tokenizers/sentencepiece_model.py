@@ -3,7 +3,7 @@ sentencepiece_model.proto in the protobuf encoding, handled here without protobu
 
 Only the parts xllm uses have names: the pieces (text, score, type), and the fields of the
 TrainerSpec and NormalizerSpec messages, which are kept as ``{field number: value}`` dicts
-(the numbers are the constants of ``Trainer`` and ``Normalizer``)."""
+(the numbers are the constants of ``TrainerField`` and ``NormalizerField``)."""
 import struct
 from dataclasses import dataclass
 from typing import Optional
@@ -19,21 +19,21 @@ FIXED32 = 5
 _MAX_VARINT_BITS = 70  # a varint has at most 10 bytes of 7 bits
 
 
-class Model:
+class ModelField:
     """Field numbers of ModelProto."""
     PIECE = 1  # repeated SentencePiece
     TRAINER_SPEC = 2
     NORMALIZER_SPEC = 3
 
 
-class Piece:
+class PieceField:
     """Field numbers of ModelProto.SentencePiece."""
     TEXT = 1
     SCORE = 2
     TYPE = 3
 
 
-class Trainer:
+class TrainerField:
     """Field numbers of TrainerSpec."""
     MODEL_TYPE = 3
     VOCAB_SIZE = 4
@@ -48,7 +48,7 @@ class Trainer:
     EOS_PIECE = 47
 
 
-class Normalizer:
+class NormalizerField:
     """Field numbers of NormalizerSpec."""
     NAME = 1
     PRECOMPILED_CHARSMAP = 2
@@ -126,14 +126,14 @@ def read_model_proto(data: bytes) -> ModelProto:
     winning (as protobuf does)."""
     model = ModelProto([], [], [], None, None)
     for number, value in iter_fields(data):
-        if number == Model.PIECE:
+        if number == ModelField.PIECE:
             piece = dict(iter_fields(value))
-            model.pieces.append(piece[Piece.TEXT].decode("utf-8"))
-            model.scores.append(struct.unpack("<f", piece.get(Piece.SCORE, bytes(4)))[0])
-            model.types.append(piece.get(Piece.TYPE, NORMAL))
-        elif number == Model.TRAINER_SPEC:
+            model.pieces.append(piece[PieceField.TEXT].decode("utf-8"))
+            model.scores.append(struct.unpack("<f", piece.get(PieceField.SCORE, bytes(4)))[0])
+            model.types.append(piece.get(PieceField.TYPE, NORMAL))
+        elif number == ModelField.TRAINER_SPEC:
             model.trainer = _merged(model.trainer, value)
-        elif number == Model.NORMALIZER_SPEC:
+        elif number == ModelField.NORMALIZER_SPEC:
             model.normalizer = _merged(model.normalizer, value)
     return model
 
@@ -188,12 +188,14 @@ def encode_message(fields) -> bytes:
 def model_proto_bytes(pieces, trainer: Optional[dict], normalizer: Optional[dict]) -> bytes:
     """A serialized ModelProto of ``pieces`` (``(text, score, type)`` triples) and the
     TrainerSpec and NormalizerSpec fields (``{number: value}``; None leaves the message out)."""
-    fields = [(Model.PIECE, {Piece.TEXT: text, Piece.SCORE: float(score), Piece.TYPE: kind})
-              for text, score, kind in pieces]
+    fields = []
+    for text, score, kind in pieces:
+        piece = {PieceField.TEXT: text, PieceField.SCORE: float(score), PieceField.TYPE: kind}
+        fields.append((ModelField.PIECE, piece))
     if trainer is not None:
-        fields.append((Model.TRAINER_SPEC, trainer))
+        fields.append((ModelField.TRAINER_SPEC, trainer))
     if normalizer is not None:
-        fields.append((Model.NORMALIZER_SPEC, normalizer))
+        fields.append((ModelField.NORMALIZER_SPEC, normalizer))
     return encode_message(fields)
 
 
