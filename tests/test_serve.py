@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -36,8 +37,9 @@ def wait_healthy(url, process, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            process.log.seek(0)
             raise RuntimeError(f"the server exited with {process.returncode}:\n"
-                               f"{process.stderr.read()}")
+                               f"{process.log.read()[-3000:]}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=1) as r:
                 if r.status == 200:
@@ -49,9 +51,12 @@ def wait_healthy(url, process, timeout=120):
 
 def start_server(*extra):
     port = free_port()
+    # the log goes to a file: a pipe nobody reads would fill and stop the server
+    log = tempfile.TemporaryFile(mode="w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "xllm.serve", "--model", DEFAULT_MODEL, "--port", str(port),
-         "--threads", "2", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         "--threads", "2", *extra], stdout=log, stderr=subprocess.STDOUT, text=True)
+    process.log = log
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process)
@@ -68,6 +73,7 @@ def stop_server(process):
     finally:
         if process.poll() is None:
             process.kill()
+        process.log.close()
     return status
 
 

@@ -37,6 +37,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -203,14 +204,18 @@ def server_command(args, port):
 def start_server(args):
     port = free_port()
     command = server_command(args, port)
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    # the server's log goes to a file: a pipe nobody reads would fill and stop the server
+    log = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    process.log = log
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.start_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            log.seek(0)
             raise SystemExit(f"{command[0]} exited with {process.returncode}:\n"
-                             f"{process.stderr.read()[-3000:]}")
+                             f"{log.read()[-3000:]}")
         try:
             with urllib.request.urlopen(url + "/v1/models", timeout=1) as r:
                 if r.status == 200:
@@ -228,6 +233,7 @@ def stop_server(process):
     except (ProcessLookupError, subprocess.TimeoutExpired):
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    process.log.close()
 
 
 def offline(args, prompts):
