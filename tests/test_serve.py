@@ -4,7 +4,6 @@ The server runs in its own process on a free 127.0.0.1 port, started and stopped
 status 0) by the fixture."""
 import concurrent.futures
 import json
-import os
 import signal
 import socket
 import subprocess
