@@ -68,11 +68,6 @@ class WeightFormat:
     def bytes_per_weight(self) -> float:
         return self.block_bytes / self.block
 
-    @property
-    def native(self) -> bool:
-        """Whether a kernel runs the format as stored (else it is expanded to float32)."""
-        return self.packing != EXPANDED
-
 
 def _gguf_blocks(gguf_type):
     """The ``gguf`` package's dequantizer of `gguf_type`: rows of raw blocks -> float32."""
