@@ -5,6 +5,7 @@ servers use (vLLM, llama-cpp-python), it parses and validates JSON with pydantic
 streaming responses carry server-sent events without another dependency. The layer is thin: it
 turns a request into engine requests (one per choice) and engine events into OpenAI's JSON."""
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -42,9 +43,17 @@ class ServerSettings:
         self.log_prompts = log_prompts
 
 
-def create_app(engine, settings: ServerSettings) -> FastAPI:
-    """The FastAPI application serving `engine`'s model."""
-    app = FastAPI(title="xllm", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(engine, settings: ServerSettings, on_shutdown=None) -> FastAPI:
+    """The FastAPI application serving `engine`'s model; `on_shutdown()` runs when the server
+    stops (after its connections are closed)."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if on_shutdown is not None:
+            on_shutdown()
+
+    app = FastAPI(title="xllm", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = settings
     app.state.metrics = Metrics(engine)

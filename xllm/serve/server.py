@@ -75,7 +75,8 @@ def default_kv_budget(model, max_running) -> int:
 
 
 def build(args):
-    """(engine, app) for parsed arguments."""
+    """(engine, app) for parsed arguments. When the server stops, the engine cancels what is
+    left (uvicorn has waited --shutdown-timeout for the connections by then)."""
     from .. import load
     from ..engine.scheduler import Engine
     from .app import ServerSettings, create_app
@@ -88,7 +89,7 @@ def build(args):
                     kv_budget=budget, prefix_cache=not args.no_prefix_cache)
     settings = ServerSettings(served_model_name=args.served_model_name or args.model,
                               api_key=args.api_key or None, log_prompts=args.log_prompts)
-    return engine, create_app(engine, settings)
+    return engine, create_app(engine, settings, on_shutdown=lambda: engine.close(timeout=1.0))
 
 
 def main(argv=None):
@@ -105,11 +106,6 @@ def main(argv=None):
         return 2
     import uvicorn
     _Server = _uvicorn_server()
-
-    @app.on_event("shutdown")
-    def stop_engine():
-        engine.close(timeout=args.shutdown_timeout)
-
     logging.getLogger("xllm.serve").info(
         "serving %s on http://%s:%d (threads %d, max running %d, KV budget %.0f MiB)",
         args.served_model_name or args.model, args.host, args.port, engine.model.threads,
