@@ -175,16 +175,12 @@ class ByteLevelBPE(Tokenizer):
                 spelled = word.encode("utf-8").decode("latin-1").translate(_TO_ALPHABET)
                 word_ids = self._bpe(spelled)
                 if len(word) <= _CACHE_WORD_LIMIT:
-                    self._remember(word, word_ids)
+                    if len(cache) >= _CACHE_LIMIT or self._cached_chars >= _CACHE_CHARS:
+                        cache.clear()  # full
+                        self._cached_chars = 0
+                    cache[word] = word_ids
+                    self._cached_chars += len(word)
             ids += word_ids
-
-    def _remember(self, word, word_ids):
-        """Cache the ids of ``word``, first emptying the cache if it is full."""
-        if len(self._cache) >= _CACHE_LIMIT or self._cached_chars >= _CACHE_CHARS:
-            self._cache.clear()
-            self._cached_chars = 0
-        self._cache[word] = word_ids
-        self._cached_chars += len(word)
 
     def _bpe(self, word: str) -> list[int]:
         """BPE on one byte-spelled word: merge the adjacent pair of lowest rank, leftmost first
@@ -219,8 +215,7 @@ class ByteLevelBPE(Tokenizer):
             best = _NO_MERGE
             best_at = 0
             for i in range(len(sym) - 1):
-                value = get(sym[i] * k + sym[i + 1], _NO_MERGE)
-                if value < best:
+                if (value := get(sym[i] * k + sym[i + 1], _NO_MERGE)) < best:
                     best = value
                     best_at = i
             if best == _NO_MERGE:
