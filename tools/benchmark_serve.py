@@ -121,7 +121,7 @@ def request_body(prompt, args, max_tokens=None, chat=None):
         body = {"prompt": prompt}
     body.update(model=args.model_name, temperature=0.0, stream=True,
                 max_tokens=args.max_tokens if max_tokens is None else max_tokens,
-                stream_options={"include_usage": True})
+                stream_options={"include_usage": True}, ignore_eos=args.ignore_eos)
     return body
 
 
@@ -237,18 +237,28 @@ def stop_server(process):
 
 
 def offline(args, prompts):
-    """The same prompts as one Model.generate_batch call: output tokens per second."""
+    """The same prompts generated as one batch in this process (the engine's loop without
+    the server), greedy, ignoring the end-of-sequence token unless --stop-at-eos: output
+    tokens per second."""
     import xllm
-    model = xllm.load(args.model, threads=args.threads)
+    from xllm.engine.generation import generate_ids
+    from xllm.engine.sampling import Sampler, SamplingParams
+    model = xllm.load(args.model, threads=args.threads, prefix_cache_mb=0)
     if args.chat:
-        prompts = [model.chat_ids([{"role": "user", "content": p}]) for p in prompts]
+        ids = [model.chat_ids([{"role": "user", "content": p}]) for p in prompts]
+    else:
+        ids = [model.encode_prompt(p) for p in prompts]
+    stop_ids = ()
+    if not args.ignore_eos:
+        c = model.config
+        stop_ids = {i for i in (c.eos_token_id, *c.extra_eos_token_ids) if i is not None}
+    samplers = [Sampler(SamplingParams()) for _ in ids]
     started = time.perf_counter()
-    model.generate_batch(prompts, max_new_tokens=args.max_tokens)
+    tokens = sum(1 for _ in generate_ids(model.transformer, ids, args.max_tokens, samplers,
+                                         stop_ids))
     wall = time.perf_counter() - started
-    tokens = len(model.last_stats["tokens"])
-    line = {"server": "offline generate_batch", "requests": len(prompts),
-            "output_tokens": tokens, "seconds": round(wall, 3),
-            "output_tok_per_s": round(tokens / wall, 2)}
+    line = {"server": "offline batch", "requests": len(prompts), "output_tokens": tokens,
+            "seconds": round(wall, 3), "output_tok_per_s": round(tokens / wall, 2)}
     print(json.dumps(line))
     return line
 
@@ -377,6 +387,10 @@ def parse_args(argv=None):
     p.add_argument("--chat", action="store_true", help="/v1/chat/completions (default: "
                                                       "/v1/completions on the raw prompt)")
     p.add_argument("--api-key", default=None)
+    p.add_argument("--stop-at-eos", dest="ignore_eos", action="store_false",
+                   help="let sequences end at the end-of-sequence token (by default every "
+                        "request asks for ignore_eos, so that each generates --max-tokens and "
+                        "servers do the same work)")
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--max-duration", type=float, default=900.0,
                    help="cut the whole run after this many seconds")

@@ -77,6 +77,7 @@ class Request:
     emit: Callable
     stop: tuple = ()
     logprobs: Optional[int] = None
+    ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
     cancelled: bool = False
 
     def cancel(self):
@@ -408,7 +409,7 @@ class Engine:
         token = sequence.sampler(row, sequence.tokens[:sequence.length], generated)
         if request.logprobs is not None:
             logprob, top = log_softmax_top(raw, token, request.logprobs)
-        if token in self.stop_ids:
+        if token in self.stop_ids and not request.ignore_eos:
             sequence.finish = "stop"
             return
         sequence.tokens[sequence.length] = token

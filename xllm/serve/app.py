@@ -327,7 +327,8 @@ class _Call:
                 seed = None if params.seed is None else params.seed + choice.index % self.body.n
                 choice.engine_request = EngineRequest(
                     choice.prompt_ids, max_tokens, replace(params, seed=seed),
-                    self._emitter(choice), stop=self.body.stop_strings(), logprobs=logprobs)
+                    self._emitter(choice), stop=self.body.stop_strings(), logprobs=logprobs,
+                    ignore_eos=self.body.ignore_eos)
                 self.api.engine.submit(choice.engine_request)
         except QueueFullError as error:
             self.cancel()

@@ -58,6 +58,7 @@ class _Body(BaseModel):
     top_k: StrictInt = Field(default=0, ge=0)
     min_p: Number = Field(default=0.0, ge=0, le=1)
     repetition_penalty: Number = Field(default=1.0, gt=0)
+    ignore_eos: StrictBool = False  # vLLM's and llama.cpp's: generate max_tokens (benchmarks)
 
     def stop_strings(self) -> tuple:
         if self.stop is None:
