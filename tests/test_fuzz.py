@@ -374,8 +374,8 @@ def test_fuzz_quantized_config(seeds):
 def _tiny_tokenizer_json(directory):
     """A byte-level BPE tokenizer.json (GPT-2's byte alphabet, three merges, one special
     token) and the tokenizer_config.json that names its EOS."""
-    from xllm.tokenizers.byte_level import _BYTE_CHARS
-    vocab = {c: i for i, c in enumerate(_BYTE_CHARS)}
+    from xllm.tokenizers.byte_level import BYTE_CHARS
+    vocab = {c: i for i, c in enumerate(BYTE_CHARS)}
     merges = ["\u0120 t", "h e", "\u0120t he"]
     for m in merges:
         vocab[m.replace(" ", "")] = len(vocab)

@@ -295,7 +295,7 @@ def tokenizer_metadata(ckpt, fields):
                 (p + "add_space_prefix", tok.add_dummy_prefix, T.BOOL, None),
                 (p + "remove_extra_whitespaces", tok.remove_extra_whitespaces, T.BOOL, None)]
     else:
-        merges = [" ".join(m) for m, _ in sorted(tok._ranks.items(), key=lambda kv: kv[1])]
+        merges = tok.merges()
         out += [(p + "model", "gpt2", T.STRING, None),
                 (p + "pre", _pre_tokenizer_name(tok), T.STRING, None),
                 (p + "merges", merges, T.ARRAY, T.STRING)]

@@ -50,7 +50,6 @@ def _gpt2_byte_chars():
 
 #: The character that spells each byte (index) in byte-level tokens.
 BYTE_CHARS = _gpt2_byte_chars()
-_BYTE_CHARS = BYTE_CHARS  # the old private name (tests/test_fuzz.py imports it)
 _TO_ALPHABET = dict(enumerate(BYTE_CHARS))  # str.translate tables for Latin-1 text
 _FROM_ALPHABET = {ord(c): b for b, c in enumerate(BYTE_CHARS)}
 # The word cache is dropped when it holds more than _CACHE_LIMIT words or _CACHE_CHARS
@@ -80,7 +79,7 @@ class ByteLevelBPE(Tokenizer):
         self.pre_patterns = tuple(pre_patterns)  # the pre-tokenizer's regexes, in order
         self._passes = _compile_passes(pre_patterns)
         self._ids = {t: i for i, t in enumerate(pieces)}
-        self._ranks = _merge_ranks(merges)  # tools/quantize.py reads it back
+        self._ranks = _merge_ranks(merges)
         special = {}
         always = []
         for i, (token, kind) in enumerate(zip(pieces, self.types)):
@@ -94,6 +93,12 @@ class ByteLevelBPE(Tokenizer):
         self._cached_chars = 0
         self._build_merge_table()
 
+
+    def merges(self) -> list:
+        """The merges, as ``"left right"`` strings in rank order (as tokenizer.json and GGUF
+        store them)."""
+        ordered = sorted(self._ranks.items(), key=lambda item: item[1])
+        return [" ".join(pair) for pair, _ in ordered]
     def _build_merge_table(self):
         """Number every symbol a merge can make and key the merges by the numbers of the pair.
 
