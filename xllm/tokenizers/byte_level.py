@@ -93,12 +93,12 @@ class ByteLevelBPE(Tokenizer):
         self._cached_chars = 0
         self._build_merge_table()
 
-
     def merges(self) -> list:
         """The merges, as ``"left right"`` strings in rank order (as tokenizer.json and GGUF
         store them)."""
         ordered = sorted(self._ranks.items(), key=lambda item: item[1])
         return [" ".join(pair) for pair, _ in ordered]
+
     def _build_merge_table(self):
         """Number every symbol a merge can make and key the merges by the numbers of the pair.
 
