@@ -1,5 +1,6 @@
-# Included by norm.pyx, attention.pyx and sampling.pyx: imports, the vecmath.h declarations, and
-# the argument checks, which run with the GIL held so that bad input raises before nogil code.
+# Included by every kernel module (matmul.pyx and qmatmul.pyx through _matrix.pxi): the imports
+# they share, the declarations of vecmath.h (the vector helpers), and the argument checks, which
+# run with the GIL held so that bad input raises before any nogil code.
 import operator
 
 import numpy as np
@@ -20,16 +21,7 @@ cdef extern from "vecmath.h" nogil:
     void xllm_rms_scale(const float *x, const float *w, double inv, float *out, Py_ssize_t n)
     float xllm_exp_shift(const float *x, float shift, float *out, Py_ssize_t n)
     void xllm_silu_mul(const float *a, const float *b, float *out, Py_ssize_t n)
-    enum: XA_BK, XA_ROWBUF
-    void xllm_attend(int isa, int nr, const float **q, float **out, const int64_t *nk,
-                     const void *kt, const void *vt, Py_ssize_t ldb, int f16, int hd, float scale)
-    void xllm_store_kv(const float *k, const float *v, void *kc, void *vc, Py_ssize_t kvd,
-                       Py_ssize_t hd, Py_ssize_t t, int f16)
     void xllm_barrier()
-    void xllm_weights(const float *l, Py_ssize_t n, double top, double inv_t, double per_nat,
-                      int nb, uint16_t *bucket, double *w, Py_ssize_t *cnt, double *mass)
-    Py_ssize_t xllm_find_u16(const uint16_t *a, Py_ssize_t n, uint16_t lo, uint16_t hi,
-                             int32_t *out)
 
 
 cdef cnp.ndarray _f32(object a, str name, bint write, int ndim, bint f16=False):
@@ -95,8 +87,9 @@ cdef bint _overlap(cnp.ndarray a, cnp.ndarray b, bint same_ok):
     return pa < pb + cnp.PyArray_NBYTES(b) and pb < pa + cnp.PyArray_NBYTES(a)
 
 
-cdef _check_out(cnp.ndarray out, cnp.ndarray src, str name):
-    """out must have src's shape and be src itself or not overlap it (ValueError)."""
+cdef _check_out_matches(cnp.ndarray out, cnp.ndarray src, str name):
+    """ValueError unless out has src's shape and is either src itself (the kernel works in
+    place) or shares no memory with it."""
     if (<object>out).shape != (<object>src).shape:
         raise ValueError(f"out shape {(<object>out).shape} != {name} shape {(<object>src).shape}")
     if _overlap(out, src, True):

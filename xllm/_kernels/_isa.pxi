@@ -1,6 +1,17 @@
-# The instruction-set path of a kernel module (included by matmul.pyx, qmatmul.pyx and
-# attention.pyx), which defines _ISAS (path names, best last) and _NEEDS (CPU features of each).
+# The instruction-set path of a kernel module: included by matmul.pyx, qmatmul.pyx (through
+# _matrix.pxi) and attention.pyx. It imports what it uses itself and needs one call from the
+# including module, right after the include, naming the module's paths (best last) and the CPU
+# features (keys of _cpu.features()) each one needs:
+#
+#     _init_isa({"avx2": (), "avx512": ("avx512",)})
+#
+# It defines set_isa and get_isa (Python), and the C int _isa that the kernels pass to C.
+import os
 
+from xllm._kernels._cpu import features
+
+_ISAS = ()  # the module's path names, best last (set by _init_isa)
+_NEEDS = {}  # path name -> the CPU features it needs
 cdef int _isa = 0  # index into _ISAS
 
 
@@ -19,13 +30,23 @@ def get_isa():
     return _ISAS[_isa]
 
 
-def _init_isa():
-    # The best path this CPU has, or the one XLLM_ISA names ("avx512" selects "avx512vnni" where
-    # that is the module's AVX-512 path).
+def _init_isa(paths=None):
+    """Select the best path this CPU has, or the one XLLM_ISA names ("avx512" selects
+    "avx512vnni" where that is the module's AVX-512 path). `paths` ({name: needed features},
+    best last) declares the module's paths, once, at import; without it the declared paths
+    stay (tools/benchmark.py calls ``_init_isa()`` to return to the default path)."""
+    global _ISAS, _NEEDS
+    if paths is not None:
+        _ISAS = tuple(paths)
+        _NEEDS = dict(paths)
     want = os.environ.get("XLLM_ISA", "").strip().lower()
-    names = [n for n in _ISAS if n.startswith(want)]
-    usable = [n for n in _ISAS if all(features()[f] for f in _NEEDS.get(n, ()))]
+    if want:
+        named = [n for n in _ISAS if n.startswith(want)]
+        chosen = named[0] if named else want  # (set_isa refuses a name that is no path)
+    else:
+        usable = [n for n in _ISAS if all(features()[f] for f in _NEEDS.get(n, ()))]
+        chosen = usable[len(usable) - 1]  # the best (the modules compile without wraparound)
     try:
-        set_isa((names or [want])[0] if want else usable[len(usable) - 1])  # no wraparound
+        set_isa(chosen)
     except ValueError as e:
         raise ValueError(f"XLLM_ISA={want!r}: {e}") from None

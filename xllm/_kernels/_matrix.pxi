@@ -1,7 +1,12 @@
-# Included by matmul.pyx and qmatmul.pyx: the instruction-set path (_isa.pxi), and argument
-# checks for the matrix kernels, run with the GIL held so that bad input raises before any nogil
-# code.
+# Included by matmul.pyx and qmatmul.pyx: what every kernel module shares (_common.pxi), the
+# instruction-set path (_isa.pxi), and the argument checks of the matrix kernels, run with the GIL
+# held so that bad input raises before any nogil code.
+include "_common.pxi"
 include "_isa.pxi"
+
+# Products of fewer multiply-adds (M * N * K) than this run on one thread: waking a second one
+# would cost more than it saves.
+cdef size_t _SERIAL_MAX_MACS = 1 << 16
 
 cdef cnp.ndarray _check_2d(object a, str name, int typenum, str tname):
     """`a` as a 2-D C-contiguous, aligned ndarray of numpy type `typenum` (any type if -1) in
@@ -42,18 +47,14 @@ cdef cnp.ndarray _check_ids(object ids):
     return np.array(a, np.int64)  # (a copy)
 
 
-cdef _check_out(cnp.ndarray out):
+cdef _check_writeable(cnp.ndarray out):
+    """ValueError if out is read-only."""
     if not cnp.PyArray_ISWRITEABLE(out):
         raise ValueError("out is read-only")
 
 
-cdef bint _overlap(cnp.ndarray out, cnp.ndarray a):
-    cdef size_t o0 = <size_t>cnp.PyArray_DATA(out), a0 = <size_t>cnp.PyArray_DATA(a)
-    cdef size_t o1 = o0 + <size_t>cnp.PyArray_NBYTES(out), a1 = a0 + <size_t>cnp.PyArray_NBYTES(a)
-    return o0 < a1 and a0 < o1
-
-
 cdef _check_no_overlap(cnp.ndarray out, cnp.ndarray a, str name):
-    # out is written while a is still being read: overlapping buffers would give garbage.
-    if _overlap(out, a):
+    """ValueError if out shares memory with a: out is written while a is still being read, so
+    overlapping buffers would give garbage."""
+    if _overlap(out, a, False):
         raise ValueError(f"out must not overlap {name}")

@@ -6,29 +6,32 @@ so that one KV head's part of a block is contiguous. A work item,
 run by prange, is a tile of query rows of one sequence that read the same KV head: up to
 XA_ROWBUF floats of queries (head_dim 64: 21 tokens x the 3 heads of a GQA group in prefill, the
 group's heads of one token in decode). It streams the blocks its rows need with an online softmax
-(vecmath.h xllm_attend): per block, the scores of all its rows (broadcast FMAs against the
+(attention.h, which states the order of operations and why a row's result does not depend on
+the rows it shares a call with): per block, the scores of all its rows (broadcast FMAs against the
 transposed keys, no horizontal sums), the running max and sum, and the p-weighted value rows.
 No [heads, M, T] score matrix exists and nothing is allocated per call but a small item list.
 """
 include "_common.pxi"
-import os
-
+include "_isa.pxi"
 from cpython.pyport cimport PY_SSIZE_T_MAX
+from cython.parallel cimport parallel
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
-from cython.parallel cimport parallel
 
-from xllm._kernels._cpu import features
-from xllm._kernels.reference import KV_BLOCK
+from xllm._kernels.layout import KV_BLOCK
 
-assert KV_BLOCK == XA_BK
+cdef extern from "attention.h" nogil:
+    enum: XA_BK, XA_ROWBUF
+    void xllm_attend(int isa, int nr, const float **q, float **out, const int64_t *nk,
+                     const void *kt, const void *vt, Py_ssize_t ldb, int f16, int hd, float scale)
+    void xllm_store_kv(const float *k, const float *v, void *kc, void *vc, Py_ssize_t kvd,
+                       Py_ssize_t hd, Py_ssize_t t, int f16)
 
-# Instruction-set path (set_isa, get_isa): both give the same bits, AVX-512 in fewer instructions.
-_ISAS = ("avx2", "avx512")
-_NEEDS = {"avx512": ("avx512",)}
+assert KV_BLOCK == XA_BK  # the caches' blocks of attention.h are layout.py's
 
-include "_isa.pxi"
-_init_isa()
+# Instruction-set paths (set_isa, get_isa: _isa.pxi), each with the CPU features it needs: both
+# give the same bits, AVX-512 in fewer instructions.
+_init_isa({"avx2": (), "avx512": ("avx512",)})
 
 cdef enum:
     MAX_HEAD_DIM = 256
@@ -62,20 +65,29 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
     """
     # All checks run here, with the GIL held, before any nogil code. Every sum and product of
     # user-given numbers below is bounded first (comments give the bound): none can overflow.
-    cdef cnp.ndarray qa = _f32(q, "q", False, 2), oa = _f32(out, "out", True, 2)
+    cdef cnp.ndarray qa = _f32(q, "q", False, 2)
+    cdef cnp.ndarray oa = _f32(out, "out", True, 2)
     # tuples hold the caches alive even if the caller's lists change during the call
-    k_caches, v_caches = tuple(k_caches), tuple(v_caches)
+    k_caches = tuple(k_caches)
+    v_caches = tuple(v_caches)
     # n_heads, n_kv_heads: OverflowError past Py_ssize_t, TypeError if not integers
-    cdef Py_ssize_t nh = n_heads, nkv = n_kv_heads, m = qa.shape[0], hd, s, S = len(k_caches)
+    cdef Py_ssize_t nh = n_heads
+    cdef Py_ssize_t nkv = n_kv_heads
+    cdef Py_ssize_t m = qa.shape[0]  # query rows
+    cdef Py_ssize_t S = len(k_caches)  # sequences
+    cdef Py_ssize_t hd, s
     if nh < 1 or nkv < 1 or nh % nkv:
         raise ValueError(f"n_heads ({nh}) must be a positive multiple of n_kv_heads ({nkv})")
-    _check_out(oa, qa, "q")
+    _check_out_matches(oa, qa, "q")
     hd = qa.shape[1] // nh
     if qa.shape[1] % nh or not 1 <= hd <= MAX_HEAD_DIM:
         raise ValueError(f"q has {qa.shape[1]} columns: not n_heads ({nh}) * head_dim "
                          f"(1..{MAX_HEAD_DIM})")
     cdef Py_ssize_t ldkv = nkv * hd  # <= nh * hd = q's columns: nkv divides nh
-    cdef cnp.ndarray ba = _int64(bounds, "bounds"), sa = _int64(starts, "starts"), ka, va
+    cdef cnp.ndarray ba = _int64(bounds, "bounds")
+    cdef cnp.ndarray sa = _int64(starts, "starts")
+    cdef cnp.ndarray ka
+    cdef cnp.ndarray va
     if len(v_caches) != S or (<object>ba).shape != (S + 1,) or (<object>sa).shape != (S,):
         raise ValueError(f"need S caches of each kind, S + 1 bounds and S starts; got "
                          f"{S}, {len(v_caches)}, {ba.size}, {sa.size}")
@@ -104,7 +116,8 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
         f16 = S > 0 and cnp.PyArray_Check(k_caches[0]) and \
             cnp.PyArray_TYPE(<cnp.ndarray>k_caches[0]) == cnp.NPY_FLOAT16
         if store:
-            kna, vna = _f32(k_new, "k_new", False, 2), _f32(v_new, "v_new", False, 2)
+            kna = _f32(k_new, "k_new", False, 2)
+            vna = _f32(v_new, "v_new", False, 2)
             if (<object>kna).shape != (m, ldkv) or (<object>vna).shape != (m, ldkv):
                 raise ValueError(f"k_new and v_new must be [{m}, {ldkv}]")
         # Work items: tiles of rows x heads of one group of one sequence, at most `rows` of them
@@ -129,7 +142,8 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
                                  f"head_dim = {ldkv}, {XA_BK}] and v_cache "
                                  f"{(<object>va).shape} [blocks, {nkv}, {XA_BK}, {hd}]")
             # rows_s <= m; cap fits: ka holds cap * ldkv floats, ldkv >= 1
-            rows_s, cap = bp[s + 1] - bp[s], ka.shape[0] * XA_BK
+            rows_s = bp[s + 1] - bp[s]
+            cap = ka.shape[0] * XA_BK
             if not _in_range(sp[s], rows_s, cap):
                 raise ValueError(f"start_pos {sp[s]} + {rows_s} rows exceeds the cache capacity "
                                  f"{cap} (or is negative)")
@@ -137,7 +151,8 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
                 raise ValueError("out overlaps the caches")
             if store and (_overlap(ka, kna, False) or _overlap(va, vna, False)):
                 raise ValueError("k_new or v_new overlaps the caches they are stored in")
-            kp[s], vp[s] = <char *>cnp.PyArray_DATA(ka), <char *>cnp.PyArray_DATA(va)
+            kp[s] = <char *>cnp.PyArray_DATA(ka)
+            vp[s] = <char *>cnp.PyArray_DATA(va)
         if m:
             _run(<const float *>cnp.PyArray_DATA(qa),
                  NULL if not store else <const float *>cnp.PyArray_DATA(kna),
@@ -156,12 +171,18 @@ cdef void _item(const int64_t *it, const float *qp, char **kp, char **vp, bint f
     cdef const float *qr[MAX_ROWS]
     cdef float *orow[MAX_ROWS]
     cdef int64_t nk[MAX_ROWS]
-    cdef Py_ssize_t s = it[0], h = it[1], i, g, n = 0, ldkv = nkv * hd, es = 2 if f16 else 4
+    cdef Py_ssize_t s = it[0]
+    cdef Py_ssize_t h = it[1]
+    cdef Py_ssize_t n = 0  # rows gathered
+    cdef Py_ssize_t ldkv = nkv * hd
+    cdef Py_ssize_t es = 2 if f16 else 4  # bytes per cache element
+    cdef Py_ssize_t i, g
     cdef Py_ssize_t col
     for i in range(it[4], it[4] + it[5]):
         for g in range(it[2], it[2] + it[3]):
             col = (h * (nh // nkv) + g) * hd
-            qr[n], orow[n] = qp + i * nh * hd + col, op + i * nh * hd + col
+            qr[n] = qp + i * nh * hd + col
+            orow[n] = op + i * nh * hd + col
             nk[n] = sp[s] + i - bp[s] + 1
             n += 1
     xllm_attend(_isa, <int>n, qr, orow, nk, kp[s] + h * hd * XA_BK * es,
@@ -172,7 +193,10 @@ cdef void _run(const float *qp, const float *knp, const float *vnp, char **kp, c
                bint f16, Py_ssize_t S, const int64_t *bp, const int64_t *sp, float *op,
                Py_ssize_t nh, Py_ssize_t nkv, Py_ssize_t hd, float sc, int64_t *lst,
                Py_ssize_t items, Py_ssize_t gh, Py_ssize_t tq) noexcept nogil:
-    cdef Py_ssize_t s, i, t, g, it = 0, ldkv = nkv * hd, group = nh // nkv
+    cdef Py_ssize_t s, i, t, g
+    cdef Py_ssize_t it = 0
+    cdef Py_ssize_t ldkv = nkv * hd
+    cdef Py_ssize_t group = nh // nkv
     # Rows of a GQA group share each K and V block; the latest rows (the most keys) go first.
     for s in range(S):
         t = bp[s + 1] - bp[s]
@@ -181,8 +205,11 @@ cdef void _run(const float *qp, const float *knp, const float *vnp, char **kp, c
             for i in range(nkv):
                 g = 0
                 while g < group:
-                    lst[6 * it], lst[6 * it + 1], lst[6 * it + 2] = s, i, g
-                    lst[6 * it + 3], lst[6 * it + 4] = min(gh, group - g), bp[s] + t
+                    lst[6 * it] = s  # the fields of a work item: see _item
+                    lst[6 * it + 1] = i
+                    lst[6 * it + 2] = g
+                    lst[6 * it + 3] = min(gh, group - g)
+                    lst[6 * it + 4] = bp[s] + t
                     lst[6 * it + 5] = min(tq, bp[s + 1] - bp[s] - t)
                     it += 1
                     g += gh

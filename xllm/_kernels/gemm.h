@@ -27,6 +27,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "vecmath.h"
+
 /* Weight types. XW_F32C is float32 already in cache (a converted prefill panel): the same
  * loads as XW_F32, minus the software prefetches meant for weights streaming from memory. */
 enum { XW_F32 = 0, XW_F16 = 1, XW_BF16 = 2, XW_F32C = 3 };
@@ -78,13 +80,7 @@ static inline size_t xllm_wsize(int wt) { return wt == XW_F16 || wt == XW_BF16 ?
 /* Loads and reductions; the number in a name is the register width (256: AVX2, 512: AVX-512) */
 /* ------------------------------------------------------------------------------------------ */
 
-static inline XLLM_AI float xllm_hsum256(__m256 v)
-{
-    __m128 b = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    b = _mm_add_ps(b, _mm_movehl_ps(b, b));
-    b = _mm_add_ss(b, _mm_movehdup_ps(b));
-    return _mm_cvtss_f32(b);
-}
+/* xllm_hsum256 (the AVX2 reduction) and xllm_tail_mask: vecmath.h. */
 
 static inline XLLM_AI XLLM_T512 float xllm_hsum512(__m512 v)
 {
@@ -103,18 +99,11 @@ static inline XLLM_AI __m256 xllm_ld256(int wt, const char *p)
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* The lanes below n (< 8) of a partial chunk. */
-static inline XLLM_AI __m256i xllm_mask256(size_t n)
-{
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n),
-                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
 /* The first n (< 8) weights at p, zeros in the other lanes; never reads past element n. */
 static inline XLLM_AI __m256 xllm_ld256_tail(int wt, const char *p, size_t n)
 {
     if (wt == XW_F32 || wt == XW_F32C)
-        return _mm256_maskload_ps((const float *)p, xllm_mask256(n));
+        return _mm256_maskload_ps((const float *)p, xllm_tail_mask(n));
     uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     memcpy(buf, p, n * 2);
     return xllm_ld256(wt, (const char *)buf);
@@ -154,7 +143,8 @@ static void xllm_cvt_row(int wt, const char *src, float *dst, size_t n)
     for (; k + 8 <= n; k += 8)
         _mm256_storeu_ps(dst + k, xllm_ld256(wt, src + 2 * k));
     if (k < n)
-        _mm256_maskstore_ps(dst + k, xllm_mask256(n - k), xllm_ld256_tail(wt, src + 2 * k, n - k));
+        _mm256_maskstore_ps(dst + k, xllm_tail_mask(n - k),
+                            xllm_ld256_tail(wt, src + 2 * k, n - k));
 }
 
 /* ------------------------------------------------------------------------------------------ */

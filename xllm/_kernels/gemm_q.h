@@ -2,7 +2,7 @@
  *
  * out[M, N] (+)= x[M, K] @ W[N, K].T with W int8 (symmetric, groups of G >= 32) or int4 (groups
  * of 32, symmetric with an offset of 8, or asymmetric with a minimum) in the packed panel layout
- * described in xllm/quant.py: 16 rows of W per panel, each 32-value block interleaved so that one
+ * described in xllm/_kernels/layout.py: 16 rows of W per panel, each 32-value block interleaved so that one
  * 64-byte row of the block holds 4 consecutive values of each of the 16 rows.
  *
  * Arithmetic (xllm/_kernels/reference.py qmatmul does exactly the same):
@@ -34,8 +34,9 @@
 
 #define XQ_AI __attribute__((always_inline))
 #define XQ_T512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
-/* Keep a value in a register: stops GCC from contracting a product and a sum into an FMA. */
-#define XQ_BARRIER(v) __asm__("" : "+x"(v))
+/* Makes v opaque to the optimiser, so that GCC cannot contract the product that gives v and a
+ * later sum into one FMA (the reference rounds the product first). */
+#define XQ_NO_FMA(v) __asm__("" : "+x"(v))
 #ifndef XQ_PF
 #define XQ_PF 1024 /* software prefetch distance along a panel, bytes */
 #endif
@@ -56,9 +57,6 @@ typedef struct {
     size_t nb, ng;        /* K / 32 blocks, K / G groups per row */
     int bits, gshift, f32, parts; /* 8 or 4; log2(G / 32); scales are float32; 2 or 3 */
 } xq_weights;
-
-/* Wait for all the threads of the enclosing OpenMP parallel region. */
-static inline void xq_barrier(void) { _Pragma("omp barrier") }
 
 /* One 32-value block of one row of x, quantized (step 1): 128 bytes, 2 cache lines. */
 typedef struct {
@@ -89,7 +87,8 @@ static void xq_quantize_rows(const float *x, size_t ldx, size_t m0, size_t m1, s
             a4 = _mm_max_ss(a4, _mm_movehdup_ps(a4));
             o->ds = _mm_cvtss_f32(a4) / 127.0f; /* d for now */
         }
-        /* a second pass: with d ready, the long chains of the blocks overlap (-30% time) */
+        /* a second pass: with every d ready, the long dependency chains of the blocks can
+         * overlap (one pass would wait on each block's amax before its divisions) */
         for (size_t b = 0; b < nb; b++) {
             const float *p = x + m * ldx + 32 * b;
             xq_xb *o = qx + m * nb + b;
@@ -144,12 +143,36 @@ static inline void xq_store(float *o, const float *r, size_t nr, int accum)
 }
 
 /* acc + dpbusd(w, 4 bytes at p broadcast): GCC does not fold the broadcast into the
- * instruction itself ({1to16}), and the separate vpbroadcastd costs 5-15% at M = 4..16. */
+ * instruction itself ({1to16}), and a separate vpbroadcastd per row and part competes with the
+ * dots for issue slots (it shows from a few rows of x on). */
 static inline XQ_AI XQ_T512 __m512i xq_dpbusd(__m512i acc, __m512i w, const int8_t *p)
 {
     __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)p));
     return acc;
 }
+
+/* The scales (or mins) at p of one group for the rows of a tile as float32, from float32 (if
+ * w->f32) or float16: 16 rows in a 512-bit register, 8 in a 256-bit one. (Macros, as is
+ * XQ_BLOCK_TERMS: written as inline functions, they change how GCC schedules the micro-kernels.) */
+#define XQ_SCALES512(p)                                                                          \
+    (w->f32 ? _mm512_loadu_ps(p) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p))))
+#define XQ_SCALES256(p)                                                                          \
+    (w->f32 ? _mm256_loadu_ps((const float *)(p))                                                \
+            : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
+
+/* Step 3 for one block, in P-bit registers, for both micro-kernels: acc[i] (i < MR) gets the
+ * block's terms from the dots d[k][i] of the parts, the scales ws (and the mins wm, if ASYM) of
+ * its group, and row i's dx' (xb[i]->d) and dx' * S (xb[i]->ds). c12 + c3 / 256 is one FMA: the
+ * product is exact, so it rounds as mul + add do. */
+#define XQ_BLOCK_TERMS(P, ASYM)                                                                  \
+    for (int i = 0; i < MR; i++) {                                                               \
+        __m##P##i c12 = _mm##P##_add_epi32(_mm##P##_slli_epi32(d[0][i], 8), d[1][i]);           \
+        __m##P v = _mm##P##_cvtepi32_ps(c12);                                                    \
+        if (PARTS == 3) v = _mm##P##_fmadd_ps(_mm##P##_cvtepi32_ps(d[2][i]), inv256, v);        \
+        acc[i] = _mm##P##_fmadd_ps(_mm##P##_mul_ps(ws, _mm##P##_set1_ps(xb[i]->d)), v, acc[i]); \
+        if (ASYM)                                                                                \
+            acc[i] = _mm##P##_fmadd_ps(wm, _mm##P##_set1_ps(xb[i]->ds), acc[i]);                 \
+    }
 
 /* AVX-512 VNNI micro-kernel: MR rows of x against panel p (16 rows of W, the first nr valid). */
 /* KIND, PARTS (constants: each gets its own code): 0 int8, 1 int4 sym., 2 asym.; 2 or 3 parts */
@@ -204,19 +227,9 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const in
             }
         }
         const size_t g = (b >> w->gshift) * ss;
-        __m512 ws = w->f32 ? _mm512_loadu_ps(sc + g)
-                           : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g)));
-        __m512 wm = KIND != 2 ? ws : w->f32 ? _mm512_loadu_ps(mn + g)
-                                      : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mn + g)));
-        for (int i = 0; i < MR; i++) {
-            __m512i c12 = _mm512_add_epi32(_mm512_slli_epi32(d[0][i], 8), d[1][i]);
-            /* c12 + c3 / 256: the product is exact, so one FMA rounds as mul + add do */
-            __m512 v = _mm512_cvtepi32_ps(c12);
-            if (PARTS == 3) v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[2][i]), inv256, v);
-            acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(ws, _mm512_set1_ps(xb[i]->d)), v, acc[i]);
-            if (KIND == 2)
-                acc[i] = _mm512_fmadd_ps(wm, _mm512_set1_ps(xb[i]->ds), acc[i]);
-        }
+        __m512 ws = XQ_SCALES512(sc + g);
+        __m512 wm = KIND != 2 ? ws : XQ_SCALES512(mn + g);
+        XQ_BLOCK_TERMS(512, KIND == 2)
     }
     const __mmask16 valid = (__mmask16)((1u << nr) - 1); /* masked: no scalar stores */
     for (int i = 0; i < MR; i++) {
@@ -267,18 +280,9 @@ static inline XQ_AI void xq_mk256(const int MR, const int PARTS, const xq_weight
                 }
         }
         const size_t g = (b >> w->gshift) * ss + h * ss / 2;
-        __m256 ws = w->f32 ? _mm256_loadu_ps((const float *)(sc + g))
-                           : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g)));
-        __m256 wm = !mn ? ws : w->f32 ? _mm256_loadu_ps((const float *)(mn + g))
-                                      : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + g)));
-        for (int i = 0; i < MR; i++) {
-            __m256i c12 = _mm256_add_epi32(_mm256_slli_epi32(d[0][i], 8), d[1][i]);
-            __m256 v = _mm256_cvtepi32_ps(c12);
-            if (PARTS == 3) v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[2][i]), inv256, v);
-            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(ws, _mm256_set1_ps(xb[i]->d)), v, acc[i]);
-            if (mn)
-                acc[i] = _mm256_fmadd_ps(wm, _mm256_set1_ps(xb[i]->ds), acc[i]);
-        }
+        __m256 ws = XQ_SCALES256(sc + g);
+        __m256 wm = !mn ? ws : XQ_SCALES256(mn + g);
+        XQ_BLOCK_TERMS(256, mn)
     }
     for (int i = 0; i < MR; i++) {
         float r[8];
@@ -344,7 +348,7 @@ static void xq_panels(int isa, const xq_weights *w, size_t p0, size_t p1, const 
     }
 }
 
-/* Row r of W dequantized into o[K] (float32, the same operations as QTensor.dequantize). */
+/* Row r of W dequantized into o[K] (float32, the same operations as layout.dequantize_rows). */
 static void xq_dequant_row(const xq_weights *w, size_t r, float *o)
 {
     const size_t p = r / 16, lane = r % 16, qb = w->bits == 8 ? 512 : 256;
@@ -373,8 +377,8 @@ static void xq_dequant_row(const xq_weights *w, size_t r, float *o)
                     ob[16 + 4 * j + t] = d * (float)((int)(c >> 4) - 8);
                 } else {
                     float lo = d * (float)(c & 15), hi = d * (float)(c >> 4);
-                    XQ_BARRIER(lo);
-                    XQ_BARRIER(hi);
+                    XQ_NO_FMA(lo);
+                    XQ_NO_FMA(hi);
                     ob[4 * j + t] = lo + m;
                     ob[16 + 4 * j + t] = hi + m;
                 }

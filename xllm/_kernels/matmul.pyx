@@ -1,20 +1,9 @@
 """Matrix multiply (``x @ w.T``) and embedding lookup: argument checks, the instruction-set path
 and the split of w's rows across threads. The arithmetic (AVX2, AVX-512) and why it is bitwise
 independent of the batch size and the thread count: gemm.h."""
-import operator
-import os
-
-import numpy as np
-
-cimport numpy as cnp
-from cython.parallel cimport parallel, prange, threadid
-from libc.stdint cimport int64_t
+include "_matrix.pxi"
+from cython.parallel cimport parallel, threadid
 from libc.stdlib cimport free, malloc
-
-from xllm._kernels._cpu cimport get_num_threads
-from xllm._kernels._cpu import features
-
-cnp.import_array()
 
 cdef extern from "gemm.h" nogil:
     int XW_F32, XW_F16, XW_BF16
@@ -30,11 +19,8 @@ cdef extern from "gemm.h" nogil:
     void xllm_embedding(const void *table, int wt, size_t D, const int64_t *ids, size_t n,
                         float *out)
 
-
-# ---- instruction-set path (set_isa, get_isa: _matrix.pxi) ----
-
-_ISAS = ("avx2", "avx512")
-_NEEDS = {"avx512": ("avx512",)}
+# Instruction-set paths (set_isa, get_isa: _isa.pxi), each with the CPU features it needs.
+_init_isa({"avx2": (), "avx512": ("avx512",)})
 
 
 cdef int _weight_type(cnp.ndarray a, str name) except -1:
@@ -49,18 +35,14 @@ cdef int _weight_type(cnp.ndarray a, str name) except -1:
                     f"got {a.dtype}")
 
 
-include "_matrix.pxi"
-_init_isa()
-
-
 # ---- matmul ----
 
 # Prefill converts w to float32 one panel of rows at a time (per thread): about 1 MiB stays in
 # L2 (2 MiB per core on current Xeons) while the packed rows of x stream past it.
 cdef size_t _PANEL_BYTES = 1024 * 1024
 # From this many rows of x on, the prefill path; below it, w streams through registers (decode).
-cdef size_t _PREFILL_MIN_M = 16, _KC = XLLM_KC
-cdef size_t _SERIAL_MAX_MACS = 1 << 16  # products this small (multiply-adds) run on one thread
+cdef size_t _PREFILL_MIN_M = 16
+cdef size_t _KC = XLLM_KC  # the K block of the prefill path
 
 
 def _tune(kc=None, panel_bytes=None, prefill_min_m=None):
@@ -74,7 +56,9 @@ def _tune(kc=None, panel_bytes=None, prefill_min_m=None):
     cdef size_t new_kc = _KC if kc is None else kc
     cdef size_t new_panel = _PANEL_BYTES if panel_bytes is None else max(1, panel_bytes)
     cdef size_t new_min_m = _PREFILL_MIN_M if prefill_min_m is None else max(1, prefill_min_m)
-    _KC, _PANEL_BYTES, _PREFILL_MIN_M = new_kc, new_panel, new_min_m
+    _KC = new_kc
+    _PANEL_BYTES = new_panel
+    _PREFILL_MIN_M = new_min_m
     return old
 
 
@@ -89,7 +73,7 @@ def matmul(x, w, out, accumulate=False):
     cdef cnp.ndarray wa = _check_2d(w, "w", -1, "")
     cdef cnp.ndarray oa = _check_2d(out, "out", cnp.NPY_FLOAT32, "float32")
     cdef int wt = _weight_type(wa, "w")
-    _check_out(oa)
+    _check_writeable(oa)
     cdef size_t M = <size_t>xa.shape[0], K = <size_t>xa.shape[1], N = <size_t>wa.shape[0]
     if <size_t>wa.shape[1] != K:
         raise ValueError(f"x and w disagree on K: x {x.shape}, w {w.shape} "
@@ -105,11 +89,12 @@ def matmul(x, w, out, accumulate=False):
     cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
     cdef const void *wp = <const void *>cnp.PyArray_DATA(wa)
     cdef float *op = <float *>cnp.PyArray_DATA(oa)
-    cdef int isa = _isa, acc = 1 if accumulate else 0, nt = get_num_threads()
+    cdef int isa = _isa
+    cdef int acc = 1 if accumulate else 0
+    cdef int nt = get_num_threads()
     cdef size_t mk = M * K  # <= x.size, which fits
     if mk == 0 or (mk < _SERIAL_MAX_MACS and N < (_SERIAL_MAX_MACS + mk - 1) // mk):
-        nt = 1  # M * N * K < _SERIAL_MAX_MACS, without the product that can overflow: waking
-        # a second thread would cost more than it saves
+        nt = 1  # M * N * K < _SERIAL_MAX_MACS, without the product that can overflow
     cdef size_t nr = XLLM_NR5 if isa else XLLM_NR2
     # Row stride of converted panels: 64-byte aligned rows, plus one extra cache line so that
     # rows are not a multiple of 4 KiB apart (which would map them all to the same L1 sets).
@@ -185,7 +170,7 @@ def embedding(table, ids, out):
     cdef cnp.ndarray ta = _check_2d(table, "table", -1, "")
     cdef int wt = _weight_type(ta, "table")
     cdef cnp.ndarray oa = _check_2d(out, "out", cnp.NPY_FLOAT32, "float32")
-    _check_out(oa)
+    _check_writeable(oa)
     _check_no_overlap(oa, ta, "table")
     cdef cnp.ndarray ia = _check_ids(ids)
     cdef size_t n = <size_t>ia.shape[0], V = <size_t>ta.shape[0], D = <size_t>ta.shape[1]
@@ -194,9 +179,10 @@ def embedding(table, ids, out):
                          f"got {out.shape}")
     if n == 0:
         return
-    lo, hi = int(ia.min()), int(ia.max())
-    if lo < 0 or hi >= <Py_ssize_t>V:
-        bad = lo if lo < 0 else hi
+    lowest = int(ia.min())
+    highest = int(ia.max())
+    if lowest < 0 or highest >= <Py_ssize_t>V:
+        bad = lowest if lowest < 0 else highest
         raise IndexError(f"token id {bad} out of range for an embedding table of {V} rows")
     cdef const void *tp = <const void *>cnp.PyArray_DATA(ta)
     cdef const int64_t *ip = <const int64_t *>cnp.PyArray_DATA(ia)

@@ -23,12 +23,13 @@ def rmsnorm(x, weight, eps, out):
     to float32 before the weight multiply, as the reference does (transformers' LlamaRMSNorm does
     the same in float32; the two differ by about an ulp).
     """
-    cdef cnp.ndarray xa = _f32(x, "x", False, 0), wa = _f32(weight, "weight", False, 1)
+    cdef cnp.ndarray xa = _f32(x, "x", False, 0)
+    cdef cnp.ndarray wa = _f32(weight, "weight", False, 1)
     cdef cnp.ndarray oa = _f32(out, "out", True, 0)
     if wa.shape[0] != xa.shape[xa.ndim - 1]:
         raise ValueError(f"weight shape {(<object>wa).shape} does not match the last axis of x "
                          f"{(<object>xa).shape}")
-    _check_out(oa, xa, "x")
+    _check_out_matches(oa, xa, "x")
     if _overlap(oa, wa, False):
         raise ValueError("out overlaps weight")
     cdef double e = float(eps), ms
@@ -52,12 +53,16 @@ def rope(x, positions, cos, sin, n_heads, interleaved):
     llama2.c, GGUF); False rotates (i, i + head_dim/2) (Hugging Face rotate_half).
     """
     cdef cnp.ndarray xa = _f32(x, "x", True, 2)
-    cdef cnp.ndarray ca = _f32(cos, "cos", False, 2), sa = _f32(sin, "sin", False, 2)
+    cdef cnp.ndarray ca = _f32(cos, "cos", False, 2)
+    cdef cnp.ndarray sa = _f32(sin, "sin", False, 2)
     if (<object>sa).shape != (<object>ca).shape:
         raise ValueError(f"cos and sin differ in shape: {(<object>ca).shape}, {(<object>sa).shape}")
     # n_heads: OverflowError past Py_ssize_t; compared by division (nh * 2 * half can overflow,
     # 2 * half cannot: numpy keeps cos's row, half floats, under 2**63 bytes even with 0 rows)
-    cdef Py_ssize_t nh = n_heads, half = ca.shape[1], m = xa.shape[0], n_pos = ca.shape[0]
+    cdef Py_ssize_t nh = n_heads
+    cdef Py_ssize_t half = ca.shape[1]  # pairs rotated per head
+    cdef Py_ssize_t m = xa.shape[0]
+    cdef Py_ssize_t n_pos = ca.shape[0]
     if nh < 1 or half < 1 or xa.shape[1] % (2 * half) or xa.shape[1] // (2 * half) != nh:
         raise ValueError(f"x has {xa.shape[1]} columns; expected n_heads ({nh}) * 2 * "
                          f"cos.shape[1] ({half})")
@@ -106,8 +111,9 @@ def rope(x, positions, cos, sin, n_heads, interleaved):
 
 def softmax(x, out):
     """Softmax over the last axis; out may be x."""
-    cdef cnp.ndarray xa = _f32(x, "x", False, 0), oa = _f32(out, "out", True, 0)
-    _check_out(oa, xa, "x")
+    cdef cnp.ndarray xa = _f32(x, "x", False, 0)
+    cdef cnp.ndarray oa = _f32(out, "out", True, 0)
+    _check_out_matches(oa, xa, "x")
     cdef Py_ssize_t d = xa.shape[xa.ndim - 1], i, j
     if d == 0:
         return
@@ -125,17 +131,19 @@ def softmax(x, out):
 
 def silu_mul(a, b, out):
     """out = silu(a) * b = a / (1 + exp(-a)) * b, elementwise; out may be a or b."""
-    cdef cnp.ndarray aa = _f32(a, "a", False, 0), ba = _f32(b, "b", False, 0)
+    cdef cnp.ndarray aa = _f32(a, "a", False, 0)
+    cdef cnp.ndarray ba = _f32(b, "b", False, 0)
     cdef cnp.ndarray oa = _f32(out, "out", True, 0)
-    _check_out(oa, aa, "a")
-    _check_out(oa, ba, "b")
+    _check_out_matches(oa, aa, "a")
+    _check_out_matches(oa, ba, "b")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(aa), c, lo
     cdef const float *ap = <const float *>cnp.PyArray_DATA(aa)
     cdef const float *bp = <const float *>cnp.PyArray_DATA(ba)
     cdef float *op = <float *>cnp.PyArray_DATA(oa)
     # one equal chunk (a multiple of 8 floats) per thread: an exp costs as much as 8 floats of
     # the other kernels, so GRAIN // 8 floats per thread already pay for the parallel region
-    cdef Py_ssize_t nt = _threads(n, 8 * n), chunk = (n + 8 * nt - 1) // (8 * nt) * 8
+    cdef Py_ssize_t nt = _threads(n, 8 * n)
+    cdef Py_ssize_t chunk = (n + 8 * nt - 1) // (8 * nt) * 8
     for c in prange(nt, nogil=True, num_threads=nt, schedule="static"):
         lo = c * chunk
         if lo < n:

@@ -2,22 +2,14 @@
 xllm/_kernels/layout.py describes; xllm.formats.qtensor.QTensor): the
 argument checks at the Python boundary and the split of W's panels across threads. The arithmetic
 (AVX2, AVX-512 VNNI) and why it is bitwise batch-invariant: gemm_q.h."""
-import operator
-import os
-
-import numpy as np
-
-cimport numpy as cnp
-from cython.parallel cimport parallel, prange, threadid
+include "_matrix.pxi"
 from cpython.pyport cimport PY_SSIZE_T_MAX
-from libc.stdint cimport int64_t, uint8_t
+from cython.parallel cimport parallel, threadid
 from libc.stdlib cimport free, malloc
 
-from xllm._kernels._cpu cimport get_num_threads
-from xllm._kernels._cpu import features
-from xllm._kernels.layout import check_packed
+from xllm._kernels.layout import BLOCK, PANEL, check_packed
 
-cnp.import_array()
+assert PANEL == 16 and BLOCK == 32  # the panels and blocks of gemm_q.h are layout.py's
 
 cdef extern from "gemm_q.h" nogil:
     ctypedef struct xq_weights:
@@ -33,17 +25,10 @@ cdef extern from "gemm_q.h" nogil:
     void xq_panels(int isa, const xq_weights *w, size_t p0, size_t p1, const xq_xb *x,
                    size_t M, size_t N, float *out, int accum)
     void xq_dequant_row(const xq_weights *w, size_t r, float *o)
-    void xq_barrier()
     enum: XQ_X_BYTES, XQ_OWN_M
 
-
-# ---- instruction-set path (set_isa, get_isa: _matrix.pxi) ----
-
-_ISAS = ("avx2", "avx512vnni")
-_NEEDS = {"avx512vnni": ("avx512", "avx512vnni")}
-
-include "_matrix.pxi"
-_init_isa()
+# Instruction-set paths (set_isa, get_isa: _isa.pxi), each with the CPU features it needs.
+_init_isa({"avx2": (), "avx512vnni": ("avx512", "avx512vnni")})
 
 
 cdef bint _fits(object a, Py_ssize_t d0, Py_ssize_t d1, Py_ssize_t d2, int t1, int t2):
@@ -63,8 +48,13 @@ cdef int _layout_ok(object n, object k, object g, object parts, object bits, obj
     group past K, possible when K = 0, would make a shift of 64 bits or more), arrays of the
     shapes they imply; 0 otherwise. OverflowError for sizes past Py_ssize_t."""
     if not (type(n) is int and type(k) is int and type(g) is int and type(parts) is int and
-            type(bits) is int and n >= 0 and k >= 0 and parts in (2, 3) and 32 <= g and
-            (g <= k or g == 32) and not g & (g - 1) and k % g == 0 and (bits == 8 or (bits == 4 and g == 32))):
+            type(bits) is int):
+        return 0
+    if not (n >= 0 and k >= 0 and parts in (2, 3)):
+        return 0
+    if not (32 <= g and (g <= k or g == 32) and not g & (g - 1) and k % g == 0):
+        return 0
+    if not (bits == 8 or (bits == 4 and g == 32)):
         return 0
     p = (n + 15) // 16
     cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>sc) if cnp.PyArray_Check(sc) else -1
@@ -75,14 +65,19 @@ cdef int _layout_ok(object n, object k, object g, object parts, object bits, obj
 
 cdef xq_weights _weights(object w, size_t *nk, list keep) except *:
     """The C view of QTensor `w`, re-validated (its fields are plain attributes, which may have
-    changed since it was built): the common case by a quick check here (1.4 us less per call),
-    anything else by check_qtensor, for its messages. Its shape goes to nk[0], nk[1] and its
+    changed since it was built): the common case by a quick check here (it runs on every call,
+    several times per token), anything else by check_packed, for its messages. Its shape goes to nk[0], nk[1] and its
     arrays to `keep`, which holds them alive while the kernel runs without the GIL."""
     if not hasattr(w, "qs"):
         raise TypeError(f"w must be packed quantized weights (an xllm.formats.qtensor.QTensor), "
                         f"got {type(w).__name__}")
     n, k = w.shape
-    cdef object g = w.group, parts = w.parts, bits = w.bits, qs = w.qs, sc = w.scales, mn = w.mins
+    cdef object g = w.group
+    cdef object parts = w.parts
+    cdef object bits = w.bits
+    cdef object qs = w.qs
+    cdef object sc = w.scales
+    cdef object mn = w.mins
     if not _layout_ok(n, k, g, parts, bits, qs, sc, mn):
         for a in (sc, mn):
             if isinstance(a, np.ndarray) and not a.dtype.isnative:
@@ -90,7 +85,11 @@ cdef xq_weights _weights(object w, size_t *nk, list keep) except *:
                                 f"byte order, got {a.dtype}")
         check_packed(w, "qmatmul")  # raises with the details, or accepts numpy integers;
         # it does not look at alignment, hence the second check here
-        n, k, g, parts, bits = [operator.index(v) for v in (n, k, g, parts, bits)]
+        n = operator.index(n)
+        k = operator.index(k)
+        g = operator.index(g)
+        parts = operator.index(parts)
+        bits = operator.index(bits)
         if not _layout_ok(n, k, g, parts, bits, qs, sc, mn):
             raise ValueError(f"qmatmul: {w!r} has misaligned arrays or a group larger than K")
     keep += (qs, sc, mn)
@@ -98,19 +97,22 @@ cdef xq_weights _weights(object w, size_t *nk, list keep) except *:
     c.qs = <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>qs)
     c.scales = <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>sc)
     c.mins = NULL if mn is None else <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>mn)
-    c.nb, c.ng = <size_t>(<cnp.ndarray>qs).shape[1], <size_t>(<cnp.ndarray>sc).shape[1]
-    c.bits, c.parts = bits, parts
+    c.nb = <size_t>(<cnp.ndarray>qs).shape[1]
+    c.ng = <size_t>(<cnp.ndarray>sc).shape[1]
+    c.bits = bits
+    c.parts = parts
     c.f32 = cnp.PyArray_TYPE(<cnp.ndarray>sc) == cnp.NPY_FLOAT32
     c.gshift = (g // 32).bit_length() - 1
-    nk[0], nk[1] = n, k
+    nk[0] = n
+    nk[1] = k
     return c
 
 
 # Rows of x per parallel work item (with one panel of W): at most 128, and their quantized
 # blocks at most _X_BYTES, so that they stay in L2 while the item's panel streams past them.
-cdef size_t _ROWS = 128, _X_BYTES = XQ_X_BYTES
-cdef size_t _SERIAL_MAX_MACS = 1 << 16  # products this small (multiply-adds) run on one thread
-cdef size_t _OWN_M = XQ_OWN_M
+cdef size_t _ROWS = 128
+cdef size_t _X_BYTES = XQ_X_BYTES
+cdef size_t _OWN_M = XQ_OWN_M  # up to this many rows, each thread quantizes x itself
 cdef enum:
     _STACK_B = 8 * 8192 // 32  # quantized x of up to this many blocks (128 B) lives on the stack
     _MAXW = 4  # weights sharing one x in a call
@@ -125,7 +127,12 @@ def qmatmul(x, w, out, accumulate=False):
     ``w.parts`` int8 parts (gemm_q.h): the result carries that (about 16-bit, 23-bit for 3 parts)
     error; each element is bitwise independent of M, its row, the thread count and the ISA path.
     """
-    ws, outs = (w, out) if type(w) is tuple else ((w,), (out,))
+    if type(w) is tuple:
+        ws = w
+        outs = out
+    else:
+        ws = (w,)
+        outs = (out,)
     if type(outs) is not tuple or not 1 <= len(ws) == len(outs) <= _MAXW:
         raise ValueError(f"w and out must be a QTensor and an array, or two tuples of the same "
                          f"length (1..{_MAXW})")
@@ -144,7 +151,7 @@ def qmatmul(x, w, out, accumulate=False):
         if cw[j].parts != cw[0].parts:
             raise ValueError(f"weights sharing x need equal parts: {cw[0].parts}, {cw[j].parts}")
         oa = _check_2d(outs[j], "out", cnp.NPY_FLOAT32, "float32")
-        _check_out(oa)
+        _check_writeable(oa)
         Ns[j] = nk[0]
         if K != nk[1]:
             raise ValueError(f"x has {K} columns but W {ws[j].shape} has {nk[1]}")
@@ -157,7 +164,7 @@ def qmatmul(x, w, out, accumulate=False):
                 _check_no_overlap(oa, keep[i], "a weight")
         ops[j] = <float *>cnp.PyArray_DATA(oa)
         for i in range(j):
-            if _overlap(oa, outs[i]):
+            if _overlap(oa, outs[i], False):
                 raise ValueError("the outputs overlap")
         first[j + 1] = first[j] + <Py_ssize_t>((Ns[j] + 15) // 16)
     cdef Py_ssize_t npanels = first[nw]
@@ -169,7 +176,9 @@ def qmatmul(x, w, out, accumulate=False):
                 outs[j][...] = 0
         return
     cdef const float *xp = <const float *>cnp.PyArray_DATA(xa)
-    cdef int isa = _isa, acc = 1 if accumulate else 0, nt = get_num_threads()
+    cdef int isa = _isa
+    cdef int acc = 1 if accumulate else 0
+    cdef int nt = get_num_threads()
     # The sizes below cannot overflow: M * K <= x.size, npanels * 16 * K <= the weights' size,
     # and the checks that multiply sizes that are not so bounded are written as divisions.
     cdef size_t mk = M * K
@@ -201,8 +210,9 @@ def qmatmul(x, w, out, accumulate=False):
     try:
         # One parallel region (each costs microseconds): the threads quantize rows of x, wait,
         # then take work items (block of `rows` rows of x) x (panel of one W); static, so each
-        # thread streams one contiguous run of panels (SmolLM2 int4 decode: 167 -> 237 tok/s
-        # against dynamic). Which thread computes an item never changes its bits.
+        # thread streams one contiguous run of panels, which the hardware prefetchers follow
+        # better than the scattered panels of a dynamic schedule (docs/performance.rst). Which
+        # thread computes an item never changes its bits.
         with nogil, parallel(num_threads=nt):
             qxt = qx
             if own:
@@ -211,7 +221,7 @@ def qmatmul(x, w, out, accumulate=False):
             else:
                 for m in prange(<Py_ssize_t>M, schedule="static"):
                     xq_quantize_rows(xp, K, <size_t>m, <size_t>m + 1, K, cw[0].parts, qx)
-                xq_barrier()  # Cython's prange ends with nowait
+                xllm_barrier()  # Cython's prange ends with nowait
             for it in prange(nitems, schedule="static"):
                 m0 = (it // npanels) * rows
                 m1 = min(m0 + rows, M)
@@ -235,7 +245,7 @@ def qembedding(table, ids, out):
     cdef xq_weights cw = _weights(table, vd, keep)
     cdef size_t V = vd[0], D = vd[1], n, i
     cdef cnp.ndarray oa = _check_2d(out, "out", cnp.NPY_FLOAT32, "float32")
-    _check_out(oa)
+    _check_writeable(oa)
     for a in keep:
         if a is not None:
             _check_no_overlap(oa, a, "table")

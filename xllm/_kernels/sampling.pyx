@@ -15,9 +15,16 @@ from libc.math cimport log
 from libc.stdlib cimport realloc
 from libc.string cimport memcpy, memset
 
+cdef extern from "sampling.h" nogil:
+    void xllm_weights(const float *l, Py_ssize_t n, double top, double inv_t, double per_nat,
+                      int nb, uint16_t *bucket, double *w, Py_ssize_t *cnt, double *mass)
+    Py_ssize_t xllm_find_u16(const uint16_t *a, Py_ssize_t n, uint16_t lo, uint16_t hi,
+                             int32_t *out)
+
 cdef enum:
     NB = 4096    # buckets of 1/PER_NAT nat; the last holds everything >= (NB-1)/PER_NAT down
-cdef double PER_NAT = 64.0, EPS = 1e-9  # EPS: slack for bucket sums vs rank-order sums
+cdef double PER_NAT = 64.0  # buckets per nat of distance below the top logit
+cdef double EPS = 1e-9  # slack for bucket sums vs rank-order sums
 cdef uint64_t ID = 0xFFFFFFFF            # the id bits of a key
 
 
@@ -63,8 +70,12 @@ cdef int _reserve(Py_ssize_t v) except -1:
     cdef char *p = <char *>realloc(_keys, v * 27)
     if p == NULL:
         raise MemoryError()
-    _keys, _w, _ids = <uint64_t *>p, <double *>(p + 8 * v), <int32_t *>(p + 16 * v)
-    _lc, _bucket, _seen = <float *>(p + 20 * v), <uint16_t *>(p + 24 * v), <uint8_t *>(p + 26 * v)
+    _keys = <uint64_t *>p
+    _w = <double *>(p + 8 * v)
+    _ids = <int32_t *>(p + 16 * v)
+    _lc = <float *>(p + 20 * v)
+    _bucket = <uint16_t *>(p + 24 * v)
+    _seen = <uint8_t *>(p + 26 * v)
     memset(_seen, 0, v)
     _cap = v
     return 0
@@ -153,7 +164,9 @@ cdef Py_ssize_t _draw(const float *l, Py_ssize_t v, double top, double inv_t, Py
     out to lie past b1."""
     cdef Py_ssize_t n = xllm_find_u16(_bucket, v, <uint16_t>b0, <uint16_t>b1, _ids), i, j, r
     cdef Py_ssize_t below = _cc[b0 - 1] if b0 > 0 else 0
-    cdef double before = _cm[b0 - 1] if b0 > 0 else 0.0, mass = _cm[NB - 1], cum
+    cdef double before = _cm[b0 - 1] if b0 > 0 else 0.0  # the mass of the buckets below b0
+    cdef double mass = _cm[NB - 1]
+    cdef double cum
     cdef bint tail = below + n < v  # tokens past b1, unordered, take part
     if n == 0:
         return -1
@@ -207,7 +220,11 @@ def sample(logits, temperature, top_k, top_p, min_p, u):
     cdef cnp.ndarray a = _logits(logits, False)
     cdef const float *l = <const float *>cnp.PyArray_DATA(a)
     cdef Py_ssize_t v = a.shape[0], k = v
-    cdef double t = float(temperature), tp = float(top_p), mp = float(min_p), uu = float(u), x
+    cdef double t = float(temperature)
+    cdef double tp = float(top_p)
+    cdef double mp = float(min_p)
+    cdef double uu = float(u)
+    cdef double x
     if not t > 0:
         if t != t:
             raise ValueError("temperature is NaN")
