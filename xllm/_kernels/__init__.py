@@ -8,11 +8,11 @@ import warnings
 from . import reference
 from ._cpu import default_threads, features, get_threads, set_threads
 
-# An OpenMP thread that waits at a barrier spins GOMP_SPINCOUNT times before it sleeps. libgomp's
-# default, 300,000 (about 10 ms), makes a step collapse 30-100x while another process holds a
-# core (the waiting threads spin through the time slices of the one they wait for). A short spin
-# covers the microsecond waits of a quiet machine; xllm/governor.py then drops to fewer threads
-# while the machine stays busy.
+# An OpenMP thread that waits at a barrier spins GOMP_SPINCOUNT times before it sleeps. With
+# libgomp's default, 300,000, a step collapses while another process holds a core: the waiting
+# threads spin through the time slices of the one they wait for (docs/sharing.rst has the
+# figures). A short spin covers the microsecond waits of a quiet machine; xllm/model/governor.py
+# then drops to fewer threads while the machine stays busy.
 SPIN_COUNT = "1000"
 
 
@@ -46,8 +46,12 @@ def _compiled():
         raise ImportError(f"xllm's compiled kernels are missing or broken ({e}); reinstall xllm "
                           "(pip install .) or set XLLM_BACKEND=reference") from e
     # each kernel from the module that defines it (matmul.matmul, matmul.embedding, norm.rope, ...)
-    return {k: getattr(m, k) for m in (matmul, norm, attention, sampling, qmatmul)
-            for k in KERNEL_NAMES + QUANT_NAMES if hasattr(m, k)}
+    functions = {}
+    for module in (matmul, norm, attention, sampling, qmatmul):
+        for name in KERNEL_NAMES + QUANT_NAMES:
+            if hasattr(module, name):
+                functions[name] = getattr(module, name)
+    return functions
 
 
 class Backend:
@@ -57,22 +61,23 @@ class Backend:
 
     def __init__(self, name, functions):
         self.name = name
-        for k in KERNEL_NAMES + QUANT_NAMES:
-            setattr(self, k, functions[k])
+        for kernel in KERNEL_NAMES + QUANT_NAMES:
+            setattr(self, kernel, functions[kernel])
 
     def __repr__(self):
         return f"<xllm kernel backend {self.name!r}>"
 
 
-REFERENCE = Backend("reference", {k: getattr(reference, k) for k in KERNEL_NAMES + QUANT_NAMES})
+REFERENCE = Backend("reference", {kernel: getattr(reference, kernel)
+                                  for kernel in KERNEL_NAMES + QUANT_NAMES})
 
 
 def _select():
     want = os.environ.get("XLLM_BACKEND", "cython").lower()
     if want == "reference":
         return REFERENCE
-    f = features()
-    if not (f["avx2"] and f["f16c"]):
+    cpu = features()
+    if not (cpu["avx2"] and cpu["f16c"]):
         warnings.warn("xllm: this CPU lacks AVX2/FMA/F16C; using the slow NumPy reference kernels")
         return REFERENCE
     return Backend("cython", _compiled())

@@ -12,7 +12,7 @@ import operator
 
 import numpy as np
 
-from .layout import KV_BLOCK, to_float32
+from .layout import KV_BLOCK, dequantize_rows, to_float32, unpack_codes, unpack_group_params
 
 
 def _native(*arrays):
@@ -66,17 +66,26 @@ def rope(x, positions, cos, sin, n_heads, interleaved):
     (i, i + head_dim/2) ("rotate_half", Hugging Face).
     """
     _native(x, cos, sin)
-    m, half, n_heads = x.shape[0], cos.shape[1], operator.index(n_heads)
+    rows = x.shape[0]
+    half = cos.shape[1]  # pairs rotated per head
+    n_heads = operator.index(n_heads)
     if n_heads < 1 or x.shape[1] != n_heads * 2 * half:
         raise ValueError(f"x has {x.shape[1]} columns; expected n_heads ({n_heads}) * 2 * "
                          f"cos.shape[1] ({half})")
-    v = x.reshape(m, n_heads, 2 * half)
+    heads = x.reshape(rows, n_heads, 2 * half)
     positions = _ids(positions, cos.shape[0], "positions")
-    c, s = cos[positions][:, None, :], sin[positions][:, None, :]
-    a, b = (v[..., 0::2], v[..., 1::2]) if interleaved else (v[..., :half], v[..., half:])
-    a0, b0 = a.copy(), b.copy()
-    a[...] = a0 * c - b0 * s
-    b[...] = a0 * s + b0 * c
+    c = cos[positions][:, None, :]
+    s = sin[positions][:, None, :]
+    if interleaved:  # pairs (2i, 2i+1)
+        first = heads[..., 0::2]
+        second = heads[..., 1::2]
+    else:  # pairs (i, i + half)
+        first = heads[..., :half]
+        second = heads[..., half:]
+    first_before = first.copy()
+    second_before = second.copy()
+    first[...] = first_before * c - second_before * s
+    second[...] = first_before * s + second_before * c
 
 
 def softmax(x, out):
@@ -134,11 +143,14 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     0 .. start_pos + i. Query head h reads KV head h // (n_heads // n_kv_heads).
     """
     _native(q, k_cache, v_cache, out)
-    start_pos, n_heads, n_kv_heads = map(operator.index, (start_pos, n_heads, n_kv_heads))
+    start_pos = operator.index(start_pos)
+    n_heads = operator.index(n_heads)
+    n_kv_heads = operator.index(n_kv_heads)
     if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
         raise ValueError(f"n_heads ({n_heads}) must be a positive multiple of n_kv_heads "
                          f"({n_kv_heads})")
-    m, hd = q.shape[0], q.shape[1] // n_heads
+    m = q.shape[0]  # new query rows
+    hd = q.shape[1] // n_heads  # head_dim
     if not 0 <= start_pos <= k_cache.shape[0] * KV_BLOCK - m:
         raise ValueError(f"start_pos {start_pos} + {m} rows exceeds the cache capacity "
                          f"{k_cache.shape[0] * KV_BLOCK} (or is negative)")
@@ -165,7 +177,8 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
     holding starts[s] rows before them): store the new rows k_new, v_new there (when given),
     then ``attention`` per sequence."""
     _native(q, k_new, v_new, out, bounds, starts, *k_caches, *v_caches)
-    bounds, starts = [operator.index(b) for b in bounds], [operator.index(s) for s in starts]
+    bounds = [operator.index(b) for b in bounds]
+    starts = [operator.index(s) for s in starts]
     n = len(k_caches)
     if (len(v_caches), len(bounds), len(starts)) != (n, n + 1, n):
         raise ValueError("need S caches of each kind, S + 1 bounds and S starts")
@@ -176,14 +189,16 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
             raise ValueError(f"start_pos {starts[s]} + {bounds[s + 1] - bounds[s]} rows exceeds "
                              f"the cache capacity {kc.shape[0] * KV_BLOCK} (or is negative)")
     for s, (kc, vc) in enumerate(zip(k_caches, v_caches)):
-        a, b, p = bounds[s], bounds[s + 1], starts[s]
+        first = bounds[s]  # the sequence's rows of q: first .. end-1
+        end = bounds[s + 1]
+        start = starts[s]  # the rows in its cache before them
         if k_new is not None:
-            for i in range(b - a):
-                kc[(p + i) // KV_BLOCK, :, (p + i) % KV_BLOCK] = k_new[a + i]
-                vc[(p + i) // KV_BLOCK, :, (p + i) % KV_BLOCK] = v_new[a + i].reshape(
-                    vc.shape[1], -1)
-        if b > a:
-            attention(q[a:b], kc, vc, out[a:b], p, n_heads, n_kv_heads, scale)
+            for i in range(end - first):
+                t = start + i
+                kc[t // KV_BLOCK, :, t % KV_BLOCK] = k_new[first + i]
+                vc[t // KV_BLOCK, :, t % KV_BLOCK] = v_new[first + i].reshape(vc.shape[1], -1)
+        if end > first:
+            attention(q[first:end], kc, vc, out[first:end], start, n_heads, n_kv_heads, scale)
 
 
 # ---- sampling (float64 throughout so the compiled kernel can agree on the chosen token) ----
@@ -229,12 +244,14 @@ def sample(logits, temperature, top_k, top_p, min_p, u):
     p /= p.sum()
     if top_p < 1.0:
         before = np.cumsum(p) - p  # mass of the candidates ranked above
-        keep = int(np.count_nonzero(before < top_p))
-        order, p = order[:max(keep, 1)], p[:max(keep, 1)]
+        keep = max(int(np.count_nonzero(before < top_p)), 1)
+        order = order[:keep]
+        p = p[:keep]
         p = p / p.sum()
     if min_p > 0.0:
         keep = max(int(np.count_nonzero(p >= min_p * p[0])), 1)
-        order, p = order[:keep], p[:keep]
+        order = order[:keep]
+        p = p[:keep]
         p = p / p.sum()
     c = np.cumsum(p)
     i = int(np.searchsorted(c, u, side="right"))
@@ -269,7 +286,9 @@ def fma(a, b, c):
 
 
 def qmatmul(x, w, out, accumulate=False):
-    """out (+)= x @ W.T for a QTensor W (or tuples of W and out): gemm_q.h's exact arithmetic."""
+    """out (+)= x @ W.T for packed quantized weights W (or tuples of W and out): gemm_q.h's exact
+    arithmetic. W is read through its fields (shape, bits, group, parts, and the arrays qs,
+    scales, mins of layout.py), as the compiled kernel reads them."""
     if type(w) is tuple:
         if len({wi.parts for wi in w}) > 1:
             raise ValueError("weights sharing x need equal parts")
@@ -283,15 +302,15 @@ def qmatmul(x, w, out, accumulate=False):
         return
     q, dx = quantize_activations(np.asarray(x, np.float32), w.parts)
     n, k = w.shape
-    qw = w.codes().reshape(n, k // 32, 32).astype(np.int64)
-    if w.bits == 4 and not w.asymmetric:
+    qw = unpack_codes(w.qs, w.bits, w.shape).reshape(n, k // 32, 32).astype(np.int64)
+    if w.bits == 4 and w.mins is None:  # symmetric int4: codes minus 8
         qw -= 8
     c12 = np.einsum("mbi,nbi->mnb", 256 * q[0] + q[1], qw).astype(np.float32)
     c3 = np.einsum("mbi,nbi->mnb", q[2], qw).astype(np.float32)
     v = c12 + c3 * np.float32(1 / 256)
     s = (256 * q[0] + q[1]).sum(axis=2).astype(np.float32) + \
         q[2].sum(axis=2).astype(np.float32) * np.float32(1 / 256)
-    dw, mw = w.group_params()
+    dw, mw = unpack_group_params(w.scales, w.mins, w.shape)
     per = w.group // 32
     acc = np.zeros((x.shape[0], n), np.float32)
     for b in range(k // 32):
@@ -305,6 +324,8 @@ def qmatmul(x, w, out, accumulate=False):
 
 
 def qembedding(table, ids, out):
-    """out[i] = row ids[i] of the QTensor `table`, dequantized to float32."""
+    """out[i] = row ids[i] of the packed quantized `table`, dequantized to float32."""
     _native(out, table.scales, table.mins)
-    out[...] = table.dequantize(_ids(ids, table.shape[0]))
+    rows = _ids(ids, table.shape[0])
+    out[...] = dequantize_rows(table.qs, table.scales, table.mins, table.bits, table.group,
+                               table.shape, rows)
