@@ -160,6 +160,13 @@ static inline XQ_AI XQ_T512 __m512i xq_dpbusd(__m512i acc, __m512i w, const int8
     (w->f32 ? _mm256_loadu_ps((const float *)(p))                                                \
             : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
 
+/* The sums of a micro-kernel: acc[i] for its MR rows (at most MAX), in P-bit registers, zeroed
+ * (step 3 starts from 0). */
+#define XQ_ZEROED_ACC(P, MAX)                                                                    \
+    __m##P acc[MAX];                                                                             \
+    for (int i = 0; i < MR; i++)                                                                 \
+        acc[i] = _mm##P##_setzero_ps()
+
 /* Step 3 for one block, in P-bit registers, for both micro-kernels: acc[i] (i < MR) gets the
  * block's terms from the dots d[k][i] of the parts, the scales ws (and the mins wm, if ASYM) of
  * its group, and row i's dx' (xb[i]->d) and dx' * S (xb[i]->ds). c12 + c3 / 256 is one FMA: the
@@ -186,9 +193,7 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const in
     const uint8_t *mn = KIND == 2 ? w->mins + p * w->ng * ss : NULL;
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     const __m512 inv256 = _mm512_set1_ps(1.0f / 256.0f);
-    __m512 acc[XQ_MR512];
-    for (int i = 0; i < MR; i++)
-        acc[i] = _mm512_setzero_ps();
+    XQ_ZEROED_ACC(512, XQ_MR512);
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *blk = wq + b * qb;
         if (nt == 1) /* stream this panel, XQ_PF bytes ahead */
@@ -252,9 +257,7 @@ static inline XQ_AI void xq_mk256(const int MR, const int PARTS, const xq_weight
     const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     const __m256i flip = _mm256_set1_epi8((char)0x80);
     const __m256 inv256 = _mm256_set1_ps(1.0f / 256.0f);
-    __m256 acc[XQ_MR256];
-    for (int i = 0; i < MR; i++)
-        acc[i] = _mm256_setzero_ps();
+    XQ_ZEROED_ACC(256, XQ_MR256);
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *blk = wq + b * qb;
         const xq_xb *xb[XQ_MR256];
