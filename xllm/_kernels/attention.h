@@ -24,10 +24,10 @@
  * Batch invariance. Rows share a call, and a register tile, only to share the loads of the
  * blocks: each row keeps its own accumulators, a tile of MR rows runs the same chain for each
  * row whatever MR is (the rows of a tile in step 2c have the same n), and the AVX2 (W = 8) and
- * AVX-512 (W = 16) paths differ only in how many independent lanes one instruction runs, lanes
- * past n or hd being masked (loaded as 0, never stored). So a row's result does not depend on
- * the other rows of its call, on how attention.pyx splits the work, on the thread count or on
- * the path: both paths give the same bits.
+ * AVX-512 (W = 16) paths differ only in how many independent lanes one instruction runs
+ * (columns past hd are masked: loaded as 0, never stored; scores past n become -inf before the
+ * exp). So a row's result does not depend on the other rows of its call, on how attention.pyx
+ * splits the work, on the thread count or on the path: both paths give the same bits.
  */
 #ifndef XLLM_ATTENTION_H
 #define XLLM_ATTENTION_H

@@ -75,8 +75,8 @@ static inline __m256d xllm_exp_pd(__m256d x) {
 /* ---------------- reductions, masks, threads ---------------- */
 
 /* The sum of the 8 lanes of v in a fixed order: (lanes i and i+4), then (i and i+2), then the
- * last two. always_inline: gemm.h's micro-kernels are large enough that GCC would otherwise
- * call it out of line. */
+ * last two. always_inline (as in gemm.h before it moved here): the micro-kernels that use it are
+ * large functions, where GCC's size limits could otherwise leave a call. */
 static inline __attribute__((always_inline)) float xllm_hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -84,8 +84,9 @@ static inline __attribute__((always_inline)) float xllm_hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Lane mask selecting the first r floats (none if r <= 0, all 8 if r >= 8; r is taken as an
- * int), for masked loads and stores of tails. */
+/* Lane mask selecting the first r floats (none if r <= 0, all 8 if r >= 8), for masked loads
+ * and stores of tails. r is a size_t, as gemm.h counts, and is compared as an int: a negative
+ * int passed in comes back negative. */
 static inline __attribute__((always_inline)) __m256i xllm_tail_mask(size_t r) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)r),
                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
