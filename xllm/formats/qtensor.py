@@ -10,7 +10,8 @@ docs/quantization.rst describes the packed layout (rows in panels of 16, shapes 
 each block of the activations."""
 import numpy as np
 
-from .._kernels.layout import BLOCK, PANEL, check_packed, to_float32
+from .._kernels.layout import (BLOCK, PANEL, check_packed, dequantize_rows, to_float32,
+                               unpack_codes, unpack_group_params)
 from ..errors import ModelFormatError
 from .registry import FORMATS, panel_block_bytes
 
@@ -48,41 +49,16 @@ class QTensor:
 
     def codes(self, rows=None):
         """The integer codes q [len(rows), K] (int16; int8 minus its +128 offset, int4 0..15)."""
-        k = self.shape[1]
-        rows = self._rows(rows)
-        panel = rows // PANEL
-        row_in_panel = rows % PANEL
-        blocks = self.qs[panel].reshape(len(rows), k // BLOCK, -1, PANEL, 4)
-        q = blocks[np.arange(len(rows)), :, :, row_in_panel]
-        if self.bits == 4:  # low nibbles: values 0..15 of the block, high: 16..31
-            q = np.concatenate([q & 15, q >> 4], axis=2)
-        offset = 128 if self.bits == 8 else 0
-        return q.reshape(len(rows), k).astype(np.int16) - offset
+        return unpack_codes(self.qs, self.bits, self.shape, rows)
 
     def group_params(self, rows=None):
         """(scales, mins or None) as float32 [len(rows), K/G]."""
-        rows = self._rows(rows)
-        panel = rows // PANEL
-        row_in_panel = rows % PANEL
-        scales = self.scales[panel, :, row_in_panel].astype(np.float32)
-        if self.mins is None:
-            return scales, None
-        return scales, self.mins[panel, :, row_in_panel].astype(np.float32)
+        return unpack_group_params(self.scales, self.mins, self.shape, rows)
 
     def dequantize(self, rows=None):
         """W (or the given rows of it) as float32 [len(rows), K]."""
-        q = self.codes(rows).astype(np.float32)
-        scales, mins = self.group_params(rows)
-        grouped = q.reshape(len(q), -1, self.group)
-        if mins is not None:
-            return (scales[:, :, None] * grouped + mins[:, :, None]).reshape(q.shape)
-        if self.bits == 4:
-            grouped = grouped - np.float32(8)
-        return (scales[:, :, None] * grouped).reshape(q.shape)
-
-    def _rows(self, rows):
-        """`rows` as an array of row indices (None: every row)."""
-        return np.arange(self.shape[0]) if rows is None else np.asarray(rows)
+        return dequantize_rows(self.qs, self.scales, self.mins, self.bits, self.group,
+                               self.shape, rows)
 
 
 def default_parts(bits):
