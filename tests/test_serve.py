@@ -76,11 +76,19 @@ def stop_server(process):
     return status
 
 
+def server_log(process):
+    process.log.seek(0)
+    return process.log.read()
+
+
 @pytest.fixture(scope="module")
 def server():
     url, process = start_server("--api-key", API_KEY, "--max-queue", "64")
     yield url
+    log = server_log(process)
     assert stop_server(process) == 0
+    assert "POST /v1/chat/completions 200" in log  # one line per request ...
+    assert "capital of France" not in log  # ... without the prompt
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +322,7 @@ def test_disconnected_clients_free_their_sequences(server):
 
 
 def test_full_queue_gets_429_and_sigterm_exits_cleanly():
-    url, process = start_server("--max-running", "1", "--max-queue", "1")
+    url, process = start_server("--max-running", "1", "--max-queue", "1", "--log-prompts")
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         statuses = []
@@ -330,6 +338,7 @@ def test_full_queue_gets_429_and_sigterm_exits_cleanly():
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             statuses = list(pool.map(one, range(6)))
         assert 429 in statuses and 200 in statuses
+        assert '"Hello"' in server_log(process)  # --log-prompts
     finally:
         assert stop_server(process) == 0
 

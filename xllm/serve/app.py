@@ -58,7 +58,13 @@ def create_app(engine, settings: ServerSettings, on_shutdown=None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics(engine)
     api = _API(engine, settings, app.state.metrics)
+    _add_middleware(app, api)
+    _add_routes(app, api)
+    return app
 
+
+def _add_middleware(app, api):
+    """Around every request: its id, the API key check, the metrics and the log line."""
     @app.middleware("http")
     async def around_every_request(request: Request, call_next):
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -82,6 +88,8 @@ def create_app(engine, settings: ServerSettings, on_shutdown=None) -> FastAPI:
     async def api_error(request: Request, error: APIError):
         return error_response(error)
 
+
+def _add_routes(app, api):
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -114,8 +122,6 @@ def create_app(engine, settings: ServerSettings, on_shutdown=None) -> FastAPI:
     async def detokenize(request: Request):
         body = await api.parse(request, DetokenizeRequest)
         return api.detokenize(body)
-
-    return app
 
 
 def _log_request(request, response, started):
@@ -260,6 +266,10 @@ class _API:
 
     async def generate(self, request: Request, body, chat):
         body.check_supported()
+        if self.settings.log_prompts:  # off by default: prompts may be private
+            prompt = [m.model_dump() for m in body.messages] if chat else body.prompt
+            log.info("prompt id=%s %s", request.state.request_id,
+                     json.dumps(prompt, ensure_ascii=False))
         prompt_ids = self._prompt_ids(body, chat)
         max_tokens = self._max_tokens(body, prompt_ids)
         params = self._params(body)
