@@ -5,6 +5,7 @@ servers use (vLLM, llama-cpp-python), it parses and validates JSON with pydantic
 streaming responses carry server-sent events without another dependency. The layer is thin: it
 turns a request into engine requests (one per choice) and engine events into OpenAI's JSON."""
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -16,6 +17,7 @@ from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.datastructures import Headers
 from pydantic import ValidationError
 
 from ..engine.sampling import SamplingParams
@@ -64,29 +66,55 @@ def create_app(engine, settings: ServerSettings, on_shutdown=None) -> FastAPI:
 
 
 def _add_middleware(app, api):
-    """Around every request: its id, the API key check, the metrics and the log line."""
-    @app.middleware("http")
-    async def around_every_request(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = request_id
-        request.state.tokens = (0, 0)
-        started = time.perf_counter()
-        try:
-            api.authorize(request)
-            response = await call_next(request)
-        except APIError as error:
-            response = error_response(error)
-        response.headers["X-Request-ID"] = request_id
-        api.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        if hasattr(response, "body_iterator"):  # a stream: log when it ends
-            response.body_iterator = _logged(response.body_iterator, request, response, started)
-        else:
-            _log_request(request, response, started)
-        return response
+    app.add_middleware(_AroundEveryRequest, api=api)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
         return error_response(error)
+
+
+class _AroundEveryRequest:
+    """Around every HTTP request: its id, the API key check, the metrics and one log line
+    when the response has been sent. A plain ASGI middleware: it passes a stream's chunks
+    through untouched (Starlette's BaseHTTPMiddleware would relay each through a queue)."""
+
+    def __init__(self, app, api):
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["tokens"] = (0, 0)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = dict(message)
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+        try:
+            try:
+                self.api.authorize(scope["path"], headers)
+            except APIError as error:
+                await error_response(error)(scope, receive, send_with_id)
+                return
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.api.metrics.requests.labels(scope["path"], str(status)).inc()
+            prompt_tokens, completion_tokens = state["tokens"]
+            log.info("%s %s %d %.3fs prompt_tokens=%d completion_tokens=%d id=%s",
+                     scope["method"], scope["path"], status, time.perf_counter() - started,
+                     prompt_tokens, completion_tokens, request_id)
 
 
 def _add_routes(app, api):
@@ -124,22 +152,6 @@ def _add_routes(app, api):
         return api.detokenize(body)
 
 
-def _log_request(request, response, started):
-    """One line per request; prompts are never logged here."""
-    prompt_tokens, completion_tokens = request.state.tokens
-    log.info("%s %s %d %.3fs prompt_tokens=%d completion_tokens=%d id=%s", request.method,
-             request.url.path, response.status_code, time.perf_counter() - started,
-             prompt_tokens, completion_tokens, request.state.request_id)
-
-
-async def _logged(body, request, response, started):
-    try:
-        async for part in body:
-            yield part
-    finally:
-        _log_request(request, response, started)
-
-
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -158,6 +170,28 @@ class _Choice:
         self.last_token_time = None
 
 
+class _Relay:
+    """Hands events from the engine's thread to asyncio queues on the event loop, waking the
+    loop once for all the events of an engine step rather than once per event."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.items = collections.deque()
+        self.scheduled = False
+
+    def post(self, queue, item):  # on the engine's thread
+        self.items.append((queue, item))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self):  # on the event loop
+        self.scheduled = False  # an event posted from now on schedules another delivery
+        while self.items:
+            queue, item = self.items.popleft()
+            queue.put_nowait(item)
+
+
 class _API:
     """The endpoints' logic, apart from the web framework's routing."""
 
@@ -167,14 +201,23 @@ class _API:
         self.settings = settings
         self.metrics = metrics
         self.created = int(time.time())
+        self._relay = None
+
+    def relay(self) -> _Relay:
+        """The relay of the running event loop (made on first use)."""
+        loop = asyncio.get_running_loop()
+        if self._relay is None or self._relay.loop is not loop:
+            self._relay = _Relay(loop)
+        return self._relay
 
     # ---- request handling common to every endpoint ----
 
-    def authorize(self, request: Request):
+    def authorize(self, path, headers):
+        """APIError 401 unless the request carries the API key (if the server has one)."""
         key = self.settings.api_key
-        if key is None or request.url.path == "/health":
+        if key is None or path == "/health":
             return
-        given = request.headers.get("authorization", "")
+        given = headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
             raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
@@ -325,7 +368,7 @@ class _Call:
         self.choices = choices
         self.arrived = time.perf_counter()
         self.queue = asyncio.Queue()
-        self.loop = asyncio.get_running_loop()
+        self.relay = api.relay()
         self.id = ("chatcmpl-" if chat else "cmpl-") + request.state.request_id
         self.prompt_tokens = sum(len(ids) for ids in {id(c.prompt_ids): c.prompt_ids
                                                       for c in choices}.values())
@@ -353,7 +396,7 @@ class _Call:
 
     def _emitter(self, choice):
         def emit(event):  # called on the engine's thread
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (choice, event))
+            self.relay.post(self.queue, (choice, event))
         return emit
 
     def cancel(self):
@@ -366,21 +409,26 @@ class _Call:
         """(choice, event) until every choice has finished; cancels them all if the client
         goes away or the consumer stops early."""
         unfinished = len(self.choices)
+        watcher = asyncio.ensure_future(self._watch_disconnect())
         try:
             while unfinished:
-                try:
-                    choice, event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL)
-                except asyncio.TimeoutError:
-                    if await self.request.is_disconnected():
-                        return
-                    continue
+                choice, event = await self.queue.get()
+                if choice is None:  # the client went away
+                    return
                 self._observe(choice, event)
                 if isinstance(event, FinishEvent):
                     unfinished -= 1
                 yield choice, event
         finally:
+            watcher.cancel()
             if unfinished:
                 self.cancel()
+
+    async def _watch_disconnect(self):
+        """Put (None, None) in the queue once the client has gone."""
+        while not await self.request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL)
+        self.queue.put_nowait((None, None))
 
     def _observe(self, choice, event):
         now = time.perf_counter()
