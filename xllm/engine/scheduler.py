@@ -30,8 +30,8 @@ from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams, log_softmax_top
 from .text import TextOutput
 
-DEFAULT_STEP_FACTOR = 2.5  # a step with prefill rows takes at most about this many decode steps
-MIN_PREFILL_ROWS = 16  # prefill rows per step however busy (a long prompt still progresses)
+DEFAULT_STEP_FACTOR = 2.5  # a step with prefill rows takes about this many decode steps
+MIN_PREFILL_ROWS = 8  # prefill rows per step however busy (a long prompt still progresses)
 TIME_AVERAGE = 0.2  # weight of the newest measurement in the step-time averages
 FIRST_ROWS = 256  # cache rows a sequence starts with (KVCache's initial capacity)
 
@@ -138,7 +138,7 @@ class Engine:
         self._cond = threading.Condition()
         self._logits = np.zeros((0, config.vocab_size), np.float32)
         self._decode_seconds = None  # average time of a step with decode rows only
-        self._row_seconds = None  # average time per row of a step with many rows
+        self._prefill_rows = MIN_PREFILL_ROWS  # prefill rows of a step that also decodes
         self.steps = 0
         self.preemptions = 0
         self._thread = threading.Thread(target=self._loop, name="xllm-engine", daemon=True)
@@ -375,19 +375,25 @@ class Engine:
         self.preemptions += 1
 
     def _prefill_budget(self):
-        """Prefill rows for a step that also decodes: about (step_factor - 1) decode steps'
-        worth of time."""
-        if self._decode_seconds is None or self._row_seconds is None:
-            return MIN_PREFILL_ROWS
-        extra = (self.step_factor - 1.0) * self._decode_seconds
-        return max(MIN_PREFILL_ROWS, int(extra / self._row_seconds))
+        """Prefill rows for a step that also decodes (adjusted by :meth:`_measure`)."""
+        return self._prefill_rows
 
     def _measure(self, plan, seconds):
-        rows = sum(n for _, n in plan)
-        if all(n == 1 for _, n in plan):
+        """Learn from a step's time: the average decode-only step, and how many prefill rows
+        keep a step that also decodes at about step_factor decode steps. The rows follow the
+        measured time (feedback, not a cost model: a prefill row costs more late in a long
+        prompt, whose rows attend to more keys)."""
+        decode_rows = sum(1 for _, n in plan if n == 1)
+        prefill_rows = sum(n for _, n in plan if n > 1)
+        if not prefill_rows:
             self._decode_seconds = _average(self._decode_seconds, seconds)
-        if rows >= 64:
-            self._row_seconds = _average(self._row_seconds, seconds / rows)
+            return
+        if not decode_rows or self._decode_seconds is None:
+            return  # a prefill-only step: it delays nobody
+        target = self.step_factor * self._decode_seconds
+        scale = min(2.0, max(0.5, target / seconds))
+        rows = int(self._prefill_rows * scale)
+        self._prefill_rows = min(self.transformer.ws.rows, max(MIN_PREFILL_ROWS, rows))
 
     # ---- tokens and endings ----
 
