@@ -391,7 +391,7 @@ class Engine:
         if not decode_rows or self._decode_seconds is None:
             return  # a prefill-only step: it delays nobody
         target = self.step_factor * self._decode_seconds
-        scale = min(2.0, max(0.5, target / seconds))
+        scale = min(1.25, max(0.75, target / seconds))  # damped: no overshooting step
         rows = int(self._prefill_rows * scale)
         self._prefill_rows = min(self.transformer.ws.rows, max(MIN_PREFILL_ROWS, rows))
 

@@ -409,7 +409,11 @@ class _Call:
         """(choice, event) until every choice has finished; cancels them all if the client
         goes away or the consumer stops early."""
         unfinished = len(self.choices)
-        watcher = asyncio.ensure_future(self._watch_disconnect())
+        # a stream learns of a disconnect from Starlette, which cancels it; a call that answers
+        # at the end has to look for itself
+        watcher = None
+        if not self.body.stream:
+            watcher = asyncio.ensure_future(self._watch_disconnect())
         try:
             while unfinished:
                 choice, event = await self.queue.get()
@@ -420,7 +424,8 @@ class _Call:
                     unfinished -= 1
                 yield choice, event
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             if unfinished:
                 self.cancel()
 
