@@ -57,3 +57,15 @@ def find_file(directory, candidates):
     """The first of `candidates` that exists in `directory`, or None."""
     paths = (os.path.join(directory, name) for name in candidates)
     return next((p for p in paths if os.path.isfile(p)), None)
+
+
+def name_in_file(canonical, top, layer, layer_name):
+    """A file format's name for the canonical weight name `canonical`, from the loader's tables:
+    `top` maps file names to the canonical names of whole-model weights, `layer` file names to
+    the canonical short names of layer weights; `layer_name` has ``{i}`` (the layer) and
+    ``{name}`` (the file's short name)."""
+    for file_name, name in top.items():
+        if name == canonical:
+            return file_name
+    _, index, short = canonical.split(".")
+    return layer_name.format(i=index, name=next(k for k, v in layer.items() if v == short))

@@ -19,7 +19,7 @@ from ..formats.qtensor import from_gguf_blocks
 from ..formats.registry import EXPANDED_TO, FLOAT, PANELS, gguf_formats
 from ..model.weights import check_weights, expected_shapes
 from ..tokenizers import tokenizer_from_gguf
-from .checkpoint import Checkpoint, check_fits, make_config
+from .checkpoint import Checkpoint, check_fits, make_config, name_in_file
 
 _CHUNK = 1 << 20  # float32 elements dequantized per step
 
@@ -31,10 +31,8 @@ _LAYER = {"attn_norm": "attention_norm", "attn_q": "wq", "attn_k": "wk", "attn_v
 
 def gguf_name(canonical):
     """The GGUF tensor name of a canonical xllm weight name."""
-    if canonical in _TOP.values():
-        return next(k for k, v in _TOP.items() if v == canonical) + ".weight"
-    _, i, short = canonical.split(".")
-    return f"blk.{i}.{next(k for k, v in _LAYER.items() if v == short)}.weight"
+    top = {name + ".weight": weight for name, weight in _TOP.items()}
+    return name_in_file(canonical, top, _LAYER, "blk.{i}.{name}.weight")
 
 
 def _array(tensor, path, gguf_file):

@@ -10,7 +10,7 @@ from ..errors import ModelFormatError
 from ..files.common import read_json
 from ..files.safetensors import as_array, read_safetensors
 from ..model.weights import check_weights, expected_shapes
-from .checkpoint import Checkpoint, check_fits, find_file, make_config, value_or
+from .checkpoint import Checkpoint, check_fits, find_file, make_config, name_in_file, value_or
 
 _TOP = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "norm",
         "lm_head.weight": "output"}
@@ -33,10 +33,7 @@ def canonical_name(hf_name):
 
 
 def _hf_name(canonical):
-    if canonical in _TOP.values():
-        return next(k for k, v in _TOP.items() if v == canonical)
-    _, i, short = canonical.split(".")
-    return f"model.layers.{i}.{next(k for k, v in _LAYER.items() if v == short)}.weight"
+    return name_in_file(canonical, _TOP, _LAYER, "model.layers.{i}.{name}.weight")
 
 
 def _object(raw, key, path):

@@ -262,11 +262,7 @@ class _API:
     def _prompt_ids(self, body, chat):
         """The token ids of each prompt of the call."""
         if chat:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            try:
-                return [self.model.chat_ids(messages)]
-            except (ChatTemplateError, ValueError) as error:
-                raise APIError(400, str(error), param="messages") from None
+            return [self._chat_ids(body.messages)]
         prompts = []
         for i, prompt in enumerate(body.prompts()):
             try:
@@ -276,6 +272,14 @@ class _API:
             if not prompts[-1]:
                 raise APIError(400, f"prompt[{i}] is empty", param="prompt")
         return prompts
+
+    def _chat_ids(self, messages):
+        """The token ids of chat `messages` rendered with the model's template; 400 if it fails."""
+        plain = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            return self.model.chat_ids(plain)
+        except (ChatTemplateError, ValueError) as error:
+            raise APIError(400, str(error), param="messages") from None
 
     def _max_tokens(self, body, prompt_ids):
         context = self.model.config.max_seq_len
@@ -333,11 +337,7 @@ class _API:
         if self.model.tokenizer is None:
             raise APIError(400, "this model has no tokenizer")
         if body.messages is not None:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            try:
-                ids = self.model.chat_ids(messages)
-            except (ChatTemplateError, ValueError) as error:
-                raise APIError(400, str(error), param="messages") from None
+            ids = self._chat_ids(body.messages)
         else:
             text = body.prompt if body.prompt is not None else body.content
             if text is None:
