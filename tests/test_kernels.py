@@ -325,6 +325,38 @@ def test_attention_out_may_be_q_and_long_context():
     np.testing.assert_allclose(q, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("isa", ATT_ISAS)
+def test_attention_batch_tiles_follow_cost_not_results(threads, isa):
+    """A server step: decode rows of long sequences beside a prefill chunk of a short prompt.
+    Work items follow the cost of the whole call, so the chunk is cut into longer tiles here
+    (13 tokens) than alone (4), and the costliest sequences run first; every row still equals
+    its sequence's rows computed alone, bit for bit."""
+    _cpu.set_threads(threads)
+    A.set_isa(isa)
+    rng = np.random.default_rng(6)
+    h, kv, hd = 9, 3, 64
+    rows = [1] * 8 + [40] + [1] * 3
+    starts = np.array([2000 + 7 * i for i in range(8)] + [100] + [5, 0, 61])
+    bounds = np.concatenate([[0], np.cumsum(rows)])
+    m = int(bounds[-1])
+    q, kn, vn = randn(rng, m, h * hd), randn(rng, m, kv * hd), randn(rng, m, kv * hd)
+    caches = [[R.k_blocks(randn(rng, st_ + n, kv * hd)).astype(np.float16),
+               R.v_blocks(randn(rng, st_ + n, kv * hd), kv).astype(np.float16)]
+              for st_, n in zip(starts, rows)]
+    got = np.zeros_like(q)
+    A.attention_batch(q, kn, vn, [c[0] for c in caches], [c[1] for c in caches], bounds,
+                      starts, got, h, kv, hd ** -0.5)
+    want = np.zeros_like(q)
+    R.attention_batch(q, kn, vn, [c[0].copy() for c in caches], [c[1].copy() for c in caches],
+                      bounds, starts, want, h, kv, hd ** -0.5)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        alone = np.zeros_like(q[a:b])
+        A.attention(q[a:b], caches[s][0], caches[s][1], alone, starts[s], h, kv, hd ** -0.5)
+        np.testing.assert_array_equal(got[a:b], alone)
+
+
 @pytest.mark.parametrize("h, kv, hd", [(4, 2, 16), (16, 2, 64), (4, 4, 100)])  # 1-5 tiles
 @pytest.mark.parametrize("threads", THREADS)
 def test_attention_chunked_prefill_equals_whole(h, kv, hd, threads):

@@ -263,38 +263,45 @@ def offline(args, prompts):
     return line
 
 
+CHARS_PER_TOKEN = 4.5
+
+
 def long_text(tokens_wanted, seed_sentence):
-    """About `tokens_wanted` tokens of English (4 characters a token), beginning with
+    """About `tokens_wanted` tokens of English (4.5 characters a token, as SmolLM2's and
+    Llama's tokenizers split benchmarks/prompts.txt), beginning with
     `seed_sentence` so that two such texts share no prefix."""
     base = DEFAULT_PROMPTS.read_text(encoding="utf-8").split()
     words = seed_sentence.split()
     i = 0
-    while sum(len(w) + 1 for w in words) < 4 * tokens_wanted:
+    while sum(len(w) + 1 for w in words) < CHARS_PER_TOKEN * tokens_wanted:
         words.append(base[i % len(base)])
         i += 1
     return " ".join(words)
 
 
-async def scenario_latency(url, args):
-    """Inter-token latency of 8 decoding streams while a ~1,000-token prompt is prefilled."""
+async def scenario_latency(url, args, round_=0):
+    """Inter-token latency of 8 decoding streams while a ~1,000-token prompt is prefilled.
+    Each round's prompts begin with the round's number: no round finds another's prefix in
+    the server's cache."""
     import httpx
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     async with httpx.AsyncClient(headers=headers, trust_env=False, timeout=None) as client:
         idle = Result()
-        await one_request(client, url, request_body(long_text(1000, "Alpha."), args, 1), args,
-                          idle)
+        await one_request(client, url, request_body(long_text(1000, f"Alpha {round_}."), args,
+                                                    1), args, idle)
         streams = [Result() for _ in range(8)]
         tasks = [asyncio.ensure_future(one_request(
-            client, url, request_body(f"Story number {i}: once upon a time", args, 2000,
-                                      chat=False), args, r)) for i, r in enumerate(streams)]
+            client, url, request_body(f"Story number {i} of round {round_}: once upon a time",
+                                      args, 2000, chat=False), args, r))
+            for i, r in enumerate(streams)]
         while min(len(r.times) for r in streams) < 20:
             await asyncio.sleep(0.05)
         await asyncio.sleep(2.0)
         before_end = time.perf_counter()
         new = Result()
         sent = time.perf_counter()
-        await one_request(client, url, request_body(long_text(1000, "Bravo."), args, 1), args,
-                          new)
+        await one_request(client, url, request_body(long_text(1000, f"Bravo {round_}."), args,
+                                                    1), args, new)
         first_token = time.perf_counter()
         await asyncio.sleep(0.5)
         for task in tasks:
@@ -397,6 +404,9 @@ def parse_args(argv=None):
     p.add_argument("--start-timeout", type=float, default=180.0)
     p.add_argument("--scenario", choices=("throughput", "latency", "prefix", "soak"),
                    default="throughput")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="latency scenario: rounds on the same server, then the medians of "
+                        "their ratios (the machine is shared: one round can be unlucky)")
     p.add_argument("--warmup", type=int, default=2,
                    help="requests sent (one at a time) before measuring")
     return p.parse_args(argv)
@@ -430,7 +440,11 @@ def main(argv=None):
     try:
         args.model_name = args.model_name or model_name(url, args.api_key)
         if args.scenario == "latency":
-            asyncio.run(scenario_latency(url, args))
+            lines = [asyncio.run(scenario_latency(url, args, i)) for i in range(args.repeat)]
+            if args.repeat > 1:
+                print(json.dumps({"scenario": "latency", "rounds": args.repeat, **{
+                    f"median_{key}": statistics.median(line[key] for line in lines)
+                    for key in ("ttft_ratio", "itl_ratio")}}))
             return 0
         if args.scenario == "prefix":
             texts = asyncio.run(scenario_prefix(url, args))

@@ -5,7 +5,8 @@ A sequence's caches are stored in blocks of 32 rows: K transposed, [blocks, kv_d
 so that one KV head's part of a block is contiguous. A work item,
 run by prange, is a tile of query rows of one sequence that read the same KV head: up to
 XA_ROWBUF floats of queries (head_dim 64: 21 tokens x the 3 heads of a GQA group in prefill, the
-group's heads of one token in decode). It streams the blocks its rows need with an online softmax
+group's heads of one token in decode), fewer when the call's cost must be shared among the
+threads (``_plan``). It streams the blocks its rows need with an online softmax
 (attention.h, which states the order of operations and why a row's result does not depend on
 the rows it shares a call with): per block, the scores of all its rows (broadcast FMAs against the
 transposed keys, no horizontal sums), the running max and sum, and the p-weighted value rows.
@@ -15,7 +16,7 @@ include "_common.pxi"
 include "_isa.pxi"
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cython.parallel cimport parallel
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcpy
 
 from xllm._kernels.layout import KV_BLOCK
@@ -36,6 +37,8 @@ _init_isa({"avx2": (), "avx512": ("avx512",)})
 cdef enum:
     MAX_HEAD_DIM = 256
     MAX_ROWS = XA_ROWBUF // 32  # rows of one item when head_dim <= 32
+    MIN_TILE_ROWS = 12  # query rows of an item, at least, when rows are cut for the threads
+    ITEMS_PER_THREAD = 8  # items per thread that a call aims for (dynamic schedule)
 
 
 def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
@@ -94,16 +97,18 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
     # The threads read private copies of bounds and starts: what is checked below is what they
     # use, whatever happens to the caller's arrays meanwhile (another thread, or out sharing
     # their memory). One block: the copies, then the cache pointers.
-    if S > PY_SSIZE_T_MAX // 32:
+    if S > PY_SSIZE_T_MAX // 64:
         raise MemoryError(f"attention_batch: {S} sequences is too many")
-    cdef int64_t *bp = <int64_t *>malloc((2 * S + 1) * sizeof(int64_t) + 2 * S * sizeof(char *))
+    cdef int64_t *bp = <int64_t *>malloc((5 * S + 1) * sizeof(int64_t) + 2 * S * sizeof(char *))
     if bp == NULL:
         raise MemoryError()
     cdef int64_t *sp = bp + S + 1
-    cdef char **kp = <char **>(sp + S)
+    cdef int64_t *tqs = sp + S  # rows (tokens) of a tile, per sequence
+    cdef int64_t *order = tqs + S  # (cost, sequence) pairs, the costliest first
+    cdef char **kp = <char **>(order + 2 * S)
     cdef char **vp = kp + S
     cdef int64_t *lst = NULL
-    cdef Py_ssize_t rows, group, gh, tq, items, rows_s, cap
+    cdef Py_ssize_t rows, group, gh, items, rows_s, cap
     cdef bint store = k_new is not None, f16
     cdef cnp.ndarray kna, vna
     try:
@@ -120,19 +125,6 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
             vna = _f32(v_new, "v_new", False, 2)
             if (<object>kna).shape != (m, ldkv) or (<object>vna).shape != (m, ldkv):
                 raise ValueError(f"k_new and v_new must be [{m}, {ldkv}]")
-        # Work items: tiles of rows x heads of one group of one sequence, at most `rows` of them
-        rows = min(<Py_ssize_t>MAX_ROWS, XA_ROWBUF // ((hd + 31) // 32 * 32))
-        group = nh // nkv
-        gh = min(group, rows)
-        tq = max(1, rows // gh)
-        items = 0  # at most n_heads * m (nkv * groups <= nh, tiles <= rows)
-        for s in range(S):
-            items += nkv * ((group + gh - 1) // gh) * ((bp[s + 1] - bp[s] + tq - 1) // tq)
-        if items > PY_SSIZE_T_MAX // 48:  # (6 int64 per item)
-            raise MemoryError(f"attention_batch: {items} work items is too many")
-        lst = <int64_t *>malloc(6 * items * sizeof(int64_t) + 1)
-        if lst == NULL:
-            raise MemoryError()
         for s in range(S):
             ka = _f32(k_caches[s], "k_cache", store, 3, f16)
             va = _f32(v_caches[s], "v_cache", store, 4, f16)
@@ -153,15 +145,65 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
                 raise ValueError("k_new or v_new overlaps the caches they are stored in")
             kp[s] = <char *>cnp.PyArray_DATA(ka)
             vp[s] = <char *>cnp.PyArray_DATA(va)
+        # Work items: tiles of tokens x heads of one group of one sequence (see _plan)
+        rows = min(<Py_ssize_t>MAX_ROWS, XA_ROWBUF // ((hd + 31) // 32 * 32))
+        group = nh // nkv
+        gh = min(group, rows)
+        items = _plan(S, bp, sp, nkv, group, gh, max(1, rows // gh), get_num_threads(), tqs,
+                      order)  # at most n_heads * m
+        if items > PY_SSIZE_T_MAX // 48:  # (6 int64 per item)
+            raise MemoryError(f"attention_batch: {items} work items is too many")
+        lst = <int64_t *>malloc(6 * items * sizeof(int64_t) + 1)
+        if lst == NULL:
+            raise MemoryError()
         if m:
             _run(<const float *>cnp.PyArray_DATA(qa),
                  NULL if not store else <const float *>cnp.PyArray_DATA(kna),
                  NULL if not store else <const float *>cnp.PyArray_DATA(vna),
                  kp, vp, f16, S, bp, sp, <float *>cnp.PyArray_DATA(oa), nh, nkv, hd,
-                 float(scale), lst, items, gh, tq)
+                 float(scale), lst, items, gh, tqs, order)
     finally:
         free(bp)
         free(lst)
+
+
+cdef int _by_cost(const void *a, const void *b) noexcept nogil:
+    """qsort order of (cost, sequence) pairs: the larger cost first, then the lower index."""
+    cdef const int64_t *x = <const int64_t *>a
+    cdef const int64_t *y = <const int64_t *>b
+    if x[0] != y[0]:
+        return -1 if x[0] > y[0] else 1
+    return -1 if x[1] < y[1] else (1 if x[1] > y[1] else 0)
+
+
+cdef Py_ssize_t _plan(Py_ssize_t S, const int64_t *bp, const int64_t *sp, Py_ssize_t nkv,
+                      Py_ssize_t group, Py_ssize_t gh, Py_ssize_t tq_max, int threads,
+                      int64_t *tqs, int64_t *order) noexcept:
+    """Cut each sequence's rows into tiles (tqs[s] tokens each) and order the sequences
+    (order: (cost, s) pairs) so that the threads finish together: an item's cost is about its
+    rows times the keys they read, every item costs at most about the total over
+    ITEMS_PER_THREAD * threads (a few rows of a long prompt beside many decode rows are cut
+    into several items, down to MIN_TILE_ROWS rows), and the costliest sequences' items come
+    first in the dynamic schedule. Returns the number of items. Called once bp and sp are
+    checked against the caches."""
+    cdef Py_ssize_t s, rows_s, items = 0
+    cdef double cost, total = 0.0, target, tq
+    cdef Py_ssize_t min_tq = max(1, (MIN_TILE_ROWS + gh - 1) // gh)
+    for s in range(S):  # in double: no product can overflow
+        rows_s = bp[s + 1] - bp[s]
+        cost = <double>rows_s * <double>(sp[s] + rows_s)  # rows x the last row's keys
+        order[2 * s] = <int64_t>min(cost, 4e18)
+        order[2 * s + 1] = s
+        total += cost
+    target = total / (ITEMS_PER_THREAD * max(1, threads))
+    for s in range(S):
+        rows_s = bp[s + 1] - bp[s]
+        tq = target / max(1.0, <double>(sp[s] + rows_s))
+        tq = max(<double>min_tq, min(<double>tq_max, tq))
+        tqs[s] = <int64_t>tq
+        items += nkv * ((group + gh - 1) // gh) * ((rows_s + tqs[s] - 1) // tqs[s])
+    qsort(order, S, 2 * sizeof(int64_t), _by_cost)
+    return items
 
 
 cdef void _item(const int64_t *it, const float *qp, char **kp, char **vp, bint f16,
@@ -192,13 +234,17 @@ cdef void _item(const int64_t *it, const float *qp, char **kp, char **vp, bint f
 cdef void _run(const float *qp, const float *knp, const float *vnp, char **kp, char **vp,
                bint f16, Py_ssize_t S, const int64_t *bp, const int64_t *sp, float *op,
                Py_ssize_t nh, Py_ssize_t nkv, Py_ssize_t hd, float sc, int64_t *lst,
-               Py_ssize_t items, Py_ssize_t gh, Py_ssize_t tq) noexcept nogil:
-    cdef Py_ssize_t s, i, t, g
+               Py_ssize_t items, Py_ssize_t gh, const int64_t *tqs,
+               const int64_t *order) noexcept nogil:
+    cdef Py_ssize_t s, i, t, g, k, tq
     cdef Py_ssize_t it = 0
     cdef Py_ssize_t ldkv = nkv * hd
     cdef Py_ssize_t group = nh // nkv
-    # Rows of a GQA group share each K and V block; the latest rows (the most keys) go first.
-    for s in range(S):
+    # Rows of a GQA group share each K and V block; the costliest sequences go first, and in a
+    # sequence the latest rows (the most keys).
+    for k in range(S):
+        s = order[2 * k + 1]
+        tq = tqs[s]
         t = bp[s + 1] - bp[s]
         while t > 0:
             t -= min(tq, t)

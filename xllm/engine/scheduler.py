@@ -16,6 +16,7 @@ Determinism: a sequence's tokens depend only on its prompt, its sampling paramet
 seed, never on what else runs (the forward pass is bitwise batch-invariant, chunked prefill is
 bitwise the same as one pass, and each sequence has its own random generator)."""
 import collections
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -30,9 +31,11 @@ from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams, log_softmax_top
 from .text import TextOutput
 
-DEFAULT_STEP_FACTOR = 2.5  # a step with prefill rows takes about this many decode steps
+DEFAULT_STEP_FACTOR = 2.4  # a step with prefill rows takes about this many decode steps
 MIN_PREFILL_ROWS = 8  # prefill rows per step however busy (a long prompt still progresses)
-TIME_AVERAGE = 0.2  # weight of the newest measurement in the step-time averages
+TIME_AVERAGE = 0.3  # weight of the newest measurement in the prefill row cost's average
+DECODE_WINDOW = 15  # decode-only steps whose median is the reference step time
+LARGE_PREFILL = 64  # a prefill-only step of at least this many rows measures the row cost
 FIRST_ROWS = 256  # cache rows a sequence starts with (KVCache's initial capacity)
 
 
@@ -137,8 +140,9 @@ class Engine:
         self._closing = False
         self._cond = threading.Condition()
         self._logits = np.zeros((0, config.vocab_size), np.float32)
-        self._decode_seconds = None  # average time of a step with decode rows only
-        self._prefill_rows = MIN_PREFILL_ROWS  # prefill rows of a step that also decodes
+        # the times of the latest decode-only steps, and the average cost of one prefill row
+        self._decode_times = collections.deque(maxlen=DECODE_WINDOW)
+        self._row_seconds = None
         self.steps = 0
         self.preemptions = 0
         self._thread = threading.Thread(target=self._loop, name="xllm-engine", daemon=True)
@@ -375,25 +379,37 @@ class Engine:
         self.preemptions += 1
 
     def _prefill_budget(self):
-        """Prefill rows for a step that also decodes (adjusted by :meth:`_measure`)."""
-        return self._prefill_rows
+        """Prefill rows for a step that also decodes: as many as fit in the time that
+        step_factor decode steps leave beside the decode rows, at the measured row cost."""
+        if self._row_seconds is None or not self._decode_times:
+            return MIN_PREFILL_ROWS
+        spare = (self.step_factor - 1.0) * self._decode_reference()
+        rows = int(spare / self._row_seconds)
+        return min(self.transformer.ws.rows, max(MIN_PREFILL_ROWS, rows))
+
+    def _decode_reference(self):
+        """The median time of the latest decode-only steps: a step slowed once (another thread
+        or process took a core for a moment, as the server's event loop does while it reads a
+        large request) does not move it."""
+        return statistics.median(self._decode_times)
 
     def _measure(self, plan, seconds):
-        """Learn from a step's time: the average decode-only step, and how many prefill rows
-        keep a step that also decodes at about step_factor decode steps. The rows follow the
-        measured time (feedback, not a cost model: a prefill row costs more late in a long
-        prompt, whose rows attend to more keys)."""
+        """Learn from a step's time: decode-only steps give the reference step time; steps
+        with prefill rows give the cost of a prefill row, by what they took beyond a decode
+        step (a row late in a long prompt costs more: its row attends to more keys)."""
         decode_rows = sum(1 for _, n in plan if n == 1)
         prefill_rows = sum(n for _, n in plan if n > 1)
         if not prefill_rows:
-            self._decode_seconds = _average(self._decode_seconds, seconds)
+            self._decode_times.append(seconds)
             return
-        if not decode_rows or self._decode_seconds is None:
-            return  # a prefill-only step: it delays nobody
-        target = self.step_factor * self._decode_seconds
-        scale = min(1.25, max(0.75, target / seconds))  # damped: no overshooting step
-        rows = int(self._prefill_rows * scale)
-        self._prefill_rows = min(self.transformer.ws.rows, max(MIN_PREFILL_ROWS, rows))
+        if decode_rows and self._decode_times:
+            row_seconds = (seconds - self._decode_reference()) / prefill_rows
+        elif not decode_rows and prefill_rows >= LARGE_PREFILL:
+            row_seconds = seconds / prefill_rows
+        else:
+            return
+        if row_seconds > 0:
+            self._row_seconds = _average(self._row_seconds, row_seconds)
 
     # ---- tokens and endings ----
 
