@@ -31,7 +31,7 @@ from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams, log_softmax_top
 from .text import TextOutput
 
-DEFAULT_STEP_FACTOR = 2.4  # a step with prefill rows takes about this many decode steps
+DEFAULT_STEP_FACTOR = 2.2  # a step with prefill rows takes about this many decode steps
 MIN_PREFILL_ROWS = 8  # prefill rows per step however busy (a long prompt still progresses)
 TIME_AVERAGE = 0.3  # weight of the newest measurement in the prefill row cost's average
 DECODE_WINDOW = 15  # decode-only steps whose median is the reference step time
@@ -340,9 +340,11 @@ class Engine:
         sequences if the caches would outgrow the KV budget."""
         while True:
             plan = []
-            prefill_budget = self._prefill_budget()
+            prefilling = sum(1 for r in self._running if r.rows_left > 1)
             decoding = any(r.rows_left == 1 for r in self._running)
-            if not decoding:
+            if decoding:
+                prefill_budget = self._prefill_budget(prefilling)
+            else:
                 prefill_budget = self.transformer.ws.rows
             for running in sorted(self._running, key=lambda r: r.order):
                 rows = running.rows_left
@@ -378,13 +380,17 @@ class Engine:
             self._waiting.appendleft(newest.request)
         self.preemptions += 1
 
-    def _prefill_budget(self):
-        """Prefill rows for a step that also decodes: as many as fit in the time that
-        step_factor decode steps leave beside the decode rows, at the measured row cost."""
+    def _prefill_budget(self, prefilling):
+        """Prefill rows for a step that also decodes. The step should take about step_factor
+        times the decode step the batch will have once its `prefilling` sequences decode too:
+        the decode rows' step (measured) and one row per prefilling sequence (at the measured
+        row cost). That leaves (step_factor - 1) decode steps' time for prefill rows, plus
+        step_factor rows per prefilling sequence, so that many prompts arriving together beside
+        a few streams are not prefilled a few rows at a time."""
         if self._row_seconds is None or not self._decode_times:
             return MIN_PREFILL_ROWS
         spare = (self.step_factor - 1.0) * self._decode_reference()
-        rows = int(spare / self._row_seconds)
+        rows = int(spare / self._row_seconds + self.step_factor * prefilling)
         return min(self.transformer.ws.rows, max(MIN_PREFILL_ROWS, rows))
 
     def _decode_reference(self):
