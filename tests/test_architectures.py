@@ -1,0 +1,284 @@
+"""Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorm) and Mistral (sliding window) against
+transformers, which nobody here wrote: random models saved with ``save_pretrained`` and the same
+models converted to GGUF by ``tools/quantize.py --type f32``, loaded by xllm with a float32 KV
+cache. Stated tolerances: logits within 1e-4 of transformers' (float32 weights on both sides),
+64 greedy tokens identical (transformers' own KV-cache loop). The Mistral case has a window of 32
+under a 96-token prompt, so most of its positions see only part of the prompt.
+
+Also: the windowed KV cache releases blocks (bounded memory, same logits as keeping them), and
+the bad inputs of these architectures raise ModelFormatError naming the file and the field.
+"""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import xllm
+from xllm.errors import ModelFormatError
+from xllm.model.kv_cache import KVCache
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+quantize = pytest.importorskip("quantize")  # tools/ is on pytest's pythonpath
+
+PROMPT = 96
+GREEDY = 64
+
+BASE = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.1,
+            bos_token_id=1, eos_token_id=2)
+CASES = {
+    # name: (transformers classes, config overrides)
+    "qwen2": ("Qwen2", dict(rope_theta=1000000.0)),
+    "qwen2-tied": ("Qwen2", dict(tie_word_embeddings=True, num_key_value_heads=4)),
+    "qwen3": ("Qwen3", dict(head_dim=48, rope_theta=1000000.0)),  # q width 192 != hidden 128
+    "mistral-window32": ("Mistral", dict(sliding_window=32, head_dim=32)),
+}
+
+
+def _random_hf(path, family, overrides):
+    """A random transformers model of `family` saved in float32 at `path`, its norms and biases
+    moved away from their initial 1 and 0 so that every one of them matters."""
+    config = getattr(transformers, f"{family}Config")(**{**BASE, **overrides})
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    """(name, transformers model, HF directory, GGUF file) of one case."""
+    family, overrides = CASES[request.param]
+    hf_dir = tmp_path_factory.mktemp(request.param)
+    ref = _random_hf(hf_dir, family, overrides)
+    gguf_path = tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf"
+    assert quantize.main(["--model", str(hf_dir), "--out", str(gguf_path), "--type", "f32",
+                          "--format", "gguf"]) in (0, None)
+    return request.param, ref, hf_dir, gguf_path
+
+
+def _greedy(ref, ids, n):
+    """n greedy tokens from transformers' own KV-cache loop."""
+    tokens = []
+    with torch.no_grad():
+        out = ref(torch.tensor([ids]), use_cache=True)
+        for _ in range(n):
+            token = int(out.logits[0, -1].argmax())
+            tokens.append(token)
+            out = ref(torch.tensor([[token]]), past_key_values=out.past_key_values,
+                      use_cache=True)
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def reference(case):
+    """transformers' logits of the prompt and greedy continuation."""
+    _, ref, _, _ = case
+    ids = [int(i) for i in np.random.default_rng(1).integers(3, BASE["vocab_size"], PROMPT)]
+    with torch.no_grad():
+        logits = ref(torch.tensor([ids])).logits[0].numpy()
+    return ids, logits, _greedy(ref, ids, GREEDY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+def test_logits_and_greedy_match_transformers(case, reference, source):
+    name, ref, hf_dir, gguf_path = case
+    ids, want, want_tokens = reference
+    model = xllm.load(hf_dir if source == "hf" else gguf_path, kv_dtype="float32")
+    c = model.config
+    assert c.attention_bias == name.startswith("qwen2")
+    assert c.qk_norm == (name == "qwen3")
+    assert c.sliding_window == (32 if name.startswith("mistral") else None)
+    assert c.rope_interleaved == (source == "gguf" and name.startswith("mistral"))
+    got = model.logits(ids)
+    assert np.abs(got - want).max() <= 1e-4
+    model.config.eos_token_id = None  # EOS is not special here
+    model.generate(ids, max_new_tokens=GREEDY)
+    assert model.last_stats["tokens"] == want_tokens
+
+
+@pytest.mark.slow
+def test_the_window_matters(case, reference):
+    """Without its window (or a Qwen without its biases / q-k norms) the model gives other
+    logits: the parity above could not pass by accident."""
+    name, _, hf_dir, _ = case
+    ids, want, _ = reference
+    model = xllm.load(hf_dir, kv_dtype="float32")
+    if name.startswith("mistral"):
+        model.config.sliding_window = None
+    elif name.startswith("qwen2"):
+        for layer in model.transformer.layers:
+            layer.bq = np.zeros_like(layer.bq)
+    else:
+        model.config.qk_norm = False
+    assert np.abs(model.logits(ids) - want).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_gguf_metadata(case):
+    """The GGUF file names the architecture, its sliding window and the extra tensors as
+    llama.cpp does (read back with the gguf package)."""
+    from gguf import GGUFReader
+    name, _, _, gguf_path = case
+    reader = GGUFReader(gguf_path)
+    arch = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}[name.split("-")[0]]
+    assert reader.fields["general.architecture"].contents() == arch
+    tensors = {t.name for t in reader.tensors}
+    assert ("blk.0.attn_q.bias" in tensors) == (arch == "qwen2")
+    assert ("blk.1.attn_k_norm.weight" in tensors) == (arch == "qwen3")
+    window = reader.fields.get(f"{arch}.attention.sliding_window")
+    assert (window.contents() if window else None) == (32 if arch == "llama" else None)
+
+
+# ---------------- the windowed KV cache ----------------
+
+def test_windowed_cache_releases_blocks():
+    """A cache with a window of 40 fed one row at a time keeps its capacity under window +
+    chunk + a block and its offset at the first block a later position can see."""
+    kv = KVCache(1, 8, 10000, n_kv_heads=1, initial_capacity=32, window=40, chunk_rows=16)
+    for _ in range(1000):
+        kv.reserve(1)
+        kv.length += 1
+        assert kv.capacity <= 40 + 32 + 16 + 32
+        assert kv.offset <= max(0, kv.length - 40 + 1)
+    assert kv.offset >= 1000 - 40 - kv.capacity
+    full = KVCache(1, 8, 10000, n_kv_heads=1, initial_capacity=32)
+    full.reserve(1000)
+    assert kv.nbytes * 5 < full.nbytes
+
+
+def test_windowed_cache_keeps_what_the_window_needs():
+    """Rows written at their positions stay readable while a later position can see them;
+    prefixes whose window reaches released rows are not offered for reuse."""
+    kv = KVCache(1, 1, 10000, n_kv_heads=1, initial_capacity=32, window=40, chunk_rows=8)
+    for position in range(500):
+        kv.reserve(1)
+        row = position - kv.offset
+        kv.k[0][row // 32, 0, row % 32] = position
+        kv.ids[position] = position
+        kv.length += 1
+        first = max(0, kv.length - 40)  # the next position's window: first .. length
+        kept = [kv.k[0][(p - kv.offset) // 32, 0, (p - kv.offset) % 32]
+                for p in range(first, kv.length)]
+        assert kept == list(range(first, kv.length))
+    assert kv.offset > 0
+    ids = np.arange(500)
+    assert kv.common_prefix(ids) == 500
+    assert kv.common_prefix(ids[:kv.offset + 10]) == 0  # its window reaches released rows
+    copy = KVCache(1, 1, 10000, n_kv_heads=1, initial_capacity=32, window=40, chunk_rows=8)
+    copy.copy_prefix(kv, 490)
+    assert copy.length == 490 and copy.offset == kv.offset
+    np.testing.assert_array_equal(copy.k[0][:2], kv.k[0][:2])
+    kv.truncate(kv.offset + 5)  # cannot continue from there: forgets everything
+    assert kv.length == 0 and kv.offset == 0
+
+
+@pytest.mark.slow
+def test_windowed_generation_matches_a_full_cache(case, reference):
+    """A long greedy run of the Mistral case through a cache that releases blocks gives the
+    same logits, bit for bit, as a cache that keeps every row (the window is in the kernel
+    either way)."""
+    name, _, hf_dir, _ = case
+    if not name.startswith("mistral"):
+        pytest.skip("no window")
+    ids, _, _ = reference
+    model = xllm.load(hf_dir, kv_dtype="float32")
+    tr = model.transformer
+    c = model.config
+    windowed = KVCache(c.num_layers, c.kv_dim, c.max_seq_len, n_kv_heads=c.num_kv_heads,
+                       dtype=np.float32, window=c.sliding_window, chunk_rows=8,
+                       initial_capacity=32)
+    full = KVCache(c.num_layers, c.kv_dim, c.max_seq_len, n_kv_heads=c.num_kv_heads,
+                   dtype=np.float32)
+    tokens = list(ids[:8])
+    for kv in (windowed, full):
+        tr.forward(tokens, kv)
+    for token in ids[8:] * 2:  # 8 + 176 positions, decode steps
+        a = tr.forward([token], windowed).copy()
+        b = tr.forward([token], full).copy()
+        np.testing.assert_array_equal(a, b)
+    assert windowed.offset > 0 and windowed.capacity < full.capacity
+
+
+# ---------------- bad input ----------------
+
+def _copy_hf(case, tmp_path):
+    _, _, hf_dir, _ = case
+    target = tmp_path / "model"
+    shutil.copytree(hf_dir, target)
+    return target
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    raw = json.loads(path.read_text())
+    raw.update(changes)
+    path.write_text(json.dumps(raw))
+
+
+@pytest.mark.slow
+def test_qwen2_without_biases_is_refused(case, tmp_path):
+    """A Qwen2 checkpoint whose q/k/v biases are missing: the file and the tensor are named."""
+    name, _, _, _ = case
+    if name != "qwen2":
+        pytest.skip("qwen2 only")
+    from safetensors.numpy import load_file, save_file
+    directory = _copy_hf(case, tmp_path)
+    weights = load_file(directory / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.endswith(".bias")},
+              directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelFormatError, match=r"missing tensor 'model\.layers\.0\.self_attn\.q_proj"
+                                               r"\.bias' in|missing tensor 'model\.layers\.0\."
+                                               r"self_attn\.q_proj\.bias'"):
+        xllm.load(directory)
+
+
+@pytest.mark.slow
+def test_window_larger_than_the_context_is_refused(case, tmp_path):
+    name, _, _, _ = case
+    if not name.startswith("mistral"):
+        pytest.skip("mistral only")
+    directory = _copy_hf(case, tmp_path)
+    _edit_config(directory, sliding_window=4096, max_position_embeddings=2048)
+    with pytest.raises(ModelFormatError, match=r"config\.json: sliding_window=4096 is larger "
+                                               r"than the context \(max_seq_len=2048\)"):
+        xllm.load(directory)
+    _edit_config(directory, sliding_window=0)
+    with pytest.raises(ModelFormatError, match="config.json: sliding_window must be"):
+        xllm.load(directory)
+
+
+@pytest.mark.slow
+def test_gguf_window_larger_than_the_context_is_refused(case, tmp_path):
+    """The same check for a GGUF file's llama.attention.sliding_window."""
+    name, _, _, gguf_path = case
+    if not name.startswith("mistral"):
+        pytest.skip("mistral only")
+    from gguf import GGUFReader
+    reader = GGUFReader(gguf_path, "r+")
+    reader.fields["llama.attention.sliding_window"].parts[-1][0] = 100000
+    data = bytes(reader.data)
+    del reader
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data)
+    with pytest.raises(ModelFormatError, match=r"bad\.gguf: sliding_window=100000 is larger"):
+        xllm.load(bad)
+
+
+def test_qwen_partial_sliding_window_is_refused(tmp_path):
+    """Qwen's window on only some layers (use_sliding_window with 0 < max_window_layers <
+    layers) is not supported, and says so."""
+    (tmp_path / "config.json").write_text(json.dumps(
+        {**BASE, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64,
+         "max_window_layers": 1}))
+    with pytest.raises(ModelFormatError, match="config.json: use_sliding_window with "
+                                               "max_window_layers=1"):
+        xllm.load(tmp_path)
