@@ -23,8 +23,6 @@ import zipfile
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from tqdm import tqdm
-
 from .errors import DownloadError
 
 class Entry(NamedTuple):
@@ -61,6 +59,7 @@ def resolve(name_or_path):
 
 def _copy(src, dst, total, desc, progress) -> str:
     """Copy file object `src` to `dst` (None: only read it); return the bytes' sha256."""
+    from tqdm import tqdm  # here, not at import: loading a cached model needs no progress bar
     digest = hashlib.sha256()
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
               disable=not progress, leave=False) as bar:
