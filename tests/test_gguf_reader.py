@@ -226,3 +226,17 @@ def test_string_array_cut_inside_a_string(tmp_path):
         path.write_bytes(data[:cut])
         with pytest.raises(ModelFormatError, match=rf"cut{cut}.gguf: (x\[1\]|x): "):
             open_gguf(path)
+
+
+def test_dropping_a_tensors_pages_keeps_the_data(tmp_path):
+    """drop_pages(tensor) releases the pages under one tensor (page-aligned below it, however
+    the tensor is placed); reading it again reads the file again."""
+    path = write_tiny_gguf(tmp_path / "t.gguf")
+    g = open_gguf(path)
+    before = {name: _bytes(t.data).copy() for name, t in g.tensors.items()}
+    for name, t in g.tensors.items():
+        g.drop_pages(t.data)
+        np.testing.assert_array_equal(_bytes(t.data), before[name], err_msg=name)
+    g.drop_pages()
+    for name, t in g.tensors.items():
+        np.testing.assert_array_equal(_bytes(t.data), before[name], err_msg=name)

@@ -206,9 +206,16 @@ class GGUFFile:
         data_start = -(-cursor.pos // alignment) * alignment
         self.tensors = self._map_tensors(infos, data_start, alignment)
 
-    def drop_pages(self):
-        """Let the kernel drop the file's pages from memory (they are read again if used)."""
-        self.buf.base.obj.madvise(mmap.MADV_DONTNEED)  # base: a memoryview of the mmap
+    def drop_pages(self, data=None):
+        """Let the kernel drop the file's pages from memory (they are read again if used): all
+        of them, or those under `data` (a tensor's view of the file)."""
+        mapped = self.buf.base.obj  # base: a memoryview of the mmap
+        if data is None:
+            mapped.madvise(mmap.MADV_DONTNEED)
+            return
+        begin = data.__array_interface__["data"][0] - self.buf.__array_interface__["data"][0]
+        first_page = begin - begin % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, first_page, begin + data.nbytes - first_page)
 
     def _read_preamble(self, cursor):
         """The magic and a version this reader knows."""

@@ -57,7 +57,7 @@ def _array(tensor, path, gguf_file):
         rows = tensor.dims[1]
         cols = tensor.dims[0]
         packed = from_gguf_blocks(tensor.data, tensor.kind, (rows, cols))
-        gguf_file.drop_pages()  # the copy is all we need
+        gguf_file.drop_pages(tensor.data)  # the copy is all we need
         return packed
     if weight_format.packing == FLOAT:
         return tensor.data
