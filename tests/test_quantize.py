@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -514,6 +515,76 @@ def test_llama_cpp_runs_our_k_quants(wide_src, tmp_path, one_thread):
     llm.close()
     ours = xllm.load(out, kv_dtype="float32").logits(prompt)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=0.05)
+
+
+# ----------------------------------------------------------------------------- random GGUF
+
+
+WIDE_SHAPE = dict(hidden_size=256, intermediate_size=512, num_layers=8, num_heads=4,
+                  num_kv_heads=2)
+
+
+@pytest.mark.parametrize("file_type", ["q8_0", "q4_0", "q4_k_m"])
+def test_random_gguf_runs_in_xllm_and_llama_cpp(tmp_path, one_thread, file_type):
+    """xllm.random_model writes a random model straight to a GGUF of a llama.cpp file type
+    (python -m xllm.random_model --type ...): every tensor in the mix's format, weights of
+    standard deviation 0.02 (norms around 1), and xllm and llama.cpp load it: the same tokens
+    and logits within 0.04 of each other (largest |logit| about 1.1; measured differences 0.018
+    q8_0, 0.015 q4_0, 0.020 q4_k_m: llama.cpp rounds the activations to 8 bits, xllm splits
+    them into 2 or 3 int8 parts or, for K-quants, expands the weights to float32)."""
+    from xllm import random_model
+    from xllm.formats import mixes
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / "random.gguf"
+    random_model.write_random_gguf(out, "tiny", file_type, seed=1, **WIDE_SHAPE)
+    cfg = dict(random_model.PRESETS["tiny"], **WIDE_SHAPE)
+    shapes = random_model.gguf_tensor_shapes(cfg)
+    config = SimpleNamespace(num_layers=8, num_heads=4, num_kv_heads=2, tie_word_embeddings=False)
+    reader = gguf.GGUFReader(out)
+    assert [t.name for t in reader.tensors] == list(shapes)
+    for t in reader.tensors:
+        expected = mixes.tensor_format(file_type, t.name, shapes[t.name], config)
+        assert t.tensor_type == expected.gguf_type, t.name
+        values = expected.dequantize(np.asarray(t.data)).reshape(shapes[t.name])
+        center = 1.0 if len(shapes[t.name]) == 1 else 0.0
+        assert abs(np.std(values) - 0.02) < 0.003 and abs(np.mean(values) - center) < 0.01
+    model = xllm.load(out, kv_dtype="float32")
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, logits_all=True,
+                          verbose=False, type_k=0, type_v=0)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
+            model.tokenizer.encode(text), text
+    prompt = IDS[:16]
+    llm.eval(prompt)
+    theirs = np.array(llm.scores[:len(prompt)])
+    llm.close()
+    np.testing.assert_allclose(model.logits(prompt), theirs, rtol=0, atol=0.04)
+
+
+def test_random_gguf_memory_stays_small(tmp_path, monkeypatch):
+    """The writer holds one chunk of rows and the block pool, never the model: writing a 23 MB
+    Q8_0 file with 1 MB chunks and a pool of 2^16 values allocates at most 4 MB at once
+    (tracemalloc sees NumPy's buffers). The CLI writes GGUF for an --out ending in .gguf."""
+    import tracemalloc
+    from xllm import random_model
+    monkeypatch.setattr(random_model, "GGUF_CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(random_model, "GGUF_POOL_VALUES", 1 << 16)
+    out = tmp_path / "m.gguf"
+    tracemalloc.start()
+    try:
+        random_model.write_random_gguf(out, "tiny", "q8_0", hidden_size=512,
+                                       intermediate_size=1536, num_layers=4, vocab_size=8192)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert os.path.getsize(out) > 20e6
+    assert peak < 4e6, peak
+    again = tmp_path / "again.gguf"
+    random_model.main(["--shape", "tiny", "--out", str(again)])
+    assert gguf.GGUFReader(again).fields["general.file_type"].contents() == \
+        gguf.LlamaFileType.MOSTLY_Q8_0
+    with pytest.raises(ValueError, match="not one of"):
+        random_model.write_random_gguf(tmp_path / "x.gguf", "tiny", "q2_k")
 
 
 # ----------------------------------------------------------------------------- bad input
