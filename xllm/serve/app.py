@@ -3,17 +3,26 @@
 FastAPI (on Starlette, served by uvicorn) was chosen because it is what the field's Python
 servers use (vLLM, llama-cpp-python), it parses and validates JSON with pydantic, and its
 streaming responses carry server-sent events without another dependency. The layer is thin: it
-turns a request into engine requests (one per choice) and engine events into OpenAI's JSON."""
+turns a request into engine requests (one per choice) and engine events into OpenAI's JSON.
+
+The same application serves one engine in this process (``python -m xllm.serve``) and Ray Serve
+replicas of it (xllm/serve/ray.py, docs/scaling.rst): it needs of its engine only the caller's
+side of :class:`xllm.engine.scheduler.Engine`: ``submit(request)`` (raising QueueFullError,
+EngineClosedError, ContextLengthError or ValueError), ``wake()``, ``model`` (the tokenizer, chat
+template and config), and the gauges ``running``, ``waiting``, ``kv_bytes`` and
+``prefix_cache.nbytes``. Events reach ``request.emit`` from any thread."""
 import asyncio
 import collections
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
 import secrets
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -35,19 +44,31 @@ DISCONNECT_POLL = 0.25  # seconds between checks that a waiting client is still 
 
 
 class ServerSettings:
-    """What the server needs besides the engine."""
+    """What the server needs besides the engine. `echo_request_id`: whether responses get the
+    ``X-Request-ID`` header (False behind a proxy that adds it itself, as Ray Serve's does)."""
 
     def __init__(self, *, served_model_name, api_key=None, max_body_bytes=4 << 20,
-                 log_prompts=False):
+                 log_prompts=False, echo_request_id=True):
         self.served_model_name = served_model_name
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.log_prompts = log_prompts
+        self.echo_request_id = echo_request_id
 
 
-def create_app(engine, settings: ServerSettings, on_shutdown=None) -> FastAPI:
+@dataclass
+class APIRequest(EngineRequest):
+    """An engine request and what a router in front of several engines may use: `affinity`,
+    a key shared by the requests of one conversation (None: no preference). An engine in this
+    process ignores it."""
+    affinity: Optional[str] = None
+
+
+def create_app(engine, settings: ServerSettings, on_shutdown=None, health=None) -> FastAPI:
     """The FastAPI application serving `engine`'s model; `on_shutdown()` runs when the server
-    stops (after its connections are closed)."""
+    stops (after its connections are closed). `health`, if given, is an async function that
+    answers ``GET /health``: (HTTP status, JSON body); without it the answer is 200
+    ``{"status": "ok"}`` while the server runs."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -61,7 +82,7 @@ def create_app(engine, settings: ServerSettings, on_shutdown=None) -> FastAPI:
     app.state.metrics = Metrics(engine)
     api = _API(engine, settings, app.state.metrics)
     _add_middleware(app, api)
-    _add_routes(app, api)
+    _add_routes(app, api, health)
     return app
 
 
@@ -98,6 +119,7 @@ class _AroundEveryRequest:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            if message["type"] == "http.response.start" and self.api.settings.echo_request_id:
                 message = dict(message)
                 message["headers"] = [*message.get("headers", []),
                                       (b"x-request-id", request_id.encode("latin-1"))]
@@ -117,10 +139,13 @@ class _AroundEveryRequest:
                      prompt_tokens, completion_tokens, request_id)
 
 
-def _add_routes(app, api):
+def _add_routes(app, api, health_check):
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        if health_check is None:
+            return {"status": "ok"}
+        status, body = await health_check()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def metrics():
@@ -152,6 +177,17 @@ def _add_routes(app, api):
         return api.detokenize(body)
 
 
+def refusal(error) -> APIError:
+    """The API's answer when an engine's ``submit`` refuses a request with `error`."""
+    if isinstance(error, QueueFullError):
+        return APIError(429, str(error), type="rate_limit_error", headers={"Retry-After": "1"})
+    if isinstance(error, EngineClosedError):
+        return APIError(503, str(error), type="server_error")
+    if isinstance(error, (ContextLengthError, ValueError)):
+        return APIError(400, str(error))
+    return APIError(500, f"the request could not start: {error!r}", type="server_error")
+
+
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -170,7 +206,7 @@ class _Choice:
         self.last_token_time = None
 
 
-class _Relay:
+class EventRelay:
     """Hands events from the engine's thread to asyncio queues on the event loop, waking the
     loop once for all the events of an engine step rather than once per event."""
 
@@ -203,11 +239,11 @@ class _API:
         self.created = int(time.time())
         self._relay = None
 
-    def relay(self) -> _Relay:
+    def relay(self) -> EventRelay:
         """The relay of the running event loop (made on first use)."""
         loop = asyncio.get_running_loop()
         if self._relay is None or self._relay.loop is not loop:
-            self._relay = _Relay(loop)
+            self._relay = EventRelay(loop)
         return self._relay
 
     # ---- request handling common to every endpoint ----
@@ -281,6 +317,20 @@ class _API:
         except (ChatTemplateError, ValueError) as error:
             raise APIError(400, str(error), param="messages") from None
 
+    def _affinity(self, body, chat):
+        """The routing key of a chat: a hash of its opening (the messages up to the first
+        user message), which every later turn of the conversation repeats and whose KV the
+        replica that answered it keeps. A system prompt alone is no key (requests sharing one
+        would all go to one replica). None for completions: no turns to tell apart."""
+        if not chat:
+            return None
+        digest = hashlib.sha256()
+        for message in body.messages:
+            digest.update(json.dumps([message.role, message.text()]).encode("utf-8"))
+            if message.role == "user":
+                return digest.hexdigest()
+        return None
+
     def _max_tokens(self, body, prompt_ids):
         context = self.model.config.max_seq_len
         longest = max(len(ids) for ids in prompt_ids)
@@ -325,7 +375,7 @@ class _API:
             for _ in range(body.n):
                 choices.append(_Choice(len(choices), ids))
         call = _Call(self, request, body, chat, choices)
-        call.submit(max_tokens, params)
+        call.submit(max_tokens, params, self._affinity(body, chat))
         if body.stream:
             return StreamingResponse(call.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -373,26 +423,19 @@ class _Call:
         self.prompt_tokens = sum(len(ids) for ids in {id(c.prompt_ids): c.prompt_ids
                                                       for c in choices}.values())
 
-    def submit(self, max_tokens, params):
+    def submit(self, max_tokens, params, affinity):
         logprobs = self.body.logprobs_count()
         try:
             for choice in self.choices:
                 seed = None if params.seed is None else params.seed + choice.index % self.body.n
-                choice.engine_request = EngineRequest(
+                choice.engine_request = APIRequest(
                     choice.prompt_ids, max_tokens, replace(params, seed=seed),
                     self._emitter(choice), stop=self.body.stop_strings(), logprobs=logprobs,
-                    ignore_eos=self.body.ignore_eos)
+                    ignore_eos=self.body.ignore_eos, affinity=affinity)
                 self.api.engine.submit(choice.engine_request)
-        except QueueFullError as error:
+        except (QueueFullError, EngineClosedError, ContextLengthError, ValueError) as error:
             self.cancel()
-            raise APIError(429, str(error), type="rate_limit_error",
-                           headers={"Retry-After": "1"}) from None
-        except EngineClosedError as error:
-            self.cancel()
-            raise APIError(503, str(error), type="server_error") from None
-        except (ContextLengthError, ValueError) as error:
-            self.cancel()
-            raise APIError(400, str(error)) from None
+            raise refusal(error) from None
 
     def _emitter(self, choice):
         def emit(event):  # called on the engine's thread
@@ -461,8 +504,13 @@ class _Call:
                 "total_tokens": self.prompt_tokens + completion}
 
     def _check_error(self, event):
-        if event.reason == "error":
-            raise APIError(500, f"generation failed: {event.error!r}", type="server_error")
+        """APIError if `event` ends its choice with an error: the error itself when it is one
+        (a replica that failed, in xllm/serve/ray.py), else a 500."""
+        if event.reason != "error":
+            return
+        if isinstance(event.error, APIError):
+            raise event.error
+        raise APIError(500, f"generation failed: {event.error!r}", type="server_error")
 
     async def complete(self) -> dict:
         async for _, event in self.events():

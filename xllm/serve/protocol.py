@@ -29,6 +29,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
+    def __reduce__(self):
+        # picklable with its fields (it crosses processes between Ray Serve replicas)
+        return (_api_error, (self.status, self.message, self.type, self.param, self.code,
+                             self.headers))
+
+
+def _api_error(status, message, type, param, code, headers) -> APIError:
+    return APIError(status, message, type=type, param=param, code=code, headers=headers)
+
 
 def not_supported(param: str, what: str) -> APIError:
     return APIError(400, f"{what} is not supported by this server", param=param,
