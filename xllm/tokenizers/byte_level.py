@@ -4,11 +4,14 @@ Text is split into words by regexes (the pre-tokenizer), each word's UTF-8 bytes
 with GPT-2's byte-to-unicode alphabet (``"Ġ"`` for a space) and BPE merges are applied by
 rank; results match Hugging Face ``tokenizers`` and llama.cpp."""
 
+import codecs
 import json
 import os
 from heapq import heapify, heappush
+from itertools import accumulate, repeat
 from pathlib import Path
 
+import numpy as np
 import regex
 
 from ..errors import ModelFormatError
@@ -52,6 +55,7 @@ def _gpt2_byte_chars():
 BYTE_CHARS = _gpt2_byte_chars()
 _TO_ALPHABET = dict(enumerate(BYTE_CHARS))  # str.translate tables for Latin-1 text
 _FROM_ALPHABET = {ord(c): b for b, c in enumerate(BYTE_CHARS)}
+_ALPHABET_CODEC = codecs.charmap_build("".join(BYTE_CHARS))  # charmap_encode: text -> bytes
 # The word cache is dropped when it holds more than _CACHE_LIMIT words or _CACHE_CHARS
 # characters of them; words longer than _CACHE_WORD_LIMIT characters are not cached.
 _CACHE_LIMIT = 100_000
@@ -68,27 +72,27 @@ class ByteLevelBPE(Tokenizer):
 
     def __init__(self, tokens, merges, types=None, *, pre_patterns=PRE_TOKENIZERS["gpt-2"],
                  bos_id=-1, eos_id=-1, unk_id=-1, add_bos_default=False, ignore_merges=False):
-        pieces = [str(t) for t in tokens]
+        pieces = list(map(str, tokens))
         if types is None:
             types = [NORMAL] * len(pieces)
         else:
-            types = [int(t) for t in types]
+            types = list(map(int, types))
         self._init_vocab(pieces, types, (bos_id, eos_id, unk_id))
         self.add_bos_default = bool(add_bos_default)
         self.ignore_merges = bool(ignore_merges)
         self.pre_patterns = tuple(pre_patterns)  # the pre-tokenizer's regexes, in order
         self._passes = _compile_passes(pre_patterns)
-        self._ids = {t: i for i, t in enumerate(pieces)}
+        self._ids = dict(zip(pieces, range(len(pieces))))  # a repeated piece: its last id
         self._ranks = _merge_ranks(merges)
         special = {}
         always = []
-        for i, (token, kind) in enumerate(zip(pieces, self.types)):
-            if _is_special(token, kind):
-                special.setdefault(token, i)
+        for i, kind in enumerate(self.types):
+            if kind != NORMAL and _is_special(pieces[i], kind):
+                special.setdefault(pieces[i], i)
                 if kind == USER_DEFINED:
-                    always.append(token)
+                    always.append(pieces[i])
         self._set_special(special, always)
-        self._bytes = [_token_bytes(token, kind) for token, kind in zip(pieces, self.types)]
+        self._bytes = _all_token_bytes(pieces, self.types)
         self._cache: dict[str, list[int]] = {}
         self._cached_chars = 0
         self._build_merge_table()
@@ -107,19 +111,22 @@ class ByteLevelBPE(Tokenizer):
         ``K = _n_symbols``, ``_merges[a * K + b] = rank * K + result``: ordering those values
         orders the merges by rank, and the result is the value modulo K."""
         ids = self._ids
-        unlisted = {}
-        for a, b in self._ranks:
-            if a + b not in ids and a + b not in unlisted:
-                unlisted[a + b] = self.vocab_size + len(unlisted)
+        lefts = [a for a, _ in self._ranks]
+        rights = [b for _, b in self._ranks]
+        results = list(map(str.__add__, lefts, rights))
+        missing = dict.fromkeys(r for r in results if r not in ids)  # in rank order
+        unlisted = dict(zip(missing, range(self.vocab_size, self.vocab_size + len(missing))))
         k = self.vocab_size + len(unlisted)
         self._n_symbols = k
         number = {**unlisted, **ids}.get
-        self._merges = {}
-        for (a, b), rank in self._ranks.items():
-            left = number(a)
-            right = number(b)
-            if left is not None and right is not None:
-                self._merges[left * k + right] = rank * k + number(a + b)
+        left = np.fromiter(map(number, lefts, repeat(-1)), np.int64, len(lefts))
+        right = np.fromiter(map(number, rights, repeat(-1)), np.int64, len(rights))
+        result = np.fromiter(map(number, results), np.int64, len(results))
+        rank = np.fromiter(self._ranks.values(), np.int64, len(self._ranks))
+        known = (left >= 0) & (right >= 0)  # pairs of symbols that exist (else never made)
+        keys = left[known] * k + right[known]
+        values = rank[known] * k + result[known]
+        self._merges = dict(zip(keys.tolist(), values.tolist()))
         self._unlisted = {i: [ids[c] for c in s if c in ids] for s, i in unlisted.items()}
 
     @classmethod
@@ -316,6 +323,11 @@ def _compile_passes(patterns):
 def _merge_ranks(merges):
     """``{(left, right): rank}`` of ``merges`` ("left right" strings or pairs); the first
     occurrence of a pair wins."""
+    if all(type(m) is str for m in merges[:1]):  # "left right" strings: one pass in C
+        pairs = list(map(tuple, map(str.split, merges, repeat(" "), repeat(1))))
+        ranks = dict(zip(pairs, range(len(pairs))))
+        if len(ranks) == len(pairs) and set(map(len, pairs)) <= {2}:
+            return ranks  # (no pair repeated: the first occurrence is the only one)
     ranks = {}
     for rank, merge in enumerate(merges):
         pair = tuple(merge.split(" ", 1)) if isinstance(merge, str) else tuple(merge)
@@ -329,6 +341,27 @@ def _is_special(token, kind):
     """Whether the token is special: one of the control, unknown and user-defined tokens,
     which are plain text (not byte-spelled)."""
     return kind in (CONTROL, UNKNOWN, USER_DEFINED) and bool(token)
+
+
+def _all_token_bytes(pieces, types):
+    """``[_token_bytes(piece, kind) ...]`` of a vocabulary: the normal pieces spelled back to
+    bytes all at once where they are all in the alphabet (as they are in byte-level
+    vocabularies), the others one by one."""
+    out = [None] * len(pieces)
+    normal = [i for i, kind in enumerate(types) if kind == NORMAL]
+    texts = [pieces[i] for i in normal]
+    try:
+        spelled = codecs.charmap_encode("".join(texts), "strict", _ALPHABET_CODEC)[0]
+    except UnicodeEncodeError:  # a character outside the alphabet: one by one, below
+        normal = []
+    ends = list(accumulate(map(len, texts)))  # one byte per character
+    starts = [0] + ends[:-1]
+    for i, start, end in zip(normal, starts, ends):
+        out[i] = spelled[start:end]
+    for i, (token, kind) in enumerate(zip(pieces, types)):
+        if out[i] is None:
+            out[i] = _token_bytes(token, kind)
+    return out
 
 
 def _token_bytes(token, kind):
