@@ -55,6 +55,7 @@ TYPES = [NORMAL, NORMAL, NORMAL, NORMAL, CONTROL, NORMAL, NORMAL, USER_DEFINED, 
 @pytest.mark.parametrize("merges", [
     ["a b", "a b", "\u0120 a", "ab ab", "q r", "a \u0100", "\u4e2d a"],  # strings, a repeat
     [["a", "b"], ["\u0120", "a"], ["b", "a"]],  # tokenizer.json's newer pairs
+    ["a b", ("\u0120", "a"), ["a", "b"]],  # both kinds in one list
     [],
 ])
 def test_awkward_vocabulary(merges):
@@ -77,4 +78,10 @@ def test_a_real_vocabulary(data_dir):
     merges = meta["tokenizer.ggml.merges"]
     tok = ByteLevelBPE(meta["tokenizer.ggml.tokens"], merges, meta["tokenizer.ggml.token_type"])
     assert len(tok._merges) == len(merges) == 50000
+    assert_tables_as_defined(tok, merges)
+
+
+def test_merges_from_an_iterator():
+    merges = ["a b", "\u0120 a"]
+    tok = ByteLevelBPE(AWKWARD, iter(merges), TYPES)
     assert_tables_as_defined(tok, merges)

@@ -323,7 +323,8 @@ def _compile_passes(patterns):
 def _merge_ranks(merges):
     """``{(left, right): rank}`` of ``merges`` ("left right" strings or pairs); the first
     occurrence of a pair wins."""
-    if all(type(m) is str for m in merges[:1]):  # "left right" strings: one pass in C
+    merges = list(merges)
+    if set(map(type, merges)) == {str}:  # all "left right" strings: one pass in C
         pairs = list(map(tuple, map(str.split, merges, repeat(" "), repeat(1))))
         ranks = dict(zip(pairs, range(len(pairs))))
         if len(ranks) == len(pairs) and set(map(len, pairs)) <= {2}:
