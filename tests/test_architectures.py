@@ -9,6 +9,7 @@ Also: the windowed KV cache releases blocks (bounded memory, same logits as keep
 the bad inputs of these architectures raise ModelFormatError naming the file and the field.
 """
 import json
+import os
 import shutil
 
 import numpy as np
@@ -282,3 +283,77 @@ def test_qwen_partial_sliding_window_is_refused(tmp_path):
     with pytest.raises(ModelFormatError, match="config.json: use_sliding_window with "
                                                "max_window_layers=1"):
         xllm.load(tmp_path)
+
+
+# ---------------- chat templates ----------------
+
+# The templates these models ship, as llama.cpp's source keeps them (models/templates: copies of
+# each model's tokenizer_config.json chat_template). Read where the llama-cpp-python source tree
+# that the benchmarks build is (XLLM_LLAMA_CPP_TEMPLATES overrides); skipped when it is absent.
+TEMPLATE_DIR = os.environ.get("XLLM_LLAMA_CPP_TEMPLATES", os.path.expanduser(
+    "~/.cache/xllm-bench/src/llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates"))
+SHIPPED = ["Qwen-Qwen2.5-7B-Instruct", "Qwen-Qwen3-0.6B", "Qwen-QwQ-32B",
+           "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "mistralai-Mistral-Nemo-Instruct-2407",
+           "Mistral-Small-3.2-24B-Instruct-2506", "unsloth-mistral-Devstral-Small-2507"]
+CONVERSATION = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Say hé <b> & \"hi\"."},
+                {"role": "assistant", "content": "hi"},
+                {"role": "user", "content": "Weather in Paris?"}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("extra", [{}, {"tools": TOOLS}, {"enable_thinking": False}],
+                         ids=["plain", "tools", "no-thinking"])
+def test_shipped_chat_templates_render_as_transformers(name, extra):
+    """xllm.chat renders each template exactly as transformers' apply_chat_template."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from xllm.chat import render_chat
+    path = os.path.join(TEMPLATE_DIR, name + ".jinja")
+    if not os.path.isfile(path):
+        pytest.skip(f"no {path}")
+    template = open(path, encoding="utf-8").read()
+    hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<unk>": 0},
+                                                                      unk_token="<unk>")))
+    for gen in (True, False):
+        kw = dict(add_generation_prompt=gen, bos_token="<s>", eos_token="</s>", **extra)
+        want = hf.apply_chat_template(CONVERSATION, chat_template=template, tokenize=False, **kw)
+        assert render_chat(template, CONVERSATION, **kw) == want
+
+
+# ---------------- tokenizers of these architectures in GGUF ----------------
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+               r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # Qwen2's tokenizer.json
+
+
+@pytest.mark.slow
+def test_qwen2_tokenizer_json_to_gguf(case, tmp_path):
+    """A Qwen2-style tokenizer.json (its published pre-tokenizer over a small trained
+    vocabulary) next to the model: quantize.py names its pre-tokenizer "qwen2" in the GGUF,
+    and the GGUF's tokenizer encodes as tokenizers does."""
+    from tokenizers import Regex, Tokenizer, models, trainers
+    from tokenizers import pre_tokenizers as pt
+    name, _, _, _ = case
+    if name != "qwen2":
+        pytest.skip("qwen2 only")
+    directory = _copy_hf(case, tmp_path)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pt.Sequence([pt.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                     pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    text = ["Hello world 12345, don't", "camelCase\n\nfoo", "\u4e2d\u6587 caf\u00e9"] * 50
+    tok.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pt.ByteLevel.alphabet(), show_progress=False))
+    tok.save(str(directory / "tokenizer.json"))
+    gguf_path = tmp_path / "qwen2.gguf"
+    quantize.main(["--model", str(directory), "--out", str(gguf_path), "--type", "f32"])
+    from gguf import GGUFReader
+    assert GGUFReader(gguf_path).fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    model = xllm.load(gguf_path, kv_dtype="float32")
+    for sample in ("Hello world 12345, don't", "camelCase\n\nfoo 42", "\u4e2d\u6587 caf\u00e9!"):
+        assert model.tokenizer.encode(sample) == tok.encode(sample).ids

@@ -326,12 +326,14 @@ def write_xllm(out, ckpt, o, source):
 
 
 def _pre_tokenizer_name(tok):
-    from xllm.tokenizers.byte_level import PRE_TOKENIZERS
-    for name in ("gpt-2", "smollm", "llama-bpe", "default"):
-        if tuple(PRE_TOKENIZERS[name]) == tok.pre_patterns:
+    """llama.cpp's name (the first PRE_TOKENIZERS gives) for the tokenizer's regexes and its
+    ignore_merges."""
+    from xllm.tokenizers.byte_level import IGNORE_MERGES, PRE_TOKENIZERS
+    for name, patterns in PRE_TOKENIZERS.items():
+        if tuple(patterns) == tok.pre_patterns and (name in IGNORE_MERGES) == tok.ignore_merges:
             return name
-    raise ValueError("the tokenizer's pre-tokenizer has no llama.cpp name (known: gpt-2, "
-                     "smollm, llama-bpe, default)")
+    raise ValueError(f"the tokenizer's pre-tokenizer has no llama.cpp name (known: "
+                     f"{', '.join(sorted(PRE_TOKENIZERS))})")
 
 
 def source_fields(ckpt):
@@ -422,6 +424,7 @@ def _file_type_formats(ckpt, o):
     c = ckpt.config
     chosen = writable_formats()[o.type]
     formats = {}
+    fallbacks = {}  # (wanted, used, K) -> number of matrices
     for name, shape in expected_shapes(c).items():
         file_name = gguf_name(name)
         if len(shape) == 2 and name in o.keep:
@@ -433,9 +436,11 @@ def _file_type_formats(ckpt, o):
             wanted = mixes.mix_format(o.type, file_name, shape, c)
         formats[name] = mixes.fallback(wanted, shape[-1])
         if formats[name] is not wanted:
-            print(f"note: {file_name} is {formats[name].name}: its rows of {shape[-1]} values "
-                  f"are not a multiple of the {wanted.name} block ({wanted.block}); llama.cpp "
-                  "falls back the same way", file=sys.stderr)
+            key = (wanted.name, formats[name].name, shape[-1])
+            fallbacks[key] = fallbacks.get(key, 0) + 1
+    for (wanted, used, k), count in fallbacks.items():
+        print(f"note: {count} matrices with rows of {k} values (not a multiple of the {wanted} "
+              f"block) are {used} instead of {wanted}, as llama.cpp falls back", file=sys.stderr)
     return chosen, formats
 
 

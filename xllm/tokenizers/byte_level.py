@@ -19,21 +19,61 @@ from ..files.common import check_regular_file, read_json
 from .base import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer
 from .merge_order import merge_positions
 
-__all__ = ["BYTE_CHARS", "ByteLevelBPE", "PRE_TOKENIZERS"]
+__all__ = ["BYTE_CHARS", "ByteLevelBPE", "IGNORE_MERGES", "PRE_TOKENIZERS"]
 
 # Pre-tokenizer regexes, applied one after the other: each pass splits the pieces of the
-# previous one into matches and the text between them. Keyed by GGUF ``tokenizer.ggml.pre``.
+# previous one into matches and the text between them. Keyed by GGUF ``tokenizer.ggml.pre``
+# (llama.cpp's names, several per pre-tokenizer). The regexes are those the models publish in
+# their tokenizer.json. (?i:'s|'t|...) stays as published: the regex package folds case as
+# tokenizers does ("'\u017f" is "'s" to both); llama.cpp spells it '[sS]|'[tT]|..., which
+# differs from both only there ("'\u017fa": "'\u017f", "a" here and in tokenizers).
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
-           r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS: dict[str, list[str]] = {
-    "gpt-2": [_GPT2], "llama-bpe": [_LLAMA3], "llama3": [_LLAMA3], "llama-v3": [_LLAMA3],
-    "smollm": [r"\p{N}", _GPT2],  # every digit on its own, then GPT-2
-    "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],  # llama.cpp's
+_LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+          r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's, with one digit at a time
+_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"  # letters that may start a word part ...
+_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"  # ... and that may continue it (CamelCase splits)
+_TEKKEN = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # Mistral's
+_GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?"
+          rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_DEEPSEEK3 = [r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+              r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?"
+              r"[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"]
+_BLOOM = r" ?[^(\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
+_PASSES = {  # pre-tokenizer: (its passes, llama.cpp's names for it)
+    "gpt-2": ([_GPT2], ("gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "jina-es",
+                        "jina-de", "jina-v1-en", "jina-v2-es", "jina-v2-de", "jina-v2-code",
+                        "roberta-bpe", "gigachat", "a.x-4.0", "mellum", "trillion",
+                        "granite-docling")),
+    "llama3": ([_LLAMA3], ("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral",
+                           "midm-2.0", "lfm2", "dbrx", "smaug-bpe", "glm4", "chatglm-bpe")),
+    "qwen2": ([_QWEN2], ("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2",
+                         "hunyuan")),
+    "tekken": ([_TEKKEN], ("tekken",)),
+    "gpt-4o": ([_GPT4O], ("gpt-4o", "llama4", "minimax-m2")),
+    # every digit on its own, then GPT-2
+    "smollm": ([r"\p{N}", _GPT2], ("smollm", "starcoder", "refact", "command-r", "codeshell",
+                                  "exaone", "minerva-7b")),
+    "falcon": ([r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"], ("falcon",)),
+    "deepseek-v3": (_DEEPSEEK3, ("deepseek-v3", "hunyuan-dense")),
+    "deepseek-coder": ([r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+",
+                        "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+", r"\p{N}"],
+                       ("deepseek-coder",)),
+    "bloom": ([_BLOOM], ("bloom", "poro-chat", "gpt3-finnish")),
+    "viking": ([_BLOOM, r"\p{N}"], ("viking",)),
+    # llama.cpp's own (also for names it does not know)
+    "default": ([r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"], ("default",)),
 }
+PRE_TOKENIZERS: dict[str, list[str]] = {name: passes for passes, names in _PASSES.values()
+                                        for name in names}
 # Pre-tokenizers whose words that are already tokens skip the merges (llama.cpp's
-# ignore_merges).
-_IGNORE_MERGES = ("llama-bpe", "llama3", "llama-v3")
+# ignore_merges; tokenizer.json's "ignore_merges").
+IGNORE_MERGES = frozenset(("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral",
+                           "midm-2.0", "lfm2", "tekken"))
 
 
 def _gpt2_byte_chars():
@@ -138,7 +178,7 @@ class ByteLevelBPE(Tokenizer):
                 f"unsupported pre-tokenizer {pre!r} (known: {', '.join(sorted(PRE_TOKENIZERS))})")
         return cls(tokens, merges, token_types, pre_patterns=PRE_TOKENIZERS[pre],
                    bos_id=bos_id, eos_id=eos_id, unk_id=unk_id, add_bos_default=add_bos,
-                   ignore_merges=pre in _IGNORE_MERGES)
+                   ignore_merges=pre in IGNORE_MERGES)
 
     @classmethod
     def from_tokenizer_json(cls, path) -> "ByteLevelBPE":
