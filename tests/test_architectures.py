@@ -357,3 +357,50 @@ def test_qwen2_tokenizer_json_to_gguf(case, tmp_path):
     model = xllm.load(gguf_path, kv_dtype="float32")
     for sample in ("Hello world 12345, don't", "camelCase\n\nfoo 42", "\u4e2d\u6587 caf\u00e9!"):
         assert model.tokenizer.encode(sample) == tok.encode(sample).ids
+
+
+# ---------------- llama.cpp reads the GGUF files as transformers' models ----------------
+
+@pytest.fixture(scope="module")
+def tokenizer_of_1000():
+    """A byte-level BPE of exactly BASE's 1,000 tokens with Qwen2's pre-tokenizer (llama.cpp
+    needs a vocabulary as large as the embedding)."""
+    import random
+    from tokenizers import Regex, Tokenizer, models, trainers
+    from tokenizers import pre_tokenizers as pt
+    rng = random.Random(0)
+    words = ["Hello", " world", " the", "ing", "12", "3", "camel", "Case", "\n", " ", ",", ".",
+             "don't", "caf\u00e9", "\u4e2d\u6587", "abc", "def", "ghi", "x", "y", "z"]
+    corpus = ["".join(rng.choice(words) for _ in range(rng.randint(1, 20)))
+              for _ in range(10000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pt.Sequence([pt.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                     pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=BASE["vocab_size"], initial_alphabet=pt.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.add_tokens([f"<extra_{i}>" for i in range(BASE["vocab_size"] - tok.get_vocab_size())])
+    assert tok.get_vocab_size() == BASE["vocab_size"]
+    return tok
+
+
+@pytest.mark.slow
+def test_llama_cpp_reads_the_gguf_files(case, reference, tokenizer_of_1000, tmp_path):
+    """llama.cpp (llama-cpp-python), another reader of the files quantize.py writes, gives
+    transformers' logits to 1e-2 (its own float32 arithmetic; measured 2-4e-3) and the same
+    greedy tokens. llama.cpp runs the ``llama`` architecture without a sliding window, so the
+    Mistral case stays inside its window of 32 there."""
+    pytest.importorskip("llama_cpp")
+    from compare_llama_cpp import llama_cpp_greedy  # tools/
+    name, ref, _, _ = case
+    directory = _copy_hf(case, tmp_path)
+    tokenizer_of_1000.save(str(directory / "tokenizer.json"))
+    gguf_path = tmp_path / "with-tokenizer.gguf"
+    quantize.main(["--model", str(directory), "--out", str(gguf_path), "--type", "f32"])
+    ids, want, want_tokens = reference
+    windowed = name.startswith("mistral")
+    prompt = ids[:24] if windowed else ids
+    steps = 4 if windowed else 16
+    tokens, logits = llama_cpp_greedy(str(gguf_path), prompt, steps, 1)
+    assert np.abs(logits[0] - want[len(prompt) - 1]).max() <= 1e-2
+    assert tokens == (_greedy(ref, prompt, steps) if windowed else want_tokens[:steps])
