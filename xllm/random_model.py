@@ -1,5 +1,6 @@
-"""Write a random-weight Llama model as a Hugging Face directory or a GGUF file (for tests,
-benchmarks, demos).
+"""Write a random-weight Llama model as a Hugging Face directory or a GGUF file.
+
+For tests, benchmarks and demos:
 
     python tools/random_model.py --shape tiny --out /tmp/xllm-tiny [--dtype bf16] [--seed 0]
     python tools/random_model.py --shape llama2-7b --out /tmp/7b-q4_k_m.gguf --type q4_k_m
@@ -7,7 +8,7 @@ benchmarks, demos).
 
 The directory holds config.json, model.safetensors (fp32, fp16 or bf16) and a byte-level
 SentencePiece ``tokenizer.model``, so xllm and transformers both load it. Shapes are the presets
-of ``xllm.config.PRESETS`` (smollm2-135m, tinyllama-1.1b, llama2-7b, tiny). Only numpy is needed.
+of ``xllm.config.PRESETS`` (smollm2-135m, tinyllama-1.1b, llama2-7b, tiny).
 
 With ``--type`` (any of tools/quantize.py's llama.cpp file types: q8_0, q4_0, q4_k_m, q6_k,
 f16 ...) or an ``--out`` ending in ``.gguf``, the model is written directly as a GGUF file in
@@ -22,11 +23,13 @@ at a few hundred MB of memory (docs/quantization.rst has the figure).
 import argparse
 import json
 import os
+import sys
 from types import SimpleNamespace
 
 import numpy as np
 
 from xllm.config import PRESETS
+from xllm.formats.mixes import FILE_TYPE_FORMATS
 from xllm.files.safetensors import write_safetensors
 from xllm.tokenizers import BYTE, CONTROL, NORMAL, UNKNOWN
 from xllm.tokenizers.sentencepiece_model import (BPE, NormalizerField, TrainerField,
@@ -268,9 +271,9 @@ def write_random_gguf(path, shape="tiny", file_type="q8_0", seed=0, progress=Non
     import gguf
     from xllm.formats import mixes
     cfg = dict(PRESETS[shape], **overrides)
-    if file_type not in mixes.FILE_TYPE_FORMATS:
+    if file_type not in FILE_TYPE_FORMATS:
         raise ValueError(f"file type {file_type!r} is not one of "
-                         f"{', '.join(sorted(mixes.FILE_TYPE_FORMATS))}")
+                         f"{', '.join(sorted(FILE_TYPE_FORMATS))}")
     mix_config = SimpleNamespace(num_layers=cfg["num_layers"], num_heads=cfg["num_heads"],
                                  num_kv_heads=cfg["num_kv_heads"],
                                  tie_word_embeddings=cfg.get("tie_word_embeddings", False))
@@ -310,14 +313,13 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="of a Hugging Face directory")
-    p.add_argument("--type", default=None,
-                   help="write a GGUF file of this llama.cpp file type (q8_0, q4_0, q4_k_m, "
-                        "q6_k, f16 ...; default q8_0 for an --out ending in .gguf)")
+    p.add_argument("--type", default=None, choices=sorted(FILE_TYPE_FORMATS),
+                   help="write a GGUF file of this llama.cpp file type (default q8_0 for an "
+                        "--out ending in .gguf)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.type is not None or a.out.endswith(".gguf"):
         from tqdm import tqdm
-        import sys
 
         def bar(items):
             return tqdm(items, desc="writing", unit="tensor", file=sys.stderr, leave=False)
