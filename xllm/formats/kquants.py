@@ -30,12 +30,14 @@ is to even, as llama.cpp's ``nearest_int``. So the blocks are bit-identical to l
 sub-blocks: arrays are laid out [position in the sub-block, sub-block] so that a sum over a
 sub-block is a loop of whole-vector additions.
 """
+from dataclasses import dataclass
+
 import numpy as np
 
 QK_K = 256
 # Sub-blocks of at most this many super-blocks are quantized at once (bounds the temporaries:
 # about 40 float32 arrays of this many * 256 values).
-CHUNK_SUPERBLOCKS = 4096
+CHUNK_SUPERBLOCKS = 1024
 # llama.cpp's GROUP_MAX_EPS: a group whose largest |x| is below it quantizes to zero.
 GROUP_MAX_EPS = np.float32(1e-15)
 
@@ -69,59 +71,80 @@ def _positions_first(x, n):
 # ----------------------------------------------------------------------------- Q4_K and Q5_K
 
 
-def _fit_scale_min(x, w, nmax, rmin, rdelta, nstep):
-    """Codes q in 0..nmax, a scale and a minimum of every column of `x` [n, m] (weights `w`),
-    with x ~ scale * q - minimum: llama.cpp's make_qkx2_quants (without mean-absolute error).
+@dataclass
+class _Fit:
+    """A fit of every column of a sub-block array x [n, m]: float32 codes [n, m], and per column
+    a scale [m] and an offset [m] (x ~ scale * code + offset; Q4_K/Q5_K: offset <= 0, its
+    negation is the stored minimum; Q6_K: no offset)."""
+    codes: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray = None
 
-    The start is the range of the column (its minimum clipped to <= 0); then, for each of
-    nstep + 1 trial inverse scales (nmax + rmin + rdelta * step) / range, the codes at that scale
-    and the weighted least-squares scale and minimum for those codes (the minimum clipped to
-    <= 0); a trial replaces the best so far if its weighted squared error is strictly lower.
-    Returns (scale [m], minimum [m], q uint8 [n, m]); minimum is the value subtracted (>= 0)."""
+    def where(self, chosen, other):
+        """The fit of `self` in the columns where `chosen`, of `other` elsewhere."""
+        offset = None if self.offset is None else np.where(chosen, self.offset, other.offset)
+        return _Fit(np.where(chosen, self.codes, other.codes),
+                    np.where(chosen, self.scale, other.scale), offset)
+
+
+def _weighted_error(x, w, fit):
+    """sum over each column of w * (scale * code + offset - x)^2, in index order."""
+    diff = fit.scale * fit.codes + fit.offset - x
+    return _seq_sum(w * (diff * diff))
+
+
+def _least_squares_fit(x, w, codes, sum_w, sum_x):
+    """The scale and offset minimising each column's weighted squared error for `codes`, the
+    offset clipped to <= 0 (then the scale refitted alone), and the error. A column whose
+    codes leave the system singular (determinant <= 0) gets an infinite error."""
+    weighted = w * codes
+    sum_l = _seq_sum(weighted)
+    sum_l2 = _seq_sum(weighted * codes)
+    sum_xl = _seq_sum(weighted * x)
+    det = sum_w * sum_l2 - sum_l * sum_l
+    solvable = det > 0
+    det = np.where(solvable, det, F32(1))
+    scale = (sum_w * sum_xl - sum_x * sum_l) / det
+    offset = (sum_l2 * sum_x - sum_l * sum_xl) / det
+    positive = offset > 0
+    scale = np.where(positive, sum_xl / np.where(sum_l2 != 0, sum_l2, F32(1)), scale)
+    offset = np.where(positive, F32(0), offset)
+    fit = _Fit(codes, scale, offset)
+    error = np.where(solvable, _weighted_error(x, w, fit), F32(np.inf))
+    return fit, error
+
+
+def _fit_scale_min(x, w, nmax, rmin, rdelta, nstep):
+    """Codes 0..nmax, a scale and an offset of every column of `x` [n, m] (weights `w`), as
+    llama.cpp's make_qkx2_quants (without mean-absolute error) finds them.
+
+    The start is the range of the column, its minimum clipped to <= 0. Then, for each of
+    nstep + 1 trial inverse scales (nmax + rmin + rdelta * step) / (max - offset), offset the
+    best so far, the codes at that scale and their weighted least-squares scale and offset
+    (_least_squares_fit) replace the best if their weighted squared error is strictly lower.
+    A column whose maximum equals its clipped minimum gets codes 0 and scale 0."""
     lo = x.min(axis=0)
     hi = x.max(axis=0)
     lo = np.where(lo > 0, F32(0), lo)
     flat = hi == lo
-    first_lo = lo
-    lo = np.where(flat, hi - F32(1), lo)  # (flat columns are answered at the end)
+    start_offset = np.where(flat, hi - F32(1), lo)  # (flat columns are answered at the end)
     sum_w = _seq_sum(w)
     sum_x = _seq_sum(w * x)
 
-    iscale = F32(nmax) / (hi - lo)
-    scale = F32(1) / iscale
-    q = np.clip(_nearest_int(iscale * (x - lo)), 0, nmax).astype(F32)
-    diff = scale * q + lo - x
-    best_error = _seq_sum(w * (diff * diff))
-    offset = lo
+    iscale = F32(nmax) / (hi - start_offset)
+    codes = np.clip(_nearest_int(iscale * (x - start_offset)), 0, nmax).astype(F32)
+    best = _Fit(codes, F32(1) / iscale, start_offset)
+    best_error = _weighted_error(x, w, best)
     for step in range(nstep + 1):
-        # The range starts at the best minimum so far (llama.cpp updates `min` in the loop).
         with np.errstate(divide="ignore", invalid="ignore"):
-            trial_iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (hi - offset)
-        trial_q = np.clip(_nearest_int(trial_iscale * (x - offset)), 0, nmax).astype(F32)
-        wq = w * trial_q
-        sum_l = _seq_sum(wq)
-        sum_l2 = _seq_sum(wq * trial_q)
-        sum_xl = _seq_sum(wq * x)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        solvable = det > 0
-        det = np.where(solvable, det, F32(1))
-        trial_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        trial_offset = (sum_l2 * sum_x - sum_l * sum_xl) / det
-        positive = trial_offset > 0  # a minimum above zero: refit the scale alone
-        safe_l2 = np.where(sum_l2 != 0, sum_l2, F32(1))
-        trial_scale = np.where(positive, sum_xl / safe_l2, trial_scale)
-        trial_offset = np.where(positive, F32(0), trial_offset)
-        diff = trial_scale * trial_q + trial_offset - x
-        error = _seq_sum(w * (diff * diff))
-        better = solvable & (error < best_error)
-        q = np.where(better, trial_q, q)
+            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (hi - best.offset)
+        codes = np.clip(_nearest_int(iscale * (x - best.offset)), 0, nmax).astype(F32)
+        trial, error = _least_squares_fit(x, w, codes, sum_w, sum_x)
+        better = error < best_error
+        best = trial.where(better, best)
         best_error = np.where(better, error, best_error)
-        scale = np.where(better, trial_scale, scale)
-        offset = np.where(better, trial_offset, offset)
-    q = np.where(flat, F32(0), q)
-    scale = np.where(flat, F32(0), scale)
-    offset = np.where(flat, first_lo, offset)
-    return scale, -offset, q.astype(np.uint8)
+    flat_fit = _Fit(np.zeros_like(best.codes), np.zeros_like(best.scale), lo)
+    return flat_fit.where(flat, best)
 
 
 def _sixbit(values, inverse):
@@ -143,17 +166,32 @@ def _pack_scales_mins(ls, lm):
     return packed
 
 
+@dataclass
+class _ScaleMinBlocks:
+    """What Q4_K and Q5_K blocks share, for m super-blocks: the float16 super-scales ``d`` and
+    ``dmin`` [m], the 12 scale bytes ``scales`` uint8 [m, 12] and the codes uint8 [m, 256]."""
+    d: np.ndarray
+    dmin: np.ndarray
+    scales: np.ndarray
+    codes: np.ndarray
+
+    def header(self):
+        """uint8 [m, 16]: d, dmin and the scale bytes, the start of every block."""
+        m = self.d.shape[0]
+        return np.concatenate([self.d.view(np.uint8).reshape(m, 2),
+                               self.dmin.view(np.uint8).reshape(m, 2), self.scales], axis=1)
+
+
 def _scale_min_superblocks(x, nmax, rmin, rdelta, nstep):
-    """The shared part of Q4_K and Q5_K for super-blocks x [m, 256]: (d, dmin) float16 [m],
-    the 12 scale bytes [m, 12] and the codes q uint8 [m, 256] (0..nmax)."""
+    """The shared part of Q4_K and Q5_K for super-blocks x [m, 256] (codes 0..nmax)."""
     m = x.shape[0]
     cols = _positions_first(x, 32)  # [32, 8 m]: sub-block j of super-block b is column 8 b + j
     sum_x2 = _seq_sum(cols * cols)
     rms = np.sqrt(sum_x2 / F32(32))
     weights = rms + np.abs(cols)
-    scales, mins, q = _fit_scale_min(cols, weights, nmax, rmin, rdelta, nstep)
-    scales = scales.reshape(m, 8).T  # [8, m]
-    mins = mins.reshape(m, 8).T
+    fit = _fit_scale_min(cols, weights, nmax, rmin, rdelta, nstep)
+    scales = fit.scale.reshape(m, 8).T  # [8, m]
+    mins = -fit.offset.reshape(m, 8).T
     max_scale = np.maximum(scales.max(axis=0), F32(0))
     max_min = np.maximum(mins.max(axis=0), F32(0))
     with np.errstate(divide="ignore"):
@@ -173,44 +211,42 @@ def _scale_min_superblocks(x, nmax, rmin, rdelta, nstep):
     with np.errstate(divide="ignore", invalid="ignore"):
         requantized = _nearest_int((cols + sub_m) / np.where(nonzero, sub_d, F32(1)))
     requantized = np.clip(requantized, 0, nmax).astype(np.uint8)
-    q = np.where(nonzero, requantized, q)  # a zero scale keeps the codes of the fit
-    q = q.T.reshape(m, QK_K)
-    return d, dmin, _pack_scales_mins(ls, lm).T, q
+    codes = np.where(nonzero, requantized, fit.codes.astype(np.uint8))  # a zero scale keeps
+    codes = codes.T.reshape(m, QK_K)  # the codes of the fit
+    return _ScaleMinBlocks(d, dmin, _pack_scales_mins(ls, lm).T, codes)
 
 
 def _q4_k_superblocks(x):
     """Q4_K blocks of super-blocks x [m, 256]: uint8 [m, 144]."""
-    d, dmin, scales, q = _scale_min_superblocks(x, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
+    blocks = _scale_min_superblocks(x, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
     m = x.shape[0]
     # qs: for each 64 values, byte l holds value l (low nibble) and value l + 32 (high nibble).
-    q = q.reshape(m, 4, 2, 32)
+    q = blocks.codes.reshape(m, 4, 2, 32)
     qs = q[:, :, 0] | (q[:, :, 1] << 4)
-    return np.concatenate([d.view(np.uint8).reshape(m, 2), dmin.view(np.uint8).reshape(m, 2),
-                           scales, qs.reshape(m, 128)], axis=1)
+    return np.concatenate([blocks.header(), qs.reshape(m, 128)], axis=1)
 
 
 def _q5_k_superblocks(x):
     """Q5_K blocks of super-blocks x [m, 256]: uint8 [m, 176]."""
-    d, dmin, scales, q = _scale_min_superblocks(x, nmax=31, rmin=-0.5, rdelta=0.1, nstep=15)
+    blocks = _scale_min_superblocks(x, nmax=31, rmin=-0.5, rdelta=0.1, nstep=15)
     m = x.shape[0]
-    q = q.reshape(m, 4, 2, 32)  # [super-block, 64-value chunk c, half h, l]
+    q = blocks.codes.reshape(m, 4, 2, 32)  # [super-block, 64-value chunk c, half h, l]
     low = q & 0xF
     qs = low[:, :, 0] | (low[:, :, 1] << 4)
     # qh byte l: bit 2c + h is the fifth bit of value 64 c + 32 h + l.
     high = (q >> 4).astype(np.uint8)
     shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)
     qh = np.bitwise_or.reduce((high << shifts[None, :, :, None]).reshape(m, 8, 32), axis=1)
-    return np.concatenate([d.view(np.uint8).reshape(m, 2), dmin.view(np.uint8).reshape(m, 2),
-                           scales, qh.astype(np.uint8), qs.reshape(m, 128)], axis=1)
+    return np.concatenate([blocks.header(), qh.astype(np.uint8), qs.reshape(m, 128)], axis=1)
 
 
 # ----------------------------------------------------------------------------- Q6_K
 
 
 def _fit_scale(x, nmax):
-    """Signed codes l in -nmax..nmax-1 (returned as l + nmax, uint8) and a scale for every
-    column of `x` [n, m], x ~ scale * l: llama.cpp's make_qx_quants with rmse_type 1 (weights
-    x^2) and no importance matrix.
+    """Signed codes l in -nmax..nmax-1 (stored as l + nmax, uint8) and a scale for every column
+    of `x` [n, m], x ~ scale * l: llama.cpp's make_qx_quants with rmse_type 1 (weights x^2) and
+    no importance matrix.
 
     The start is the inverse scale -nmax / x_max (x_max the value of largest magnitude, the
     first one on a tie) and the weighted least-squares scale for its codes; then 18 trial
@@ -228,11 +264,9 @@ def _fit_scale(x, nmax):
     def codes(iscale):
         return np.clip(_nearest_int(iscale * x), -nmax, nmax - 1).astype(F32)
 
-    def sums(l):
-        return _seq_sum(wx * l), _seq_sum(w * l * l)
-
     l = codes(F32(-nmax) / x_max)
-    sum_lx, sum_l2 = sums(l)
+    sum_lx = _seq_sum(wx * l)
+    sum_l2 = _seq_sum(w * l * l)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(sum_l2 != 0, sum_lx / sum_l2, F32(0))
     best = scale * sum_lx
@@ -240,7 +274,8 @@ def _fit_scale(x, nmax):
         if t == 0:
             continue
         trial = codes(-(F32(nmax) + F32(0.1) * F32(t)) / x_max)
-        trial_lx, trial_l2 = sums(trial)
+        trial_lx = _seq_sum(wx * trial)
+        trial_l2 = _seq_sum(w * trial * trial)
         better = (trial_l2 > 0) & (trial_lx * trial_lx > best * trial_l2)
         with np.errstate(divide="ignore", invalid="ignore"):
             trial_scale = trial_lx / trial_l2
@@ -249,15 +284,15 @@ def _fit_scale(x, nmax):
         best = np.where(better, trial_scale * trial_lx, best)
     scale = np.where(zero, F32(0), scale)
     stored = np.where(zero, F32(0), l + F32(nmax))
-    return scale, stored.astype(np.uint8)
+    return _Fit(stored.astype(np.uint8), scale)
 
 
 def _q6_k_superblocks(x):
     """Q6_K blocks of super-blocks x [m, 256]: uint8 [m, 210]."""
     m = x.shape[0]
     cols = _positions_first(x, 16)  # [16, 16 m]: sub-block j of super-block b is column 16 b + j
-    scales, q = _fit_scale(cols, nmax=32)
-    scales = scales.reshape(m, 16)
+    fit = _fit_scale(cols, nmax=32)
+    scales = fit.scale.reshape(m, 16)
     # The super-scale: from the sub-block scale of largest magnitude (the first on a tie).
     which = np.argmax(np.abs(scales), axis=1)
     max_scale = scales[np.arange(m), which]
@@ -273,7 +308,7 @@ def _q6_k_superblocks(x):
     with np.errstate(divide="ignore", invalid="ignore"):
         requantized = _nearest_int(cols / np.where(nonzero, sub_d, F32(1)))
     requantized = (np.clip(requantized, -32, 31) + 32).astype(np.uint8)
-    q = np.where(nonzero, requantized, q)  # a zero scale keeps the codes of the fit
+    q = np.where(nonzero, requantized, fit.codes)  # a zero scale keeps the codes of the fit
     q = q.T.reshape(m, 2, 4, 32)  # [super-block, 128-value half c, quarter k, l]
 
     # ql byte 64 c + l: value 128 c + l (low nibble), 128 c + 64 + l (high); byte 64 c + 32 + l:
@@ -300,7 +335,8 @@ def _quantize_rows(weights, superblocks, block_bytes):
     if weights.ndim != 2 or weights.shape[1] % QK_K:
         raise ValueError(f"K-quants need rows whose length is a multiple of {QK_K}, "
                          f"got shape {weights.shape}")
-    n, k = weights.shape
+    n = weights.shape[0]
+    k = weights.shape[1]
     flat = weights.reshape(-1, QK_K)
     out = np.empty((flat.shape[0], block_bytes), np.uint8)
     for start in range(0, flat.shape[0], CHUNK_SUPERBLOCKS):
