@@ -95,8 +95,9 @@ def _weighted_error(x, w, fit):
 
 def _least_squares_fit(x, w, codes, sum_w, sum_x):
     """The scale and offset minimising each column's weighted squared error for `codes`, the
-    offset clipped to <= 0 (then the scale refitted alone), and the error. A column whose
-    codes leave the system singular (determinant <= 0) gets an infinite error."""
+    offset clipped to <= 0 (then the scale refitted alone). A column whose codes leave the
+    system singular (determinant <= 0) gets a NaN scale, so that its error never compares as
+    lower (llama.cpp skips the trial)."""
     weighted = w * codes
     sum_l = _seq_sum(weighted)
     sum_l2 = _seq_sum(weighted * codes)
@@ -109,9 +110,7 @@ def _least_squares_fit(x, w, codes, sum_w, sum_x):
     positive = offset > 0
     scale = np.where(positive, sum_xl / np.where(sum_l2 != 0, sum_l2, F32(1)), scale)
     offset = np.where(positive, F32(0), offset)
-    fit = _Fit(codes, scale, offset)
-    error = np.where(solvable, _weighted_error(x, w, fit), F32(np.inf))
-    return fit, error
+    return _Fit(codes, np.where(solvable, scale, F32(np.nan)), offset)
 
 
 def _fit_scale_min(x, w, nmax, rmin, rdelta, nstep):
@@ -139,7 +138,8 @@ def _fit_scale_min(x, w, nmax, rmin, rdelta, nstep):
         with np.errstate(divide="ignore", invalid="ignore"):
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (hi - best.offset)
         codes = np.clip(_nearest_int(iscale * (x - best.offset)), 0, nmax).astype(F32)
-        trial, error = _least_squares_fit(x, w, codes, sum_w, sum_x)
+        trial = _least_squares_fit(x, w, codes, sum_w, sum_x)
+        error = _weighted_error(x, w, trial)
         better = error < best_error
         best = trial.where(better, best)
         best_error = np.where(better, error, best_error)
