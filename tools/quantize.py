@@ -534,9 +534,14 @@ def main(argv=None):
     args = parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return convert(args)
+        status = convert(args)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if status == 0 and _size(args.out) > (source_bytes := _size(hub.resolve(args.model))):
+        print(f"note: {args.out} ({_size(args.out) / 1e6:.1f} MB) is bigger than its source "
+              f"({source_bytes / 1e6:.1f} MB), which holds fewer bits per weight than the "
+              "chosen format", file=sys.stderr)
+    return status
 
 
 def load_source(args, o):
