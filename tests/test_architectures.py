@@ -404,3 +404,25 @@ def test_llama_cpp_reads_the_gguf_files(case, reference, tokenizer_of_1000, tmp_
     tokens, logits = llama_cpp_greedy(str(gguf_path), prompt, steps, 1)
     assert np.abs(logits[0] - want[len(prompt) - 1]).max() <= 1e-2
     assert tokens == (_greedy(ref, prompt, steps) if windowed else want_tokens[:steps])
+
+
+@pytest.mark.slow
+def test_windowed_model_reuses_prefixes_correctly(case, reference):
+    """The prefix cache and a windowed cache that released rows: prompts sharing a prefix with
+    an earlier one (whole, or cut where the window reaches released rows) generate what a
+    model without a prefix cache generates."""
+    name, _, hf_dir, _ = case
+    if not name.startswith("mistral"):
+        pytest.skip("no window")
+    ids, _, _ = reference
+    prompts = [ids, ids, ids[:60] + [5, 6, 7], ids + [9]]
+    results = []
+    for prefix_cache_mb in (64, 0):
+        model = xllm.load(hf_dir, kv_dtype="float32", prefix_cache_mb=prefix_cache_mb)
+        model.config.eos_token_id = None
+        tokens = []
+        for prompt in prompts:
+            model.generate(prompt, max_new_tokens=40)
+            tokens.append(model.last_stats["tokens"])
+        results.append(tokens)
+    assert results[0] == results[1]
