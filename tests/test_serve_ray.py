@@ -287,6 +287,7 @@ def test_sigterm_stops_the_replicas_and_ray(ray_server):
     ray_server.record()
     assert len(ray_server.seen) > 5  # Ray's processes and the replicas
     log = server_log(ray_server.process)
+    assert "prompt_tokens=" in log  # the ingress's line per request reaches the command's log
     assert stop_server(ray_server.process) == 0
     deadline = time.monotonic() + 30
     while ray_server.leftovers() and time.monotonic() < deadline:

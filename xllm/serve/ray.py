@@ -22,6 +22,7 @@ ones. A replica whose engine stops taking steps while it has work fails its heal
 replaced."""
 import asyncio
 import contextvars
+import dataclasses
 import hashlib
 import logging
 import os
@@ -39,7 +40,6 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError
 from ray.serve.request_router import RequestRouter
 
-from ..engine.sampling import SamplingParams
 from ..engine.scheduler import (EngineClosedError, FinishEvent, QueueFullError,
                                 Request as EngineRequest, TokenEvent)
 from ..errors import XLLMError
@@ -51,6 +51,7 @@ log = logging.getLogger("xllm.serve")
 APP_NAME = "xllm"  # the Ray Serve application's name under python -m xllm.serve --ray
 OBJECT_STORE_BYTES = 256 << 20  # of a Ray instance started here: no tensors travel, only events
 IMBALANCE = 4  # a conversation leaves its replica when it runs this many more than the least busy
+AFFINITY_WAIT = 1.0  # seconds a request waits for its conversation's replica before any will do
 HEALTH_PERIOD = 5.0  # seconds between Ray Serve's health checks of a replica
 HEALTH_TIMEOUT = 30.0  # a check that takes longer fails
 STALL_SECONDS = 60.0  # an engine with requests that takes no step for this long is unhealthy
@@ -58,26 +59,30 @@ STATUS_SECONDS = 1.0  # GET /health asks Ray Serve for the replicas' states at m
 INGRESS_SPARE = 64  # requests the ingress takes beyond the replicas' (health, metrics, 429s)
 
 
+# the fields of an engine request that stay in the ingress: its callback and the engine's
+# state of it; every other field travels to the replica
+LOCAL_FIELDS = ("emit", "cancelled", "matcher")
+
+
 @dataclass
 class Job:
-    """One engine request as it travels to a replica (its ``emit`` stays behind)."""
-    prompt: list
-    max_new_tokens: int
-    params: SamplingParams
-    stop: tuple
-    logprobs: Optional[int]
-    ignore_eos: bool
-    affinity: Optional[str]  # read by AffinityRouter
+    """One engine request as it travels to a replica: its fields but LOCAL_FIELDS, and the
+    affinity key that AffinityRouter reads."""
+    fields: dict
+    affinity: Optional[str]
 
     @classmethod
     def of(cls, request) -> "Job":
-        return cls(list(request.prompt), request.max_new_tokens, request.params,
-                   tuple(request.stop), request.logprobs, request.ignore_eos,
+        names = [f.name for f in dataclasses.fields(EngineRequest) if f.name not in LOCAL_FIELDS]
+        return cls({name: getattr(request, name) for name in names},
                    getattr(request, "affinity", None))
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.fields["prompt"])
+
     def engine_request(self, emit) -> EngineRequest:
-        return EngineRequest(self.prompt, self.max_new_tokens, self.params, emit,
-                             stop=self.stop, logprobs=self.logprobs, ignore_eos=self.ignore_eos)
+        return EngineRequest(emit=emit, **self.fields)
 
 
 @dataclass
@@ -111,6 +116,7 @@ class XLLMReplica:
         from .. import load
         from ..engine.scheduler import Engine
         from .options import default_kv_budget
+        _log_to_stderr()
         model = load(args.model, threads=replica_threads(args))
         if args.kv_budget_mb is None:  # the replicas may share this machine
             budget = default_kv_budget(model, args.max_running) // max_replicas(args)
@@ -137,9 +143,10 @@ class XLLMReplica:
         try:
             self.engine.submit(request)
         except (XLLMError, ValueError) as error:
-            failed = FinishEvent("error", "", len(job.prompt), 0, 0, error=refusal(error))
+            failed = FinishEvent("error", "", job.prompt_tokens, 0, 0, error=refusal(error))
             yield self._reply([failed])
             return
+        yield self._reply([])  # taken: the ingress learns which replica runs the request
         finished = False
         try:
             while not finished:
@@ -178,6 +185,12 @@ class XLLMReplica:
             engine.close(timeout=1.0)
 
 
+def _log_to_stderr():
+    """xllm's log lines (one per request, as python -m xllm.serve writes them) to the replica's
+    stderr, which Ray keeps in its log files and shows the driver."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
 def _portable(event):
     """`event` fit to be pickled: an engine's failure becomes the APIError it is answered
     with."""
@@ -204,8 +217,8 @@ class RemoteEngine:
 
     ``submit`` starts a task on the event loop that sends the request to a replica and hands
     the events it streams back to ``request.emit``; ``wake`` cancels the tasks of cancelled
-    requests, which cancels them on their replicas. The gauges: ``waiting``, requests sent that
-    have had no event yet; ``running``, the others not finished; ``kv_bytes`` and
+    requests, which cancels them on their replicas. The gauges: ``waiting``, requests that no
+    replica has taken yet; ``running``, the others not finished; ``kv_bytes`` and
     ``prefix_cache.nbytes``, the sum of each replica's figures as of its latest message. Call
     it on the event loop only."""
 
@@ -285,7 +298,7 @@ class RemoteEngine:
             if replica is not None:
                 self.figures.pop(replica, None)  # it may be gone; its successor reports anew
             log.warning("replica %s failed a request: %r", replica or "(none yet)", error)
-            request.emit(FinishEvent("error", "", len(job.prompt), tokens, 0,
+            request.emit(FinishEvent("error", "", job.prompt_tokens, tokens, 0,
                                      error=replica_failure(error)))
         finally:
             self._tasks.pop(id(request), None)
@@ -330,8 +343,9 @@ class AffinityRouter(RequestRouter):
     """Ray Serve's routing for XLLMReplica. A request with an affinity key (a chat: the hash
     of its opening, app.py) goes to the replica that the key ranks first (rendezvous hashing:
     a replica that goes away moves only its own keys), or to the least busy replica when that
-    one runs IMBALANCE requests more. A request without a key goes to the less busy of two
-    random replicas."""
+    one runs IMBALANCE requests more, or does not take the request within AFFINITY_WAIT
+    seconds (full, or slow to answer Ray Serve's queue-length probe). A request without a key
+    goes to the less busy of two random replicas."""
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         if not candidate_replicas:
@@ -343,16 +357,18 @@ class AffinityRouter(RequestRouter):
                         reverse=True)
         busy = {r.replica_id: self.replica_queue_len_cache.get(r.replica_id) or 0
                 for r in ranked}
-        if busy[ranked[0].replica_id] >= min(busy.values()) + IMBALANCE:
+        waited = time.time() - pending_request.created_at
+        if busy[ranked[0].replica_id] >= min(busy.values()) + IMBALANCE or \
+                waited > AFFINITY_WAIT:
             return [ranked]  # one rank: Ray Serve takes its least busy replica
-        return [[ranked[0]], ranked[1:]]
+        return [[ranked[0]]]  # Ray Serve asks again (after a short wait) if it cannot take it
 
 
 def _affinity(pending_request) -> Optional[str]:
+    """The affinity key of the Job a pending request carries, or None."""
     if pending_request is None or not pending_request.args:
         return None
-    job = pending_request.args[0]
-    return job.affinity if isinstance(job, Job) else None
+    return getattr(pending_request.args[0], "affinity", None)
 
 
 def _rank(key, replica) -> int:
@@ -367,6 +383,7 @@ class XLLMIngress:
 
     def __init__(self, replicas, args):
         from .. import load
+        _log_to_stderr()
         model = load(args.model, threads=1)
         in_flight = (args.max_running + args.max_queue) * max_replicas(args)
         self.engine = RemoteEngine(model, replicas, max_in_flight=in_flight)
@@ -389,8 +406,8 @@ def build_application(args):
                    max_ongoing_requests=args.max_running + args.max_queue,
                    health_check_period_s=HEALTH_PERIOD, health_check_timeout_s=HEALTH_TIMEOUT,
                    graceful_shutdown_timeout_s=args.shutdown_timeout,
-                   request_router_config=RequestRouterConfig(
-                       request_router_class=AffinityRouter))
+                   request_router_config=RequestRouterConfig(  # imported, not pickled
+                       request_router_class=f"{__name__}.{AffinityRouter.__name__}"))
     if args.autoscale is not None:
         low, high = args.autoscale
         options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
