@@ -459,3 +459,201 @@ def test_tool_call_constraint_gives_arguments_valid_under_the_schema(smollm2, pa
         for name, arguments in calls:
             assert name == "get_weather"
             jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
+
+
+# ---- the server: response_format, the extensions, tool calls (the official openai client) ----
+
+def test_tool_call_stream_holds_back_calls_and_streams_text():
+    from xllm.serve.structured import ToolCallStream
+    reader = ToolCallStream()
+    out = [reader.push(piece) for piece in ["Sure. ", "<tool", "_call>\n{\"name\": ",
+                                            "\"f\", \"arguments\": {\"x\": 1}}\n</tool_call>\n"]]
+    assert "".join(out) == "Sure. "
+    rest, calls = reader.finish()
+    assert rest == ""
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == \
+        [("f", '{"x": 1}')]
+    assert calls[0]["id"].startswith("call_") and calls[0]["type"] == "function"
+    reader = ToolCallStream()
+    assert reader.push("a <tool") == "a "  # may begin a call: held
+    assert reader.push("box>") == "<toolbox>"  # it did not
+    assert reader.finish() == ("", [])
+
+
+@pytest.fixture(scope="module")
+def server():
+    pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from test_serve import start_server, stop_server
+    url, process = start_server("--max-running", "16")
+    yield url
+    assert stop_server(process) == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+    return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
+
+
+MODEL = "smollm2-135m-instruct"
+PERSON = SCHEMAS[0]
+
+
+def test_server_response_format_json_schema_and_json_object(client):
+    messages = [{"role": "user", "content": "Invent a person as JSON."}]
+    for strict in (True, False):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=messages, temperature=0, max_tokens=MAX_TOKENS,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "person", "strict": strict,
+                                             "schema": PERSON}})
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
+    reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=0.7,
+                                           seed=3, max_tokens=MAX_TOKENS,
+                                           response_format={"type": "json_object"})
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    else:  # an open object may run long; what there is still begins one
+        assert reply.choices[0].message.content.startswith("{")
+
+
+def test_server_extensions_choice_regex_grammar(client):
+    messages = [{"role": "user", "content": "Is the sky blue?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
+                                           extra_body={"choice": ["yes", "no"]})
+    assert reply.choices[0].message.content in ("yes", "no")
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12,
+                                           extra_body={"guided_regex": "[A-Z][a-z]{2,6}!"})
+    text = reply.choices[0].message.content
+    assert text[0].isupper() and text.endswith("!") and 4 <= len(text) <= 8
+    completion = client.completions.create(model=MODEL, prompt="The answer is", max_tokens=8,
+                                           extra_body={"grammar": 'root ::= " " ("yes" | "no")'})
+    assert completion.choices[0].text in (" yes", " no")
+    stream = client.completions.create(model=MODEL, prompt="Count:", max_tokens=16, stream=True,
+                                       extra_body={"regex": " [0-9], [0-9], [0-9]"})
+    text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    assert len(text) == 8 and text[1::3].isdigit()
+
+
+@pytest.mark.parametrize("extra, param, message", [
+    ({"response_format": {"type": "json_schema",
+                          "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "response_format", "strin"),
+    ({"response_format": {"type": "json_schema",
+                          "json_schema": {"name": "x", "schema": {"not": {}}}}},
+     "response_format", "Unimplemented"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format", "schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format", "yaml"),
+    ({"regex": "(", "choice": ["a"]}, "choice", "at most one"),
+    ({"grammar": 'root ::= "a" ('}, "grammar", "grammar"),
+    ({"regex": "z{900}"}, "regex", "never finish"),
+    ({"choice": []}, "choice", "empty"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice", "'g'"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0]", "function"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+      "regex": "a"}, "regex", "cannot be combined"),
+])
+def test_server_bad_constraints_are_400s(client, extra, param, message):
+    import openai
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, max_tokens=8, extra_body=extra,
+                                       messages=[{"role": "user", "content": "Hi"}])
+    error = caught.value.body
+    assert message in error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+WEATHER_TOOLS = [WEATHER, {"type": "function", "function": {
+    "name": "convert", "description": "Convert an amount between currencies",
+    "parameters": {"type": "object",
+                   "properties": {"amount": {"type": "number", "minimum": 0,
+                                             "maximum": 1000000},
+                                  "to": {"enum": ["EUR", "USD", "GBP"]}},
+                   "required": ["amount", "to"], "additionalProperties": False}}}]
+SCHEMA_OF = {t["function"]["name"]: t["function"]["parameters"] for t in WEATHER_TOOLS}
+
+
+def check_calls(message):
+    assert message.tool_calls, message
+    for call in message.tool_calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMA_OF[call.function.name])
+    return message.tool_calls
+
+
+@pytest.mark.slow
+def test_server_required_and_named_tool_calls_validate_in_100_requests(client):
+    questions = ["What is the weather in {}?", "Convert 100 dollars to euros for {}.",
+                 "Is it raining in {}?", "How much is 20 pounds in {}'s currency?"]
+    cities = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo"]
+
+    def ask(i):
+        content = questions[i % 4].format(cities[i % 5])
+        choice = "required" if i % 2 == 0 else \
+            {"type": "function", "function": {"name": WEATHER_TOOLS[i // 2 % 2]["function"]
+                                              ["name"]}}
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": content}], tools=WEATHER_TOOLS,
+            tool_choice=choice, parallel_tool_calls=i % 4 != 0, temperature=0.8, seed=i,
+            max_tokens=MAX_TOKENS, stream=i % 3 == 0)
+        if i % 3 == 0:  # streamed: the calls come whole in one delta
+            calls = []
+            finish = None
+            for chunk in reply:
+                delta = chunk.choices[0].delta
+                calls += delta.tool_calls or []
+                finish = chunk.choices[0].finish_reason or finish
+            assert finish in ("tool_calls", "length")
+            message = type("Message", (), {"tool_calls": [type("Call", (), {
+                "id": c.id, "type": c.type, "function": c.function}) for c in calls]})
+        else:
+            assert reply.choices[0].finish_reason in ("tool_calls", "length")
+            message = reply.choices[0].message
+        calls = check_calls(message)
+        if isinstance(choice, dict):
+            assert {c.function.name for c in calls} == {choice["function"]["name"]}
+            assert len(calls) == 1
+        return len(calls)
+
+    with __import__("concurrent.futures").futures.ThreadPoolExecutor(8) as pool:
+        counts = list(pool.map(ask, range(100)))
+    assert len(counts) == 100 and min(counts) >= 1
+
+
+def test_server_two_turns_with_a_tool_message(client):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER],
+                                           tool_choice="required", parallel_tool_calls=False,
+                                           temperature=0, max_tokens=MAX_TOKENS)
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert first.choices[0].message.content is None
+    call = check_calls(first.choices[0].message)[0]
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER],
+                                            temperature=0, max_tokens=40)
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # the tool's answer reached the model through the template: the prompt holds it
+    tokens = client.post("/../tokenize", cast_to=object,
+                         body={"messages": messages})["tokens"]
+    model_text = xllm.load(MODEL).tokenizer.decode(tokens)
+    assert "<tool_response>\n18 C and sunny\n</tool_response>" in model_text
+    assert '"name": "get_weather"' in model_text
+
+
+def test_server_tool_choice_none_and_auto(client):
+    messages = [{"role": "user", "content": "Say hello."}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER],
+                                           tool_choice="none", temperature=0, max_tokens=16)
+    assert reply.choices[0].message.tool_calls is None
+    assert reply.choices[0].message.content
+    reply = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER],
+                                           temperature=0, max_tokens=48)
+    message = reply.choices[0].message
+    assert message.content or message.tool_calls

@@ -33,6 +33,7 @@ from ..engine.sampling import SamplingParams
 from ..engine.scheduler import (EngineClosedError, FinishEvent, QueueFullError,
                                 Request as EngineRequest, TokenEvent)
 from ..errors import ChatTemplateError, ContextLengthError
+from . import structured
 from .metrics import Metrics
 from .protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest,
                        TokenizeRequest, validation_error)
@@ -295,10 +296,10 @@ class _API:
 
     # ---- generation ----
 
-    def _prompt_ids(self, body, chat):
-        """The token ids of each prompt of the call."""
+    def _prompt_ids(self, body, chat, tools=structured.NO_TOOLS):
+        """The token ids of each prompt of the call (a chat's with the tools `tools` offers)."""
         if chat:
-            return [self._chat_ids(body.messages)]
+            return [self._chat_ids(body.messages, tools)]
         prompts = []
         for i, prompt in enumerate(body.prompts()):
             try:
@@ -309,11 +310,12 @@ class _API:
                 raise APIError(400, f"prompt[{i}] is empty", param="prompt")
         return prompts
 
-    def _chat_ids(self, messages):
-        """The token ids of chat `messages` rendered with the model's template; 400 if it fails."""
-        plain = [{"role": m.role, "content": m.text()} for m in messages]
+    def _chat_ids(self, messages, tools=structured.NO_TOOLS):
+        """The token ids of chat `messages` rendered with the model's template (tool calls,
+        tool messages and the tools `tools` offers included); 400 if it fails."""
         try:
-            return self.model.chat_ids(plain)
+            plain, extra = structured.chat_messages(messages, self.model.chat_template, tools)
+            return self.model.chat_ids(plain, **extra)
         except (ChatTemplateError, ValueError) as error:
             raise APIError(400, str(error), param="messages") from None
 
@@ -367,15 +369,18 @@ class _API:
             prompt = [m.model_dump() for m in body.messages] if chat else body.prompt
             log.info("prompt id=%s %s", request.state.request_id,
                      json.dumps(prompt, ensure_ascii=False))
-        prompt_ids = self._prompt_ids(body, chat)
+        tools = structured.tool_plan(body) if chat else structured.NO_TOOLS
+        constraint, field = structured.request_constraint(body, chat, tools)
+        prompt_ids = self._prompt_ids(body, chat, tools)
         max_tokens = self._max_tokens(body, prompt_ids)
+        structured.check_constraint(self.model, constraint, max_tokens, field)
         params = self._params(body)
         choices = []
         for ids in prompt_ids:
             for _ in range(body.n):
                 choices.append(_Choice(len(choices), ids))
-        call = _Call(self, request, body, chat, choices)
-        call.submit(max_tokens, params, self._affinity(body, chat))
+        call = _Call(self, request, body, chat, choices, tools)
+        call.submit(max_tokens, params, self._affinity(body, chat), constraint)
         if body.stream:
             return StreamingResponse(call.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -410,12 +415,13 @@ class _API:
 class _Call:
     """One generation call: its choices in the engine, their events, and its answer."""
 
-    def __init__(self, api, request, body, chat, choices):
+    def __init__(self, api, request, body, chat, choices, tools=structured.NO_TOOLS):
         self.api = api
         self.request = request
         self.body = body
         self.chat = chat
         self.choices = choices
+        self.tools = tools  # a chat's ToolPlan: whether replies are read for tool calls
         self.arrived = time.perf_counter()
         self.queue = asyncio.Queue()
         self.relay = api.relay()
@@ -423,7 +429,7 @@ class _Call:
         self.prompt_tokens = sum(len(ids) for ids in {id(c.prompt_ids): c.prompt_ids
                                                       for c in choices}.values())
 
-    def submit(self, max_tokens, params, affinity):
+    def submit(self, max_tokens, params, affinity, constraint=None):
         logprobs = self.body.logprobs_count()
         try:
             for choice in self.choices:
@@ -431,7 +437,7 @@ class _Call:
                 choice.engine_request = APIRequest(
                     choice.prompt_ids, max_tokens, replace(params, seed=seed),
                     self._emitter(choice), stop=self.body.stop_strings(), logprobs=logprobs,
-                    ignore_eos=self.body.ignore_eos, affinity=affinity)
+                    ignore_eos=self.body.ignore_eos, affinity=affinity, constraint=constraint)
                 self.api.engine.submit(choice.engine_request)
         except (QueueFullError, EngineClosedError, ContextLengthError, ValueError) as error:
             self.cancel()
@@ -530,8 +536,11 @@ class _Call:
             logprobs = None
             if choice.logprobs:
                 logprobs = {"content": [self._chat_logprob(*item) for item in choice.logprobs]}
-            return {"index": choice.index, "message": {"role": "assistant", "content": text},
-                    "logprobs": logprobs, "finish_reason": finish}
+            message, called = structured.reply_message(text, self.tools)
+            if called and finish == "stop":
+                finish = "tool_calls"
+            return {"index": choice.index, "message": message, "logprobs": logprobs,
+                    "finish_reason": finish}
         return {"index": choice.index, "text": text,
                 "logprobs": self._completion_logprobs(choice.logprobs) if choice.logprobs
                 else None, "finish_reason": finish}
@@ -547,21 +556,36 @@ class _Call:
                     "choices": choices, **extra}
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
+        # a chat read for tool calls holds back each choice's text from a call's mark on
+        calls = {c.index: structured.ToolCallStream() for c in self.choices
+                 if self.tools.parse}
         try:
             if self.chat:
                 yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None} for c in self.choices])
             async for choice, event in self.events():
+                reader = calls.get(choice.index)
+                text = event.text if reader is None else reader.push(event.text)
                 if isinstance(event, FinishEvent):
                     self._check_error(event)
-                    yield chunk([self._delta(choice, event.text, None,
-                                             _finish_reason(event.reason))])
+                    finish = _finish_reason(event.reason)
+                    if reader is not None:
+                        rest, tool_calls = reader.finish()
+                        text += rest
+                        if tool_calls:
+                            if text:
+                                yield chunk([self._delta(choice, text, None, None)])
+                                text = ""
+                            yield chunk([_tool_calls_delta(choice, tool_calls)])
+                            if finish == "stop":
+                                finish = "tool_calls"
+                    yield chunk([self._delta(choice, text, None, finish)])
                     continue
                 logprob = None
                 if event.logprob is not None:
                     logprob = (event.token, event.logprob, event.top_logprobs)
-                if event.text or logprob is not None:
-                    yield chunk([self._delta(choice, event.text, logprob, None)])
+                if text or logprob is not None:
+                    yield chunk([self._delta(choice, text, logprob, None)])
             if self.body.include_usage():
                 yield chunk([], usage=self._usage())
             else:
@@ -619,8 +643,16 @@ class _Call:
                 "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
+def _tool_calls_delta(choice, tool_calls):
+    """A stream's chunk choice carrying whole tool calls (OpenAI's delta.tool_calls)."""
+    deltas = [{"index": k, **call} for k, call in enumerate(tool_calls)]
+    return {"index": choice.index, "delta": {"tool_calls": deltas}, "logprobs": None,
+            "finish_reason": None}
+
+
 def _finish_reason(reason):
-    """OpenAI's finish_reason for an engine's reason."""
-    if reason == "stop":
-        return "stop"
+    """OpenAI's finish_reason for an engine's reason: "constraint" (the request's grammar
+    allowed no token: docs/structured.rst) stays itself."""
+    if reason in ("stop", "constraint"):
+        return reason
     return "length"
