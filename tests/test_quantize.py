@@ -1,8 +1,11 @@
 """tools/quantize.py and xllm's quantized checkpoint format (xllm.loaders.quantized).
 
 Sources: a tiny random Hugging Face model (SentencePiece tokenizer, HF RoPE layout, w2 with
-K = 172 that no group size divides) and a tiny random GGUF (tied embeddings, the first 1024
-tokens of the GPT-2 vocabulary from llama.cpp's vocab file). Their q/k weights are scaled up so
+K = 172 that no group size divides), a tiny random GGUF (tied embeddings, the first 1024
+tokens of the GPT-2 vocabulary from llama.cpp's vocab file) and, for llama.cpp's K-quant file
+types, a wider random model whose rows fit K-quant super-blocks (hidden size 256). llama.cpp's
+own quantizer (llama-cpp-python) checks --type tensor by tensor; xllm.random_model's GGUF writer
+is tested here too. Their q/k weights are scaled up so
 attention is far from uniform and a wrong RoPE row permutation changes the logits visibly.
 """
 import json
