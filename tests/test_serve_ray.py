@@ -274,6 +274,9 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_is_replaced(ray_server)
             assert isinstance(error, openai.InternalServerError) and error.status_code == 503
         assert error.body["code"] == "replica_failed", error.body
         assert "replica" in error.body["message"]
+    for i in range(4):  # new requests go to the live replica meanwhile
+        ray_server.client.completions.create(model=DEFAULT_MODEL, prompt=f"Hello {i}",
+                                             max_tokens=4, temperature=0)
     ray_server.wait_for_replicas(REPLICAS)  # Ray Serve starts another
     before = ray_server.replica_requests()
     results = run_20(ray_server.client)
