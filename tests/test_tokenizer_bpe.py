@@ -277,6 +277,56 @@ def test_named_pre_tokenizers_match_hf(pre_tokenizer_pairs, name, text):
     assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids
 
 
+@pytest.fixture(scope="module")
+def qwen2_style_json(synthetic_bpe, tmp_path_factory):
+    """Qwen2's tokenizer.json layout on the synthetic vocabulary: the NFC normalizer, its
+    published Split regex then ByteLevel without regex, a special token; tokenizers and ours."""
+    from tokenizers import Tokenizer
+    data = dict(synthetic_bpe)
+    data["normalizer"] = {"type": "NFC"}
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _PUBLISHED["qwen2"]}, "behavior": "Isolated",
+         "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+         "use_regex": False}]}
+    size = len(data["model"]["vocab"])
+    data["added_tokens"] = [{"id": size, "content": "<|im_end|>", "single_word": False,
+                             "lstrip": False, "rstrip": False, "normalized": False,
+                             "special": True}]
+    path = tmp_path_factory.mktemp("qwen2_json") / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    hf = Tokenizer.from_file(str(path))
+    return hf, load_tokenizer(path)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=_FIXTURE_OK)
+@given(text=st.one_of(_PRE_TEXT, st.lists(st.sampled_from(
+    ["e", "\u0301", "\u00e9", "A", "\u030a", "\u212b", "\u1e9b\u0323", "\ufb01", " ", "<|im_end|>",
+     "\uac00", "\u1100\u1161"]), max_size=10).map("".join)))
+def test_nfc_normalizer_matches_hf(qwen2_style_json, text):
+    """NFC before the pre-tokenizer (composed and decomposed accents, Hangul jamo), special
+    tokens left as they are."""
+    hf, ours = qwen2_style_json
+    assert ours.normalization == "NFC"
+    assert ours.encode(text, parse_special=True) == hf.encode(text, add_special_tokens=False).ids
+
+
+def test_unsupported_normalizers_are_refused(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    base = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}}
+    for normalizer, match in (({"type": "Lowercase"}, "Lowercase"),
+                              ({"type": "Sequence", "normalizers": [{"type": "NFC"},
+                                                                    {"type": "Lowercase"}]},
+                               "several normalizers")):
+        path.write_text(json.dumps({**base, "normalizer": normalizer}))
+        with pytest.raises(ModelFormatError, match=match):
+            load_tokenizer(path)
+    path.write_text(json.dumps({**base, "normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "NFKC"}]}}))
+    assert load_tokenizer(path).normalization == "NFKC"
+
+
 def test_pre_tokenizers_differ_where_they_should():
     """The passes are not all the same regex: Qwen2 splits digits one by one where Llama 3
     keeps three, tekken splits CamelCase words, BLOOM keeps punctuation apart."""

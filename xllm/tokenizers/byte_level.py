@@ -7,6 +7,7 @@ rank; results match Hugging Face ``tokenizers`` and llama.cpp."""
 import codecs
 import json
 import os
+import unicodedata
 from heapq import heapify, heappush
 from itertools import accumulate, repeat
 from pathlib import Path
@@ -111,7 +112,8 @@ class ByteLevelBPE(Tokenizer):
     whole units, control ones only with ``parse_special``; all decode to their text."""
 
     def __init__(self, tokens, merges, types=None, *, pre_patterns=PRE_TOKENIZERS["gpt-2"],
-                 bos_id=-1, eos_id=-1, unk_id=-1, add_bos_default=False, ignore_merges=False):
+                 bos_id=-1, eos_id=-1, unk_id=-1, add_bos_default=False, ignore_merges=False,
+                 normalization=None):
         pieces = list(map(str, tokens))
         if types is None:
             types = [NORMAL] * len(pieces)
@@ -120,6 +122,11 @@ class ByteLevelBPE(Tokenizer):
         self._init_vocab(pieces, types, (bos_id, eos_id, unk_id))
         self.add_bos_default = bool(add_bos_default)
         self.ignore_merges = bool(ignore_merges)
+        # the Unicode form ("NFC", ...) text takes before the pre-tokenizer (tokenizer.json's
+        # normalizer: Qwen2's is NFC), special tokens apart; None: the text as given
+        if normalization not in _NORMALIZATIONS:
+            raise ModelFormatError(f"unsupported normalization {normalization!r}")
+        self.normalization = normalization
         self.pre_patterns = tuple(pre_patterns)  # the pre-tokenizer's regexes, in order
         self._passes = _compile_passes(pre_patterns)
         self._ids = dict(zip(pieces, range(len(pieces))))  # a repeated piece: its last id
@@ -191,13 +198,13 @@ class ByteLevelBPE(Tokenizer):
             model = data["model"]
             if model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
                 raise ValueError(f"model type is {model.get('type')!r}, not BPE")
-            if data.get("normalizer"):
-                raise ValueError(f"normalizer {data['normalizer'].get('type')!r} is not supported")
+            normalization = _json_normalization(data.get("normalizer"))
             patterns = _json_pre_tokenizer(data.get("pre_tokenizer"))
             tokens, types = _json_vocabulary(model["vocab"], data.get("added_tokens", []))
             bos, eos, unk = _config_ids(os.path.dirname(path), tokens)
             return cls(tokens, model["merges"], types, pre_patterns=patterns, bos_id=bos,
                        eos_id=eos, unk_id=unk, ignore_merges=model.get("ignore_merges", False),
+                       normalization=normalization,
                        add_bos_default=bos >= 0 and _template_adds(data, tokens[bos]))
         except OSError as e:
             raise ModelFormatError(f"{path}: cannot read tokenizer.json ({e})") from None
@@ -221,6 +228,8 @@ class ByteLevelBPE(Tokenizer):
 
     def _encode_part(self, text: str, ids: list[int]) -> None:
         cache = self._cache
+        if self.normalization is not None:
+            text = unicodedata.normalize(self.normalization, text)
         for word in self.pre_tokenize(text):
             word_ids = cache.get(word)
             if word_ids is None:
@@ -414,6 +423,25 @@ def _token_bytes(token, kind):
     if latin.isascii() or max(latin) < "\u0100":
         return latin.encode("latin-1")
     return token.encode("utf-8")
+
+
+_NORMALIZATIONS = (None, "NFC", "NFD", "NFKC", "NFKD")
+
+
+def _json_normalization(normalizer):
+    """The Unicode form of a tokenizer.json normalizer: None for none, else one of NFC, NFD,
+    NFKC, NFKD (alone, or alone in a Sequence); ValueError for any other."""
+    if normalizer and normalizer.get("type") == "Sequence":
+        items = normalizer.get("normalizers") or []
+        if len(items) > 1:
+            raise ValueError("a Sequence of several normalizers is not supported")
+        normalizer = items[0] if items else None
+    if not normalizer:
+        return None
+    kind = normalizer.get("type")
+    if kind not in _NORMALIZATIONS:
+        raise ValueError(f"normalizer {kind!r} is not supported")
+    return kind
 
 
 def _json_pre_tokenizer(pre) -> list[str]:
