@@ -296,3 +296,32 @@ def test_sigterm_stops_the_replicas_and_ray(ray_server):
     while ray_server.leftovers() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not ray_server.leftovers(), log[-3000:]
+
+
+class _Engine:
+    """An engine's figures, as check_health reads them."""
+    steps = 0
+    running = 0
+    waiting = 0
+
+
+def test_health_check_fails_an_engine_that_stalls_with_work(monkeypatch):
+    from xllm.serve import ray as xray
+    clock = [1000.0]
+    monkeypatch.setattr(xray.time, "monotonic", lambda: clock[0])
+    replica = object.__new__(xray.XLLMReplica)  # the check alone: no model, no Ray
+    replica.engine = _Engine()
+    replica._steps = 0
+    replica._progress = clock[0]
+    clock[0] += 10 * xray.STALL_SECONDS
+    replica.check_health()  # idle: healthy however long
+    replica.engine.running = 3
+    clock[0] += xray.STALL_SECONDS / 2
+    replica.check_health()  # busy, within the limit
+    replica.engine.steps = 5
+    clock[0] += xray.STALL_SECONDS
+    replica.check_health()  # busy and stepping
+    clock[0] += xray.STALL_SECONDS + 1
+    with pytest.raises(RuntimeError, match="no step"):
+        replica.check_health()  # busy, no step for longer than the limit
+    replica.engine = None  # __del__ of a replica without an engine does nothing
