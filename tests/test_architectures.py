@@ -426,3 +426,31 @@ def test_windowed_model_reuses_prefixes_correctly(case, reference):
             tokens.append(model.last_stats["tokens"])
         results.append(tokens)
     assert results[0] == results[1]
+
+
+@pytest.mark.slow
+def test_qwen2_gguf_without_biases_is_refused(case, tmp_path):
+    """The GGUF form of the same fault: a qwen2 file without blk.0.attn_q.bias."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    name, _, _, gguf_path = case
+    if name != "qwen2":
+        pytest.skip("qwen2 only")
+    reader = GGUFReader(gguf_path)
+    bad = tmp_path / "no-bias.gguf"
+    writer = GGUFWriter(str(bad), "qwen2")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        kind = field.types[0]
+        item = field.types[-1] if kind == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), kind, item)
+    for tensor in reader.tensors:
+        if tensor.name != "blk.0.attn_q.bias":
+            writer.add_tensor(tensor.name, np.array(tensor.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelFormatError, match=r"no-bias\.gguf: missing tensor "
+                                               r"'blk\.0\.attn_q\.bias'"):
+        xllm.load(bad)
