@@ -438,7 +438,7 @@ def app(args: dict):
     return build_application(parser().parse_args(argv))
 
 
-def local_ray_options(args) -> dict:
+def local_ray_options() -> dict:
     """ray.init's arguments for a Ray instance of this machine alone: on 127.0.0.1, no
     dashboard, a small object store, as many CPUs as there are cores."""
     return dict(num_cpus=os.cpu_count() or 1, object_store_memory=OBJECT_STORE_BYTES,
@@ -459,17 +459,24 @@ def run(args) -> int:
                   f"threads need {need} CPUs; this machine has {cpus}", file=sys.stderr)
             return 2
     stop = threading.Event()
+    serving = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+        if not serving.is_set():
+            raise KeyboardInterrupt  # still starting: interrupt whatever waits
     signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
         if started_here:
-            ray.init(**local_ray_options(args))
+            ray.init(**local_ray_options())
         else:
             ray.init(address=address)
         for sig in signals:  # ray.init may have installed its own
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_application(args), name=APP_NAME, route_prefix="/")
+        serving.set()
         log.info("serving %s on http://%s:%d with Ray Serve (%s replicas of %d threads)",
                  args.served_model_name or args.model, args.host, args.port,
                  "%d:%d" % args.autoscale if args.autoscale else args.replicas,
@@ -478,6 +485,9 @@ def run(args) -> int:
             pass
         log.info("stopping")
         return 0
+    except KeyboardInterrupt:
+        print("xllm.serve: stopped before serving", file=sys.stderr)
+        return 1
     except (XLLMError, OSError, ValueError, RuntimeError) as error:
         print(f"xllm.serve: {error}", file=sys.stderr)
         return 2
