@@ -167,7 +167,7 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} rows to {length}")
         length = self.usable(length)
-        if length == 0:
+        if length == 0 and self.offset:
             self.ids = self.ids[:self.capacity].copy()  # positions from 0 again
             self.offset = 0
         self.length = length

@@ -40,11 +40,11 @@ class Layer:
         for name in self.__slots__:
             weight = weights.get(f"layers.{i}.{name}")
             if name in self.VECTORS and weight is not None:
-                weight = _norm_weight(weight)
+                weight = _float32_vector(weight)
             setattr(self, name, weight)
 
 
-def _norm_weight(weight):
+def _float32_vector(weight):
     # Norm weights and biases are tiny: keep them as float32 whatever the checkpoint stores.
     return np.ascontiguousarray(to_float32(weight))
 
@@ -99,7 +99,7 @@ class Transformer:
             raise ValueError(f"kv_dtype must be float32 or float16, got {kv_dtype!r}")
         check_weights(weights, config, "weights")
         self.tok_embeddings = weights["tok_embeddings"]
-        self.norm = _norm_weight(weights["norm"])
+        self.norm = _float32_vector(weights["norm"])
         self.output = weights.get("output", self.tok_embeddings)  # absent: tied embeddings
         self.layers = [Layer(weights, i) for i in range(config.num_layers)]
         self.ws = Workspace(config, min(max_batch_rows, config.max_seq_len))  # under the lock
