@@ -454,3 +454,26 @@ def test_qwen2_gguf_without_biases_is_refused(case, tmp_path):
     with pytest.raises(ModelFormatError, match=r"no-bias\.gguf: missing tensor "
                                                r"'blk\.0\.attn_q\.bias'"):
         xllm.load(bad)
+
+
+@pytest.mark.slow
+def test_batch_invariance(case, reference):
+    """Sequences of different lengths in one forward_batch (each past the Mistral window at a
+    different point) give each sequence's logits bit for bit as alone: the biases, the per-head
+    norms and the window are row by row."""
+    _, _, hf_dir, _ = case
+    ids, _, _ = reference
+    model = xllm.load(hf_dir, kv_dtype="float32")
+    tr = model.transformer
+    prompts = [ids[:5], ids[:40], ids, ids[10:77]]
+    kvs = [tr.new_cache() for _ in prompts]
+    together = np.zeros((len(prompts), model.config.vocab_size), np.float32)
+    tr.forward_batch([np.asarray(p, np.int64) for p in prompts], kvs, together)
+    steps = [[int(t)] for t in together.argmax(-1)]
+    together_next = np.zeros_like(together)
+    tr.forward_batch([np.asarray(s, np.int64) for s in steps], kvs, together_next)
+    for i, prompt in enumerate(prompts):
+        kv = tr.new_cache()
+        alone = tr.forward(prompt, kv).copy()
+        np.testing.assert_array_equal(together[i], alone)
+        np.testing.assert_array_equal(together_next[i], tr.forward(steps[i], kv))
