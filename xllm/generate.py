@@ -81,6 +81,8 @@ def _check_flags(parser, args):
         parser.error("--echo prints a single --prompt: not with --chat or --batch-file")
     if args.chat and args.raw:
         parser.error("--chat always uses the chat template: not with --raw")
+    if args.system is not None and args.raw:
+        parser.error("--system is a message of the chat template: not with --raw")
 
 
 def _summary(s, threads):

@@ -138,6 +138,15 @@ def report(config, weights_table, batch, prompt_len, gen_len, kv_dtype, runtime)
 
 
 def parse_args(argv=None):
+    """The parsed command line (parser.error, exit code 2, for --measure with --random)."""
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.measure and a.random:
+        p.error("--measure runs a loaded model: use it with --model, not --random")
+    return a
+
+
+def _parser():
     from .generate import HelpFormatter
     p = argparse.ArgumentParser(prog="python -m xllm.memory", description=__doc__,
                                 formatter_class=HelpFormatter)
@@ -159,10 +168,7 @@ def parse_args(argv=None):
                    help="kernel threads (default: all usable cores)")
     p.add_argument("--measure", action="store_true",
                    help="also run the workload and print the measured peak (--model only)")
-    a = p.parse_args(argv)
-    if a.measure and a.random:
-        p.error("--measure runs a loaded model: use it with --model, not --random")
-    return a
+    return p
 
 
 def main(argv=None):

@@ -308,15 +308,19 @@ def write_random_gguf(path, shape="tiny", file_type="q8_0", seed=0, progress=Non
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--out", required=True)
+    from .generate import HelpFormatter
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--shape", default="tiny", choices=sorted(PRESETS),
+                   help="the preset shape of the model")
+    p.add_argument("--out", required=True,
+                   help="the Hugging Face directory to write, or a .gguf file")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="of a Hugging Face directory")
     p.add_argument("--type", default=None, choices=sorted(FILE_TYPE_FORMATS),
                    help="write a GGUF file of this llama.cpp file type (default q8_0 for an "
                         "--out ending in .gguf)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     a = p.parse_args(argv)
     if a.type is not None or a.out.endswith(".gguf"):
         from tqdm import tqdm
