@@ -56,7 +56,8 @@ def measure(model, runs, repo=None) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="a path or a name xllm.load takes")
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=5,
+                   help="timed runs, each in a fresh process (default: 5)")
     p.add_argument("--repo", help="a directory holding the xllm package to time")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
