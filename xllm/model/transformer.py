@@ -276,21 +276,11 @@ class Transformer:
         interleaved = c.rope_interleaved
         scale = 1.0 / np.sqrt(c.head_dim)
         window = c.sliding_window or 0
-        # one row per head, for the per-head norms (views: nothing is copied)
-        q_heads = q.reshape(m * c.num_heads, c.head_dim)
-        k_heads = kn.reshape(m * c.num_kv_heads, c.head_dim)
         ops.embedding(self.tok_embeddings, ws.tokens[:m], x)
         for index, layer in enumerate(self.layers):
             # attention: x += wo · attention(rope(wq·n(x)), rope(wk·n(x)), wv·n(x))
             ops.rmsnorm(x, layer.attention_norm, eps, xn)
-            ops.matmul(xn, (layer.wq, layer.wk, layer.wv), (q, kn, vn))  # one quantization of xn
-            if c.attention_bias:  # Qwen2: + bq, bk, bv, row by row
-                np.add(q, layer.bq, out=q)
-                np.add(kn, layer.bk, out=kn)
-                np.add(vn, layer.bv, out=vn)
-            if c.qk_norm:  # Qwen3: each head's query and key normalized before RoPE
-                ops.rmsnorm(q_heads, layer.q_norm, eps, q_heads)
-                ops.rmsnorm(k_heads, layer.k_norm, eps, k_heads)
+            self._project_qkv(ops, layer, xn, q, kn, vn)
             ops.rope(q, pos, cos, sin, c.num_heads, interleaved)
             ops.rope(kn, pos, cos, sin, c.num_kv_heads, interleaved)
             # each sequence stores its new keys and values and attends to its own cache (the
@@ -303,6 +293,21 @@ class Transformer:
             ops.matmul(xn, (layer.w1, layer.w3), (gate, up))
             ops.silu_mul(gate, up, gate)
             ops.matmul(gate, layer.w2, x, accumulate=True)
+
+    def _project_qkv(self, ops, layer, xn, q, kn, vn):
+        """q, kn, vn = the layer's query, key and value projections of xn, with the steps the
+        config's switches add (each row by row: batch invariance holds)."""
+        c = self.config
+        ops.matmul(xn, (layer.wq, layer.wk, layer.wv), (q, kn, vn))  # one quantization of xn
+        if c.attention_bias:  # Qwen2: + bq, bk, bv
+            np.add(q, layer.bq, out=q)
+            np.add(kn, layer.bk, out=kn)
+            np.add(vn, layer.bv, out=vn)
+        if c.qk_norm:  # Qwen3: each head's query and key normalized (before RoPE)
+            q_heads = q.reshape(-1, c.head_dim)  # a row per head: a view, nothing copied
+            k_heads = kn.reshape(-1, c.head_dim)
+            ops.rmsnorm(q_heads, layer.q_norm, c.rms_norm_eps, q_heads)
+            ops.rmsnorm(k_heads, layer.k_norm, c.rms_norm_eps, k_heads)
 
     def _head_all_rows(self, m, out):
         """out [m, V] = the logits of every row of the last chunk."""
