@@ -34,12 +34,16 @@ def load_records(folder=RESULTS, tool=None):
 
 
 def host_line(records):
-    """One line naming the hosts, thread counts and dates of `records`."""
+    """One line naming the hosts, thread counts, dates and load averages (1 minute, when each
+    record was written) of `records`."""
     hosts = sorted({f"{r['host']['cpu']} ({r['host']['usable_cpus']} cores), "
                     f"{r['threads']} threads" for r in records})
     dates = sorted({r["date"][:10] for r in records})
     shared = " (shared machine)" if any("shared" in r.get("note", "") for r in records) else ""
-    return "; ".join(hosts) + ", " + " to ".join(dict.fromkeys([dates[0], dates[-1]])) + shared
+    loads = [r["host"]["load_average"][0] for r in records if r["host"].get("load_average")]
+    load = f", load average {min(loads):.1f}-{max(loads):.1f}" if loads else ""
+    return ("; ".join(hosts) + ", " + " to ".join(dict.fromkeys([dates[0], dates[-1]])) + shared
+            + load)
 
 
 def _label(record):
@@ -89,7 +93,7 @@ def batch_figure(records=None):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     series = (("xllm", "xllm_batch"), ("llama.cpp", "llama_cpp_batch"))
     for ax, key, title in ((axes[0], "decode_tok_s", "decode"),
-                           (axes[1], "overall_tok_s", "overall (prefill + decode)")):
+                           (axes[1], "overall_tok_s", "overall")):
         for engine, field in series:
             points = [(r["batch"], r[field][key]) for r in records
                       if field in r and r[field][key] is not None]
