@@ -486,3 +486,32 @@ def test_batch_invariance(case, reference):
         alone = tr.forward(prompt, kv).copy()
         np.testing.assert_array_equal(together[i], alone)
         np.testing.assert_array_equal(together_next[i], tr.forward(steps[i], kv))
+
+
+@pytest.mark.slow
+def test_qwen_configs_as_published(case, tmp_path):
+    """Qwen2.5 and Qwen3 configs name a sliding window larger than their context with
+    use_sliding_window false: no window, and no error. With use_sliding_window true on every
+    layer (max_window_layers 0) the window applies."""
+    name, _, _, _ = case
+    if not name.startswith("qwen"):
+        pytest.skip("qwen only")
+    directory = _copy_hf(case, tmp_path)
+    _edit_config(directory, use_sliding_window=False, sliding_window=131072,
+                 max_window_layers=21)
+    assert xllm.load(directory).config.sliding_window is None
+    _edit_config(directory, use_sliding_window=True, sliding_window=64, max_window_layers=0)
+    assert xllm.load(directory).config.sliding_window == 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value", ["32", 32.0, True, -1])
+def test_bad_window_values_are_refused(case, tmp_path, value):
+    name, _, _, _ = case
+    if not name.startswith("mistral"):
+        pytest.skip("mistral only")
+    directory = _copy_hf(case, tmp_path)
+    _edit_config(directory, sliding_window=value)
+    with pytest.raises(ModelFormatError, match="config.json: sliding_window must be a positive "
+                                               "integer or null"):
+        xllm.load(directory)
