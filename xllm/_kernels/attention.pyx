@@ -11,6 +11,8 @@ threads (``_plan``). It streams the blocks its rows need with an online softmax
 the rows it shares a call with): per block, the scores of all its rows (broadcast FMAs against the
 transposed keys, no horizontal sums), the running max and sum, and the p-weighted value rows.
 No [heads, M, T] score matrix exists and nothing is allocated per call but a small item list.
+With a sliding window (``window`` > 0: Mistral) a row reads only the blocks that hold its last
+`window` keys, so a cache may release the blocks before them.
 """
 include "_common.pxi"
 include "_isa.pxi"
