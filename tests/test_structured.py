@@ -573,7 +573,7 @@ WEATHER_TOOLS = [WEATHER, {"type": "function", "function": {
     "name": "convert", "description": "Convert an amount between currencies",
     "parameters": {"type": "object",
                    "properties": {"amount": {"type": "number", "minimum": 0,
-                                             "maximum": 1000000},
+                                             "maximum": 1000000, "multipleOf": 0.01},
                                   "to": {"enum": ["EUR", "USD", "GBP"]}},
                    "required": ["amount", "to"], "additionalProperties": False}}}]
 SCHEMA_OF = {t["function"]["name"]: t["function"]["parameters"] for t in WEATHER_TOOLS}
