@@ -159,6 +159,27 @@ def test_token_bytes_spell_the_text_sentencepiece(sentencepiece_model, text):
     assert spelled.decode("utf-8") == " " + tok.decode(tok.encode(text))
 
 
+@pytest.mark.parametrize("name", ["ggml-vocab-llama-spm.gguf", "ggml-vocab-gpt-2.gguf"])
+def test_token_bytes_spell_llama_cpp_test_strings(data_dir, name):
+    """Llama's SentencePiece vocabulary (32,000 pieces, byte fallback) and GPT-2's byte-level
+    one, on llama.cpp's tokenizer test strings; and a JSON grammar over them gives a mask."""
+    from xllm.tokenizers.loading import load_tokenizer
+    folder = data_dir / "llamacpp_vocab"
+    tok = load_tokenizer(folder / name)
+    spelled = token_bytes(tok)
+    prefix = " " if getattr(tok, "add_dummy_prefix", False) else ""
+    for text in (folder / (name + ".inp")).read_text().split("\n__ggml_vocab_test__\n"):
+        if not text or not text.strip():
+            continue  # SentencePiece folds leading blanks: what is left is tested
+        assert b"".join(spelled[i] for i in tok.encode(text)) == (prefix + text).encode()
+    matcher = Matcher(Constraint.json_schema(SCHEMAS[0]), vocabulary(tok, {tok.eos_id}), 64)
+    mask = np.zeros(matcher.words, np.int32)
+    matcher.fill_mask(mask)
+    allowed = [spelled[t] for t in range(tok.vocab_size)
+               if (int(mask.view(np.uint32)[t // 32]) >> (t % 32)) & 1]
+    assert allowed and all(b.lstrip().startswith(b"{") for b in allowed)
+
+
 def test_control_tokens_cannot_be_written_by_a_grammar(smollm2):
     tok = smollm2.tokenizer
     spelled = token_bytes(tok)
