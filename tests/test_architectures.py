@@ -215,6 +215,14 @@ def test_windowed_cache_keeps_what_the_window_needs():
     copy.copy_prefix(kv, 490)
     assert copy.length == 490 and copy.offset == kv.offset
     np.testing.assert_array_equal(copy.k[0][:2], kv.k[0][:2])
+    plain = KVCache(1, 1, 10000, n_kv_heads=1)  # no window (the engine's caches)
+    plain.copy_prefix(kv, 490)  # kv released rows: nothing this cache could hold
+    assert plain.length == 0
+    young = KVCache(1, 1, 10000, n_kv_heads=1, window=40)  # nothing released yet
+    young.reserve(20)
+    young.length = 20
+    plain.copy_prefix(young, 15)
+    assert plain.length == 15 and plain.offset == 0
     kv.truncate(kv.offset + 5)  # cannot continue from there: forgets everything
     assert kv.length == 0 and kv.offset == 0
 
