@@ -461,6 +461,13 @@ def test_parse_tool_calls():
     assert parse_tool_calls("<tool_call>not json</tool_call>") == \
         ("<tool_call>not json</tool_call>", [])
     assert parse_tool_calls("plain") == ("plain", [])
+    # the bare JSON of Llama 3.1 and Mistral templates
+    assert parse_tool_calls('{"name": "f", "parameters": {"a": 1}}') == (None, [("f", '{"a": 1}')])
+    assert parse_tool_calls('[TOOL_CALLS] [{"name": "f", "arguments": {}}, '
+                            '{"name": "g", "arguments": {"b": [2]}}]') == \
+        (None, [("f", "{}"), ("g", '{"b": [2]}')])
+    assert parse_tool_calls('{"name": "not a call"}') == ('{"name": "not a call"}', [])
+    assert parse_tool_calls('{"answer": 42}') == ('{"answer": 42}', [])
 
 
 @pytest.mark.parametrize("parallel", [False, True])
@@ -499,6 +506,14 @@ def test_tool_call_stream_holds_back_calls_and_streams_text():
     assert reader.push("a <tool") == "a "  # may begin a call: held
     assert reader.push("box>") == "<toolbox>"  # it did not
     assert reader.finish() == ("", [])
+    reader = ToolCallStream()  # a bare call (Llama 3.1's way) is held back whole
+    assert reader.push(" <|python") == ""
+    assert reader.push('_tag|>{"name": "f", "parameters": {}}') == ""
+    rest, calls = reader.finish()
+    assert rest == "" and calls[0]["function"] == {"name": "f", "arguments": "{}"}
+    reader = ToolCallStream()  # a reply that only began like one comes out at the end
+    assert reader.push("[1] first") == ""
+    assert reader.finish() == ("[1] first", [])
 
 
 @pytest.fixture(scope="module")
