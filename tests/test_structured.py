@@ -693,3 +693,30 @@ def test_server_tool_choice_none_and_auto(client):
                                            temperature=0, max_tokens=48)
     message = reply.choices[0].message
     assert message.content or message.tool_calls
+
+
+@pytest.mark.slow
+def test_server_16_concurrent_streams_each_identical_to_alone(client):
+    """Constrained and unconstrained streams, greedy and seeded, all at once: each one's
+    tokens are those it gets alone on the same server."""
+    def ask(i):
+        body = {"model": MODEL, "max_tokens": 48, "stream": True, "logprobs": True,
+                "temperature": 0 if i % 4 < 2 else 0.9, "seed": i,
+                "messages": [{"role": "user", "content": f"Describe {TOPICS[i % 10]} as JSON "
+                                                         f"({i})."}]}
+        if i % 2 == 0:
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": SCHEMAS[i % len(SCHEMAS)]}}
+        stream = client.chat.completions.create(**body)
+        tokens = []
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].logprobs:
+                tokens += [t.token for t in chunk.choices[0].logprobs.content]
+        return tokens
+
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask, range(16)))
+    alone = [ask(i) for i in range(16)]
+    assert all(together)
+    assert together == alone
