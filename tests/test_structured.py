@@ -262,6 +262,18 @@ def test_sentencepiece_model_follows_constraints(sentencepiece_model, temperatur
     assert model.generate("The dream", choices=["sun", "moon"], **kw) in ("sun", "moon")
 
 
+def test_session_follows_constraints_turn_by_turn(smollm2):
+    session = smollm2.session()
+    chat = [{"role": "user", "content": "Pick a colour."}]
+    first = session.chat(chat, choices=["red", "green", "blue"], max_new_tokens=8)
+    assert first in ("red", "green", "blue")
+    chat += [{"role": "assistant", "content": first},
+             {"role": "user", "content": "And a number?"}]
+    second = session.chat(chat, regex="[1-9][0-9]?", max_new_tokens=8)
+    assert 1 <= int(second) <= 99
+    assert session.last_stats["finish"] == "stop"
+
+
 def test_batch_with_and_without_constraints_each_as_alone(smollm2):
     """Each prompt of a batch, constrained or not, gives what it gives alone."""
     chat = [{"role": "user", "content": "Tell me about a film as JSON."}]
