@@ -576,6 +576,11 @@ def test_server_extensions_choice_regex_grammar(client):
                                            extra_body={"guided_regex": "[A-Z][a-z]{2,6}!"})
     text = reply.choices[0].message.content
     assert text[0].isupper() and text.endswith("!") and 4 <= len(text) <= 8
+    completion = client.completions.create(
+        model=MODEL, prompt="A person as JSON:", max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "p", "schema": PERSON}}})
+    jsonschema.validate(json.loads(completion.choices[0].text), PERSON)
     completion = client.completions.create(model=MODEL, prompt="The answer is", max_tokens=8,
                                            extra_body={"grammar": 'root ::= " " ("yes" | "no")'})
     assert completion.choices[0].text in (" yes", " no")

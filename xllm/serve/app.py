@@ -370,7 +370,7 @@ class _API:
             log.info("prompt id=%s %s", request.state.request_id,
                      json.dumps(prompt, ensure_ascii=False))
         tools = structured.tool_plan(body) if chat else structured.NO_TOOLS
-        constraint, field = structured.request_constraint(body, chat, tools)
+        constraint, field = structured.request_constraint(body, tools)
         prompt_ids = self._prompt_ids(body, chat, tools)
         max_tokens = self._max_tokens(body, prompt_ids)
         structured.check_constraint(self.model, constraint, max_tokens, field)

@@ -68,7 +68,9 @@ class _Body(BaseModel):
     min_p: Number = Field(default=0.0, ge=0, le=1)
     repetition_penalty: Number = Field(default=1.0, gt=0)
     ignore_eos: StrictBool = False  # vLLM's and llama.cpp's: generate max_tokens (benchmarks)
-    # structured output (xllm/serve/structured.py): llama.cpp's and vLLM's names
+    # structured output (xllm/serve/structured.py): OpenAI's response_format (vLLM takes it
+    # for completions too), and llama.cpp's and vLLM's names
+    response_format: Optional[Dict[str, Any]] = None
     grammar: Optional[StrictStr] = None
     regex: Optional[StrictStr] = None
     choice: Optional[List[StrictStr]] = None
@@ -128,7 +130,6 @@ class ChatRequest(_Body):
     tool_choice: Optional[Union[StrictStr, Dict[str, Any]]] = None
     parallel_tool_calls: Optional[StrictBool] = None
     functions: Optional[List[Any]] = None
-    response_format: Optional[Dict[str, Any]] = None
 
     def check_supported(self):
         super().check_supported()

@@ -93,7 +93,7 @@ def _tool_constraint(tools, parallel):
         raise APIError(400, str(error), param="tools") from None
 
 
-def request_constraint(body, chat, plan: ToolPlan):
+def request_constraint(body, plan: ToolPlan):
     """(the one constraint a request asks for, or None; the request field that gives it);
     APIError 400 (naming the field) if it asks for more than one or gives a malformed one.
     :func:`check_constraint` then checks it against the model."""
@@ -102,10 +102,9 @@ def request_constraint(body, chat, plan: ToolPlan):
         value = getattr(body, field, None)
         if value is not None:
             asked.append((field, kind, value))
-    if chat:
-        response_schema = _response_format_schema(body.response_format)
-        if response_schema is not None:
-            asked.append(("response_format", "json_schema", response_schema))
+    response_schema = _response_format_schema(body.response_format)
+    if response_schema is not None:
+        asked.append(("response_format", "json_schema", response_schema))
     if plan.constraint is not None:
         if asked:
             raise APIError(400, f"tool_choice {body.tool_choice!r} constrains the reply to tool "
