@@ -258,7 +258,8 @@ _vocabularies_lock = threading.Lock()
 
 def vocabulary(tokenizer, stop_ids) -> Vocabulary:
     """The :class:`Vocabulary` of `tokenizer` with end-of-sequence tokens `stop_ids`, built on
-    first use (a tenth of a second for 50,000 tokens) and kept while the tokenizer lives."""
+    first use (a few tenths of a second for 50,000 tokens) and kept while the tokenizer
+    lives."""
     key = frozenset(stop_ids)
     with _vocabularies_lock:
         built = _vocabularies.setdefault(tokenizer, {})
