@@ -12,7 +12,8 @@ import operator
 
 import numpy as np
 
-from .layout import KV_BLOCK, dequantize_rows, to_float32, unpack_codes, unpack_group_params
+from .layout import (CODECS, KV_BLOCK, codec_block_params, dequantize_codec_rows, dequantize_rows,
+                     to_float32, unpack_codec_codes, unpack_codes, unpack_group_params)
 
 
 def _native(*arrays):
@@ -301,6 +302,18 @@ def qmatmul(x, w, out, accumulate=False):
             out[...] = 0
         return
     q, dx = quantize_activations(np.asarray(x, np.float32), w.parts)
+    if getattr(w, "codec", None) is not None:
+        acc = _codec_products(q, dx, w)
+    else:
+        acc = _group_products(q, dx, w, x.shape[0])
+    if accumulate:
+        out += acc
+    else:
+        out[...] = acc
+
+
+def _group_products(q, dx, w, m):
+    """The products of gemm_q.h's int8 / int4 formats (steps 2 and 3)."""
     n, k = w.shape
     qw = unpack_codes(w.qs, w.bits, w.shape).reshape(n, k // 32, 32).astype(np.int64)
     if w.bits == 4 and w.mins is None:  # symmetric int4: codes minus 8
@@ -312,20 +325,49 @@ def qmatmul(x, w, out, accumulate=False):
         q[2].sum(axis=2).astype(np.float32) * np.float32(1 / 256)
     dw, mw = unpack_group_params(w.scales, w.mins, w.shape)
     per = w.group // 32
-    acc = np.zeros((x.shape[0], n), np.float32)
+    acc = np.zeros((m, n), np.float32)
     for b in range(k // 32):
         acc = fma(dw[None, :, b // per] * dx[:, b, None], v[:, :, b], acc)
         if mw is not None:
             acc = fma(mw[None, :, b // per], (dx[:, b] * s[:, b])[:, None], acc)
-    if accumulate:
-        out += acc
-    else:
-        out[...] = acc
+    return acc
+
+
+def _codec_products(q, dx, w):
+    """The products of gemm_k.h's codecs (steps 2 and 3): exact integer dots per block (per half
+    for Q6_K), then per block in increasing order the scale term(s) (half 0, then half 1) and
+    the minimum's."""
+    n, k = w.shape
+    m = q.shape[1]
+    codec = CODECS[w.codec]
+    qw = unpack_codec_codes(w.qs, w.high, w.shape).astype(np.int64) - codec.offset
+    qw = qw.reshape(n, k // 32, 2, 16)
+    qx = q.reshape(3, m, k // 32, 2, 16)
+    c12 = np.einsum("mbhi,nbhi->mnbh", 256 * qx[0] + qx[1], qw)
+    c3 = np.einsum("mbhi,nbhi->mnbh", qx[2], qw)
+    halves = 2 if codec.name == "Q6_K" else 1
+    if halves == 1:  # one dot over the whole block
+        c12 = c12.sum(axis=3, keepdims=True)
+        c3 = c3.sum(axis=3, keepdims=True)
+    v = c12.astype(np.float32) + c3.astype(np.float32) * np.float32(1 / 256)
+    s = (256 * q[0] + q[1]).sum(axis=2).astype(np.float32) + \
+        q[2].sum(axis=2).astype(np.float32) * np.float32(1 / 256)
+    ws, wm = codec_block_params(w)
+    acc = np.zeros((m, n), np.float32)
+    for b in range(k // 32):
+        for h in range(halves):
+            acc = fma(ws[None, :, b, h] * dx[:, b, None], v[:, :, b, h], acc)
+        if wm is not None:
+            acc = fma(wm[None, :, b], (dx[:, b] * s[:, b])[:, None], acc)
+    return acc
 
 
 def qembedding(table, ids, out):
     """out[i] = row ids[i] of the packed quantized `table`, dequantized to float32."""
     _native(out, table.scales, table.mins)
     rows = _ids(ids, table.shape[0])
+    if getattr(table, "codec", None) is not None:
+        out[...] = dequantize_codec_rows(table, rows)
+        return
     out[...] = dequantize_rows(table.qs, table.scales, table.mins, table.bits, table.group,
                                table.shape, rows)

@@ -15,8 +15,9 @@ Columns:
     Values per block and the bytes one block takes as stored (float16 scales).
 ``packing``
     ``FLOAT``: a typed array (``dtype``: float32, float16, or uint16 holding bfloat16 bits);
-    ``PANELS``: a ``QTensor`` (``bits``, ``asymmetric``), repacked at load at the same size
-    into panels of 16 rows; ``EXPANDED``: expanded to float32 at load (no kernel of its own yet).
+    ``PANELS``: a ``QTensor`` (``bits``, ``asymmetric``; ``codec``: the kernels' codec, see
+    ``xllm/_kernels/layout.py``, for the formats beyond int8 / int4), repacked at load at the same
+    size into panels of 16 rows; ``EXPANDED``: expanded to float32 at load (no kernel of its own).
 ``kernel``
     ``MATMUL`` (float weights) or ``QMATMUL`` (packed weights).
 ``dequantize``
@@ -37,7 +38,7 @@ from typing import Callable, Optional
 import numpy as np
 from gguf.constants import GGMLQuantizationType, LlamaFileType
 
-from .._kernels.layout import BLOCK, PANEL, to_float32
+from .._kernels.layout import BLOCK, CODECS, PANEL, to_float32
 
 FLOAT = "float"
 PANELS = "panels"
@@ -63,6 +64,7 @@ class WeightFormat:
     dtype: Optional[np.dtype] = None  # FLOAT: the NumPy dtype of the array
     bits: Optional[int] = None  # PANELS: bits per code
     asymmetric: bool = False  # PANELS: a minimum per group besides the scale
+    codec: Optional[str] = None  # PANELS: the kernels' codec (layout.CODECS), None for int8/int4
 
     @property
     def bytes_per_weight(self) -> float:
@@ -109,6 +111,15 @@ def _packed_format(name, block_bytes, bits, asymmetric, file_type, quantize_type
                         from_float=_gguf_quantizer(gguf_type), bits=bits, asymmetric=asymmetric)
 
 
+def _codec_format(name, block, block_bytes):
+    """A GGUF block type that runs on its codec of the kernels (gemm_k.h)."""
+    gguf_type = GGMLQuantizationType[name]
+    codec = CODECS[name]
+    return WeightFormat(name, block=block, block_bytes=block_bytes, packing=PANELS,
+                        kernel=QMATMUL, dequantize=_gguf_blocks(gguf_type), gguf_type=gguf_type,
+                        bits=codec.bits, asymmetric=codec.asymmetric, codec=name)
+
+
 def _expanded_format(name, block, block_bytes):
     gguf_type = GGMLQuantizationType[name]
     return WeightFormat(name, block=block, block_bytes=block_bytes, packing=EXPANDED,
@@ -128,11 +139,11 @@ FORMATS = {f.name: f for f in (
     _packed_format("Q4_1", 20, 4, True, LlamaFileType.MOSTLY_Q4_1, "q4_1"),
     WeightFormat("INT8", block=INT8_BLOCK, block_bytes=INT8_BLOCK + 2, packing=PANELS,
                  kernel=QMATMUL, dequantize=_qtensor, bits=8),
-    _expanded_format("Q5_0", 32, 22),
-    _expanded_format("Q5_1", 32, 24),
-    _expanded_format("Q4_K", 256, 144),
-    _expanded_format("Q5_K", 256, 176),
-    _expanded_format("Q6_K", 256, 210),
+    _codec_format("Q5_0", 32, 22),
+    _codec_format("Q5_1", 32, 24),
+    _codec_format("Q4_K", 256, 144),
+    _codec_format("Q5_K", 256, 176),
+    _codec_format("Q6_K", 256, 210),
 )}
 
 # The format an EXPANDED one becomes at load.
@@ -160,7 +171,7 @@ def packed_format(bits, group, asymmetric):
     if bits == 8 and group > BLOCK:
         return FORMATS["INT8"]
     return next(f for f in FORMATS.values() if f.packing == PANELS and f.bits == bits
-                and f.asymmetric == asymmetric and f.block == group)
+                and f.asymmetric == asymmetric and f.block == group and f.codec is None)
 
 
 def writable_formats():
