@@ -90,6 +90,53 @@ def test_dequantize_equals_gguf(n, nsb, name, seed):
     assert t.nbytes == -(-n // 16) * 16 * raw.shape[1]  # the size of the GGUF blocks
 
 
+def empty_arrays(name, n, k):
+    """Zeroed arrays of codec `name`'s layout for an [n, k] weight (qs, scales, mins, high,
+    sub; None where the codec has none)."""
+    from xllm._kernels.layout import CODECS as LAYOUT, sub_shape
+    c = LAYOUT[name]
+    p = -(-n // 16)
+    mins = np.zeros((p, k // c.group, 16), np.float16) if c.asymmetric else None
+    high = np.zeros((p, k // 32, 64 * c.planes), np.uint8) if c.planes else None
+    sub = np.zeros(*sub_shape(c, p, k)) if c.sub else None
+    return [np.zeros((p, k // 32, 256), np.uint8), np.zeros((p, k // c.group, 16), np.float16),
+            mins, high, sub]
+
+
+@settings(**dict(SETTINGS, max_examples=30))
+@given(n=st.integers(0, 40), nsb=st.integers(0, 3), name=st.sampled_from(CODECS),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 999))
+def test_compiled_repack_equals_reference(n, nsb, name, threads, seed):
+    """The load-time repacking (C, parallel over panels) writes the reference's arrays."""
+    k = 256 * nsb
+    raw = random_blocks(np.random.default_rng(seed), name, n, k)
+    _cpu.set_threads(threads)
+    got = empty_arrays(name, n, k)
+    want = empty_arrays(name, n, k)
+    Q.repack_codec(raw, name, (n, k), *got)
+    R.repack_codec(raw, name, (n, k), *want)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def test_repack_rejects_bad_arguments():
+    raw = random_blocks(np.random.default_rng(0), "Q6_K", 20, 512)
+    arrays = empty_arrays("Q6_K", 20, 512)
+    with pytest.raises(ValueError, match="raw must have shape"):
+        Q.repack_codec(raw[:, :-1].copy(), "Q6_K", (20, 512), *arrays)
+    with pytest.raises(ValueError, match="layout"):
+        Q.repack_codec(raw, "Q6_K", (20, 512), arrays[0][:1], *arrays[1:])
+    with pytest.raises(ValueError, match="layout"):
+        Q.repack_codec(raw, "Q6_K", (20, 512), *arrays[:3], None, arrays[4])
+    with pytest.raises(ValueError, match="unknown codec"):
+        Q.repack_codec(raw, "Q7_K", (20, 512), *arrays)
+    with pytest.raises(ValueError, match="shape"):
+        Q.repack_codec(raw, "Q6_K", (20, 500), *arrays)
+    arrays[0].flags.writeable = False
+    with pytest.raises(ValueError):
+        Q.repack_codec(raw, "Q6_K", (20, 512), *arrays)
+
+
 @pytest.mark.parametrize("name", ["Q5_0", "Q5_1"])
 def test_gguf_quantized_q5_blocks(name):
     rng = np.random.default_rng(1)

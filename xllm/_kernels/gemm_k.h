@@ -422,4 +422,108 @@ static void xk_dequant_row(const xq_weights *w, size_t r, float *o)
     }
 }
 
+/* ---- repacking at load: GGUF blocks -> the codec layout (layout.py; reference.repack_codec) */
+
+/* Bytes of one GGUF block of codec F and values per block. */
+#define XK_GGUF_BYTES(F)                                                                         \
+    ((F) == XK_Q5_0 ? 22 : (F) == XK_Q5_1 ? 24 : (F) == XK_Q4_K ? 144 : (F) == XK_Q5_K ? 176 : 210)
+#define XK_GGUF_VALUES(F) (XK_SUPER(F) ? 256 : 32)
+
+/* The 32 unsigned codes c of block b (32 values) of a row of GGUF blocks (ggml's block_q5_0 ...
+ * block_q6_K layouts). */
+static inline XQ_AI void xk_gguf_codes(const int F, const uint8_t *row, size_t b, uint8_t *c)
+{
+    if (!XK_SUPER(F)) {
+        const uint8_t *blk = row + b * XK_GGUF_BYTES(F);
+        const size_t start = F == XK_Q5_0 ? 2 : 4; /* after d (and m) */
+        uint32_t qh;
+        memcpy(&qh, blk + start, 4);
+        const uint8_t *qs = blk + start + 4; /* value i: low nibble of qs[i]; 16 + i: high */
+        for (int i = 0; i < 16; i++) {
+            c[i] = (uint8_t)((qs[i] & 15) | ((qh >> i) & 1) << 4);
+            c[16 + i] = (uint8_t)((qs[i] >> 4) | ((qh >> (16 + i)) & 1) << 4);
+        }
+        return;
+    }
+    const uint8_t *blk = row + (b / 8) * XK_GGUF_BYTES(F);
+    const int j = (int)(b % 8);
+    if (F == XK_Q6_K) {
+        /* halves of 128 values (ql [128], qh [64]); value 32 s + i of half h (s = 0..3): low 4
+         * bits in ql[64 h + 32 (s % 2) + i], nibble s / 2; high 2 bits in qh[32 h + i], bits
+         * 2 s, 2 s + 1 */
+        const int h = j / 4, sq = j % 4;
+        const uint8_t *ql = blk + 64 * h + 32 * (sq % 2), *qh = blk + 128 + 32 * h;
+        for (int i = 0; i < 32; i++)
+            c[i] = (uint8_t)(((ql[i] >> (4 * (sq / 2))) & 15) | ((qh[i] >> (2 * sq)) & 3) << 4);
+        return;
+    }
+    /* Q4_K, Q5_K: values 64 m + i (i < 32) in the low nibbles of qs[32 m + i], 64 m + 32 + i in
+     * the high ones; Q5_K: bit j of qh[i] is bit 4 of value 32 j + i */
+    const uint8_t *qs = blk + (F == XK_Q4_K ? 16 : 48), *qh = blk + 16;
+    for (int i = 0; i < 32; i++) {
+        c[i] = (uint8_t)((qs[32 * (j / 2) + i] >> (4 * (j % 2))) & 15);
+        if (F == XK_Q5_K)
+            c[i] |= (uint8_t)(((qh[i] >> j) & 1) << 4);
+    }
+}
+
+/* Panel p of a codec weight [n, K] from its rows of GGUF blocks (row r at raw + r * row_bytes),
+ * into arrays zeroed beforehand (the bit planes are ORed in; rows past n stay 0). */
+static inline XQ_AI void xk_repack_panel_f(const int F, const uint8_t *raw, size_t row_bytes,
+                                           size_t n, size_t K, size_t p, uint8_t *qs,
+                                           uint8_t *high, uint8_t *scales, uint8_t *mins,
+                                           uint8_t *sub)
+{
+    const size_t nb = K / 32, ng = K / XK_GGUF_VALUES(F), planes = (size_t)XK_PLANES(F);
+    const size_t sub_rows = F == XK_Q6_K ? 16 : 12;
+    for (size_t lane = 0; lane < 16 && 16 * p + lane < n; lane++) {
+        const uint8_t *row = raw + (16 * p + lane) * row_bytes;
+        for (size_t b = 0; b < nb; b++) {
+            uint8_t c[32];
+            xk_gguf_codes(F, row, b, c);
+            uint8_t *q = qs + (p * nb + b) * 256 + 4 * lane;
+            for (int j = 0; j < 4; j++)
+                for (int t = 0; t < 4; t++)
+                    q[64 * j + t] = (uint8_t)((c[4 * j + t] & 15) | (c[16 + 4 * j + t] & 15) << 4);
+            uint8_t *h = planes ? high + (p * nb + b) * 64 * planes : NULL;
+            /* the 4 bits of this row in each line's mask: bits 4 lane .. 4 lane + 3 */
+            const size_t at = lane / 2, shift = 4 * (lane % 2);
+            for (size_t e = 0; e < planes; e++)
+                for (int l = 0; l < 8; l++) {
+                    const uint8_t *v = c + (l < 4 ? 4 * l : 16 + 4 * (l - 4));
+                    unsigned nib = 0;
+                    for (int t = 0; t < 4; t++)
+                        nib |= ((v[t] >> (4 + e)) & 1u) << t;
+                    h[64 * e + 8 * (size_t)l + at] |= (uint8_t)(nib << shift);
+                }
+        }
+        for (size_t g = 0; g < ng; g++) {
+            const uint8_t *blk = row + g * XK_GGUF_BYTES(F);
+            const size_t at = ((p * ng + g) * 16 + lane) * 2;
+            memcpy(scales + at, blk + (F == XK_Q6_K ? 208 : 0), 2);
+            if (XK_ASYM(F))
+                memcpy(mins + at, blk + 2, 2);
+            if (XK_SUPER(F))
+                for (size_t i = 0; i < sub_rows; i++)
+                    sub[((p * ng + g) * sub_rows + i) * 16 + lane] =
+                        blk[(F == XK_Q6_K ? 192 : 4) + i];
+        }
+    }
+}
+
+static void xk_repack_panel(int F, const uint8_t *raw, size_t row_bytes, size_t n, size_t K,
+                            size_t p, uint8_t *qs, uint8_t *high, uint8_t *scales, uint8_t *mins,
+                            uint8_t *sub)
+{
+#define XK_REPACK(C) xk_repack_panel_f(C, raw, row_bytes, n, K, p, qs, high, scales, mins, sub)
+    switch (F) {
+    case XK_Q5_0: XK_REPACK(XK_Q5_0); break;
+    case XK_Q5_1: XK_REPACK(XK_Q5_1); break;
+    case XK_Q4_K: XK_REPACK(XK_Q4_K); break;
+    case XK_Q5_K: XK_REPACK(XK_Q5_K); break;
+    case XK_Q6_K: XK_REPACK(XK_Q6_K); break;
+    default: break;
+    }
+}
+
 #endif /* XLLM_GEMM_K_H */

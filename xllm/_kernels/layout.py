@@ -59,6 +59,7 @@ class Codec(NamedTuple):
     group: int  # values per float16 scale (and minimum)
     asymmetric: bool  # a minimum per block besides the scale
     sub: Optional[str]  # "scale_min6" (Q4_K, Q5_K), "int8x16" (Q6_K) or None
+    gguf_bytes: int  # bytes of one GGUF block (of `group` values)
 
     @property
     def planes(self):
@@ -66,11 +67,11 @@ class Codec(NamedTuple):
 
 
 CODECS = {c.name: c for c in (
-    Codec("Q5_0", 1, 5, 16, BLOCK, False, None),
-    Codec("Q5_1", 2, 5, 0, BLOCK, True, None),
-    Codec("Q4_K", 3, 4, 0, SUPER, True, "scale_min6"),
-    Codec("Q5_K", 4, 5, 0, SUPER, True, "scale_min6"),
-    Codec("Q6_K", 5, 6, 32, SUPER, False, "int8x16"),
+    Codec("Q5_0", 1, 5, 16, BLOCK, False, None, 22),
+    Codec("Q5_1", 2, 5, 0, BLOCK, True, None, 24),
+    Codec("Q4_K", 3, 4, 0, SUPER, True, "scale_min6", 144),
+    Codec("Q5_K", 4, 5, 0, SUPER, True, "scale_min6", 176),
+    Codec("Q6_K", 5, 6, 32, SUPER, False, "int8x16", 210),
 )}
 
 

@@ -30,6 +30,9 @@ cdef extern from "gemm_q.h" nogil:
     void xq_panels(int isa, const xq_weights *w, size_t p0, size_t p1, const xq_xb *x,
                    const xq_xh *xh, size_t M, size_t N, float *out, int accum)
     void xq_dequant_row(const xq_weights *w, size_t r, float *o)
+    void xk_repack_panel(int F, const uint8_t *raw, size_t row_bytes, size_t n, size_t K,
+                         size_t p, uint8_t *qs, uint8_t *high, uint8_t *scales, uint8_t *mins,
+                         uint8_t *sub)
     enum: XQ_X_BYTES, XQ_OWN_M
 
 # Instruction-set paths (set_isa, get_isa: _isa.pxi), each with the CPU features it needs.
@@ -343,3 +346,44 @@ def qembedding(table, ids, out):
     with nogil:
         for i in range(n):
             xq_dequant_row(&cw, <size_t>ip[i], op + i * D)
+
+
+cdef uint8_t *_data_or_null(object a):
+    return NULL if a is None else <uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+def repack_codec(raw, codec, shape, qs, scales, mins, high, sub):
+    """Fill the arrays of a [N, K] weight of `codec` (layout.py's shapes, zeroed beforehand;
+    None where the codec has none) from its rows of GGUF blocks ``raw`` (uint8 [N, K / group *
+    bytes per block]), as reference.repack_codec does."""
+    c = CODECS.get(codec)
+    if c is None:
+        raise ValueError(f"repack_codec: unknown codec {codec!r}")
+    n = operator.index(shape[0])
+    k = operator.index(shape[1])
+    if n < 0 or k < 0 or k % c.group:
+        raise ValueError(f"repack_codec: a {codec} weight cannot have shape {tuple(shape)}")
+    cdef cnp.ndarray ra = _check_2d(raw, "raw", cnp.NPY_UINT8, "uint8")
+    cdef size_t row_bytes = <size_t>(k // c.group * c.gguf_bytes)
+    if <size_t>ra.shape[0] != <size_t>n or <size_t>ra.shape[1] != row_bytes:
+        raise ValueError(f"repack_codec: raw must have shape ({n}, {row_bytes}) for a {codec} "
+                         f"weight of shape ({n}, {k}), got {raw.shape}")
+    if not _codec_ok(n, k, c.group, 3, c.bits, codec, qs, scales, mins, high, sub):
+        raise ValueError(f"repack_codec: the arrays do not have the {codec} layout of shape "
+                         f"({n}, {k})")
+    for a in (qs, scales, mins, high, sub):
+        if a is not None:
+            _check_writeable(a)
+            _check_no_overlap(a, ra, "raw")
+    cdef int F = c.ident
+    cdef const uint8_t *rp = <const uint8_t *>cnp.PyArray_DATA(ra)
+    cdef uint8_t *qp = _data_or_null(qs)
+    cdef uint8_t *sp = _data_or_null(scales)
+    cdef uint8_t *mp = _data_or_null(mins)
+    cdef uint8_t *hp = _data_or_null(high)
+    cdef uint8_t *bp = _data_or_null(sub)
+    cdef size_t N = <size_t>n, K = <size_t>k
+    cdef Py_ssize_t p, npanels = <Py_ssize_t>((N + 15) // 16)
+    with nogil:
+        for p in prange(npanels, schedule="static", num_threads=get_num_threads()):
+            xk_repack_panel(F, rp, row_bytes, N, K, <size_t>p, qp, hp, sp, mp, bp)
