@@ -115,29 +115,15 @@ static inline XQ_AI void xk_scale_min(const uint8_t *s, int n, int j, __m128i *s
         if (PARTS == 3) v = _mm##P##_fmadd_ps(_mm##P##_cvtepi32_ps(D[2][i]), inv256, v);        \
         acc[i] = _mm##P##_fmadd_ps(_mm##P##_mul_ps(WS, _mm##P##_set1_ps(xb[i]->d)), v, acc[i]); \
     }
-/* Step 3 for one block: the term(s) (Q6_K: half 0, then half 1; only the order of one row's
- * operations matters, the rows are independent), then the minimum's. */
-#define XK_BLOCK_TERMS(P, F)                                                                     \
-    XK_TERM(P, d, ws)                                                                            \
-    if ((F) == XK_Q6_K) {                                                                        \
-        XK_TERM(P, e, ws1)                                                                       \
-    }                                                                                            \
-    if (XK_ASYM(F))                                                                              \
-        for (int i = 0; i < MR; i++)                                                             \
-            acc[i] = _mm##P##_fmadd_ps(wm, _mm##P##_set1_ps(xb[i]->ds), acc[i]);
-
-/* The first dot values of part k of row i (the offset corrections): d for the block (or half 0),
- * e for half 1 (Q6_K). */
-#define XK_DOT_INIT(P, F)                                                                        \
+/* The first dot values of part k of row i (the offset corrections) into d: for the block, or
+ * for half HALF of it (Q6_K). */
+#define XK_DOT_INIT(P, F, HALF)                                                                  \
     for (int i = 0; i < MR; i++) {                                                               \
-        xb[i] = x + i * nb + b;                                                                  \
         const xq_xh *hb = xh + i * nb + b;                                                       \
-        for (int k = 0; k < PARTS; k++) {                                                        \
+        for (int k = 0; k < PARTS; k++)                                                          \
             d[k][i] = (F) == XK_Q5_0   ? _mm##P##_set1_epi32(2 * xb[i]->c8[k])                   \
-                      : (F) == XK_Q6_K ? _mm##P##_set1_epi32(hb->lo[k])                          \
+                      : (F) == XK_Q6_K ? _mm##P##_set1_epi32((HALF) ? hb->hi[k] : hb->lo[k])     \
                                        : _mm##P##_setzero_si##P();                               \
-            e[k][i] = (F) == XK_Q6_K ? _mm##P##_set1_epi32(hb->hi[k]) : d[k][i];                 \
-        }                                                                                        \
     }
 
 /* AVX-512 VNNI micro-kernel of codec F: MR rows of x against panel p (16 rows, nr valid). */
@@ -173,39 +159,60 @@ static inline XQ_AI XQ_T512 void xk_mk512(const int MR, const int F, const int P
                     _mm_prefetch((const char *)wh + nb * hb + 64 * l, _MM_HINT_T0);
         }
         const xq_xb *xb[XQ_MR512];
-        __m512i d[3][XQ_MR512], e[3][XQ_MR512];
-        XK_DOT_INIT(512, F)
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) {
-            __m512i P = _mm512_loadu_si512(blk + 64 * j);
-            __m512i L = _mm512_and_si512(P, low4);
-            __m512i H = _mm512_and_si512(_mm512_srli_epi16(P, 4), low4);
-            if (XK_PLANES(F)) { /* bit 4 of each code (plane 0), bit 5 (plane 1) */
-                uint64_t ml, mh;
-                memcpy(&ml, hbk + 8 * j, 8);
-                memcpy(&mh, hbk + 32 + 8 * j, 8);
-                L = _mm512_mask_add_epi8(L, _cvtu64_mask64(ml), L, c16);
-                H = _mm512_mask_add_epi8(H, _cvtu64_mask64(mh), H, c16);
-            }
-            if (XK_PLANES(F) == 2) {
-                uint64_t ml, mh;
-                memcpy(&ml, hbk + 64 + 8 * j, 8);
-                memcpy(&mh, hbk + 96 + 8 * j, 8);
-                L = _mm512_mask_add_epi8(L, _cvtu64_mask64(ml), L, c32);
-                H = _mm512_mask_add_epi8(H, _cvtu64_mask64(mh), H, c32);
-            }
-            for (int i = 0; i < MR; i++)
-                for (int k = 0; k < PARTS; k++) {
-                    d[k][i] = xq_dpbusd(d[k][i], L, xb[i]->q[k] + 4 * j);
-                    if (F == XK_Q6_K)
-                        e[k][i] = xq_dpbusd(e[k][i], H, xb[i]->q[k] + 16 + 4 * j);
-                    else
-                        d[k][i] = xq_dpbusd(d[k][i], H, xb[i]->q[k] + 16 + 4 * j);
-                }
-        }
+        for (int i = 0; i < MR; i++)
+            xb[i] = x + i * nb + b;
         XK_BLOCK_SCALES(512, F, 0, _mm512_cvtepu8_epi32, _mm512_cvtepi8_epi32)
-        (void)ws1;
-        XK_BLOCK_TERMS(512, F)
+        __m512i d[3][XQ_MR512];
+/* Line j of the block's low (H = 0) or high (H = 1) nibbles with their bit planes, as bytes. */
+#define XK_LINE512(j, H)                                                                         \
+    __m512i W = _mm512_loadu_si512(blk + 64 * (j));                                              \
+    W = _mm512_and_si512((H) ? _mm512_srli_epi16(W, 4) : W, low4);                              \
+    if (XK_PLANES(F)) {                                                                          \
+        uint64_t m0;                                                                             \
+        memcpy(&m0, hbk + 32 * (H) + 8 * (j), 8);                                                \
+        W = _mm512_mask_add_epi8(W, _cvtu64_mask64(m0), W, c16);                                 \
+    }                                                                                            \
+    if (XK_PLANES(F) == 2) {                                                                     \
+        uint64_t m1;                                                                             \
+        memcpy(&m1, hbk + 64 + 32 * (H) + 8 * (j), 8);                                           \
+        W = _mm512_mask_add_epi8(W, _cvtu64_mask64(m1), W, c32);                                 \
+    }
+#define XK_DOTS512(W, o)                                                                         \
+    for (int i = 0; i < MR; i++)                                                                 \
+        for (int k = 0; k < PARTS; k++)                                                          \
+            d[k][i] = xq_dpbusd(d[k][i], W, xb[i]->q[k] + (o));
+        if (F == XK_Q6_K) { /* each half on its own: half 0 (low nibbles), then half 1 */
+            for (int half = 0; half < 2; half++) {
+                XK_DOT_INIT(512, F, half)
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) {
+                    XK_LINE512(j, half)
+                    XK_DOTS512(W, 16 * half + 4 * j)
+                }
+                if (half == 0) {
+                    XK_TERM(512, d, ws)
+                } else {
+                    XK_TERM(512, d, ws1)
+                }
+            }
+        } else {
+            XK_DOT_INIT(512, F, 0)
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                {
+                    XK_LINE512(j, 0)
+                    XK_DOTS512(W, 4 * j)
+                }
+                {
+                    XK_LINE512(j, 1)
+                    XK_DOTS512(W, 16 + 4 * j)
+                }
+            }
+            XK_TERM(512, d, ws)
+            if (XK_ASYM(F))
+                for (int i = 0; i < MR; i++)
+                    acc[i] = _mm512_fmadd_ps(wm, _mm512_set1_ps(xb[i]->ds), acc[i]);
+        }
     }
     const __mmask16 valid = (__mmask16)((1u << nr) - 1);
     for (int i = 0; i < MR; i++) {
@@ -251,37 +258,61 @@ static inline XQ_AI void xk_mk256(const int MR, const int F, const int PARTS, co
         const uint8_t *blk = wq + b * 256;
         const uint8_t *hbk = XK_PLANES(F) ? wh + b * hb : NULL;
         const xq_xb *xb[XQ_MR256];
-        __m256i d[3][XQ_MR256], e[3][XQ_MR256];
-        XK_DOT_INIT(256, F)
-        for (int j = 0; j < 4; j++) {
-            __m256i P = _mm256_loadu_si256((const __m256i *)(blk + 64 * j));
-            __m256i L = _mm256_and_si256(P, low4);
-            __m256i H = _mm256_and_si256(_mm256_srli_epi16(P, 4), low4);
-            if (XK_PLANES(F)) {
-                L = _mm256_or_si256(L, xk_plane256(hbk + 8 * j, c16));
-                H = _mm256_or_si256(H, xk_plane256(hbk + 32 + 8 * j, c16));
-            }
-            if (XK_PLANES(F) == 2) {
-                L = _mm256_or_si256(L, xk_plane256(hbk + 64 + 8 * j, c32));
-                H = _mm256_or_si256(H, xk_plane256(hbk + 96 + 8 * j, c32));
-            }
-            for (int i = 0; i < MR; i++)
-                for (int k = 0; k < PARTS; k++) {
-                    /* codes <= 63, |q| <= 127: a pair sums to at most 16002, two pairs 32004 */
-                    __m256i sl = _mm256_maddubs_epi16(L, XQ_X256(i, k, 4 * j));
-                    __m256i sh = _mm256_maddubs_epi16(H, XQ_X256(i, k, 16 + 4 * j));
-                    if (F == XK_Q6_K) {
-                        d[k][i] = _mm256_add_epi32(d[k][i], _mm256_madd_epi16(sl, ones));
-                        e[k][i] = _mm256_add_epi32(e[k][i], _mm256_madd_epi16(sh, ones));
-                    } else {
-                        d[k][i] = _mm256_add_epi32(
-                            d[k][i], _mm256_madd_epi16(_mm256_add_epi16(sl, sh), ones));
-                    }
-                }
-        }
+        for (int i = 0; i < MR; i++)
+            xb[i] = x + i * nb + b;
         XK_BLOCK_SCALES(256, F, 16 * h, XK_CVT8U_256, XK_CVT8S_256)
-        (void)ws1;
-        XK_BLOCK_TERMS(256, F)
+        __m256i d[3][XQ_MR256];
+#define XK_LINE256(j, H)                                                                         \
+    __m256i W = _mm256_loadu_si256((const __m256i *)(blk + 64 * (j)));                           \
+    W = _mm256_and_si256((H) ? _mm256_srli_epi16(W, 4) : W, low4);                              \
+    if (XK_PLANES(F))                                                                            \
+        W = _mm256_or_si256(W, xk_plane256(hbk + 32 * (H) + 8 * (j), c16));                      \
+    if (XK_PLANES(F) == 2)                                                                       \
+        W = _mm256_or_si256(W, xk_plane256(hbk + 64 + 32 * (H) + 8 * (j), c32));
+        if (F == XK_Q6_K) { /* each half on its own: half 0 (low nibbles), then half 1 */
+            for (int half = 0; half < 2; half++) {
+                XK_DOT_INIT(256, F, half)
+                for (int j = 0; j < 4; j++) {
+                    XK_LINE256(j, half)
+                    for (int i = 0; i < MR; i++)
+                        for (int k = 0; k < PARTS; k++) {
+                            /* codes <= 63, |q| <= 127: a pair sums to at most 16002 */
+                            __m256i s16 = _mm256_maddubs_epi16(W, XQ_X256(i, k, 16 * half + 4 * j));
+                            d[k][i] = _mm256_add_epi32(d[k][i], _mm256_madd_epi16(s16, ones));
+                        }
+                }
+                if (half == 0) {
+                    XK_TERM(256, d, ws)
+                } else {
+                    XK_TERM(256, d, ws1)
+                }
+            }
+        } else {
+            XK_DOT_INIT(256, F, 0)
+            for (int j = 0; j < 4; j++) {
+                __m256i L, H;
+                {
+                    XK_LINE256(j, 0)
+                    L = W;
+                }
+                {
+                    XK_LINE256(j, 1)
+                    H = W;
+                }
+                for (int i = 0; i < MR; i++)
+                    for (int k = 0; k < PARTS; k++) {
+                        /* codes <= 31, |q| <= 127: two pairs sum to at most 15748 */
+                        __m256i s16 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(L, XQ_X256(i, k, 4 * j)),
+                            _mm256_maddubs_epi16(H, XQ_X256(i, k, 16 + 4 * j)));
+                        d[k][i] = _mm256_add_epi32(d[k][i], _mm256_madd_epi16(s16, ones));
+                    }
+            }
+            XK_TERM(256, d, ws)
+            if (XK_ASYM(F))
+                for (int i = 0; i < MR; i++)
+                    acc[i] = _mm256_fmadd_ps(wm, _mm256_set1_ps(xb[i]->ds), acc[i]);
+        }
     }
     for (int i = 0; i < MR; i++) {
         float r[8];
