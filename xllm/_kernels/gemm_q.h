@@ -23,6 +23,10 @@
  *   4. out = acc, or out = out + acc.
  * Each output element goes through the same operations whatever M, its row, the thread count or
  * the ISA path: results are bitwise batch-invariant.
+ *
+ * The codecs (GGUF Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; xq_weights.fmt != 0) share step 1 and the work
+ * split, and have their own steps 2 and 3: gemm_k.h states them. Their offset corrections per
+ * 16 values (Q6_K) come from the half sums of x's parts (xq_xh, written beside each xq_xb).
  */
 #ifndef XLLM_GEMM_Q_H
 #define XLLM_GEMM_Q_H

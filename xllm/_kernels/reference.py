@@ -289,8 +289,9 @@ def fma(a, b, c):
 
 def qmatmul(x, w, out, accumulate=False):
     """out (+)= x @ W.T for packed quantized weights W (or tuples of W and out): gemm_q.h's exact
-    arithmetic. W is read through its fields (shape, bits, group, parts, and the arrays qs,
-    scales, mins of layout.py), as the compiled kernel reads them."""
+    arithmetic, and gemm_k.h's for a codec. W is read through its fields (shape, bits, group,
+    parts, codec, and the arrays qs, scales, mins, high, sub of layout.py), as the compiled
+    kernel reads them."""
     if type(w) is tuple:
         if len({wi.parts for wi in w}) > 1:
             raise ValueError("weights sharing x need equal parts")
