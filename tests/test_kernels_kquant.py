@@ -257,3 +257,25 @@ def test_bad_codec_tensors():
         setattr(corrupt, field, bad)  # corrupted after construction: caught before the kernel
         with pytest.raises(ValueError):
             Q.qmatmul(x, corrupt, np.empty((2, 20), np.float32))
+
+
+def test_k_quant_row_not_a_multiple_of_256_is_a_clear_error(tmp_path):
+    """A GGUF whose Q4_K tensor claims rows of 128 values: ModelFormatError naming the file, the
+    tensor and the block size (the reader checks every tensor's dims before any kernel)."""
+    from xllm.files.gguf import open_gguf
+    path = tmp_path / "bad.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    raw = random_blocks(np.random.default_rng(7), "Q4_K", 4, 256)
+    writer.add_tensor("blk.0.attn_q.weight", raw, raw_dtype=T.Q4_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = bytearray(path.read_bytes())
+    dims = np.array([256, 4], "<u8").tobytes()
+    at = data.index(b"blk.0.attn_q.weight") + len("blk.0.attn_q.weight") + 4  # after n_dims
+    assert data[at:at + 16] == dims
+    data[at:at + 8] = np.array([128], "<u8").tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFormatError, match=r"bad.gguf.*blk.0.attn_q.weight.*Q4_K block \(256\)"):
+        open_gguf(str(path))
