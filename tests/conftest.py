@@ -1,11 +1,39 @@
 """Shared pytest fixtures for xllm's tests."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 _REPO = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- temporary files
+# A test run leaves nothing in the system's temporary folder: every temporary file of the run
+# (pytest's tmp_path folders, tempfile's files in this process, and those of the subprocesses
+# the tests start, through TMPDIR) goes into one folder, removed when the run ends. Pass
+# --basetemp DIR to keep the tmp_path folders of a run for inspection.
+
+def pytest_configure(config):
+    root = tempfile.mkdtemp(prefix="xllm-tests-")
+    config.stash[_TEMP_KEY] = (root, tempfile.tempdir, os.environ.get("TMPDIR"))
+    tempfile.tempdir = root
+    os.environ["TMPDIR"] = root
+
+
+def pytest_unconfigure(config):
+    root, tempdir, tmpdir_env = config.stash[_TEMP_KEY]
+    tempfile.tempdir = tempdir
+    if tmpdir_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = tmpdir_env
+    shutil.rmtree(root, ignore_errors=True)
+
+
+_TEMP_KEY = pytest.StashKey[tuple]()
 
 
 def find_data_dir():

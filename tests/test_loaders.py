@@ -400,8 +400,8 @@ def test_unsupported_dtype(hf_dir, tmp_path):
 def test_unsupported_config(hf_dir, tmp_path):
     d, _ = hf_copy(hf_dir, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
-    expect_error(d, "config.json", "mistral")
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2"}))
+    expect_error(d, "config.json", "gemma2")
     (d / "config.json").write_text(json.dumps({**cfg, "rope_parameters": {"rope_type": "yarn"}}))
     expect_error(d, "config.json", "yarn")
     (d / "config.json").write_text("{not json")

@@ -5,6 +5,8 @@
 - transformers: random LlamaForCausalLM checkpoints (fp32 and bf16 weights; MHA/GQA; tied and
   untied; rope theta 1e4/5e5; hidden 200) — logits within 1e-4 for fp32 weights and 1e-2 for
   bf16 weights (transformers runs in float32 on the same weights), 64 greedy tokens identical.
+
+Qwen2, Qwen3 and Mistral (sliding window) in the same style: tests/test_architectures.py.
 """
 import json
 

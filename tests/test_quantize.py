@@ -1,8 +1,11 @@
 """tools/quantize.py and xllm's quantized checkpoint format (xllm.loaders.quantized).
 
 Sources: a tiny random Hugging Face model (SentencePiece tokenizer, HF RoPE layout, w2 with
-K = 172 that no group size divides) and a tiny random GGUF (tied embeddings, the first 1024
-tokens of the GPT-2 vocabulary from llama.cpp's vocab file). Their q/k weights are scaled up so
+K = 172 that no group size divides), a tiny random GGUF (tied embeddings, the first 1024
+tokens of the GPT-2 vocabulary from llama.cpp's vocab file) and, for llama.cpp's K-quant file
+types, a wider random model whose rows fit K-quant super-blocks (hidden size 256). llama.cpp's
+own quantizer (llama-cpp-python) checks --type tensor by tensor; xllm.random_model's GGUF writer
+is tested here too. Their q/k weights are scaled up so
 attention is far from uniform and a wrong RoPE row permutation changes the logits visibly.
 """
 import json
@@ -12,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -419,28 +423,208 @@ def test_llama_cpp_runs_our_gguf(hf_src, tmp_path, one_thread):
         llm.close()
 
 
+# ----------------------------------------------------------------------------- llama.cpp's mixes
+
+
+@pytest.fixture(scope="module")
+def wide_src(tmp_path_factory):
+    """A random Hugging Face model whose rows fit K-quant super-blocks: hidden size 256,
+    feed-forward 512, 8 layers, 4 heads sharing 2 KV heads, untied output, vocabulary 512."""
+    d = tmp_path_factory.mktemp("wide") / "src"
+    write_random_model(d, "tiny", "fp32", seed=5, hidden_size=256, intermediate_size=512,
+                       num_layers=8, num_heads=4, num_kv_heads=2)
+    return d
+
+
+MIX_TYPES = ["q4_k_m", "q5_k_m", "q6_k", "q5_0", "q5_1"]
+
+
+@pytest.mark.parametrize("file_type", MIX_TYPES)
+def test_file_type_mix(wide_src, tmp_path, file_type):
+    """--type writes each tensor in the format of llama.cpp's mix (an --out ending in .gguf
+    selects GGUF), the blocks its quantizer makes of the float32 matrix, and xllm loads the file:
+    its logits differ from the float32 model's (largest |logit| 1.27) by at most twice what was
+    measured (q4_k_m 0.22, q5_k_m 0.17, q6_k 0.066, q5_0 0.21, q5_1 0.15)."""
+    out = tmp_path / "m.gguf"
+    assert run("--model", wide_src, "--out", out, "--type", file_type) == 0
+    ckpt = load_checkpoint(wide_src)
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.file_type"].contents() == \
+        registry.writable_formats()[file_type].file_type
+    file_names = {gguf_name(name): name for name in expected_shapes(ckpt.config)}
+    kinds = set()
+    for t in reader.tensors:
+        name = file_names[t.name]
+        shape = expected_shapes(ckpt.config)[name]
+        expected = qtool.mixes.tensor_format(file_type, t.name, shape, ckpt.config)
+        assert t.tensor_type.name == expected.name, t.name
+        kinds.add(expected.name)
+        matrix = qtool.gguf_matrix(ckpt, name)
+        np.testing.assert_array_equal(np.asarray(t.data).reshape(-1),
+                                      np.asarray(expected.from_float(matrix)).reshape(-1))
+    if file_type in ("q4_k_m", "q5_k_m"):
+        assert "Q6_K" in kinds and len(kinds) == 3  # the file type's, Q6_K and F32 (norms)
+    ref = _logits(ckpt, ckpt.weights)
+    bound = {"q4_k_m": 0.44, "q5_k_m": 0.34, "q6_k": 0.13, "q5_0": 0.42, "q5_1": 0.3}
+    np.testing.assert_allclose(xllm.load(out).logits(IDS), ref, rtol=0, atol=bound[file_type])
+
+
+def test_pure_file_type(wide_src, tmp_path):
+    """--pure: every matrix in the file type's own format (llama-quantize --pure)."""
+    out = tmp_path / "m.gguf"
+    assert run("--model", wide_src, "--out", out, "--type", "q4_k_m", "--pure") == 0
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert {k for n, k in kinds.items() if not n.endswith("norm.weight")} == {"Q4_K"}
+
+
+@pytest.mark.parametrize("source", ["wide", "tiny"])
+@pytest.mark.parametrize("file_type", MIX_TYPES + ["q8_0", "q4_0", "q4_1"])
+def test_same_tensors_as_llama_cpp(wide_src, hf_src, tmp_path, source, file_type):
+    """llama.cpp's llama_model_quantize and --type, applied to the same float32 GGUF, write the
+    same tensors: the same type for each, byte for byte the same blocks. The tiny model's rows
+    (64 and 172 values) fit no K-quant: both fall back to Q5_0/Q5_1/Q8_0 and to F16."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+    f32 = tmp_path / "f32.gguf"
+    assert run("--model", wide_src if source == "wide" else hf_src, "--out", f32,
+               "--type", "f32") == 0
+    ours = tmp_path / "ours.gguf"
+    assert run("--model", f32, "--out", ours, "--type", file_type) == 0
+    theirs = tmp_path / "theirs.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{file_type.upper()}")
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(),
+                                          ctypes.byref(params)) == 0
+    our_tensors = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    their_tensors = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert sorted(our_tensors) == sorted(their_tensors)
+    for name, t in their_tensors.items():
+        assert our_tensors[name].tensor_type == t.tensor_type, name
+        assert np.array_equal(our_tensors[name].data, t.data), name
+
+
+def test_llama_cpp_runs_our_k_quants(wide_src, tmp_path, one_thread):
+    """llama.cpp loads a q4_k_m file of the tool and its logits agree with xllm's (which expands
+    the K-quants to float32, where llama.cpp rounds the activations to 8 bits): max |difference|
+    0.023 measured, bound 0.05."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / "m.gguf"
+    assert run("--model", wide_src, "--out", out, "--type", "q4_k_m") == 0
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, logits_all=True,
+                          verbose=False, type_k=0, type_v=0)
+    prompt = IDS[:24]
+    llm.eval(prompt)
+    theirs = np.array(llm.scores[:len(prompt)])
+    llm.close()
+    ours = xllm.load(out, kv_dtype="float32").logits(prompt)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=0.05)
+
+
+# ----------------------------------------------------------------------------- random GGUF
+
+
+WIDE_SHAPE = dict(hidden_size=256, intermediate_size=512, num_layers=8, num_heads=4,
+                  num_kv_heads=2)
+
+
+@pytest.mark.parametrize("file_type", ["q8_0", "q4_0", "q4_k_m"])
+def test_random_gguf_runs_in_xllm_and_llama_cpp(tmp_path, one_thread, file_type):
+    """xllm.random_model writes a random model straight to a GGUF of a llama.cpp file type
+    (python -m xllm.random_model --type ...): every tensor in the mix's format, weights of
+    standard deviation 0.02 (norms around 1), and xllm and llama.cpp load it: the same tokens
+    and logits within 0.04 of each other (largest |logit| about 1.1; measured differences 0.018
+    q8_0, 0.015 q4_0, 0.020 q4_k_m: llama.cpp rounds the activations to 8 bits, xllm splits
+    them into 2 or 3 int8 parts or, for K-quants, expands the weights to float32)."""
+    from xllm import random_model
+    from xllm.formats import mixes
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / "random.gguf"
+    random_model.write_random_gguf(out, "tiny", file_type, seed=1, **WIDE_SHAPE)
+    cfg = dict(random_model.PRESETS["tiny"], **WIDE_SHAPE)
+    shapes = random_model.gguf_tensor_shapes(cfg)
+    config = SimpleNamespace(num_layers=8, num_heads=4, num_kv_heads=2, tie_word_embeddings=False)
+    reader = gguf.GGUFReader(out)
+    assert [t.name for t in reader.tensors] == list(shapes)
+    for t in reader.tensors:
+        expected = mixes.tensor_format(file_type, t.name, shapes[t.name], config)
+        assert t.tensor_type == expected.gguf_type, t.name
+        values = expected.dequantize(np.asarray(t.data)).reshape(shapes[t.name])
+        center = 1.0 if len(shapes[t.name]) == 1 else 0.0
+        assert abs(np.std(values) - 0.02) < 0.003 and abs(np.mean(values) - center) < 0.01
+    model = xllm.load(out, kv_dtype="float32")
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, logits_all=True,
+                          verbose=False, type_k=0, type_v=0)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
+            model.tokenizer.encode(text), text
+    prompt = IDS[:16]
+    llm.eval(prompt)
+    theirs = np.array(llm.scores[:len(prompt)])
+    llm.close()
+    np.testing.assert_allclose(model.logits(prompt), theirs, rtol=0, atol=0.04)
+
+
+def test_random_gguf_memory_stays_small(tmp_path, monkeypatch):
+    """The writer holds one chunk of rows and the block pool, never the model: writing a 23 MB
+    Q8_0 file with 1 MB chunks and a pool of 2^16 values allocates at most 4 MB at once
+    (tracemalloc sees NumPy's buffers). The CLI writes GGUF for an --out ending in .gguf."""
+    import tracemalloc
+    from xllm import random_model
+    monkeypatch.setattr(random_model, "GGUF_CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(random_model, "GGUF_POOL_VALUES", 1 << 16)
+    out = tmp_path / "m.gguf"
+    tracemalloc.start()
+    try:
+        random_model.write_random_gguf(out, "tiny", "q8_0", hidden_size=512,
+                                       intermediate_size=1536, num_layers=4, vocab_size=8192)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert os.path.getsize(out) > 20e6
+    assert peak < 4e6, peak
+    again = tmp_path / "again.gguf"
+    random_model.main(["--shape", "tiny", "--out", str(again)])
+    assert gguf.GGUFReader(again).fields["general.file_type"].contents() == \
+        gguf.LlamaFileType.MOSTLY_Q8_0
+    with pytest.raises(ValueError, match="not one of"):
+        random_model.write_random_gguf(tmp_path / "x.gguf", "tiny", "q2_k")
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
 @pytest.mark.parametrize("fmt,type_args,bits_args", [
-    ("gguf", ("--type", "q8_0"), ("--bits", 8)),
-    ("gguf", ("--type", "q4_0"), ("--bits", 4)),
-    ("gguf", ("--type", "q4_1"), ("--bits", 4, "--asymmetric")),
+    ("gguf", ("--type", "q8_0", "--pure"), ("--bits", 8)),
+    ("gguf", ("--type", "q4_0", "--pure"), ("--bits", 4)),
+    ("gguf", ("--type", "q4_1", "--pure"), ("--bits", 4, "--asymmetric")),
     ("gguf", ("--type", "f16"), ("--bits", 16)),
     ("xllm", ("--type", "q4_0"), ("--bits", 4, "--symmetric")),
     ("xllm", ("--type", "q4_1", "--asymmetric"), ("--bits", 4)),
     ("xllm", ("--type", "f32"), ("--bits", 32))])
 def test_type_names_the_format(hf_src, tmp_path, fmt, type_args, bits_args):
-    """--type (llama.cpp's names, the registry's writable formats) writes the same files as the
-    --bits options it stands for."""
-    assert sorted(registry.writable_formats()) == ["f16", "f32", "q4_0", "q4_1", "q8_0"]
+    """--type (llama.cpp's names, the registry's writable formats) writes the files of the
+    --bits options it stands for: in GGUF with --pure (no llama.cpp mix), except the ffn_down
+    matrices, whose rows of 172 values fit no block: --bits keeps them F32, --type falls back to
+    F16 as llama.cpp does."""
+    assert sorted(registry.writable_formats()) == ["f16", "f32", "q4_0", "q4_1", "q4_k_m",
+                                                   "q5_0", "q5_1", "q5_k_m", "q6_k", "q8_0"]
     suffix = ".gguf" if fmt == "gguf" else ""
     by_type = tmp_path / f"type{suffix}"
     by_bits = tmp_path / f"bits{suffix}"
     assert run("--model", hf_src, "--out", by_type, "--format", fmt, *type_args) == 0
     assert run("--model", hf_src, "--out", by_bits, "--format", fmt, *bits_args) == 0
     if fmt == "gguf":
-        assert by_type.read_bytes() == by_bits.read_bytes()
+        typed, bits = gguf.GGUFReader(by_type), gguf.GGUFReader(by_bits)
+        assert [(k, f.contents()) for k, f in typed.fields.items()] == \
+            [(k, f.contents()) for k, f in bits.fields.items()]
+        for a, b in zip(typed.tensors, bits.tensors, strict=True):
+            assert a.name == b.name and list(a.shape) == list(b.shape)
+            if a.name.endswith("ffn_down.weight") and bits.tensors[0].tensor_type.name != "F16":
+                assert (a.tensor_type.name, b.tensor_type.name) == ("F16", "F32")
+                np.testing.assert_array_equal(a.data, b.data.astype(np.float16))
+            else:
+                assert a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data), a.name
     else:
         assert sorted(os.listdir(by_type)) == sorted(os.listdir(by_bits))
         for name in os.listdir(by_type):
@@ -465,7 +649,12 @@ def test_bad_options(hf_src, tmp_path, capsys):
                       (("--type", "q4_0", "--asymmetric"), "--type q4_0 is symmetric"),
                       (("--type", "q4_1", "--symmetric"), "--type q4_1 is asymmetric"),
                       (("--type", "q8_0", "--group-size", 64), "blocks of 32 values"),
-                      (("--type", "f16", "--symmetric"), "not quantized")]:
+                      (("--type", "f16", "--symmetric"), "not quantized"),
+                      (("--type", "q4_k_m", "--format", "xllm"), "cannot hold Q4_K"),
+                      (("--type", "q5_0", "--symmetric"), "fixes its layout"),
+                      (("--type", "q6_k", "--group-size", 64), "blocks of 256 values"),
+                      (("--bits", 8, "--pure"), "--pure applies to --type"),
+                      (("--type", "q8_0", "--pure", "--format", "xllm"), "--pure applies")]:
         capsys.readouterr()
         assert run("--model", hf_src, "--out", tmp_path / "x", *args) == 2
         err = capsys.readouterr().err

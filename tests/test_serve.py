@@ -216,12 +216,13 @@ def test_bad_requests_get_openai_errors(client, server):
         client.chat.completions.create(model="gpt-17", messages=CHAT)
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model=DEFAULT_MODEL, prompt=[5] * 9000, max_tokens=1)
-    with pytest.raises(openai.BadRequestError, match="not supported"):
-        client.chat.completions.create(model=DEFAULT_MODEL, messages=CHAT, tools=[
-            {"type": "function", "function": {"name": "f", "parameters": {}}}])
+    # (tools and response_format are supported: tests/test_structured.py)
     with pytest.raises(openai.BadRequestError, match="not supported"):
         client.chat.completions.create(model=DEFAULT_MODEL, messages=CHAT,
-                                       response_format={"type": "json_object"})
+                                       logit_bias={"1": 5})
+    with pytest.raises(openai.BadRequestError, match="not supported"):
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=CHAT,
+                                       extra_body={"functions": [{"name": "f"}]})
     # unknown fields are ignored
     r = client.chat.completions.create(model=DEFAULT_MODEL, messages=CHAT, max_tokens=2,
                                        extra_body={"some_new_field": 1})

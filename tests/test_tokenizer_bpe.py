@@ -169,8 +169,8 @@ def llama3_style(hf_dir, smollm2_gguf, tmp_path_factory):
 @given(text=st.one_of(_TEXT, st.lists(st.sampled_from(list("aS'tLl \r\n1234.\u017f\u212a")),
                                       max_size=14).map("".join)))
 def test_llama3_pre_tokenizer_matches_hf(llama3_style, text):
-    # The GGUF "llama-bpe" regex spells (?i:'s|...) out as llama.cpp does ('[sS]...),
-    # so "\u017f" (long s) and the Kelvin sign are not folded to "s"/"k" by either.
+    # The GGUF "llama-bpe" regex is the published one, (?i:'s|...) included: the regex
+    # package folds "\u017f" (long s) and the Kelvin sign as tokenizers does.
     hf, from_json, from_gguf = llama3_style
     hf.encode_special_tokens = True
     expected = hf.encode(text, add_special_tokens=False).ids
@@ -184,6 +184,159 @@ def test_default_pre_tokenizer():
     tok = ByteLevelBPE.from_gguf_fields(["a"], [], [NORMAL], "default")
     assert tok.pre_tokenize("Hello, world 12345!") == [
         "Hello", ",", " world", " ", "123", "45", "!"]
+
+
+# The pre-tokenizers llama.cpp names, against tokenizers built with the same pre-tokenizer on a
+# synthetic vocabulary (the models' own are not reachable here): trained by tokenizers without
+# any pre-tokenizer on text made of the pieces the regexes treat differently (digit runs, case
+# changes, contractions, scripts, newlines, punctuation), so that its merges cross every
+# boundary a pre-tokenizer may draw and a wrong split changes the ids. For Qwen2, Mistral
+# (tekken), GPT-4o and Llama 3 tokenizers runs the regex the models publish in tokenizer.json
+# (written out here, not taken from xllm); for the others, xllm's passes as Split steps, which
+# checks the regex package against tokenizers' engine on them. (GGUF name, ignore_merges)
+_PUBLISHED = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "tekken": r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+              r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
+              r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "gpt-4o": r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+              r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
+              r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}|"
+              r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "llama3": _HF_LLAMA3,
+}
+_PRE_CASES = [("qwen2", False), ("stablelm2", False), ("tekken", True), ("gpt-4o", False),
+              ("llama3", True), ("chatglm-bpe", False), ("starcoder", False), ("phi-2", False),
+              ("falcon", False), ("deepseek-v3", False), ("deepseek-coder", False),
+              ("bloom", False), ("viking", False)]
+_PRE_TEXT = st.one_of(_TEXT, st.lists(st.sampled_from(
+    ["Hello", "WORLD", "camelCase", "HTTPServer", "\u00c9t\u00e9", "\u00e9t\u00c9", "'s", "'LL",
+     "'\u017f", "'\u017fa", " ", "  ", "\n", "\r\n", "\t", "12345", "7", "\u0663", "\u4e2d\u6587",
+     "\u3072\u3089\u304c\u306a", "\ud55c\uad6d", "...", "\u2026", "\u3002", "/", "//", "a/b\n",
+     "$", "`", "!!", "\u0301", "e\u0301", "\u02b0", "\U0001F600", "x"]), max_size=10).map("".join))
+
+
+_SYNTHETIC_WORDS = ["Hello", "WORLD", "camelCase", "HTTPServer", "\u00c9t\u00e9", "'s", "'LL",
+                    "'re", "'\u017fa", " ", "  ", "\n", "\r\n", "\t", "12345", "7", "2024", "\u0663\u0664",
+                    "\u4e2d\u6587", "\u3072\u3089\u304c\u306a", "\ud55c\uad6d\uc5b4", "...", "\u2026",
+                    "\u3002", "/", "//", "$", "`", "!!", "e\u0301", "the", " the", "ing", "don't",
+                    "I'm", "x", ",", ".", "?", "(", ")", "foo_bar", "<=", "=>"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_bpe():
+    """tokenizer.json (as a dict) of a byte-level BPE of 1,500 tokens that tokenizers trains,
+    with no pre-tokenizer, on 20,000 random strings of _SYNTHETIC_WORDS."""
+    from tokenizers import Tokenizer, models, trainers
+    from tokenizers import pre_tokenizers as pt
+    rng = random.Random(0)
+    corpus = ["".join(rng.choice(_SYNTHETIC_WORDS) for _ in range(rng.randint(1, 12)))
+              for _ in range(20000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pt.ByteLevel(add_prefix_space=False, use_regex=False)
+    trainer = trainers.BpeTrainer(vocab_size=1500, initial_alphabet=pt.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return json.loads(tok.to_str())
+
+
+@pytest.fixture(scope="module")
+def pre_tokenizer_pairs(synthetic_bpe):
+    """{GGUF pre name: (tokenizers' Tokenizer, ours from GGUF fields)} on the synthetic
+    vocabulary."""
+    from tokenizers import Tokenizer
+    from xllm.tokenizers.byte_level import PRE_TOKENIZERS
+    data = synthetic_bpe
+    vocab = data["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    merges = [" ".join(m) for m in data["model"]["merges"]]
+    pairs = {}
+    for name, ignore_merges in _PRE_CASES:
+        patterns = [_PUBLISHED[name]] if name in _PUBLISHED else PRE_TOKENIZERS[name]
+        splits = [{"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated",
+                   "invert": False} for p in patterns]
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                      "use_regex": False}
+        data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": splits + [byte_level]}
+        data["model"]["ignore_merges"] = ignore_merges
+        hf = Tokenizer.from_str(json.dumps(data))
+        hf.encode_special_tokens = True
+        ours = ByteLevelBPE.from_gguf_fields(tokens, merges, [NORMAL] * len(tokens), name)
+        assert ours.ignore_merges == ignore_merges
+        pairs[name] = (hf, ours)
+    return pairs
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _PRE_CASES])
+@settings(max_examples=150, deadline=None, suppress_health_check=_FIXTURE_OK)
+@given(text=_PRE_TEXT)
+def test_named_pre_tokenizers_match_hf(pre_tokenizer_pairs, name, text):
+    hf, ours = pre_tokenizer_pairs[name]
+    assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids
+
+
+@pytest.fixture(scope="module")
+def qwen2_style_json(synthetic_bpe, tmp_path_factory):
+    """Qwen2's tokenizer.json layout on the synthetic vocabulary: the NFC normalizer, its
+    published Split regex then ByteLevel without regex, a special token; tokenizers and ours."""
+    from tokenizers import Tokenizer
+    data = dict(synthetic_bpe)
+    data["normalizer"] = {"type": "NFC"}
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _PUBLISHED["qwen2"]}, "behavior": "Isolated",
+         "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+         "use_regex": False}]}
+    size = len(data["model"]["vocab"])
+    data["added_tokens"] = [{"id": size, "content": "<|im_end|>", "single_word": False,
+                             "lstrip": False, "rstrip": False, "normalized": False,
+                             "special": True}]
+    path = tmp_path_factory.mktemp("qwen2_json") / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    hf = Tokenizer.from_file(str(path))
+    return hf, load_tokenizer(path)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=_FIXTURE_OK)
+@given(text=st.one_of(_PRE_TEXT, st.lists(st.sampled_from(
+    ["e", "\u0301", "\u00e9", "A", "\u030a", "\u212b", "\u1e9b\u0323", "\ufb01", " ", "<|im_end|>",
+     "\uac00", "\u1100\u1161"]), max_size=10).map("".join)))
+def test_nfc_normalizer_matches_hf(qwen2_style_json, text):
+    """NFC before the pre-tokenizer (composed and decomposed accents, Hangul jamo), special
+    tokens left as they are."""
+    hf, ours = qwen2_style_json
+    assert ours.normalization == "NFC"
+    assert ours.encode(text, parse_special=True) == hf.encode(text, add_special_tokens=False).ids
+
+
+def test_unsupported_normalizers_are_refused(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    base = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}}
+    for normalizer, match in (({"type": "Lowercase"}, "Lowercase"),
+                              ({"type": "Sequence", "normalizers": [{"type": "NFC"},
+                                                                    {"type": "Lowercase"}]},
+                               "several normalizers")):
+        path.write_text(json.dumps({**base, "normalizer": normalizer}))
+        with pytest.raises(ModelFormatError, match=match):
+            load_tokenizer(path)
+    path.write_text(json.dumps({**base, "normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "NFKC"}]}}))
+    assert load_tokenizer(path).normalization == "NFKC"
+
+
+def test_pre_tokenizers_differ_where_they_should():
+    """The passes are not all the same regex: Qwen2 splits digits one by one where Llama 3
+    keeps three, tekken splits CamelCase words, BLOOM keeps punctuation apart."""
+    def pieces(pre, text):
+        return ByteLevelBPE.from_gguf_fields(["a"], [], [NORMAL], pre).pre_tokenize(text)
+    assert pieces("qwen2", "x 12345") == ["x", " ", "1", "2", "3", "4", "5"]
+    assert pieces("llama3", "x 12345") == ["x", " ", "123", "45"]
+    assert pieces("tekken", "HTTPServer camelCase") == ["HTTPServer", " camel", "Case"]
+    assert pieces("gpt-4o", "He's") == ["He's"]
+    assert pieces("bloom", "Hi, you!") == ["Hi", ",", " you", "!"]
 
 
 def test_speed_vs_hf(smollm2, hf_tok, corpus):

@@ -18,12 +18,17 @@ kernel replaced by a no-op to measure the time spent outside the kernels. --pref
 a prefill-only measurement with an N-token prompt. --bandwidth measures the memory read
 bandwidth (two threads summing 1 GiB) and prints the decode bound it implies: bandwidth /
 bytes of weights read per token (every matrix but the embedding table, plus one embedding row).
+--json PATH also writes the medians and every repetition, with the host (record_header), as a
+JSON record: tools/plot_benchmarks.py draws the docs' figures from such records.
 """
 import argparse
+import datetime
 import functools
 import importlib
+import json
 import multiprocessing
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -36,6 +41,7 @@ import numpy as np
 
 import xllm
 from xllm import _kernels
+from xllm.generate import HelpFormatter
 from xllm.random_model import write_random_model
 from xllm.hub import resolve
 
@@ -377,8 +383,73 @@ def gemm_table(threads, reps):
         print(f"  {name:24s}" + "".join(f"{r.get(sh, float('nan')):16.1f}" for sh in GEMM_SHAPES))
 
 
+# ----------------------------------------------------------------------------- JSON records
+
+
+def cpu_description():
+    """(model name, flags) of the first CPU in /proc/cpuinfo; ("", []) where there is none."""
+    model, flags = "", []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = value.split()
+    except OSError:
+        pass
+    return model or platform.processor(), flags
+
+
+def git_commit():
+    """The commit of xllm's checkout (with "+changes" if it has uncommitted edits), or None."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def record_header(tool, args, note):
+    """What every JSON record starts with: the tool and its arguments, when, on what host, CPU
+    (model, flags, the instruction sets xllm uses), its load average when the record is written
+    (other work on the machine) and software, and the caller's note (e.g. "shared machine")."""
+    model, flags = cpu_description()
+    return {
+        "tool": tool,
+        "args": {k: v for k, v in vars(args).items() if k not in ("json", "note")},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "note": note,
+        "host": {"name": platform.node(), "machine": platform.machine(),
+                 "system": f"{platform.system()} {platform.release()}",
+                 "cpu": model, "cpu_count": os.cpu_count(),
+                 "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count(),
+                 "cpu_flags": flags, "xllm_isa": _kernels.features(),
+                 "load_average": [round(x, 2) for x in os.getloadavg()]},
+        "software": {"python": platform.python_version(), "numpy": np.__version__,
+                     "xllm": xllm.__version__, "commit": git_commit()},
+    }
+
+
+def write_record(path, record):
+    """Write `record` as indented JSON to `path` (folders created) and say so on stderr."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a model path xllm loads")
     src.add_argument("--random", choices=sorted(xllm.config.PRESETS), help="random model shape")
@@ -386,31 +457,65 @@ def main(argv=None):
                      help="only the GEMM table: GFLOP/s per kernel path and shape, numpy, torch")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weight dtype of the --random model")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--prompt-len", type=int, default=128, metavar="N",
+                   help="prompt tokens (random ids) of each repetition")
+    p.add_argument("--new-tokens", type=int, default=128, metavar="N",
+                   help="tokens of the greedy decode loop after the prompt")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads of every engine (default: all usable cores)")
+    p.add_argument("--reps", type=int, default=3, metavar="N",
+                   help="repetitions (engines alternate; medians are printed)")
     p.add_argument("--vs-torch", action="store_true", help="also run transformers fp32 and bf16")
-    p.add_argument("--torch-model", help="the Hugging Face directory transformers loads (default: "
-                   "the xllm model; give the source of a quantized model to compare with it)")
+    p.add_argument("--torch-model", metavar="DIR",
+                   help="the Hugging Face directory transformers loads (default: the xllm model; "
+                        "give the source of a quantized model to compare with it)")
     p.add_argument("--vs-llama-cpp", action="store_true",
                    help="also run llama.cpp (llama-cpp-python) on the same GGUF file")
-    p.add_argument("--llama-cpp-model", help="the GGUF file llama.cpp runs (default: --model)")
-    p.add_argument("--prefill-len", type=int, default=0,
-                   help="also measure prefill alone with a prompt of this many tokens")
+    p.add_argument("--llama-cpp-model", metavar="GGUF",
+                   help="the GGUF file llama.cpp runs (default: --model)")
+    p.add_argument("--prefill-len", type=int, default=0, metavar="N",
+                   help="also measure prefill alone with a prompt of this many tokens; 0 is off")
     p.add_argument("--bandwidth", action="store_true",
                    help="measure memory read bandwidth and the decode bound it implies")
-    p.add_argument("--python-share", action="store_true")
+    p.add_argument("--python-share", action="store_true",
+                   help="measure the share of decode time spent outside the kernels")
+    p.add_argument("--json", metavar="PATH",
+                   help="also write the figures and the host as a JSON record to PATH")
+    p.add_argument("--note", default="", metavar="TEXT",
+                   help="a remark stored in the JSON record (e.g. 'shared machine')")
     a = p.parse_args(argv)
     if a.gemm:
         return gemm_table(a.threads or _kernels.default_threads(), a.reps)
     path = a.model or random_model_dir(a.random, a.dtype)  # a model name is resolved by load
     engines = {"xllm": EngineProcess(XllmEngine, path, a.threads)}
     try:
-        report(a, path, engines)
+        figures = report(a, path, engines)
     finally:
         for engine in engines.values():
             engine.close()
+    if a.json:
+        record = record_header("benchmark", a, a.note)
+        record["model"] = {"name": a.model or f"random {a.random}",
+                           "format": model_format(path, a)}
+        record.update(figures)
+        write_record(a.json, record)
+
+
+def model_format(path, a):
+    """A short name of the weights' format: the --random dtype, else the GGUF file's type of
+    its larger matrices (e.g. Q4_1), else "HF directory"."""
+    if a.random:
+        return a.dtype
+    local = resolve(path)
+    if str(local).endswith(".gguf"):
+        from gguf import GGUFReader
+        types = {}
+        for t in GGUFReader(local).tensors:
+            if len(t.shape) > 1:
+                name = t.tensor_type.name
+                types[name] = types.get(name, 0) + int(t.n_elements)
+        return max(types, key=types.get) if types else "GGUF"
+    return "HF directory" if os.path.isdir(local) else os.path.basename(local)
 
 
 def report(a, path, engines):
@@ -463,9 +568,26 @@ def report(a, path, engines):
         print(f"  read bandwidth ({threads} threads, 1 GiB): {bw / 1e9:.1f} GB/s; weights read "
               f"per token: {nb / 1e6:.1f} MB; decode bound {bw / nb:.1f} tok/s; xllm decode is "
               f"{med['xllm'][1] / (bw / nb):.0%} of it")
+    figures = {"threads": threads, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+               "prefill_len": a.prefill_len, "reps": a.reps,
+               "engines": {name: _engine_figures(med[name], results[name])
+                           for name in results},
+               "xllm_peak_rss_bytes": rss, "model_file_bytes": size}
     if a.python_share:
         shares = [xllm_engine.call("python_share", prompt, a.new_tokens) for _ in range(a.reps)]
         print(f"  python share of decode time (outside kernels): {statistics.median(shares):.1%}")
+        figures["python_share"] = statistics.median(shares)
+    return figures
+
+
+def _engine_figures(medians, reps):
+    """One engine's figures in a JSON record: medians and every repetition (tok/s; None for a
+    prefill-only run that was not asked for)."""
+    def number(x):
+        return None if x != x else round(x, 3)  # NaN is not JSON
+    keys = ("prefill_tok_s", "decode_tok_s", "prefill_only_tok_s")
+    return {**{k: number(v) for k, v in zip(keys, medians)},
+            "reps": [{k: number(v) for k, v in zip(keys, rep)} for rep in reps]}
 
 
 if __name__ == "__main__":

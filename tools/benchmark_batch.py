@@ -24,6 +24,8 @@ batch run with every kernel timed (prefill and decode separately; the rest is Py
 --llama-cpp-model GGUF runs the same prompt ids through llama.cpp's batch API after each xllm
 run (tools/llama_cpp_batch.py; with --single, also one prompt at a time). Each engine runs in a
 process of its own (benchmark.EngineProcess), so neither finds the other's threads beside it.
+--json PATH also writes the medians, the host and its CPU flags as a JSON record
+(tools/plot_benchmarks.py draws batch throughput against batch size from such records).
 """
 import argparse
 import os
@@ -40,7 +42,9 @@ from xllm.engine.generation import generate_ids
 from xllm.engine.sampling import Sampler, SamplingParams
 from xllm.hub import resolve
 
-from benchmark import EngineProcess, path_bytes, random_model_dir
+from xllm.generate import HelpFormatter
+
+from benchmark import EngineProcess, path_bytes, random_model_dir, record_header, write_record
 
 DEFAULT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks",
                             "prompts.txt")
@@ -234,20 +238,26 @@ class XllmBatch:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a model path xllm loads (or a registered model name)")
+    src.add_argument("--model", metavar="PATH|NAME",
+                     help="a model path xllm loads (or a registered model name)")
     src.add_argument("--random", choices=sorted(xllm.config.PRESETS), help="random model shape")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weight dtype of the --random model")
-    p.add_argument("--file", default=DEFAULT_FILE, help="prompts, one per line")
-    p.add_argument("--batch", type=int, default=16, help="number of prompts run together")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--file", default="benchmarks/prompts.txt", metavar="PATH",
+                   help="prompts, one per line")
+    p.add_argument("--batch", type=int, default=16, metavar="N",
+                   help="number of prompts run together")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="new tokens per sequence at most (greedy)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="kernel threads (default: all usable cores)")
     p.add_argument("--kv-dtype", default=None, choices=["float32", "float16"],
                    help="KV-cache storage (default: xllm.load's)")
     p.add_argument("--raw", action="store_true", help="plain text prompts (no chat template)")
-    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--reps", type=int, default=1, metavar="N",
+                   help="repetitions (medians are printed)")
     p.add_argument("--single", action="store_true",
                    help="also run the prompts one at a time and print aggregate/single ratios")
     p.add_argument("--profile", action="store_true",
@@ -255,18 +265,29 @@ def main(argv=None):
     p.add_argument("--llama-cpp-model", metavar="GGUF",
                    help="also run the same prompt ids through llama.cpp's batch API (and alone "
                         "with --single), side by side with xllm in every repetition")
+    p.add_argument("--json", metavar="PATH",
+                   help="also write the figures and the host as a JSON record to PATH")
+    p.add_argument("--note", default="", metavar="TEXT",
+                   help="a remark stored in the JSON record (e.g. 'shared machine')")
     a = p.parse_args(argv)
     if a.batch < 1 or a.max_new_tokens < 1 or a.reps < 1:
         p.error("--batch, --max-new-tokens and --reps must be >= 1")
 
     path = a.model or random_model_dir(a.random, a.dtype)
+    if a.file == "benchmarks/prompts.txt" and not os.path.exists(a.file):
+        a.file = DEFAULT_FILE  # the repository's, from any working directory
     texts, n_lines = read_prompts(a.file, a.batch)
     engines = {"xllm": EngineProcess(XllmBatch, path, a.threads, a.kv_dtype, texts, a.raw)}
     try:
-        report(a, path, n_lines, engines)
+        figures = report(a, path, n_lines, engines)
     finally:
         for engine in engines.values():
             engine.close()
+    if a.json:
+        record = record_header("benchmark_batch", a, a.note)
+        record["model"] = {"name": a.model or f"random {a.random} {a.dtype}"}
+        record.update(figures)
+        write_record(a.json, record)
 
 
 def report(a, path, n_lines, engines):
@@ -343,13 +364,20 @@ def report(a, path, n_lines, engines):
               f"{x['decode'] / y['decode']:12.2f}x {x['overall'] / y['overall']:13.2f}x" + faster)
 
     b = medians(batch_runs, f"aggregate (batch {a.batch})")
+    figures = {"threads": threads, "batch": a.batch, "max_new_tokens": a.max_new_tokens,
+               "templated": templated, "prompt_tokens": r0["prompt_tokens"],
+               "generated": r0["generated"], "reps": a.reps, "xllm_batch": _json_rates(b)}
     if single_runs:
         s = medians(single_runs, "single (batch 1)")
         ratios("aggregate / single", b, s, f" {s['wall'] / b['wall']:7.2f}x faster")
+        figures["xllm_single"] = _json_rates(s)
     if lc_runs:
         lb = medians(lc_runs, f"llama.cpp batch {a.batch}")
+        figures["llama_cpp_batch"] = _json_rates(lb)
         if lc_single_runs:
-            ratios("llama.cpp batch/single", lb, medians(lc_single_runs, "llama.cpp single"))
+            ls = medians(lc_single_runs, "llama.cpp single")
+            ratios("llama.cpp batch/single", lb, ls)
+            figures["llama_cpp_single"] = _json_rates(ls)
         ratios("xllm / llama.cpp batch", b, lb)
     print(f"  {'latency per sequence':22s} {'median':>8s} {'p90':>8s} {'max':>8s}")
     rows = [("time to first token s", [latency(r["ttft"]) for r in batch_runs]),
@@ -376,6 +404,14 @@ def report(a, path, n_lines, engines):
     print(f"peak RSS (xllm's process): {rss / 2**20:.0f} MiB (model files "
           f"{files / 2**20:.0f} MiB; KV-cache capacity reserved by the batch at its peak "
           f"{r0['kv_peak'] / 2**20:.0f} MiB, of which only the rows written are resident)")
+    figures["xllm_peak_rss_bytes"] = rss
+    return figures
+
+
+def _json_rates(x):
+    """A medians row (tok/s and wall seconds) as JSON numbers (NaN becomes None)."""
+    return {f"{k}_tok_s" if k != "wall" else "wall_s": (None if v != v else round(v, 3))
+            for k, v in x.items()}
 
 
 if __name__ == "__main__":

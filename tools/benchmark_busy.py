@@ -85,14 +85,23 @@ def _probe(a):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--pairs", type=int, default=5)
-    p.add_argument("--load", type=int, default=1, help="competing CPU-bound processes")
-    p.add_argument("--prompt-tokens", type=int, default=256)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--llama-cpp-model")
+    # not xllm's HelpFormatter: this process must not import xllm (its OpenMP settings would
+    # reach the engines' processes)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="a model path or name xllm loads (default: smollm2-135m-instruct)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="kernel threads of xllm and llama.cpp (default: all cores)")
+    p.add_argument("--pairs", type=int, default=5,
+                   help="quiet/loaded pairs of states (default: 5)")
+    p.add_argument("--load", type=int, default=1,
+                   help="competing CPU-bound processes (default: 1)")
+    p.add_argument("--prompt-tokens", type=int, default=256,
+                   help="prompt tokens of the prefill measurement (default: 256)")
+    p.add_argument("--new-tokens", type=int, default=128,
+                   help="tokens of the decode measurement (default: 128)")
+    p.add_argument("--llama-cpp-model", help="also run llama.cpp on this GGUF file")
     p.add_argument("--baseline", help="an older xllm checkout (kernels built in place)")
     p.add_argument("--engines", help="comma-separated subset of the engines")
     p.add_argument("--quiet-only", action="store_true", help="no loaded state (old/new pairs)")

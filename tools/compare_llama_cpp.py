@@ -51,12 +51,14 @@ def top2(row, tok):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from xllm.generate import HelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="a GGUF file")
-    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--prompt", default="What is the capital of France?",
+                   help="the prompt, in the chat template unless --raw")
     p.add_argument("--raw", action="store_true", help="no chat template")
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=32, help="greedy tokens to compare")
+    p.add_argument("--threads", type=int, default=2, help="threads of both engines")
     a = p.parse_args(argv)
     model = xllm.load(a.model, threads=a.threads)
     tok = model.tokenizer

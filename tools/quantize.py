@@ -1,6 +1,6 @@
 """Quantize a model into xllm's quantized format (a directory) or a llama.cpp GGUF file.
 
-    python tools/quantize.py --model SRC --out DST (--bits {32,16,8,4} | --type TYPE)
+    python tools/quantize.py --model SRC --out DST (--bits {32,16,8,4} | --type TYPE [--pure])
         [--group-size 32] [--asymmetric | --symmetric] [--scale-dtype fp16|fp32]
         [--format xllm|gguf] [--keep embeddings,output] [--activation-parts {2,3}] [--force]
 
@@ -8,8 +8,19 @@ SRC is anything xllm loads (Hugging Face or Meta directory, GGUF, llama2.c .bin,
 quantized directory) or a registered model name such as smollm2-135m-instruct; quantized
 sources are dequantized first. --bits 8 / 4 quantize the matrices (int8 is symmetric; int4 is
 asymmetric unless --symmetric in the xllm format, symmetric Q4_0 unless --asymmetric (Q4_1) in
-GGUF); --bits 32 / 16 write dense float32 / float16. --type names the format instead, as
-llama.cpp does (f32, f16, q8_0, q4_0, q4_1: the weight-format registry's writable formats).
+GGUF); --bits 32 / 16 write dense float32 / float16.
+
+--type names one of llama.cpp's file types instead: f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1,
+q4_k_m, q5_k_m, q6_k (the weight-format registry's writable formats). In GGUF each tensor then
+gets the format llama.cpp's llama-quantize gives it (xllm/formats/mixes.py states the rules):
+the output matrix (or the tied embeddings) is Q6_K in every quantized type but q8_0; attn_v and
+ffn_down are Q6_K in a third of the layers of q4_k_m and q5_k_m; a matrix whose rows are not a
+multiple of 256 long falls back from Q4_K / Q5_K / Q6_K to Q5_0 / Q5_1 / Q8_0 (and to F16 if 32
+does not divide them either). --pure writes every matrix in the type's own format (fallbacks
+aside), as llama-quantize --pure does. The blocks are llama.cpp's to the bit
+(tests/test_kquants.py). In the xllm format, --type q8_0, q4_0, q4_1, f32 and f16 stand for the
+--bits options; the other types are GGUF only. The output is GGUF if --format gguf is given,
+--out ends in .gguf, or --type is GGUF only; else the xllm format.
 Norms always stay float32 (GGUF) or as stored (xllm); --keep leaves the token embeddings
 and/or the output matrix unquantized.
 --activation-parts (xllm format) records how many int8 parts qmatmul splits the activations
@@ -34,11 +45,13 @@ import numpy as np
 from tqdm import tqdm
 
 from xllm import hub
-from xllm._kernels.layout import to_float32
+from xllm._kernels.layout import BLOCK, to_float32
 from xllm.files import gguf as gguf_file
 from xllm.files import xllm_format
+from xllm.formats import mixes
 from xllm.formats.qtensor import QTensor, quantize_weights
-from xllm.formats.registry import FORMATS, PANELS, float_format, packed_format, writable_formats
+from xllm.formats.registry import (FLOAT, FORMATS, PANELS, float_format, packed_format,
+                                   writable_formats)
 from xllm.loaders import load_checkpoint
 from xllm.loaders.gguf import gguf_name
 from xllm.model.weights import expected_shapes
@@ -56,8 +69,12 @@ def parse_args(argv=None):
     kind.add_argument("--bits", type=int, choices=[32, 16, 8, 4],
                       help="8 or 4: quantized; 32 or 16: dense float32 / float16")
     kind.add_argument("--type", choices=sorted(writable_formats()),
-                      help="the format by llama.cpp's name (q8_0 = --bits 8, q4_0 = --bits 4 "
-                           "--symmetric, q4_1 = --bits 4 --asymmetric, f32, f16)")
+                      help="a llama.cpp file type, with its mix of formats in GGUF (xllm format: "
+                           "q8_0 = --bits 8, q4_0 = --bits 4 --symmetric, q4_1 = --bits 4 "
+                           "--asymmetric, f32, f16)")
+    p.add_argument("--pure", action="store_true",
+                   help="--type, GGUF: every matrix in the type's own format (no Q6_K for the "
+                        "output, attn_v, ffn_down); rows that fit no block still fall back")
     p.add_argument("--group-size", type=int, default=32,
                    help="values per scale along K (int8: a power of two >= 32; int4 and GGUF: 32)")
     sym = p.add_mutually_exclusive_group()
@@ -68,7 +85,8 @@ def parse_args(argv=None):
     p.set_defaults(asymmetric=None)
     p.add_argument("--scale-dtype", choices=["fp16", "fp32"], default="fp16",
                    help="dtype of the group scales (GGUF: fp16)")
-    p.add_argument("--format", choices=["xllm", "gguf"], default="xllm")
+    p.add_argument("--format", choices=["xllm", "gguf"], default=None,
+                   help="default: gguf if --out ends in .gguf or --type is GGUF only, else xllm")
     p.add_argument("--keep", default="",
                    help="comma-separated matrices to leave unquantized: embeddings, output")
     p.add_argument("--activation-parts", type=int, choices=[2, 3], default=None,
@@ -84,6 +102,9 @@ def apply_type(a):
     if a.type is None:
         return
     chosen = writable_formats()[a.type]
+    if not in_xllm_format(chosen):
+        raise ValueError(f"--type {a.type}: the xllm format cannot hold {chosen.name}; write "
+                         "GGUF (--format gguf, or an --out ending in .gguf)")
     if chosen.packing != PANELS:
         if a.asymmetric is not None:
             raise ValueError(f"--type {a.type} is not quantized: no --symmetric/--asymmetric")
@@ -98,8 +119,65 @@ def apply_type(a):
     a.asymmetric = chosen.asymmetric
 
 
+def in_xllm_format(weight_format):
+    """Whether the xllm format holds `weight_format`: a float one, or int8/int4 in blocks of 32
+    (not a codec of the kernels: Q5_0, Q5_1 and the K-quants are GGUF only)."""
+    return weight_format.packing == FLOAT or (weight_format.packing == PANELS
+                                              and weight_format.block == BLOCK
+                                              and weight_format.codec is None)
+
+
+def output_format(a):
+    """--format, else gguf if --out ends in .gguf or --type is GGUF only, else xllm."""
+    if a.format is not None:
+        return a.format
+    if a.out.endswith(".gguf"):
+        return "gguf"
+    if a.type is not None and not in_xllm_format(writable_formats()[a.type]):
+        return "gguf"
+    return "xllm"
+
+
+def _keep(a):
+    """The canonical names --keep names (ValueError for an unknown one)."""
+    keep = {k.strip() for k in a.keep.split(",") if k.strip()}
+    unknown = keep - set(KEEP_NAMES)
+    if unknown:
+        raise ValueError(f"--keep {','.join(sorted(unknown))}: not one of embeddings, output")
+    return {KEEP_NAMES[k] for k in keep}
+
+
+def check_file_type(a):
+    """The validated settings of --type with GGUF output: llama.cpp's file type a.type, whose
+    tensors get the formats formats/mixes.py gives them (ValueError if an option conflicts)."""
+    chosen = writable_formats()[a.type]
+    if a.asymmetric is not None:
+        if chosen.packing == FLOAT:
+            raise ValueError(f"--type {a.type} is not quantized: no --symmetric/--asymmetric")
+        if chosen.packing != PANELS or chosen.codec is not None:
+            raise ValueError(f"--type {a.type} fixes its layout: no --symmetric/--asymmetric")
+        if a.asymmetric != chosen.asymmetric:
+            raise ValueError(f"--type {a.type} is {'a' if chosen.asymmetric else ''}symmetric")
+    if a.group_size not in (32, chosen.block):
+        raise ValueError(f"--group-size {a.group_size}: --type {a.type} has blocks of "
+                         f"{chosen.block} values")
+    if a.scale_dtype != "fp16":
+        raise ValueError("--scale-dtype fp32: GGUF blocks store float16 scales")
+    if a.activation_parts is not None:
+        raise ValueError("--activation-parts applies to the xllm format with --bits 8 or 4 "
+                         "(GGUF Q8_0 files run with 2 parts, Q4_0/Q4_1 with 3)")
+    return SimpleNamespace(bits=None, group=chosen.block, asym=chosen.asymmetric,
+                           scale_dtype=np.float16, keep=_keep(a), format="gguf", parts=None,
+                           type=a.type, pure=a.pure)
+
+
 def check_options(a):
     """The validated settings of the parsed arguments (ValueError if they do not fit)."""
+    a.format = output_format(a)
+    if a.pure and (a.type is None or a.format != "gguf"):
+        raise ValueError("--pure applies to --type with GGUF output")
+    if a.type is not None and a.format == "gguf":
+        return check_file_type(a)
     apply_type(a)
     g = a.group_size
     gguf = a.format == "gguf"
@@ -113,10 +191,7 @@ def check_options(a):
                                                       "int4 supports group size 32 only"))
     if gguf and a.scale_dtype != "fp16":
         raise ValueError("--scale-dtype fp32: GGUF blocks store float16 scales")
-    keep = {k.strip() for k in a.keep.split(",") if k.strip()}
-    unknown = keep - set(KEEP_NAMES)
-    if unknown:
-        raise ValueError(f"--keep {','.join(sorted(unknown))}: not one of embeddings, output")
+    keep = _keep(a)
     if a.activation_parts is not None and (gguf or a.bits > 8):
         raise ValueError("--activation-parts applies to the xllm format with --bits 8 or 4 "
                          "(GGUF Q8_0 files run with 2 parts, Q4_0/Q4_1 with 3)")
@@ -124,7 +199,7 @@ def check_options(a):
     parts = (a.activation_parts or (2 if a.bits == 8 else 3)) if a.bits <= 8 else None
     return SimpleNamespace(bits=a.bits, group=g if a.bits <= 8 else 0, asym=asym,
                            scale_dtype=np.float16 if a.scale_dtype == "fp16" else np.float32,
-                           keep={KEEP_NAMES[k] for k in keep}, format=a.format, parts=parts)
+                           keep=keep, format=a.format, parts=parts, type=None, pure=False)
 
 
 def _inside(path, root):
@@ -308,7 +383,10 @@ def tokenizer_metadata(ckpt, fields):
 
 
 def weight_format(o):
-    """The registry format of the quantized (or dense) matrices that the options ask for."""
+    """The registry format of the quantized (or dense) matrices that the options ask for (of
+    --type: the file type's own format, which most matrices get)."""
+    if o.type is not None:
+        return writable_formats()[o.type]
     if o.bits == 32:
         return float_format(np.float32)
     if o.bits == 16:
@@ -319,7 +397,9 @@ def weight_format(o):
 def _gguf_formats(ckpt, o):
     """(format of the matrices, {canonical name: format of that tensor}) of a GGUF output: norms
     and kept matrices stay float (F32, or F16 for --bits 16), and so do matrices whose K is not
-    a multiple of the format's block."""
+    a multiple of the format's block. With --type: llama.cpp's mix (see _file_type_formats)."""
+    if o.type is not None:
+        return _file_type_formats(ckpt, o)
     chosen = weight_format(o)
     formats = {}
     for name, shape in expected_shapes(ckpt.config).items():
@@ -336,12 +416,40 @@ def _gguf_formats(ckpt, o):
     return chosen, formats
 
 
+def _file_type_formats(ckpt, o):
+    """(format of the file type, {canonical name: format}) of --type o.type: each tensor's format
+    in llama.cpp's mix (formats/mixes.py), or with --pure the type's own format for every
+    matrix; matrices whose rows fit neither get llama.cpp's fallback (noted); --keep leaves
+    matrices F32."""
+    c = ckpt.config
+    chosen = writable_formats()[o.type]
+    formats = {}
+    fallbacks = {}  # (wanted, used, K) -> number of matrices
+    for name, shape in expected_shapes(c).items():
+        file_name = gguf_name(name)
+        if len(shape) == 2 and name in o.keep:
+            formats[name] = FORMATS["F32"]
+            continue
+        if o.pure and len(shape) == 2:
+            wanted = chosen
+        else:
+            wanted = mixes.mix_format(o.type, file_name, shape, c)
+        formats[name] = mixes.fallback(wanted, shape[-1])
+        if formats[name] is not wanted:
+            key = (wanted.name, formats[name].name, shape[-1])
+            fallbacks[key] = fallbacks.get(key, 0) + 1
+    for (wanted, used, k), count in fallbacks.items():
+        print(f"note: {count} matrices with rows of {k} values (not a multiple of the {wanted} "
+              f"block) are {used} instead of {wanted}, as llama.cpp falls back", file=sys.stderr)
+    return chosen, formats
+
+
 def gguf_fields(ckpt, o, source, chosen):
     """[(key, value, GGUFValueType, item type)]: the GGUF metadata of the output, in order."""
     from gguf import GGML_QUANT_VERSION, Keys
     from gguf import GGUFValueType as T
     c = ckpt.config
-    arch = "llama"
+    arch = c.architecture
     fields = [f for f in o.fields if f[0].startswith("general.") and f[0] not in (
         "general.architecture", "general.file_type", "general.quantization_version")]
     if not fields:  # a GGUF source's name, license ... else the source's file name
@@ -362,8 +470,11 @@ def gguf_fields(ckpt, o, source, chosen):
     fields.append((Keys.Attention.LAYERNORM_RMS_EPS.format(arch=arch), c.rms_norm_eps,
                    T.FLOAT32, None))
     fields.append((Keys.Rope.FREQ_BASE.format(arch=arch), c.rope_theta, T.FLOAT32, None))
+    if c.sliding_window:
+        fields.append((Keys.Attention.SLIDING_WINDOW.format(arch=arch), c.sliding_window,
+                       T.UINT32, None))
     fields.append((Keys.General.FILE_TYPE, int(chosen.file_type), T.UINT32, None))
-    if chosen.packing == PANELS:
+    if chosen.packing != FLOAT:
         fields.append((Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION, T.UINT32, None))
     for field in tokenizer_metadata(ckpt, o.fields):
         if field[0] != "tokenizer.chat_template" and (field[3] is None or len(field[1])):
@@ -378,10 +489,11 @@ def gguf_fields(ckpt, o, source, chosen):
 
 
 def gguf_matrix(ckpt, name):
-    """Weight `name` as float32 in GGUF's layout (q/k rows in the interleaved RoPE order)."""
+    """Weight `name` as float32 in GGUF's layout (q/k rows in the interleaved RoPE order for the
+    llama architecture; qwen2 and qwen3 keep Hugging Face's order)."""
     c = ckpt.config
     a = dense(ckpt.weights[name], np.float32)
-    if name.endswith((".wq", ".wk")) and not c.rope_interleaved:
+    if name.endswith((".wq", ".wk")) and not c.rope_interleaved and c.architecture == "llama":
         a = to_interleaved(a, c.num_heads if name.endswith(".wq") else c.num_kv_heads)
     return np.ascontiguousarray(a)
 
@@ -399,11 +511,11 @@ def write_gguf(path, ckpt, o, source):
         divisors = (plain.inv_freq() / c.inv_freq()).astype(np.float32)
         tensors.append(gguf_file.TensorToWrite("rope_freqs.weight", divisors.shape,
                                                FORMATS["F32"], lambda: divisors))
-    gguf_file.write_gguf(path, "llama", gguf_fields(ckpt, o, source, chosen), tensors,
+    gguf_file.write_gguf(path, c.architecture, gguf_fields(ckpt, o, source, chosen), tensors,
                          progress=lambda items: _bar(items, "writing"))
-    quantized = sum(f.packing == PANELS for f in formats.values())
+    quantized = sum(f.packing != FLOAT for f in formats.values())
     kept = [name for name, f in formats.items() if len(shapes[name]) == 2
-            and chosen.packing == PANELS and f.packing != PANELS]
+            and chosen.packing != FLOAT and f.packing == FLOAT]
     return quantized, len(formats) - quantized, kept
 
 
@@ -424,9 +536,14 @@ def main(argv=None):
     args = parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return convert(args)
+        status = convert(args)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if status == 0 and _size(args.out) > (source_bytes := _size(hub.resolve(args.model))):
+        print(f"note: {args.out} ({_size(args.out) / 1e6:.1f} MB) is bigger than its source "
+              f"({source_bytes / 1e6:.1f} MB), which holds fewer bits per weight than the "
+              "chosen format", file=sys.stderr)
+    return status
 
 
 def load_source(args, o):
@@ -436,7 +553,7 @@ def load_source(args, o):
     check_paths(src, args.out, args.force)
     ckpt = load_checkpoint(src)
     check_paths(src, args.out, args.force, ckpt.tokenizer_path)
-    if o.bits <= 8 and ckpt.config.hidden_size % o.group:
+    if o.type is None and o.bits <= 8 and ckpt.config.hidden_size % o.group:
         raise ValueError(f"--group-size {o.group} does not divide hidden_size "
                          f"{ckpt.config.hidden_size} (the K of most matrices)")
     if "output" in o.keep and "output" not in ckpt.weights:
@@ -483,7 +600,9 @@ def convert(args):
         msg = str(e) if known else f"{type(e).__name__}: {e}"
         print(f"quantize: error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
-    if o.format == "gguf":
+    if o.type is not None:
+        what = o.type.upper() + (" pure" if o.pure else "")
+    elif o.format == "gguf":
         what = weight_format(o).name
     elif o.bits <= 8:
         what = f"int{o.bits} g{o.group}{' asym' if o.asym else ''}, {o.parts} activation parts"

@@ -102,13 +102,16 @@ def stress(model, threads=8, calls=25, reps=1, max_new_tokens=24, seed=0, log=pr
 
 def main(argv=None):
     import xllm
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--tokenizer")
+    from xllm.generate import HelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="a model path or name xllm loads")
+    p.add_argument("--tokenizer", help="tokenizer file if the model has none next to it")
     p.add_argument("--threads", type=int, default=8, help="Python threads calling the model")
     p.add_argument("--calls", type=int, default=25, help="calls per thread")
-    p.add_argument("--reps", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--reps", type=int, default=1,
+                   help="repetitions of the alone-then-together rounds")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="new tokens per call at most")
     p.add_argument("--kernel-threads", type=int, help="the model's kernel threads")
     a = p.parse_args(argv)
     model = xllm.load(a.model, tokenizer=a.tokenizer, threads=a.kernel_threads)

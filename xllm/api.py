@@ -12,6 +12,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .checks import check_count, check_real
+from .engine.constraints import Constraint, ConstraintError, Matcher, vocabulary
 from .engine.prefix_cache import PrefixCache
 from .engine.generation import run_sequences, start_sequences
 from .engine.sampling import Sampler, SamplingParams
@@ -88,7 +89,8 @@ class Model:
 
     def generate(self, prompt: Union[str, Sequence[int]], *, max_new_tokens=256,
                  temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                 seed=None, stop=(), stream=False, add_bos=None) -> Union[str, Iterator[str]]:
+                 seed=None, stop=(), stream=False, add_bos=None, json_schema=None, grammar=None,
+                 regex=None, choices=None) -> Union[str, Iterator[str]]:
         """Continue `prompt` (text, or a list of token ids used as given) in a fresh sequence.
 
         add_bos=None prepends BOS to text prompts if the tokenizer's model asks for it (Llama
@@ -101,19 +103,35 @@ class Model:
         token, after max_new_tokens, at the context limit, or before the first of the `stop`
         strings (which is never returned, even in part). Returns the text, or an iterator of
         text pieces when stream=True. Timings are left in ``self.last_stats``.
+
+        Structured output (docs/structured.rst): at most one of `json_schema` (a dict: the
+        text is JSON valid under it), `grammar` (GBNF or Lark text), `regex` (the whole text
+        matches it) and `choices` (a list of str: the text is one of them) limits every token
+        to those that keep the text on its way to a match; the text is complete when the
+        generation ends at the end-of-sequence token (``last_stats["finish"] == "stop"``),
+        cut when it ends at max_new_tokens ("length") or at a stop string.
+        :class:`xllm.engine.constraints.ConstraintError` (a ValueError) for a constraint that
+        is malformed, unsupported, or can never finish within max_new_tokens.
         """
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        request = self._request([self._single(prompt)], max_new_tokens, stop, add_bos, params)
+        constraint = Constraint.from_arguments(json_schema=json_schema, grammar=grammar,
+                                               regex=regex, choices=choices)
+        request = self._request([self._single(prompt)], max_new_tokens, stop, add_bos, params,
+                                constraint=constraint)
         pieces = self._pieces(request, kvs=None, stats=self._new_stats())
         return _text(pieces, stream)
 
     def generate_batch(self, prompts: Sequence[Union[str, Sequence[int]]], *,
                        max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                       repetition_penalty=1.0, seed=None, stop=(), stream=False, add_bos=None):
+                       repetition_penalty=1.0, seed=None, stop=(), stream=False, add_bos=None,
+                       json_schema=None, grammar=None, regex=None, choices=None,
+                       constraints=None):
         """Continue several prompts as one batch: all prompts prefilled together, then one
         decode step for all running sequences. Arguments as for :meth:`generate`, for every
         prompt; prompt i samples with seed + i. Each text is exactly the one its prompt gives
-        alone (see docs/batching.rst).
+        alone (see docs/batching.rst). `constraints` gives each prompt its own
+        :class:`xllm.engine.constraints.Constraint` (or None), instead of the one of
+        `json_schema`, `grammar`, `regex` or `choices` for all.
 
         Returns the list of texts, or with stream=True an iterator of (index, piece) pairs in
         the order they are generated."""
@@ -126,8 +144,15 @@ class Model:
             raise ValueError(f"{len(prompts)} prompts exceed max_batch={self.max_batch} "
                              f"(the Model attribute); split them or raise it")
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        constraint = Constraint.from_arguments(json_schema=json_schema, grammar=grammar,
+                                               regex=regex, choices=choices)
+        if constraints is None:
+            constraints = [constraint] * len(prompts)
+        elif constraint is not None:
+            raise TypeError("give constraints (one per prompt) or one of json_schema, grammar, "
+                            "regex and choices, not both")
         request = self._request(list(prompts), max_new_tokens, stop, add_bos, params,
-                                batch=True)
+                                batch=True, constraint=constraints)
         pieces = self._pieces(request, kvs=None, stats=self._new_stats())
         if stream:
             return pieces
@@ -151,8 +176,10 @@ class Model:
                             "one list of token ids)")
         return prompt
 
-    def _request(self, prompts, max_new_tokens, stop, add_bos, params, batch=False):
-        """A generation request with every argument checked and the prompts encoded."""
+    def _request(self, prompts, max_new_tokens, stop, add_bos, params, batch=False,
+                 constraint=None):
+        """A generation request with every argument checked and the prompts encoded.
+        `constraint`: a Constraint or None for every prompt, or a list of one per prompt."""
         max_new_tokens = check_count("max_new_tokens", max_new_tokens)
         stop = _check_stop(stop)
         if add_bos is not None and not isinstance(add_bos, bool):
@@ -161,7 +188,28 @@ class Model:
         for i, prompt in enumerate(prompts):
             name = f"prompt[{i}]" if batch else "prompt"
             ids.append(self.encode_prompt(prompt, add_bos, name))
-        return _Request(ids, max_new_tokens, params, stop)
+        if not isinstance(constraint, list):
+            constraint = [constraint] * len(ids)
+        if len(constraint) != len(ids):
+            raise ValueError(f"constraints has {len(constraint)} items for {len(ids)} prompts")
+        matchers = [self.matcher(c, max_new_tokens) for c in constraint]
+        return _Request(ids, max_new_tokens, params, stop, matchers)
+
+    def stop_ids(self) -> frozenset:
+        """The ids that end a generation: the end-of-sequence token and the model's others."""
+        c = self.config
+        return frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids) if i is not None)
+
+    def matcher(self, constraint, max_new_tokens):
+        """A new :class:`xllm.engine.constraints.Matcher` of `constraint` for one sequence of
+        this model (None for None); ConstraintError if it cannot be followed."""
+        if constraint is None:
+            return None
+        if not isinstance(constraint, Constraint):
+            raise TypeError(f"a constraint must be an xllm.engine.constraints.Constraint, got "
+                            f"{type(constraint).__name__}")
+        vocab = vocabulary(self._tokenizer(), self.stop_ids())
+        return Matcher(constraint, vocab, max_new_tokens)
 
     def _tokenizer(self):
         if self.tokenizer is None:
@@ -202,9 +250,8 @@ class Model:
     def _pieces(self, request, *, kvs, stats):
         """(index, text piece) of generating the request's prompts as one batch (prompt i
         samples with seed + i)."""
-        c = self.config
         tok = self.tokenizer
-        stop_ids = frozenset(i for i in (c.eos_token_id, *c.extra_eos_token_ids) if i is not None)
+        stop_ids = self.stop_ids()
         samplers = []
         for i in range(len(request.ids)):
             seed = None if request.params.seed is None else request.params.seed + i
@@ -213,7 +260,7 @@ class Model:
         if borrowed:
             kvs = [self.borrow_cache(ids) for ids in request.ids]
         sequences = start_sequences(self.transformer, request.ids, request.max_new_tokens,
-                                    samplers, kvs)
+                                    samplers, kvs, request.matchers)
         texts = [TextOutput(tok, ids, request.stop) for ids in request.ids]
         try:
             for i, token in run_sequences(self.transformer, sequences, stop_ids, stats=stats,
@@ -242,7 +289,9 @@ class Model:
 
     def chat(self, messages, *, template=None, special_in_content=False, stream=False,
              **generate_kwargs):
-        """Reply to a conversation (OpenAI-style ``[{"role": ..., "content": ...}]``).
+        """Reply to a conversation (OpenAI-style ``[{"role": ..., "content": ...}]``); the
+        structured-output keywords of :meth:`generate` (json_schema, grammar, regex, choices)
+        apply to the reply.
 
         The messages are rendered with the model's chat template (or `template`), so the reply
         ends at the template's end-of-turn token. Contents are encoded as text: a special
@@ -288,11 +337,13 @@ class Session:
 
     def generate(self, prompt, *, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
                  min_p=0.0, repetition_penalty=1.0, seed=None, stop=(), stream=False,
-                 add_bos=None):
+                 add_bos=None, json_schema=None, grammar=None, regex=None, choices=None):
         """:meth:`Model.generate` for one prompt, continuing this session's KV cache."""
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        constraint = Constraint.from_arguments(json_schema=json_schema, grammar=grammar,
+                                               regex=regex, choices=choices)
         request = self.model._request([Model._single(prompt)], max_new_tokens, stop, add_bos,
-                                      params)
+                                      params, constraint=constraint)
         if not self._busy.acquire(blocking=False):
             raise SessionBusyError("this session is still running a call (or its stream is not "
                                    "exhausted or closed): finish it first, or use another "
@@ -330,11 +381,13 @@ class Session:
 
 @dataclass
 class _Request:
-    """One generate() or generate_batch() call's arguments, checked: the prompts' ids."""
+    """One generate() or generate_batch() call's arguments, checked: the prompts' ids and
+    each prompt's Matcher (None: unconstrained)."""
     ids: list
     max_new_tokens: int
     params: SamplingParams
     stop: tuple
+    matchers: list
 
 
 class _Stream:
@@ -439,4 +492,5 @@ def load(path, *, tokenizer=None, threads=None, kv_dtype="float16",
                  chat_template=ckpt.chat_template, prefix_cache_mb=prefix_cache_mb)
 
 
-__all__ = ["Model", "Session", "load", "set_threads", "get_threads"]
+__all__ = ["Model", "Session", "load", "set_threads", "get_threads", "Constraint",
+           "ConstraintError"]

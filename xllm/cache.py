@@ -16,18 +16,22 @@ from pathlib import Path
 
 from . import hub
 from .errors import XLLMError
+from .generate import HelpFormatter
 
 
 def _parser():
     p = argparse.ArgumentParser(prog="python -m xllm.cache", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--home", type=Path, default=None,
                    help="the cache folder (default: $XLLM_HOME, else ~/.cache/xllm)")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("list", help="the cached models: name, state, size, path")
-    verify = commands.add_parser("verify", help="hash cached models in full (exit 1 if damaged)")
+    commands.add_parser("list", help="the cached models: name, state, size, path",
+                        formatter_class=HelpFormatter)
+    verify = commands.add_parser("verify", help="hash cached models in full (exit 1 if damaged)",
+                                 formatter_class=HelpFormatter)
     verify.add_argument("name", nargs="?", help="one model (default: every cached model)")
-    remove = commands.add_parser("remove", help="delete cached models and partial downloads")
+    remove = commands.add_parser("remove", help="delete cached models and partial downloads",
+                                 formatter_class=HelpFormatter)
     which = remove.add_mutually_exclusive_group(required=True)
     which.add_argument("name", nargs="?", help="the model to remove")
     which.add_argument("--all", action="store_true", help="every cached model")

@@ -370,3 +370,133 @@ def _escaped(value, escape):
     if isinstance(value, (list, tuple)):
         return type(value)(_escaped(v, escape) for v in value)
     return value
+
+
+# ---- tool calls ----
+#
+# A template that defines tool calling (it reads ``tools`` or a message's ``tool_calls``) gets
+# them the Hugging Face way: ``tools=[...]`` as a template variable, each call's ``arguments``
+# as a dict. A template that does not gets xllm's JSON convention, the one Hermes-style models
+# (Qwen2.5 among them) are trained on: the functions described in the system message, each call
+# written as {"name": ..., "arguments": {...}} between TOOL_CALL_OPEN and TOOL_CALL_CLOSE, and
+# each tool result sent back in a user turn between <tool_response> tags.
+
+#: What opens and closes one tool call in xllm's convention (the model writes them as text).
+TOOL_CALL_OPEN = "<tool_call>\n"
+TOOL_CALL_CLOSE = "\n</tool_call>\n"
+_TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>\s*", re.DOTALL)
+_TOOLS_PROMPT = (
+    "You may call one or more functions to help with the user's request. The functions, as "
+    "JSON schemas:\n<tools>\n{tools}\n</tools>\nTo call a function, reply with a JSON object "
+    'of the form {{"name": <function name>, "arguments": <arguments object>}} between '
+    "<tool_call> and </tool_call> tags, one pair of tags per call.")
+
+
+def template_defines_tools(template: Optional[str]) -> bool:
+    """Whether `template` renders tools or tool calls itself (it reads ``tools`` or
+    ``tool_calls``)."""
+    return bool(template) and re.search(r"\btools?_?calls?\b|\btools\b", template) is not None
+
+
+def tool_messages(template: Optional[str], messages, tools=None):
+    """(messages, extra template variables) that render `messages` (OpenAI chat messages, with
+    ``tool_calls`` on assistant messages and ``tool`` messages) and describe `tools` (OpenAI
+    function tools; None or [] for none) with `template`: the template's own way where it
+    defines one (:func:`template_defines_tools`), xllm's convention otherwise (see above)."""
+    check_messages(messages)
+    if template_defines_tools(template):
+        extra = {"tools": list(tools)} if tools else {}
+        return [_with_argument_dicts(m) for m in messages], extra
+    out = []
+    for m in messages:
+        if m["role"] == "tool":
+            block = f"<tool_response>\n{_text_content(m)}\n</tool_response>"
+            if out and out[-1].get("_tool_results"):  # results of one turn share a user turn
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "_tool_results": True})
+        elif m.get("tool_calls"):
+            calls = "".join(TOOL_CALL_OPEN + _call_json(call) + TOOL_CALL_CLOSE
+                            for call in m["tool_calls"])
+            text = _text_content(m)
+            content = f"{text}\n{calls}" if text else calls
+            out.append({**{k: v for k, v in m.items() if k != "tool_calls"}, "content": content})
+        else:
+            out.append(dict(m))
+    for m in out:
+        m.pop("_tool_results", None)
+    if tools:
+        described = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        prompt = _TOOLS_PROMPT.format(tools=described)
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": f"{_text_content(out[0])}\n\n{prompt}"}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out, {}
+
+
+def parse_tool_calls(text: str):
+    """(the text outside tool calls, stripped, or None if there is none; [(name, arguments as
+    JSON text)] of each well-formed call) of a reply written in xllm's convention. A block
+    that is not a JSON object with a str ``name`` stays in the text."""
+    calls = []
+    kept = []
+    position = 0
+    for match in _TOOL_CALL_RE.finditer(text):
+        try:
+            call = json.loads(match[1])
+        except json.JSONDecodeError:
+            continue
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
+            continue
+        arguments = call.get("arguments", call.get("parameters", {}))
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        calls.append((call["name"], arguments))
+        kept.append(text[position:match.start()])
+        position = match.end()
+    kept.append(text[position:])
+    content = "".join(kept).strip()
+    return (content or None), calls
+
+
+def _call_json(call) -> str:
+    """An OpenAI tool call ({"function": {"name", "arguments"}}) as the convention's JSON."""
+    function = call.get("function", call)
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass  # kept as the text it is
+    return json.dumps({"name": function.get("name"), "arguments": arguments},
+                      ensure_ascii=False)
+
+
+def _with_argument_dicts(message):
+    """`message` with its tool calls' ``arguments`` as dicts (OpenAI sends JSON text; chat
+    templates expect the object, as Hugging Face's do)."""
+    if not message.get("tool_calls"):
+        return dict(message)
+    calls = []
+    for call in message["tool_calls"]:
+        call = dict(call)
+        function = dict(call.get("function", {}))
+        if isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except json.JSONDecodeError:
+                pass
+        call["function"] = function
+        calls.append(call)
+    return {**message, "tool_calls": calls}
+
+
+def _text_content(message) -> str:
+    """A message's content as text (None: "", a list of parts: their texts joined)."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return content

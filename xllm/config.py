@@ -1,4 +1,5 @@
-"""ModelConfig: the shape of a Llama-architecture model, whatever file it came from."""
+"""ModelConfig: the shape of a Llama-family model (Llama, Mistral, Qwen2, Qwen3), whatever file
+it came from."""
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -56,13 +57,32 @@ def _check_rope_scaling(source, s) -> None:
                                f"a positive integer, got {old!r}")
 
 
+def _check_window(source, window, context) -> None:
+    """ModelFormatError unless `window` is None or a positive integer no larger than the
+    context (a window past the context would be a misread file, or one for another context)."""
+    if window is None:
+        return
+    if not _is_int(window) or window < 1:
+        raise ModelFormatError(f"{source}: sliding_window must be a positive integer or null, "
+                               f"got {window!r}")
+    if window > context:
+        raise ModelFormatError(f"{source}: sliding_window={window} is larger than the context "
+                               f"(max_seq_len={context})")
+
+
 @dataclass
 class ModelConfig:
     """Hyper-parameters of a Llama-family model.
 
     ``rope_interleaved`` records the q/k row layout of the checkpoint: True for adjacent pairs
-    (Meta, llama2.c, GGUF), False for Hugging Face "rotate_half". The RoPE kernel follows it, so
-    weights are never permuted (or copied) at load.
+    (Meta, llama2.c, GGUF ``llama``), False for Hugging Face "rotate_half" (and GGUF ``qwen2``,
+    ``qwen3``). The RoPE kernel follows it, so weights are never permuted (or copied) at load.
+
+    Three switches describe the architectures beside Llama; the forward pass reads them:
+    ``attention_bias``: the q, k and v projections add a bias (Qwen2); ``qk_norm``: queries and
+    keys go through an RMSNorm per head (weights of head_dim) before RoPE (Qwen3);
+    ``sliding_window``: each position attends to itself and the sliding_window - 1 before it
+    only, and the KV cache drops what falls out of the window (Mistral); None: no window.
     """
     vocab_size: int
     hidden_size: int
@@ -80,6 +100,9 @@ class ModelConfig:
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
     extra_eos_token_ids: tuple = field(default_factory=tuple)
+    attention_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: Optional[int] = None
 
     def __post_init__(self):
         self.validate()
@@ -111,11 +134,12 @@ class ModelConfig:
         _check_float(source, "rms_norm_eps", self.rms_norm_eps, 0.0, 1.0)
         self.rope_theta = float(self.rope_theta)
         self.rms_norm_eps = float(self.rms_norm_eps)
-        for name in ("tie_word_embeddings", "rope_interleaved"):
+        for name in ("tie_word_embeddings", "rope_interleaved", "attention_bias", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ModelFormatError(f"{source}: {name} must be true or false, "
                                        f"got {getattr(self, name)!r}")
         _check_rope_scaling(source, self.rope_scaling)
+        _check_window(source, self.sliding_window, self.max_seq_len)
         if not isinstance(self.extra_eos_token_ids, tuple):
             raise ModelFormatError(f"{source}: extra_eos_token_ids must be a tuple, "
                                    f"got {self.extra_eos_token_ids!r}")
@@ -125,6 +149,16 @@ class ModelConfig:
             if v is not None and not (_is_int(v) and 0 <= v < self.vocab_size):
                 raise ModelFormatError(f"{source}: {name} must be a token id in [0, "
                                        f"{self.vocab_size}) (the vocabulary), got {v!r}")
+
+    @property
+    def architecture(self) -> str:
+        """The GGUF name of the architecture the switches describe: "qwen3" (q/k norms),
+        "qwen2" (q/k/v biases) or "llama" (Llama and Mistral)."""
+        if self.qk_norm:
+            return "qwen3"
+        if self.attention_bias:
+            return "qwen2"
+        return "llama"
 
     @property
     def q_dim(self) -> int:

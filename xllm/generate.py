@@ -11,32 +11,78 @@ import sys
 from .errors import XLLMError
 
 DEFAULT_PROMPT = "What is the capital of France?"
-_SAMPLING = dict(max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                 repetition_penalty=1.0)  # generation options and their defaults
+# The generation options: (default, one-line help). The defaults are Model.generate's.
+_SAMPLING = {
+    "max_new_tokens": (256, "stop after this many new tokens"),
+    "temperature": (0.0, "sampling temperature; 0 is greedy (always the likeliest token)"),
+    "top_k": (0, "sample among the k likeliest tokens only; 0 is no limit"),
+    "top_p": (1.0, "sample among the likeliest tokens whose probabilities sum to p"),
+    "min_p": (0.0, "drop tokens less likely than min_p x the likeliest one's probability"),
+    "repetition_penalty": (1.0, "divide the logits of tokens already seen by this; 1 is off"),
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The help of xllm's commands and tools: the description as written (a module docstring),
+    and every option's help line ends with its default, unless the default is None or False
+    (nothing to show) or the help already names it."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        default = action.default
+        shown = not (default is None or default is False or default == argparse.SUPPRESS
+                     or default == [])
+        if shown and "default" not in help and action.option_strings:
+            help += " (default: %(default)s)"
+        return help
 
 
 def _parser():
     from .hub import DEFAULT_MODEL
-    p = argparse.ArgumentParser(prog="python -m xllm.generate",
-                                description="Generate text with xllm.")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"GGUF file, HF directory, llama2.c .bin, Meta directory or a known model "
-                        f"name (default: {DEFAULT_MODEL})")
-    p.add_argument("--tokenizer", help="tokenizer file if the model has none next to it")
-    p.add_argument("--prompt", help=f"the prompt (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, "
-                                                      "without the chat template")
-    p.add_argument("--chat", action="store_true", help="interactive chat (/reset, /exit)")
-    p.add_argument("--system", help="system message for chat-formatted prompts")
-    for name, default in _SAMPLING.items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--threads", type=int, help="kernel threads (default: all usable cores)")
-    p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
-    p.add_argument("--batch-file", help="generate for every line of this file as one batch; "
-                   "the outputs are printed in order, separated by blank lines")
+    p = argparse.ArgumentParser(prog="python -m xllm.generate", formatter_class=HelpFormatter,
+                                description="Generate text with xllm: one prompt (the reply "
+                                "streams to stdout,\na summary line to stderr), an interactive "
+                                "chat, or a file of prompts as one batch.")
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH|NAME",
+                   help="GGUF file, HF directory, llama2.c .bin, Meta directory or a known "
+                        "model name")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer file if the model has none next to it")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--prompt", metavar="TEXT",
+                      help=f"the prompt (default: {DEFAULT_PROMPT!r})")
+    what.add_argument("--chat", action="store_true",
+                      help="interactive multi-turn chat (/reset starts over, /exit quits)")
+    what.add_argument("--batch-file", metavar="FILE",
+                      help="generate every non-blank line of FILE as one batch; the outputs "
+                           "are printed in order, separated by blank lines")
+    p.add_argument("--raw", action="store_true",
+                   help="continue the prompt as plain text, without the chat template")
+    p.add_argument("--system", metavar="TEXT",
+                   help="system message for chat-formatted prompts")
+    for name, (default, text) in _SAMPLING.items():
+        metavar = "N" if isinstance(default, int) else "X"
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                       metavar=metavar, help=text)
+    p.add_argument("--seed", type=int, metavar="N",
+                   help="random seed of sampling (default: a fresh one each run)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop before this string; repeat the flag for several")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="kernel threads (default: all usable cores)")
+    p.add_argument("--echo", action="store_true",
+                   help="print the prompt before its continuation (one --prompt only)")
     return p
+
+
+def _check_flags(parser, args):
+    """Reject flags that the chosen mode would ignore (parser.error: usage, exit code 2)."""
+    if args.echo and (args.chat or args.batch_file):
+        parser.error("--echo prints a single --prompt: not with --chat or --batch-file")
+    if args.chat and args.raw:
+        parser.error("--chat always uses the chat template: not with --raw")
+    if args.system is not None and args.raw:
+        parser.error("--system is a message of the chat template: not with --raw")
 
 
 def _summary(s, threads):
@@ -87,6 +133,7 @@ def _chat_loop(model, system, kwargs):
         if line.strip() == "/reset":
             history = history[:1] if system else []
             session.reset()
+            print("(conversation cleared)", file=sys.stderr)
         elif line.strip():
             history.append({"role": "user", "content": line})
             reply = _stream(session.chat(history, stream=True, **kwargs))
@@ -96,19 +143,20 @@ def _chat_loop(model, system, kwargs):
 
 def main(argv=None):
     """Entry point of ``python -m xllm.generate``."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_flags(parser, args)
     from . import load
+    from .hub import check_exists
     kwargs = {k: getattr(args, k) for k in (*_SAMPLING, "seed", "stop")}
     try:
+        check_exists(args.model)
         model = load(args.model, tokenizer=args.tokenizer, threads=args.threads)
         if args.chat:
             _chat_loop(model, args.system, kwargs)
             return 0
         if args.batch_file:
-            with open(args.batch_file, encoding="utf-8") as f:
-                prompts = [_prompt(model, args, line.rstrip("\n")) for line in f if line.strip()]
-            print("\n\n".join(model.generate_batch(prompts, **kwargs)))
-            return 0
+            return _batch(model, args, kwargs)
         prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
         if args.echo:
             sys.stdout.write(prompt)
@@ -118,6 +166,30 @@ def main(argv=None):
         return 2
     _summary(model.last_stats, model.threads)
     return 0
+
+
+def _batch(model, args, kwargs):
+    """--batch-file: every non-blank line is a prompt; outputs in order on stdout, separated by
+    blank lines; one summary line on stderr."""
+    with open(args.batch_file, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    if not lines:
+        raise ValueError(f"{args.batch_file}: no prompts (every line is blank)")
+    texts = model.generate_batch([_prompt(model, args, line) for line in lines], **kwargs)
+    print("\n\n".join(texts))
+    _batch_summary(model.last_stats, len(lines), model.threads)
+    return 0
+
+
+def _batch_summary(s, prompts, threads):
+    """One line on stderr from a batch's stats dict: aggregate rates over all sequences (the
+    decode rate counts the tokens after each sequence's first, which the prefill yields)."""
+    pre = s["prompt_tokens"] / max(s["prefill_seconds"], 1e-9)
+    decoded = max(s["generated"] - prompts, 0)
+    dec = decoded / s["decode_seconds"] if s["decode_seconds"] else 0.0
+    print(f"batch: {prompts} prompts | prompt: {s['prompt_tokens']} tokens, {pre:.1f} tok/s | "
+          f"generated: {s['generated']} tokens, {dec:.1f} tok/s | threads: {threads}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

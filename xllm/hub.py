@@ -23,8 +23,6 @@ import zipfile
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from tqdm import tqdm
-
 from .errors import DownloadError
 
 class Entry(NamedTuple):
@@ -59,8 +57,19 @@ def resolve(name_or_path):
     return name_or_path
 
 
+def check_exists(name_or_path) -> None:
+    """Raise FileNotFoundError, naming the models xllm knows, if `name_or_path` is neither an
+    existing file or folder nor a registered model name (the commands' --model check)."""
+    name = os.fspath(name_or_path)
+    if os.path.exists(name) or name.lower() in REGISTRY:
+        return
+    raise FileNotFoundError(f"{name!r} is neither a file or folder nor a model name xllm knows "
+                            f"(known: {', '.join(sorted(REGISTRY))})")
+
+
 def _copy(src, dst, total, desc, progress) -> str:
     """Copy file object `src` to `dst` (None: only read it); return the bytes' sha256."""
+    from tqdm import tqdm  # here, not at import: loading a cached model needs no progress bar
     digest = hashlib.sha256()
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
               disable=not progress, leave=False) as bar:

@@ -1,7 +1,7 @@
 """Memory of a batched generation run, predicted from the model (or a preset) and measured.
 
     python -m xllm.memory --model M --batch 16 --prompt-len 1024 --gen-len 64 [--measure]
-    python -m xllm.memory --random llama2-7b --dtype fp32 --batch 64 --prompt-len 512 \
+    python -m xllm.memory --random llama2-7b --dtype fp32 --batch 64 --prompt-len 512 \\
         --gen-len 512 --kv-dtype float32
 
 Weights per group and dtype; the KV rows generation reserves; activations: the Workspace, the
@@ -9,10 +9,12 @@ batch's logits and history, the quantized x of a prefill chunk (peak) or a decod
 runtime: the process without weights (after loading, less the weights copied, for --model)."""
 import argparse
 import resource
+import sys
 
 import numpy as np
 
 from .config import PRESETS, ModelConfig
+from .errors import XLLMError
 from .formats.qtensor import PANEL, QTensor, describe
 from .formats.registry import EXPANDED_TO, FLOAT, FORMATS, PANELS
 from .model.kv_cache import block_rows
@@ -136,28 +138,59 @@ def report(config, weights_table, batch, prompt_len, gen_len, kv_dtype, runtime)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """The parsed command line (parser.error, exit code 2, for --measure with --random)."""
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.measure and a.random:
+        p.error("--measure runs a loaded model: use it with --model, not --random")
+    return a
+
+
+def _parser():
+    from .generate import HelpFormatter
+    p = argparse.ArgumentParser(prog="python -m xllm.memory", description=__doc__,
+                                formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a model path or name xllm loads")
-    src.add_argument("--random", choices=sorted(PRESETS), help="a preset shape (nothing loaded)")
-    p.add_argument("--dtype", default="fp32", choices=DTYPES,
-                   help="the format of the matrices of a --random model (int8: Q8_0, int4: Q4_0)")
-    for name, default in (("--batch", 1), ("--prompt-len", 512), ("--gen-len", 512)):
-        p.add_argument(name, type=int, default=default)
-    p.add_argument("--kv-dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--threads", type=int)
-    p.add_argument("--measure", action="store_true", help="run the workload (--model only)")
-    return p.parse_args(argv)
+    src.add_argument("--model", metavar="PATH|NAME", help="a model path or name xllm loads")
+    src.add_argument("--random", choices=sorted(PRESETS), metavar="SHAPE",
+                     help="a preset shape, nothing loaded: " + ", ".join(sorted(PRESETS)))
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, metavar="FORMAT",
+                   help="the format of the matrices of a --random model (int8: Q8_0, int4: "
+                        "Q4_0): " + ", ".join(DTYPES))
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="sequences generated together")
+    p.add_argument("--prompt-len", type=int, default=512, metavar="N",
+                   help="prompt tokens per sequence")
+    p.add_argument("--gen-len", type=int, default=512, metavar="N",
+                   help="new tokens per sequence")
+    p.add_argument("--kv-dtype", default="float16", choices=["float16", "float32"],
+                   help="storage of the KV cache")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="kernel threads (default: all usable cores)")
+    p.add_argument("--measure", action="store_true",
+                   help="also run the workload and print the measured peak (--model only)")
+    return p
 
 
 def main(argv=None):
+    """Entry point of ``python -m xllm.memory``; errors are one line on stderr, exit code 2."""
     a = parse_args(argv)
+    try:
+        return _run(a)
+    except (XLLMError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(a):
+    """The report (and the measurement) of parsed arguments `a`."""
     runtime = rss_bytes()
     if a.random:  # computed from the preset: nothing is loaded or allocated
         config = ModelConfig(**PRESETS[a.random])
         table = weight_table(config, dtype=a.dtype)
     else:
         from . import load
+        from .hub import check_exists
+        check_exists(a.model)
         model = load(a.model, threads=a.threads, kv_dtype=a.kv_dtype)
         config = model.config
         weights = model_weights(model.transformer)
@@ -166,7 +199,7 @@ def main(argv=None):
         runtime = rss_bytes() - sum(_owned_bytes(w) for w in weights.values())
     text, total = report(config, table, a.batch, a.prompt_len, a.gen_len, a.kv_dtype, runtime)
     print(text)
-    if a.measure and not a.random:
+    if a.measure:
         peak = measure_peak(model, a.batch, a.prompt_len, a.gen_len)
         print(f"{'measured peak RSS':40s}{peak / 2**20:10.1f}   ({peak / total - 1:+.1%} "
               f"against the prediction)")

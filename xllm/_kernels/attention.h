@@ -9,24 +9,29 @@
  * [n_kv_heads][XA_BK][head_dim]: value t of head g at (t / XA_BK, g, t % XA_BK). float32, or
  * float16 for both (widening float16 to float32 is exact, so where it happens changes nothing).
  *
- * Operation order. A row is one query head at one position, attending to its first nk keys:
+ * Operation order. A row is one query head at one position, attending to keys lo .. nk-1: its
+ * first nk keys, or with a sliding window of w keys (w > 0) the last w of them, lo = max(0,
+ * nk - w) (w = 0: no window, lo = 0):
  *   1. qs = q * scale, acc[0..hd) = 0, running max m = -inf, running sum l = 0;
- *   2. for each block of XA_BK keys, in increasing order, while the block starts below nk:
+ *   2. for each block of XA_BK keys that holds a key of lo .. nk-1, in increasing order:
  *      a. scores: s[j] = sum over d = 0 .. hd-1, in increasing d, of qs[d] * K[d][j], one chain
  *         of FMAs from 0 per key j (one lane per key);
- *      b. softmax step (xa_softmax, 8 lanes on either path): bm = the largest of the first
- *         n = min(nk - block start, XA_BK) scores; if bm > m, c = expf(m - bm) scales l and acc
- *         and m = bm; p[j] = xllm_exp_ps(s[j] - m) (0 for j >= n); l += the sum of the 4
- *         vectors of p in order, then xllm_hsum256;
- *      c. acc[d] += sum over j < n, in increasing j, of p[j] * V[j][d], one chain of FMAs per
- *         column d (one lane per column), continuing from acc;
+ *      b. softmax step (xa_softmax, 8 lanes on either path): with a = max(lo - block start, 0)
+ *         and n = min(nk - block start, XA_BK), bm = the largest of scores a .. n-1; if bm > m,
+ *         c = expf(m - bm) scales l and acc and m = bm; p[j] = xllm_exp_ps(s[j] - m) (0 for
+ *         j < a and j >= n); l += the sum of the 4 vectors of p in order, then xllm_hsum256;
+ *      c. acc[d] += sum over a <= j < n, in increasing j, of p[j] * V[j][d], one chain of FMAs
+ *         per column d (one lane per column), continuing from acc;
  *   3. out[d] = acc[d] * (1 / l).
+ * Blocks before the block of the smallest lo of a call are never read: a cache may have
+ * released them (the caller passes the cache from its first block still held, and nk, lo
+ * relative to it).
  * Batch invariance. Rows share a call, and a register tile, only to share the loads of the
  * blocks: each row keeps its own accumulators, a tile of MR rows runs the same chain for each
  * row whatever MR is (the rows of a tile in step 2c have the same n), and the AVX2 (W = 8) and
  * AVX-512 (W = 16) paths differ only in how many independent lanes one instruction runs
- * (columns past hd are masked: loaded as 0, never stored; scores past n become -inf before the
- * exp). So a row's result does not depend on the other rows of its call, on how attention.pyx
+ * (columns past hd are masked: loaded as 0, never stored; scores outside a .. n-1 become -inf
+ * before the exp; the rows of a tile in step 2c have the same a and n). So a row's result does not depend on the other rows of its call, on how attention.pyx
  * splits the work, on the thread count or on the path: both paths give the same bits.
  */
 #ifndef XLLM_ATTENTION_H
@@ -43,14 +48,15 @@
 #define XA_BK 32
 #define XA_ROWBUF 4096   /* floats of queries (and of output accumulators) per work item */
 
-/* One block of a row's online softmax: s holds its XA_BK scores, the first n valid. Raises the
- * running max *m (scaling *l and acc[0..hdp) by exp(old - new)), turns s into p = exp(s - *m)
- * (0 past n) and adds their sum to *l. */
-static inline void xa_softmax(float *s, int n, float *m, float *l, float *acc, int hdp) {
+/* One block of a row's online softmax: s holds its XA_BK scores, those of a .. n-1 valid
+ * (0 <= a < n). Raises the running max *m (scaling *l and acc[0..hdp) by exp(old - new)), turns
+ * s into p = exp(s - *m) (0 outside a .. n-1) and adds their sum to *l. */
+static inline void xa_softmax(float *s, int a, int n, float *m, float *l, float *acc, int hdp) {
     const __m256 ninf = _mm256_set1_ps(-INFINITY);
     __m256 v[4], mx = ninf, sum = _mm256_setzero_ps();
     for (int u = 0; u < 4; u++) {
-        __m256 keep = _mm256_castsi256_ps(xllm_tail_mask(n - 8 * u));
+        __m256i valid = _mm256_andnot_si256(xllm_tail_mask(a - 8 * u), xllm_tail_mask(n - 8 * u));
+        __m256 keep = _mm256_castsi256_ps(valid);
         v[u] = _mm256_blendv_ps(ninf, _mm256_loadu_ps(s + 8 * u), keep);
         mx = _mm256_max_ps(mx, v[u]);
     }
@@ -107,23 +113,23 @@ static inline XA_T512 __m512 xa_ld16(const void *p, ptrdiff_t i, int f16, int n)
 #define xa_st16(p, x, n) _mm512_mask_storeu_ps(p, XA_MASK16(n), x)
 
 /* The kernels of width W (attributes ATTR), unrolled so that the NV x MR sums stay in registers.
- * xa_mm##W: C[r][0..NV*W) = (ZERO ? 0 : C[r][0..NV*W)) + sum over j < k of A[r][j] * B[j][d..
- *   d+NV*W) for MR rows (A rows lda apart, C rows ldc apart; B rows ldb apart, float16 if f16),
+ * xa_mm##W: C[r][0..NV*W) = (ZERO ? 0 : C[r][0..NV*W)) + sum over j0 <= j < k of A[r][j] *
+ *   B[j][d..d+NV*W) for MR rows (A rows lda apart, C rows ldc apart; B rows ldb apart, float16 if f16),
  *   j in increasing order; only the first w columns are read and written if w < NV*W.
  * xa_scores##W: s[r][0..XA_BK) = sum over d of qs[r][d] * K[d][0..XA_BK) for MR rows (qs rows hd
- *   apart, s rows XA_BK apart). xa_pv##W: acc[r][0..hd) += sum over j < n of p[r][j] *
+ *   apart, s rows XA_BK apart). xa_pv##W: acc[r][0..hd) += sum over a <= j < n of p[r][j] *
  *   V[j][0..hd) for MR rows (acc rows hdp apart, p rows XA_BK apart, V rows ldv apart). */
 #define XA_KERNELS(W, ATTR)                                                                      \
 static inline ATTR void xa_mm##W(const int MR, const int NV, const int ZERO, const int f16,      \
         float *c, int ldc, const float *a, ptrdiff_t lda, const void *b, ptrdiff_t ldb, int d,   \
-        int k, int w) {                                                                          \
+        int j0, int k, int w) {                                                                  \
     xa_v##W s[4 * XA_MR##W], x[4];                                                               \
     const int nw[4] = {w, w - W, w - 2 * W, w - 3 * W};  /* valid columns per vector (>= W: all) */\
     _Pragma("GCC unroll 24")                                                                     \
     for (int i = 0; i < NV * MR; i++)                                                            \
         s[i] = ZERO ? XA_MM##W(setzero_ps)()                                                     \
                     : xa_ld##W(c + i / NV * ldc, W * (i % NV), 0, nw[i % NV]);                   \
-    for (int j = 0; j < k; j++) {                                                                \
+    for (int j = j0; j < k; j++) {                                                               \
         _Pragma("GCC unroll 4")                                                                  \
         for (int u = 0; u < NV; u++) x[u] = xa_ld##W(b, j * ldb + d + W * u, f16, nw[u]);        \
         _Pragma("GCC unroll 24")                                                                 \
@@ -135,14 +141,14 @@ static inline ATTR void xa_mm##W(const int MR, const int NV, const int ZERO, con
 }                                                                                                \
 static inline ATTR void xa_scores##W(const int MR, const int f16, const float *qs, int hd,       \
                                      const void *kb, float *s) {                                 \
-    xa_mm##W(MR, XA_BK / W, 1, f16, s, XA_BK, qs, hd, kb, XA_BK, 0, hd, XA_BK);                  \
+    xa_mm##W(MR, XA_BK / W, 1, f16, s, XA_BK, qs, hd, kb, XA_BK, 0, 0, hd, XA_BK);               \
 }                                                                                                \
 static inline ATTR void xa_pv##W(const int MR, const int f16, float *acc, int hd, int hdp,       \
-                                 const float *p, const void *v, ptrdiff_t ldv, int n) {          \
+                                 const float *p, const void *v, ptrdiff_t ldv, int a, int n) {   \
     int d = 0;  /* 4W columns at a time, w a constant (no masks) but for the rest */              \
     for (; d + 4 * W <= hd; d += 4 * W)                                                          \
-        xa_mm##W(MR, 4, 0, f16, acc + d, hdp, p, XA_BK, v, ldv, d, n, 4 * W);                    \
-    if (d < hd) xa_mm##W(MR, 4, 0, f16, acc + d, hdp, p, XA_BK, v, ldv, d, n, hd - d);           \
+        xa_mm##W(MR, 4, 0, f16, acc + d, hdp, p, XA_BK, v, ldv, d, a, n, 4 * W);                 \
+    if (d < hd) xa_mm##W(MR, 4, 0, f16, acc + d, hdp, p, XA_BK, v, ldv, d, a, n, hd - d);        \
 }
 XA_KERNELS(8, __attribute__((always_inline)))
 XA_KERNELS(16, XA_T512)
@@ -167,30 +173,49 @@ static inline void xa_prefetch(const void *p, int bytes) {
     for (int i = 0; i < bytes; i += 64) _mm_prefetch((const char *)p + i, _MM_HINT_T0);
 }
 
+/* The first of the keys 0 .. nk-1 that a window of w keys (0: no window) lets a row see. */
+static inline int64_t xa_first_key(int64_t nk, int64_t w) {
+    return w > 0 && nk > w ? nk - w : 0;
+}
+
+/* The keys of block b0 .. b0+XA_BK-1 that a row attending to keys lo .. nk-1 uses: a .. n-1
+ * of the block (none when n <= a). */
+static inline int xa_from(int64_t lo, int64_t b0) {
+    return lo <= b0 ? 0 : lo - b0 < XA_BK ? (int)(lo - b0) : XA_BK;
+}
+static inline int xa_until(int64_t nk, int64_t b0) {
+    return nk <= b0 ? 0 : nk - b0 < XA_BK ? (int)(nk - b0) : XA_BK;
+}
+
 /* Attention of nr query rows that read one KV head of one sequence, nr * round_up(hd, 32) <=
- * XA_ROWBUF: row r's query q[r] (hd floats, times scale) attends to keys 0 .. nk[r]-1 and the
- * result goes to out[r]. kt, vt: the head's part of K and V block 0 (blocks ldb elements
- * apart); f16: both caches hold float16. Each row goes through the same operations whichever
- * rows share its call (batch invariance). */
+ * XA_ROWBUF: row r's query q[r] (hd floats, times scale) attends to keys lo .. nk[r]-1 (lo =
+ * xa_first_key(nk[r], window)) and the result goes to out[r]. kt, vt: the head's part of K and
+ * V block 0 (blocks ldb elements apart); f16: both caches hold float16. Each row goes through
+ * the same operations whichever rows share its call (batch invariance). */
 static inline __attribute__((always_inline)) void xa_attend(
-        const int W, int nr, const float **q, float **out, const int64_t *nk, const void *kt,
-        const void *vt, ptrdiff_t ldb, const int f16, int hd, float scale) {
+        const int W, int nr, const float **q, float **out, const int64_t *nk, int64_t window,
+        const void *kt, const void *vt, ptrdiff_t ldb, const int f16, int hd, float scale) {
     const int mrt = W == 8 ? XA_MR8 : XA_MR16;  /* rows per tile */
     float qs[XA_ROWBUF], acc[XA_ROWBUF], s[XA_ROWBUF / 32 * XA_BK], m[XA_ROWBUF / 32],
         l[XA_ROWBUF / 32], kw[256 * XA_BK], vw[256 * XA_BK + 8];  /* kw, vw: a widened block */
+    int64_t lo[XA_ROWBUF / 32];  /* each row's first key */
     const int hdp = (hd + 31) & ~31, es = f16 ? 2 : 4;
-    int64_t last = 0;
+    int64_t last = 0, first = INT64_MAX;
     for (int r = 0; r < nr; r++) {
         for (int d = 0; d < hd; d++) qs[r * hd + d] = q[r][d] * scale;
         memset(acc + r * hdp, 0, sizeof(float) * hdp);
         m[r] = -INFINITY;
         l[r] = 0.0f;
+        lo[r] = xa_first_key(nk[r], window);
         last = nk[r] > last ? nk[r] : last;
+        first = lo[r] < first ? lo[r] : first;
     }
+    first -= first % XA_BK;  /* the first block any row reads */
     const int kbytes = hd * XA_BK * es, vrow = hd * es;  /* one head's K block; a V row */
-    xa_prefetch(kt, kbytes);
-    xa_prefetch(vt, (int)(last < XA_BK ? last : XA_BK) * vrow);
-    for (int64_t b0 = 0; b0 < last; b0 += XA_BK) {
+    xa_prefetch((const char *)kt + (first / XA_BK) * ldb * es, kbytes);
+    xa_prefetch((const char *)vt + (first / XA_BK) * ldb * es,
+                (int)(last - first < XA_BK ? last - first : XA_BK) * vrow);
+    for (int64_t b0 = first; b0 < last; b0 += XA_BK) {
         const char *kb = (const char *)kt + (b0 / XA_BK) * ldb * es;
         const char *vb = (const char *)vt + (b0 / XA_BK) * ldb * es;
         if (b0 + XA_BK < last) {  /* fetch the next block (its rows in use) meanwhile */
@@ -212,15 +237,16 @@ static inline __attribute__((always_inline)) void xa_attend(
             t = nr - r < mrt ? nr - r : mrt;
             XA_TILE(W, t, kf16, xa_scores, qs + r * hd, hd, kb, s + r * XA_BK);
         }
-        for (int r = 0; r < nr; r++)
-            if (nk[r] > b0)
-                xa_softmax(s + r * XA_BK, (int)(nk[r] - b0 < XA_BK ? nk[r] - b0 : XA_BK), m + r,
-                           l + r, acc + r * hdp, hdp);
+        for (int r = 0; r < nr; r++) {
+            const int a = xa_from(lo[r], b0), n = xa_until(nk[r], b0);
+            if (a < n) xa_softmax(s + r * XA_BK, a, n, m + r, l + r, acc + r * hdp, hdp);
+        }
         for (int r = 0, t; r < nr; r += t) {  /* tiles of rows that use the same keys */
-            const int n = (int)(nk[r] - b0 < XA_BK ? nk[r] - b0 : XA_BK);
-            for (t = 1; t < mrt && r + t < nr && (nk[r + t] - b0 < XA_BK ? nk[r + t] - b0 : XA_BK)
-                 == n; t++) {}
-            if (n > 0) XA_TILE(W, t, kf16, xa_pv, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, hd, n);
+            const int a = xa_from(lo[r], b0), n = xa_until(nk[r], b0);
+            for (t = 1; t < mrt && r + t < nr && xa_from(lo[r + t], b0) == a &&
+                 xa_until(nk[r + t], b0) == n; t++) {}
+            if (a < n)
+                XA_TILE(W, t, kf16, xa_pv, acc + r * hdp, hd, hdp, s + r * XA_BK, vb, hd, a, n);
         }
     }
     for (int r = 0; r < nr; r++) {
@@ -231,19 +257,21 @@ static inline __attribute__((always_inline)) void xa_attend(
 
 /* flatten: every call inlined, so that the tiles get constant sizes */
 XA_T512 __attribute__((flatten)) static void xa_attend512(
-        int nr, const float **q, float **out, const int64_t *nk, const void *kt, const void *vt,
-        ptrdiff_t ldb, int f16, int hd, float scale) {
-    if (f16) xa_attend(16, nr, q, out, nk, kt, vt, ldb, 1, hd, scale);
-    else xa_attend(16, nr, q, out, nk, kt, vt, ldb, 0, hd, scale);
+        int nr, const float **q, float **out, const int64_t *nk, int64_t window, const void *kt,
+        const void *vt, ptrdiff_t ldb, int f16, int hd, float scale) {
+    if (f16) xa_attend(16, nr, q, out, nk, window, kt, vt, ldb, 1, hd, scale);
+    else xa_attend(16, nr, q, out, nk, window, kt, vt, ldb, 0, hd, scale);
 }
 
-/* isa: 0 AVX2, 1 AVX-512 (the same results). */
+/* isa: 0 AVX2, 1 AVX-512 (the same results). window: 0, or the keys a row sees (its own and
+ * the window - 1 before it). */
 static void xllm_attend(int isa, int nr, const float **q, float **out, const int64_t *nk,
-                        const void *kt, const void *vt, ptrdiff_t ldb, int f16, int hd,
-                        float scale) {
-    if (isa) xa_attend512(nr, q, out, nk, kt, vt, ldb, f16, hd, scale);
-    else if (f16) xa_attend(8, nr, q, out, nk, kt, vt, ldb, 1, hd, scale);  /* one copy per type */
-    else xa_attend(8, nr, q, out, nk, kt, vt, ldb, 0, hd, scale);
+                        int64_t window, const void *kt, const void *vt, ptrdiff_t ldb, int f16,
+                        int hd, float scale) {
+    if (isa) xa_attend512(nr, q, out, nk, window, kt, vt, ldb, f16, hd, scale);
+    else if (f16)  /* one copy per type */
+        xa_attend(8, nr, q, out, nk, window, kt, vt, ldb, 1, hd, scale);
+    else xa_attend(8, nr, q, out, nk, window, kt, vt, ldb, 0, hd, scale);
 }
 
 /* dst[d] = float16(src[d]) for d < n, rounding to nearest even (as numpy's astype does). */

@@ -24,7 +24,8 @@ from xllm._kernels.layout import KV_BLOCK
 cdef extern from "attention.h" nogil:
     enum: XA_BK, XA_ROWBUF
     void xllm_attend(int isa, int nr, const float **q, float **out, const int64_t *nk,
-                     const void *kt, const void *vt, Py_ssize_t ldb, int f16, int hd, float scale)
+                     int64_t window, const void *kt, const void *vt, Py_ssize_t ldb, int f16,
+                     int hd, float scale)
     void xllm_store_kv(const float *k, const float *v, void *kc, void *vc, Py_ssize_t kvd,
                        Py_ssize_t hd, Py_ssize_t t, int f16)
 
@@ -41,7 +42,7 @@ cdef enum:
     ITEMS_PER_THREAD = 8  # items per thread that a call aims for (dynamic schedule)
 
 
-def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
+def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale, window=0):
     """Causal grouped-query attention of M new queries over the cache.
 
     q, out: float32 [M, n_heads*head_dim] (out may be q itself); k_cache: [blocks, n_kv_heads *
@@ -49,22 +50,24 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     head_dim], float32 or float16 (both the same), holding the first start_pos + M keys and
     values. Query row i sits at position start_pos + i and attends to keys 0 .. start_pos + i;
     query head h reads KV head h // (n_heads // n_kv_heads). head_dim may be 1..256.
+    A sliding window (window > 0) limits row i to the last `window` of those keys, start_pos +
+    i + 1 - window .. start_pos + i; blocks wholly before the first row's window are not read.
     Accumulation is float32 (the reference uses float64; expect ~1e-6 relative differences).
     """
     m = q.shape[0] if isinstance(q, np.ndarray) and q.ndim == 2 else 0
     attention_batch(q, None, None, (k_cache,), (v_cache,), (0, m), (start_pos,), out, n_heads,
-                    n_kv_heads, scale)
+                    n_kv_heads, scale, window)
 
 
 def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_heads,
-                    n_kv_heads, scale):
+                    n_kv_heads, scale, window=0):
     """``attention`` for S sequences in one call (one parallel loop over all their rows).
 
     Rows bounds[s] .. bounds[s+1]-1 of q and out belong to sequence s, whose caches
     k_caches[s], v_caches[s] hold starts[s] keys and values before them. If k_new and v_new
     (float32 [M, n_kv_heads*head_dim]) are given, their rows are first stored in the caches as
     keys and values starts[s] onwards (rounded to float16 for float16 caches). Each row's result
-    is bitwise the same as from ``attention`` on its own sequence.
+    is bitwise the same as from ``attention`` on its own sequence. `window` as for ``attention``.
     """
     # All checks run here, with the GIL held, before any nogil code. Every sum and product of
     # user-given numbers below is bounded first (comments give the bound): none can overflow.
@@ -79,6 +82,9 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
     cdef Py_ssize_t m = qa.shape[0]  # query rows
     cdef Py_ssize_t S = len(k_caches)  # sequences
     cdef Py_ssize_t hd, s
+    cdef int64_t win = window  # OverflowError past int64, TypeError if not an integer
+    if win < 0:
+        raise ValueError(f"window must be 0 (none) or positive, got {win}")
     if nh < 1 or nkv < 1 or nh % nkv:
         raise ValueError(f"n_heads ({nh}) must be a positive multiple of n_kv_heads ({nkv})")
     _check_out_matches(oa, qa, "q")
@@ -149,8 +155,8 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
         rows = min(<Py_ssize_t>MAX_ROWS, XA_ROWBUF // ((hd + 31) // 32 * 32))
         group = nh // nkv
         gh = min(group, rows)
-        items = _plan(S, bp, sp, nkv, group, gh, max(1, rows // gh), get_num_threads(), tqs,
-                      order)  # at most n_heads * m
+        items = _plan(S, bp, sp, nkv, group, gh, max(1, rows // gh), get_num_threads(), win,
+                      tqs, order)  # at most n_heads * m
         if items > PY_SSIZE_T_MAX // 48:  # (6 int64 per item)
             raise MemoryError(f"attention_batch: {items} work items is too many")
         lst = <int64_t *>malloc(6 * items * sizeof(int64_t) + 1)
@@ -161,7 +167,7 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
                  NULL if not store else <const float *>cnp.PyArray_DATA(kna),
                  NULL if not store else <const float *>cnp.PyArray_DATA(vna),
                  kp, vp, f16, S, bp, sp, <float *>cnp.PyArray_DATA(oa), nh, nkv, hd,
-                 float(scale), lst, items, gh, tqs, order)
+                 float(scale), win, lst, items, gh, tqs, order)
     finally:
         free(bp)
         free(lst)
@@ -178,10 +184,10 @@ cdef int _by_cost(const void *a, const void *b) noexcept nogil:
 
 cdef Py_ssize_t _plan(Py_ssize_t S, const int64_t *bp, const int64_t *sp, Py_ssize_t nkv,
                       Py_ssize_t group, Py_ssize_t gh, Py_ssize_t tq_max, int threads,
-                      int64_t *tqs, int64_t *order) noexcept:
+                      int64_t win, int64_t *tqs, int64_t *order) noexcept:
     """Cut each sequence's rows into tiles (tqs[s] tokens each) and order the sequences
     (order: (cost, s) pairs) so that the threads finish together: an item's cost is about its
-    rows times the keys they read, every item costs at most about the total over
+    rows times the keys they read (at most the window and the rows, with a window), every item costs at most about the total over
     ITEMS_PER_THREAD * threads (a few rows of a long prompt beside many decode rows are cut
     into several items, down to MIN_TILE_ROWS rows), and the costliest sequences' items come
     first in the dynamic schedule. Returns the number of items. Called once bp and sp are
@@ -191,14 +197,14 @@ cdef Py_ssize_t _plan(Py_ssize_t S, const int64_t *bp, const int64_t *sp, Py_ssi
     cdef Py_ssize_t min_tq = max(1, (MIN_TILE_ROWS + gh - 1) // gh)
     for s in range(S):  # in double: no product can overflow
         rows_s = bp[s + 1] - bp[s]
-        cost = <double>rows_s * <double>(sp[s] + rows_s)  # rows x the last row's keys
+        cost = <double>rows_s * _keys_read(sp[s], rows_s, win)
         order[2 * s] = <int64_t>min(cost, 4e18)
         order[2 * s + 1] = s
         total += cost
     target = total / (ITEMS_PER_THREAD * max(1, threads))
     for s in range(S):
         rows_s = bp[s + 1] - bp[s]
-        tq = target / max(1.0, <double>(sp[s] + rows_s))
+        tq = target / max(1.0, _keys_read(sp[s], rows_s, win))
         tq = max(<double>min_tq, min(<double>tq_max, tq))
         tqs[s] = <int64_t>tq
         items += nkv * ((group + gh - 1) // gh) * ((rows_s + tqs[s] - 1) // tqs[s])
@@ -206,9 +212,18 @@ cdef Py_ssize_t _plan(Py_ssize_t S, const int64_t *bp, const int64_t *sp, Py_ssi
     return items
 
 
+cdef inline double _keys_read(int64_t start, Py_ssize_t rows, int64_t win) noexcept nogil:
+    """About the keys a sequence's rows read: those of its last row, and with a window the
+    window plus the rows (the blocks from the first row's window to the last key)."""
+    cdef double keys = <double>start + <double>rows
+    if win > 0 and <double>win + <double>rows < keys:
+        keys = <double>win + <double>rows
+    return keys
+
+
 cdef void _item(const int64_t *it, const float *qp, char **kp, char **vp, bint f16,
                 const int64_t *bp, const int64_t *sp, float *op, Py_ssize_t nh, Py_ssize_t nkv,
-                Py_ssize_t hd, float sc) noexcept nogil:
+                Py_ssize_t hd, float sc, int64_t win) noexcept nogil:
     """Work item it = (sequence, KV head, first head of the group, heads, first row, rows)."""
     cdef const float *qr[MAX_ROWS]
     cdef float *orow[MAX_ROWS]
@@ -227,13 +242,13 @@ cdef void _item(const int64_t *it, const float *qp, char **kp, char **vp, bint f
             orow[n] = op + i * nh * hd + col
             nk[n] = sp[s] + i - bp[s] + 1
             n += 1
-    xllm_attend(_isa, <int>n, qr, orow, nk, kp[s] + h * hd * XA_BK * es,
+    xllm_attend(_isa, <int>n, qr, orow, nk, win, kp[s] + h * hd * XA_BK * es,
                 vp[s] + h * hd * XA_BK * es, ldkv * XA_BK, f16, <int>hd, sc)
 
 
 cdef void _run(const float *qp, const float *knp, const float *vnp, char **kp, char **vp,
                bint f16, Py_ssize_t S, const int64_t *bp, const int64_t *sp, float *op,
-               Py_ssize_t nh, Py_ssize_t nkv, Py_ssize_t hd, float sc, int64_t *lst,
+               Py_ssize_t nh, Py_ssize_t nkv, Py_ssize_t hd, float sc, int64_t win, int64_t *lst,
                Py_ssize_t items, Py_ssize_t gh, const int64_t *tqs,
                const int64_t *order) noexcept nogil:
     cdef Py_ssize_t s, i, t, g, k, tq
@@ -270,4 +285,4 @@ cdef void _run(const float *qp, const float *knp, const float *vnp, char **kp, c
                                   sp[s] + i - bp[s], f16)
             xllm_barrier()  # Cython's prange ends with nowait
         for it in prange(items, schedule="dynamic"):
-            _item(lst + 6 * it, qp, kp, vp, f16, bp, sp, op, nh, nkv, hd, sc)
+            _item(lst + 6 * it, qp, kp, vp, f16, bp, sp, op, nh, nkv, hd, sc, win)

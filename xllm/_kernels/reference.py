@@ -136,18 +136,23 @@ def v_rows(v_cache):
     return v_cache.transpose(0, 2, 1, 3).reshape(nb * bk, nkv * hd)
 
 
-def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
+def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale, window=0):
     """Causal grouped-query attention of M new queries over the cache.
 
     q, out: [M, n_heads*head_dim]; k_cache: [blocks, n_kv_heads*head_dim, KV_BLOCK] (k_blocks),
     v_cache: [blocks, n_kv_heads, KV_BLOCK, head_dim] (v_blocks), holding the first start_pos + M
     keys and values. Query row i sits at position start_pos + i and attends to keys
-    0 .. start_pos + i. Query head h reads KV head h // (n_heads // n_kv_heads).
+    0 .. start_pos + i, or with a sliding window (window > 0) to the last `window` of them,
+    start_pos + i + 1 - window .. start_pos + i. Query head h reads KV head
+    h // (n_heads // n_kv_heads).
     """
     _native(q, k_cache, v_cache, out)
     start_pos = operator.index(start_pos)
     n_heads = operator.index(n_heads)
     n_kv_heads = operator.index(n_kv_heads)
+    window = operator.index(window)
+    if window < 0:
+        raise ValueError(f"window must be 0 (none) or positive, got {window}")
     if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
         raise ValueError(f"n_heads ({n_heads}) must be a positive multiple of n_kv_heads "
                          f"({n_kv_heads})")
@@ -163,7 +168,10 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
     k = k_rows(k_cache)[:t].reshape(t, n_kv_heads, hd).astype(np.float64)
     v = v_rows(v_cache)[:t].reshape(t, n_kv_heads, hd).astype(np.float64)
     o = out.reshape(m, n_heads, hd)
-    masked = np.arange(t)[None, :] > (start_pos + np.arange(m))[:, None]
+    position = start_pos + np.arange(m)[:, None]  # of each query row
+    masked = np.arange(t)[None, :] > position
+    if window:
+        masked |= np.arange(t)[None, :] <= position - window
     group = n_heads // n_kv_heads
     for h in range(n_heads):
         s = (qh[:, h, :] @ k[:, h // group, :].T) * scale
@@ -174,10 +182,10 @@ def attention(q, k_cache, v_cache, out, start_pos, n_heads, n_kv_heads, scale):
 
 
 def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_heads,
-                    n_kv_heads, scale):
+                    n_kv_heads, scale, window=0):
     """Rows bounds[s]..bounds[s+1]-1 of q belong to sequence s (caches k_caches[s], v_caches[s]
     holding starts[s] rows before them): store the new rows k_new, v_new there (when given),
-    then ``attention`` per sequence."""
+    then ``attention`` per sequence (with the sliding `window`, if any)."""
     _native(q, k_new, v_new, out, bounds, starts, *k_caches, *v_caches)
     bounds = [operator.index(b) for b in bounds]
     starts = [operator.index(s) for s in starts]
@@ -200,7 +208,8 @@ def attention_batch(q, k_new, v_new, k_caches, v_caches, bounds, starts, out, n_
                 kc[t // KV_BLOCK, :, t % KV_BLOCK] = k_new[first + i]
                 vc[t // KV_BLOCK, :, t % KV_BLOCK] = v_new[first + i].reshape(vc.shape[1], -1)
         if end > first:
-            attention(q[first:end], kc, vc, out[first:end], start, n_heads, n_kv_heads, scale)
+            attention(q[first:end], kc, vc, out[first:end], start, n_heads, n_kv_heads, scale,
+                      window)
 
 
 # ---- sampling (float64 throughout so the compiled kernel can agree on the chosen token) ----

@@ -66,6 +66,17 @@ class Sampler:
                               self.rng.random())
 
 
+def apply_token_mask(logits, mask) -> int:
+    """Give every token that `mask` forbids a logit of -inf, in place; return how many tokens
+    it allows. `mask` holds 32-bit words (int32), bit ``t % 32`` of word ``t // 32`` set when
+    token ``t`` is allowed (llguidance's layout; see xllm/engine/constraints.py); it covers at
+    least ``len(logits)`` tokens. Nothing is drawn at random: masking keeps determinism."""
+    allowed = np.unpackbits(mask.view(np.uint8), count=logits.size, bitorder="little")
+    allowed = allowed.view(bool)
+    np.copyto(logits, -np.inf, where=~allowed)
+    return int(np.count_nonzero(allowed))
+
+
 def apply_presence_frequency(logits, generated, presence, frequency):
     """OpenAI's penalties: logits[t] -= presence + frequency * count(t), for each token t that
     occurs `count(t)` > 0 times in `generated`."""

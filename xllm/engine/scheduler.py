@@ -26,9 +26,10 @@ import numpy as np
 
 from ..errors import ContextLengthError, XLLMError
 from ..model.kv_cache import KVCache, block_rows
+from .constraints import MaskJob
 from .generation import Sequence
 from .prefix_cache import PrefixCache
-from .sampling import Sampler, SamplingParams, log_softmax_top
+from .sampling import Sampler, SamplingParams, apply_token_mask, log_softmax_top
 from .text import TextOutput
 
 DEFAULT_STEP_FACTOR = 2.2  # a step with prefill rows takes about this many decode steps
@@ -59,8 +60,8 @@ class TokenEvent:
 
 @dataclass
 class FinishEvent:
-    """The end of a request: why ("stop", "length", "cancelled" or "error"), the text held
-    back until now, and the token counts."""
+    """The end of a request: why ("stop", "length", "constraint": its grammar allowed no
+    token, "cancelled" or "error"), the text held back until now, and the token counts."""
     reason: str
     text: str
     prompt_tokens: int
@@ -73,7 +74,8 @@ class FinishEvent:
 class Request:
     """One sequence to generate. ``emit`` receives its events, from the engine's thread: a
     TokenEvent per token, then one FinishEvent. ``logprobs``: None for none, else how many
-    alternatives to report with each token (0: only the token's own)."""
+    alternatives to report with each token (0: only the token's own). ``constraint``: an
+    :class:`xllm.engine.constraints.Constraint` its tokens must follow, or None."""
     prompt: list
     max_new_tokens: int
     params: SamplingParams
@@ -81,7 +83,9 @@ class Request:
     stop: tuple = ()
     logprobs: Optional[int] = None
     ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
+    constraint: Optional[object] = None
     cancelled: bool = False
+    matcher: Optional[object] = None  # set by Engine.submit from the constraint
 
     def cancel(self):
         """Stop generating (the client went away); the engine drops the sequence at its next
@@ -140,6 +144,7 @@ class Engine:
         self._closing = False
         self._cond = threading.Condition()
         self._logits = np.zeros((0, config.vocab_size), np.float32)
+        self._masks = MaskJob()
         # the times of the latest decode-only steps, and the average cost of one prefill row
         self._decode_times = collections.deque(maxlen=DECODE_WINDOW)
         self._row_seconds = None
@@ -153,7 +158,8 @@ class Engine:
     def submit(self, request: Request):
         """Queue `request`. ContextLengthError if its prompt and max_new_tokens pass the
         model's context; ValueError if its KV cache could never fit the budget;
-        QueueFullError if the queue is full; EngineClosedError while shutting down."""
+        ConstraintError if its constraint cannot be followed; QueueFullError if the queue is
+        full; EngineClosedError while shutting down."""
         max_len = self.model.config.max_seq_len
         if len(request.prompt) == 0:
             raise ValueError("the prompt is empty")
@@ -166,6 +172,8 @@ class Engine:
         if need > self.kv_budget:
             raise ValueError(f"this request needs {need / 2**20:.1f} MiB of KV cache, more than "
                              f"the engine's budget of {self.kv_budget / 2**20:.1f} MiB")
+        # compiled here, on the caller's thread, not in the engine's loop
+        request.matcher = self.model.matcher(request.constraint, request.max_new_tokens)
         with self._cond:
             if self._closing:
                 raise EngineClosedError("the server is shutting down")
@@ -251,12 +259,18 @@ class Engine:
         for running, rows in plan:
             first = running.kv.length
             seqs.append(running.sequence.tokens[first:first + rows])
+        # the masks of the rows that sample this step, computed while the forward pass runs
+        self._masks.start([(running.request.matcher, row)
+                           for row, (running, rows) in enumerate(plan)
+                           if running.request.matcher is not None and rows == running.rows_left])
         self.transformer.forward_batch(seqs, [running.kv for running, _ in plan], logits)
+        masks = self._masks.wait()
         self._measure(plan, time.perf_counter() - started)
         self.steps += 1
         for row, (running, _) in enumerate(plan):
             if running.rows_left == 0:
-                self._next_token(running, logits[row])
+                mask = masks[row] if running.request.matcher is not None else None
+                self._next_token(running, logits[row], mask)
         self._retire_finished()
 
     def _logits_rows(self, n):
@@ -419,10 +433,12 @@ class Engine:
 
     # ---- tokens and endings ----
 
-    def _next_token(self, running, logits):
-        """Sample the sequence's next token from its logits row and emit it (or its end)."""
+    def _next_token(self, running, logits, mask):
+        """Sample the sequence's next token from its logits row (only the tokens `mask`
+        allows, if the request has a constraint) and emit it (or its end)."""
         sequence = running.sequence
         request = running.request
+        matcher = request.matcher
         if request.cancelled or sequence.finish is not None:
             return
         if sequence.generated >= sequence.max_new_tokens:
@@ -433,11 +449,17 @@ class Engine:
         top = None
         if request.logprobs is not None:
             raw = row.copy()  # the sampler applies penalties in place
+        if matcher is not None and apply_token_mask(row, mask) == 0:
+            sequence.finish = "constraint"  # a dead end: nothing the grammar allows
+            return
         generated = sequence.tokens[sequence.prompt_length:sequence.length]
         token = sequence.sampler(row, sequence.tokens[:sequence.length], generated)
         if request.logprobs is not None:
             logprob, top = log_softmax_top(raw, token, request.logprobs)
-        if token in self.stop_ids and not request.ignore_eos:
+        if matcher is not None and not matcher.accept(token):
+            sequence.finish = "constraint"
+            return
+        if token in self.stop_ids and (matcher is not None or not request.ignore_eos):
             sequence.finish = "stop"
             return
         sequence.tokens[sequence.length] = token

@@ -45,11 +45,17 @@ class GGUFTensor:
     data: np.ndarray
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
-    """Reads little-endian values from `buf` (uint8 array), never past its end."""
+    """Reads little-endian values from `buf` (uint8 array over an mmap), never past its end."""
 
     def __init__(self, buf, path):
         self.view = memoryview(buf)
+        # the object under the array (an mmap, or bytes): slicing it gives bytes, which decode
+        # faster than memoryview slices (string arrays of a whole vocabulary are read here)
+        self.raw = buf.base.obj if isinstance(buf.base, memoryview) else bytes(buf)
         self.size = buf.size
         self.path = path
         self.pos = 0
@@ -82,6 +88,32 @@ class _Cursor:
         except UnicodeDecodeError as e:
             self.fail(what, f"not UTF-8 ({e.reason})")
 
+    def strings(self, n, what):
+        """The next `n` strings (each a uint64 length and UTF-8 bytes), as a list: what
+        ``string`` reads, in one loop (a vocabulary is tens of thousands of strings)."""
+        raw = self.raw
+        size = self.size
+        pos = self.pos
+        out = []
+        append = out.append
+        length_at = _U64.unpack_from
+        try:
+            for _ in range(n):
+                if size - pos < 8:
+                    break
+                start = pos + 8
+                pos = start + length_at(raw, pos)[0]
+                if pos > size:
+                    break
+                append(raw[start:pos].decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+        if len(out) < n:  # read string `len(out)` again, for the error
+            self.pos = _string_start(raw, self.pos, len(out))
+            self.string(f"{what}[{len(out)}]")  # raises: the loop stopped at its fault
+        self.pos = pos
+        return out
+
     def value(self, vtype, what):
         """A metadata value of GGUF type `vtype`; arrays (of scalars or strings) as lists."""
         if vtype in SCALARS:
@@ -92,7 +124,7 @@ class _Cursor:
             self.fail(what, f"unknown value type {vtype}")
         itype = self.scalar("I", what)
         if itype == STRING:
-            return [self.string(what) for _ in range(self.count(what, 8))]
+            return self.strings(self.count(what, 8), what)
         if itype not in SCALARS:
             self.fail(what, f"arrays of value type {itype} are not supported")
         fmt = "<" + SCALARS[itype]
@@ -100,6 +132,13 @@ class _Cursor:
         raw = self.take(n * struct.calcsize(fmt), what)
         dtype = np.dtype(np.bool_ if itype == BOOL else fmt)
         return np.frombuffer(raw, dtype).tolist()
+
+
+def _string_start(raw, pos, index):
+    """The position of string `index` of the (valid up to it) strings that begin at `pos`."""
+    for _ in range(index):
+        pos += 8 + _U64.unpack_from(raw, pos)[0]
+    return pos
 
 
 _KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
@@ -123,6 +162,8 @@ def typed_list(meta: dict, key, kind, default=None, source="GGUF file"):
     """``meta[key]`` (else `default`) checked to be a list of `kind` values (as typed_value)."""
     v = typed_value(meta, key, list, default, source)
     numeric = (int, float) if kind is float else kind
+    if v and set(map(type, v)) <= set(numeric if kind is float else (kind,)):
+        return v  # every item exactly of an accepted type (one pass in C, for a vocabulary)
     for i, item in enumerate(v or ()):
         if isinstance(item, bool) or not isinstance(item, numeric):
             raise ModelFormatError(f"{source}: {key}[{i}] must be {_KINDS[kind]}, "
@@ -165,9 +206,16 @@ class GGUFFile:
         data_start = -(-cursor.pos // alignment) * alignment
         self.tensors = self._map_tensors(infos, data_start, alignment)
 
-    def drop_pages(self):
-        """Let the kernel drop the file's pages from memory (they are read again if used)."""
-        self.buf.base.obj.madvise(mmap.MADV_DONTNEED)  # base: a memoryview of the mmap
+    def drop_pages(self, data=None):
+        """Let the kernel drop the file's pages from memory (they are read again if used): all
+        of them, or those under `data` (a tensor's view of the file)."""
+        mapped = self.buf.base.obj  # base: a memoryview of the mmap
+        if data is None:
+            mapped.madvise(mmap.MADV_DONTNEED)
+            return
+        begin = data.__array_interface__["data"][0] - self.buf.__array_interface__["data"][0]
+        first_page = begin - begin % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, first_page, begin + data.nbytes - first_page)
 
     def _read_preamble(self, cursor):
         """The magic and a version this reader knows."""

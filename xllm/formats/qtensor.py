@@ -206,25 +206,33 @@ def _quantize_int4_asymmetric(groups):
 
 
 def from_gguf_blocks(raw, kind, shape, parts=None):
-    """A QTensor from the raw bytes [N, K/block * block bytes] of a GGUF tensor of a PANELS format
-    of the registry (Q8_0, Q4_0, Q4_1, and the codecs Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)."""
+    """A QTensor from the raw bytes [N, K/32 * block bytes] of a GGUF tensor of a PANELS format
+    of the registry: Q8_0, Q4_0, Q4_1 (bitwise what ``pack`` makes of their codes and scales), or
+    a codec (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K: repack_codec, K/256 super-blocks for the K-quants).
+
+    A GGUF block holds its float16 scale (and minimum), then its codes in the order the packed
+    layout keeps within a row (layout.py): Q8_0 value j as the int8 byte j, Q4_0/Q4_1 values j
+    and j + 16 in the low and high nibble of byte j. So each 4-byte group of a block's codes
+    moves whole, as one uint32, to its place in the panel (int8 codes gaining their +128 offset,
+    an XOR of each byte's top bit); nothing is unpacked, and every array is copied once, straight
+    from `raw` (a view of the file)."""
     weight_format = FORMATS[kind]
     if weight_format.codec is not None:
         return _from_codec_blocks(raw, CODECS[weight_format.codec], weight_format, shape, parts)
     bits = weight_format.bits
     n, k = shape
     blocks = np.asarray(raw).reshape(n, k // BLOCK, weight_format.block_bytes)
-    scales = _float16_field(blocks, 0)
-    mins = _float16_field(blocks, 2) if weight_format.asymmetric else None
     codes_start = 4 if weight_format.asymmetric else 2
-
-    def codes(r0, r1):
-        body = blocks[r0:r1, :, codes_start:]
-        if bits == 8:
-            return body.view(np.int8).reshape(r1 - r0, k)
-        # byte i: value i in the low nibble, value i + 16 in the high nibble
-        return np.concatenate([body & 15, body >> 4], axis=2).reshape(r1 - r0, k)
-    return pack(codes, scales, mins, bits, BLOCK, parts=parts)
+    code_bytes = BLOCK * bits // 8
+    words = blocks[:, :, codes_start:codes_start + code_bytes].view(np.uint32)
+    qs = _into_panels(words)
+    if bits == 8:
+        np.bitwise_xor(qs, np.uint32(0x80808080), out=qs)  # padded rows too: code 0 is 128
+    n_panels = qs.shape[0]
+    qs = qs.view(np.uint8).reshape(n_panels, k // BLOCK, panel_block_bytes(bits))
+    scales = _float16_panels(blocks, 0)
+    mins = _float16_panels(blocks, 2) if weight_format.asymmetric else None
+    return QTensor((n, k), bits, BLOCK, qs, scales, mins, parts)
 
 
 def _from_codec_blocks(raw, codec, weight_format, shape, parts):
@@ -257,9 +265,27 @@ def _repacker():
     return repack_codec
 
 
-def _float16_field(blocks, offset):
-    """The float16 at byte `offset` of every block, as [N, K/32]."""
-    return np.ascontiguousarray(blocks[:, :, offset:offset + 2]).view(np.float16)[:, :, 0]
+def _float16_panels(blocks, offset):
+    """The float16 at byte `offset` of every block [N, K/32, block bytes], as the packed
+    layout's [P, K/32, PANEL] (zero in the padded rows)."""
+    field = blocks[:, :, offset:offset + 2].view(np.float16)
+    return _into_panels(field)[:, :, 0, :]
+
+
+def _into_panels(rows):
+    """`rows` [N, B, W] as a new [P, B, W, PANEL] array (row 16p + r at ``[p, :, :, r]``),
+    P = ceil(N / PANEL), the rows that pad the last panel zero."""
+    n, n_blocks, width = rows.shape
+    n_panels = -(-n // PANEL)
+    out = np.empty((n_panels, n_blocks, width, PANEL), rows.dtype)
+    by_row = out.transpose(0, 3, 1, 2)  # a view: [P, PANEL, B, W]
+    full = n // PANEL
+    by_row[:full] = rows[:full * PANEL].reshape(full, PANEL, n_blocks, width)
+    if full < n_panels:
+        tail = n - full * PANEL
+        by_row[full, :tail] = rows[full * PANEL:]
+        by_row[full, tail:] = 0
+    return out
 
 
 def quantize_weights(weights, bits=8, group=32, asymmetric=False, scale_dtype=np.float16,

@@ -28,9 +28,11 @@ Columns:
     array, or uint8 rows of blocks); None where xllm writes no GGUF of the format.
 ``gguf_type``, ``file_type``
     The ``gguf.GGMLQuantizationType`` of a tensor, and the ``general.file_type``
-    (``gguf.LlamaFileType``) of a GGUF file whose matrices are all of this format.
+    (``gguf.LlamaFileType``) of a GGUF file whose matrices are all (or, for a llama.cpp mix
+    such as Q4_K_M, mostly) of this format.
 ``quantize_type``
-    The ``--type`` name under which ``tools/quantize.py`` writes the format (None: it cannot).
+    The ``--type`` name under which ``tools/quantize.py`` writes the format (None: it cannot):
+    llama.cpp's name of the file type, whose mix of formats ``formats/mixes.py`` states.
 """
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -39,6 +41,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType, LlamaFileType
 
 from .._kernels.layout import BLOCK, CODECS, PANEL, to_float32
+from .kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
 
 FLOAT = "float"
 PANELS = "panels"
@@ -111,19 +114,27 @@ def _packed_format(name, block_bytes, bits, asymmetric, file_type, quantize_type
                         from_float=_gguf_quantizer(gguf_type), bits=bits, asymmetric=asymmetric)
 
 
-def _codec_format(name, block, block_bytes):
+def _codec_format(name, block, block_bytes, file_type=None, quantize_type=None,
+                  from_float=None):
     """A GGUF block type that runs on its codec of the kernels (gemm_k.h)."""
     gguf_type = GGMLQuantizationType[name]
     codec = CODECS[name]
+    if quantize_type is not None and from_float is None:
+        from_float = _gguf_quantizer(gguf_type)
     return WeightFormat(name, block=block, block_bytes=block_bytes, packing=PANELS,
                         kernel=QMATMUL, dequantize=_gguf_blocks(gguf_type), gguf_type=gguf_type,
+                        file_type=file_type, quantize_type=quantize_type, from_float=from_float,
                         bits=codec.bits, asymmetric=codec.asymmetric, codec=name)
 
 
-def _expanded_format(name, block, block_bytes):
+def _expanded_format(name, block, block_bytes, file_type=None, quantize_type=None,
+                     from_float=None):
     gguf_type = GGMLQuantizationType[name]
+    if quantize_type is not None and from_float is None:
+        from_float = _gguf_quantizer(gguf_type)
     return WeightFormat(name, block=block, block_bytes=block_bytes, packing=EXPANDED,
-                        kernel=MATMUL, dequantize=_gguf_blocks(gguf_type), gguf_type=gguf_type)
+                        kernel=MATMUL, dequantize=_gguf_blocks(gguf_type), gguf_type=gguf_type,
+                        file_type=file_type, quantize_type=quantize_type, from_float=from_float)
 
 
 # xllm's own int8 takes groups of 64, 128, ... values (32 is Q8_0): a block is one group,
@@ -139,11 +150,11 @@ FORMATS = {f.name: f for f in (
     _packed_format("Q4_1", 20, 4, True, LlamaFileType.MOSTLY_Q4_1, "q4_1"),
     WeightFormat("INT8", block=INT8_BLOCK, block_bytes=INT8_BLOCK + 2, packing=PANELS,
                  kernel=QMATMUL, dequantize=_qtensor, bits=8),
-    _codec_format("Q5_0", 32, 22),
-    _codec_format("Q5_1", 32, 24),
-    _codec_format("Q4_K", 256, 144),
-    _codec_format("Q5_K", 256, 176),
-    _codec_format("Q6_K", 256, 210),
+    _codec_format("Q5_0", 32, 22, LlamaFileType.MOSTLY_Q5_0, "q5_0"),
+    _codec_format("Q5_1", 32, 24, LlamaFileType.MOSTLY_Q5_1, "q5_1"),
+    _codec_format("Q4_K", 256, 144, LlamaFileType.MOSTLY_Q4_K_M, "q4_k_m", quantize_q4_k),
+    _codec_format("Q5_K", 256, 176, LlamaFileType.MOSTLY_Q5_K_M, "q5_k_m", quantize_q5_k),
+    _codec_format("Q6_K", 256, 210, LlamaFileType.MOSTLY_Q6_K, "q6_k", quantize_q6_k),
 )}
 
 # The format an EXPANDED one becomes at load.
@@ -175,8 +186,8 @@ def packed_format(bits, group, asymmetric):
 
 
 def writable_formats():
-    """{--type name: format} of the formats tools/quantize.py writes (as GGUF tensors, and in
-    the xllm format)."""
+    """{--type name: format} of the formats tools/quantize.py writes (as GGUF tensors; the
+    FLOAT and PANELS ones also in the xllm format)."""
     return {f.quantize_type: f for f in FORMATS.values() if f.quantize_type is not None}
 
 

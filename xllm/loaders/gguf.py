@@ -1,5 +1,5 @@
-"""GGUF files (llama.cpp) of the ``llama`` architecture, parsed by :mod:`xllm.files.gguf`,
-which checks every size and offset.
+"""GGUF files (llama.cpp) of the ``llama`` (Llama, Mistral), ``qwen2`` and ``qwen3``
+architectures, parsed by :mod:`xllm.files.gguf`, which checks every size and offset.
 
 What each tensor type becomes is the weight-format registry's ``packing``
 (:mod:`xllm.formats.registry`): F32, F16 and BF16 (as uint16 bits) tensors are zero-copy views
@@ -7,8 +7,9 @@ of the memory-mapped file. Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K run
 repacked once at load (same size) into a ``QTensor``, then the file's pages are dropped; a file
 may mix them tensor by tensor (Q4_K_M does). The other types the registry knows are expanded once, a chunk of rows at a time, into float32 (``EXPANDED_TO``; float16 halves that
 memory but moved SmolLM2-135M Q4_1's logits by up to 0.041, against 1e-4, from transformers'
-float32 expansion). q/k rows are in llama.cpp's interleaved RoPE layout, used as stored
-(``rope_interleaved=True``)."""
+float32 expansion). q/k rows of ``llama`` files are in llama.cpp's interleaved RoPE layout,
+used as stored (``rope_interleaved=True``); ``qwen2`` and ``qwen3`` files keep Hugging Face's
+order (llama.cpp runs them with NEOX RoPE: ``rope_interleaved=False``)."""
 import os
 
 import numpy as np
@@ -24,15 +25,24 @@ from .checkpoint import Checkpoint, check_fits, make_config, name_in_file
 _CHUNK = 1 << 20  # float32 elements dequantized per step
 
 _TOP = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
-_LAYER = {"attn_norm": "attention_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv",
-          "attn_output": "wo", "ffn_norm": "ffn_norm", "ffn_gate": "w1", "ffn_down": "w2",
-          "ffn_up": "w3"}
+_LAYER = {"attn_norm.weight": "attention_norm", "attn_q.weight": "wq", "attn_k.weight": "wk",
+          "attn_v.weight": "wv", "attn_output.weight": "wo", "ffn_norm.weight": "ffn_norm",
+          "ffn_gate.weight": "w1", "ffn_down.weight": "w2", "ffn_up.weight": "w3",
+          # qwen2
+          "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
+          # qwen3
+          "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm"}
+# general.architecture -> the ModelConfig switches it sets; only ``llama`` files hold q/k rows
+# in the interleaved RoPE order
+ARCHITECTURES = {"llama": dict(rope_interleaved=True),
+                 "qwen2": dict(rope_interleaved=False, attention_bias=True),
+                 "qwen3": dict(rope_interleaved=False, qk_norm=True)}
 
 
 def gguf_name(canonical):
     """The GGUF tensor name of a canonical xllm weight name."""
     top = {name + ".weight": weight for name, weight in _TOP.items()}
-    return name_in_file(canonical, top, _LAYER, "blk.{i}.{name}.weight")
+    return name_in_file(canonical, top, _LAYER, "blk.{i}.{name}")
 
 
 def _array(tensor, path, gguf_file):
@@ -47,7 +57,7 @@ def _array(tensor, path, gguf_file):
         rows = tensor.dims[1]
         cols = tensor.dims[0]
         packed = from_gguf_blocks(tensor.data, tensor.kind, (rows, cols))
-        gguf_file.drop_pages()  # the copy is all we need
+        gguf_file.drop_pages(tensor.data)  # the copy is all we need
         return packed
     if weight_format.packing == FLOAT:
         return tensor.data
@@ -91,7 +101,7 @@ def _llama3_scaling(tensor, theta, head_dim, original_context, path):
 
 
 def load_gguf(path) -> Checkpoint:
-    """Load a llama GGUF file: config from its ``llama.*`` metadata, canonical weights."""
+    """Load a GGUF file: config from its ``<architecture>.*`` metadata, canonical weights."""
     path = os.fspath(path)
     gguf_file = open_gguf(path)
     _check_llama(gguf_file, path)
@@ -106,11 +116,12 @@ def load_gguf(path) -> Checkpoint:
 
 
 def _check_llama(gguf_file, path):
-    """ModelFormatError unless the file holds a llama model with a token embedding matrix."""
+    """ModelFormatError unless the file holds a model of a supported architecture with a token
+    embedding matrix."""
     arch = gguf_file.metadata.get("general.architecture")
-    if arch != "llama":
+    if arch not in ARCHITECTURES:
         raise ModelFormatError(f"{path}: GGUF architecture {arch!r} is not supported; xllm loads "
-                               f"'llama' models")
+                               f"{', '.join(map(repr, ARCHITECTURES))} models")
     embedding = gguf_file.tensors.get("token_embd.weight")
     if embedding is None:
         raise ModelFormatError(f"{path}: missing tensor 'token_embd.weight'")
@@ -120,41 +131,45 @@ def _check_llama(gguf_file, path):
 
 
 def _read_config(gguf_file, path):
-    """The ModelConfig that the ``llama.*`` and ``tokenizer.ggml.*`` metadata describe."""
+    """The ModelConfig that the ``<architecture>.*`` and ``tokenizer.ggml.*`` metadata
+    describe."""
     meta = gguf_file.metadata
     tensors = gguf_file.tensors
+    arch = meta["general.architecture"]
 
     def get(key, kind, default=None):
         return typed_value(meta, key, kind, default, path)
 
-    hidden = get("llama.embedding_length", int, 0)
-    heads = get("llama.attention.head_count", int, 0)
-    head_dim = get("llama.attention.key_length", int) or hidden // max(heads, 1)
-    rotary_dims = get("llama.rope.dimension_count", int, head_dim)
-    value_dim = get("llama.attention.value_length", int, head_dim)
+    hidden = get(f"{arch}.embedding_length", int, 0)
+    heads = get(f"{arch}.attention.head_count", int, 0)
+    head_dim = get(f"{arch}.attention.key_length", int) or hidden // max(heads, 1)
+    rotary_dims = get(f"{arch}.rope.dimension_count", int, head_dim)
+    value_dim = get(f"{arch}.attention.value_length", int, head_dim)
     if rotary_dims != head_dim or value_dim != head_dim:
         raise ModelFormatError(f"{path}: rope.dimension_count={rotary_dims} or key/value lengths "
                                f"differ from head_dim={head_dim} (partial RoPE is not supported)")
-    theta = float(get("llama.rope.freq_base", float, 10000.0))
-    scaling_type = get("llama.rope.scaling.type", str, "none")
+    theta = float(get(f"{arch}.rope.freq_base", float, 10000.0))
+    scaling_type = get(f"{arch}.rope.scaling.type", str, "none")
     if scaling_type != "none":
         raise ModelFormatError(f"{path}: RoPE scaling type {scaling_type!r} is not supported")
-    original_context = get("llama.rope.scaling.original_context_length", int, 8192)
+    original_context = get(f"{arch}.rope.scaling.original_context_length", int, 8192)
     scaling = _llama3_scaling(tensors.get("rope_freqs.weight"), theta, head_dim,
                               original_context, path)
     eos = [get(f"tokenizer.ggml.{k}_token_id", int) for k in ("eos", "eot", "eom")]
     eos = list(dict.fromkeys(e for e in eos if e is not None))  # in order, without repeats
     return make_config(
         path, vocab_size=tensors["token_embd.weight"].dims[1], hidden_size=hidden,
-        intermediate_size=get("llama.feed_forward_length", int, 0),
-        num_heads=heads, num_kv_heads=get("llama.attention.head_count_kv", int) or heads,
+        intermediate_size=get(f"{arch}.feed_forward_length", int, 0),
+        num_heads=heads, num_kv_heads=get(f"{arch}.attention.head_count_kv", int) or heads,
         head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
-        rms_norm_eps=float(get("llama.attention.layer_norm_rms_epsilon", float, 1e-5)),
-        num_layers=get("llama.block_count", int, 0),
+        rms_norm_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon", float, 1e-5)),
+        num_layers=get(f"{arch}.block_count", int, 0),
         tie_word_embeddings="output.weight" not in tensors,
-        max_seq_len=get("llama.context_length", int, 2048), rope_interleaved=True,
+        max_seq_len=get(f"{arch}.context_length", int, 2048),
+        sliding_window=get(f"{arch}.attention.sliding_window", int),
         bos_token_id=get("tokenizer.ggml.bos_token_id", int),
-        eos_token_id=eos[0] if eos else None, extra_eos_token_ids=tuple(eos[1:]))
+        eos_token_id=eos[0] if eos else None, extra_eos_token_ids=tuple(eos[1:]),
+        **ARCHITECTURES[arch])
 
 
 def _read_tokenizer(meta, config, path):

@@ -1,6 +1,6 @@
-"""Hugging Face ``LlamaForCausalLM`` checkpoints: config.json plus model.safetensors, or shards
-listed in model.safetensors.index.json. Weights stay in HF's q/k row order (rotate_half RoPE),
-so ``rope_interleaved=False``."""
+"""Hugging Face checkpoints of the Llama family (``model_type`` llama, mistral, qwen2, qwen3):
+config.json plus model.safetensors, or shards listed in model.safetensors.index.json. Weights
+stay in HF's q/k row order (rotate_half RoPE), so ``rope_interleaved=False``."""
 import os
 import re
 from pathlib import Path
@@ -14,11 +14,16 @@ from .checkpoint import Checkpoint, check_fits, find_file, make_config, name_in_
 
 _TOP = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "norm",
         "lm_head.weight": "output"}
-_LAYER = {"input_layernorm": "attention_norm", "self_attn.q_proj": "wq",
-          "self_attn.k_proj": "wk", "self_attn.v_proj": "wv", "self_attn.o_proj": "wo",
-          "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "w1", "mlp.down_proj": "w2",
-          "mlp.up_proj": "w3"}
-_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_LAYER = {"input_layernorm.weight": "attention_norm", "self_attn.q_proj.weight": "wq",
+          "self_attn.k_proj.weight": "wk", "self_attn.v_proj.weight": "wv",
+          "self_attn.o_proj.weight": "wo", "post_attention_layernorm.weight": "ffn_norm",
+          "mlp.gate_proj.weight": "w1", "mlp.down_proj.weight": "w2", "mlp.up_proj.weight": "w3",
+          # qwen2
+          "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk",
+          "self_attn.v_proj.bias": "bv",
+          # qwen3
+          "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm"}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads")
 
@@ -33,7 +38,7 @@ def canonical_name(hf_name):
 
 
 def _hf_name(canonical):
-    return name_in_file(canonical, _TOP, _LAYER, "model.layers.{i}.{name}.weight")
+    return name_in_file(canonical, _TOP, _LAYER, "model.layers.{i}.{name}")
 
 
 def _object(raw, key, path):
@@ -55,16 +60,45 @@ def _token_ids(value, key, path):
     return ids
 
 
+# model_type -> the switches of ModelConfig it sets (qwen2's q/k/v biases are always there)
+_ARCHITECTURES = {"llama": {}, "mistral": {}, "qwen2": {"attention_bias": True},
+                  "qwen3": {"qk_norm": True}}
+
+
+def _sliding_window(raw, path):
+    """The sliding window config.json sets (None for none). Mistral: "sliding_window". Qwen2
+    and Qwen3 only with "use_sliding_window", and then only on layers from
+    "max_window_layers" on: all of them, or none, is supported."""
+    kind = raw["model_type"]
+    if kind == "llama":
+        return None
+    window = raw.get("sliding_window")
+    if kind == "mistral" or window is None:
+        return window
+    if not raw.get("use_sliding_window", False):
+        return None
+    first = value_or(raw.get("max_window_layers"), 0)
+    layers = raw["num_hidden_layers"]
+    if first == 0:
+        return window
+    if isinstance(first, int) and isinstance(layers, int) and first >= layers:
+        return None
+    raise ModelFormatError(f"{path}: use_sliding_window with max_window_layers={first!r} of "
+                           f"{layers!r} layers (a window on some layers only) is not supported")
+
+
 def read_config(directory) -> ModelConfig:
     """ModelConfig from a HF directory's config.json (transformers 4.x or 5.x layout), with
     extra end-of-sequence ids from generation_config.json if present."""
     path = os.path.join(directory, "config.json")
     raw = read_json(path)
-    if raw.get("model_type") != "llama":
-        raise ModelFormatError(f"{path}: model_type {raw.get('model_type')!r} is not supported; "
-                               f"xllm loads Llama-architecture ('llama') checkpoints")
+    kind = raw.get("model_type")
+    if kind not in _ARCHITECTURES:
+        raise ModelFormatError(f"{path}: model_type {kind!r} is not supported; xllm loads "
+                               f"{', '.join(map(repr, _ARCHITECTURES))} checkpoints")
     if raw.get("attention_bias") or raw.get("mlp_bias") or raw.get("hidden_act", "silu") != "silu":
-        raise ModelFormatError(f"{path}: biases or a hidden_act other than silu are not supported")
+        raise ModelFormatError(f"{path}: attention_bias, mlp_bias or a hidden_act other than silu "
+                               f"are not supported")
     if missing := [k for k in _REQUIRED if k not in raw]:
         raise ModelFormatError(f"{path}: missing {', '.join(missing)}")
     # transformers 5 keeps RoPE settings in rope_parameters; 4.x has rope_theta + rope_scaling.
@@ -81,7 +115,8 @@ def read_config(directory) -> ModelConfig:
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
         max_seq_len=raw.get("max_position_embeddings", 2048), rope_interleaved=False,
         rope_scaling=scaling, bos_token_id=raw.get("bos_token_id"),
-        eos_token_id=eos[0] if eos else None, extra_eos_token_ids=tuple(eos[1:]))
+        eos_token_id=eos[0] if eos else None, extra_eos_token_ids=tuple(eos[1:]),
+        sliding_window=_sliding_window(raw, path), **_ARCHITECTURES[kind])
 
 
 def _rope_scaling(rope, path):
@@ -123,7 +158,8 @@ def _shard_path(directory, fname, index):
 
 
 def load_hf(directory) -> Checkpoint:
-    """Load a HF Llama checkpoint directory; tensors are read-only views of the mapped files."""
+    """Load a HF Llama-family checkpoint directory; tensors are read-only views of the mapped
+    files."""
     config = read_config(directory)
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):

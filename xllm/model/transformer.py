@@ -1,4 +1,5 @@
-"""The Llama forward pass, composed in Python from the compiled kernels.
+"""The Llama-family forward pass (Llama, Mistral, Qwen2, Qwen3: the config's switches say which
+steps run), composed in Python from the compiled kernels.
 
 Shapes below: R = rows processed at once (prompt chunk or 1 for decode), D = hidden_size,
 Q = num_heads*head_dim, KV = num_kv_heads*head_dim, F = intermediate_size, V = vocab_size."""
@@ -28,18 +29,23 @@ _KERNEL_LOCK = threading.Lock()
 
 
 class Layer:
-    """One transformer block's weights (as loaded: fp32, fp16 or bf16, often memory-mapped)."""
-    __slots__ = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
+    """One transformer block's weights (as loaded: fp32, fp16 or bf16, often memory-mapped).
+    The vectors (norms, biases) are float32; bq, bk, bv, q_norm and k_norm are None unless the
+    config asks for them."""
+    __slots__ = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3",
+                 "bq", "bk", "bv", "q_norm", "k_norm")
+    VECTORS = ("attention_norm", "ffn_norm", "bq", "bk", "bv", "q_norm", "k_norm")
 
     def __init__(self, weights, i):
         for name in self.__slots__:
-            setattr(self, name, weights[f"layers.{i}.{name}"])
-        self.attention_norm = _norm_weight(self.attention_norm)
-        self.ffn_norm = _norm_weight(self.ffn_norm)
+            weight = weights.get(f"layers.{i}.{name}")
+            if name in self.VECTORS and weight is not None:
+                weight = _float32_vector(weight)
+            setattr(self, name, weight)
 
 
-def _norm_weight(weight):
-    # Norm weights are tiny: keep them as float32 whatever the checkpoint stores.
+def _float32_vector(weight):
+    # Norm weights and biases are tiny: keep them as float32 whatever the checkpoint stores.
     return np.ascontiguousarray(to_float32(weight))
 
 
@@ -93,7 +99,7 @@ class Transformer:
             raise ValueError(f"kv_dtype must be float32 or float16, got {kv_dtype!r}")
         check_weights(weights, config, "weights")
         self.tok_embeddings = weights["tok_embeddings"]
-        self.norm = _norm_weight(weights["norm"])
+        self.norm = _float32_vector(weights["norm"])
         self.output = weights.get("output", self.tok_embeddings)  # absent: tied embeddings
         self.layers = [Layer(weights, i) for i in range(config.num_layers)]
         self.ws = Workspace(config, min(max_batch_rows, config.max_seq_len))  # under the lock
@@ -111,7 +117,7 @@ class Transformer:
         """An empty KV cache for one sequence of this model (rows of ``kv_dtype``)."""
         c = self.config
         return KVCache(c.num_layers, c.kv_dim, c.max_seq_len, n_kv_heads=c.num_kv_heads,
-                       dtype=self.kv_dtype)
+                       dtype=self.kv_dtype, window=c.sliding_window, chunk_rows=self.ws.rows)
 
     def _ensure_rope(self, n):
         # cos/sin tables grow with the longest sequence seen (doubling), never per token; only
@@ -238,7 +244,7 @@ class Transformer:
             kv.ids[kv.length:kv.length + n] = tokens
             np.add(ws.arange[:n], kv.length, out=ws.positions[row:row + n])
             ws.bounds[len(segments)] = row
-            ws.starts[len(segments)] = kv.length
+            ws.starts[len(segments)] = kv.length - kv.offset  # rows before them in its arrays
             segments.append(_Segment(row, row + n, kv, kv.length))
             row += n
         ws.bounds[len(segments)] = row
@@ -269,22 +275,39 @@ class Transformer:
         eps = c.rms_norm_eps
         interleaved = c.rope_interleaved
         scale = 1.0 / np.sqrt(c.head_dim)
+        window = c.sliding_window or 0
         ops.embedding(self.tok_embeddings, ws.tokens[:m], x)
         for index, layer in enumerate(self.layers):
             # attention: x += wo · attention(rope(wq·n(x)), rope(wk·n(x)), wv·n(x))
             ops.rmsnorm(x, layer.attention_norm, eps, xn)
-            ops.matmul(xn, (layer.wq, layer.wk, layer.wv), (q, kn, vn))  # one quantization of xn
+            self._project_qkv(ops, layer, xn, q, kn, vn)
             ops.rope(q, pos, cos, sin, c.num_heads, interleaved)
             ops.rope(kn, pos, cos, sin, c.num_kv_heads, interleaved)
-            # each sequence stores its new keys and values and attends to its own cache
+            # each sequence stores its new keys and values and attends to its own cache (the
+            # last `window` keys of it with a sliding window)
             ops.attention_batch(q, kn, vn, k_caches[index], v_caches[index], bounds, starts, attn,
-                                c.num_heads, c.num_kv_heads, scale)
+                                c.num_heads, c.num_kv_heads, scale, window)
             ops.matmul(attn, layer.wo, x, accumulate=True)
             # feed-forward: x += w2 · (silu(w1·n(x)) * w3·n(x))
             ops.rmsnorm(x, layer.ffn_norm, eps, xn)
             ops.matmul(xn, (layer.w1, layer.w3), (gate, up))
             ops.silu_mul(gate, up, gate)
             ops.matmul(gate, layer.w2, x, accumulate=True)
+
+    def _project_qkv(self, ops, layer, xn, q, kn, vn):
+        """q, kn, vn = the layer's query, key and value projections of xn, with the steps the
+        config's switches add (each row by row: batch invariance holds)."""
+        c = self.config
+        ops.matmul(xn, (layer.wq, layer.wk, layer.wv), (q, kn, vn))  # one quantization of xn
+        if c.attention_bias:  # Qwen2: + bq, bk, bv
+            np.add(q, layer.bq, out=q)
+            np.add(kn, layer.bk, out=kn)
+            np.add(vn, layer.bv, out=vn)
+        if c.qk_norm:  # Qwen3: each head's query and key normalized (before RoPE)
+            q_heads = q.reshape(-1, c.head_dim)  # a row per head: a view, nothing copied
+            k_heads = kn.reshape(-1, c.head_dim)
+            ops.rmsnorm(q_heads, layer.q_norm, c.rms_norm_eps, q_heads)
+            ops.rmsnorm(k_heads, layer.k_norm, c.rms_norm_eps, k_heads)
 
     def _head_all_rows(self, m, out):
         """out [m, V] = the logits of every row of the last chunk."""

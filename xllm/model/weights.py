@@ -9,7 +9,9 @@ SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint
 
 
 def expected_shapes(c: ModelConfig) -> dict:
-    """Canonical name -> shape for every weight a model with config `c` needs."""
+    """Canonical name -> shape for every weight a model with config `c` needs. Per layer:
+    attention_norm, wq, wk, wv, wo, ffn_norm, w1 (gate), w2 (down), w3 (up); with
+    ``attention_bias`` also bq, bk, bv; with ``qk_norm`` also q_norm, k_norm."""
     h = c.hidden_size
     q = c.q_dim
     kv = c.kv_dim
@@ -19,6 +21,10 @@ def expected_shapes(c: ModelConfig) -> dict:
         shapes["output"] = (c.vocab_size, h)
     per_layer = {"attention_norm": (h,), "wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q),
                  "ffn_norm": (h,), "w1": (f, h), "w2": (h, f), "w3": (f, h)}
+    if c.attention_bias:  # Qwen2: q, k and v add a bias
+        per_layer.update({"bq": (q,), "bk": (kv,), "bv": (kv,)})
+    if c.qk_norm:  # Qwen3: an RMSNorm per head on queries and keys
+        per_layer.update({"q_norm": (c.head_dim,), "k_norm": (c.head_dim,)})
     for i in range(c.num_layers):
         shapes.update({f"layers.{i}.{k}": s for k, s in per_layer.items()})
     return shapes

@@ -3,17 +3,26 @@
 FastAPI (on Starlette, served by uvicorn) was chosen because it is what the field's Python
 servers use (vLLM, llama-cpp-python), it parses and validates JSON with pydantic, and its
 streaming responses carry server-sent events without another dependency. The layer is thin: it
-turns a request into engine requests (one per choice) and engine events into OpenAI's JSON."""
+turns a request into engine requests (one per choice) and engine events into OpenAI's JSON.
+
+The same application serves one engine in this process (``python -m xllm.serve``) and Ray Serve
+replicas of it (xllm/serve/ray.py, docs/scaling.rst): it needs of its engine only the caller's
+side of :class:`xllm.engine.scheduler.Engine`: ``submit(request)`` (raising QueueFullError,
+EngineClosedError, ContextLengthError or ValueError), ``wake()``, ``model`` (the tokenizer, chat
+template and config), and the gauges ``running``, ``waiting``, ``kv_bytes`` and
+``prefix_cache.nbytes``. Events reach ``request.emit`` from any thread."""
 import asyncio
 import collections
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
 import secrets
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -24,6 +33,7 @@ from ..engine.sampling import SamplingParams
 from ..engine.scheduler import (EngineClosedError, FinishEvent, QueueFullError,
                                 Request as EngineRequest, TokenEvent)
 from ..errors import ChatTemplateError, ContextLengthError
+from . import structured
 from .metrics import Metrics
 from .protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest,
                        TokenizeRequest, validation_error)
@@ -35,19 +45,31 @@ DISCONNECT_POLL = 0.25  # seconds between checks that a waiting client is still 
 
 
 class ServerSettings:
-    """What the server needs besides the engine."""
+    """What the server needs besides the engine. `echo_request_id`: whether responses get the
+    ``X-Request-ID`` header (False behind a proxy that adds it itself, as Ray Serve's does)."""
 
     def __init__(self, *, served_model_name, api_key=None, max_body_bytes=4 << 20,
-                 log_prompts=False):
+                 log_prompts=False, echo_request_id=True):
         self.served_model_name = served_model_name
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.log_prompts = log_prompts
+        self.echo_request_id = echo_request_id
 
 
-def create_app(engine, settings: ServerSettings, on_shutdown=None) -> FastAPI:
+@dataclass
+class APIRequest(EngineRequest):
+    """An engine request and what a router in front of several engines may use: `affinity`,
+    a key shared by the requests of one conversation (None: no preference). An engine in this
+    process ignores it."""
+    affinity: Optional[str] = None
+
+
+def create_app(engine, settings: ServerSettings, on_shutdown=None, health=None) -> FastAPI:
     """The FastAPI application serving `engine`'s model; `on_shutdown()` runs when the server
-    stops (after its connections are closed)."""
+    stops (after its connections are closed). `health`, if given, is an async function that
+    answers ``GET /health``: (HTTP status, JSON body); without it the answer is 200
+    ``{"status": "ok"}`` while the server runs."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -61,7 +83,7 @@ def create_app(engine, settings: ServerSettings, on_shutdown=None) -> FastAPI:
     app.state.metrics = Metrics(engine)
     api = _API(engine, settings, app.state.metrics)
     _add_middleware(app, api)
-    _add_routes(app, api)
+    _add_routes(app, api, health)
     return app
 
 
@@ -98,6 +120,7 @@ class _AroundEveryRequest:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            if message["type"] == "http.response.start" and self.api.settings.echo_request_id:
                 message = dict(message)
                 message["headers"] = [*message.get("headers", []),
                                       (b"x-request-id", request_id.encode("latin-1"))]
@@ -117,10 +140,13 @@ class _AroundEveryRequest:
                      prompt_tokens, completion_tokens, request_id)
 
 
-def _add_routes(app, api):
+def _add_routes(app, api, health_check):
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        if health_check is None:
+            return {"status": "ok"}
+        status, body = await health_check()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def metrics():
@@ -152,6 +178,17 @@ def _add_routes(app, api):
         return api.detokenize(body)
 
 
+def refusal(error) -> APIError:
+    """The API's answer when an engine's ``submit`` refuses a request with `error`."""
+    if isinstance(error, QueueFullError):
+        return APIError(429, str(error), type="rate_limit_error", headers={"Retry-After": "1"})
+    if isinstance(error, EngineClosedError):
+        return APIError(503, str(error), type="server_error")
+    if isinstance(error, (ContextLengthError, ValueError)):
+        return APIError(400, str(error))
+    return APIError(500, f"the request could not start: {error!r}", type="server_error")
+
+
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -170,7 +207,7 @@ class _Choice:
         self.last_token_time = None
 
 
-class _Relay:
+class EventRelay:
     """Hands events from the engine's thread to asyncio queues on the event loop, waking the
     loop once for all the events of an engine step rather than once per event."""
 
@@ -203,11 +240,11 @@ class _API:
         self.created = int(time.time())
         self._relay = None
 
-    def relay(self) -> _Relay:
+    def relay(self) -> EventRelay:
         """The relay of the running event loop (made on first use)."""
         loop = asyncio.get_running_loop()
         if self._relay is None or self._relay.loop is not loop:
-            self._relay = _Relay(loop)
+            self._relay = EventRelay(loop)
         return self._relay
 
     # ---- request handling common to every endpoint ----
@@ -259,10 +296,10 @@ class _API:
 
     # ---- generation ----
 
-    def _prompt_ids(self, body, chat):
-        """The token ids of each prompt of the call."""
+    def _prompt_ids(self, body, chat, tools=structured.NO_TOOLS):
+        """The token ids of each prompt of the call (a chat's with the tools `tools` offers)."""
         if chat:
-            return [self._chat_ids(body.messages)]
+            return [self._chat_ids(body.messages, tools)]
         prompts = []
         for i, prompt in enumerate(body.prompts()):
             try:
@@ -273,13 +310,28 @@ class _API:
                 raise APIError(400, f"prompt[{i}] is empty", param="prompt")
         return prompts
 
-    def _chat_ids(self, messages):
-        """The token ids of chat `messages` rendered with the model's template; 400 if it fails."""
-        plain = [{"role": m.role, "content": m.text()} for m in messages]
+    def _chat_ids(self, messages, tools=structured.NO_TOOLS):
+        """The token ids of chat `messages` rendered with the model's template (tool calls,
+        tool messages and the tools `tools` offers included); 400 if it fails."""
         try:
-            return self.model.chat_ids(plain)
+            plain, extra = structured.chat_messages(messages, self.model.chat_template, tools)
+            return self.model.chat_ids(plain, **extra)
         except (ChatTemplateError, ValueError) as error:
             raise APIError(400, str(error), param="messages") from None
+
+    def _affinity(self, body, chat):
+        """The routing key of a chat: a hash of its opening (the messages up to the first
+        user message), which every later turn of the conversation repeats and whose KV the
+        replica that answered it keeps. A system prompt alone is no key (requests sharing one
+        would all go to one replica). None for completions: no turns to tell apart."""
+        if not chat:
+            return None
+        digest = hashlib.sha256()
+        for message in body.messages:
+            digest.update(json.dumps([message.role, message.text()]).encode("utf-8"))
+            if message.role == "user":
+                return digest.hexdigest()
+        return None
 
     def _max_tokens(self, body, prompt_ids):
         context = self.model.config.max_seq_len
@@ -317,15 +369,18 @@ class _API:
             prompt = [m.model_dump() for m in body.messages] if chat else body.prompt
             log.info("prompt id=%s %s", request.state.request_id,
                      json.dumps(prompt, ensure_ascii=False))
-        prompt_ids = self._prompt_ids(body, chat)
+        tools = structured.tool_plan(body) if chat else structured.NO_TOOLS
+        constraint, field = structured.request_constraint(body, chat, tools)
+        prompt_ids = self._prompt_ids(body, chat, tools)
         max_tokens = self._max_tokens(body, prompt_ids)
+        structured.check_constraint(self.model, constraint, max_tokens, field)
         params = self._params(body)
         choices = []
         for ids in prompt_ids:
             for _ in range(body.n):
                 choices.append(_Choice(len(choices), ids))
-        call = _Call(self, request, body, chat, choices)
-        call.submit(max_tokens, params)
+        call = _Call(self, request, body, chat, choices, tools)
+        call.submit(max_tokens, params, self._affinity(body, chat), constraint)
         if body.stream:
             return StreamingResponse(call.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -360,12 +415,13 @@ class _API:
 class _Call:
     """One generation call: its choices in the engine, their events, and its answer."""
 
-    def __init__(self, api, request, body, chat, choices):
+    def __init__(self, api, request, body, chat, choices, tools=structured.NO_TOOLS):
         self.api = api
         self.request = request
         self.body = body
         self.chat = chat
         self.choices = choices
+        self.tools = tools  # a chat's ToolPlan: whether replies are read for tool calls
         self.arrived = time.perf_counter()
         self.queue = asyncio.Queue()
         self.relay = api.relay()
@@ -373,26 +429,19 @@ class _Call:
         self.prompt_tokens = sum(len(ids) for ids in {id(c.prompt_ids): c.prompt_ids
                                                       for c in choices}.values())
 
-    def submit(self, max_tokens, params):
+    def submit(self, max_tokens, params, affinity, constraint=None):
         logprobs = self.body.logprobs_count()
         try:
             for choice in self.choices:
                 seed = None if params.seed is None else params.seed + choice.index % self.body.n
-                choice.engine_request = EngineRequest(
+                choice.engine_request = APIRequest(
                     choice.prompt_ids, max_tokens, replace(params, seed=seed),
                     self._emitter(choice), stop=self.body.stop_strings(), logprobs=logprobs,
-                    ignore_eos=self.body.ignore_eos)
+                    ignore_eos=self.body.ignore_eos, affinity=affinity, constraint=constraint)
                 self.api.engine.submit(choice.engine_request)
-        except QueueFullError as error:
+        except (QueueFullError, EngineClosedError, ContextLengthError, ValueError) as error:
             self.cancel()
-            raise APIError(429, str(error), type="rate_limit_error",
-                           headers={"Retry-After": "1"}) from None
-        except EngineClosedError as error:
-            self.cancel()
-            raise APIError(503, str(error), type="server_error") from None
-        except (ContextLengthError, ValueError) as error:
-            self.cancel()
-            raise APIError(400, str(error)) from None
+            raise refusal(error) from None
 
     def _emitter(self, choice):
         def emit(event):  # called on the engine's thread
@@ -461,8 +510,13 @@ class _Call:
                 "total_tokens": self.prompt_tokens + completion}
 
     def _check_error(self, event):
-        if event.reason == "error":
-            raise APIError(500, f"generation failed: {event.error!r}", type="server_error")
+        """APIError if `event` ends its choice with an error: the error itself when it is one
+        (a replica that failed, in xllm/serve/ray.py), else a 500."""
+        if event.reason != "error":
+            return
+        if isinstance(event.error, APIError):
+            raise event.error
+        raise APIError(500, f"generation failed: {event.error!r}", type="server_error")
 
     async def complete(self) -> dict:
         async for _, event in self.events():
@@ -482,8 +536,11 @@ class _Call:
             logprobs = None
             if choice.logprobs:
                 logprobs = {"content": [self._chat_logprob(*item) for item in choice.logprobs]}
-            return {"index": choice.index, "message": {"role": "assistant", "content": text},
-                    "logprobs": logprobs, "finish_reason": finish}
+            message, called = structured.reply_message(text, self.tools)
+            if called and finish == "stop":
+                finish = "tool_calls"
+            return {"index": choice.index, "message": message, "logprobs": logprobs,
+                    "finish_reason": finish}
         return {"index": choice.index, "text": text,
                 "logprobs": self._completion_logprobs(choice.logprobs) if choice.logprobs
                 else None, "finish_reason": finish}
@@ -499,21 +556,36 @@ class _Call:
                     "choices": choices, **extra}
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
+        # a chat read for tool calls holds back each choice's text from a call's mark on
+        calls = {c.index: structured.ToolCallStream() for c in self.choices
+                 if self.tools.parse}
         try:
             if self.chat:
                 yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None} for c in self.choices])
             async for choice, event in self.events():
+                reader = calls.get(choice.index)
+                text = event.text if reader is None else reader.push(event.text)
                 if isinstance(event, FinishEvent):
                     self._check_error(event)
-                    yield chunk([self._delta(choice, event.text, None,
-                                             _finish_reason(event.reason))])
+                    finish = _finish_reason(event.reason)
+                    if reader is not None:
+                        rest, tool_calls = reader.finish()
+                        text += rest
+                        if tool_calls:
+                            if text:
+                                yield chunk([self._delta(choice, text, None, None)])
+                                text = ""
+                            yield chunk([_tool_calls_delta(choice, tool_calls)])
+                            if finish == "stop":
+                                finish = "tool_calls"
+                    yield chunk([self._delta(choice, text, None, finish)])
                     continue
                 logprob = None
                 if event.logprob is not None:
                     logprob = (event.token, event.logprob, event.top_logprobs)
-                if event.text or logprob is not None:
-                    yield chunk([self._delta(choice, event.text, logprob, None)])
+                if text or logprob is not None:
+                    yield chunk([self._delta(choice, text, logprob, None)])
             if self.body.include_usage():
                 yield chunk([], usage=self._usage())
             else:
@@ -571,8 +643,16 @@ class _Call:
                 "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
+def _tool_calls_delta(choice, tool_calls):
+    """A stream's chunk choice carrying whole tool calls (OpenAI's delta.tool_calls)."""
+    deltas = [{"index": k, **call} for k, call in enumerate(tool_calls)]
+    return {"index": choice.index, "delta": {"tool_calls": deltas}, "logprobs": None,
+            "finish_reason": None}
+
+
 def _finish_reason(reason):
-    """OpenAI's finish_reason for an engine's reason."""
-    if reason == "stop":
-        return "stop"
+    """OpenAI's finish_reason for an engine's reason: "constraint" (the request's grammar
+    allowed no token: docs/structured.rst) stays itself."""
+    if reason in ("stop", "constraint"):
+        return reason
     return "length"

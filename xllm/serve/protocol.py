@@ -29,6 +29,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
+    def __reduce__(self):
+        # picklable with its fields (it crosses processes between Ray Serve replicas)
+        return (_api_error, (self.status, self.message, self.type, self.param, self.code,
+                             self.headers))
+
+
+def _api_error(status, message, type, param, code, headers) -> APIError:
+    return APIError(status, message, type=type, param=param, code=code, headers=headers)
+
 
 def not_supported(param: str, what: str) -> APIError:
     return APIError(400, f"{what} is not supported by this server", param=param,
@@ -59,6 +68,14 @@ class _Body(BaseModel):
     min_p: Number = Field(default=0.0, ge=0, le=1)
     repetition_penalty: Number = Field(default=1.0, gt=0)
     ignore_eos: StrictBool = False  # vLLM's and llama.cpp's: generate max_tokens (benchmarks)
+    # structured output (xllm/serve/structured.py): llama.cpp's and vLLM's names
+    grammar: Optional[StrictStr] = None
+    regex: Optional[StrictStr] = None
+    choice: Optional[List[StrictStr]] = None
+    guided_grammar: Optional[StrictStr] = None
+    guided_regex: Optional[StrictStr] = None
+    guided_choice: Optional[List[StrictStr]] = None
+    guided_json: Optional[Union[Dict[str, Any], StrictStr]] = None
 
     def stop_strings(self) -> tuple:
         if self.stop is None:
@@ -86,6 +103,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[StrictStr, List[ContentPart]]] = None
     name: Optional[StrictStr] = None
+    tool_calls: Optional[List[Dict[str, Any]]] = None  # an assistant's calls
+    tool_call_id: Optional[StrictStr] = None  # the call a tool message answers
 
     def text(self) -> str:
         if self.content is None:
@@ -105,24 +124,18 @@ class ChatRequest(_Body):
     max_completion_tokens: Optional[StrictInt] = Field(default=None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: Optional[StrictInt] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: Optional[List[Any]] = None
-    tool_choice: Optional[Any] = None
+    tools: Optional[List[Any]] = None  # checked in xllm/serve/structured.py
+    tool_choice: Optional[Union[StrictStr, Dict[str, Any]]] = None
+    parallel_tool_calls: Optional[StrictBool] = None
     functions: Optional[List[Any]] = None
     response_format: Optional[Dict[str, Any]] = None
 
     def check_supported(self):
         super().check_supported()
-        if self.tools or self.functions:
-            raise not_supported("tools", "tool calling")
-        if self.tool_choice not in (None, "none"):
-            raise not_supported("tool_choice", "tool_choice")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise not_supported("response_format",
-                                f"response_format {self.response_format.get('type')!r}")
+        if self.functions:
+            raise not_supported("functions", "functions (deprecated: use tools)")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        if any(m.role == "tool" for m in self.messages):
-            raise not_supported("messages", "tool messages")
 
     def token_limit(self) -> Optional[int]:
         if self.max_completion_tokens is not None:

@@ -3,8 +3,11 @@
     python -m xllm.serve [--model PATH|NAME] [--host 127.0.0.1] [--port 8000] [--threads N]
         [--max-running N] [--max-queue N] [--kv-budget-mb MB] [--api-key KEY]
         [--served-model-name NAME] [--shutdown-timeout S] [--log-prompts]
+        [--ray [--replicas N | --autoscale MIN:MAX] [--ray-address auto|HOST:PORT]]
+
+With --ray the same API is served by Ray Serve replicas of the engine (xllm/serve/ray.py,
+docs/scaling.rst).
 """
-import argparse
 import contextlib
 import logging
 import os
@@ -13,65 +16,7 @@ import sys
 import threading
 
 from ..errors import XLLMError
-
-DEFAULT_MAX_RUNNING = 32
-DEFAULT_MAX_QUEUE = 256
-MEMORY_SHARE = 0.5  # of the memory available at start, at most, for the KV budget
-
-
-def _parser():
-    from ..hub import DEFAULT_MODEL
-    p = argparse.ArgumentParser(prog="python -m xllm.serve",
-                                description="An OpenAI-compatible server for one model.")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a GGUF file, model directory or known model name (default: %(default)s)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: %(default)s; 0.0.0.0 for every "
-                        "interface)")
-    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
-    p.add_argument("--threads", type=int, default=None,
-                   help="kernel threads (default: every core this process may use)")
-    p.add_argument("--max-running", type=int, default=DEFAULT_MAX_RUNNING,
-                   help="sequences decoding together (default: %(default)s)")
-    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                   help="requests waiting beyond those; more get 429 (default: %(default)s)")
-    p.add_argument("--kv-budget-mb", type=float, default=None,
-                   help="KV cache for running sequences and the prefix cache (default: enough "
-                        "for --max-running full-context sequences, at most half the memory "
-                        "available at start)")
-    p.add_argument("--no-prefix-cache", action="store_true",
-                   help="do not keep finished sequences' KV for later prompts")
-    p.add_argument("--api-key", default=os.environ.get("XLLM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $XLLM_API_KEY; none)")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model's name in the API (default: --model)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds running requests may take to finish "
-                        "(default: %(default)s)")
-    p.add_argument("--log-prompts", action="store_true",
-                   help="log each request's prompt (off by default: prompts may be private)")
-    return p
-
-
-def available_memory() -> int:
-    """Bytes of memory available to new allocations (MemAvailable), or of physical memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def default_kv_budget(model, max_running) -> int:
-    """Enough for max_running sequences at the full context, at most MEMORY_SHARE of the
-    memory available now."""
-    c = model.config
-    per_token = 2 * c.num_layers * c.kv_dim * model.transformer.kv_dtype.itemsize
-    full = max_running * c.max_seq_len * per_token
-    return int(min(full, MEMORY_SHARE * available_memory()))
+from .options import default_kv_budget, parser
 
 
 def build(args):
@@ -93,12 +38,30 @@ def build(args):
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
-    for name in ("max_running", "max_queue", "port"):
+    args = parser().parse_args(argv)
+    for name in ("max_running", "max_queue", "port", "replicas"):
         if getattr(args, name) < 1:
             print(f"xllm.serve: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    ray_only = args.replicas != 1 or args.autoscale is not None or args.ray_address
+    if ray_only and not args.ray:
+        print("xllm.serve: --replicas, --autoscale and --ray-address need --ray",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.ray:
+        if not (args.ray_address or os.environ.get("RAY_ADDRESS")):
+            # the Ray instance started here is this machine's alone: Ray then gives its node
+            # the loopback address, and its servers listen on 127.0.0.1 only (the variable is
+            # read when ray is imported)
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        try:
+            from .ray import run
+        except ImportError as error:
+            print(f"xllm.serve: --ray needs Ray Serve (pip install -e \".[ray]\"): {error}",
+                  file=sys.stderr)
+            return 2
+        return run(args)
     try:
         engine, app = build(args)
     except (XLLMError, OSError, ValueError) as error:

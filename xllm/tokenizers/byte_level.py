@@ -4,11 +4,15 @@ Text is split into words by regexes (the pre-tokenizer), each word's UTF-8 bytes
 with GPT-2's byte-to-unicode alphabet (``"Ġ"`` for a space) and BPE merges are applied by
 rank; results match Hugging Face ``tokenizers`` and llama.cpp."""
 
+import codecs
 import json
 import os
+import unicodedata
 from heapq import heapify, heappush
+from itertools import accumulate, repeat
 from pathlib import Path
 
+import numpy as np
 import regex
 
 from ..errors import ModelFormatError
@@ -16,21 +20,61 @@ from ..files.common import check_regular_file, read_json
 from .base import CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer
 from .merge_order import merge_positions
 
-__all__ = ["BYTE_CHARS", "ByteLevelBPE", "PRE_TOKENIZERS"]
+__all__ = ["BYTE_CHARS", "ByteLevelBPE", "IGNORE_MERGES", "PRE_TOKENIZERS"]
 
 # Pre-tokenizer regexes, applied one after the other: each pass splits the pieces of the
-# previous one into matches and the text between them. Keyed by GGUF ``tokenizer.ggml.pre``.
+# previous one into matches and the text between them. Keyed by GGUF ``tokenizer.ggml.pre``
+# (llama.cpp's names, several per pre-tokenizer). The regexes are those the models publish in
+# their tokenizer.json. (?i:'s|'t|...) stays as published: the regex package folds case as
+# tokenizers does ("'\u017f" is "'s" to both); llama.cpp spells it '[sS]|'[tT]|..., which
+# differs from both only there ("'\u017fa": "'\u017f", "a" here and in tokenizers).
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
-           r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS: dict[str, list[str]] = {
-    "gpt-2": [_GPT2], "llama-bpe": [_LLAMA3], "llama3": [_LLAMA3], "llama-v3": [_LLAMA3],
-    "smollm": [r"\p{N}", _GPT2],  # every digit on its own, then GPT-2
-    "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],  # llama.cpp's
+_LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+          r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's, with one digit at a time
+_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"  # letters that may start a word part ...
+_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"  # ... and that may continue it (CamelCase splits)
+_TEKKEN = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # Mistral's
+_GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?"
+          rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_DEEPSEEK3 = [r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+              r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?"
+              r"[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"]
+_BLOOM = r" ?[^(\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
+_PASSES = {  # pre-tokenizer: (its passes, llama.cpp's names for it)
+    "gpt-2": ([_GPT2], ("gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "jina-es",
+                        "jina-de", "jina-v1-en", "jina-v2-es", "jina-v2-de", "jina-v2-code",
+                        "roberta-bpe", "gigachat", "a.x-4.0", "mellum", "trillion",
+                        "granite-docling")),
+    "llama3": ([_LLAMA3], ("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral",
+                           "midm-2.0", "lfm2", "dbrx", "smaug-bpe", "glm4", "chatglm-bpe")),
+    "qwen2": ([_QWEN2], ("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2",
+                         "hunyuan")),
+    "tekken": ([_TEKKEN], ("tekken",)),
+    "gpt-4o": ([_GPT4O], ("gpt-4o", "llama4", "minimax-m2")),
+    # every digit on its own, then GPT-2
+    "smollm": ([r"\p{N}", _GPT2], ("smollm", "starcoder", "refact", "command-r", "codeshell",
+                                  "exaone", "minerva-7b")),
+    "falcon": ([r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"], ("falcon",)),
+    "deepseek-v3": (_DEEPSEEK3, ("deepseek-v3", "hunyuan-dense")),
+    "deepseek-coder": ([r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+",
+                        "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+", r"\p{N}"],
+                       ("deepseek-coder",)),
+    "bloom": ([_BLOOM], ("bloom", "poro-chat", "gpt3-finnish")),
+    "viking": ([_BLOOM, r"\p{N}"], ("viking",)),
+    # llama.cpp's own (also for names it does not know)
+    "default": ([r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"], ("default",)),
 }
+PRE_TOKENIZERS: dict[str, list[str]] = {name: passes for passes, names in _PASSES.values()
+                                        for name in names}
 # Pre-tokenizers whose words that are already tokens skip the merges (llama.cpp's
-# ignore_merges).
-_IGNORE_MERGES = ("llama-bpe", "llama3", "llama-v3")
+# ignore_merges; tokenizer.json's "ignore_merges").
+IGNORE_MERGES = frozenset(("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral",
+                           "midm-2.0", "lfm2", "tekken"))
 
 
 def _gpt2_byte_chars():
@@ -52,6 +96,7 @@ def _gpt2_byte_chars():
 BYTE_CHARS = _gpt2_byte_chars()
 _TO_ALPHABET = dict(enumerate(BYTE_CHARS))  # str.translate tables for Latin-1 text
 _FROM_ALPHABET = {ord(c): b for b, c in enumerate(BYTE_CHARS)}
+_ALPHABET_CODEC = codecs.charmap_build("".join(BYTE_CHARS))  # charmap_encode: text -> bytes
 # The word cache is dropped when it holds more than _CACHE_LIMIT words or _CACHE_CHARS
 # characters of them; words longer than _CACHE_WORD_LIMIT characters are not cached.
 _CACHE_LIMIT = 100_000
@@ -67,28 +112,34 @@ class ByteLevelBPE(Tokenizer):
     whole units, control ones only with ``parse_special``; all decode to their text."""
 
     def __init__(self, tokens, merges, types=None, *, pre_patterns=PRE_TOKENIZERS["gpt-2"],
-                 bos_id=-1, eos_id=-1, unk_id=-1, add_bos_default=False, ignore_merges=False):
-        pieces = [str(t) for t in tokens]
+                 bos_id=-1, eos_id=-1, unk_id=-1, add_bos_default=False, ignore_merges=False,
+                 normalization=None):
+        pieces = list(map(str, tokens))
         if types is None:
             types = [NORMAL] * len(pieces)
         else:
-            types = [int(t) for t in types]
+            types = list(map(int, types))
         self._init_vocab(pieces, types, (bos_id, eos_id, unk_id))
         self.add_bos_default = bool(add_bos_default)
         self.ignore_merges = bool(ignore_merges)
+        # the Unicode form ("NFC", ...) text takes before the pre-tokenizer (tokenizer.json's
+        # normalizer: Qwen2's is NFC), special tokens apart; None: the text as given
+        if normalization not in _NORMALIZATIONS:
+            raise ModelFormatError(f"unsupported normalization {normalization!r}")
+        self.normalization = normalization
         self.pre_patterns = tuple(pre_patterns)  # the pre-tokenizer's regexes, in order
         self._passes = _compile_passes(pre_patterns)
-        self._ids = {t: i for i, t in enumerate(pieces)}
+        self._ids = dict(zip(pieces, range(len(pieces))))  # a repeated piece: its last id
         self._ranks = _merge_ranks(merges)
         special = {}
         always = []
-        for i, (token, kind) in enumerate(zip(pieces, self.types)):
-            if _is_special(token, kind):
-                special.setdefault(token, i)
+        for i, kind in enumerate(self.types):
+            if kind != NORMAL and _is_special(pieces[i], kind):
+                special.setdefault(pieces[i], i)
                 if kind == USER_DEFINED:
-                    always.append(token)
+                    always.append(pieces[i])
         self._set_special(special, always)
-        self._bytes = [_token_bytes(token, kind) for token, kind in zip(pieces, self.types)]
+        self._bytes = _all_token_bytes(pieces, self.types)
         self._cache: dict[str, list[int]] = {}
         self._cached_chars = 0
         self._build_merge_table()
@@ -107,19 +158,22 @@ class ByteLevelBPE(Tokenizer):
         ``K = _n_symbols``, ``_merges[a * K + b] = rank * K + result``: ordering those values
         orders the merges by rank, and the result is the value modulo K."""
         ids = self._ids
-        unlisted = {}
-        for a, b in self._ranks:
-            if a + b not in ids and a + b not in unlisted:
-                unlisted[a + b] = self.vocab_size + len(unlisted)
+        lefts = [a for a, _ in self._ranks]
+        rights = [b for _, b in self._ranks]
+        results = list(map(str.__add__, lefts, rights))
+        missing = dict.fromkeys(r for r in results if r not in ids)  # in rank order
+        unlisted = dict(zip(missing, range(self.vocab_size, self.vocab_size + len(missing))))
         k = self.vocab_size + len(unlisted)
         self._n_symbols = k
         number = {**unlisted, **ids}.get
-        self._merges = {}
-        for (a, b), rank in self._ranks.items():
-            left = number(a)
-            right = number(b)
-            if left is not None and right is not None:
-                self._merges[left * k + right] = rank * k + number(a + b)
+        left = np.fromiter(map(number, lefts, repeat(-1)), np.int64, len(lefts))
+        right = np.fromiter(map(number, rights, repeat(-1)), np.int64, len(rights))
+        result = np.fromiter(map(number, results), np.int64, len(results))
+        rank = np.fromiter(self._ranks.values(), np.int64, len(self._ranks))
+        known = (left >= 0) & (right >= 0)  # pairs of symbols that exist (else never made)
+        keys = left[known] * k + right[known]
+        values = rank[known] * k + result[known]
+        self._merges = dict(zip(keys.tolist(), values.tolist()))
         self._unlisted = {i: [ids[c] for c in s if c in ids] for s, i in unlisted.items()}
 
     @classmethod
@@ -131,7 +185,7 @@ class ByteLevelBPE(Tokenizer):
                 f"unsupported pre-tokenizer {pre!r} (known: {', '.join(sorted(PRE_TOKENIZERS))})")
         return cls(tokens, merges, token_types, pre_patterns=PRE_TOKENIZERS[pre],
                    bos_id=bos_id, eos_id=eos_id, unk_id=unk_id, add_bos_default=add_bos,
-                   ignore_merges=pre in _IGNORE_MERGES)
+                   ignore_merges=pre in IGNORE_MERGES)
 
     @classmethod
     def from_tokenizer_json(cls, path) -> "ByteLevelBPE":
@@ -144,13 +198,13 @@ class ByteLevelBPE(Tokenizer):
             model = data["model"]
             if model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
                 raise ValueError(f"model type is {model.get('type')!r}, not BPE")
-            if data.get("normalizer"):
-                raise ValueError(f"normalizer {data['normalizer'].get('type')!r} is not supported")
+            normalization = _json_normalization(data.get("normalizer"))
             patterns = _json_pre_tokenizer(data.get("pre_tokenizer"))
             tokens, types = _json_vocabulary(model["vocab"], data.get("added_tokens", []))
             bos, eos, unk = _config_ids(os.path.dirname(path), tokens)
             return cls(tokens, model["merges"], types, pre_patterns=patterns, bos_id=bos,
                        eos_id=eos, unk_id=unk, ignore_merges=model.get("ignore_merges", False),
+                       normalization=normalization,
                        add_bos_default=bos >= 0 and _template_adds(data, tokens[bos]))
         except OSError as e:
             raise ModelFormatError(f"{path}: cannot read tokenizer.json ({e})") from None
@@ -174,6 +228,8 @@ class ByteLevelBPE(Tokenizer):
 
     def _encode_part(self, text: str, ids: list[int]) -> None:
         cache = self._cache
+        if self.normalization is not None:
+            text = unicodedata.normalize(self.normalization, text)
         for word in self.pre_tokenize(text):
             word_ids = cache.get(word)
             if word_ids is None:
@@ -316,6 +372,12 @@ def _compile_passes(patterns):
 def _merge_ranks(merges):
     """``{(left, right): rank}`` of ``merges`` ("left right" strings or pairs); the first
     occurrence of a pair wins."""
+    merges = list(merges)
+    if set(map(type, merges)) == {str}:  # all "left right" strings: one pass in C
+        pairs = list(map(tuple, map(str.split, merges, repeat(" "), repeat(1))))
+        ranks = dict(zip(pairs, range(len(pairs))))
+        if len(ranks) == len(pairs) and set(map(len, pairs)) <= {2}:
+            return ranks  # (no pair repeated: the first occurrence is the only one)
     ranks = {}
     for rank, merge in enumerate(merges):
         pair = tuple(merge.split(" ", 1)) if isinstance(merge, str) else tuple(merge)
@@ -331,6 +393,27 @@ def _is_special(token, kind):
     return kind in (CONTROL, UNKNOWN, USER_DEFINED) and bool(token)
 
 
+def _all_token_bytes(pieces, types):
+    """``[_token_bytes(piece, kind) ...]`` of a vocabulary: the normal pieces spelled back to
+    bytes all at once where they are all in the alphabet (as they are in byte-level
+    vocabularies), the others one by one."""
+    out = [None] * len(pieces)
+    normal = [i for i, kind in enumerate(types) if kind == NORMAL]
+    texts = [pieces[i] for i in normal]
+    try:
+        spelled = codecs.charmap_encode("".join(texts), "strict", _ALPHABET_CODEC)[0]
+    except UnicodeEncodeError:  # a character outside the alphabet: one by one, below
+        normal = []
+    ends = list(accumulate(map(len, texts)))  # one byte per character
+    starts = [0] + ends[:-1]
+    for i, start, end in zip(normal, starts, ends):
+        out[i] = spelled[start:end]
+    for i, (token, kind) in enumerate(zip(pieces, types)):
+        if out[i] is None:
+            out[i] = _token_bytes(token, kind)
+    return out
+
+
 def _token_bytes(token, kind):
     """The bytes a token decodes to: a special token's text, else its byte-spelled
     characters; characters outside the alphabet are plain text (as in tokenizers)."""
@@ -340,6 +423,25 @@ def _token_bytes(token, kind):
     if latin.isascii() or max(latin) < "\u0100":
         return latin.encode("latin-1")
     return token.encode("utf-8")
+
+
+_NORMALIZATIONS = (None, "NFC", "NFD", "NFKC", "NFKD")
+
+
+def _json_normalization(normalizer):
+    """The Unicode form of a tokenizer.json normalizer: None for none, else one of NFC, NFD,
+    NFKC, NFKD (alone, or alone in a Sequence); ValueError for any other."""
+    if normalizer and normalizer.get("type") == "Sequence":
+        items = normalizer.get("normalizers") or []
+        if len(items) > 1:
+            raise ValueError("a Sequence of several normalizers is not supported")
+        normalizer = items[0] if items else None
+    if not normalizer:
+        return None
+    kind = normalizer.get("type")
+    if kind not in _NORMALIZATIONS:
+        raise ValueError(f"normalizer {kind!r} is not supported")
+    return kind
 
 
 def _json_pre_tokenizer(pre) -> list[str]:
