@@ -232,6 +232,17 @@ def test_mixed_codecs_share_x():
                 np.testing.assert_array_equal(o, alone)
                 R.qmatmul(x, w, alone)
                 np.testing.assert_array_equal(o, alone)
+    # as in a real Q4_K_M file: Q8_0 with its default 2 parts beside 3-part codecs: the dispatch
+    # splits the tuple, with the same bits as separate calls
+    q8 = quant.quantize((rng.standard_normal((5, 512)) * 0.05).astype(np.float32), 8)
+    assert q8.parts == 2 and ws[0].parts == 3
+    mixed = (ws[0], q8, ws[2])
+    outs = tuple(np.empty((9, w.shape[0]), np.float32) for w in mixed)
+    ops(backend).matmul(x, mixed, outs)
+    for w, o in zip(mixed, outs):
+        alone = np.empty_like(o)
+        Q.qmatmul(x, w, alone)
+        np.testing.assert_array_equal(o, alone)
 
 
 def test_bad_codec_tensors():
