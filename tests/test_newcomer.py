@@ -268,3 +268,22 @@ def test_a_test_run_leaves_no_temporary_files(tmp_path):
                        env={**os.environ, "TMPDIR": str(probe), "XLLM_TEMP_PROBE": "1"})
     assert "1 passed" in r.stdout, r.stdout + r.stderr
     assert list(probe.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- the README's Python
+
+
+@pytest.mark.slow
+def test_readme_python_snippet_prints_and_ends(smollm2_gguf, tmp_path):
+    """The README's Python section as written (from a folder that holds no clone): every result
+    is printed, the greedy stream stops at its stop string, and the output ends with a newline."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    source = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    r = subprocess.run([sys.executable, "-c", source], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("\n")
+    assert lines[0] == "The capital of France is Paris."
+    assert r.stdout.endswith("\n") and len(lines) >= 4
+    streamed = [line for line in lines if line.startswith(" a canvas")]
+    assert streamed and "." not in streamed[0], r.stdout

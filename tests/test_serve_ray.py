@@ -211,14 +211,57 @@ def test_turns_of_a_conversation_stay_on_one_replica(ray_server):
     reply = ray_server.client.chat.completions.create(model=DEFAULT_MODEL, messages=opening,
                                                       temperature=0, max_tokens=8)
     turns = opening + [{"role": "assistant", "content": reply.choices[0].message.content}]
-    for question in ("And the mountains?", "And the rivers?", "Thanks."):
+    questions = ("And the mountains?", "And the rivers?", "And the lakes?", "And the sky?",
+                 "And the forests?", "And the deserts?", "Thanks.")
+    for question in questions:  # by chance alone, all on one replica: 1 in 2**7
         turns = turns + [{"role": "user", "content": question}]
         ray_server.client.chat.completions.create(model=DEFAULT_MODEL, messages=turns,
                                                   temperature=0, max_tokens=4)
     after = ray_server.replica_requests()
     grew = {name: after[name] - before.get(name, 0) for name in after
             if after[name] > before.get(name, 0)}
-    assert list(grew.values()) == [4], grew
+    assert list(grew.values()) == [1 + len(questions)], grew
+
+
+def metric(url, name):
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def test_clients_that_leave_cancel_their_requests(ray_server):
+    def start_and_leave(i):
+        with httpx.stream("POST", ray_server.url + "/v1/completions",
+                          json={"prompt": f"Story {i}:", "max_tokens": 500, "stream": True,
+                                "temperature": 0.8, "seed": i, "ignore_eos": True},
+                          timeout=60) as r:
+            for n, _ in enumerate(r.iter_lines()):
+                if n >= 3:
+                    return  # closes the connection mid-stream
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        list(pool.map(start_and_leave, range(6)))
+    deadline = time.monotonic() + 2.0
+    while metric(ray_server.url, "xllm_running_sequences") > 0 and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(ray_server.url, "xllm_running_sequences") == 0
+    assert metric(ray_server.url, "xllm_queue_length") == 0
+    # and on the replicas: their engines are idle (six streams of 500 tokens would keep them
+    # busy for many seconds)
+    pids = [int(name.rpartition(" pid ")[2]) for name in ray_server.replica_requests()]
+    time.sleep(0.5)
+    before = {pid: cpu_seconds(pid) for pid in pids}
+    time.sleep(1.0)
+    busy = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
+    assert max(busy.values()) < 0.3, busy
+
+
+def cpu_seconds(pid):
+    """User and system CPU time of process `pid` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_20(client, streamed_started=None):

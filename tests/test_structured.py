@@ -159,6 +159,27 @@ def test_token_bytes_spell_the_text_sentencepiece(sentencepiece_model, text):
     assert spelled.decode("utf-8") == " " + tok.decode(tok.encode(text))
 
 
+@pytest.mark.parametrize("name", ["ggml-vocab-llama-spm.gguf", "ggml-vocab-gpt-2.gguf"])
+def test_token_bytes_spell_llama_cpp_test_strings(data_dir, name):
+    """Llama's SentencePiece vocabulary (32,000 pieces, byte fallback) and GPT-2's byte-level
+    one, on llama.cpp's tokenizer test strings; and a JSON grammar over them gives a mask."""
+    from xllm.tokenizers.loading import load_tokenizer
+    folder = data_dir / "llamacpp_vocab"
+    tok = load_tokenizer(folder / name)
+    spelled = token_bytes(tok)
+    prefix = " " if getattr(tok, "add_dummy_prefix", False) else ""
+    for text in (folder / (name + ".inp")).read_text().split("\n__ggml_vocab_test__\n"):
+        if not text or not text.strip():
+            continue  # SentencePiece folds leading blanks: what is left is tested
+        assert b"".join(spelled[i] for i in tok.encode(text)) == (prefix + text).encode()
+    matcher = Matcher(Constraint.json_schema(SCHEMAS[0]), vocabulary(tok, {tok.eos_id}), 64)
+    mask = np.zeros(matcher.words, np.int32)
+    matcher.fill_mask(mask)
+    allowed = [spelled[t] for t in range(tok.vocab_size)
+               if (int(mask.view(np.uint32)[t // 32]) >> (t % 32)) & 1]
+    assert allowed and all(b.lstrip().startswith(b"{") for b in allowed)
+
+
 def test_control_tokens_cannot_be_written_by_a_grammar(smollm2):
     tok = smollm2.tokenizer
     spelled = token_bytes(tok)
@@ -239,6 +260,18 @@ def test_sentencepiece_model_follows_constraints(sentencepiece_model, temperatur
     text = model.generate("The dream", json_schema=schema, **kw)
     assert validates(text, schema), text
     assert model.generate("The dream", choices=["sun", "moon"], **kw) in ("sun", "moon")
+
+
+def test_session_follows_constraints_turn_by_turn(smollm2):
+    session = smollm2.session()
+    chat = [{"role": "user", "content": "Pick a colour."}]
+    first = session.chat(chat, choices=["red", "green", "blue"], max_new_tokens=8)
+    assert first in ("red", "green", "blue")
+    chat += [{"role": "assistant", "content": first},
+             {"role": "user", "content": "And a number?"}]
+    second = session.chat(chat, regex="[1-9][0-9]?", max_new_tokens=8)
+    assert 1 <= int(second) <= 99
+    assert session.last_stats["finish"] == "stop"
 
 
 def test_batch_with_and_without_constraints_each_as_alone(smollm2):
@@ -440,6 +473,13 @@ def test_parse_tool_calls():
     assert parse_tool_calls("<tool_call>not json</tool_call>") == \
         ("<tool_call>not json</tool_call>", [])
     assert parse_tool_calls("plain") == ("plain", [])
+    # the bare JSON of Llama 3.1 and Mistral templates
+    assert parse_tool_calls('{"name": "f", "parameters": {"a": 1}}') == (None, [("f", '{"a": 1}')])
+    assert parse_tool_calls('[TOOL_CALLS] [{"name": "f", "arguments": {}}, '
+                            '{"name": "g", "arguments": {"b": [2]}}]') == \
+        (None, [("f", "{}"), ("g", '{"b": [2]}')])
+    assert parse_tool_calls('{"name": "not a call"}') == ('{"name": "not a call"}', [])
+    assert parse_tool_calls('{"answer": 42}') == ('{"answer": 42}', [])
 
 
 @pytest.mark.parametrize("parallel", [False, True])
@@ -478,6 +518,14 @@ def test_tool_call_stream_holds_back_calls_and_streams_text():
     assert reader.push("a <tool") == "a "  # may begin a call: held
     assert reader.push("box>") == "<toolbox>"  # it did not
     assert reader.finish() == ("", [])
+    reader = ToolCallStream()  # a bare call (Llama 3.1's way) is held back whole
+    assert reader.push(" <|python") == ""
+    assert reader.push('_tag|>{"name": "f", "parameters": {}}') == ""
+    rest, calls = reader.finish()
+    assert rest == "" and calls[0]["function"] == {"name": "f", "arguments": "{}"}
+    reader = ToolCallStream()  # a reply that only began like one comes out at the end
+    assert reader.push("[1] first") == ""
+    assert reader.finish() == ("[1] first", [])
 
 
 @pytest.fixture(scope="module")
@@ -573,7 +621,7 @@ WEATHER_TOOLS = [WEATHER, {"type": "function", "function": {
     "name": "convert", "description": "Convert an amount between currencies",
     "parameters": {"type": "object",
                    "properties": {"amount": {"type": "number", "minimum": 0,
-                                             "maximum": 1000000},
+                                             "maximum": 1000000, "multipleOf": 0.01},
                                   "to": {"enum": ["EUR", "USD", "GBP"]}},
                    "required": ["amount", "to"], "additionalProperties": False}}}]
 SCHEMA_OF = {t["function"]["name"]: t["function"]["parameters"] for t in WEATHER_TOOLS}
@@ -657,3 +705,30 @@ def test_server_tool_choice_none_and_auto(client):
                                            temperature=0, max_tokens=48)
     message = reply.choices[0].message
     assert message.content or message.tool_calls
+
+
+@pytest.mark.slow
+def test_server_16_concurrent_streams_each_identical_to_alone(client):
+    """Constrained and unconstrained streams, greedy and seeded, all at once: each one's
+    tokens are those it gets alone on the same server."""
+    def ask(i):
+        body = {"model": MODEL, "max_tokens": 48, "stream": True, "logprobs": True,
+                "temperature": 0 if i % 4 < 2 else 0.9, "seed": i,
+                "messages": [{"role": "user", "content": f"Describe {TOPICS[i % 10]} as JSON "
+                                                         f"({i})."}]}
+        if i % 2 == 0:
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": SCHEMAS[i % len(SCHEMAS)]}}
+        stream = client.chat.completions.create(**body)
+        tokens = []
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].logprobs:
+                tokens += [t.token for t in chunk.choices[0].logprobs.content]
+        return tokens
+
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask, range(16)))
+    alone = [ask(i) for i in range(16)]
+    assert all(together)
+    assert together == alone

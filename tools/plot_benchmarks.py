@@ -34,10 +34,9 @@ def load_records(folder=RESULTS, tool=None):
 
 
 def host_line(records):
-    """One line naming the hosts, thread counts, dates and load averages (1 minute, when each
-    record was written) of `records`."""
-    hosts = sorted({f"{r['host']['cpu']} ({r['host']['usable_cpus']} cores), "
-                    f"{r['threads']} threads" for r in records})
+    """One line naming the hosts, dates and load averages (1 minute, when each record was
+    written) of `records`."""
+    hosts = sorted({f"{r['host']['cpu']} ({r['host']['usable_cpus']} cores)" for r in records})
     dates = sorted({r["date"][:10] for r in records})
     shared = " (shared machine)" if any("shared" in r.get("note", "") for r in records) else ""
     loads = [r["host"]["load_average"][0] for r in records if r["host"].get("load_average")]
@@ -47,9 +46,9 @@ def host_line(records):
 
 
 def _label(record):
-    """The group label of a tools/benchmark.py record: model and weight format."""
-    name = record["model"]["name"]
-    return f"{name}\n{record['model']['format']}"
+    """The group label of a tools/benchmark.py record: model, weight format, threads."""
+    threads = "1 thread" if record["threads"] == 1 else f"{record['threads']} threads"
+    return f"{record['model']['name']}\n{record['model']['format']}, {threads}"
 
 
 def speed_figure(records=None):
@@ -58,7 +57,7 @@ def speed_figure(records=None):
     records = load_records(tool="benchmark") if records is None else records
     if not records:
         raise ValueError("no records of tools/benchmark.py")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 3.6 * len(records)), 4.4))
     engines = [e for e in ENGINES if any(e in r["engines"] for r in records)]
     width = 0.8 / len(engines)
     for ax, key, title in ((axes[0], "prefill_tok_s", "prefill"),
@@ -104,7 +103,7 @@ def batch_figure(records=None):
         ax.set_xticks([r["batch"] for r in records], [str(r["batch"]) for r in records])
         ax.set_xlabel("batch size (prompts run together)")
         ax.set_ylabel("tokens/s, all sequences together")
-        ax.set_title(f"{title}: {records[0]['model']['name']}, "
+        ax.set_title(f"{title}: {records[0]['model']['name']}, {records[0]['threads']} threads, "
                      f"{records[0]['max_new_tokens']} new tokens", fontsize=10)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)

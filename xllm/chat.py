@@ -438,26 +438,62 @@ def tool_messages(template: Optional[str], messages, tools=None):
 def parse_tool_calls(text: str):
     """(the text outside tool calls, stripped, or None if there is none; [(name, arguments as
     JSON text)] of each well-formed call) of a reply written in xllm's convention. A block
-    that is not a JSON object with a str ``name`` stays in the text."""
+    that is not a JSON object with a str ``name`` stays in the text. A reply without blocks
+    that is nothing but such an object, or a list of them (as Llama 3.1 and Mistral write
+    calls: ``{"name": ..., "parameters": {...}}``, ``[TOOL_CALLS] [...]``), is read as calls
+    too."""
     calls = []
     kept = []
     position = 0
     for match in _TOOL_CALL_RE.finditer(text):
-        try:
-            call = json.loads(match[1])
-        except json.JSONDecodeError:
+        call = _call_of(match[1])
+        if call is None:
             continue
-        if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
-            continue
-        arguments = call.get("arguments", call.get("parameters", {}))
-        if not isinstance(arguments, str):
-            arguments = json.dumps(arguments, ensure_ascii=False)
-        calls.append((call["name"], arguments))
+        calls.append(call)
         kept.append(text[position:match.start()])
         position = match.end()
     kept.append(text[position:])
     content = "".join(kept).strip()
+    if not calls:
+        bare = _bare_calls(content)
+        if bare:
+            return None, bare
     return (content or None), calls
+
+
+def _call_of(text):
+    """(name, arguments as JSON text) of a call written as a JSON object, or None."""
+    try:
+        call = json.loads(text) if isinstance(text, str) else text
+    except json.JSONDecodeError:
+        return None
+    if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
+        return None
+    if "arguments" not in call and "parameters" not in call:
+        return None
+    arguments = call.get("arguments", call.get("parameters"))
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return call["name"], arguments
+
+
+def _bare_calls(text):
+    """The calls of a reply that is only a call object or a list of them (after a
+    ``[TOOL_CALLS]`` or ``<|python_tag|>`` marker, if any); [] otherwise."""
+    for marker in ("[TOOL_CALLS]", "<|python_tag|>"):
+        if text.startswith(marker):
+            text = text[len(marker):].strip()
+    if not text.startswith(("{", "[")):
+        return []
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return []
+    items = value if isinstance(value, list) else [value]
+    calls = [_call_of(item) for item in items]
+    if not calls or None in calls:
+        return []
+    return calls
 
 
 def _call_json(call) -> str:

@@ -28,11 +28,12 @@
  * relative to it).
  * Batch invariance. Rows share a call, and a register tile, only to share the loads of the
  * blocks: each row keeps its own accumulators, a tile of MR rows runs the same chain for each
- * row whatever MR is (the rows of a tile in step 2c have the same n), and the AVX2 (W = 8) and
- * AVX-512 (W = 16) paths differ only in how many independent lanes one instruction runs
+ * row whatever MR is (the rows of a tile in step 2c have the same a and n), and the AVX2 (W = 8)
+ * and AVX-512 (W = 16) paths differ only in how many independent lanes one instruction runs
  * (columns past hd are masked: loaded as 0, never stored; scores outside a .. n-1 become -inf
- * before the exp; the rows of a tile in step 2c have the same a and n). So a row's result does not depend on the other rows of its call, on how attention.pyx
- * splits the work, on the thread count or on the path: both paths give the same bits.
+ * before the exp). So a row's result does not depend on the other rows of its call, on how
+ * attention.pyx splits the work, on the thread count or on the path: both paths give the same
+ * bits.
  */
 #ifndef XLLM_ATTENTION_H
 #define XLLM_ATTENTION_H
@@ -114,8 +115,9 @@ static inline XA_T512 __m512 xa_ld16(const void *p, ptrdiff_t i, int f16, int n)
 
 /* The kernels of width W (attributes ATTR), unrolled so that the NV x MR sums stay in registers.
  * xa_mm##W: C[r][0..NV*W) = (ZERO ? 0 : C[r][0..NV*W)) + sum over j0 <= j < k of A[r][j] *
- *   B[j][d..d+NV*W) for MR rows (A rows lda apart, C rows ldc apart; B rows ldb apart, float16 if f16),
- *   j in increasing order; only the first w columns are read and written if w < NV*W.
+ *   B[j][d..d+NV*W) for MR rows (A rows lda apart, C rows ldc apart; B rows ldb apart,
+ *   float16 if f16), j in increasing order; only the first w columns are read and written if
+ *   w < NV*W.
  * xa_scores##W: s[r][0..XA_BK) = sum over d of qs[r][d] * K[d][0..XA_BK) for MR rows (qs rows hd
  *   apart, s rows XA_BK apart). xa_pv##W: acc[r][0..hd) += sum over a <= j < n of p[r][j] *
  *   V[j][0..hd) for MR rows (acc rows hdp apart, p rows XA_BK apart, V rows ldv apart). */

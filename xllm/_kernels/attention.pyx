@@ -11,6 +11,8 @@ threads (``_plan``). It streams the blocks its rows need with an online softmax
 the rows it shares a call with): per block, the scores of all its rows (broadcast FMAs against the
 transposed keys, no horizontal sums), the running max and sum, and the p-weighted value rows.
 No [heads, M, T] score matrix exists and nothing is allocated per call but a small item list.
+With a sliding window (``window`` > 0: Mistral) a row reads only the blocks that hold its last
+`window` keys, so a cache may release the blocks before them.
 """
 include "_common.pxi"
 include "_isa.pxi"
@@ -187,11 +189,11 @@ cdef Py_ssize_t _plan(Py_ssize_t S, const int64_t *bp, const int64_t *sp, Py_ssi
                       int64_t win, int64_t *tqs, int64_t *order) noexcept:
     """Cut each sequence's rows into tiles (tqs[s] tokens each) and order the sequences
     (order: (cost, s) pairs) so that the threads finish together: an item's cost is about its
-    rows times the keys they read (at most the window and the rows, with a window), every item costs at most about the total over
-    ITEMS_PER_THREAD * threads (a few rows of a long prompt beside many decode rows are cut
-    into several items, down to MIN_TILE_ROWS rows), and the costliest sequences' items come
-    first in the dynamic schedule. Returns the number of items. Called once bp and sp are
-    checked against the caches."""
+    rows times the keys they read (with a window, at most the window and the rows), every item
+    costs at most about the total over ITEMS_PER_THREAD * threads (a few rows of a long prompt
+    beside many decode rows are cut into several items, down to MIN_TILE_ROWS rows), and the
+    costliest sequences' items come first in the dynamic schedule. Returns the number of
+    items. Called once bp and sp are checked against the caches."""
     cdef Py_ssize_t s, rows_s, items = 0
     cdef double cost, total = 0.0, target, tq
     cdef Py_ssize_t min_tq = max(1, (MIN_TILE_ROWS + gh - 1) // gh)

@@ -21,14 +21,11 @@ an unconstrained one does."""
 import json
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
 
-from ..chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from ..errors import XLLMError
-from ..tokenizers.base import CONTROL, UNKNOWN
 
 # llguidance marks the tokens that no grammar may produce as text (control tokens) by this
 # first byte, which never begins valid UTF-8
@@ -140,6 +137,7 @@ class Constraint:
         :data:`xllm.chat.TOOL_CALL_CLOSE`), naming one of `tools` (OpenAI function tools:
         ``{"type": "function", "function": {"name", "parameters"}}``), its arguments valid
         under that function's ``parameters`` schema."""
+        from ..chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN  # (not imported with a model)
         alternatives = []
         for tool in tools:
             function = tool["function"]
@@ -241,6 +239,7 @@ def token_bytes(tokenizer) -> list:
     """The bytes each token of `tokenizer` adds to the text after other text (a SentencePiece
     piece's "▁" is its space), as :class:`xllm.tokenizers.base.StreamDecoder` gives them; the
     special tokens (control, unknown, user-defined markup) as their text after a 0xFF byte."""
+    from ..tokenizers.base import CONTROL, UNKNOWN  # (not imported with xllm)
     special = set(tokenizer.special_tokens.values())
     out = []
     for i in range(tokenizer.vocab_size):
@@ -319,11 +318,13 @@ _executor = None
 _executor_lock = threading.Lock()
 
 
-def _mask_thread() -> ThreadPoolExecutor:
-    """The one helper thread that computes masks, shared by every generation."""
+def _mask_thread():
+    """The one helper thread that computes masks, shared by every generation (a
+    ThreadPoolExecutor, made on first use)."""
     global _executor
     with _executor_lock:
         if _executor is None:
+            from concurrent.futures import ThreadPoolExecutor
             _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xllm-masks")
         return _executor
 

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import ContextLengthError, XLLMError
-from ..model.kv_cache import KVCache, block_rows
+from ..model.kv_cache import block_rows
 from .constraints import MaskJob
 from .generation import Sequence
 from .prefix_cache import PrefixCache
@@ -292,9 +292,7 @@ class Engine:
         return 2 * c.num_layers * block_rows(rows) * c.kv_dim * itemsize
 
     def _new_cache(self, request):
-        c = self.model.config
-        return KVCache(c.num_layers, c.kv_dim, self._rows_limit(request),
-                       n_kv_heads=c.num_kv_heads, dtype=self.transformer.kv_dtype)
+        return self.transformer.new_cache(self._rows_limit(request))
 
     def _running_bytes(self):
         return sum(r.kv.nbytes for r in self._running)

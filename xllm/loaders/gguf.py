@@ -104,7 +104,7 @@ def load_gguf(path) -> Checkpoint:
     """Load a GGUF file: config from its ``<architecture>.*`` metadata, canonical weights."""
     path = os.fspath(path)
     gguf_file = open_gguf(path)
-    _check_llama(gguf_file, path)
+    _check_architecture(gguf_file, path)
     config = _read_config(gguf_file, path)
     check_fits(config, len(gguf_file.tensors), gguf_file.buf.size, path)
     template = typed_value(gguf_file.metadata, "tokenizer.chat_template", str, None, path)
@@ -115,7 +115,7 @@ def load_gguf(path) -> Checkpoint:
                       chat_template=template, tokenizer=tokenizer)
 
 
-def _check_llama(gguf_file, path):
+def _check_architecture(gguf_file, path):
     """ModelFormatError unless the file holds a model of a supported architecture with a token
     embedding matrix."""
     arch = gguf_file.metadata.get("general.architecture")

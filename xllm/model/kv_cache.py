@@ -129,16 +129,14 @@ class KVCache:
     def copy_prefix(self, source: "KVCache", n: int):
         """Make this (empty) cache hold the first n rows of `source`: the same keys and values,
         bit for bit, as computing them again. If `source` released rows that a sequence
-        continuing from n would need (a window), nothing is copied: ``length`` stays 0."""
+        continuing from n would need (a window), or released any and this cache has another
+        window (or none: the engine's caches), nothing is copied: ``length`` stays 0."""
         if self.length:
             raise ValueError("copy_prefix needs an empty cache")
         if not 0 <= n <= source.length:
             raise ValueError(f"cannot copy {n} rows of a cache of {source.length}")
-        if self.window != source.window:
-            raise ValueError(f"cannot copy a cache of window {source.window} into one of "
-                             f"window {self.window}")
         n = source.usable(n)
-        if n == 0:
+        if n == 0 or (source.offset and self.window != source.window):
             return
         self.offset = source.offset
         self.length = source.offset  # (for a moment: none of its rows yet)

@@ -113,10 +113,13 @@ class Transformer:
         self.rope_sin = self.rope_cos
         self.steps = StepBatcher(self)
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for one sequence of this model (rows of ``kv_dtype``)."""
+    def new_cache(self, max_len=None) -> KVCache:
+        """An empty KV cache for one sequence of this model (rows of ``kv_dtype``) that holds
+        at most `max_len` rows (default: the context), with the model's sliding window."""
         c = self.config
-        return KVCache(c.num_layers, c.kv_dim, c.max_seq_len, n_kv_heads=c.num_kv_heads,
+        if max_len is None:
+            max_len = c.max_seq_len
+        return KVCache(c.num_layers, c.kv_dim, max_len, n_kv_heads=c.num_kv_heads,
                        dtype=self.kv_dtype, window=c.sliding_window, chunk_rows=self.ws.rows)
 
     def _ensure_rope(self, n):

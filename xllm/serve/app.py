@@ -568,18 +568,8 @@ class _Call:
                 text = event.text if reader is None else reader.push(event.text)
                 if isinstance(event, FinishEvent):
                     self._check_error(event)
-                    finish = _finish_reason(event.reason)
-                    if reader is not None:
-                        rest, tool_calls = reader.finish()
-                        text += rest
-                        if tool_calls:
-                            if text:
-                                yield chunk([self._delta(choice, text, None, None)])
-                                text = ""
-                            yield chunk([_tool_calls_delta(choice, tool_calls)])
-                            if finish == "stop":
-                                finish = "tool_calls"
-                    yield chunk([self._delta(choice, text, None, finish)])
+                    for delta in self._last_deltas(choice, event, text, reader):
+                        yield chunk([delta])
                     continue
                 logprob = None
                 if event.logprob is not None:
@@ -597,6 +587,25 @@ class _Call:
             log.exception("stream %s failed", self.id)
             body = APIError(500, f"generation failed: {error!r}", type="server_error").body()
             yield f"data: {json.dumps(body)}\n\n"
+
+    def _last_deltas(self, choice, event, text, reader):
+        """The chunk choices that end a streamed choice: its last text and finish reason,
+        and the tool calls `reader` (a ToolCallStream, or None) found in it."""
+        finish = _finish_reason(event.reason)
+        if reader is None:
+            return [self._delta(choice, text, None, finish)]
+        rest, tool_calls = reader.finish()
+        text += rest
+        if not tool_calls:
+            return [self._delta(choice, text, None, finish)]
+        deltas = []
+        if text:
+            deltas.append(self._delta(choice, text, None, None))
+        deltas.append(_tool_calls_delta(choice, tool_calls))
+        if finish == "stop":
+            finish = "tool_calls"
+        deltas.append(self._delta(choice, "", None, finish))
+        return deltas
 
     def _delta(self, choice, text, logprob, finish):
         if self.chat:

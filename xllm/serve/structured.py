@@ -19,6 +19,7 @@ _EXTENSIONS = (("grammar", "grammar"), ("guided_grammar", "grammar"),
                ("choice", "choices"), ("guided_choice", "choices"),
                ("guided_json", "json_schema"))
 _MARK = TOOL_CALL_OPEN.strip()  # what starts a tool call in a reply
+_BARE_STARTS = ("{", "[", "<|python_tag|>")  # how a reply that is only calls may begin
 
 
 class ToolPlan:
@@ -194,11 +195,14 @@ def reply_message(text, plan: ToolPlan):
 
 class ToolCallStream:
     """A streamed reply read for tool calls: text before the first tool call streams as
-    content; from the call's opening mark on, the text is held back and read at the end."""
+    content; from the call's opening mark on, the text is held back and read at the end. A
+    reply that begins like a bare call (``{``, ``[``, ``<|python_tag|>``: see
+    :func:`xllm.chat.parse_tool_calls`) is held back whole."""
 
     def __init__(self):
         self.pending = ""  # text that may be the beginning of the mark
         self.held = None  # the text from the mark on, once it has appeared
+        self.emitted = False  # whether any content went out
 
     def push(self, text) -> str:
         """The content that can go out now."""
@@ -206,6 +210,20 @@ class ToolCallStream:
             self.held += text
             return ""
         text = self.pending + text
+        if not self.emitted:
+            lead = text.lstrip()
+            if lead.startswith(_BARE_STARTS):
+                self.pending = ""
+                self.held = text
+                return ""
+            if not lead or any(start.startswith(lead) for start in _BARE_STARTS):
+                self.pending = text  # too early to tell
+                return ""
+        out = self._before_mark(text)
+        self.emitted = self.emitted or bool(out)
+        return out
+
+    def _before_mark(self, text) -> str:
         found = text.find(_MARK)
         if found >= 0:
             self.pending = ""
