@@ -216,9 +216,10 @@ def k_quant_bytes(rows, cols, qtype, seed=0):
     return b.reshape(rows, cols // block * size)
 
 
-def test_other_quant_types_expand_like_gguf(small, monkeypatch):
-    from xllm.loaders import gguf as loader
-    monkeypatch.setattr(loader, "_CHUNK", 3 * 512)  # a few rows per dequantize call
+def test_mixed_quant_types_run_natively_like_gguf(small):
+    """A file mixing types tensor by tensor (as Q4_K_M does): each runs on its own kernel, with
+    gguf's values; the logits equal those of the same weights dequantized to float32 within the
+    activation quantization's error (3 parts, about 23 bits: 1e-3 here, measured 1.1e-4)."""
     model, tmp = small
     t = gguf_tensors(model)
     raw = {"token_embd.weight": (k_quant_bytes(512, 256, QT.Q6_K), QT.Q6_K),
@@ -233,12 +234,11 @@ def test_other_quant_types_expand_like_gguf(small, monkeypatch):
              "blk.1.attn_k.weight": "layers.1.wk", "blk.1.ffn_up.weight": "layers.1.w3"}
     for name, (data, q) in raw.items():
         w = ck.weights[canon[name]]
-        if q == QT.Q4_1:  # runs natively
-            assert isinstance(w, QTensor) and np.array_equal(w.dequantize(), dequantize(data, q))
-            continue
-        assert w.dtype == np.float32 and w.flags.c_contiguous
-        assert np.array_equal(w, dequantize(data, q)), name
-    assert np.isfinite(out).all()
+        assert isinstance(w, QTensor) and np.array_equal(w.dequantize(), dequantize(data, q))
+    dense = {k: w.dequantize() if isinstance(w, QTensor) else w for k, w in ck.weights.items()}
+    want = xllm.Model(ck.config, dense, kv_dtype="float32").logits(IDS)
+    print(f"mixed types: max |logit diff| {np.abs(out - want).max():.1e}")
+    assert np.isfinite(out).all() and np.abs(out - want).max() <= 1e-3
 
 
 def test_tied_embeddings_and_llama3_rope_freqs(tmp_path):

@@ -120,9 +120,11 @@ def apply_type(a):
 
 
 def in_xllm_format(weight_format):
-    """Whether the xllm format holds `weight_format`: a float one, or int8/int4 in blocks of 32."""
+    """Whether the xllm format holds `weight_format`: a float one, or int8/int4 in blocks of 32
+    (not a codec of the kernels: Q5_0, Q5_1 and the K-quants are GGUF only)."""
     return weight_format.packing == FLOAT or (weight_format.packing == PANELS
-                                              and weight_format.block == BLOCK)
+                                              and weight_format.block == BLOCK
+                                              and weight_format.codec is None)
 
 
 def output_format(a):
@@ -152,7 +154,7 @@ def check_file_type(a):
     if a.asymmetric is not None:
         if chosen.packing == FLOAT:
             raise ValueError(f"--type {a.type} is not quantized: no --symmetric/--asymmetric")
-        if chosen.packing != PANELS:
+        if chosen.packing != PANELS or chosen.codec is not None:
             raise ValueError(f"--type {a.type} fixes its layout: no --symmetric/--asymmetric")
         if a.asymmetric != chosen.asymmetric:
             raise ValueError(f"--type {a.type} is {'a' if chosen.asymmetric else ''}symmetric")

@@ -23,6 +23,10 @@
  *   4. out = acc, or out = out + acc.
  * Each output element goes through the same operations whatever M, its row, the thread count or
  * the ISA path: results are bitwise batch-invariant.
+ *
+ * The codecs (GGUF Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; xq_weights.fmt != 0) share step 1 and the work
+ * split, and have their own steps 2 and 3: gemm_k.h states them. Their offset corrections per
+ * 16 values (Q6_K) come from the half sums of x's parts (xq_xh, written beside each xq_xb).
  */
 #ifndef XLLM_GEMM_Q_H
 #define XLLM_GEMM_Q_H
@@ -56,6 +60,9 @@ typedef struct {
     const uint8_t *mins;  /* the same shape and type, or NULL (symmetric) */
     size_t nb, ng;        /* K / 32 blocks, K / G groups per row */
     int bits, gshift, f32, parts; /* 8 or 4; log2(G / 32); scales are float32; 2 or 3 */
+    int fmt;              /* 0: the int8/int4 formats above; else a codec of gemm_k.h (XK_*) */
+    const uint8_t *high;  /* gemm_k.h: the bit planes above the low nibbles, or NULL */
+    const uint8_t *sub;   /* gemm_k.h: the sub-block scales of the K-quants, or NULL */
 } xq_weights;
 
 /* One 32-value block of one row of x, quantized (step 1): 128 bytes, 2 cache lines. */
@@ -66,9 +73,17 @@ typedef struct {
                              * codes start from these, so no offset is subtracted later */
 } xq_xb;
 
-/* Quantize rows [m0, m1) of x (row stride ldx) into qx (row m, block b at qx[m * K / 32 + b]). */
+/* Beside each xq_xb, for the codes whose offset applies per 16 values (gemm_k.h, Q6_K): -32 times
+ * the sum of values 0..15 (lo) and 16..31 (hi) of each part. 32 bytes. */
+typedef struct {
+    int32_t lo[3], hi[3];
+    int32_t pad[2];
+} xq_xh;
+
+/* Quantize rows [m0, m1) of x (row stride ldx) into qx (row m, block b at qx[m * K / 32 + b]),
+ * and the half sums of each block into xh (the same index). */
 static void xq_quantize_rows(const float *x, size_t ldx, size_t m0, size_t m1, size_t K,
-                             int parts, xq_xb *qx)
+                             int parts, xq_xb *qx, xq_xh *xh)
 {
     const size_t nb = K / 32;
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -118,6 +133,13 @@ static void xq_quantize_rows(const float *x, size_t ldx, size_t m0, size_t m1, s
                 sum[k] = _mm_cvtsi128_si32(_mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1)));
                 o->c128[k] = -128 * sum[k];
                 o->c8[k] = -8 * sum[k];
+                __m256i lo8 = _mm256_add_epi32(iq[k][0], iq[k][1]); /* values 0..15 */
+                __m128i l4 = _mm_add_epi32(_mm256_castsi256_si128(lo8),
+                                           _mm256_extracti128_si256(lo8, 1));
+                l4 = _mm_add_epi32(l4, _mm_shuffle_epi32(l4, 0x4e));
+                const int32_t lo = _mm_cvtsi128_si32(_mm_add_epi32(l4, _mm_shuffle_epi32(l4, 0xb1)));
+                xh[m * nb + b].lo[k] = -32 * lo;
+                xh[m * nb + b].hi[k] = -32 * (sum[k] - lo);
                 __m256i b8 = _mm256_packs_epi16(_mm256_packs_epi32(iq[k][0], iq[k][1]),
                                                 _mm256_packs_epi32(iq[k][2], iq[k][3]));
                 _mm256_storeu_si256((__m256i *)o->q[k], _mm256_permutevar8x32_epi32(b8, perm));
@@ -338,13 +360,18 @@ static void xq_panel256(const xq_weights *w, size_t p, const xq_xb *x, size_t M,
     }
 }
 
-/* Panels [p0, p1) of out (all M rows); N = rows of W. isa: 0 = AVX2, 1 = AVX-512 VNNI. */
+#include "gemm_k.h" /* the codecs (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) */
+
+/* Panels [p0, p1) of out (all M rows); N = rows of W. isa: 0 = AVX2, 1 = AVX-512 VNNI. x and xh:
+ * the quantized rows of x and their half sums (xq_quantize_rows). */
 static void xq_panels(int isa, const xq_weights *w, size_t p0, size_t p1, const xq_xb *x,
-                      size_t M, size_t N, float *out, int accum)
+                      const xq_xh *xh, size_t M, size_t N, float *out, int accum)
 {
     for (size_t p = p0; p < p1; p++) {
         const size_t nr = N - 16 * p < 16 ? N - 16 * p : 16;
-        if (isa)
+        if (w->fmt)
+            xk_panel(isa, w, p, x, xh, M, out + 16 * p, N, nr, accum);
+        else if (isa)
             xq_panel512(w, p, x, M, out + 16 * p, N, nr, accum);
         else
             xq_panel256(w, p, x, M, out + 16 * p, N, nr, accum);
@@ -356,6 +383,10 @@ static void xq_dequant_row(const xq_weights *w, size_t r, float *o)
 {
     const size_t p = r / 16, lane = r % 16, qb = w->bits == 8 ? 512 : 256;
     const size_t ss = w->f32 ? 64 : 32, es = w->f32 ? 4 : 2;
+    if (w->fmt) {
+        xk_dequant_row(w, r, o);
+        return;
+    }
     for (size_t b = 0; b < w->nb; b++) {
         const uint8_t *blk = w->qs + (p * w->nb + b) * qb + 4 * lane;
         const size_t g = (p * w->ng + (b >> w->gshift)) * ss + lane * es;

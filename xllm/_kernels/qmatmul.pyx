@@ -7,7 +7,7 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from cython.parallel cimport parallel, threadid
 from libc.stdlib cimport free, malloc
 
-from xllm._kernels.layout import BLOCK, PANEL, check_packed
+from xllm._kernels.layout import BLOCK, CODECS, PANEL, check_packed, sub_shape
 
 assert PANEL == 16 and BLOCK == 32  # the panels and blocks of gemm_q.h are layout.py's
 
@@ -18,13 +18,21 @@ cdef extern from "gemm_q.h" nogil:
         const uint8_t *mins
         size_t nb, ng
         int bits, gshift, f32, parts
+        int fmt
+        const uint8_t *high
+        const uint8_t *sub
     ctypedef struct xq_xb:
         pass
+    ctypedef struct xq_xh:
+        pass
     void xq_quantize_rows(const float *x, size_t ldx, size_t m0, size_t m1, size_t K,
-                          int parts, xq_xb *qx)
+                          int parts, xq_xb *qx, xq_xh *xh)
     void xq_panels(int isa, const xq_weights *w, size_t p0, size_t p1, const xq_xb *x,
-                   size_t M, size_t N, float *out, int accum)
+                   const xq_xh *xh, size_t M, size_t N, float *out, int accum)
     void xq_dequant_row(const xq_weights *w, size_t r, float *o)
+    void xk_repack_panel(int F, const uint8_t *raw, size_t row_bytes, size_t n, size_t K,
+                         size_t p, uint8_t *qs, uint8_t *high, uint8_t *scales, uint8_t *mins,
+                         uint8_t *sub)
     enum: XQ_X_BYTES, XQ_OWN_M
 
 # Instruction-set paths (set_isa, get_isa: _isa.pxi), each with the CPU features it needs.
@@ -63,6 +71,39 @@ cdef int _layout_ok(object n, object k, object g, object parts, object bits, obj
             (mn is None or (bits == 4 and _fits(mn, p, k // g, 16, t, t))))
 
 
+cdef bint _codec_ok(object n, object k, object g, object parts, object bits, object codec,
+                    object qs, object sc, object mn, object hi, object sub):
+    """Whether a codec QTensor's fields describe arrays the kernels can read (layout.py)."""
+    if not (type(n) is int and type(k) is int and type(g) is int and type(parts) is int and
+            type(bits) is int):
+        return False
+    c = CODECS.get(codec)
+    if c is None or not (n >= 0 and k >= 0 and parts in (2, 3) and bits == c.bits and
+                         g == c.group and k % g == 0):
+        return False
+    p = (n + 15) // 16
+    if not (_fits(qs, p, k // 32, 256, cnp.NPY_UINT8, cnp.NPY_UINT8) and
+            _fits(sc, p, k // g, 16, cnp.NPY_FLOAT16, cnp.NPY_FLOAT16)):
+        return False
+    if not (mn is None if not c.asymmetric else
+            _fits(mn, p, k // g, 16, cnp.NPY_FLOAT16, cnp.NPY_FLOAT16)):
+        return False
+    if not (hi is None if not c.planes else
+            _fits(hi, p, k // 32, 64 * c.planes, cnp.NPY_UINT8, cnp.NPY_UINT8)):
+        return False
+    spec = sub_shape(c, p, k)
+    if spec is None:
+        return sub is None
+    shape, dtype = spec
+    t = cnp.NPY_UINT8 if dtype == np.uint8 else cnp.NPY_INT8
+    if not cnp.PyArray_Check(sub):
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>sub
+    return (a.ndim == 4 and a.shape[0] == shape[0] and a.shape[1] == shape[1] and
+            a.shape[2] == shape[2] and a.shape[3] == shape[3] and cnp.PyArray_TYPE(a) == t and
+            cnp.PyArray_IS_C_CONTIGUOUS(a))
+
+
 cdef xq_weights _weights(object w, size_t *nk, list keep) except *:
     """The C view of QTensor `w`, re-validated (its fields are plain attributes, which may have
     changed since it was built): the common case by a quick check here (it runs on every call,
@@ -78,6 +119,9 @@ cdef xq_weights _weights(object w, size_t *nk, list keep) except *:
     cdef object qs = w.qs
     cdef object sc = w.scales
     cdef object mn = w.mins
+    cdef object codec = getattr(w, "codec", None)
+    if codec is not None:
+        return _codec_weights(w, n, k, g, parts, bits, codec, qs, sc, mn, nk, keep)
     if not _layout_ok(n, k, g, parts, bits, qs, sc, mn):
         for a in (sc, mn):
             if isinstance(a, np.ndarray) and not a.dtype.isnative:
@@ -103,6 +147,41 @@ cdef xq_weights _weights(object w, size_t *nk, list keep) except *:
     c.parts = parts
     c.f32 = cnp.PyArray_TYPE(<cnp.ndarray>sc) == cnp.NPY_FLOAT32
     c.gshift = (g // 32).bit_length() - 1
+    c.fmt = 0
+    c.high = NULL
+    c.sub = NULL
+    nk[0] = n
+    nk[1] = k
+    return c
+
+
+cdef xq_weights _codec_weights(object w, object n, object k, object g, object parts,
+                               object bits, object codec, object qs, object sc, object mn,
+                               size_t *nk, list keep) except *:
+    """_weights for a QTensor of a codec (gemm_k.h)."""
+    cdef object hi = w.high
+    cdef object sub = w.sub
+    if not _codec_ok(n, k, g, parts, bits, codec, qs, sc, mn, hi, sub):
+        for a in (sc, mn):
+            if isinstance(a, np.ndarray) and not a.dtype.isnative:
+                raise TypeError(f"qmatmul: the scales and mins of a QTensor must be in native "
+                                f"byte order, got {a.dtype}")
+        check_packed(w, "qmatmul")  # raises with the details
+        raise ValueError(f"qmatmul: {w!r} has misaligned arrays or fields of the wrong type")
+    keep += (qs, sc, mn, hi, sub)
+    cdef xq_weights c
+    c.qs = <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>qs)
+    c.scales = <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>sc)
+    c.mins = NULL if mn is None else <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>mn)
+    c.high = NULL if hi is None else <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>hi)
+    c.sub = NULL if sub is None else <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>sub)
+    c.nb = <size_t>(<cnp.ndarray>qs).shape[1]
+    c.ng = <size_t>(<cnp.ndarray>sc).shape[1]
+    c.bits = bits
+    c.parts = parts
+    c.f32 = 0
+    c.gshift = 0
+    c.fmt = CODECS[codec].ident
     nk[0] = n
     nk[1] = k
     return c
@@ -114,7 +193,8 @@ cdef size_t _ROWS = 128
 cdef size_t _X_BYTES = XQ_X_BYTES
 cdef size_t _OWN_M = XQ_OWN_M  # up to this many rows, each thread quantizes x itself
 cdef enum:
-    _STACK_B = 8 * 8192 // 32  # quantized x of up to this many blocks (128 B) lives on the stack
+    _STACK_B = 8 * 8192 // 32  # quantized x of up to this many blocks (160 B) lives on the stack
+    _XB = 128 + 32  # bytes per block of quantized x: its xq_xb and its xq_xh
     _MAXW = 4  # weights sharing one x in a call
 
 
@@ -159,7 +239,7 @@ def qmatmul(x, w, out, accumulate=False):
             raise ValueError(f"out must have shape ({M}, {Ns[j]}) for x {x.shape} and W "
                              f"{ws[j].shape}, got {outs[j].shape}")
         _check_no_overlap(oa, xa, "x")
-        for i in range(3 * j + 3):  # the weights so far (None: no mins)
+        for i in range(len(keep)):  # the weights' arrays so far (None: absent)
             if keep[i] is not None:
                 _check_no_overlap(oa, keep[i], "a weight")
         ops[j] = <float *>cnp.PyArray_DATA(oa)
@@ -189,19 +269,21 @@ def qmatmul(x, w, out, accumulate=False):
 
     # quantized x (xq_xb blocks, cache-line aligned): on the stack when small, else malloc
     cdef size_t nb = K // 32, m0, m1
-    cdef char qstack[128 * _STACK_B + 64]
+    cdef char qstack[_XB * _STACK_B + 64]
     cdef void *mem = NULL
     # up to _OWN_M rows, each thread quantizes all of x into its own copy: no barrier
     cdef bint own = M <= _OWN_M and nt > 1
     cdef size_t copies = <size_t>nt if own else 1  # copies * M <= max(M, nt * _OWN_M)
-    if copies * M > (<size_t>PY_SSIZE_T_MAX - 64) // (128 * nb):
+    if copies * M > (<size_t>PY_SSIZE_T_MAX - 64) // (_XB * nb):
         raise MemoryError(f"qmatmul: {copies} copies of {M} x {K} quantized is too large")
     if copies * M * nb > _STACK_B:
-        mem = malloc(128 * copies * M * nb + 64)
+        mem = malloc(_XB * copies * M * nb + 64)
         if mem == NULL:
             raise MemoryError("qmatmul: cannot allocate scratch memory for the quantized x")
     cdef xq_xb *qx = <xq_xb *>((<size_t>(mem or qstack) + 63) & ~(<size_t>63))
+    cdef xq_xh *xh = <xq_xh *>(<char *>qx + 128 * copies * M * nb)  # the half sums, after
     cdef xq_xb *qxt
+    cdef xq_xh *xht
     cdef Py_ssize_t it, m, p
     cdef size_t rows = max(8, min(_ROWS, _X_BYTES // (128 * nb)))
     if <size_t>npanels > <size_t>PY_SSIZE_T_MAX // ((M + rows - 1) // rows):
@@ -215,12 +297,14 @@ def qmatmul(x, w, out, accumulate=False):
         # thread computes an item never changes its bits.
         with nogil, parallel(num_threads=nt):
             qxt = qx
+            xht = xh
             if own:
                 qxt = qx + threadid() * M * nb
-                xq_quantize_rows(xp, K, 0, M, K, cw[0].parts, qxt)
+                xht = xh + threadid() * M * nb
+                xq_quantize_rows(xp, K, 0, M, K, cw[0].parts, qxt, xht)
             else:
                 for m in prange(<Py_ssize_t>M, schedule="static"):
-                    xq_quantize_rows(xp, K, <size_t>m, <size_t>m + 1, K, cw[0].parts, qx)
+                    xq_quantize_rows(xp, K, <size_t>m, <size_t>m + 1, K, cw[0].parts, qx, xh)
                 xllm_barrier()  # Cython's prange ends with nowait
             for it in prange(nitems, schedule="static"):
                 m0 = (it // npanels) * rows
@@ -230,7 +314,7 @@ def qmatmul(x, w, out, accumulate=False):
                 while p >= first[j + 1]:
                     j = j + 1
                 p = p - first[j]
-                xq_panels(isa, &cw[j], p, p + 1, qxt + m0 * nb, m1 - m0, Ns[j],
+                xq_panels(isa, &cw[j], p, p + 1, qxt + m0 * nb, xht + m0 * nb, m1 - m0, Ns[j],
                           ops[j] + m0 * Ns[j], acc)
     finally:
         free(mem)
@@ -262,3 +346,44 @@ def qembedding(table, ids, out):
     with nogil:
         for i in range(n):
             xq_dequant_row(&cw, <size_t>ip[i], op + i * D)
+
+
+cdef uint8_t *_data_or_null(object a):
+    return NULL if a is None else <uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+def repack_codec(raw, codec, shape, qs, scales, mins, high, sub):
+    """Fill the arrays of a [N, K] weight of `codec` (layout.py's shapes, zeroed beforehand;
+    None where the codec has none) from its rows of GGUF blocks ``raw`` (uint8 [N, K / group *
+    bytes per block]), as reference.repack_codec does."""
+    c = CODECS.get(codec)
+    if c is None:
+        raise ValueError(f"repack_codec: unknown codec {codec!r}")
+    n = operator.index(shape[0])
+    k = operator.index(shape[1])
+    if n < 0 or k < 0 or k % c.group:
+        raise ValueError(f"repack_codec: a {codec} weight cannot have shape {tuple(shape)}")
+    cdef cnp.ndarray ra = _check_2d(raw, "raw", cnp.NPY_UINT8, "uint8")
+    cdef size_t row_bytes = <size_t>(k // c.group * c.gguf_bytes)
+    if <size_t>ra.shape[0] != <size_t>n or <size_t>ra.shape[1] != row_bytes:
+        raise ValueError(f"repack_codec: raw must have shape ({n}, {row_bytes}) for a {codec} "
+                         f"weight of shape ({n}, {k}), got {raw.shape}")
+    if not _codec_ok(n, k, c.group, 3, c.bits, codec, qs, scales, mins, high, sub):
+        raise ValueError(f"repack_codec: the arrays do not have the {codec} layout of shape "
+                         f"({n}, {k})")
+    for a in (qs, scales, mins, high, sub):
+        if a is not None:
+            _check_writeable(a)
+            _check_no_overlap(a, ra, "raw")
+    cdef int F = c.ident
+    cdef const uint8_t *rp = <const uint8_t *>cnp.PyArray_DATA(ra)
+    cdef uint8_t *qp = _data_or_null(qs)
+    cdef uint8_t *sp = _data_or_null(scales)
+    cdef uint8_t *mp = _data_or_null(mins)
+    cdef uint8_t *hp = _data_or_null(high)
+    cdef uint8_t *bp = _data_or_null(sub)
+    cdef size_t N = <size_t>n, K = <size_t>k
+    cdef Py_ssize_t p, npanels = <Py_ssize_t>((N + 15) // 16)
+    with nogil:
+        for p in prange(npanels, schedule="static", num_threads=get_num_threads()):
+            xk_repack_panel(F, rp, row_bytes, N, K, <size_t>p, qp, hp, sp, mp, bp)

@@ -12,7 +12,9 @@ import operator
 
 import numpy as np
 
-from .layout import KV_BLOCK, dequantize_rows, to_float32, unpack_codes, unpack_group_params
+from .layout import (BLOCK, CODECS, K_SCALE_BYTES, KV_BLOCK, PANEL, SUPER, codec_block_params,
+                     dequantize_codec_rows, dequantize_rows, to_float32, unpack_codec_codes,
+                     unpack_codes, unpack_group_params)
 
 
 def _native(*arrays):
@@ -296,8 +298,9 @@ def fma(a, b, c):
 
 def qmatmul(x, w, out, accumulate=False):
     """out (+)= x @ W.T for packed quantized weights W (or tuples of W and out): gemm_q.h's exact
-    arithmetic. W is read through its fields (shape, bits, group, parts, and the arrays qs,
-    scales, mins of layout.py), as the compiled kernel reads them."""
+    arithmetic, and gemm_k.h's for a codec. W is read through its fields (shape, bits, group,
+    parts, codec, and the arrays qs, scales, mins, high, sub of layout.py), as the compiled
+    kernel reads them."""
     if type(w) is tuple:
         if len({wi.parts for wi in w}) > 1:
             raise ValueError("weights sharing x need equal parts")
@@ -310,6 +313,18 @@ def qmatmul(x, w, out, accumulate=False):
             out[...] = 0
         return
     q, dx = quantize_activations(np.asarray(x, np.float32), w.parts)
+    if getattr(w, "codec", None) is not None:
+        acc = _codec_products(q, dx, w)
+    else:
+        acc = _group_products(q, dx, w, x.shape[0])
+    if accumulate:
+        out += acc
+    else:
+        out[...] = acc
+
+
+def _group_products(q, dx, w, m):
+    """The products of gemm_q.h's int8 / int4 formats (steps 2 and 3)."""
     n, k = w.shape
     qw = unpack_codes(w.qs, w.bits, w.shape).reshape(n, k // 32, 32).astype(np.int64)
     if w.bits == 4 and w.mins is None:  # symmetric int4: codes minus 8
@@ -321,20 +336,141 @@ def qmatmul(x, w, out, accumulate=False):
         q[2].sum(axis=2).astype(np.float32) * np.float32(1 / 256)
     dw, mw = unpack_group_params(w.scales, w.mins, w.shape)
     per = w.group // 32
-    acc = np.zeros((x.shape[0], n), np.float32)
+    acc = np.zeros((m, n), np.float32)
     for b in range(k // 32):
         acc = fma(dw[None, :, b // per] * dx[:, b, None], v[:, :, b], acc)
         if mw is not None:
             acc = fma(mw[None, :, b // per], (dx[:, b] * s[:, b])[:, None], acc)
-    if accumulate:
-        out += acc
-    else:
-        out[...] = acc
+    return acc
+
+
+def _codec_products(q, dx, w):
+    """The products of gemm_k.h's codecs (steps 2 and 3): exact integer dots per block (per half
+    for Q6_K), then per block in increasing order the scale term(s) (half 0, then half 1) and
+    the minimum's."""
+    n, k = w.shape
+    m = q.shape[1]
+    codec = CODECS[w.codec]
+    qw = unpack_codec_codes(w.qs, w.high, w.shape).astype(np.int64) - codec.offset
+    qw = qw.reshape(n, k // 32, 2, 16)
+    qx = q.reshape(3, m, k // 32, 2, 16)
+    c12 = np.einsum("mbhi,nbhi->mnbh", 256 * qx[0] + qx[1], qw)
+    c3 = np.einsum("mbhi,nbhi->mnbh", qx[2], qw)
+    halves = 2 if codec.name == "Q6_K" else 1
+    if halves == 1:  # one dot over the whole block
+        c12 = c12.sum(axis=3, keepdims=True)
+        c3 = c3.sum(axis=3, keepdims=True)
+    v = c12.astype(np.float32) + c3.astype(np.float32) * np.float32(1 / 256)
+    s = (256 * q[0] + q[1]).sum(axis=2).astype(np.float32) + \
+        q[2].sum(axis=2).astype(np.float32) * np.float32(1 / 256)
+    ws, wm = codec_block_params(w)
+    acc = np.zeros((m, n), np.float32)
+    for b in range(k // 32):
+        for h in range(halves):
+            acc = fma(ws[None, :, b, h] * dx[:, b, None], v[:, :, b, h], acc)
+        if wm is not None:
+            acc = fma(wm[None, :, b], (dx[:, b] * s[:, b])[:, None], acc)
+    return acc
 
 
 def qembedding(table, ids, out):
     """out[i] = row ids[i] of the packed quantized `table`, dequantized to float32."""
     _native(out, table.scales, table.mins)
     rows = _ids(ids, table.shape[0])
+    if getattr(table, "codec", None) is not None:
+        out[...] = dequantize_codec_rows(table, rows)
+        return
     out[...] = dequantize_rows(table.qs, table.scales, table.mins, table.bits, table.group,
                                table.shape, rows)
+
+
+# ---- repacking GGUF blocks into a codec's layout (layout.py) ----
+
+def repack_codec(raw, codec, shape, qs, scales, mins, high, sub, rows=1024):
+    """Fill the arrays of a [N, K] weight of `codec` (layout.py's shapes, zeroed beforehand;
+    None where the codec has none) from its rows of GGUF blocks ``raw`` (uint8 [N, K / group *
+    bytes per block]), `rows` rows at a time."""
+    c = CODECS[codec]
+    n, k = shape
+    blocks = raw.reshape(n, k // c.group, c.gguf_bytes)
+    for r0 in range(0, n, rows):  # rows is a multiple of PANEL
+        r1 = min(n, r0 + rows)
+        codes, d, m, s = _codec_fields(blocks[r0:r1], codec)
+        p0 = r0 // PANEL
+        p1 = -(-r1 // PANEL)
+        qs[p0:p1], planes = _pack_codes(codes, c.planes)
+        if high is not None:
+            high[p0:p1] = planes
+        scales[p0:p1] = _panels(d)
+        if mins is not None:
+            mins[p0:p1] = _panels(m)
+        if sub is not None:
+            sub[p0:p1] = _panels(s.reshape(len(s), -1)).reshape(sub[p0:p1].shape)
+
+
+def _codec_fields(blocks, name):
+    """(codes [R, K] uint8, scales [R, K/G] float16, mins or None, sub [R, K/256, 12 or 16] or
+    None) of rows of GGUF blocks [R, K/block, block bytes] of codec `name` (the layouts of
+    ggml's block_q5_0 ... block_q6_K)."""
+    r, nb, _ = blocks.shape
+
+    def f16(offset):
+        return np.ascontiguousarray(blocks[:, :, offset:offset + 2]).view(np.float16)[:, :, 0]
+
+    def bits_of(field, count):
+        """The bits of `field` [R, nb, bytes], little-endian, as [R, nb, count]."""
+        return np.unpackbits(field, axis=2, bitorder="little")[:, :, :count]
+
+    if name in ("Q5_0", "Q5_1"):  # d, (m,) qh (32 bits), qs: value i low nibble, 16 + i high
+        start = 2 if name == "Q5_0" else 4
+        qs = blocks[:, :, start + 4:start + 20]
+        low = np.concatenate([qs & 15, qs >> 4], axis=2)
+        codes = low | (bits_of(blocks[:, :, start:start + 4], 32) << 4)
+        mins = f16(2) if name == "Q5_1" else None
+        return codes.reshape(r, -1), f16(0), mins, None
+    if name in ("Q4_K", "Q5_K"):  # d, dmin, 12 bytes of scales, (qh,) qs
+        start = 16 if name == "Q4_K" else 48
+        qs = blocks[:, :, start:start + 128].reshape(r, nb, 4, 1, 32)
+        codes = np.concatenate([qs & 15, qs >> 4], axis=3).reshape(r, nb, SUPER)  # 64c + 32h + i
+        if name == "Q5_K":  # bit s of qh[i]: value 32s + i
+            qh = blocks[:, :, 16:48]
+            high = np.unpackbits(qh[:, :, None, :], axis=2, bitorder="little")
+            codes = codes | (high.reshape(r, nb, SUPER) << 4)
+        return codes.reshape(r, -1), f16(0), f16(2), blocks[:, :, 4:4 + K_SCALE_BYTES]
+    # Q6_K: ql [128], qh [64], int8 scales [16], d; halves of 128 values
+    ql = blocks[:, :, 0:128].reshape(r, nb, 2, 1, 64)
+    low = np.concatenate([ql & 15, ql >> 4], axis=3).reshape(r, nb, 2, 128)  # 64 s + i
+    qh = blocks[:, :, 128:192].reshape(r, nb, 2, 1, 32)
+    high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3  # [.., half, s, i]: 32 s + i
+    codes = low | (high.reshape(r, nb, 2, 128) << 4)
+    sub = np.ascontiguousarray(blocks[:, :, 192:208]).view(np.int8)
+    return codes.reshape(r, -1), f16(208), None, sub
+
+
+def _panels(a):
+    """Per-row values [R, C] (R a multiple of PANEL but for the last rows) as [panels, C, PANEL],
+    rows padded with zeros."""
+    padded = np.pad(a, ((0, -len(a) % PANEL), (0, 0)))
+    return padded.reshape(len(padded) // PANEL, PANEL, a.shape[1]).transpose(0, 2, 1)
+
+
+def _pack_codes(codes, planes):
+    """(qs [panels, K/32, 256], high [panels, K/32, 64 * planes] or None) of unsigned codes
+    [R, K] (layout.py's codec layout; rows padded with zeros to whole panels)."""
+    r, k = codes.shape
+    codes = np.pad(codes, ((0, -r % PANEL), (0, 0)))
+    # [panel, row, block, half, line, t] -> [panel, block, half, line, row, t]
+    q = codes.reshape(len(codes) // PANEL, PANEL, k // BLOCK, 2, 4, 4).transpose(0, 2, 3, 4, 1, 5)
+    low = q & 15
+    qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(len(q), k // BLOCK, 256)
+    if not planes:
+        return qs, None
+    high = np.empty((len(q), k // BLOCK, 64 * planes), np.uint8)
+    lines = q.reshape(len(q), k // BLOCK, 8, 64)  # the 8 lines of a block, byte 4 r + t
+    for e in range(planes):
+        bits = (lines >> (4 + e)) & 1
+        masks = np.packbits(bits, axis=3, bitorder="little")  # [panel, block, line, 8]
+        high[:, :, 64 * e:64 * e + 64] = masks.reshape(len(q), k // BLOCK, 64)
+    return qs, high
+
+

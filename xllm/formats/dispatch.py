@@ -46,8 +46,9 @@ class Ops:
 
 
 def _all_quantized_alike(w):
-    """True for a QTensor, or a tuple of QTensors that one qmatmul call can take (a GGUF may mix
-    Q8_0 and Q4_x weights in wq/wk/wv: those go one by one)."""
+    """True for a QTensor, or a tuple of QTensors that one qmatmul call can take: any formats
+    (a Q4_K_M file mixes Q4_K, Q6_K and Q5_0 in wq/wk/wv) with equal ``parts``; a tuple mixing
+    parts (Q8_0's 2 beside Q4_x's 3) goes one by one."""
     if type(w) is QTensor:
         return True
     if type(w) is not tuple:

@@ -10,18 +10,25 @@ docs/quantization.rst describes the packed layout (rows in panels of 16, shapes 
 each block of the activations."""
 import numpy as np
 
-from .._kernels.layout import (BLOCK, PANEL, check_packed, dequantize_rows, to_float32,
-                               unpack_codes, unpack_group_params)
+from .. import _kernels
+from .._kernels import reference
+from .._kernels.layout import (BLOCK, CODECS, PANEL, check_packed, codec_block_params,
+                               dequantize_codec_rows, dequantize_rows, sub_shape, to_float32,
+                               unpack_codec_codes, unpack_codes, unpack_group_params)
 from ..errors import ModelFormatError
 from .registry import FORMATS, panel_block_bytes
 
 
 class QTensor:
-    """A [N, K] weight matrix quantized in groups along K, in the packed panel layout."""
-    __slots__ = ("shape", "bits", "group", "qs", "scales", "mins", "parts")
+    """A [N, K] weight matrix quantized in groups along K, in the packed panel layout; or, with a
+    ``codec`` (layout.CODECS: Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), in that codec's layout, which adds
+    the arrays ``high`` (bit planes above the low nibbles) and ``sub`` (sub-block scales)."""
+    __slots__ = ("shape", "bits", "group", "qs", "scales", "mins", "parts", "codec", "high",
+                 "sub")
     dtype = np.dtype(np.uint8)  # so generic code asking for a dtype gets an answer
 
-    def __init__(self, shape, bits, group, qs, scales, mins=None, parts=None):
+    def __init__(self, shape, bits, group, qs, scales, mins=None, parts=None, codec=None,
+                 high=None, sub=None):
         self.shape = (int(shape[0]), int(shape[1]))
         self.bits = int(bits)
         self.group = int(group)
@@ -29,6 +36,9 @@ class QTensor:
         self.scales = scales
         self.mins = mins
         self.parts = default_parts(self.bits) if parts is None else parts
+        self.codec = codec
+        self.high = high
+        self.sub = sub
         check_qtensor(self, "QTensor")
 
     @property
@@ -37,26 +47,37 @@ class QTensor:
 
     @property
     def nbytes(self):
-        return sum(a.nbytes for a in (self.qs, self.scales, self.mins) if a is not None)
+        arrays = (self.qs, self.scales, self.mins, self.high, self.sub)
+        return sum(a.nbytes for a in arrays if a is not None)
 
     @property
     def kind(self):
-        """A short description: 'int8 g32 fp16', 'int4 g32 asym fp16' ..."""
+        """A short description: 'int8 g32 fp16', 'int4 g32 asym fp16' ..., or the codec's name."""
+        if self.codec is not None:
+            return self.codec
         return describe(self.bits, self.group, self.asymmetric, self.scales.dtype)
 
     def __repr__(self):
         return f"QTensor({self.shape}, {self.kind})"
 
     def codes(self, rows=None):
-        """The integer codes q [len(rows), K] (int16; int8 minus its +128 offset, int4 0..15)."""
+        """The integer codes q [len(rows), K] (int16; int8 minus its +128 offset, int4 0..15, a
+        codec's unsigned codes as stored)."""
+        if self.codec is not None:
+            return unpack_codec_codes(self.qs, self.high, self.shape, rows)
         return unpack_codes(self.qs, self.bits, self.shape, rows)
 
     def group_params(self, rows=None):
-        """(scales, mins or None) as float32 [len(rows), K/G]."""
+        """(scales, mins or None) as float32 [len(rows), K/G]; for a codec, per 32-value block:
+        (scales [len(rows), K/32, 2] of each half block, mins [len(rows), K/32] or None)."""
+        if self.codec is not None:
+            return codec_block_params(self, rows)
         return unpack_group_params(self.scales, self.mins, self.shape, rows)
 
     def dequantize(self, rows=None):
         """W (or the given rows of it) as float32 [len(rows), K]."""
+        if self.codec is not None:
+            return dequantize_codec_rows(self, rows)
         return dequantize_rows(self.qs, self.scales, self.mins, self.bits, self.group,
                                self.shape, rows)
 
@@ -186,7 +207,8 @@ def _quantize_int4_asymmetric(groups):
 
 def from_gguf_blocks(raw, kind, shape, parts=None):
     """A QTensor from the raw bytes [N, K/32 * block bytes] of a GGUF tensor of a PANELS format
-    of the registry (Q8_0, Q4_0, Q4_1): bitwise what ``pack`` makes of its codes and scales.
+    of the registry: Q8_0, Q4_0, Q4_1 (bitwise what ``pack`` makes of their codes and scales), or
+    a codec (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K: repack_codec, K/256 super-blocks for the K-quants).
 
     A GGUF block holds its float16 scale (and minimum), then its codes in the order the packed
     layout keeps within a row (layout.py): Q8_0 value j as the int8 byte j, Q4_0/Q4_1 values j
@@ -195,6 +217,8 @@ def from_gguf_blocks(raw, kind, shape, parts=None):
     an XOR of each byte's top bit); nothing is unpacked, and every array is copied once, straight
     from `raw` (a view of the file)."""
     weight_format = FORMATS[kind]
+    if weight_format.codec is not None:
+        return _from_codec_blocks(raw, CODECS[weight_format.codec], weight_format, shape, parts)
     bits = weight_format.bits
     n, k = shape
     blocks = np.asarray(raw).reshape(n, k // BLOCK, weight_format.block_bytes)
@@ -209,6 +233,36 @@ def from_gguf_blocks(raw, kind, shape, parts=None):
     scales = _float16_panels(blocks, 0)
     mins = _float16_panels(blocks, 2) if weight_format.asymmetric else None
     return QTensor((n, k), bits, BLOCK, qs, scales, mins, parts)
+
+
+def _from_codec_blocks(raw, codec, weight_format, shape, parts):
+    """from_gguf_blocks for a codec: the arrays of its layout, filled by the backend's
+    repack_codec (compiled, or the NumPy reference)."""
+    n, k = shape
+    if k % weight_format.block:
+        raise ModelFormatError(f"a {codec.name} tensor's rows must be a multiple of "
+                               f"{weight_format.block} values long, got {shape}")
+    n_panels = -(-n // PANEL)
+    n_blocks = k // BLOCK
+    # zeroed (the padding rows of the last panel stay 0; the bit planes are ORed in)
+    qs = np.zeros((n_panels, n_blocks, 256), np.uint8)
+    high = np.zeros((n_panels, n_blocks, 64 * codec.planes), np.uint8) if codec.planes else None
+    scales = np.zeros((n_panels, k // codec.group, PANEL), np.float16)
+    mins = np.zeros_like(scales) if codec.asymmetric else None
+    spec = sub_shape(codec, n_panels, k)
+    sub = None if spec is None else np.zeros(*spec)
+    raw = np.ascontiguousarray(np.asarray(raw).reshape(n, -1))
+    _repacker()(raw, codec.name, (n, k), qs, scales, mins, high, sub)
+    return QTensor((n, k), codec.bits, codec.group, qs, scales, mins, parts, codec=codec.name,
+                   high=high, sub=sub)
+
+
+def _repacker():
+    """repack_codec of the selected kernel backend."""
+    if _kernels.backend is _kernels.REFERENCE:
+        return reference.repack_codec
+    from .._kernels.qmatmul import repack_codec
+    return repack_codec
 
 
 def _float16_panels(blocks, offset):

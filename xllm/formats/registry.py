@@ -15,8 +15,9 @@ Columns:
     Values per block and the bytes one block takes as stored (float16 scales).
 ``packing``
     ``FLOAT``: a typed array (``dtype``: float32, float16, or uint16 holding bfloat16 bits);
-    ``PANELS``: a ``QTensor`` (``bits``, ``asymmetric``), repacked at load at the same size
-    into panels of 16 rows; ``EXPANDED``: expanded to float32 at load (no kernel of its own yet).
+    ``PANELS``: a ``QTensor`` (``bits``, ``asymmetric``; ``codec``: the kernels' codec, see
+    ``xllm/_kernels/layout.py``, for the formats beyond int8 / int4), repacked at load at the same
+    size into panels of 16 rows; ``EXPANDED``: expanded to float32 at load (no kernel of its own).
 ``kernel``
     ``MATMUL`` (float weights) or ``QMATMUL`` (packed weights).
 ``dequantize``
@@ -39,7 +40,7 @@ from typing import Callable, Optional
 import numpy as np
 from gguf.constants import GGMLQuantizationType, LlamaFileType
 
-from .._kernels.layout import BLOCK, PANEL, to_float32
+from .._kernels.layout import BLOCK, CODECS, PANEL, to_float32
 from .kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
 
 FLOAT = "float"
@@ -66,6 +67,7 @@ class WeightFormat:
     dtype: Optional[np.dtype] = None  # FLOAT: the NumPy dtype of the array
     bits: Optional[int] = None  # PANELS: bits per code
     asymmetric: bool = False  # PANELS: a minimum per group besides the scale
+    codec: Optional[str] = None  # PANELS: the kernels' codec (layout.CODECS), None for int8/int4
 
     @property
     def bytes_per_weight(self) -> float:
@@ -112,6 +114,19 @@ def _packed_format(name, block_bytes, bits, asymmetric, file_type, quantize_type
                         from_float=_gguf_quantizer(gguf_type), bits=bits, asymmetric=asymmetric)
 
 
+def _codec_format(name, block, block_bytes, file_type=None, quantize_type=None,
+                  from_float=None):
+    """A GGUF block type that runs on its codec of the kernels (gemm_k.h)."""
+    gguf_type = GGMLQuantizationType[name]
+    codec = CODECS[name]
+    if quantize_type is not None and from_float is None:
+        from_float = _gguf_quantizer(gguf_type)
+    return WeightFormat(name, block=block, block_bytes=block_bytes, packing=PANELS,
+                        kernel=QMATMUL, dequantize=_gguf_blocks(gguf_type), gguf_type=gguf_type,
+                        file_type=file_type, quantize_type=quantize_type, from_float=from_float,
+                        bits=codec.bits, asymmetric=codec.asymmetric, codec=name)
+
+
 def _expanded_format(name, block, block_bytes, file_type=None, quantize_type=None,
                      from_float=None):
     gguf_type = GGMLQuantizationType[name]
@@ -135,11 +150,11 @@ FORMATS = {f.name: f for f in (
     _packed_format("Q4_1", 20, 4, True, LlamaFileType.MOSTLY_Q4_1, "q4_1"),
     WeightFormat("INT8", block=INT8_BLOCK, block_bytes=INT8_BLOCK + 2, packing=PANELS,
                  kernel=QMATMUL, dequantize=_qtensor, bits=8),
-    _expanded_format("Q5_0", 32, 22, LlamaFileType.MOSTLY_Q5_0, "q5_0"),
-    _expanded_format("Q5_1", 32, 24, LlamaFileType.MOSTLY_Q5_1, "q5_1"),
-    _expanded_format("Q4_K", 256, 144, LlamaFileType.MOSTLY_Q4_K_M, "q4_k_m", quantize_q4_k),
-    _expanded_format("Q5_K", 256, 176, LlamaFileType.MOSTLY_Q5_K_M, "q5_k_m", quantize_q5_k),
-    _expanded_format("Q6_K", 256, 210, LlamaFileType.MOSTLY_Q6_K, "q6_k", quantize_q6_k),
+    _codec_format("Q5_0", 32, 22, LlamaFileType.MOSTLY_Q5_0, "q5_0"),
+    _codec_format("Q5_1", 32, 24, LlamaFileType.MOSTLY_Q5_1, "q5_1"),
+    _codec_format("Q4_K", 256, 144, LlamaFileType.MOSTLY_Q4_K_M, "q4_k_m", quantize_q4_k),
+    _codec_format("Q5_K", 256, 176, LlamaFileType.MOSTLY_Q5_K_M, "q5_k_m", quantize_q5_k),
+    _codec_format("Q6_K", 256, 210, LlamaFileType.MOSTLY_Q6_K, "q6_k", quantize_q6_k),
 )}
 
 # The format an EXPANDED one becomes at load.
@@ -167,7 +182,7 @@ def packed_format(bits, group, asymmetric):
     if bits == 8 and group > BLOCK:
         return FORMATS["INT8"]
     return next(f for f in FORMATS.values() if f.packing == PANELS and f.bits == bits
-                and f.asymmetric == asymmetric and f.block == group)
+                and f.asymmetric == asymmetric and f.block == group and f.codec is None)
 
 
 def writable_formats():

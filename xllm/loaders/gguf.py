@@ -3,9 +3,9 @@ architectures, parsed by :mod:`xllm.files.gguf`, which checks every size and off
 
 What each tensor type becomes is the weight-format registry's ``packing``
 (:mod:`xllm.formats.registry`): F32, F16 and BF16 (as uint16 bits) tensors are zero-copy views
-of the memory-mapped file. Q8_0, Q4_0 and Q4_1 run natively: repacked once at load (same size)
-into a ``QTensor``, then the file's pages are dropped. The other types the registry knows are
-expanded once, a chunk of rows at a time, into float32 (``EXPANDED_TO``; float16 halves that
+of the memory-mapped file. Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K run natively:
+repacked once at load (same size) into a ``QTensor``, then the file's pages are dropped; a file
+may mix them tensor by tensor (Q4_K_M does). The other types the registry knows are expanded once, a chunk of rows at a time, into float32 (``EXPANDED_TO``; float16 halves that
 memory but moved SmolLM2-135M Q4_1's logits by up to 0.041, against 1e-4, from transformers'
 float32 expansion). q/k rows of ``llama`` files are in llama.cpp's interleaved RoPE layout,
 used as stored (``rope_interleaved=True``); ``qwen2`` and ``qwen3`` files keep Hugging Face's
