@@ -567,6 +567,14 @@ def test_server_response_format_json_schema_and_json_object(client):
         assert reply.choices[0].message.content.startswith("{")
 
 
+def test_server_each_choice_follows_the_constraint(client):
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Pick a colour."}], n=3,
+        temperature=1.0, seed=4, max_tokens=8, extra_body={"choice": ["red", "green", "blue"]})
+    assert len(reply.choices) == 3
+    assert all(c.message.content in ("red", "green", "blue") for c in reply.choices)
+
+
 def test_server_extensions_choice_regex_grammar(client):
     messages = [{"role": "user", "content": "Is the sky blue?"}]
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,

@@ -85,7 +85,8 @@ class Request:
     ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
     constraint: Optional[object] = None
     cancelled: bool = False
-    matcher: Optional[object] = None  # set by Engine.submit from the constraint
+    matcher: Optional[object] = None  # the constraint's Matcher: Engine.submit makes it if
+    # the caller did not (a caller that made it gives each request its own)
 
     def cancel(self):
         """Stop generating (the client went away); the engine drops the sequence at its next
@@ -172,8 +173,10 @@ class Engine:
         if need > self.kv_budget:
             raise ValueError(f"this request needs {need / 2**20:.1f} MiB of KV cache, more than "
                              f"the engine's budget of {self.kv_budget / 2**20:.1f} MiB")
-        # compiled here, on the caller's thread, not in the engine's loop
-        request.matcher = self.model.matcher(request.constraint, request.max_new_tokens)
+        # compiled here, on the caller's thread, not in the engine's loop (unless the caller
+        # compiled it already)
+        if request.matcher is None:
+            request.matcher = self.model.matcher(request.constraint, request.max_new_tokens)
         with self._cond:
             if self._closing:
                 raise EngineClosedError("the server is shutting down")

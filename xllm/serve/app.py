@@ -373,14 +373,18 @@ class _API:
         constraint, field = structured.request_constraint(body, tools)
         prompt_ids = self._prompt_ids(body, chat, tools)
         max_tokens = self._max_tokens(body, prompt_ids)
-        structured.check_constraint(self.model, constraint, max_tokens, field)
         params = self._params(body)
         choices = []
         for ids in prompt_ids:
             for _ in range(body.n):
                 choices.append(_Choice(len(choices), ids))
+        matchers = None
+        if constraint is not None:  # compiled off the event loop
+            matchers = await asyncio.get_running_loop().run_in_executor(
+                None, structured.matchers, self.model, constraint, max_tokens, field,
+                len(choices))
         call = _Call(self, request, body, chat, choices, tools)
-        call.submit(max_tokens, params, self._affinity(body, chat), constraint)
+        call.submit(max_tokens, params, self._affinity(body, chat), constraint, matchers)
         if body.stream:
             return StreamingResponse(call.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -429,7 +433,9 @@ class _Call:
         self.prompt_tokens = sum(len(ids) for ids in {id(c.prompt_ids): c.prompt_ids
                                                       for c in choices}.values())
 
-    def submit(self, max_tokens, params, affinity, constraint=None):
+    def submit(self, max_tokens, params, affinity, constraint=None, matchers=None):
+        """Submit every choice to the engine (with `constraint`, and its compiled matcher
+        `matchers[i]` for choice i if given); APIError if the engine refuses one."""
         logprobs = self.body.logprobs_count()
         try:
             for choice in self.choices:
@@ -437,7 +443,8 @@ class _Call:
                 choice.engine_request = APIRequest(
                     choice.prompt_ids, max_tokens, replace(params, seed=seed),
                     self._emitter(choice), stop=self.body.stop_strings(), logprobs=logprobs,
-                    ignore_eos=self.body.ignore_eos, affinity=affinity, constraint=constraint)
+                    ignore_eos=self.body.ignore_eos, affinity=affinity, constraint=constraint,
+                    matcher=None if matchers is None else matchers[choice.index])
                 self.api.engine.submit(choice.engine_request)
         except (QueueFullError, EngineClosedError, ContextLengthError, ValueError) as error:
             self.cancel()

@@ -123,14 +123,15 @@ def request_constraint(body, plan: ToolPlan):
         raise APIError(400, f"{field}: {error}", param=field) from None
 
 
-def check_constraint(model, constraint, max_tokens, field):
-    """APIError 400 naming `field` unless `constraint` compiles against `model`'s vocabulary
-    and can finish within `max_tokens` (the engine checks again when it takes the request: a
-    front end that hands requests to other processes answers here)."""
+def matchers(model, constraint, max_tokens, field, count) -> list:
+    """`count` new matchers of `constraint` for `model` (None each if it is None), one per
+    engine request; APIError 400 naming `field` unless it compiles against the model's
+    vocabulary and can finish within `max_tokens`. Compiling takes milliseconds (more for
+    large grammars): the app runs this off its event loop."""
     if constraint is None:
-        return
+        return [None] * count
     try:
-        model.matcher(constraint, max_tokens)
+        return [model.matcher(constraint, max_tokens) for _ in range(count)]
     except ConstraintError as error:
         raise APIError(400, str(error), param=field) from None
 
