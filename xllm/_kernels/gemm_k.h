@@ -453,92 +453,243 @@ static void xk_dequant_row(const xq_weights *w, size_t r, float *o)
     }
 }
 
-/* ---- repacking at load: GGUF blocks -> the codec layout (layout.py; reference.repack_codec) */
+/* ---- repacking at load: GGUF blocks -> the codec layout (layout.py; reference.repack_codec)
+ *
+ * Nothing is unpacked value by value. Within a GGUF block, byte i of a 32-byte run of codes
+ * (Q4_K, Q5_K qs; Q6_K ql, qh; Q5_K qh) belongs to value i of one or more 32-value blocks, and a
+ * line of the layout holds 4 consecutive values (one dword) of each of the 16 rows. So the
+ * repack reads each run as 8 dwords of 8 rows at a time and transposes them (xk_transpose8):
+ * dword l of the rows becomes 32 bytes of line l. Then whole lines are formed with a few byte
+ * operations: a qs line is the low or high nibbles of line l (values 4l..4l+3) and of line
+ * l + 4 (values 16 + 4l ..) side by side, and a bit plane line is a movemask of the bit it
+ * holds. The Q5_0 / Q5_1 qs bytes are already the layout's (value i low nibble, 16 + i high):
+ * they move as dwords. The per-block fields (float16 d, dmin; 6-bit or int8 sub-scales) are a
+ * 16 x 16 byte transpose of the 16 rows' first (Q6_K: last) 16 bytes. Every byte of the panel's
+ * arrays is written; the rows past n read a block of zeros. */
 
 /* Bytes of one GGUF block of codec F and values per block. */
 #define XK_GGUF_BYTES(F)                                                                         \
     ((F) == XK_Q5_0 ? 22 : (F) == XK_Q5_1 ? 24 : (F) == XK_Q4_K ? 144 : (F) == XK_Q5_K ? 176 : 210)
 #define XK_GGUF_VALUES(F) (XK_SUPER(F) ? 256 : 32)
 
-/* The 32 unsigned codes c of block b (32 values) of a row of GGUF blocks (ggml's block_q5_0 ...
- * block_q6_K layouts). */
-static inline XQ_AI void xk_gguf_codes(const int F, const uint8_t *row, size_t b, uint8_t *c)
+/* The block the rows past n of the last panel read: every field 0 (at least one GGUF block). */
+static const uint8_t xk_zero_block[256] = {0};
+
+/* t[l] = dword l of the 32 bytes at src[r] + off, for the rows r = 0..7 in order (bytes
+ * 4r..4r+3 of t[l]): an 8 x 8 transpose of dwords. */
+static inline XQ_AI void xk_transpose8(const uint8_t *const *src, size_t off, __m256i t[8])
 {
-    if (!XK_SUPER(F)) {
-        const uint8_t *blk = row + b * XK_GGUF_BYTES(F);
-        const size_t start = F == XK_Q5_0 ? 2 : 4; /* after d (and m) */
-        uint32_t qh;
-        memcpy(&qh, blk + start, 4);
-        const uint8_t *qs = blk + start + 4; /* value i: low nibble of qs[i]; 16 + i: high */
-        for (int i = 0; i < 16; i++) {
-            c[i] = (uint8_t)((qs[i] & 15) | ((qh >> i) & 1) << 4);
-            c[16 + i] = (uint8_t)((qs[i] >> 4) | ((qh >> (16 + i)) & 1) << 4);
-        }
-        return;
+    __m256i r[8], a[8];
+    for (int i = 0; i < 8; i++)
+        r[i] = _mm256_loadu_si256((const __m256i *)(src[i] + off));
+    for (int i = 0; i < 8; i += 2) { /* a[i]: dwords 0, 1 | 4, 5 of rows i, i + 1 interleaved */
+        a[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]); /* dwords 2, 3 | 6, 7 */
     }
-    const uint8_t *blk = row + (b / 8) * XK_GGUF_BYTES(F);
-    const int j = (int)(b % 8);
-    if (F == XK_Q6_K) {
-        /* halves of 128 values (ql [128], qh [64]); value 32 s + i of half h (s = 0..3): low 4
-         * bits in ql[64 h + 32 (s % 2) + i], nibble s / 2; high 2 bits in qh[32 h + i], bits
-         * 2 s, 2 s + 1 */
-        const int h = j / 4, sq = j % 4;
-        const uint8_t *ql = blk + 64 * h + 32 * (sq % 2), *qh = blk + 128 + 32 * h;
-        for (int i = 0; i < 32; i++)
-            c[i] = (uint8_t)(((ql[i] >> (4 * (sq / 2))) & 15) | ((qh[i] >> (2 * sq)) & 3) << 4);
-        return;
+    for (int i = 0; i < 8; i += 4) { /* r[i + c]: dword c | 4 + c of rows i..i + 3 */
+        r[i] = _mm256_unpacklo_epi64(a[i], a[i + 2]);
+        r[i + 1] = _mm256_unpackhi_epi64(a[i], a[i + 2]);
+        r[i + 2] = _mm256_unpacklo_epi64(a[i + 1], a[i + 3]);
+        r[i + 3] = _mm256_unpackhi_epi64(a[i + 1], a[i + 3]);
     }
-    /* Q4_K, Q5_K: values 64 m + i (i < 32) in the low nibbles of qs[32 m + i], 64 m + 32 + i in
-     * the high ones; Q5_K: bit j of qh[i] is bit 4 of value 32 j + i */
-    const uint8_t *qs = blk + (F == XK_Q4_K ? 16 : 48), *qh = blk + 16;
-    for (int i = 0; i < 32; i++) {
-        c[i] = (uint8_t)((qs[32 * (j / 2) + i] >> (4 * (j % 2))) & 15);
-        if (F == XK_Q5_K)
-            c[i] |= (uint8_t)(((qh[i] >> j) & 1) << 4);
+    for (int c = 0; c < 4; c++) {
+        t[c] = _mm256_permute2x128_si256(r[c], r[4 + c], 0x20);
+        t[4 + c] = _mm256_permute2x128_si256(r[c], r[4 + c], 0x31);
     }
 }
 
-/* Panel p of a codec weight [n, K] from its rows of GGUF blocks (row r at raw + r * row_bytes),
- * into arrays zeroed beforehand (the bit planes are ORed in; rows past n stay 0). */
+/* The 4 qs lines of a block (for 8 rows, 32 bytes each, at q + 64 jj) from its codes' lines c
+ * (line l: values 4l..4l+3): the low nibbles (SHIFT 0) or the high nibbles (SHIFT 4) of line jj
+ * in the low nibble of each byte, those of line jj + 4 in the high nibble. */
+static inline XQ_AI void xk_store_qs(const __m256i c[8], int shift, uint8_t *q)
+{
+    const __m256i low4 = _mm256_set1_epi8(0x0f), high4 = _mm256_set1_epi8((char)0xf0);
+    for (int jj = 0; jj < 4; jj++) {
+        __m256i v;
+        if (shift == 0)
+            v = _mm256_or_si256(_mm256_and_si256(c[jj], low4),
+                                _mm256_slli_epi16(_mm256_and_si256(c[jj + 4], low4), 4));
+        else
+            v = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c[jj], 4), low4),
+                                _mm256_and_si256(c[jj + 4], high4));
+        _mm256_storeu_si256((__m256i *)(q + 64 * jj), v);
+    }
+}
+
+/* One bit plane of a block for 8 rows: bit BIT (0..7) of the bytes of the lines c, as the 32
+ * bits of each line's mask that belong to these rows, at h + 8 l. */
+static inline XQ_AI void xk_store_plane(const __m256i c[8], int bit, uint8_t *h)
+{
+    for (int l = 0; l < 8; l++) {
+        const uint32_t m = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(c[l], 7 - bit));
+        memcpy(h + 8 * l, &m, 4);
+    }
+}
+
+/* t[i] = byte i of the 16 bytes at src[r] + off for the rows r = 0..15 (byte r of t[i]): a 16 x
+ * 16 transpose of bytes. */
+static inline XQ_AI void xk_transpose16(const uint8_t *const *src, size_t off, __m128i t[16])
+{
+    __m128i a[16], b[16];
+    for (int r = 0; r < 16; r++)
+        a[r] = _mm_loadu_si128((const __m128i *)(src[r] + off));
+    /* four rounds, each interleaving pairs of rows 1, 2, 4, 8 apart in units of 1, 2, 4, 8
+     * bytes: after round k, b[i] holds 2^(k+1) rows' bytes in groups of 2^(k+1) */
+    for (int i = 0; i < 8; i++) {
+        b[2 * i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
+        b[2 * i + 1] = _mm_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < 2; c++) {
+            a[4 * i + c] = _mm_unpacklo_epi16(b[4 * i + c], b[4 * i + c + 2]);
+            a[4 * i + c + 2] = _mm_unpackhi_epi16(b[4 * i + c], b[4 * i + c + 2]);
+        }
+    for (int i = 0; i < 2; i++)
+        for (int c = 0; c < 4; c++) {
+            b[8 * i + c] = _mm_unpacklo_epi32(a[8 * i + c], a[8 * i + c + 4]);
+            b[8 * i + c + 4] = _mm_unpackhi_epi32(a[8 * i + c], a[8 * i + c + 4]);
+        }
+    for (int c = 0; c < 8; c++) {
+        a[c] = _mm_unpacklo_epi64(b[c], b[c + 8]);
+        a[c + 8] = _mm_unpackhi_epi64(b[c], b[c + 8]);
+    }
+    /* a[k] now holds byte i of the rows, i = the bits of k reversed in order 0, 2, 1, 3 */
+    for (int k = 0; k < 16; k++) {
+        const int i = ((k & 1) << 3) | ((k & 2) << 1) | ((k & 4) >> 1) | ((k & 8) >> 3);
+        t[i] = a[k];
+    }
+}
+
+/* The per-row fields of GGUF block g of the 16 rows blk[] (ggml's d, dmin; 12 packed 6-bit
+ * scales and minimums or 16 int8 scales) into the panel's scales, mins and sub at group g. */
+static inline XQ_AI void xk_repack_fields(const int F, const uint8_t *const *blk, size_t p,
+                                          size_t ng, size_t g, uint8_t *scales, uint8_t *mins,
+                                          uint8_t *sub)
+{
+    const size_t at = (p * ng + g) * 32; /* 16 float16 */
+    if (F == XK_Q6_K) {
+        __m128i t[16];
+        xk_transpose16(blk, 192, t);
+        for (int i = 0; i < 16; i++)
+            _mm_storeu_si128((__m128i *)(sub + ((p * ng + g) * 16 + (size_t)i) * 16), t[i]);
+        for (int r = 0; r < 16; r++)
+            memcpy(scales + at + 2 * r, blk[r] + 208, 2);
+        return;
+    }
+    if (!XK_SUPER(F)) { /* d (and m): 2 (4) bytes of 22 (24), too few to transpose */
+        for (int r = 0; r < 16; r++) {
+            memcpy(scales + at + 2 * r, blk[r], 2);
+            if (XK_ASYM(F))
+                memcpy(mins + at + 2 * r, blk[r] + 2, 2);
+        }
+        return;
+    }
+    __m128i t[16];
+    xk_transpose16(blk, 0, t); /* bytes d0 d1 m0 m1, then the 12 of scales */
+    _mm_storeu_si128((__m128i *)(scales + at), _mm_unpacklo_epi8(t[0], t[1]));
+    _mm_storeu_si128((__m128i *)(scales + at + 16), _mm_unpackhi_epi8(t[0], t[1]));
+    _mm_storeu_si128((__m128i *)(mins + at), _mm_unpacklo_epi8(t[2], t[3]));
+    _mm_storeu_si128((__m128i *)(mins + at + 16), _mm_unpackhi_epi8(t[2], t[3]));
+    for (int i = 0; i < 12; i++)
+        _mm_storeu_si128((__m128i *)(sub + ((p * ng + g) * 12 + (size_t)i) * 16), t[4 + i]);
+}
+
+/* The codes of super-block g of 8 rows s[] (Q4_K, Q5_K, Q6_K): its 8 blocks' qs lines at q
+ * (block j at q + 256 j) and bit planes at h (block j at h + 64 planes j). */
+static inline XQ_AI void xk_repack_super8(const int F, const uint8_t *const *s, uint8_t *q,
+                                          uint8_t *h)
+{
+    const size_t hb = 64 * (size_t)XK_PLANES(F);
+    __m256i c[8];
+    if (F == XK_Q6_K) {
+        /* half hf (blocks 4 hf + sq): ql runs A = ql[64 hf ..], B = ql[64 hf + 32 ..], qh run
+         * Q = qh[32 hf ..]; block sq: low 4 bits in A (sq = 0), B (1), A >> 4 (2), B >> 4 (3),
+         * bits 4, 5 in bits 2 sq, 2 sq + 1 of Q */
+        for (int hf = 0; hf < 2; hf++) {
+            __m256i qh[8];
+            xk_transpose8(s, 128 + 32 * (size_t)hf, qh);
+            for (int half = 0; half < 2; half++) {
+                xk_transpose8(s, 64 * (size_t)hf + 32 * (size_t)half, c);
+                for (int nib = 0; nib < 2; nib++) {
+                    const int sq = 2 * nib + half;
+                    const size_t j = 4 * (size_t)hf + (size_t)sq;
+                    xk_store_qs(c, 4 * nib, q + 256 * j);
+                    xk_store_plane(qh, 2 * sq, h + hb * j);
+                    xk_store_plane(qh, 2 * sq + 1, h + hb * j + 64);
+                }
+            }
+        }
+        return;
+    }
+    /* Q4_K, Q5_K: run m = qs[32 m ..] holds block 2m in its low nibbles, 2m + 1 in its high
+     * ones; Q5_K: bit j of the run qh is bit 4 of block j */
+    const size_t qs_at = F == XK_Q4_K ? 16 : 48;
+    if (F == XK_Q5_K) {
+        __m256i qh[8];
+        xk_transpose8(s, 16, qh);
+        for (int j = 0; j < 8; j++)
+            xk_store_plane(qh, j, h + hb * (size_t)j);
+    }
+    for (int m = 0; m < 4; m++) {
+        xk_transpose8(s, qs_at + 32 * (size_t)m, c);
+        xk_store_qs(c, 0, q + 256 * (2 * (size_t)m));
+        xk_store_qs(c, 4, q + 256 * (2 * (size_t)m + 1));
+    }
+}
+
+/* Each nibble i of x (32 bits) in the low nibble of byte i of the result. */
+static inline XQ_AI uint64_t xk_spread_nibbles(uint32_t x)
+{
+    uint64_t v = x;
+    v = (v | v << 16) & 0x0000ffff0000ffffull;
+    v = (v | v << 8) & 0x00ff00ff00ff00ffull;
+    return (v | v << 4) & 0x0f0f0f0f0f0f0f0full;
+}
+
+/* The codes of block b of the 16 rows blk[] (Q5_0, Q5_1): qs lines at q, the bit plane at h. */
+static inline XQ_AI void xk_repack_block5(const int F, const uint8_t *const *blk, uint8_t *q,
+                                          uint8_t *h)
+{
+    const size_t start = F == XK_Q5_0 ? 2 : 4; /* qh (32 bits: bit i for value i), then qs */
+    for (int r = 0; r < 16; r++)
+        for (int jj = 0; jj < 4; jj++)
+            memcpy(q + 64 * jj + 4 * r, blk[r] + start + 4 + 4 * jj, 4);
+    /* line l of the plane is nibble l of qh, row r at bits 4r..4r+3 */
+    for (int k = 0; k < 8; k++) {
+        uint32_t even, odd;
+        memcpy(&even, blk[2 * k] + start, 4);
+        memcpy(&odd, blk[2 * k + 1] + start, 4);
+        const uint64_t w = xk_spread_nibbles(even) | xk_spread_nibbles(odd) << 4;
+        for (int l = 0; l < 8; l++)
+            h[8 * l + k] = (uint8_t)(w >> (8 * l));
+    }
+}
+
+/* Panel p of a codec weight [n, K] from its rows of GGUF blocks (row r at raw + r * row_bytes):
+ * every byte of the panel's qs, high, scales, mins, sub (the rows past n: codes and fields 0). */
 static inline XQ_AI void xk_repack_panel_f(const int F, const uint8_t *raw, size_t row_bytes,
                                            size_t n, size_t K, size_t p, uint8_t *qs,
                                            uint8_t *high, uint8_t *scales, uint8_t *mins,
                                            uint8_t *sub)
 {
-    const size_t nb = K / 32, ng = K / XK_GGUF_VALUES(F), planes = (size_t)XK_PLANES(F);
-    const size_t sub_rows = F == XK_Q6_K ? 16 : 12;
-    for (size_t lane = 0; lane < 16 && 16 * p + lane < n; lane++) {
-        const uint8_t *row = raw + (16 * p + lane) * row_bytes;
-        for (size_t b = 0; b < nb; b++) {
-            uint8_t c[32];
-            xk_gguf_codes(F, row, b, c);
-            uint8_t *q = qs + (p * nb + b) * 256 + 4 * lane;
-            for (int j = 0; j < 4; j++)
-                for (int t = 0; t < 4; t++)
-                    q[64 * j + t] = (uint8_t)((c[4 * j + t] & 15) | (c[16 + 4 * j + t] & 15) << 4);
-            uint8_t *h = planes ? high + (p * nb + b) * 64 * planes : NULL;
-            /* the 4 bits of this row in each line's mask: bits 4 lane .. 4 lane + 3 */
-            const size_t at = lane / 2, shift = 4 * (lane % 2);
-            for (size_t e = 0; e < planes; e++)
-                for (int l = 0; l < 8; l++) {
-                    const uint8_t *v = c + (l < 4 ? 4 * l : 16 + 4 * (l - 4));
-                    unsigned nib = 0;
-                    for (int t = 0; t < 4; t++)
-                        nib |= ((v[t] >> (4 + e)) & 1u) << t;
-                    h[64 * e + 8 * (size_t)l + at] |= (uint8_t)(nib << shift);
-                }
+    const size_t nb = K / 32, ng = K / XK_GGUF_VALUES(F), hb = 64 * (size_t)XK_PLANES(F);
+    const uint8_t *row[16];
+    for (size_t r = 0; r < 16; r++)
+        row[r] = 16 * p + r < n ? raw + (16 * p + r) * row_bytes : NULL;
+    for (size_t g = 0; g < ng; g++) {
+        const uint8_t *blk[16];
+        for (int r = 0; r < 16; r++)
+            blk[r] = row[r] ? row[r] + g * XK_GGUF_BYTES(F) : xk_zero_block;
+        const size_t b = g * XK_GGUF_VALUES(F) / 32; /* the first 32-value block */
+        uint8_t *q = qs + (p * nb + b) * 256;
+        uint8_t *h = hb ? high + (p * nb + b) * hb : NULL;
+        if (XK_SUPER(F)) {
+            xk_repack_super8(F, blk, q, h);
+            xk_repack_super8(F, blk + 8, q + 32, h ? h + 4 : NULL);
+        } else {
+            xk_repack_block5(F, blk, q, h);
         }
-        for (size_t g = 0; g < ng; g++) {
-            const uint8_t *blk = row + g * XK_GGUF_BYTES(F);
-            const size_t at = ((p * ng + g) * 16 + lane) * 2;
-            memcpy(scales + at, blk + (F == XK_Q6_K ? 208 : 0), 2);
-            if (XK_ASYM(F))
-                memcpy(mins + at, blk + 2, 2);
-            if (XK_SUPER(F))
-                for (size_t i = 0; i < sub_rows; i++)
-                    sub[((p * ng + g) * sub_rows + i) * 16 + lane] =
-                        blk[(F == XK_Q6_K ? 192 : 4) + i];
-        }
+        xk_repack_fields(F, blk, p, ng, g, scales, mins, sub);
     }
 }
 

@@ -353,9 +353,10 @@ cdef uint8_t *_data_or_null(object a):
 
 
 def repack_codec(raw, codec, shape, qs, scales, mins, high, sub):
-    """Fill the arrays of a [N, K] weight of `codec` (layout.py's shapes, zeroed beforehand;
-    None where the codec has none) from its rows of GGUF blocks ``raw`` (uint8 [N, K / group *
-    bytes per block]), as reference.repack_codec does."""
+    """Fill the arrays of a [N, K] weight of `codec` (layout.py's shapes, None where the codec
+    has none; every byte is written, the rows that pad the last panel 0) from its rows of GGUF
+    blocks ``raw`` (uint8 [N, K / group * bytes per block]), as reference.repack_codec does.
+    Parallel over panels; the copy moves whole words, no value is unpacked alone (gemm_k.h)."""
     c = CODECS.get(codec)
     if c is None:
         raise ValueError(f"repack_codec: unknown codec {codec!r}")

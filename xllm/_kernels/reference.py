@@ -387,9 +387,9 @@ def qembedding(table, ids, out):
 # ---- repacking GGUF blocks into a codec's layout (layout.py) ----
 
 def repack_codec(raw, codec, shape, qs, scales, mins, high, sub, rows=1024):
-    """Fill the arrays of a [N, K] weight of `codec` (layout.py's shapes, zeroed beforehand;
-    None where the codec has none) from its rows of GGUF blocks ``raw`` (uint8 [N, K / group *
-    bytes per block]), `rows` rows at a time."""
+    """Fill the arrays of a [N, K] weight of `codec` (layout.py's shapes, None where the codec
+    has none; every byte is written, the rows that pad the last panel 0) from its rows of GGUF
+    blocks ``raw`` (uint8 [N, K / group * bytes per block]), `rows` rows at a time."""
     c = CODECS[codec]
     n, k = shape
     blocks = raw.reshape(n, k // c.group, c.gguf_bytes)

@@ -244,13 +244,14 @@ def _from_codec_blocks(raw, codec, weight_format, shape, parts):
                                f"{weight_format.block} values long, got {shape}")
     n_panels = -(-n // PANEL)
     n_blocks = k // BLOCK
-    # zeroed (the padding rows of the last panel stay 0; the bit planes are ORed in)
-    qs = np.zeros((n_panels, n_blocks, 256), np.uint8)
-    high = np.zeros((n_panels, n_blocks, 64 * codec.planes), np.uint8) if codec.planes else None
-    scales = np.zeros((n_panels, k // codec.group, PANEL), np.float16)
-    mins = np.zeros_like(scales) if codec.asymmetric else None
+    # not zeroed: repack_codec writes every byte. (np.zeros of a large array is calloc's, faulted
+    # in 4 KB page by page on first touch, seconds for a 7B model; np.empty asks for huge pages.)
+    qs = np.empty((n_panels, n_blocks, 256), np.uint8)
+    high = np.empty((n_panels, n_blocks, 64 * codec.planes), np.uint8) if codec.planes else None
+    scales = np.empty((n_panels, k // codec.group, PANEL), np.float16)
+    mins = np.empty_like(scales) if codec.asymmetric else None
     spec = sub_shape(codec, n_panels, k)
-    sub = None if spec is None else np.zeros(*spec)
+    sub = None if spec is None else np.empty(*spec)
     raw = np.ascontiguousarray(np.asarray(raw).reshape(n, -1))
     _repacker()(raw, codec.name, (n, k), qs, scales, mins, high, sub)
     return QTensor((n, k), codec.bits, codec.group, qs, scales, mins, parts, codec=codec.name,
