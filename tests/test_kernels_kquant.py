@@ -129,6 +129,22 @@ def test_compiled_repack_equals_reference(n, blocks, name, threads, seed):
         assert (a is None and b is None) or np.array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
+@pytest.mark.parametrize("name", CODECS)
+def test_from_gguf_blocks_same_with_either_repacker(name, monkeypatch):
+    """from_gguf_blocks leaves its arrays unzeroed (np.empty): the NumPy reference repacker
+    must fill every byte as the compiled one does (20 rows: a part-full last panel)."""
+    k = 2 * FORMATS[name].block
+    raw = random_blocks(np.random.default_rng(7), name, 20, k)
+    compiled = quant.from_gguf_blocks(raw, name, (20, k))
+    monkeypatch.setattr(quant, "_repacker", lambda: R.repack_codec)
+    for _ in range(3):  # fresh np.empty arrays, whatever memory they reuse
+        ref = quant.from_gguf_blocks(raw, name, (20, k))
+        for field in ("qs", "scales", "mins", "high", "sub"):
+            a = getattr(compiled, field)
+            b = getattr(ref, field)
+            assert (a is None and b is None) or np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
 def test_repack_rejects_bad_arguments():
     raw = random_blocks(np.random.default_rng(0), "Q6_K", 20, 512)
     arrays = empty_arrays("Q6_K", 20, 512)
