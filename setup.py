@@ -5,7 +5,7 @@ Every module in xllm/_kernels/*.pyx is compiled with -O3 -mavx2 -mfma -mf16c and
 xllm asks it which instruction sets the CPU has before importing the AVX2 modules).
 Faster paths (AVX-512) are selected at run time inside the kernels, via target attributes.
 
-Compiling takes about a minute on two cores; the build says which module it compiles (pip shows
+Compiling takes one to two minutes on two cores; the build says which module it compiles (pip shows
 it with -v). An extension already built in place (xllm/_kernels/*.so, as every editable install
 leaves it) that is newer than its sources, the kernel headers and this file is reused instead of
 compiled again, so a second ``pip install -e .`` compiles nothing. ``XLLM_REBUILD=1`` compiles
@@ -100,7 +100,7 @@ class BuildKernels(build_ext):
 
     def run(self):
         print(f"xllm: building {len(self.extensions)} kernel modules (Cython + C, -O3, OpenMP); "
-              "compiling takes about a minute on two cores", file=sys.stderr, flush=True)
+              "compiling takes one to two minutes on two cores", file=sys.stderr, flush=True)
         started = time.perf_counter()
         super().run()
         print(f"xllm: kernel modules ready in {time.perf_counter() - started:.0f} s",
