@@ -5,16 +5,17 @@ Every module in xllm/_kernels/*.pyx is compiled with -O3 -mavx2 -mfma -mf16c and
 xllm asks it which instruction sets the CPU has before importing the AVX2 modules).
 Faster paths (AVX-512) are selected at run time inside the kernels, via target attributes.
 
-Compiling takes about a minute on two cores; the build says which module it compiles (pip shows
+Compiling takes one to two minutes on two cores; the build says which module it compiles (pip shows
 it with -v). An extension already built in place (xllm/_kernels/*.so, as every editable install
 leaves it) that is newer than its sources, the kernel headers and this file is reused instead of
 compiled again, so a second ``pip install -e .`` compiles nothing. ``XLLM_REBUILD=1`` compiles
-everything regardless (e.g. after changing CC or XLLM_NO_OPENMP).
+everything regardless (e.g. after changing CC or XLLM_NO_OPENMP, or upgrading numpy).
 """
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import warnings
@@ -76,23 +77,40 @@ PYX = [p for p in sorted(glob("xllm/_kernels/*.pyx"))
        if not ONLY or os.path.splitext(os.path.basename(p))[0] in ONLY]
 
 
+def in_place_build(pyx: str) -> str:
+    """Where an in-place build of `pyx` puts its module for this interpreter."""
+    return os.path.splitext(pyx)[0] + sysconfig.get_config_var("EXT_SUFFIX")
+
+
+def up_to_date(pyx: str) -> bool:
+    """Whether the in-place build of `pyx` exists and is newer than the .pyx and DEPENDS (then
+    it is reused: neither translated by Cython nor compiled). Not the generated .c: Cython
+    writes it again whenever the numpy it cimports was installed afresh, as in every isolated
+    build environment of pip."""
+    built = in_place_build(pyx)
+    if os.environ.get("XLLM_REBUILD") == "1" or not os.path.exists(built):
+        return False
+    newest = max(os.path.getmtime(f) for f in [pyx] + DEPENDS)
+    return os.path.getmtime(built) > newest
+
 
 class BuildKernels(build_ext):
     """build_ext that says what it compiles and how long it took, and reuses an up-to-date
-    in-place build (see the module docstring)."""
+    in-place build (see the module docstring and up_to_date)."""
 
     def run(self):
         print(f"xllm: building {len(self.extensions)} kernel modules (Cython + C, -O3, OpenMP); "
-              "compiling takes about a minute on two cores", file=sys.stderr, flush=True)
+              "compiling takes one to two minutes on two cores", file=sys.stderr, flush=True)
         started = time.perf_counter()
         super().run()
         print(f"xllm: kernel modules ready in {time.perf_counter() - started:.0f} s",
               file=sys.stderr, flush=True)
 
     def build_extension(self, ext):
-        built = self._in_place(ext)
-        destination = self.get_ext_fullpath(ext.name)
-        if self._up_to_date(ext, built):
+        pyx = os.path.join(*ext.name.split(".")) + ".pyx"
+        if ext.name in REUSED:
+            built = in_place_build(pyx)
+            destination = self.get_ext_fullpath(ext.name)
             if os.path.abspath(built) != os.path.abspath(destination):
                 os.makedirs(os.path.dirname(destination), exist_ok=True)
                 shutil.copy2(built, destination)
@@ -105,25 +123,16 @@ class BuildKernels(build_ext):
         print(f"xllm: compiled {ext.name} in {time.perf_counter() - started:.0f} s",
               file=sys.stderr, flush=True)
 
-    def _in_place(self, ext):
-        """Where an in-place build puts `ext`: next to its .pyx in the source tree."""
-        filename = self.get_ext_filename(ext.name)
-        return os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)
 
-    def _up_to_date(self, ext, built):
-        """Whether the in-place build of `ext` exists and is newer than everything it is
-        compiled from (its sources, DEPENDS)."""
-        if self.force or os.environ.get("XLLM_REBUILD") == "1" or not os.path.exists(built):
-            return False
-        newest = max(os.path.getmtime(f) for f in list(ext.sources) + list(ext.depends))
-        return os.path.getmtime(built) > newest
-
-
+# Up-to-date modules keep their .pyx source untranslated (BuildKernels copies their build);
+# the others go through Cython.
+REUSED = {extension(p).name for p in PYX if up_to_date(p)}
+STALE = [extension(p) for p in PYX if extension(p).name not in REUSED]
 setup(
     cmdclass={"build_ext": BuildKernels},
-    ext_modules=cythonize(
-        [extension(p) for p in PYX],
+    ext_modules=[extension(p) for p in PYX if extension(p).name in REUSED] + (cythonize(
+        STALE,
         compiler_directives={"language_level": 3, "boundscheck": False, "wraparound": False,
                              "cdivision": True, "initializedcheck": False},
-    ),
+    ) if STALE else []),
 )

@@ -23,3 +23,9 @@ class DownloadError(XLLMError):
 
 class SessionBusyError(XLLMError, RuntimeError):
     """A session was called while another of its calls (or an unfinished stream) was running."""
+
+
+class ConstraintError(XLLMError, ValueError):
+    """A constraint (JSON schema, grammar, regex, choices) is malformed, uses something the
+    grammar library does not support, or can never be satisfied within the tokens the request
+    allows (HTTP 400)."""

@@ -25,18 +25,13 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import XLLMError
+from ..errors import ConstraintError
 
 # llguidance marks the tokens that no grammar may produce as text (control tokens) by this
 # first byte, which never begins valid UTF-8
 _SPECIAL_MARK = b"\xff"
 _CHOICES_LIMIT = 10_000  # strings a `choices` list may hold
 _JSON_DEFAULTS = {"whitespace_flexible": False}  # a schema's "x-guidance" may override them
-
-
-class ConstraintError(XLLMError, ValueError):
-    """A constraint is malformed, uses something the grammar library does not support, or can
-    never be satisfied within the tokens the request allows (HTTP 400)."""
 
 
 def _llguidance():
