@@ -328,12 +328,14 @@ def write_xllm(out, ckpt, o, source):
 
 
 def _pre_tokenizer_name(tok):
-    from xllm.tokenizers.byte_level import PRE_TOKENIZERS
-    for name in ("gpt-2", "smollm", "llama-bpe", "default"):
-        if tuple(PRE_TOKENIZERS[name]) == tok.pre_patterns:
+    """llama.cpp's name (the first PRE_TOKENIZERS gives) for the tokenizer's regexes and its
+    ignore_merges."""
+    from xllm.tokenizers.byte_level import IGNORE_MERGES, PRE_TOKENIZERS
+    for name, patterns in PRE_TOKENIZERS.items():
+        if tuple(patterns) == tok.pre_patterns and (name in IGNORE_MERGES) == tok.ignore_merges:
             return name
-    raise ValueError("the tokenizer's pre-tokenizer has no llama.cpp name (known: gpt-2, "
-                     "smollm, llama-bpe, default)")
+    raise ValueError(f"the tokenizer's pre-tokenizer has no llama.cpp name (known: "
+                     f"{', '.join(sorted(PRE_TOKENIZERS))})")
 
 
 def source_fields(ckpt):
