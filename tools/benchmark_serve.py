@@ -383,32 +383,45 @@ def parse_args(argv=None):
     p.add_argument("--model-name", default=None,
                    help="the 'model' field sent (default: the server's first model)")
     p.add_argument("--llama-server", default=None, help="llama-server binary for --start")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2,
+                   help="kernel threads of a server it starts, or of --offline (default: "
+                        "%(default)s)")
     p.add_argument("--slot-context", type=int, default=1024,
                    help="context per llama.cpp slot (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=16,
+                   help="streaming requests in flight at once (default: %(default)s)")
     p.add_argument("--requests", type=int, default=None,
                    help="requests in all (default: the concurrency)")
-    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS),
+                   help="a text file, one prompt per line, used in turn (default: "
+                        "benchmarks/prompts.txt)")
+    p.add_argument("--max-tokens", type=int, default=128,
+                   help="tokens each request generates (default: %(default)s)")
     p.add_argument("--chat", action="store_true", help="/v1/chat/completions (default: "
                                                       "/v1/completions on the raw prompt)")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None,
+                   help="sent as 'Authorization: Bearer KEY' (default: none)")
     p.add_argument("--stop-at-eos", dest="ignore_eos", action="store_false",
                    help="let sequences end at the end-of-sequence token (by default every "
                         "request asks for ignore_eos, so that each generates --max-tokens and "
                         "servers do the same work)")
-    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds one request may take (default: %(default)s)")
     p.add_argument("--max-duration", type=float, default=900.0,
-                   help="cut the whole run after this many seconds")
-    p.add_argument("--start-timeout", type=float, default=180.0)
+                   help="cut the whole run after this many seconds (default: %(default)s)")
+    p.add_argument("--start-timeout", type=float, default=180.0,
+                   help="seconds a started server may take to answer /health (default: "
+                        "%(default)s)")
     p.add_argument("--scenario", choices=("throughput", "latency", "prefix", "soak"),
-                   default="throughput")
+                   default="throughput",
+                   help="what to measure (see the module docstring; default: %(default)s)")
     p.add_argument("--repeat", type=int, default=1,
                    help="latency scenario: rounds on the same server, then the medians of "
-                        "their ratios (the machine is shared: one round can be unlucky)")
+                        "their ratios (the machine is shared: one round can be unlucky; "
+                        "default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2,
-                   help="requests sent (one at a time) before measuring")
+                   help="requests sent (one at a time) before measuring (default: "
+                        "%(default)s)")
     return p.parse_args(argv)
 
 

@@ -466,11 +466,12 @@ def load(path, *, tokenizer=None, threads=None, kv_dtype="float16",
     how much KV cache of finished sequences the model keeps for later prompts that begin the
     same way (0: none).
     """
-    from .hub import resolve
+    from .hub import check_exists, resolve
     from .loaders import load_checkpoint
     from .tokenizers import load_tokenizer
     if threads is not None:
         threads = check_count("threads", threads, minimum=1)
+    check_exists(path)  # an unknown name: FileNotFoundError with the names xllm knows
     ckpt = load_checkpoint(resolve(os.fspath(path)))
     vocab = ckpt.config.vocab_size
     if tokenizer:
