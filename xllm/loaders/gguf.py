@@ -119,7 +119,7 @@ def _check_architecture(gguf_file, path):
     """ModelFormatError unless the file holds a model of a supported architecture with a token
     embedding matrix."""
     arch = gguf_file.metadata.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:  # a list is not hashable
         raise ModelFormatError(f"{path}: GGUF architecture {arch!r} is not supported; xllm loads "
                                f"{', '.join(map(repr, ARCHITECTURES))} models")
     embedding = gguf_file.tensors.get("token_embd.weight")
