@@ -8,7 +8,7 @@
 # It defines set_isa and get_isa (Python), and the C int _isa that the kernels pass to C.
 import os
 
-from xllm._kernels._cpu import features
+from xllm._kernels._cpu import amx_status, features
 
 _ISAS = ()  # the module's path names, best last (set by _init_isa)
 _NEEDS = {}  # path name -> the CPU features it needs
@@ -21,6 +21,8 @@ def set_isa(name):
     if name not in _ISAS:
         raise ValueError(f"isa must be one of {_ISAS}, got {name!r}")
     if not all(features()[f] for f in _NEEDS.get(name, ())):
+        if "amx" in _NEEDS[name] and not features()["amx"]:
+            raise ValueError(f"{amx_status()}; use isa='amx-emulated' (tests) or 'avx512vnni'")
         raise ValueError(f"this CPU lacks {'/'.join(_NEEDS[name])}; use isa='avx2'")
     _isa = _ISAS.index(name)
 
@@ -40,13 +42,28 @@ def _init_isa(paths=None):
         _ISAS = tuple(paths)
         _NEEDS = dict(paths)
     want = os.environ.get("XLLM_ISA", "").strip().lower()
-    if want:
+    if want in _ISAS:
+        chosen = want
+    elif want in _AMX_PATHS:  # a module without tile kernels keeps its best vector path
+        chosen = _default_isa()
+    elif want:
         named = [n for n in _ISAS if n.startswith(want)]
         chosen = named[0] if named else want  # (set_isa refuses a name that is no path)
     else:
-        usable = [n for n in _ISAS if all(features()[f] for f in _NEEDS.get(n, ()))]
-        chosen = usable[len(usable) - 1]  # the best (the modules compile without wraparound)
+        chosen = _default_isa()
     try:
         set_isa(chosen)
     except ValueError as e:
         raise ValueError(f"XLLM_ISA={want!r}: {e}") from None
+
+
+# The tile paths (gemm_amx.h), which only some modules have. "amx-emulated" runs the same tile
+# kernels on a scalar model of the tiles: for tests, never chosen unless named.
+_AMX_PATHS = ("amx", "amx-emulated")
+
+
+def _default_isa():
+    """The best path this CPU has, among those that are not emulations."""
+    usable = [n for n in _ISAS if all(features()[f] for f in _NEEDS.get(n, ()))
+              and not n.endswith("-emulated")]
+    return usable[len(usable) - 1]  # (the modules compile without wraparound)

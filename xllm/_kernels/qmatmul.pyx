@@ -1,7 +1,8 @@
 """Matrix multiply and embedding lookup with group-quantized weights (packed as
 xllm/_kernels/layout.py describes; xllm.formats.qtensor.QTensor): the
 argument checks at the Python boundary and the split of W's panels across threads. The arithmetic
-(AVX2, AVX-512 VNNI) and why it is bitwise batch-invariant: gemm_q.h."""
+(AVX2, AVX-512 VNNI) and why it is bitwise batch-invariant: gemm_q.h; the AMX tile kernels
+with the same bits: gemm_amx.h."""
 include "_matrix.pxi"
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cython.parallel cimport parallel, threadid
@@ -35,8 +36,18 @@ cdef extern from "gemm_q.h" nogil:
                          uint8_t *sub)
     enum: XQ_X_BYTES, XQ_OWN_M
 
-# Instruction-set paths (set_isa, get_isa: _isa.pxi), each with the CPU features it needs.
-_init_isa({"avx2": (), "avx512vnni": ("avx512", "avx512vnni")})
+cdef extern from "gemm_amx.h" nogil:
+    void xa_panels(int isa, const xq_weights *w, size_t p0, size_t p1, const xq_xb *x,
+                   const xq_xh *xh, size_t M, size_t N, float *out, int accum)
+    size_t xa_emulated_count()
+    void xa_emu_tile_dot(int op, int M, int K, int N, const void *a, const void *b, void *c)
+
+# Instruction-set paths (set_isa, get_isa: _isa.pxi), each with the CPU features it needs; the
+# index of each is the isa of xa_panels (gemm_amx.h). The tile kernels take the products of two
+# rows or more, with the VNNI path's bits; "amx-emulated" runs them on a scalar model of the
+# tiles (tests), never chosen unless named (XLLM_ISA=amx-emulated or set_isa).
+_init_isa({"avx2": (), "avx512vnni": ("avx512", "avx512vnni"),
+           "amx-emulated": ("avx512", "avx512vnni"), "amx": ("avx512", "avx512vnni", "amx")})
 
 
 cdef bint _fits(object a, Py_ssize_t d0, Py_ssize_t d1, Py_ssize_t d2, int t1, int t2):
@@ -314,7 +325,7 @@ def qmatmul(x, w, out, accumulate=False):
                 while p >= first[j + 1]:
                     j = j + 1
                 p = p - first[j]
-                xq_panels(isa, &cw[j], p, p + 1, qxt + m0 * nb, xht + m0 * nb, m1 - m0, Ns[j],
+                xa_panels(isa, &cw[j], p, p + 1, qxt + m0 * nb, xht + m0 * nb, m1 - m0, Ns[j],
                           ops[j] + m0 * Ns[j], acc)
     finally:
         free(mem)
@@ -388,3 +399,32 @@ def repack_codec(raw, codec, shape, qs, scales, mins, high, sub):
     with nogil:
         for p in prange(npanels, schedule="static", num_threads=get_num_threads()):
             xk_repack_panel(F, rp, row_bytes, N, K, <size_t>p, qp, hp, sp, mp, bp)
+
+
+def _emulated_panels():
+    """How many panels the emulated tile kernels ("amx-emulated") computed in this process (for
+    the tests: the tile path ran, not the VNNI path it falls back to)."""
+    return xa_emulated_count()
+
+
+_TILE_OPS = ("dpbssd", "dpbsud", "dpbusd", "dpbuud", "dpbf16ps")
+
+
+def _emulated_tile_dot(op, a, b, c):
+    """One tile dot product on the scalar model of gemm_amx.h, in place on c: c [M, 4N] op=
+    a [M, 4K] . b [K, 4N], uint8 arrays of the tiles' bytes (int8 or bfloat16 values, int32 or
+    float32 sums viewed as bytes), 1 <= M, K, N <= 16 (tests of the model)."""
+    if op not in _TILE_OPS:
+        raise ValueError(f"op must be one of {_TILE_OPS}, got {op!r}")
+    cdef cnp.ndarray aa = _check_2d(a, "a", cnp.NPY_UINT8, "uint8")
+    cdef cnp.ndarray ba = _check_2d(b, "b", cnp.NPY_UINT8, "uint8")
+    cdef cnp.ndarray ca = _check_2d(c, "c", cnp.NPY_UINT8, "uint8")
+    _check_writeable(ca)
+    m = aa.shape[0]
+    k = ba.shape[0]
+    n = ca.shape[1] // 4
+    if not (1 <= m <= 16 and 1 <= k <= 16 and 1 <= n <= 16 and aa.shape[1] == 4 * k and
+            ba.shape[1] == 4 * n and ca.shape[0] == m and ca.shape[1] == 4 * n):
+        raise ValueError(f"tile shapes a {a.shape}, b {b.shape}, c {c.shape} do not fit")
+    xa_emu_tile_dot(_TILE_OPS.index(op), m, k, n, cnp.PyArray_DATA(aa), cnp.PyArray_DATA(ba),
+                    cnp.PyArray_DATA(ca))

@@ -1,0 +1,578 @@
+/* AMX tile kernels of the quantized matrix multiply (included by qmatmul.pyx; docs/amx.rst).
+ *
+ * The same arithmetic as gemm_q.h and gemm_k.h, with the exact int32 dots of step 2 computed by
+ * the tile unit and the float32 epilogue of step 3 run, per block and in increasing block order,
+ * by the same macros as the AVX-512 VNNI micro-kernels (XQ_BLOCK_TERMS, XK_TERM,
+ * XK_BLOCK_SCALES): every output element goes through the same operations as on the VNNI path,
+ * so the results are bitwise those of the VNNI path (and of reference.qmatmul).
+ *
+ * Two layers:
+ *   1. the tile operations (config, release, zero, load, store, the int8 dot products dpbssd,
+ *      dpbsud, dpbusd, dpbuud and the bf16 one dpbf16ps), each with two implementations in the
+ *      same build: the AMX instructions (HW = 1) and a scalar model of them (HW = 0, "emulated"),
+ *      on a thread-local copy of the tile registers. The kernels are written once, against the
+ *      XA_* macros, and instantiated for both; the HW = 1 instantiation runs only when
+ *      _cpu.features()["amx"] (CPUID, XCR0 and Linux's XTILEDATA permission, probed once per
+ *      process), so no other machine executes a tile instruction;
+ *   2. the kernel: M rows of x (M >= 2; one row stays on the vector path) against one panel of
+ *      16 rows of W. Tiles: C = [rows of x, 16 rows of W] int32, A = [rows of x, 32 values of one
+ *      part of x] int8, B = [8 lines, 16 rows x 4 values] of W's codes, one 32-value block deep.
+ *
+ * The B tile is the panel layout of layout.py itself: a block of int8 weights is 8 lines of 64
+ * bytes, line j holding values 4j..4j+3 of the 16 rows, which is the "VNNI" layout the tile dot
+ * products read (tileloadd with a 64-byte stride, no copy). The unsigned codes (int8 + 128) are
+ * multiplied by the signed parts of x with tdpbsud, and the offset correction is added to the
+ * int32 sums afterwards (c128 etc., as the VNNI path starts from it: the sums are exact, so the
+ * order does not matter). The 4-bit formats (int4, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) store two codes
+ * per byte (and the bit planes of the codecs apart): each call converts its panel once into a
+ * thread-local buffer of 512-byte tiles (line 4h + j: the low (h = 0) or high (h = 1) nibbles
+ * of line j, plus the planes' bits), reused by every row tile of x; the repacked weights do not
+ * change. The per-block scales of the panel (ws, the Q6_K second half's ws1, the minimums wm)
+ * are formed there too, by the VNNI path's macros, so the epilogue only loads them.
+ *
+ * Depth: the x of each 32-value block has its own scale dx, so the int32 sums of two blocks can
+ * never be added before their float epilogue: a tile is one block (K = 32) deep, half of the
+ * 64-byte maximum, whatever the format (docs/amx.rst gives what that costs).
+ */
+#ifndef XLLM_GEMM_AMX_H
+#define XLLM_GEMM_AMX_H
+
+#include <stdlib.h>
+
+#include "gemm_q.h"
+
+/* Every function of the tile kernels: AVX-512 for the epilogue, AMX for the HW = 1 tile
+ * operations (the HW = 0 instantiation contains no tile instruction that can run: its XA_*
+ * operations are the scalar model). */
+#define XA_T __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,"     \
+                                   "amx-tile,amx-int8,amx-bf16")))
+
+/* ---- 1. the tile operations ------------------------------------------------------------ */
+
+/* The 64-byte operand of ldtilecfg (palette 1: 8 tiles of up to 16 rows of 64 bytes). */
+typedef struct {
+    uint8_t palette, start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16]; /* bytes per row of tile t (tiles 8..15 unused: 0) */
+    uint8_t rows[16];
+} xa_config;
+
+/* The emulated tile registers of one thread, and the configuration they obey. */
+typedef struct {
+    xa_config cfg;
+    int configured;
+    uint8_t tmm[8][16][64];
+} xa_emu_tiles;
+
+static __thread xa_emu_tiles xa_emu;
+
+/* What the hardware does on a tile instruction it refuses (#UD: the process gets SIGILL): an
+ * unconfigured tile state, a tile number past 7 or a tile shape the operation does not accept.
+ * The kernels below never do this; the model traps as the hardware would rather than compute
+ * something the hardware would not. */
+static void xa_emu_fault(void)
+{
+    __builtin_trap();
+}
+
+/* ldtilecfg: the shapes of the tiles, all tiles zeroed. */
+static void xa_emu_config(const xa_config *c)
+{
+    if (c->palette != 1)
+        xa_emu_fault();
+    for (int t = 0; t < 8; t++)
+        if (c->rows[t] > 16 || c->colsb[t] > 64)
+            xa_emu_fault();
+    xa_emu.cfg = *c;
+    xa_emu.configured = 1;
+    memset(xa_emu.tmm, 0, sizeof xa_emu.tmm);
+}
+
+/* tilerelease: back to the initial (unconfigured) state. */
+static void xa_emu_release(void)
+{
+    memset(&xa_emu.cfg, 0, sizeof xa_emu.cfg);
+    xa_emu.configured = 0;
+    memset(xa_emu.tmm, 0, sizeof xa_emu.tmm);
+}
+
+static void xa_emu_check(int t)
+{
+    if (!xa_emu.configured || t < 0 || t > 7 || xa_emu.cfg.rows[t] == 0)
+        xa_emu_fault();
+}
+
+/* tilezero */
+static void xa_emu_zero(int t)
+{
+    xa_emu_check(t);
+    memset(xa_emu.tmm[t], 0, sizeof xa_emu.tmm[t]);
+}
+
+/* tileloadd: row r from base + r * stride, colsb bytes; the rest of the tile zeroed. */
+static void xa_emu_load(int t, const void *base, size_t stride)
+{
+    xa_emu_check(t);
+    memset(xa_emu.tmm[t], 0, sizeof xa_emu.tmm[t]);
+    for (int r = 0; r < xa_emu.cfg.rows[t]; r++)
+        memcpy(xa_emu.tmm[t][r], (const uint8_t *)base + (size_t)r * stride, xa_emu.cfg.colsb[t]);
+}
+
+/* tilestored: row r to base + r * stride, colsb bytes. */
+static void xa_emu_store(int t, void *base, size_t stride)
+{
+    xa_emu_check(t);
+    for (int r = 0; r < xa_emu.cfg.rows[t]; r++)
+        memcpy((uint8_t *)base + (size_t)r * stride, xa_emu.tmm[t][r], xa_emu.cfg.colsb[t]);
+}
+
+/* The shapes a tile dot product accepts: C [m, 4n], A [m, 4k], B [k, 4n] (bytes per row). */
+static void xa_emu_check_dot(int c, int a, int b)
+{
+    xa_emu_check(c);
+    xa_emu_check(a);
+    xa_emu_check(b);
+    const xa_config *g = &xa_emu.cfg;
+    if (c == a || c == b || a == b || g->rows[a] != g->rows[c] || g->colsb[b] != g->colsb[c] ||
+        4 * g->rows[b] != g->colsb[a] || g->colsb[a] % 4 || g->colsb[c] % 4)
+        xa_emu_fault();
+}
+
+/* tdpb{s,u}{s,u}d: C[m][n] += the dot of 4 bytes of A's row m (signed if SA) and 4 bytes of
+ * B's row kk at column n (signed if SB), for each kk, in 32-bit wraparound arithmetic (the sums
+ * are exact; overflow wraps as the hardware's does). */
+static void xa_emu_dot8(int c, int a, int b, int sa, int sb)
+{
+    xa_emu_check_dot(c, a, b);
+    const int M = xa_emu.cfg.rows[c], N = xa_emu.cfg.colsb[c] / 4, K = xa_emu.cfg.colsb[a] / 4;
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            uint32_t s;
+            memcpy(&s, &xa_emu.tmm[c][m][4 * n], 4);
+            for (int kk = 0; kk < K; kk++)
+                for (int i = 0; i < 4; i++) {
+                    const uint8_t ua = xa_emu.tmm[a][m][4 * kk + i];
+                    const uint8_t ub = xa_emu.tmm[b][kk][4 * n + i];
+                    const int32_t va = sa ? (int32_t)(int8_t)ua : (int32_t)ua;
+                    const int32_t vb = sb ? (int32_t)(int8_t)ub : (int32_t)ub;
+                    s += (uint32_t)(va * vb);
+                }
+            memcpy(&xa_emu.tmm[c][m][4 * n], &s, 4);
+        }
+}
+
+/* A bfloat16 as float32, denormals as zero (the hardware's DAZ). */
+static float xa_emu_bf16(const uint8_t *p)
+{
+    uint16_t h;
+    memcpy(&h, p, 2);
+    uint32_t u = (uint32_t)h << 16;
+    if ((u & 0x7f800000u) == 0)
+        u &= 0x80000000u;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* A float32 denormal result flushed to zero of its sign (the hardware's FTZ). */
+static float xa_emu_ftz(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7f800000u) == 0)
+        u &= 0x80000000u;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* tdpbf16ps, as Intel's pseudo-code describes it: for each C[m][n] (float32), for kk in
+ * increasing order, C += A[m][2kk] * B[kk][2n], then C += A[m][2kk + 1] * B[kk][2n + 1], each a
+ * float32 fused multiply-add rounded to nearest even (a product of two bfloat16 is exact in
+ * float32, so fused or not is the same), inputs and results with denormals as zero. The model
+ * of the hardware, not a measurement of it: the tests of the tile bf16 kernel compare within a
+ * tolerance, never bits. */
+static void xa_emu_dotbf16(int c, int a, int b)
+{
+    xa_emu_check_dot(c, a, b);
+    const int M = xa_emu.cfg.rows[c], N = xa_emu.cfg.colsb[c] / 4, K = xa_emu.cfg.colsb[a] / 4;
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            float s;
+            memcpy(&s, &xa_emu.tmm[c][m][4 * n], 4);
+            for (int kk = 0; kk < K; kk++)
+                for (int i = 0; i < 2; i++) {
+                    const float va = xa_emu_bf16(&xa_emu.tmm[a][m][4 * kk + 2 * i]);
+                    const float vb = xa_emu_bf16(&xa_emu.tmm[b][kk][4 * n + 2 * i]);
+                    s = xa_emu_ftz(__builtin_fmaf(va, vb, s));
+                }
+            memcpy(&xa_emu.tmm[c][m][4 * n], &s, 4);
+        }
+}
+
+/* The tile operations for the kernels: HW a compile-time constant (1: the AMX instruction, 0:
+ * the model above); tile numbers T, C, A, B literal digits (the instructions encode them). */
+#define XA_CONFIG(HW, cfg)                                                                       \
+    do {                                                                                         \
+        if (HW) _tile_loadconfig(cfg); else xa_emu_config(cfg);                                  \
+    } while (0)
+#define XA_RELEASE(HW)                                                                           \
+    do {                                                                                         \
+        if (HW) _tile_release(); else xa_emu_release();                                          \
+    } while (0)
+#define XA_ZERO(HW, T)                                                                           \
+    do {                                                                                         \
+        if (HW) _tile_zero(T); else xa_emu_zero(T);                                              \
+    } while (0)
+#define XA_LOAD(HW, T, base, stride)                                                             \
+    do {                                                                                         \
+        if (HW) _tile_loadd(T, base, stride); else xa_emu_load(T, base, stride);                 \
+    } while (0)
+#define XA_STORE(HW, T, base, stride)                                                            \
+    do {                                                                                         \
+        if (HW) _tile_stored(T, base, stride); else xa_emu_store(T, base, stride);               \
+    } while (0)
+#define XA_DPBSSD(HW, C, A, B)                                                                   \
+    do {                                                                                         \
+        if (HW) _tile_dpbssd(C, A, B); else xa_emu_dot8(C, A, B, 1, 1);                          \
+    } while (0)
+#define XA_DPBSUD(HW, C, A, B)                                                                   \
+    do {                                                                                         \
+        if (HW) _tile_dpbsud(C, A, B); else xa_emu_dot8(C, A, B, 1, 0);                          \
+    } while (0)
+#define XA_DPBUSD(HW, C, A, B)                                                                   \
+    do {                                                                                         \
+        if (HW) _tile_dpbusd(C, A, B); else xa_emu_dot8(C, A, B, 0, 1);                          \
+    } while (0)
+#define XA_DPBUUD(HW, C, A, B)                                                                   \
+    do {                                                                                         \
+        if (HW) _tile_dpbuud(C, A, B); else xa_emu_dot8(C, A, B, 0, 0);                          \
+    } while (0)
+#define XA_DPBF16PS(HW, C, A, B)                                                                 \
+    do {                                                                                         \
+        if (HW) _tile_dpbf16ps(C, A, B); else xa_emu_dotbf16(C, A, B);                           \
+    } while (0)
+
+/* One tile operation on the model, for its tests (qmatmul._emulated_tile_dot): C [M, 4N bytes]
+ * op= A [M, 4K bytes] . B [K, 4N bytes], all row-major and contiguous, 1 <= M, K, N <= 16; op 0
+ * dpbssd, 1 dpbsud, 2 dpbusd, 3 dpbuud, 4 dpbf16ps. Tiles 0 (C), 1 (A), 2 (B). */
+static void xa_emu_tile_dot(int op, int M, int K, int N, const void *a, const void *b, void *c)
+{
+    xa_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    cfg.rows[0] = (uint8_t)M;
+    cfg.colsb[0] = (uint16_t)(4 * N);
+    cfg.rows[1] = (uint8_t)M;
+    cfg.colsb[1] = (uint16_t)(4 * K);
+    cfg.rows[2] = (uint8_t)K;
+    cfg.colsb[2] = (uint16_t)(4 * N);
+    XA_CONFIG(0, &cfg);
+    XA_LOAD(0, 0, c, 4 * (size_t)N);
+    XA_LOAD(0, 1, a, 4 * (size_t)K);
+    XA_LOAD(0, 2, b, 4 * (size_t)N);
+    switch (op) {
+    case 0: XA_DPBSSD(0, 0, 1, 2); break;
+    case 1: XA_DPBSUD(0, 0, 1, 2); break;
+    case 2: XA_DPBUSD(0, 0, 1, 2); break;
+    case 3: XA_DPBUUD(0, 0, 1, 2); break;
+    default: XA_DPBF16PS(0, 0, 1, 2); break;
+    }
+    XA_STORE(0, 0, c, 4 * (size_t)N);
+    XA_RELEASE(0);
+}
+
+/* ---- 2. the quantized matrix multiply on tiles ------------------------------------------- */
+
+/* Per 32-value block of the panel, in the thread-local buffer: the codes as one B tile (not for
+ * int8, whose blocks are tiles already) and the float32 scales of the 16 rows. */
+typedef struct {
+    uint8_t codes[512];
+    float ws[16], ws1[16], wm[16];
+} xa_block;
+
+static __thread xa_block *xa_buf;
+static __thread size_t xa_buf_blocks;
+
+/* The thread's buffer for nb blocks (grown as needed, kept for the next call: a thread's
+ * OpenMP pool lives as long as the process), or NULL if memory is short. */
+static xa_block *xa_blocks(size_t nb)
+{
+    if (nb > xa_buf_blocks) {
+        free(xa_buf);
+        xa_buf_blocks = 0;
+        xa_buf = (xa_block *)aligned_alloc(64, nb * sizeof(xa_block));
+        if (xa_buf == NULL)
+            return NULL;
+        xa_buf_blocks = nb;
+    }
+    return xa_buf;
+}
+
+/* Rows of the codes of a block for the 4-bit formats: line j of the low (H = 0) or high (H = 1)
+ * nibbles of the packed block at q (64 bytes), with the bit planes of the codecs (planes e = 0,
+ * 1 at hb + 64 e, one 64-bit mask per line): the codes 0..63 as bytes. */
+static inline XQ_AI XA_T __m512i xa_line(int planes, const uint8_t *q, const uint8_t *hb, int j,
+                                         int H)
+{
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    __m512i v = _mm512_loadu_si512(q + 64 * j);
+    v = _mm512_and_si512(H ? _mm512_srli_epi16(v, 4) : v, low4);
+    for (int e = 0; e < planes; e++) {
+        uint64_t m;
+        memcpy(&m, hb + 64 * e + 8 * (4 * H + j), 8);
+        v = _mm512_mask_add_epi8(v, _cvtu64_mask64(m), v, _mm512_set1_epi8((char)(16 << e)));
+    }
+    return v;
+}
+
+/* Fill the buffer for panel p: codes (4-bit formats) and scales of every block. KIND (F = 0):
+ * 0 int8, 1 int4 symmetric, 2 int4 asymmetric; F: the codec (gemm_k.h) or 0. */
+static inline XQ_AI XA_T void xa_prepare(const int KIND, const int F, const xq_weights *w,
+                                         size_t p, xa_block *buf)
+{
+    const size_t nb = w->nb;
+    const int planes = F ? XK_PLANES(F) : 0;
+    const size_t ss = w->f32 ? 64 : 32; /* bytes of 16 scales */
+    const uint8_t *sc = F ? w->scales + p * w->ng * 32 : w->scales + p * w->ng * ss;
+    const uint8_t *mn = (F ? XK_ASYM(F) : KIND == 2) ? w->mins + p * w->ng * (F ? 32 : ss) : NULL;
+    const uint8_t *sub = F && XK_SUPER(F) ? w->sub + p * w->ng * XK_SUB_BYTES(F) : NULL;
+    const uint8_t *wq = w->qs + p * nb * (F || KIND ? 256 : 512);
+    const uint8_t *wh = planes ? w->high + p * nb * 64 * (size_t)planes : NULL;
+    for (size_t b = 0; b < nb; b++) {
+        xa_block *o = buf + b;
+        if (F || KIND) {
+            const uint8_t *q = wq + b * 256;
+            const uint8_t *hb = planes ? wh + b * 64 * (size_t)planes : NULL;
+            for (int H = 0; H < 2; H++)
+                for (int j = 0; j < 4; j++)
+                    _mm512_storeu_si512(o->codes + 64 * (4 * H + j), xa_line(planes, q, hb, j, H));
+        }
+        if (F) {
+            XK_BLOCK_SCALES(512, F, 0, _mm512_cvtepu8_epi32, _mm512_cvtepi8_epi32)
+            _mm512_storeu_ps(o->ws, ws);
+            _mm512_storeu_ps(o->ws1, ws1);
+            _mm512_storeu_ps(o->wm, wm);
+        } else {
+            const size_t g = (b >> w->gshift) * ss;
+            const __m512 ws = XQ_SCALES512(sc + g);
+            _mm512_storeu_ps(o->ws, ws);
+            _mm512_storeu_ps(o->wm, KIND == 2 ? XQ_SCALES512(mn + g) : ws);
+        }
+    }
+}
+
+/* The first value of the dot of part k of row xb (whose half sums are hb) with the codes: the
+ * offset correction the VNNI path starts from (gemm_q.h, gemm_k.h), added here to the tile's
+ * sum of the unsigned codes. */
+static inline XQ_AI int32_t xa_offset(const int KIND, const int F, const xq_xb *xb,
+                                      const xq_xh *hb, int k, int half)
+{
+    if (F)
+        return F == XK_Q5_0 ? 2 * xb->c8[k] : F == XK_Q6_K ? (half ? hb->hi[k] : hb->lo[k]) : 0;
+    return KIND == 0 ? xb->c128[k] : KIND == 1 ? xb->c8[k] : 0;
+}
+
+/* One tile of MR rows of x (1 <= MR <= 16; a constant for MR = 16) against panel p, all blocks:
+ * out rows [0, MR) (nr valid columns). */
+static inline XQ_AI XA_T void xa_tile_rows(const int HW, const int KIND, const int F,
+                                           const int PARTS, const int MR, const xq_weights *w,
+                                           size_t p, const xa_block *buf, const xq_xb *x,
+                                           const xq_xh *xh, float *out, size_t ldo, size_t nr,
+                                           int accum)
+{
+    const size_t nb = w->nb;
+    const size_t xstride = nb * sizeof(xq_xb); /* from a row of x to the next, same block */
+    const int q6 = F == XK_Q6_K;
+    /* tiles: 0 B (the codes), 1 A (a part of x), 2..4 C (the parts' sums; Q6_K: half 0), 5..7
+     * (Q6_K: half 1). Q6_K's halves are separate dots of 16 values: B 4 lines, A 16 bytes. */
+    xa_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    cfg.rows[0] = q6 ? 4 : 8;
+    cfg.colsb[0] = 64;
+    cfg.rows[1] = (uint8_t)MR;
+    cfg.colsb[1] = q6 ? 16 : 32;
+    for (int t = 2; t < (q6 ? 8 : 5); t++) {
+        cfg.rows[t] = (uint8_t)MR;
+        cfg.colsb[t] = 64;
+    }
+    XA_CONFIG(HW, &cfg);
+    const __m512 inv256 = _mm512_set1_ps(1.0f / 256.0f);
+    int32_t sums[2][3][16][16] __attribute__((aligned(64))); /* [half][part][row][column] */
+    XQ_ZEROED_ACC(512, 16);
+    for (size_t b = 0; b < nb; b++) {
+        const int8_t *a0 = x[b].q[0]; /* part k of the tile's rows: a0 + 32 k, stride xstride */
+        const uint8_t *codes = F || KIND ? buf[b].codes : w->qs + (p * nb + b) * 512;
+        if (!q6) {
+            XA_LOAD(HW, 0, codes, 64);
+            XA_ZERO(HW, 2);
+            XA_LOAD(HW, 1, a0, xstride);
+            XA_DPBSUD(HW, 2, 1, 0);
+            XA_ZERO(HW, 3);
+            XA_LOAD(HW, 1, a0 + 32, xstride);
+            XA_DPBSUD(HW, 3, 1, 0);
+            if (PARTS == 3) {
+                XA_ZERO(HW, 4);
+                XA_LOAD(HW, 1, a0 + 64, xstride);
+                XA_DPBSUD(HW, 4, 1, 0);
+            }
+            XA_STORE(HW, 2, sums[0][0], 64);
+            XA_STORE(HW, 3, sums[0][1], 64);
+            if (PARTS == 3)
+                XA_STORE(HW, 4, sums[0][2], 64);
+        } else {
+            XA_LOAD(HW, 0, codes, 64); /* lines 0..3: values 0..15 */
+            XA_ZERO(HW, 2);
+            XA_LOAD(HW, 1, a0, xstride);
+            XA_DPBSUD(HW, 2, 1, 0);
+            XA_ZERO(HW, 3);
+            XA_LOAD(HW, 1, a0 + 32, xstride);
+            XA_DPBSUD(HW, 3, 1, 0);
+            if (PARTS == 3) {
+                XA_ZERO(HW, 4);
+                XA_LOAD(HW, 1, a0 + 64, xstride);
+                XA_DPBSUD(HW, 4, 1, 0);
+            }
+            XA_LOAD(HW, 0, codes + 256, 64); /* lines 4..7: values 16..31 */
+            XA_ZERO(HW, 5);
+            XA_LOAD(HW, 1, a0 + 16, xstride);
+            XA_DPBSUD(HW, 5, 1, 0);
+            XA_ZERO(HW, 6);
+            XA_LOAD(HW, 1, a0 + 48, xstride);
+            XA_DPBSUD(HW, 6, 1, 0);
+            if (PARTS == 3) {
+                XA_ZERO(HW, 7);
+                XA_LOAD(HW, 1, a0 + 80, xstride);
+                XA_DPBSUD(HW, 7, 1, 0);
+            }
+            XA_STORE(HW, 2, sums[0][0], 64);
+            XA_STORE(HW, 3, sums[0][1], 64);
+            XA_STORE(HW, 5, sums[1][0], 64);
+            XA_STORE(HW, 6, sums[1][1], 64);
+            if (PARTS == 3) {
+                XA_STORE(HW, 4, sums[0][2], 64);
+                XA_STORE(HW, 7, sums[1][2], 64);
+            }
+        }
+        /* step 3 for this block, by the VNNI path's own macros: d[k][i] the dots of row i */
+        const xq_xb *xb[16];
+        __m512i d[3][16];
+        for (int i = 0; i < MR; i++)
+            xb[i] = x + i * nb + b;
+        const __m512 ws = _mm512_load_ps(buf[b].ws), wm = _mm512_load_ps(buf[b].wm);
+        for (int half = 0; half < (q6 ? 2 : 1); half++) {
+            for (int i = 0; i < MR; i++)
+                for (int k = 0; k < PARTS; k++)
+                    d[k][i] = _mm512_add_epi32(
+                        _mm512_load_si512(sums[half][k][i]),
+                        _mm512_set1_epi32(xa_offset(KIND, F, xb[i], xh + i * nb + b, k, half)));
+            if (!F) {
+                XQ_BLOCK_TERMS(512, KIND == 2)
+            } else if (half == 0) {
+                XK_TERM(512, d, ws)
+            } else {
+                const __m512 ws1 = _mm512_load_ps(buf[b].ws1);
+                XK_TERM(512, d, ws1)
+            }
+        }
+        if (F && XK_ASYM(F))
+            for (int i = 0; i < MR; i++)
+                acc[i] = _mm512_fmadd_ps(wm, _mm512_set1_ps(xb[i]->ds), acc[i]);
+    }
+    const __mmask16 valid = (__mmask16)((1u << nr) - 1);
+    for (int i = 0; i < MR; i++) {
+        float *o = out + i * ldo;
+        if (accum)
+            acc[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(valid, o), acc[i]);
+        _mm512_mask_storeu_ps(o, valid, acc[i]);
+    }
+}
+
+/* All M rows of x against panel p: tiles of 16 rows, then one of the rest. 0 if done, -1 if the
+ * buffer could not be allocated (nothing written: the caller runs the vector path). */
+static inline XQ_AI XA_T int xa_panel_f(const int HW, const int KIND, const int F,
+                                        const int PARTS, const xq_weights *w, size_t p,
+                                        const xq_xb *x, const xq_xh *xh, size_t M, float *out,
+                                        size_t ldo, size_t nr, int accum)
+{
+    xa_block *buf = xa_blocks(w->nb);
+    if (buf == NULL)
+        return -1;
+    xa_prepare(KIND, F, w, p, buf);
+    size_t m = 0;
+    for (; m + 16 <= M; m += 16)
+        xa_tile_rows(HW, KIND, F, PARTS, 16, w, p, buf, x + m * w->nb, xh + m * w->nb,
+                     out + m * ldo, ldo, nr, accum);
+    if (m < M)
+        xa_tile_rows(HW, KIND, F, PARTS, (int)(M - m), w, p, buf, x + m * w->nb, xh + m * w->nb,
+                     out + m * ldo, ldo, nr, accum);
+    XA_RELEASE(HW);
+    return 0;
+}
+
+/* The format dispatch of one instantiation (HW constant). */
+#define XA_FORMATS(HW)                                                                           \
+    {                                                                                            \
+        const int P3 = w->parts == 3;                                                            \
+        switch (w->fmt) {                                                                        \
+        case 0: {                                                                                \
+            const int kind = w->bits == 8 ? 0 : !w->mins ? 1 : 2;                                \
+            if (kind == 0) return P3 ? XA_PANEL(HW, 0, 0, 3) : XA_PANEL(HW, 0, 0, 2);           \
+            if (kind == 1) return P3 ? XA_PANEL(HW, 1, 0, 3) : XA_PANEL(HW, 1, 0, 2);           \
+            return P3 ? XA_PANEL(HW, 2, 0, 3) : XA_PANEL(HW, 2, 0, 2);                          \
+        }                                                                                        \
+        case XK_Q5_0: return P3 ? XA_PANEL(HW, 0, XK_Q5_0, 3) : XA_PANEL(HW, 0, XK_Q5_0, 2);    \
+        case XK_Q5_1: return P3 ? XA_PANEL(HW, 0, XK_Q5_1, 3) : XA_PANEL(HW, 0, XK_Q5_1, 2);    \
+        case XK_Q4_K: return P3 ? XA_PANEL(HW, 0, XK_Q4_K, 3) : XA_PANEL(HW, 0, XK_Q4_K, 2);    \
+        case XK_Q5_K: return P3 ? XA_PANEL(HW, 0, XK_Q5_K, 3) : XA_PANEL(HW, 0, XK_Q5_K, 2);    \
+        case XK_Q6_K: return P3 ? XA_PANEL(HW, 0, XK_Q6_K, 3) : XA_PANEL(HW, 0, XK_Q6_K, 2);    \
+        default: return -1;                                                                      \
+        }                                                                                        \
+    }
+#define XA_PANEL(HW, KIND, F, PARTS)                                                             \
+    xa_panel_f(HW, KIND, F, PARTS, w, p, x, xh, M, out, ldo, nr, accum)
+
+/* Panel p on the AMX unit (run only where _cpu.features()["amx"]). */
+static XA_T int xa_panel_amx(const xq_weights *w, size_t p, const xq_xb *x, const xq_xh *xh,
+                             size_t M, float *out, size_t ldo, size_t nr, int accum)
+XA_FORMATS(1)
+
+/* Panel p on the scalar model of the tiles (any CPU with AVX-512 VNNI). */
+static XA_T int xa_panel_emulated(const xq_weights *w, size_t p, const xq_xb *x,
+                                  const xq_xh *xh, size_t M, float *out, size_t ldo, size_t nr,
+                                  int accum)
+XA_FORMATS(0)
+
+/* Panels the emulated tile kernels computed in this process: the tests' proof that the tile
+ * path ran (rather than the VNNI path it falls back to). */
+static size_t xa_emulated_panels;
+
+static size_t xa_emulated_count(void)
+{
+    return __atomic_load_n(&xa_emulated_panels, __ATOMIC_RELAXED);
+}
+
+/* The entry of qmatmul.pyx, in place of xq_panels (same arguments): isa 0 AVX2, 1 AVX-512
+ * VNNI, 2 the tile kernels on the model ("amx-emulated"), 3 on the AMX unit ("amx"). The tile
+ * kernels take M >= 2 rows; one row (memory-bound: the tiles would idle) takes the VNNI path,
+ * with the same bits. */
+static void xa_panels(int isa, const xq_weights *w, size_t p0, size_t p1, const xq_xb *x,
+                      const xq_xh *xh, size_t M, size_t N, float *out, int accum)
+{
+    if (isa < 2 || M < 2) {
+        xq_panels(isa ? 1 : 0, w, p0, p1, x, xh, M, N, out, accum);
+        return;
+    }
+    for (size_t p = p0; p < p1; p++) {
+        const size_t nr = N - 16 * p < 16 ? N - 16 * p : 16;
+        float *o = out + 16 * p;
+        const int done = isa == 3 ? xa_panel_amx(w, p, x, xh, M, o, N, nr, accum)
+                                  : xa_panel_emulated(w, p, x, xh, M, o, N, nr, accum);
+        if (done != 0)
+            xq_panels(1, w, p, p + 1, x, xh, M, N, out, accum);
+        else if (isa == 2)
+            __atomic_fetch_add(&xa_emulated_panels, 1, __ATOMIC_RELAXED);
+    }
+}
+
+#endif /* XLLM_GEMM_AMX_H */
