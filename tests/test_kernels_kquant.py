@@ -241,12 +241,13 @@ def test_long_rows_and_extreme_blocks():
 
 def test_mixed_codecs_share_x():
     """A Q4_K_M file mixes types in wq/wk/wv: one qmatmul call over (Q4_K, Q6_K, Q5_0, Q8_0 with
-    3 parts) gives the same bits as separate calls, and the dispatch sends such a tuple to it."""
+    2 parts, the codecs' default) gives the same bits as separate calls, and the dispatch sends
+    such a tuple to it."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((9, 512)).astype(np.float32)
     ws = (packed(rng, "Q4_K", 40, 512)[0], packed(rng, "Q6_K", 7, 512)[0],
           packed(rng, "Q5_0", 16, 512)[0],
-          quant.quantize((rng.standard_normal((5, 512)) * 0.05).astype(np.float32), 8, parts=3))
+          quant.quantize((rng.standard_normal((5, 512)) * 0.05).astype(np.float32), 8))
     outs = tuple(np.empty((9, w.shape[0]), np.float32) for w in ws)
     for t in (1, 2):
         _cpu.set_threads(t)
@@ -258,11 +259,11 @@ def test_mixed_codecs_share_x():
                 np.testing.assert_array_equal(o, alone)
                 R.qmatmul(x, w, alone)
                 np.testing.assert_array_equal(o, alone)
-    # as in a real Q4_K_M file: Q8_0 with its default 2 parts beside 3-part codecs: the dispatch
-    # splits the tuple, with the same bits as separate calls
-    q8 = quant.quantize((rng.standard_normal((5, 512)) * 0.05).astype(np.float32), 8)
-    assert q8.parts == 2 and ws[0].parts == 3
-    mixed = (ws[0], q8, ws[2])
+    # weights of different default parts side by side (int4 with 3 beside the codecs' 2): the
+    # dispatch splits the tuple, with the same bits as separate calls
+    q4 = quant.quantize((rng.standard_normal((5, 512)) * 0.05).astype(np.float32), 4)
+    assert q4.parts == 3 and ws[0].parts == 2
+    mixed = (ws[0], q4, ws[2])
     outs = tuple(np.empty((9, w.shape[0]), np.float32) for w in mixed)
     ops(backend).matmul(x, mixed, outs)
     for w, o in zip(mixed, outs):
