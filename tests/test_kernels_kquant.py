@@ -31,22 +31,19 @@ from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
 Q = pytest.importorskip("xllm._kernels.qmatmul")
+from helpers_kernels import QMATMUL_ISAS, restore_threads_and_isa  # noqa: E402
+from helpers_kernels import assert_qmatmul_batch_thread_and_isa_invariant  # noqa: E402
+from helpers_kernels import assert_qmatmul_matches_reference  # noqa: E402
 
 SETTINGS = dict(deadline=None, max_examples=60,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-ISAS = ["avx2"] + (["avx512vnni"] if _cpu.features()["avx512vnni"] else [])
 CODECS = ["Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"]
 # the float16 fields of each block: (byte offset, kind) with kind "d" a scale, "m" a minimum
 F16_FIELDS = {"Q5_0": [(0, "d")], "Q5_1": [(0, "d"), (2, "m")], "Q4_K": [(0, "d"), (2, "d")],
               "Q5_K": [(0, "d"), (2, "d")], "Q6_K": [(208, "d")]}
 
 
-@pytest.fixture(autouse=True)
-def _restore():
-    n, isa = _cpu.get_threads(), Q.get_isa()
-    yield
-    _cpu.set_threads(n)
-    Q.set_isa(isa)
+_restore = restore_threads_and_isa(Q)
 
 
 def random_blocks(rng, name, n, k, zero_scale=False):
@@ -173,7 +170,7 @@ def test_gguf_quantized_q5_blocks(name):
     np.testing.assert_array_equal(t.dequantize(), gguf_dequantize(raw, T[name]))
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", QMATMUL_ISAS)
 @pytest.mark.parametrize("parts", [2, 3])
 @pytest.mark.parametrize("name", CODECS)  # every (codec, parts, ISA): 15 examples each
 @settings(**dict(SETTINGS, max_examples=15))
@@ -186,21 +183,7 @@ def test_qmatmul_matches_reference(m, n, nsb, name, threads, isa, accumulate, pa
     k = 256 * nsb if FORMATS[name].block == 256 else 32 * (8 * nsb - seed % 7)
     w, _ = packed(rng, name, n, k, parts, zero_scale=seed % 4 == 0)
     assert w.parts == parts
-    x = (rng.standard_normal((m, k)) * scale).astype(np.float32)
-    if seed % 5 == 0:
-        x[:, :32] = 0  # an all-zero block of x
-    out0 = rng.standard_normal((m, n)).astype(np.float32)
-    _cpu.set_threads(threads)
-    Q.set_isa(isa)
-    got = out0.copy()
-    Q.qmatmul(x, w, got, accumulate=accumulate)
-    want = out0.copy()
-    R.qmatmul(x, w, want, accumulate=accumulate)
-    np.testing.assert_array_equal(got, want)  # bit-exact
-    W = w.dequantize().astype(np.float64)
-    exact = x.astype(np.float64) @ W.T + (out0 if accumulate else 0)
-    bound = 1e-4 * (np.abs(x).astype(np.float64) @ np.abs(W).T) + 1e-5
-    assert np.all(np.abs(got - exact) <= bound + 1e-6 * np.abs(out0 if accumulate else 0))
+    assert_qmatmul_matches_reference(rng, w, m, scale, seed % 5 == 0, threads, isa, accumulate)
 
 
 @pytest.mark.parametrize("parts", [2, 3])
@@ -210,16 +193,7 @@ def test_batch_thread_and_isa_invariance(name, parts):
     K, N = 2048, 333
     x = rng.standard_normal((19, K)).astype(np.float32)
     w, _ = packed(rng, name, N, K, parts)
-    full = np.empty((19, N), np.float32)
-    Q.qmatmul(x, w, full)
-    for isa in ISAS:
-        Q.set_isa(isa)
-        for t in (1, 2):
-            _cpu.set_threads(t)
-            for m0, m1 in [(0, 1), (3, 4), (5, 12), (2, 19)]:
-                part = np.empty((m1 - m0, N), np.float32)
-                Q.qmatmul(np.ascontiguousarray(x[m0:m1]), w, part)
-                np.testing.assert_array_equal(part, full[m0:m1])
+    assert_qmatmul_batch_thread_and_isa_invariant(x, w)
 
 
 def test_long_rows_and_extreme_blocks():
