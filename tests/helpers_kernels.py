@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from xllm._kernels import _cpu
+from xllm._kernels import backend
 from xllm._kernels import reference as R
+from xllm.formats.dispatch import ops
 
 # The ISA paths of attention.pyx and qmatmul.pyx that this CPU can run, the portable one first.
 ATTENTION_ISAS = ["avx2"] + (["avx512"] if _cpu.features()["avx512"] else [])
@@ -79,3 +81,17 @@ def assert_qmatmul_batch_thread_and_isa_invariant(x, w):
                 part = np.empty((m1 - m0, n), np.float32)
                 Q.qmatmul(np.ascontiguousarray(x[m0:m1]), w, part)
                 np.testing.assert_array_equal(part, full[m0:m1])
+
+
+def assert_dispatch_matches_separate_calls(x, ws):
+    """Assert that the model's dispatch (ops(backend).matmul) of x with the tuple of weights
+    `ws`, into new outputs, gives each output the same bits as qmatmul of x with that weight
+    alone. Used with weights of different parts, a tuple that one qmatmul call refuses and the
+    dispatch must split."""
+    from xllm._kernels import qmatmul as Q
+    outs = tuple(np.empty((len(x), w.shape[0]), np.float32) for w in ws)
+    ops(backend).matmul(x, ws, outs)
+    for w, o in zip(ws, outs):
+        alone = np.empty_like(o)
+        Q.qmatmul(x, w, alone)
+        np.testing.assert_array_equal(o, alone)

@@ -34,6 +34,7 @@ Q = pytest.importorskip("xllm._kernels.qmatmul")
 from helpers_kernels import QMATMUL_ISAS, restore_threads_and_isa  # noqa: E402
 from helpers_kernels import assert_qmatmul_batch_thread_and_isa_invariant  # noqa: E402
 from helpers_kernels import assert_qmatmul_matches_reference  # noqa: E402
+from helpers_kernels import assert_dispatch_matches_separate_calls  # noqa: E402
 
 SETTINGS = dict(deadline=None, max_examples=60,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -237,13 +238,7 @@ def test_mixed_codecs_share_x():
     # dispatch splits the tuple, with the same bits as separate calls
     q4 = quant.quantize((rng.standard_normal((5, 512)) * 0.05).astype(np.float32), 4)
     assert q4.parts == 3 and ws[0].parts == 2
-    mixed = (ws[0], q4, ws[2])
-    outs = tuple(np.empty((9, w.shape[0]), np.float32) for w in mixed)
-    ops(backend).matmul(x, mixed, outs)
-    for w, o in zip(mixed, outs):
-        alone = np.empty_like(o)
-        Q.qmatmul(x, w, alone)
-        np.testing.assert_array_equal(o, alone)
+    assert_dispatch_matches_separate_calls(x, (ws[0], q4, ws[2]))
 
 
 def test_bad_codec_tensors():

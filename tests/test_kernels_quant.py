@@ -19,9 +19,7 @@ from hypothesis import strategies as st
 
 from xllm.formats import qtensor as quant
 from xllm._kernels import _cpu
-from xllm._kernels import backend
 from xllm._kernels import reference as R
-from xllm.formats.dispatch import ops
 from xllm.errors import ModelFormatError
 
 gguf = pytest.importorskip("gguf")
@@ -33,6 +31,7 @@ Q = pytest.importorskip("xllm._kernels.qmatmul")
 from helpers_kernels import QMATMUL_ISAS, restore_threads_and_isa  # noqa: E402
 from helpers_kernels import assert_qmatmul_batch_thread_and_isa_invariant  # noqa: E402
 from helpers_kernels import assert_qmatmul_matches_reference  # noqa: E402
+from helpers_kernels import assert_dispatch_matches_separate_calls  # noqa: E402
 
 SETTINGS = dict(deadline=None, max_examples=60,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -209,13 +208,7 @@ def test_several_weights_sharing_x(parts):
         with pytest.raises(ValueError, match="equal parts"):
             impl.qmatmul(x, ws[:1] + (other,), outs[:1] + (np.empty((9, 8), np.float32),))
     # the model's dispatch splits such a tuple (a GGUF may mix Q8_0 and Q4_0 in wq/wk/wv)
-    mixed = ws[:1] + (other,)
-    o2 = outs[:1] + (np.empty((9, 8), np.float32),)
-    ops(backend).matmul(x, mixed, o2)
-    for w, o in zip(mixed, o2):
-        alone = np.empty_like(o)
-        Q.qmatmul(x, w, alone)
-        np.testing.assert_array_equal(o, alone)
+    assert_dispatch_matches_separate_calls(x, ws[:1] + (other,))
 
 
 def test_parts_defaults_and_validation():
