@@ -15,19 +15,14 @@ from xllm._kernels import reference as R
 from xllm._kernels.layout import KV_BLOCK
 
 A = pytest.importorskip("xllm._kernels.attention")
+from helpers_kernels import ATTENTION_ISAS, restore_threads_and_isa  # noqa: E402
 
 SETTINGS = dict(deadline=None, max_examples=40,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 THREADS = [1, 2]
-ATT_ISAS = ["avx2"] + (["avx512"] if _cpu.features()["avx512"] else [])
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n, isa = _cpu.get_threads(), A.get_isa()
-    yield
-    _cpu.set_threads(n)
-    A.set_isa(isa)
+_restore_threads = restore_threads_and_isa(A)
 
 
 def randn(rng, *shape):
@@ -57,7 +52,7 @@ def windowed_case(rng, m, start, h, kv, hd, window, kv_dtype):
        window=st.sampled_from([1, 2, 7, 31, 32, 33, 64, 100, 1000]),
        kv=st.sampled_from([1, 2, 3]), group=st.sampled_from([1, 2, 4, 8]),
        hd=st.sampled_from([2, 8, 20, 64, 80, 128]), threads=st.sampled_from(THREADS),
-       kv_dtype=st.sampled_from([np.float32, np.float16]), isa=st.sampled_from(ATT_ISAS),
+       kv_dtype=st.sampled_from([np.float32, np.float16]), isa=st.sampled_from(ATTENTION_ISAS),
        seed=st.integers(0, 99))
 def test_window_matches_reference(m, start, window, kv, group, hd, threads, kv_dtype, isa, seed):
     _cpu.set_threads(threads)
@@ -96,7 +91,7 @@ def test_reference_window_limits_the_keys():
 @given(rows=st.lists(st.integers(0, 40), min_size=1, max_size=5), window=st.sampled_from(
        [1, 16, 32, 33, 70]), kv=st.sampled_from([1, 3]), group=st.sampled_from([1, 3]),
        hd=st.sampled_from([8, 64]), threads=st.sampled_from(THREADS),
-       kv_dtype=st.sampled_from([np.float32, np.float16]), isa=st.sampled_from(ATT_ISAS),
+       kv_dtype=st.sampled_from([np.float32, np.float16]), isa=st.sampled_from(ATTENTION_ISAS),
        seed=st.integers(0, 99))
 def test_window_batch_is_invariant(rows, window, kv, group, hd, threads, kv_dtype, isa, seed):
     """Several sequences in one call with a window: each row's output equals the reference to
@@ -129,7 +124,7 @@ def test_window_batch_is_invariant(rows, window, kv, group, hd, threads, kv_dtyp
         np.testing.assert_array_equal(got[a:b], alone)
 
 
-@pytest.mark.skipif(len(ATT_ISAS) < 2, reason="no AVX-512 on this CPU")
+@pytest.mark.skipif(len(ATTENTION_ISAS) < 2, reason="no AVX-512 on this CPU")
 @pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("m, start, h, kv, hd, window", [(1, 76, 9, 3, 64, 32),
                                                          (40, 5, 8, 2, 80, 7),
@@ -138,7 +133,7 @@ def test_window_isa_paths_give_the_same_bits(m, start, h, kv, hd, window, kv_dty
     rng = np.random.default_rng(m + hd)
     q, _, poisoned = windowed_case(rng, m, start, h, kv, hd, window, kv_dtype)
     got = []
-    for isa in ATT_ISAS:
+    for isa in ATTENTION_ISAS:
         A.set_isa(isa)
         got.append(np.zeros_like(q))
         A.attention(q, *poisoned, got[-1], start, h, kv, hd ** -0.5, window)

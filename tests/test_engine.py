@@ -10,6 +10,8 @@ from xllm.engine.scheduler import (Engine, EngineClosedError, FinishEvent, Queue
                                    Request, TokenEvent)
 from xllm.errors import ContextLengthError
 
+from helpers_engine import Collector
+
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park",
            "One day, a big bird", "There was a cat who"]
 
@@ -18,25 +20,6 @@ PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park"
 def stories(data_dir):
     d = data_dir / "llama2c"
     return xllm.load(d / "stories260K.bin", tokenizer=d / "tok512.bin")
-
-
-class Collector:
-    """A request's events: its text, tokens and finish."""
-
-    def __init__(self):
-        self.text = ""
-        self.tokens = []
-        self.finish = None
-        self.done = threading.Event()
-
-    def __call__(self, event):
-        self.text += event.text
-        if isinstance(event, TokenEvent):
-            self.tokens.append(event.token)
-        else:
-            assert isinstance(event, FinishEvent)
-            self.finish = event
-            self.done.set()
 
 
 def submit(engine, model, prompt, i, max_new_tokens=48, stop=()):

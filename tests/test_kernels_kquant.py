@@ -31,22 +31,20 @@ from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
 Q = pytest.importorskip("xllm._kernels.qmatmul")
+from helpers_kernels import QMATMUL_ISAS, restore_threads_and_isa  # noqa: E402
+from helpers_kernels import assert_qmatmul_batch_thread_and_isa_invariant  # noqa: E402
+from helpers_kernels import assert_qmatmul_matches_reference  # noqa: E402
+from helpers_kernels import assert_dispatch_matches_separate_calls  # noqa: E402
 
 SETTINGS = dict(deadline=None, max_examples=60,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-ISAS = ["avx2"] + (["avx512vnni"] if _cpu.features()["avx512vnni"] else [])
 CODECS = ["Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"]
 # the float16 fields of each block: (byte offset, kind) with kind "d" a scale, "m" a minimum
 F16_FIELDS = {"Q5_0": [(0, "d")], "Q5_1": [(0, "d"), (2, "m")], "Q4_K": [(0, "d"), (2, "d")],
               "Q5_K": [(0, "d"), (2, "d")], "Q6_K": [(208, "d")]}
 
 
-@pytest.fixture(autouse=True)
-def _restore():
-    n, isa = _cpu.get_threads(), Q.get_isa()
-    yield
-    _cpu.set_threads(n)
-    Q.set_isa(isa)
+_restore = restore_threads_and_isa(Q)
 
 
 def random_blocks(rng, name, n, k, zero_scale=False):
@@ -173,7 +171,7 @@ def test_gguf_quantized_q5_blocks(name):
     np.testing.assert_array_equal(t.dequantize(), gguf_dequantize(raw, T[name]))
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", QMATMUL_ISAS)
 @pytest.mark.parametrize("parts", [2, 3])
 @pytest.mark.parametrize("name", CODECS)  # every (codec, parts, ISA): 15 examples each
 @settings(**dict(SETTINGS, max_examples=15))
@@ -186,21 +184,7 @@ def test_qmatmul_matches_reference(m, n, nsb, name, threads, isa, accumulate, pa
     k = 256 * nsb if FORMATS[name].block == 256 else 32 * (8 * nsb - seed % 7)
     w, _ = packed(rng, name, n, k, parts, zero_scale=seed % 4 == 0)
     assert w.parts == parts
-    x = (rng.standard_normal((m, k)) * scale).astype(np.float32)
-    if seed % 5 == 0:
-        x[:, :32] = 0  # an all-zero block of x
-    out0 = rng.standard_normal((m, n)).astype(np.float32)
-    _cpu.set_threads(threads)
-    Q.set_isa(isa)
-    got = out0.copy()
-    Q.qmatmul(x, w, got, accumulate=accumulate)
-    want = out0.copy()
-    R.qmatmul(x, w, want, accumulate=accumulate)
-    np.testing.assert_array_equal(got, want)  # bit-exact
-    W = w.dequantize().astype(np.float64)
-    exact = x.astype(np.float64) @ W.T + (out0 if accumulate else 0)
-    bound = 1e-4 * (np.abs(x).astype(np.float64) @ np.abs(W).T) + 1e-5
-    assert np.all(np.abs(got - exact) <= bound + 1e-6 * np.abs(out0 if accumulate else 0))
+    assert_qmatmul_matches_reference(rng, w, m, scale, seed % 5 == 0, threads, isa, accumulate)
 
 
 @pytest.mark.parametrize("parts", [2, 3])
@@ -210,16 +194,7 @@ def test_batch_thread_and_isa_invariance(name, parts):
     K, N = 2048, 333
     x = rng.standard_normal((19, K)).astype(np.float32)
     w, _ = packed(rng, name, N, K, parts)
-    full = np.empty((19, N), np.float32)
-    Q.qmatmul(x, w, full)
-    for isa in ISAS:
-        Q.set_isa(isa)
-        for t in (1, 2):
-            _cpu.set_threads(t)
-            for m0, m1 in [(0, 1), (3, 4), (5, 12), (2, 19)]:
-                part = np.empty((m1 - m0, N), np.float32)
-                Q.qmatmul(np.ascontiguousarray(x[m0:m1]), w, part)
-                np.testing.assert_array_equal(part, full[m0:m1])
+    assert_qmatmul_batch_thread_and_isa_invariant(x, w)
 
 
 def test_long_rows_and_extreme_blocks():
@@ -241,12 +216,13 @@ def test_long_rows_and_extreme_blocks():
 
 def test_mixed_codecs_share_x():
     """A Q4_K_M file mixes types in wq/wk/wv: one qmatmul call over (Q4_K, Q6_K, Q5_0, Q8_0 with
-    3 parts) gives the same bits as separate calls, and the dispatch sends such a tuple to it."""
+    2 parts, the codecs' default) gives the same bits as separate calls, and the dispatch sends
+    such a tuple to it."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((9, 512)).astype(np.float32)
     ws = (packed(rng, "Q4_K", 40, 512)[0], packed(rng, "Q6_K", 7, 512)[0],
           packed(rng, "Q5_0", 16, 512)[0],
-          quant.quantize((rng.standard_normal((5, 512)) * 0.05).astype(np.float32), 8, parts=3))
+          quant.quantize((rng.standard_normal((5, 512)) * 0.05).astype(np.float32), 8))
     outs = tuple(np.empty((9, w.shape[0]), np.float32) for w in ws)
     for t in (1, 2):
         _cpu.set_threads(t)
@@ -258,17 +234,11 @@ def test_mixed_codecs_share_x():
                 np.testing.assert_array_equal(o, alone)
                 R.qmatmul(x, w, alone)
                 np.testing.assert_array_equal(o, alone)
-    # as in a real Q4_K_M file: Q8_0 with its default 2 parts beside 3-part codecs: the dispatch
-    # splits the tuple, with the same bits as separate calls
-    q8 = quant.quantize((rng.standard_normal((5, 512)) * 0.05).astype(np.float32), 8)
-    assert q8.parts == 2 and ws[0].parts == 3
-    mixed = (ws[0], q8, ws[2])
-    outs = tuple(np.empty((9, w.shape[0]), np.float32) for w in mixed)
-    ops(backend).matmul(x, mixed, outs)
-    for w, o in zip(mixed, outs):
-        alone = np.empty_like(o)
-        Q.qmatmul(x, w, alone)
-        np.testing.assert_array_equal(o, alone)
+    # weights of different default parts side by side (int4 with 3 beside the codecs' 2): the
+    # dispatch splits the tuple, with the same bits as separate calls
+    q4 = quant.quantize((rng.standard_normal((5, 512)) * 0.05).astype(np.float32), 4)
+    assert q4.parts == 3 and ws[0].parts == 2
+    assert_dispatch_matches_separate_calls(x, (ws[0], q4, ws[2]))
 
 
 def test_bad_codec_tensors():

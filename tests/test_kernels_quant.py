@@ -19,9 +19,7 @@ from hypothesis import strategies as st
 
 from xllm.formats import qtensor as quant
 from xllm._kernels import _cpu
-from xllm._kernels import backend
 from xllm._kernels import reference as R
-from xllm.formats.dispatch import ops
 from xllm.errors import ModelFormatError
 
 gguf = pytest.importorskip("gguf")
@@ -30,10 +28,13 @@ from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
 Q = pytest.importorskip("xllm._kernels.qmatmul")
+from helpers_kernels import QMATMUL_ISAS, restore_threads_and_isa  # noqa: E402
+from helpers_kernels import assert_qmatmul_batch_thread_and_isa_invariant  # noqa: E402
+from helpers_kernels import assert_qmatmul_matches_reference  # noqa: E402
+from helpers_kernels import assert_dispatch_matches_separate_calls  # noqa: E402
 
 SETTINGS = dict(deadline=None, max_examples=60,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-ISAS = ["avx2"] + (["avx512vnni"] if _cpu.features()["avx512vnni"] else [])
 # (bits, group, asymmetric, scale dtype)
 FORMATS = [(8, 32, False, np.float16), (8, 64, False, np.float16), (8, 128, False, np.float32),
            (8, 32, False, np.float32), (4, 32, False, np.float16), (4, 32, True, np.float16),
@@ -41,12 +42,7 @@ FORMATS = [(8, 32, False, np.float16), (8, 64, False, np.float16), (8, 128, Fals
 GGUF_KINDS = [("Q8_0", 8, False), ("Q4_0", 4, False), ("Q4_1", 4, True)]
 
 
-@pytest.fixture(autouse=True)
-def _restore():
-    n, isa = _cpu.get_threads(), Q.get_isa()
-    yield
-    _cpu.set_threads(n)
-    Q.set_isa(isa)
+_restore = restore_threads_and_isa(Q)
 
 
 def weights(rng, n, k, zero_block=False):
@@ -111,7 +107,7 @@ def test_quantize_rejects_bad_arguments():
         quant.QTensor(t.shape, 3, 64, t.qs, t.scales)
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", QMATMUL_ISAS)
 @pytest.mark.parametrize("parts", [2, 3])
 @pytest.mark.parametrize("fmt", FORMATS)  # every (format, parts, ISA): 15 examples each
 @settings(**dict(SETTINGS, max_examples=15))
@@ -126,21 +122,7 @@ def test_qmatmul_matches_reference(m, n, nb, fmt, threads, isa, accumulate, part
     rng = np.random.default_rng(seed)
     w = quant.quantize(weights(rng, n, k, seed % 4 == 0), bits, group, asym, sdt, parts)
     assert w.parts == parts
-    x = (rng.standard_normal((m, k)) * scale).astype(np.float32)
-    if seed % 5 == 0:
-        x[:, :32] = 0  # an all-zero block of x
-    out0 = rng.standard_normal((m, n)).astype(np.float32)
-    _cpu.set_threads(threads)
-    Q.set_isa(isa)
-    got = out0.copy()
-    Q.qmatmul(x, w, got, accumulate=accumulate)
-    want = out0.copy()
-    R.qmatmul(x, w, want, accumulate=accumulate)
-    np.testing.assert_array_equal(got, want)  # bit-exact
-    W = w.dequantize().astype(np.float64)
-    exact = x.astype(np.float64) @ W.T + (out0 if accumulate else 0)
-    bound = 1e-4 * (np.abs(x).astype(np.float64) @ np.abs(W).T) + 1e-5
-    assert np.all(np.abs(got - exact) <= bound + 1e-6 * np.abs(out0 if accumulate else 0))
+    assert_qmatmul_matches_reference(rng, w, m, scale, seed % 5 == 0, threads, isa, accumulate)
 
 
 @pytest.mark.parametrize("parts", [2, 3])
@@ -151,16 +133,7 @@ def test_batch_thread_and_isa_invariance(fmt, parts):
     K, N = 2048, 333
     x = rng.standard_normal((19, K)).astype(np.float32)
     w = quant.quantize(weights(rng, N, K), bits, group, asym, sdt, parts)
-    full = np.empty((19, N), np.float32)
-    Q.qmatmul(x, w, full)
-    for isa in ISAS:
-        Q.set_isa(isa)
-        for t in (1, 2):
-            _cpu.set_threads(t)
-            for m0, m1 in [(0, 1), (3, 4), (5, 12), (2, 19)]:
-                part = np.empty((m1 - m0, N), np.float32)
-                Q.qmatmul(np.ascontiguousarray(x[m0:m1]), w, part)
-                np.testing.assert_array_equal(part, full[m0:m1])
+    assert_qmatmul_batch_thread_and_isa_invariant(x, w)
 
 
 @pytest.mark.parametrize("parts", [2, 3])
@@ -235,13 +208,7 @@ def test_several_weights_sharing_x(parts):
         with pytest.raises(ValueError, match="equal parts"):
             impl.qmatmul(x, ws[:1] + (other,), outs[:1] + (np.empty((9, 8), np.float32),))
     # the model's dispatch splits such a tuple (a GGUF may mix Q8_0 and Q4_0 in wq/wk/wv)
-    mixed = ws[:1] + (other,)
-    o2 = outs[:1] + (np.empty((9, 8), np.float32),)
-    ops(backend).matmul(x, mixed, o2)
-    for w, o in zip(mixed, o2):
-        alone = np.empty_like(o)
-        Q.qmatmul(x, w, alone)
-        np.testing.assert_array_equal(o, alone)
+    assert_dispatch_matches_separate_calls(x, ws[:1] + (other,))
 
 
 def test_parts_defaults_and_validation():
@@ -267,7 +234,7 @@ def test_parts_defaults_and_validation():
         Q.qmatmul(np.zeros((1, 64), np.float32), t, np.empty((1, 20), np.float32))
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", QMATMUL_ISAS)
 @pytest.mark.parametrize("fmt", [FORMATS[0], FORMATS[4], FORMATS[5]])
 def test_two_parts_differ_from_three_within_bound(fmt, isa):
     """The switch is not a no-op: 2 parts give other bits than 3 on random data (same codes

@@ -219,7 +219,8 @@ def k_quant_bytes(rows, cols, qtype, seed=0):
 def test_mixed_quant_types_run_natively_like_gguf(small):
     """A file mixing types tensor by tensor (as Q4_K_M does): each runs on its own kernel, with
     gguf's values; the logits equal those of the same weights dequantized to float32 within the
-    activation quantization's error (3 parts, about 23 bits: 1e-3 here, measured 1.1e-4)."""
+    activation quantization's error: with 3 parts everywhere (about 23 bits) 1e-3, measured
+    1.1e-4; as loaded (the codecs' default 2 parts, about 16 bits) 5e-3, measured 1.1e-3."""
     model, tmp = small
     t = gguf_tensors(model)
     raw = {"token_embd.weight": (k_quant_bytes(512, 256, QT.Q6_K), QT.Q6_K),
@@ -238,7 +239,17 @@ def test_mixed_quant_types_run_natively_like_gguf(small):
     dense = {k: w.dequantize() if isinstance(w, QTensor) else w for k, w in ck.weights.items()}
     want = xllm.Model(ck.config, dense, kv_dtype="float32").logits(IDS)
     print(f"mixed types: max |logit diff| {np.abs(out - want).max():.1e}")
-    assert np.isfinite(out).all() and np.abs(out - want).max() <= 1e-3
+    assert np.isfinite(out).all() and np.abs(out - want).max() <= 5e-3
+    three = {k: with_parts(w, 3) if isinstance(w, QTensor) else w for k, w in ck.weights.items()}
+    out3 = xllm.Model(ck.config, three, kv_dtype="float32").logits(IDS)
+    print(f"mixed types, 3 parts: max |logit diff| {np.abs(out3 - want).max():.1e}")
+    assert np.abs(out3 - want).max() <= 1e-3
+
+
+def with_parts(w, parts):
+    """The QTensor `w` (same arrays) with activations split into `parts` int8 parts."""
+    return QTensor(w.shape, w.bits, w.group, w.qs, w.scales, w.mins, parts, codec=w.codec,
+                   high=w.high, sub=w.sub)
 
 
 def test_tied_embeddings_and_llama3_rope_freqs(tmp_path):

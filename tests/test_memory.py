@@ -39,3 +39,30 @@ def test_model_prediction_and_measurement(tmp_path, capsys):
                         "--gen-len", "4", "--measure"]) == 0
     out = capsys.readouterr().out
     assert "KV cache (float16, 3 x 256 rows)" in out and "measured peak RSS" in out
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_kv_capacity_follows_the_cache_and_its_window(window):
+    """The predicted KV rows are those the cache has after a generation run of prompt + new
+    tokens: all of them without a window; with one, the window plus a block plus a chunk."""
+    import dataclasses
+
+    import numpy as np
+
+    from conftest import TINY, tiny_weights
+    from xllm.model.transformer import Transformer
+    config, weights = tiny_weights()
+    config = dataclasses.replace(config, max_seq_len=2048, sliding_window=window)
+    tr = Transformer(config, weights)
+    prompt_len, gen_len = 700, 300
+    kv = tr.new_cache()
+    kv.reserve(prompt_len + gen_len)  # as generation does
+    rng = np.random.default_rng(0)
+    tr.forward(rng.integers(3, TINY["vocab_size"], prompt_len), kv)
+    most = kv.capacity
+    for token in rng.integers(3, TINY["vocab_size"], gen_len - 1):
+        tr.forward([token], kv)
+        most = max(most, kv.capacity)
+    predicted = memory.kv_capacity(config, prompt_len, gen_len, chunk_rows=tr.ws.rows)
+    assert most == predicted
+    assert predicted == (1024 if window is None else memory.block_rows(40 + memory.KV_BLOCK + tr.ws.rows))

@@ -3,7 +3,6 @@ llguidance in the generation loop and the engine, for both tokenizers; JSON-sche
 always validate (checked with the jsonschema package, which nobody here wrote), determinism
 beside other requests, bad constraints refused, dead ends ended."""
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -15,7 +14,9 @@ from xllm.chat import parse_tool_calls, render_chat, tool_messages, CHATML
 from xllm.engine.constraints import (Constraint, ConstraintError, Matcher, token_bytes,
                                      vocabulary)
 from xllm.engine.sampling import SamplingParams, apply_token_mask
-from xllm.engine.scheduler import Engine, FinishEvent, Request, TokenEvent
+from xllm.engine.scheduler import Engine, Request
+
+from helpers_engine import Collector
 
 llguidance = pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
@@ -315,23 +316,6 @@ def test_200_schema_requests_all_validate_and_without_constraints_fewer_do(smoll
 
 
 # ---- the engine: concurrent requests, determinism, dead ends ----
-
-class Collector:
-    def __init__(self):
-        self.tokens = []
-        self.text = ""
-        self.finish = None
-        self.done = threading.Event()
-
-    def __call__(self, event):
-        self.text += event.text
-        if isinstance(event, TokenEvent):
-            self.tokens.append(event.token)
-        else:
-            assert isinstance(event, FinishEvent)
-            self.finish = event
-            self.done.set()
-
 
 def engine_requests(model):
     """16 requests: constrained and not, greedy and seeded, with different schemas."""

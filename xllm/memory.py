@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 
+from ._kernels.layout import KV_BLOCK
 from .config import PRESETS, ModelConfig
 from .errors import XLLMError
 from .formats.qtensor import PANEL, QTensor, describe
@@ -72,10 +73,14 @@ def _format_bytes(weight_format, shape):
     return label, int(np.prod(shape) * weight_format.bytes_per_weight)
 
 
-def kv_capacity(config, prompt_len, gen_len, initial=256):
+def kv_capacity(config, prompt_len, gen_len, initial=256, chunk_rows=512):
     """Rows of a sequence's KVCache: generation reserves prompt + new tokens at once (rounded up
-    to whole KV blocks)."""
-    return block_rows(min(config.max_seq_len, max(prompt_len + gen_len, initial)))
+    to whole KV blocks). With a sliding window the cache never holds more than the window, a
+    block and a chunk of `chunk_rows` (the Workspace's rows) at once (KVCache)."""
+    rows = min(config.max_seq_len, max(prompt_len + gen_len, initial))
+    if config.sliding_window is not None:
+        rows = min(rows, config.sliding_window + KV_BLOCK + chunk_rows)
+    return block_rows(rows)
 
 
 def activation_bytes(config, batch, prompt_len, rows=512):
