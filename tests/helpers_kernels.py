@@ -15,8 +15,11 @@ from xllm._kernels import reference as R
 from xllm.formats.dispatch import ops
 
 # The ISA paths of attention.pyx and qmatmul.pyx that this CPU can run, the portable one first.
+# qmatmul's tile kernels (gemm_amx.h) run on the scalar model of the tiles wherever AVX-512 VNNI
+# does ("amx-emulated"), and on the AMX unit where the CPU has it (tests/test_kernels_amx.py).
 ATTENTION_ISAS = ["avx2"] + (["avx512"] if _cpu.features()["avx512"] else [])
-QMATMUL_ISAS = ["avx2"] + (["avx512vnni"] if _cpu.features()["avx512vnni"] else [])
+QMATMUL_ISAS = (["avx2"] + (["avx512vnni", "amx-emulated"] if _cpu.features()["avx512vnni"] else [])
+                + (["amx"] if _cpu.features()["amx"] else []))
 
 
 def restore_threads_and_isa(module):

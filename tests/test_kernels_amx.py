@@ -28,6 +28,7 @@ from xllm.formats import qtensor as quant
 gguf = pytest.importorskip("gguf")
 Q = pytest.importorskip("xllm._kernels.qmatmul")
 
+from helpers_kernels import restore_threads_and_isa  # noqa: E402
 from test_kernels_kquant import CODECS, packed  # noqa: E402
 from test_kernels_quant import FORMATS, weights  # noqa: E402
 
@@ -43,13 +44,7 @@ TILE_ISAS = [pytest.param("amx-emulated",
 # M: small batches, one 16-row tile and its edges, and the row chunks of qmatmul (128 rows)
 ROWS = st.one_of(st.integers(2, 40), st.sampled_from([127, 128, 129, 257, 600]))
 
-
-@pytest.fixture(autouse=True)
-def _restore():
-    n, isa = _cpu.get_threads(), Q.get_isa()
-    yield
-    _cpu.set_threads(n)
-    Q.set_isa(isa)
+_restore = restore_threads_and_isa(Q)
 
 
 # ---- the model of the tile operations
