@@ -226,6 +226,91 @@ def test_tile_batch_invariance_and_shared_x(isa):
         np.testing.assert_array_equal(o, alone)
 
 
+# ---- bfloat16 weights on tdpbf16ps (matmul; gemm_amx_bf16.h): within a bound, not bits
+
+
+MM = pytest.importorskip("xllm._kernels.matmul")
+_restore_matmul = restore_threads_and_isa(MM)
+
+
+def _bf16_weights(rng, n, k):
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    bits = (w.view(np.uint32) >> 16).astype(np.uint16)  # cut: any bfloat16 will do
+    return bits, (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def _tile_bf16_bound(x, W, k):
+    """The error bound of the tile path: x split into two bfloat16 parts (|v - h1 - h2| <=
+    2^-16 |v|), then 2 Kp exact products summed in float32 (Kp: K rounded up to 32), each sum
+    rounded (2^-24 relative, first order): (2^-16 + 2 Kp 2^-24) (|x| @ |W|.T)."""
+    kp = -(-k // 32) * 32
+    return (2.0**-16 + 2 * kp * 2.0**-24) * (np.abs(x).astype(np.float64) @ np.abs(W).T)
+
+
+@pytest.mark.parametrize("isa", TILE_ISAS)
+@settings(**dict(SETTINGS, max_examples=40))
+@given(m=st.one_of(st.integers(1, 40), st.sampled_from([127, 128, 129, 300])),
+       n=st.integers(1, 50), k=st.integers(0, 300), threads=st.sampled_from([1, 2]),
+       accumulate=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 50.0]),
+       seed=st.integers(0, 999))
+def test_tile_bf16_matmul_within_bound(isa, m, n, k, threads, accumulate, scale, seed):
+    rng = np.random.default_rng(seed)
+    w, W = _bf16_weights(rng, n, k)
+    x = (rng.standard_normal((m, k)) * scale).astype(np.float32)
+    out0 = rng.standard_normal((m, n)).astype(np.float32)
+    _cpu.set_threads(threads)
+    MM.set_isa(isa)
+    ran = MM._emulated_tile_items()
+    got = out0.copy()
+    MM.matmul(x, w, got, accumulate=accumulate)
+    if isa == "amx-emulated" and k:
+        assert MM._emulated_tile_items() > ran  # the tile kernel ran, for every M
+    exact = x.astype(np.float64) @ W.T
+    sums = got.astype(np.float64) - (out0 if accumulate else 0)
+    # (accumulating adds one rounding of out + C: half an ulp of the result)
+    slack = np.abs(got) * 2.0**-24 if accumulate else 0
+    assert np.all(np.abs(sums - exact) <= _tile_bf16_bound(x, W, k) + slack + 1e-30)
+
+
+@pytest.mark.parametrize("isa", TILE_ISAS)
+def test_tile_bf16_batch_invariance_and_special_values(isa):
+    """A row's bits on the tile path do not depend on its batch (one row included: the tile path
+    serves every M) or the thread count; infinities and NaN propagate as in float arithmetic."""
+    rng = np.random.default_rng(11)
+    K, N = 200, 37
+    w, W = _bf16_weights(rng, N, K)
+    x = rng.standard_normal((150, K)).astype(np.float32)
+    x[3, 5] = np.inf
+    x[4, 7] = np.nan
+    MM.set_isa(isa)
+    full = np.empty((150, N), np.float32)
+    MM.matmul(x, w, full)
+    exact = x.astype(np.float64) @ W.T
+    np.testing.assert_array_equal(np.isnan(full), np.isnan(exact))
+    np.testing.assert_array_equal(np.isinf(full), np.isinf(exact))
+    for t in (1, 2):
+        _cpu.set_threads(t)
+        for m0, m1 in [(0, 1), (3, 5), (5, 21), (20, 150), (149, 150)]:
+            part = np.empty((m1 - m0, N), np.float32)
+            MM.matmul(np.ascontiguousarray(x[m0:m1]), w, part)
+            np.testing.assert_array_equal(part, full[m0:m1])
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="the tile kernels need AVX-512 VNNI")
+def test_tile_paths_leave_float_weights_on_the_vector_path():
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((20, 96)).astype(np.float32)
+    w = rng.standard_normal((30, 96)).astype(np.float32)
+    for wt in (w, w.astype(np.float16)):
+        MM.set_isa("avx512")
+        want = np.empty((20, 30), np.float32)
+        MM.matmul(x, wt, want)
+        MM.set_isa("amx-emulated")
+        got = np.empty((20, 30), np.float32)
+        MM.matmul(x, wt, got)
+        np.testing.assert_array_equal(got, want)
+
+
 # ---- dispatch
 
 
@@ -263,7 +348,10 @@ def test_xllm_isa_names_the_path():
             "print(qmatmul.get_isa(), matmul.get_isa())")
     r = _isa_in_subprocess("amx-emulated", code)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["amx-emulated", "avx512"]  # matmul has no tile path: its best
+    assert r.stdout.split() == ["amx-emulated", "amx-emulated"]
+    attention = "from xllm._kernels import attention; print(attention.get_isa())"
+    r = _isa_in_subprocess("amx-emulated", attention)
+    assert r.stdout.split() == ["avx512"], r.stderr  # no tile path: its best vector path
     r = _isa_in_subprocess("avx512", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["avx512vnni", "avx512"]

@@ -1,9 +1,12 @@
 """Matrix multiply (``x @ w.T``) and embedding lookup: argument checks, the instruction-set path
 and the split of w's rows across threads. The arithmetic (AVX2, AVX-512) and why it is bitwise
-independent of the batch size and the thread count: gemm.h."""
+independent of the batch size and the thread count: gemm.h; bfloat16 weights on AMX tiles (the
+"amx" paths): gemm_amx_bf16.h."""
 include "_matrix.pxi"
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cython.parallel cimport parallel, threadid
 from libc.stdlib cimport free, malloc
+from libc.string cimport memset
 
 cdef extern from "gemm.h" nogil:
     int XW_F32, XW_F16, XW_BF16
@@ -19,8 +22,21 @@ cdef extern from "gemm.h" nogil:
     void xllm_embedding(const void *table, int wt, size_t D, const int64_t *ids, size_t n,
                         float *out)
 
-# Instruction-set paths (set_isa, get_isa: _isa.pxi), each with the CPU features it needs.
-_init_isa({"avx2": (), "avx512": ("avx512",)})
+cdef extern from "gemm_amx_bf16.h" nogil:
+    enum: XB_PARTS
+    void xb_split_rows(const float *x, size_t ldx, size_t m0, size_t m1, size_t K, size_t kp,
+                       size_t M, uint16_t *xs)
+    void xb_item(int hw, const uint16_t *xs, size_t M, size_t kp, size_t m0, size_t m1,
+                 const uint16_t *w, size_t N, size_t K, size_t p, uint16_t *bt, float *out,
+                 int accum)
+    size_t xb_emulated_count()
+
+# Instruction-set paths (set_isa, get_isa: _isa.pxi), each with the CPU features it needs; the
+# index of each is the isa of gemm.h (0 AVX2, else AVX-512). The tile paths run bfloat16 weights
+# on tdpbf16ps (gemm_amx_bf16.h) for every M, and the other weights on the AVX-512 path;
+# "amx-emulated" runs the tiles on their scalar model (tests), never chosen unless named.
+_init_isa({"avx2": (), "avx512": ("avx512",), "amx-emulated": ("avx512",),
+           "amx": ("avx512", "amx")})
 
 
 cdef int _weight_type(cnp.ndarray a, str name) except -1:
@@ -95,6 +111,10 @@ def matmul(x, w, out, accumulate=False):
     cdef size_t mk = M * K  # <= x.size, which fits
     if mk == 0 or (mk < _SERIAL_MAX_MACS and N < (_SERIAL_MAX_MACS + mk - 1) // mk):
         nt = 1  # M * N * K < _SERIAL_MAX_MACS, without the product that can overflow
+    if isa >= 2 and wt == XW_BF16:
+        _matmul_tiles(xp, M, K, <const uint16_t *>wp, N, op, acc, isa == 3, nt)
+        return
+    isa = 1 if isa >= 1 else 0  # the tile paths' other weights: the AVX-512 path
     cdef size_t nr = XLLM_NR5 if isa else XLLM_NR2
     # Row stride of converted panels: 64-byte aligned rows, plus one extra cache line so that
     # rows are not a multiple of 4 KiB apart (which would map them all to the same L1 sets).
@@ -152,6 +172,54 @@ def matmul(x, w, out, accumulate=False):
     finally:
         free(scratch)
         free(xpk_mem)
+
+
+# Rows of x per work item of the tile path (one panel of 16 rows of w each).
+cdef size_t _TILE_ROWS = 128
+
+
+cdef _matmul_tiles(const float *xp, size_t M, size_t K, const uint16_t *wp, size_t N, float *op,
+                   int acc, int hw, int nt):
+    """out (+)= x @ w.T for bfloat16 w on the tile kernel (gemm_amx_bf16.h; hw: the AMX unit, or
+    its model): x split into bfloat16 parts once, then work items (row chunk) x (panel of w)."""
+    cdef size_t kp = (K + 31) & ~(<size_t>31)
+    cdef size_t npanels = (N + 15) // 16
+    cdef size_t nchunks = (M + _TILE_ROWS - 1) // _TILE_ROWS
+    if kp == 0:  # K = 0: the products are 0
+        if not acc:
+            memset(op, 0, M * N * sizeof(float))
+        return
+    if M > (<size_t>PY_SSIZE_T_MAX // 8) // kp or npanels > <size_t>PY_SSIZE_T_MAX // nchunks:
+        raise MemoryError(f"matmul: {M} x {K} is too large for the tile path")
+    if <size_t>nt > npanels * nchunks:
+        nt = <int>(npanels * nchunks)
+    cdef size_t xs_bytes = (XB_PARTS * M * kp * 2 + 63) & ~(<size_t>63)
+    cdef size_t bt_bytes = kp * 32  # one panel's tiles: kp / 32 KiB
+    cdef char *mem = <char *>malloc(xs_bytes + <size_t>nt * bt_bytes + 64)
+    if mem == NULL:
+        raise MemoryError("matmul: cannot allocate scratch memory for the tile path")
+    cdef uint16_t *xs = <uint16_t *>((<size_t>mem + 63) & ~(<size_t>63))
+    cdef uint16_t *bt
+    cdef Py_ssize_t m, it
+    cdef size_t m0, m1, p
+    try:
+        with nogil, parallel(num_threads=nt):
+            for m in prange(<Py_ssize_t>M, schedule="static"):
+                xb_split_rows(xp, K, <size_t>m, <size_t>m + 1, K, kp, M, xs)
+            xllm_barrier()  # Cython's prange ends with nowait
+            bt = <uint16_t *>(<char *>xs + xs_bytes + <size_t>threadid() * bt_bytes)
+            for it in prange(<Py_ssize_t>(npanels * nchunks), schedule="static"):
+                m0 = (<size_t>it // npanels) * _TILE_ROWS
+                m1 = min(m0 + _TILE_ROWS, M)
+                p = <size_t>it % npanels
+                xb_item(hw, xs, M, kp, m0, m1, wp, N, K, p, bt, op, acc)
+    finally:
+        free(mem)
+
+
+def _emulated_tile_items():
+    """How many work items the emulated bf16 tile kernel computed in this process (tests)."""
+    return xb_emulated_count()
 
 
 cdef inline float *_align64(float *p) noexcept nogil:
