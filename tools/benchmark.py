@@ -361,9 +361,11 @@ def gemm_table(threads, reps):
         out = np.empty((m, n), np.float32)
         bf16 = (w.view(np.uint32) >> 16).astype(np.uint16)
         for kind, mod, wt, isas in (
-                ("fp32", mm, w, ("avx2", "avx512")), ("bf16", mm, bf16, ("avx2", "avx512")),
-                ("int8", qm, quant.quantize(w, 8, 32), ("avx2", "avx512vnni")),
-                ("int4", qm, quant.quantize(w, 4, 32, asymmetric=True), ("avx2", "avx512vnni"))):
+                ("fp32", mm, w, ("avx2", "avx512")),
+                ("bf16", mm, bf16, ("avx2", "avx512", "amx")),
+                ("int8", qm, quant.quantize(w, 8, 32), ("avx2", "avx512vnni", "amx")),
+                ("int4", qm, quant.quantize(w, 4, 32, asymmetric=True),
+                 ("avx2", "avx512vnni", "amx"))):
             for isa in isas:
                 try:
                     mod.set_isa(isa)

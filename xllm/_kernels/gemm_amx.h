@@ -33,6 +33,7 @@
 #ifndef XLLM_GEMM_AMX_H
 #define XLLM_GEMM_AMX_H
 
+#include <pthread.h>
 #include <stdlib.h>
 
 #include "gemm_q.h"
@@ -47,15 +48,24 @@ typedef struct {
 
 static __thread xa_block *xa_buf;
 static __thread size_t xa_buf_blocks;
+static pthread_key_t xa_buf_key; /* frees a thread's buffer when the thread exits */
+static pthread_once_t xa_buf_once = PTHREAD_ONCE_INIT;
 
-/* The thread's buffer for nb blocks (grown as needed, kept for the next call: a thread's
- * OpenMP pool lives as long as the process), or NULL if memory is short. */
+static void xa_buf_key_init(void)
+{
+    pthread_key_create(&xa_buf_key, free);
+}
+
+/* The thread's buffer for nb blocks (grown as needed, kept for the thread's next call, freed
+ * when the thread exits), or NULL if memory is short. */
 static xa_block *xa_blocks(size_t nb)
 {
     if (nb > xa_buf_blocks) {
+        pthread_once(&xa_buf_once, xa_buf_key_init);
         free(xa_buf);
         xa_buf_blocks = 0;
         xa_buf = (xa_block *)aligned_alloc(64, nb * sizeof(xa_block));
+        pthread_setspecific(xa_buf_key, xa_buf);
         if (xa_buf == NULL)
             return NULL;
         xa_buf_blocks = nb;
