@@ -33,10 +33,12 @@ def get_isa():
 
 
 def _init_isa(paths=None):
-    """Select the best path this CPU has, or the one XLLM_ISA names ("avx512" selects
-    "avx512vnni" where that is the module's AVX-512 path). `paths` ({name: needed features},
-    best last) declares the module's paths, once, at import; without it the declared paths
-    stay (tools/benchmark.py calls ``_init_isa()`` to return to the default path)."""
+    """Select the best path this CPU has (never an emulation), or the one XLLM_ISA names: a
+    path's exact name, else the first path it begins ("avx512" selects "avx512vnni" where that
+    is the module's AVX-512 path); "amx" or "amx-emulated" in a module without tile kernels
+    selects its best path. `paths` ({name: needed features}, best last) declares the module's
+    paths, once, at import; without it the declared paths stay (tools/benchmark.py calls
+    ``_init_isa()`` to return to the default path)."""
     global _ISAS, _NEEDS
     if paths is not None:
         _ISAS = tuple(paths)
