@@ -226,6 +226,22 @@ def test_tile_batch_invariance_and_shared_x(isa):
         np.testing.assert_array_equal(o, alone)
 
 
+@pytest.mark.skipif(not HAS_VNNI, reason="the tile kernels need AVX-512 VNNI")
+def test_model_logits_same_bits_on_the_tile_path(smollm2_gguf):
+    """The default model (Q4_1, several weights sharing x) gives the same logits, bit for bit,
+    with its prompt's products on the emulated tiles as on the VNNI path."""
+    import xllm
+    model = xllm.load(smollm2_gguf)
+    ids = list(range(100, 124))
+    Q.set_isa("avx512vnni")
+    want = np.array(model.logits(ids), copy=True)
+    Q.set_isa("amx-emulated")
+    ran = Q._emulated_panels()
+    got = np.array(model.logits(ids), copy=True)
+    assert Q._emulated_panels() > ran
+    np.testing.assert_array_equal(got, want)
+
+
 # ---- bfloat16 weights on tdpbf16ps (matmul; gemm_amx_bf16.h): within a bound, not bits
 
 
