@@ -56,29 +56,53 @@ static void xb_split_rows(const float *x, size_t ldx, size_t m0, size_t m1, size
     }
 }
 
+#define XB_AI __attribute__((always_inline))
+
 /* Panel p (rows 16p .. 16p + 15 of w [N, K], row stride K) as kp / 32 B tiles of 1 KiB at b:
  * line kk of chunk c holds, for each row n of the panel, values 32c + 2kk and 32c + 2kk + 1
- * (0 past K or N). */
-static void xb_panel_tiles(const uint16_t *w, size_t N, size_t K, size_t kp, size_t p,
-                           uint16_t *b)
+ * (0 past K or N). Per chunk: the 16 rows' 32 values (masked loads: nothing past K or N is
+ * read), then a 16 x 16 transpose of their dwords (value pairs). */
+static XA_T void xb_panel_tiles(const uint16_t *w, size_t N, size_t K, size_t kp, size_t p,
+                                uint16_t *b)
 {
     for (size_t c = 0; c < kp / 32; c++) {
-        uint16_t *t = b + c * 512;
+        const size_t k0 = 32 * c, nk = K - k0 < 32 ? K - k0 : 32;
+        const __mmask32 mask = nk == 32 ? 0xffffffffu : (((__mmask32)1 << nk) - 1);
+        __m512i r[16], t[16], u[4][4];
         for (size_t n = 0; n < 16; n++) {
             const size_t row = 16 * p + n;
-            const uint16_t *src = row < N ? w + row * K + 32 * c : NULL;
-            for (size_t kk = 0; kk < 16; kk++)
-                for (size_t e = 0; e < 2; e++) {
-                    const size_t k = 32 * c + 2 * kk + e;
-                    t[32 * kk + 2 * n + e] = src && k < K ? src[2 * kk + e] : 0;
-                }
+            r[n] = row < N ? _mm512_maskz_loadu_epi16(mask, w + row * K + k0)
+                           : _mm512_setzero_si512();
+        }
+        /* lane L of r[n]: dwords 4L..4L+3 of row n. t: pairs of rows interleaved; u[g][j]:
+         * lane L holds dword 4L + j of rows 4g..4g+3 */
+        for (int i = 0; i < 8; i++) {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        for (int g = 0; g < 4; g++) {
+            u[g][0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+            u[g][1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+            u[g][2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+            u[g][3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+        }
+        /* line 4L + j: lane L of u[0][j], u[1][j], u[2][j], u[3][j] */
+        uint16_t *o = b + c * 512;
+        for (int j = 0; j < 4; j++) {
+            const __m512i lo01 = _mm512_shuffle_i32x4(u[0][j], u[1][j], 0x44);
+            const __m512i hi01 = _mm512_shuffle_i32x4(u[0][j], u[1][j], 0xee);
+            const __m512i lo23 = _mm512_shuffle_i32x4(u[2][j], u[3][j], 0x44);
+            const __m512i hi23 = _mm512_shuffle_i32x4(u[2][j], u[3][j], 0xee);
+            _mm512_storeu_si512(o + 32 * (0 + j), _mm512_shuffle_i32x4(lo01, lo23, 0x88));
+            _mm512_storeu_si512(o + 32 * (4 + j), _mm512_shuffle_i32x4(lo01, lo23, 0xdd));
+            _mm512_storeu_si512(o + 32 * (8 + j), _mm512_shuffle_i32x4(hi01, hi23, 0x88));
+            _mm512_storeu_si512(o + 32 * (12 + j), _mm512_shuffle_i32x4(hi01, hi23, 0xdd));
         }
     }
 }
 
 /* Rows [m0, m1) of out against panel p (nr = its valid rows), from the B tiles bt of the panel
  * and the parts xs of x (M rows, kp values each). */
-#define XB_AI __attribute__((always_inline))
 static inline XB_AI XA_T void xb_rows_f(const int HW, const uint16_t *xs, size_t M, size_t kp,
                                         size_t m0, size_t m1, const uint16_t *bt, float *out,
                                         size_t ldo, size_t nr, int accum)
