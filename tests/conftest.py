@@ -218,3 +218,29 @@ def tiny_models(tmp_path_factory):
     except ImportError:
         pass
     return out
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+def llama_cpp_token_pieces(path, special):
+    """The bytes of every token of the GGUF vocabulary at `path` as llama.cpp's
+    llama_token_to_piece writes them (llama-cpp-python; lstrip 0, so a leading space stays;
+    `special`: whether control tokens are written as their text). Skips the test without
+    llama_cpp."""
+    import ctypes
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    assert model, f"llama.cpp could not load {path}"
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        buf = ctypes.create_string_buffer(1024)
+        pieces = []
+        for i in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+            n = llama_cpp.llama_token_to_piece(vocab, i, buf, len(buf), 0, special)
+            assert 0 <= n <= len(buf), f"token {i}: llama_token_to_piece returned {n}"
+            pieces.append(buf.raw[:n])
+    finally:
+        llama_cpp.llama_model_free(model)
+    return pieces

@@ -66,3 +66,14 @@ def test_kv_capacity_follows_the_cache_and_its_window(window):
     predicted = memory.kv_capacity(config, prompt_len, gen_len, chunk_rows=tr.ws.rows)
     assert most == predicted
     assert predicted == (1024 if window is None else memory.block_rows(40 + memory.KV_BLOCK + tr.ws.rows))
+
+
+def test_owned_bytes_count_every_array_of_a_k_quant():
+    """A K-quant QTensor holds bit planes and sub-block scales beside its codes and scales: the
+    runtime estimate subtracts all of them (it once missed `high` and `sub`)."""
+    import numpy as np
+
+    from test_kernels_kquant import packed
+    w, _ = packed(np.random.default_rng(0), "Q5_K", 32, 512)
+    assert w.high is not None and w.sub is not None
+    assert memory._owned_bytes(w) == w.nbytes == sum(a.nbytes for a in w.arrays)

@@ -15,6 +15,8 @@ from xllm.tokenizers.sentencepiece_model import (BPE, NormalizerField, TrainerFi
                                                   model_proto_bytes,
                                                   read_model_proto)
 
+from conftest import llama_cpp_token_pieces
+
 try:
     import sentencepiece as spm
 except ImportError:  # only the comparisons against the reference library need it
@@ -244,6 +246,29 @@ def test_decode_rules(llama_tok):
     assert llama_tok.decode([0]) == " \u2047 "  # <unk>
     with pytest.raises(IndexError):
         llama_tok.decode([32000])
+
+
+def test_token_bytes_match_llama_cpp_and_sentencepiece(data_dir, llama_spm):
+    """Tokenizer.token_bytes of every token of Llama's SentencePiece vocabulary (32,000 pieces,
+    256 of them byte pieces) equals llama.cpp's llama_token_to_piece (leading space kept, no
+    special text: a control token adds nothing), but for the unknown token, which llama.cpp
+    writes as nothing and sentencepiece (whose decoding xllm follows) as " ⁇ " after other
+    text."""
+    path = data_dir / "llamacpp_vocab" / "ggml-vocab-llama-spm.gguf"
+    tok = load_tokenizer(path)
+    assert isinstance(tok, SentencePieceBPE)
+    assert sum(kind == BYTE for kind in tok.types) == 256
+    want = llama_cpp_token_pieces(path, special=False)
+    got = [tok.token_bytes(i) for i in range(tok.vocab_size)]
+    assert len(want) == len(got) == 32000
+    assert [i for i in range(len(got)) if got[i] != want[i]] == [tok.unk_id]
+    assert llama_spm.id_to_piece(tok.unk_id) == tok.id_to_piece(tok.unk_id)
+    the = llama_spm.piece_to_id("\u2581The")
+    after_the = llama_spm.decode_ids([the, tok.unk_id])[len(llama_spm.decode_ids([the])):]
+    assert got[tok.unk_id] == after_the.encode("utf-8") == " \u2047 ".encode("utf-8")
+    for bad in (-1, len(got)):
+        with pytest.raises(IndexError):
+            tok.token_bytes(bad)
 
 
 # ----------------------------------------------------------------------------- streaming

@@ -15,6 +15,8 @@ from xllm.errors import ModelFormatError
 from xllm.tokenizers import (CONTROL, NORMAL, USER_DEFINED, SentencePieceBPE, load_tokenizer)
 from xllm.files.gguf import read_gguf_metadata
 
+from conftest import llama_cpp_token_pieces
+
 _FIXTURE_OK = [HealthCheck.function_scoped_fixture]
 
 
@@ -399,6 +401,38 @@ def test_stream_holds_back_partial_characters(smollm2):
     assert d.flush() == ""
     with pytest.raises(IndexError):
         smollm2.decode([smollm2.vocab_size])
+
+
+@pytest.mark.parametrize("model", ["gpt-2", "smollm2"])
+def test_token_bytes_match_llama_cpp(request, data_dir, model):
+    """Tokenizer.token_bytes of every token of GPT-2's byte-level vocabulary (50,257 tokens)
+    and SmolLM2's (49,152, with its chat markup) equals llama.cpp's llama_token_to_piece with
+    special text (a special token writes its text, as xllm decodes it); the vocabularies hold
+    tokens that are part of a UTF-8 character and special tokens, so both kinds are compared."""
+    if model == "gpt-2":
+        path = data_dir / "llamacpp_vocab" / "ggml-vocab-gpt-2.gguf"
+    else:
+        path = request.getfixturevalue("smollm2_gguf")
+    tok = load_tokenizer(path)
+    assert isinstance(tok, ByteLevelBPE)
+    want = llama_cpp_token_pieces(path, special=True)
+    got = [tok.token_bytes(i) for i in range(tok.vocab_size)]
+    assert len(want) == len(got)
+    mismatched = [(i, got[i], want[i]) for i in range(len(got)) if got[i] != want[i]]
+    assert not mismatched, mismatched[:5]
+    assert any(kind == CONTROL for kind in tok.types)
+    assert not all(_is_utf8(b) for b in got)
+    for bad in (-1, len(got)):
+        with pytest.raises(IndexError):
+            tok.token_bytes(bad)
+
+
+def _is_utf8(data):
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- tokenizer.json

@@ -1,6 +1,7 @@
 """Perplexity of a model on a text file, the way llama.cpp's ``llama-perplexity`` measures it.
 
     python tools/perplexity.py --model smollm2-135m-instruct --text benchmarks/texts/alice.txt
+    python tools/perplexity.py --model q6_k.gguf --text benchmarks/texts/alice.txt --vs-llama-cpp
     python tools/perplexity.py --model stories260K.bin --tokenizer tok512.bin --text FILE \\
         --ctx 256 --max-chunks 4 --json
 
@@ -107,6 +108,36 @@ def perplexity(model, ids, ctx, *, max_chunks=None, add_bos=None, progress=None)
     return out
 
 
+class LlamaCppLogits:
+    """llama.cpp (llama-cpp-python) on a GGUF file, with the ``.logits(ids)`` and ``.config``
+    that :func:`perplexity` needs: every row's logits of one chunk evaluated from an empty KV
+    cache, on the ids xllm's tokenizer gave (so both engines score the same tokens)."""
+
+    def __init__(self, path, ctx, threads, config):
+        from llama_cpp import Llama
+        self.config = config
+        self.llm = Llama(model_path=path, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
+                         logits_all=True, n_threads=threads, verbose=False)
+
+    def logits(self, ids):
+        self.llm.reset()
+        self.llm.eval([int(i) for i in ids])
+        return np.array(self.llm.scores[:len(ids)], np.float32)
+
+
+def compare_llama_cpp(model, path, ids, ctx, threads, max_chunks, add_bos) -> dict:
+    """llama.cpp's perplexity on the same ids and chunks, and the largest difference between
+    its logits and xllm's on the first chunk."""
+    other = LlamaCppLogits(path, ctx, threads or 2, model.config)
+    res = perplexity(other, ids, ctx, max_chunks=max_chunks, add_bos=add_bos)
+    chunk = np.asarray(ids[:ctx], np.int64).copy()
+    if add_bos:
+        chunk[0] = model.config.bos_token_id
+    diff = np.abs(model.logits(chunk) - other.logits(chunk))
+    return {"ppl": res["ppl"], "stderr": res["stderr"], "max_logit_diff": float(diff.max()),
+            "mean_logit_diff": float(diff.mean())}
+
+
 def _fail(msg):
     print(f"perplexity: error: {msg}", file=sys.stderr)
     return 2
@@ -124,6 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("--kv-dtype", default="float32", choices=["float32", "float16"],
                    help="KV cache storage (default float32: the figure measures the weights)")
+    p.add_argument("--vs-llama-cpp", action="store_true",
+                   help="also llama.cpp's perplexity of the same GGUF on the same ids, and the "
+                        "largest logit difference on the first chunk (needs llama-cpp-python)")
     args = p.parse_args(argv)
 
     import xllm
@@ -155,16 +189,24 @@ def main(argv=None) -> int:
     except ValueError as e:
         return _fail(str(e))
     seconds = time.perf_counter() - t0
+    if args.vs_llama_cpp:
+        res["llama_cpp"] = compare_llama_cpp(model, args.model, ids, args.ctx, args.threads,
+                                             args.max_chunks, res["add_bos"])
     if args.json:
         stderr = res["stderr"] if math.isfinite(res["stderr"]) else None
         print(json.dumps({"ppl": res["ppl"], "stderr": stderr, "tokens": res["tokens"],
                           "chunks": res["chunks"], "ctx": res["ctx"], "seconds": seconds,
                           "model": args.model, "text_tokens": len(ids),
-                          "add_bos": res["add_bos"]}))
+                          "add_bos": res["add_bos"], "llama_cpp": res.get("llama_cpp")}))
     else:
         print(f"perplexity: {res['ppl']:.4f} ± {res['stderr']:.4f} ({res['tokens']} tokens "
               f"scored, {res['chunks']} chunks of {res['ctx']}, model {args.model}, "
               f"{seconds:.1f} s)")
+        if args.vs_llama_cpp:
+            other = res["llama_cpp"]
+            print(f"llama.cpp:  {other['ppl']:.4f} ± {other['stderr']:.4f} (same tokens); "
+                  f"first chunk's logits differ by at most {other['max_logit_diff']:.4f} "
+                  f"(mean {other['mean_logit_diff']:.5f})")
     return 0
 
 

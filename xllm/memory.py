@@ -114,7 +114,7 @@ def model_weights(tr):
 def _owned_bytes(a):
     """Bytes of `a` (array or QTensor) held in anonymous memory (not a view of a mapped file)."""
     if isinstance(a, QTensor):
-        return sum(_owned_bytes(x) for x in (a.qs, a.scales, a.mins) if x is not None)
+        return sum(_owned_bytes(x) for x in a.arrays)
     base = a
     while isinstance(base, np.ndarray) and base.base is not None:
         base = base.base

@@ -232,18 +232,17 @@ class _Encoder:
 
 def token_bytes(tokenizer) -> list:
     """The bytes each token of `tokenizer` adds to the text after other text (a SentencePiece
-    piece's "▁" is its space), as :class:`xllm.tokenizers.base.StreamDecoder` gives them; the
-    special tokens (control, unknown, user-defined markup) as their text after a 0xFF byte."""
+    piece's "▁" is its space), as :meth:`xllm.tokenizers.base.Tokenizer.token_bytes` gives them;
+    the special tokens (control, unknown, user-defined markup) as their text after a 0xFF
+    byte."""
     from ..tokenizers.base import CONTROL, UNKNOWN  # (not imported with xllm)
     special = set(tokenizer.special_tokens.values())
     out = []
     for i in range(tokenizer.vocab_size):
-        surface = tokenizer._surface(i, False)[0]
         if tokenizer.types[i] in (CONTROL, UNKNOWN) or i in special:
-            surface = _SPECIAL_MARK + tokenizer.pieces[i].encode("utf-8")
-        elif isinstance(surface, str):
-            surface = surface.encode("utf-8")
-        out.append(surface)
+            out.append(_SPECIAL_MARK + tokenizer.pieces[i].encode("utf-8"))
+        else:
+            out.append(tokenizer.token_bytes(i))
     return out
 
 

@@ -46,9 +46,14 @@ class QTensor:
         return self.mins is not None
 
     @property
+    def arrays(self):
+        """The arrays that hold the weight (those it has of qs, scales, mins, high, sub)."""
+        every = (self.qs, self.scales, self.mins, self.high, self.sub)
+        return tuple(a for a in every if a is not None)
+
+    @property
     def nbytes(self):
-        arrays = (self.qs, self.scales, self.mins, self.high, self.sub)
-        return sum(a.nbytes for a in arrays if a is not None)
+        return sum(a.nbytes for a in self.arrays)
 
     @property
     def kind(self):

@@ -132,6 +132,19 @@ class Tokenizer:
         """The id of ``piece``, or ``unk_id`` if it is not in the vocabulary."""
         return self._ids.get(piece, self.unk_id)
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes that token ``i`` adds to the text when it follows other text, as
+        :meth:`decode` writes them (before UTF-8 decoding, so a token may hold part of a
+        character): a byte token's byte, a byte-level BPE token's bytes, a SentencePiece piece
+        with each "▁" a space (a leading one is kept: only the first token of a text loses it),
+        the text of a special token for byte-level BPE, nothing for a SentencePiece control
+        token and the unknown surface (" ⁇ ") for its unknown token. IndexError if ``i`` is
+        not a token id."""
+        surface = self._surface(self._check_id(i), False)[0]
+        if isinstance(surface, str):
+            return surface.encode("utf-8")
+        return surface
+
     def __len__(self) -> int:
         return self.vocab_size
 
