@@ -41,8 +41,14 @@
 /* Makes v opaque to the optimiser, so that GCC cannot contract the product that gives v and a
  * later sum into one FMA (the reference rounds the product first). */
 #define XQ_NO_FMA(v) __asm__("" : "+x"(v))
+/* Software prefetch along a panel when one tile of rows streams it (M <= 6): XQ_PF bytes ahead,
+ * non-temporal (the lines are read once). A 1-row Q8_0 stream ran 5-10% faster so than 1024 bytes
+ * ahead into L1 (T0); a second, farther prefetch into L2 (gemm_k.h's XK_PF2) made it slower. */
 #ifndef XQ_PF
-#define XQ_PF 1024 /* software prefetch distance along a panel, bytes */
+#define XQ_PF 4096
+#endif
+#ifndef XQ_PF_HINT
+#define XQ_PF_HINT _MM_HINT_NTA
 #endif
 
 #ifndef XQ_X_BYTES
@@ -218,10 +224,10 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const in
     XQ_ZEROED_ACC(512, XQ_MR512);
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *blk = wq + b * qb;
-        if (nt == 1) /* stream this panel, XQ_PF bytes ahead */
+        if (nt == 1) { /* stream this panel, XQ_PF bytes ahead */
             for (size_t i = 0; i < qb; i += 64)
-                _mm_prefetch((const char *)blk + XQ_PF + i, _MM_HINT_T0);
-        else /* row tile t of nt: its share of the next panel's lines (a panel is in cache
+                _mm_prefetch((const char *)blk + XQ_PF + i, XQ_PF_HINT);
+        } else /* row tile t of nt: its share of the next panel's lines (a panel is in cache
               * before its first tile starts) */
             for (size_t l = (t * nb + b) * qb / 64 / nt; l < (t * nb + b + 1) * qb / 64 / nt; l++)
                 _mm_prefetch((const char *)wq + nb * qb + 64 * l, _MM_HINT_T0);
@@ -325,10 +331,13 @@ static inline XQ_AI XQ_T512 void xq_rows512(const int KIND, const int PARTS, con
     const size_t nt = (M + XQ_MR512 - 1) / XQ_MR512;
     for (size_t t = 0, m = 0, r; t < nt; t++, m += r) {
         r = M / nt + (t < M % nt);
-#define XQ_CASE512(R) case R: xq_mk512(R, KIND, PARTS, w, p, x + m * w->nb, out + m * ldo, ldo, \
-                                       nr, accum, t, nt); break;
+        /* tiles of 1 or 2 rows occur only when M <= 2, as the one tile (t = 0, nt = 1): the
+         * constants let their micro-kernels drop the prefetch of the other case */
+#define XQ_CASE512(R, T, NT) case R: xq_mk512(R, KIND, PARTS, w, p, x + m * w->nb, out + m * ldo, \
+                                              ldo, nr, accum, T, NT); break;
         switch (r) {
-        XQ_CASE512(1) XQ_CASE512(2) XQ_CASE512(3) XQ_CASE512(4) XQ_CASE512(5) XQ_CASE512(6)
+        XQ_CASE512(1, 0, 1) XQ_CASE512(2, 0, 1)
+        XQ_CASE512(3, t, nt) XQ_CASE512(4, t, nt) XQ_CASE512(5, t, nt) XQ_CASE512(6, t, nt)
         default: break;
         }
     }
