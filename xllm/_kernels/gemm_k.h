@@ -146,6 +146,30 @@ static inline XQ_AI void xk_scale_min(const uint8_t *s, int n, int j, __m128i *s
                                        : _mm##P##_setzero_si##P();                               \
     }
 
+/* The prefetches of block b when one tile streams the panel (XK_PF, XK_PF2, XK_PFS): blk, hbk
+ * the block's low nibbles and bit planes (at a line start), hb the bytes of its planes. */
+#define XK_STREAM_PREFETCH()                                                                     \
+    for (size_t i = 0; i < 256; i += 64)                                                         \
+        _mm_prefetch((const char *)blk + XK_PF + i, XK_PF_HINT);                                 \
+    for (size_t i = 0; i < hb; i += 64)                                                          \
+        _mm_prefetch((const char *)hbk + XK_PF / 4 * XK_PLANES(F) + i, XK_PF_HINT);              \
+    for (size_t i = 0; i < 256; i += 64)                                                         \
+        _mm_prefetch((const char *)blk + XK_PF2 + i, XK_PF2_HINT);                               \
+    for (size_t i = 0; i < hb; i += 64)                                                          \
+        _mm_prefetch((const char *)hbk + XK_PF2 / 4 * XK_PLANES(F) + i, XK_PF2_HINT);            \
+    if (!XK_SUPER(F)) { /* the small streams */                                                  \
+        _mm_prefetch((const char *)sc + (b + XK_PFS) * 32, XK_PF_HINT);                          \
+        if (XK_ASYM(F))                                                                          \
+            _mm_prefetch((const char *)mn + (b + XK_PFS) * 32, XK_PF_HINT);                      \
+    } else if ((b & 7) == 0) { /* once per super-block */                                        \
+        const size_t sa = (b >> 3) + (XK_PFS + 7) / 8;                                           \
+        for (size_t i = 0; i < XK_SUB_BYTES(F); i += 64)                                         \
+            _mm_prefetch((const char *)sub + sa * XK_SUB_BYTES(F) + i, XK_PF_HINT);              \
+        _mm_prefetch((const char *)sc + sa * 32, XK_PF_HINT);                                    \
+        if (XK_ASYM(F))                                                                          \
+            _mm_prefetch((const char *)mn + sa * 32, XK_PF_HINT);                                \
+    }
+
 /* AVX-512 VNNI micro-kernel of codec F: MR rows of x against panel p (16 rows, nr valid). */
 static inline XQ_AI XQ_T512 void xk_mk512(const int MR, const int F, const int PARTS,
                                           const xq_weights *w, size_t p, const xq_xb *x,
@@ -165,27 +189,8 @@ static inline XQ_AI XQ_T512 void xk_mk512(const int MR, const int F, const int P
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *blk = wq + b * 256;
         const uint8_t *hbk = XK_PLANES(F) ? wh + b * hb : NULL;
-        if (nt == 1) { /* stream this panel (XK_PF, XK_PF2, XK_PFS) */
-            for (size_t i = 0; i < 256; i += 64)
-                _mm_prefetch((const char *)blk + XK_PF + i, XK_PF_HINT);
-            for (size_t i = 0; i < hb; i += 64)
-                _mm_prefetch((const char *)hbk + XK_PF / 4 * XK_PLANES(F) + i, XK_PF_HINT);
-            for (size_t i = 0; i < 256; i += 64)
-                _mm_prefetch((const char *)blk + XK_PF2 + i, XK_PF2_HINT);
-            for (size_t i = 0; i < hb; i += 64)
-                _mm_prefetch((const char *)hbk + XK_PF2 / 4 * XK_PLANES(F) + i, XK_PF2_HINT);
-            if (!XK_SUPER(F)) { /* the small streams */
-                _mm_prefetch((const char *)sc + (b + XK_PFS) * 32, XK_PF_HINT);
-                if (XK_ASYM(F))
-                    _mm_prefetch((const char *)mn + (b + XK_PFS) * 32, XK_PF_HINT);
-            } else if ((b & 7) == 0) { /* once per super-block */
-                const size_t sa = (b >> 3) + (XK_PFS + 7) / 8;
-                for (size_t i = 0; i < XK_SUB_BYTES(F); i += 64)
-                    _mm_prefetch((const char *)sub + sa * XK_SUB_BYTES(F) + i, XK_PF_HINT);
-                _mm_prefetch((const char *)sc + sa * 32, XK_PF_HINT);
-                if (XK_ASYM(F))
-                    _mm_prefetch((const char *)mn + sa * 32, XK_PF_HINT);
-            }
+        if (nt == 1) {
+            XK_STREAM_PREFETCH()
         } else { /* row tile t of nt: its share of the next panel's lines */
             for (size_t l = (t * nb + b) * 4 / nt; l < (t * nb + b + 1) * 4 / nt; l++)
                 _mm_prefetch((const char *)wq + nb * 256 + 64 * l, _MM_HINT_T0);
@@ -275,10 +280,11 @@ static inline XQ_AI __m256i xk_plane256(const uint8_t *p, __m256i v)
 #define XK_CVT8U_256(v) _mm256_cvtepu8_epi32(v)
 #define XK_CVT8S_256(v) _mm256_cvtepi8_epi32(v)
 
-/* AVX2 micro-kernel of codec F: MR rows of x against half h (rows 8h..8h+7) of panel p. */
+/* AVX2 micro-kernel of codec F: MR rows of x against half h (rows 8h..8h+7) of panel p; if
+ * stream (h = 0), it prefetches the panel ahead as xk_mk512 does for one tile. */
 static inline XQ_AI void xk_mk256(const int MR, const int F, const int PARTS, const xq_weights *w,
                                   size_t p, int h, const xq_xb *x, const xq_xh *xh, float *out,
-                                  size_t ldo, size_t nr, int accum)
+                                  size_t ldo, size_t nr, int accum, int stream)
 {
     const size_t nb = w->nb, hb = 64 * XK_PLANES(F);
     const uint8_t *wq = w->qs + p * nb * 256 + 32 * h;
@@ -293,6 +299,9 @@ static inline XQ_AI void xk_mk256(const int MR, const int F, const int PARTS, co
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *blk = wq + b * 256;
         const uint8_t *hbk = XK_PLANES(F) ? wh + b * hb : NULL;
+        if (stream) {
+            XK_STREAM_PREFETCH()
+        }
         const xq_xb *xb[XQ_MR256];
         for (int i = 0; i < MR; i++)
             xb[i] = x + i * nb + b;
@@ -401,7 +410,8 @@ static inline XQ_AI void xk_rows256(const int F, const int PARTS, const xq_weigh
         const size_t nh = nr - 8 * h < 8 ? nr - 8 * h : 8;
         size_t m = 0;
 #define XK_MK256(R)                                                                              \
-    xk_mk256(R, F, PARTS, w, p, h, x + m * w->nb, xh + m * w->nb, out + m * ldo, ldo, nh, accum)
+    xk_mk256(R, F, PARTS, w, p, h, x + m * w->nb, xh + m * w->nb, out + m * ldo, ldo, nh, accum, \
+             h == 0 && m == 0)
         for (; m + XQ_MR256 <= M; m += XQ_MR256)
             XK_MK256(XQ_MR256);
         if (M > m)

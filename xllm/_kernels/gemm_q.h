@@ -273,10 +273,11 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const in
     }
 }
 
-/* AVX2 micro-kernel: MR rows of x (PARTS parts) against half h (rows 8h..8h+7) of panel p. */
+/* AVX2 micro-kernel: MR rows of x (PARTS parts) against half h (rows 8h..8h+7) of panel p; if
+ * stream (h = 0), it prefetches the panel XQ_PF bytes ahead. */
 static inline XQ_AI void xq_mk256(const int MR, const int PARTS, const xq_weights *w, size_t p,
                                   int h, const xq_xb *x, float *out, size_t ldo, size_t nr,
-                                  int accum)
+                                  int accum, int stream)
 {
     const size_t nb = w->nb, qb = w->bits == 8 ? 512 : 256, ss = w->f32 ? 64 : 32;
     const int sym4 = w->bits == 4 && !w->mins; /* only these dots need an offset correction */
@@ -288,6 +289,9 @@ static inline XQ_AI void xq_mk256(const int MR, const int PARTS, const xq_weight
     XQ_ZEROED_ACC(256, XQ_MR256);
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *blk = wq + b * qb;
+        if (stream)
+            for (size_t i = 0; i < qb; i += 64)
+                _mm_prefetch((const char *)blk + XQ_PF + i, XQ_PF_HINT);
         const xq_xb *xb[XQ_MR256];
         __m256i d[3][XQ_MR256];
         for (int i = 0; i < MR; i++) {
@@ -361,7 +365,8 @@ static void xq_panel256(const xq_weights *w, size_t p, const xq_xb *x, size_t M,
     for (int h = 0; h < 2 && nr > (size_t)(8 * h); h++) {
         const size_t nh = nr - 8 * h < 8 ? nr - 8 * h : 8;
         size_t m = 0;
-#define XQ_MK256(R, P) xq_mk256(R, P, w, p, h, x + m * w->nb, out + m * ldo, ldo, nh, accum)
+#define XQ_MK256(R, P) xq_mk256(R, P, w, p, h, x + m * w->nb, out + m * ldo, ldo, nh, accum, \
+                                h == 0 && m == 0)
         for (; m + XQ_MR256 <= M; m += XQ_MR256)
             w->parts == 2 ? XQ_MK256(XQ_MR256, 2) : XQ_MK256(XQ_MR256, 3);
         if (M > m)
