@@ -43,7 +43,12 @@
 #define XQ_NO_FMA(v) __asm__("" : "+x"(v))
 /* Software prefetch along a panel when one tile of rows streams it (M <= 6): XQ_PF bytes ahead,
  * non-temporal (the lines are read once). A 1-row Q8_0 stream ran 5-10% faster so than 1024 bytes
- * ahead into L1 (T0); a second, farther prefetch into L2 (gemm_k.h's XK_PF2) made it slower. */
+ * ahead into L1 (T0); a second, farther prefetch into L2 (gemm_k.h's XK_PF2) made it slower.
+ * Decode (M = 1) cost, AVX-512 on Zen 4, weights in L2: per panel and block, 16 vpdpbusd (2 parts,
+ * at most one per cycle) and the block's step 3, 21-25 cycles (Q4_0, Q8_0) to 27-46 (the codecs,
+ * gemm_k.h): one core computes 35-75 GB/s, so one thread is bound by how far ahead memory is
+ * requested and two by the memory bandwidth (and its 4 KiB pages: huge pages read 30-40% faster
+ * on this VM). Splitting a block's dot chains in two changed nothing (latency is not the limit). */
 #ifndef XQ_PF
 #define XQ_PF 4096
 #endif
