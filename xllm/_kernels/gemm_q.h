@@ -41,8 +41,19 @@
 /* Makes v opaque to the optimiser, so that GCC cannot contract the product that gives v and a
  * later sum into one FMA (the reference rounds the product first). */
 #define XQ_NO_FMA(v) __asm__("" : "+x"(v))
+/* Software prefetch along a panel when one tile of rows streams it (M <= 6): XQ_PF bytes ahead,
+ * non-temporal (the lines are read once). A 1-row Q8_0 stream ran 5-10% faster so than 1024 bytes
+ * ahead into L1 (T0); a second, farther prefetch into L2 (gemm_k.h's XK_PF2) made it slower.
+ * Decode (M = 1) cost, AVX-512 on Zen 4, weights in L2: per panel and block, 16 vpdpbusd (2 parts,
+ * at most one per cycle) and the block's step 3, 21-25 cycles (Q4_0, Q8_0) to 27-46 (the codecs,
+ * gemm_k.h): one core computes 35-75 GB/s, so one thread is bound by how far ahead memory is
+ * requested and two by the memory bandwidth (and its 4 KiB pages: huge pages read 30-40% faster
+ * on this VM). Splitting a block's dot chains in two changed nothing (latency is not the limit). */
 #ifndef XQ_PF
-#define XQ_PF 1024 /* software prefetch distance along a panel, bytes */
+#define XQ_PF 4096
+#endif
+#ifndef XQ_PF_HINT
+#define XQ_PF_HINT _MM_HINT_NTA
 #endif
 
 #ifndef XQ_X_BYTES
@@ -218,10 +229,10 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const in
     XQ_ZEROED_ACC(512, XQ_MR512);
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *blk = wq + b * qb;
-        if (nt == 1) /* stream this panel, XQ_PF bytes ahead */
+        if (nt == 1) { /* stream this panel, XQ_PF bytes ahead */
             for (size_t i = 0; i < qb; i += 64)
-                _mm_prefetch((const char *)blk + XQ_PF + i, _MM_HINT_T0);
-        else /* row tile t of nt: its share of the next panel's lines (a panel is in cache
+                _mm_prefetch((const char *)blk + XQ_PF + i, XQ_PF_HINT);
+        } else /* row tile t of nt: its share of the next panel's lines (a panel is in cache
               * before its first tile starts) */
             for (size_t l = (t * nb + b) * qb / 64 / nt; l < (t * nb + b + 1) * qb / 64 / nt; l++)
                 _mm_prefetch((const char *)wq + nb * qb + 64 * l, _MM_HINT_T0);
@@ -267,10 +278,11 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const in
     }
 }
 
-/* AVX2 micro-kernel: MR rows of x (PARTS parts) against half h (rows 8h..8h+7) of panel p. */
+/* AVX2 micro-kernel: MR rows of x (PARTS parts) against half h (rows 8h..8h+7) of panel p; if
+ * stream (h = 0), it prefetches the panel XQ_PF bytes ahead. */
 static inline XQ_AI void xq_mk256(const int MR, const int PARTS, const xq_weights *w, size_t p,
                                   int h, const xq_xb *x, float *out, size_t ldo, size_t nr,
-                                  int accum)
+                                  int accum, int stream)
 {
     const size_t nb = w->nb, qb = w->bits == 8 ? 512 : 256, ss = w->f32 ? 64 : 32;
     const int sym4 = w->bits == 4 && !w->mins; /* only these dots need an offset correction */
@@ -282,6 +294,9 @@ static inline XQ_AI void xq_mk256(const int MR, const int PARTS, const xq_weight
     XQ_ZEROED_ACC(256, XQ_MR256);
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *blk = wq + b * qb;
+        if (stream)
+            for (size_t i = 0; i < qb; i += 64)
+                _mm_prefetch((const char *)blk + XQ_PF + i, XQ_PF_HINT);
         const xq_xb *xb[XQ_MR256];
         __m256i d[3][XQ_MR256];
         for (int i = 0; i < MR; i++) {
@@ -325,10 +340,13 @@ static inline XQ_AI XQ_T512 void xq_rows512(const int KIND, const int PARTS, con
     const size_t nt = (M + XQ_MR512 - 1) / XQ_MR512;
     for (size_t t = 0, m = 0, r; t < nt; t++, m += r) {
         r = M / nt + (t < M % nt);
-#define XQ_CASE512(R) case R: xq_mk512(R, KIND, PARTS, w, p, x + m * w->nb, out + m * ldo, ldo, \
-                                       nr, accum, t, nt); break;
+        /* tiles of 1 or 2 rows occur only when M <= 2, as the one tile (t = 0, nt = 1): the
+         * constants let their micro-kernels drop the prefetch of the other case */
+#define XQ_CASE512(R, T, NT) case R: xq_mk512(R, KIND, PARTS, w, p, x + m * w->nb, out + m * ldo, \
+                                              ldo, nr, accum, T, NT); break;
         switch (r) {
-        XQ_CASE512(1) XQ_CASE512(2) XQ_CASE512(3) XQ_CASE512(4) XQ_CASE512(5) XQ_CASE512(6)
+        XQ_CASE512(1, 0, 1) XQ_CASE512(2, 0, 1)
+        XQ_CASE512(3, t, nt) XQ_CASE512(4, t, nt) XQ_CASE512(5, t, nt) XQ_CASE512(6, t, nt)
         default: break;
         }
     }
@@ -352,7 +370,8 @@ static void xq_panel256(const xq_weights *w, size_t p, const xq_xb *x, size_t M,
     for (int h = 0; h < 2 && nr > (size_t)(8 * h); h++) {
         const size_t nh = nr - 8 * h < 8 ? nr - 8 * h : 8;
         size_t m = 0;
-#define XQ_MK256(R, P) xq_mk256(R, P, w, p, h, x + m * w->nb, out + m * ldo, ldo, nh, accum)
+#define XQ_MK256(R, P) xq_mk256(R, P, w, p, h, x + m * w->nb, out + m * ldo, ldo, nh, accum, \
+                                h == 0 && m == 0)
         for (; m + XQ_MR256 <= M; m += XQ_MR256)
             w->parts == 2 ? XQ_MK256(XQ_MR256, 2) : XQ_MK256(XQ_MR256, 3);
         if (M > m)
