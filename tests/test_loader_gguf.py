@@ -236,6 +236,9 @@ def test_mixed_quant_types_run_natively_like_gguf(small):
     for name, (data, q) in raw.items():
         w = ck.weights[canon[name]]
         assert isinstance(w, QTensor) and np.array_equal(w.dequantize(), dequantize(data, q))
+    # the repacked arrays are carved from the loader's arena (one slab for a model this small)
+    slabs = {id(a.base) for w in ck.weights.values() if isinstance(w, QTensor) for a in w.arrays}
+    assert len(slabs) == 1
     dense = {k: w.dequantize() if isinstance(w, QTensor) else w for k, w in ck.weights.items()}
     want = xllm.Model(ck.config, dense, kv_dtype="float32").logits(IDS)
     print(f"mixed types: max |logit diff| {np.abs(out - want).max():.1e}")

@@ -219,7 +219,7 @@ def _quantize_int4_asymmetric(groups):
     return scales, codes, lowest
 
 
-def from_gguf_blocks(raw, kind, shape, parts=None):
+def from_gguf_blocks(raw, kind, shape, parts=None, empty=np.empty):
     """A QTensor from the raw bytes [N, K/32 * block bytes] of a GGUF tensor of a PANELS format
     of the registry: Q8_0, Q4_0, Q4_1 (bitwise what ``pack`` makes of their codes and scales), or
     a codec (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K: repack_codec, K/256 super-blocks for the K-quants).
@@ -229,27 +229,29 @@ def from_gguf_blocks(raw, kind, shape, parts=None):
     and j + 16 in the low and high nibble of byte j. So each 4-byte group of a block's codes
     moves whole, as one uint32, to its place in the panel (int8 codes gaining their +128 offset,
     an XOR of each byte's top bit); nothing is unpacked, and every array is copied once, straight
-    from `raw` (a view of the file)."""
+    from `raw` (a view of the file). The new arrays come from ``empty(shape, dtype)`` (an
+    :class:`xllm.formats.arena.Arena`'s, for the loaders)."""
     weight_format = FORMATS[kind]
     if weight_format.codec is not None:
-        return _from_codec_blocks(raw, CODECS[weight_format.codec], weight_format, shape, parts)
+        return _from_codec_blocks(raw, CODECS[weight_format.codec], weight_format, shape, parts,
+                                  empty)
     bits = weight_format.bits
     n, k = shape
     blocks = np.asarray(raw).reshape(n, k // BLOCK, weight_format.block_bytes)
     codes_start = 4 if weight_format.asymmetric else 2
     code_bytes = BLOCK * bits // 8
     words = blocks[:, :, codes_start:codes_start + code_bytes].view(np.uint32)
-    qs = _into_panels(words)
+    qs = _into_panels(words, empty)
     if bits == 8:
         np.bitwise_xor(qs, np.uint32(0x80808080), out=qs)  # padded rows too: code 0 is 128
     n_panels = qs.shape[0]
     qs = qs.view(np.uint8).reshape(n_panels, k // BLOCK, panel_block_bytes(bits))
-    scales = _float16_panels(blocks, 0)
-    mins = _float16_panels(blocks, 2) if weight_format.asymmetric else None
+    scales = _float16_panels(blocks, 0, empty)
+    mins = _float16_panels(blocks, 2, empty) if weight_format.asymmetric else None
     return QTensor((n, k), bits, BLOCK, qs, scales, mins, parts)
 
 
-def _from_codec_blocks(raw, codec, weight_format, shape, parts):
+def _from_codec_blocks(raw, codec, weight_format, shape, parts, empty):
     """from_gguf_blocks for a codec: the arrays of its layout, filled by the backend's
     repack_codec (compiled, or the NumPy reference)."""
     n, k = shape
@@ -260,12 +262,12 @@ def _from_codec_blocks(raw, codec, weight_format, shape, parts):
     n_blocks = k // BLOCK
     # not zeroed: repack_codec writes every byte. (np.zeros of a large array is calloc's, faulted
     # in 4 KB page by page on first touch, seconds for a 7B model; np.empty asks for huge pages.)
-    qs = np.empty((n_panels, n_blocks, 256), np.uint8)
-    high = np.empty((n_panels, n_blocks, 64 * codec.planes), np.uint8) if codec.planes else None
-    scales = np.empty((n_panels, k // codec.group, PANEL), np.float16)
-    mins = np.empty_like(scales) if codec.asymmetric else None
+    qs = empty((n_panels, n_blocks, 256), np.uint8)
+    high = empty((n_panels, n_blocks, 64 * codec.planes), np.uint8) if codec.planes else None
+    scales = empty((n_panels, k // codec.group, PANEL), np.float16)
+    mins = empty(scales.shape, scales.dtype) if codec.asymmetric else None
     spec = sub_shape(codec, n_panels, k)
-    sub = None if spec is None else np.empty(*spec)
+    sub = None if spec is None else empty(*spec)
     raw = np.ascontiguousarray(np.asarray(raw).reshape(n, -1))
     _repacker()(raw, codec.name, (n, k), qs, scales, mins, high, sub)
     return QTensor((n, k), codec.bits, codec.group, qs, scales, mins, parts, codec=codec.name,
@@ -280,19 +282,19 @@ def _repacker():
     return repack_codec
 
 
-def _float16_panels(blocks, offset):
+def _float16_panels(blocks, offset, empty=np.empty):
     """The float16 at byte `offset` of every block [N, K/32, block bytes], as the packed
     layout's [P, K/32, PANEL] (zero in the padded rows)."""
     field = blocks[:, :, offset:offset + 2].view(np.float16)
-    return _into_panels(field)[:, :, 0, :]
+    return _into_panels(field, empty)[:, :, 0, :]
 
 
-def _into_panels(rows):
+def _into_panels(rows, empty=np.empty):
     """`rows` [N, B, W] as a new [P, B, W, PANEL] array (row 16p + r at ``[p, :, :, r]``),
     P = ceil(N / PANEL), the rows that pad the last panel zero."""
     n, n_blocks, width = rows.shape
     n_panels = -(-n // PANEL)
-    out = np.empty((n_panels, n_blocks, width, PANEL), rows.dtype)
+    out = empty((n_panels, n_blocks, width, PANEL), rows.dtype)
     by_row = out.transpose(0, 3, 1, 2)  # a view: [P, PANEL, B, W]
     full = n // PANEL
     by_row[:full] = rows[:full * PANEL].reshape(full, PANEL, n_blocks, width)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from ..files.gguf import open_gguf, typed_value
+from ..formats.arena import Arena
 from ..formats.qtensor import from_gguf_blocks
 from ..formats.registry import EXPANDED_TO, FLOAT, PANELS, gguf_formats
 from ..model.weights import check_weights, expected_shapes
@@ -45,9 +46,10 @@ def gguf_name(canonical):
     return name_in_file(canonical, top, _LAYER, "blk.{i}.{name}")
 
 
-def _array(tensor, path, gguf_file):
+def _array(tensor, path, gguf_file, arena):
     """A canonical [out, in] array of GGUFTensor `tensor` of `gguf_file`, as the registry says:
-    a view for a FLOAT format, a QTensor for a PANELS one (matrices only), else expanded."""
+    a view for a FLOAT format, a QTensor for a PANELS one (matrices only, its arrays from
+    `arena`: huge pages), else expanded."""
     formats = gguf_formats()
     weight_format = formats.get(tensor.kind)
     if weight_format is None:
@@ -56,7 +58,7 @@ def _array(tensor, path, gguf_file):
     if weight_format.packing == PANELS and len(tensor.dims) == 2:
         rows = tensor.dims[1]
         cols = tensor.dims[0]
-        packed = from_gguf_blocks(tensor.data, tensor.kind, (rows, cols))
+        packed = from_gguf_blocks(tensor.data, tensor.kind, (rows, cols), empty=arena.empty)
         gguf_file.drop_pages(tensor.data)  # the copy is all we need
         return packed
     if weight_format.packing == FLOAT:
@@ -188,7 +190,8 @@ def _read_tokenizer(meta, config, path):
 def _read_weights(gguf_file, config, path):
     """{canonical name: array or QTensor} of the tensors the config needs, checked."""
     names = {canonical: gguf_name(canonical) for canonical in expected_shapes(config)}
-    weights = {canonical: _array(gguf_file.tensors[name], path, gguf_file)
+    arena = Arena()
+    weights = {canonical: _array(gguf_file.tensors[name], path, gguf_file, arena)
                for canonical, name in names.items() if name in gguf_file.tensors}
     labels = {canonical: repr(name) for canonical, name in names.items()}
     check_weights(weights, config, path, labels)
