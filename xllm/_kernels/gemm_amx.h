@@ -137,6 +137,16 @@ static inline XQ_AI int32_t xa_offset(const int KIND, const int F, const xq_xb *
     return KIND == 0 ? xb->c128[k] : KIND == 1 ? xb->c8[k] : 0;
 }
 
+/* C tile TC = the dot of tile 0 (the codes) with the rows' part starting AOFF bytes into each
+ * row's block (a part is 32 bytes: AOFF = 32 k, + 16 for values 16..31 of Q6_K's halves). One
+ * statement (an `if` may guard it). */
+#define XA_PART_DOT(TC, AOFF)                                                                    \
+    do {                                                                                         \
+        XA_ZERO(HW, TC);                                                                         \
+        XA_LOAD(HW, 1, a0 + (AOFF), xstride);                                                    \
+        XA_DPBSUD(HW, TC, 1, 0);                                                                 \
+    } while (0);
+
 /* One tile of MR rows of x (1 <= MR <= 16; a constant for MR = 16) against panel p, all blocks:
  * out rows [0, MR) (nr valid columns). */
 static inline XQ_AI XA_T void xa_tile_rows(const int HW, const int KIND, const int F,
@@ -170,46 +180,25 @@ static inline XQ_AI XA_T void xa_tile_rows(const int HW, const int KIND, const i
         const uint8_t *codes = F || KIND ? buf[b].codes : w->qs + (p * nb + b) * 512;
         if (!q6) {
             XA_LOAD(HW, 0, codes, 64);
-            XA_ZERO(HW, 2);
-            XA_LOAD(HW, 1, a0, xstride);
-            XA_DPBSUD(HW, 2, 1, 0);
-            XA_ZERO(HW, 3);
-            XA_LOAD(HW, 1, a0 + 32, xstride);
-            XA_DPBSUD(HW, 3, 1, 0);
-            if (PARTS == 3) {
-                XA_ZERO(HW, 4);
-                XA_LOAD(HW, 1, a0 + 64, xstride);
-                XA_DPBSUD(HW, 4, 1, 0);
-            }
+            XA_PART_DOT(2, 0)
+            XA_PART_DOT(3, 32)
+            if (PARTS == 3)
+                XA_PART_DOT(4, 64)
             XA_STORE(HW, 2, sums[0][0], 64);
             XA_STORE(HW, 3, sums[0][1], 64);
             if (PARTS == 3)
                 XA_STORE(HW, 4, sums[0][2], 64);
         } else {
             XA_LOAD(HW, 0, codes, 64); /* lines 0..3: values 0..15 */
-            XA_ZERO(HW, 2);
-            XA_LOAD(HW, 1, a0, xstride);
-            XA_DPBSUD(HW, 2, 1, 0);
-            XA_ZERO(HW, 3);
-            XA_LOAD(HW, 1, a0 + 32, xstride);
-            XA_DPBSUD(HW, 3, 1, 0);
-            if (PARTS == 3) {
-                XA_ZERO(HW, 4);
-                XA_LOAD(HW, 1, a0 + 64, xstride);
-                XA_DPBSUD(HW, 4, 1, 0);
-            }
+            XA_PART_DOT(2, 0)
+            XA_PART_DOT(3, 32)
+            if (PARTS == 3)
+                XA_PART_DOT(4, 64)
             XA_LOAD(HW, 0, codes + 256, 64); /* lines 4..7: values 16..31 */
-            XA_ZERO(HW, 5);
-            XA_LOAD(HW, 1, a0 + 16, xstride);
-            XA_DPBSUD(HW, 5, 1, 0);
-            XA_ZERO(HW, 6);
-            XA_LOAD(HW, 1, a0 + 48, xstride);
-            XA_DPBSUD(HW, 6, 1, 0);
-            if (PARTS == 3) {
-                XA_ZERO(HW, 7);
-                XA_LOAD(HW, 1, a0 + 80, xstride);
-                XA_DPBSUD(HW, 7, 1, 0);
-            }
+            XA_PART_DOT(5, 16)
+            XA_PART_DOT(6, 48)
+            if (PARTS == 3)
+                XA_PART_DOT(7, 80)
             XA_STORE(HW, 2, sums[0][0], 64);
             XA_STORE(HW, 3, sums[0][1], 64);
             XA_STORE(HW, 5, sums[1][0], 64);
@@ -244,13 +233,7 @@ static inline XQ_AI XA_T void xa_tile_rows(const int HW, const int KIND, const i
             for (int i = 0; i < MR; i++)
                 acc[i] = _mm512_fmadd_ps(wm, _mm512_set1_ps(xb[i]->ds), acc[i]);
     }
-    const __mmask16 valid = (__mmask16)((1u << nr) - 1);
-    for (int i = 0; i < MR; i++) {
-        float *o = out + i * ldo;
-        if (accum)
-            acc[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(valid, o), acc[i]);
-        _mm512_mask_storeu_ps(o, valid, acc[i]);
-    }
+    XQ_STORE_ACC512
 }
 
 /* All M rows of x against panel p: tiles of 16 rows, then one of the rest. 0 if done, -1 if the

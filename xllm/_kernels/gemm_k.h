@@ -255,13 +255,7 @@ static inline XQ_AI XQ_T512 void xk_mk512(const int MR, const int F, const int P
                     acc[i] = _mm512_fmadd_ps(wm, _mm512_set1_ps(xb[i]->ds), acc[i]);
         }
     }
-    const __mmask16 valid = (__mmask16)((1u << nr) - 1);
-    for (int i = 0; i < MR; i++) {
-        float *o = out + i * ldo;
-        if (accum)
-            acc[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(valid, o), acc[i]);
-        _mm512_mask_storeu_ps(o, valid, acc[i]);
-    }
+    XQ_STORE_ACC512
 }
 
 /* 32 bytes (AVX2) of 0 or 16 from 32 bits of a plane's mask: byte i is 16 where bit i is set. */

@@ -214,6 +214,19 @@ static inline XQ_AI XQ_T512 __m512i xq_dpbusd(__m512i acc, __m512i w, const int8
             acc[i] = _mm##P##_fmadd_ps(wm, _mm##P##_set1_ps(xb[i]->ds), acc[i]);                 \
     }
 
+/* Step 4 in 512-bit registers, for every micro-kernel of 16 columns: out rows 0..MR-1 (stride
+ * ldo) get acc[i], or add it (accum); only the first nr columns, masked: no scalar stores. */
+#define XQ_STORE_ACC512                                                                          \
+    do {                                                                                         \
+        const __mmask16 valid = (__mmask16)((1u << nr) - 1);                                     \
+        for (int i = 0; i < MR; i++) {                                                           \
+            float *o = out + i * ldo;                                                            \
+            if (accum)                                                                           \
+                acc[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(valid, o), acc[i]);                 \
+            _mm512_mask_storeu_ps(o, valid, acc[i]);                                             \
+        }                                                                                        \
+    } while (0);
+
 /* AVX-512 VNNI micro-kernel: MR rows of x against panel p (16 rows of W, the first nr valid). */
 /* KIND, PARTS (constants: each gets its own code): 0 int8, 1 int4 sym., 2 asym.; 2 or 3 parts */
 static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const int PARTS,
@@ -269,13 +282,7 @@ static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const in
         __m512 wm = KIND != 2 ? ws : XQ_SCALES512(mn + g);
         XQ_BLOCK_TERMS(512, KIND == 2)
     }
-    const __mmask16 valid = (__mmask16)((1u << nr) - 1); /* masked: no scalar stores */
-    for (int i = 0; i < MR; i++) {
-        float *o = out + i * ldo;
-        if (accum)
-            acc[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(valid, o), acc[i]);
-        _mm512_mask_storeu_ps(o, valid, acc[i]);
-    }
+    XQ_STORE_ACC512
 }
 
 /* AVX2 micro-kernel: MR rows of x (PARTS parts) against half h (rows 8h..8h+7) of panel p; if
