@@ -297,3 +297,18 @@ def test_governor_undoes_a_burst_of_noise_quickly(monkeypatch):
     _run(gov, clock, {1: 0.010, 2: 0.02}.get, 3)
     used = _run(gov, clock, quiet.get, 60)
     assert used[-20:] == [2] * 20
+
+
+def test_governor_does_not_try_fewer_threads_early_on_long_passes(monkeypatch):
+    """The early trial costs about one pass: on passes longer than EARLY_TRIAL_MAX (a 7B
+    model's prefill: 20 s with 2 threads, 40 with 1) a quiet machine never pays it, while short
+    passes still get it (a machine busy from the start)."""
+    clock = _Clock()
+    monkeypatch.setattr(governor.time, "monotonic", clock)
+    gov = ThreadGovernor()
+    long = {1: 40.0, 2: 20.0}
+    used = _run(gov, clock, long.get, 30, rows=512)
+    assert used == [2] * 30
+    short = {1: 0.010, 2: 0.0055}
+    used = _run(gov, clock, short.get, 5, rows=1)
+    assert used.count(1) == 1  # the early trial

@@ -8,7 +8,7 @@ by 30-100x instead of losing that core's share. Fewer threads lose only the shar
 The governor keeps, per pass shape (rows in the pass, in powers of two), a moving average of
 the pass time at each thread count it has used, and runs the fastest. It tries another count
 for one pass when the machine seems to have changed (a pass much slower than the average) and
-once early, and otherwise rarely, within a small share of the time (``TRIAL_SHARE``): fewer
+once early (for passes of up to a second), and otherwise rarely, within a small share of the time (``TRIAL_SHARE``): fewer
 threads on a quiet machine cost a trial about one pass, so the quiet speed stays. Results do not depend on the
 thread count (every kernel reduces in a fixed order), so switching never changes a token.
 """
@@ -19,7 +19,10 @@ MIN_TRIAL_GAP = 0.5  # seconds between two trials of one shape, at least
 SLOWER = 1.5         # passes this much slower than their average suggest a busier machine
 SLOW_PASSES = 2      # ... when this many come in a row (one can be a page fault or an interrupt)
 EARLY_TRIAL = 2      # a shape's pass after which the other count is tried once (catches a
-                     # machine that was busy from the start)
+                     # machine that was busy from the start) ...
+EARLY_TRIAL_MAX = 1.0  # ... if its passes take at most this many seconds: a trial costs up to
+                       # a pass, and a 7B model's 512-token prefill (20 s) would pay double once;
+                       # longer passes learn from slow passes and the share below
 AVERAGE = 0.3        # weight of the newest pass time in the moving average
 RETRY = 4            # passes after dropping threads before more are tried again (and at
                      # least 20 times their last pass time); doubles after each trial that
@@ -106,7 +109,7 @@ class ThreadGovernor:
         if fewer and shape.slow >= SLOW_PASSES:
             shape.slow = 0
             return fewer  # much slower than usual: maybe a core was taken
-        if shape.passes == EARLY_TRIAL:
+        if shape.passes == EARLY_TRIAL and seconds <= EARLY_TRIAL_MAX:
             return fewer or more
         shape.since += 1
         if more and shape.since >= shape.retry and \
