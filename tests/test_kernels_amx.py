@@ -156,7 +156,7 @@ def _check_same_bits(x, w, n, isa, threads, accumulate, rng):
 
 
 @pytest.mark.parametrize("isa", TILE_ISAS)
-@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("fmt", FORMATS)
 @settings(**SETTINGS)
 @given(m=ROWS, n=st.integers(1, 50), nb=st.sampled_from([1, 2, 5, 12]),
@@ -175,7 +175,7 @@ def test_tile_qmatmul_equals_vnni_and_reference(m, n, nb, fmt, parts, isa, threa
 
 
 @pytest.mark.parametrize("isa", TILE_ISAS)
-@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("name", CODECS)
 @settings(**SETTINGS)
 @given(m=ROWS, n=st.integers(1, 50), nsb=st.sampled_from([1, 2]),

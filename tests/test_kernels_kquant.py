@@ -172,7 +172,7 @@ def test_gguf_quantized_q5_blocks(name):
 
 
 @pytest.mark.parametrize("isa", QMATMUL_ISAS)
-@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("name", CODECS)  # every (codec, parts, ISA): 15 examples each
 @settings(**dict(SETTINGS, max_examples=15))
 @given(m=st.integers(1, 15), n=st.integers(1, 50), nsb=st.sampled_from([1, 2, 5]),
@@ -187,7 +187,7 @@ def test_qmatmul_matches_reference(m, n, nsb, name, threads, isa, accumulate, pa
     assert_qmatmul_matches_reference(rng, w, m, scale, seed % 5 == 0, threads, isa, accumulate)
 
 
-@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("name", CODECS)
 def test_batch_thread_and_isa_invariance(name, parts):
     rng = np.random.default_rng(2)

@@ -4,7 +4,7 @@
   blocks gives the same QTensor as quantizing (dequantize == gguf.quants.dequantize, exactly).
 * qmatmul must match the NumPy reference (xllm._kernels.reference.qmatmul, which spells out the
   arithmetic) BIT-EXACTLY for every format, M, thread count, ISA path and number of activation
-  parts (QTensor.parts, 2 or 3): that is also what makes a row's result independent of the
+  parts (QTensor.parts, 1, 2 or 3): that is also what makes a row's result independent of the
   batch it is computed in.
 * Independently, qmatmul is compared with float64 x @ dequantize(W).T. With 2 parts the
   activations are quantized to about 16 bits per 32-value block (x ~ dx (q1 + q2/256),
@@ -108,7 +108,7 @@ def test_quantize_rejects_bad_arguments():
 
 
 @pytest.mark.parametrize("isa", QMATMUL_ISAS)
-@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("fmt", FORMATS)  # every (format, parts, ISA): 15 examples each
 @settings(**dict(SETTINGS, max_examples=15))
 @given(m=st.integers(1, 15), n=st.integers(1, 50), nb=st.sampled_from([1, 2, 4, 12, 127]),
@@ -125,7 +125,7 @@ def test_qmatmul_matches_reference(m, n, nb, fmt, threads, isa, accumulate, part
     assert_qmatmul_matches_reference(rng, w, m, scale, seed % 5 == 0, threads, isa, accumulate)
 
 
-@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("fmt", FORMATS[::2] + [FORMATS[5]])
 def test_batch_thread_and_isa_invariance(fmt, parts):
     bits, group, asym, sdt = fmt
@@ -136,7 +136,7 @@ def test_batch_thread_and_isa_invariance(fmt, parts):
     assert_qmatmul_batch_thread_and_isa_invariant(x, w)
 
 
-@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("parts", [1, 2, 3])
 def test_long_rows_stack_boundary_and_extreme_blocks(parts):
     rng = np.random.default_rng(2)
     K = 8192  # 2 * M * K around the on-stack buffer (2 * 8 * 8192): stack and malloc paths;
@@ -223,14 +223,15 @@ def test_parts_defaults_and_validation():
         assert quant.from_gguf_blocks(raw, name, w.shape, parts=other).parts == other
     q = quant.quantize_weights({"a": w, "n": np.ones(64, np.float32)}, 8, parts=3)
     assert q["a"].parts == 3
-    for bad in (1, 4, 0, "2", 2.0, True):
-        with pytest.raises(ValueError, match="parts .*must be 2 or 3"):
+    for bad in (4, 0, -1, "2", 2.0, True):
+        with pytest.raises(ValueError, match="parts .*must be 1, 2 or 3"):
             quant.QTensor(q["a"].shape, 8, 32, q["a"].qs, q["a"].scales, parts=bad)
-    with pytest.raises(ValueError, match="must be 2 or 3, got 4"):
+    with pytest.raises(ValueError, match="must be 1, 2 or 3, got 4"):
         quant.quantize(w, 4, parts=4)
+    assert quant.quantize(w, 8, parts=1).parts == 1
     t = quant.quantize(w, 8)
-    t.parts = 1  # corrupted after construction: caught before the kernel runs
-    with pytest.raises(ValueError, match="must be 2 or 3, got 1"):
+    t.parts = 0  # corrupted after construction: caught before the kernel runs
+    with pytest.raises(ValueError, match="must be 1, 2 or 3, got 0"):
         Q.qmatmul(np.zeros((1, 64), np.float32), t, np.empty((1, 20), np.float32))
 
 
@@ -257,3 +258,30 @@ def test_two_parts_differ_from_three_within_bound(fmt, isa):
     err2, err3 = np.abs(o2 - exact) / mag, np.abs(o3 - exact) / mag
     print(f"{fmt} {isa}: max relative error 2 parts {err2.max():.2e}, 3 parts {err3.max():.2e}")
     assert err2.max() <= 3e-5 and err3.max() <= 1e-6 and err2.max() > 4 * err3.max()
+
+
+@pytest.mark.parametrize("isa", QMATMUL_ISAS)
+@pytest.mark.parametrize("fmt", [FORMATS[0], FORMATS[4], FORMATS[5]])
+def test_one_part_differs_from_two_within_its_bound(fmt, isa):
+    """One part (activation_parts=1) gives other bits than 2 and stays within the bound of its
+    rounding: each activation is off by at most half its block's step amax / 127, so
+    |d| <= (amax / 254 per value) @ |W|.T plus 1e-6 of |x| @ |W|.T for the float32 sums
+    (measured: about a quarter of the rounding bound), and far more than with 2 parts."""
+    bits, group, asym, sdt = fmt
+    rng = np.random.default_rng(8)
+    Q.set_isa(isa)
+    x = rng.standard_normal((13, 512)).astype(np.float32)
+    w2 = quant.quantize(weights(rng, 70, 512), bits, group, asym, sdt, parts=2)
+    w1 = quant.QTensor(w2.shape, bits, group, w2.qs, w2.scales, w2.mins, parts=1)
+    o1, o2 = np.empty((13, 70), np.float32), np.empty((13, 70), np.float32)
+    Q.qmatmul(x, w1, o1)
+    Q.qmatmul(x, w2, o2)
+    assert np.mean(o1 != o2) > 0.9
+    W = w2.dequantize().astype(np.float64)
+    exact, mag = x.astype(np.float64) @ W.T, np.abs(x).astype(np.float64) @ np.abs(W).T
+    amax = np.abs(x.astype(np.float64)).reshape(13, 16, 32).max(axis=2)
+    rounding = np.repeat(amax / 254, 32, axis=1) @ np.abs(W).T
+    err1, err2 = np.abs(o1 - exact), np.abs(o2 - exact)
+    print(f"{fmt} {isa}: largest error / rounding bound, 1 part {(err1 / rounding).max():.2f}")
+    assert np.all(err1 <= rounding + 1e-6 * mag)
+    assert err1.max() > 20 * err2.max()

@@ -320,3 +320,30 @@ def test_missing_tensor(small):
     path = write_gguf(tmp / "noemb.gguf", model, skip=("token_embd.weight",))
     with pytest.raises(ModelFormatError, match="noemb.gguf.*missing.*token_embd.weight"):
         load_checkpoint(path)
+
+
+def test_load_with_one_activation_part(small):
+    """xllm.load(..., activation_parts=1) sets every quantized weight to one part: the logits are
+    those of a model built from the same weights with parts = 1, bit for bit, and differ from
+    the default's (2 or 3 parts) by more than those differ from the dequantized float32 model;
+    a bad value is a ValueError before anything is read."""
+    model, tmp = small
+    path = write_gguf(tmp / "m-q8_0-parts.gguf", model, QT.Q8_0)
+    m1 = xllm.load(path, kv_dtype="float32", activation_parts=1)
+    ck = load_checkpoint(path)
+    layer = m1.transformer.layers[1]
+    qts = [layer.wq, layer.w2, m1.transformer.output]
+    assert all(isinstance(w, QTensor) and w.parts == 1 for w in qts)
+    one = {k: with_parts(w, 1) if isinstance(w, QTensor) else w for k, w in ck.weights.items()}
+    want = xllm.Model(ck.config, one, kv_dtype="float32").logits(IDS)
+    got = m1.logits(IDS)
+    np.testing.assert_array_equal(got, want)
+    dense = {k: w.dequantize() if isinstance(w, QTensor) else w for k, w in ck.weights.items()}
+    ref = xllm.Model(ck.config, dense, kv_dtype="float32").logits(IDS)
+    default = xllm.load(path, kv_dtype="float32").logits(IDS)
+    print(f"Q8_0, max |logit diff| from float32 weights: 1 part {np.abs(got - ref).max():.1e}, "
+          f"default {np.abs(default - ref).max():.1e}")
+    assert np.abs(got - ref).max() > 4 * np.abs(default - ref).max()
+    for bad in (0, 4, 1.0, True, "1"):
+        with pytest.raises(ValueError, match="activation_parts must be 1, 2 or 3"):
+            xllm.load(tmp / "does-not-exist.gguf", activation_parts=bad)

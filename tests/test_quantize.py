@@ -212,7 +212,7 @@ def test_xllm_round_trip(hf_src, tmp_path, kind):
         assert diff < 0.3 and rel < 0.3
 
 
-@pytest.mark.parametrize("bits,parts", [(8, 3), (4, 2), (8, 2)])
+@pytest.mark.parametrize("bits,parts", [(8, 3), (4, 2), (8, 2), (4, 1)])
 def test_activation_parts_round_trip(hf_src, tmp_path, bits, parts):
     """--activation-parts is recorded in config.json and every QTensor reloads with it; a file
     without the record (written before it existed) gets the default for its bits; a bad value
@@ -233,8 +233,8 @@ def test_activation_parts_round_trip(hf_src, tmp_path, bits, parts):
                if isinstance(w, quant.QTensor))
     meta["quantization"]["parts"] = 4
     (out / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelFormatError, match=r"model\.safetensors: tensor '.*parts.*must be 2 or "
-                                               r"3, got 4"):
+    with pytest.raises(ModelFormatError, match=r"model\.safetensors: tensor '.*parts.*must be 1, 2 "
+                                               r"or 3, got 4"):
         load_checkpoint(out)
 
 
@@ -632,7 +632,7 @@ def test_type_names_the_format(hf_src, tmp_path, fmt, type_args, bits_args):
 
 
 def test_bad_options(hf_src, tmp_path, capsys):
-    for bad in (("--bits", 3), ("--bits", 8, "--activation-parts", 1), ("--type", "q2_k"),
+    for bad in (("--bits", 3), ("--bits", 8, "--activation-parts", 4), ("--type", "q2_k"),
                 ("--bits", 8, "--type", "q8_0"), ()):
         with pytest.raises(SystemExit) as e:
             run("--model", hf_src, "--out", tmp_path / "x", *bad)

@@ -239,8 +239,8 @@ class EngineProcess:
 class XllmEngine:
     """xllm's measurements on one model (built in its EngineProcess)."""
 
-    def __init__(self, path, threads):
-        self.model = xllm.load(path, threads=threads)
+    def __init__(self, path, threads, activation_parts=None):
+        self.model = xllm.load(path, threads=threads, activation_parts=activation_parts)
         self.info = {"threads": self.model.threads, "vocab_size": self.model.config.vocab_size}
 
     def run(self, prompt, new_tokens):
@@ -475,6 +475,9 @@ def main(argv=None):
                    help="also run llama.cpp (llama-cpp-python) on the same GGUF file")
     p.add_argument("--llama-cpp-model", metavar="GGUF",
                    help="the GGUF file llama.cpp runs (default: --model)")
+    p.add_argument("--activation-parts", type=int, choices=[1, 2, 3], default=None, metavar="N",
+                   help="xllm's activation parts for every quantized weight (default: each "
+                        "format's own; 1 is llama.cpp's precision: docs/quantization.rst)")
     p.add_argument("--prefill-len", type=int, default=0, metavar="N",
                    help="also measure prefill alone with a prompt of this many tokens; 0 is off")
     p.add_argument("--bandwidth", action="store_true",
@@ -489,7 +492,7 @@ def main(argv=None):
     if a.gemm:
         return gemm_table(a.threads or _kernels.default_threads(), a.reps)
     path = a.model or random_model_dir(a.random, a.dtype)  # a model name is resolved by load
-    engines = {"xllm": EngineProcess(XllmEngine, path, a.threads)}
+    engines = {"xllm": EngineProcess(XllmEngine, path, a.threads, a.activation_parts)}
     try:
         figures = report(a, path, engines)
     finally:
@@ -547,8 +550,9 @@ def report(a, path, engines):
                   + (f"  prefill@{a.prefill_len} {long:8.1f} tok/s" if a.prefill_len else ""),
                   file=sys.stderr)
     med = {k: [statistics.median(x[i] for x in v) for i in range(3)] for k, v in results.items()}
+    parts = f"  activation parts: {a.activation_parts}" if a.activation_parts else ""
     print(f"model: {a.model or a.random + ' ' + a.dtype}  threads: {threads}  prompt: "
-          f"{a.prompt_len}  new tokens: {a.new_tokens}  reps: {a.reps} (medians)")
+          f"{a.prompt_len}  new tokens: {a.new_tokens}  reps: {a.reps} (medians){parts}")
     for name, (pre, dec, long) in med.items():
         line = f"  {name:10s} prefill {pre:8.1f} tok/s  decode {dec:7.2f} tok/s"
         if a.prefill_len:

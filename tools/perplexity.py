@@ -153,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all)")
     p.add_argument("--max-chunks", type=int, default=None, help="score only the first K chunks")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("--activation-parts", type=int, choices=[1, 2, 3], default=None,
+                   help="activation parts of every quantized weight (default: each format's)")
     p.add_argument("--kv-dtype", default="float32", choices=["float32", "float16"],
                    help="KV cache storage (default float32: the figure measures the weights)")
     p.add_argument("--vs-llama-cpp", action="store_true",
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
         return _fail(f"cannot read {args.text}: {e}")
     try:
         model = xllm.load(args.model, tokenizer=args.tokenizer, threads=args.threads,
-                          kv_dtype=args.kv_dtype)
+                          kv_dtype=args.kv_dtype, activation_parts=args.activation_parts)
     except Exception as e:  # noqa: BLE001 - one clear line for any load failure
         return _fail(f"cannot load {args.model}: {e}")
     if model.tokenizer is None:

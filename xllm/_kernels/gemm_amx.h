@@ -180,21 +180,25 @@ static inline XQ_AI XA_T void xa_tile_rows(const int HW, const int KIND, const i
         const uint8_t *codes = F || KIND ? buf[b].codes : w->qs + (p * nb + b) * 512;
         XA_LOAD(HW, 0, codes, 64); /* Q6_K: lines 0..3, values 0..15; else the whole block */
         XA_PART_DOT(2, 0)
-        XA_PART_DOT(3, 32)
+        if (PARTS >= 2)
+            XA_PART_DOT(3, 32)
         if (PARTS == 3)
             XA_PART_DOT(4, 64)
         XA_STORE(HW, 2, sums[0][0], 64);
-        XA_STORE(HW, 3, sums[0][1], 64);
+        if (PARTS >= 2)
+            XA_STORE(HW, 3, sums[0][1], 64);
         if (PARTS == 3)
             XA_STORE(HW, 4, sums[0][2], 64);
         if (q6) {
             XA_LOAD(HW, 0, codes + 256, 64); /* lines 4..7: values 16..31 */
             XA_PART_DOT(5, 16)
-            XA_PART_DOT(6, 48)
+            if (PARTS >= 2)
+                XA_PART_DOT(6, 48)
             if (PARTS == 3)
                 XA_PART_DOT(7, 80)
             XA_STORE(HW, 5, sums[1][0], 64);
-            XA_STORE(HW, 6, sums[1][1], 64);
+            if (PARTS >= 2)
+                XA_STORE(HW, 6, sums[1][1], 64);
             if (PARTS == 3)
                 XA_STORE(HW, 7, sums[1][2], 64);
         }
@@ -251,22 +255,25 @@ static inline XQ_AI XA_T int xa_panel_f(const int HW, const int KIND, const int 
 /* The format dispatch of one instantiation (HW constant). */
 #define XA_FORMATS(HW)                                                                           \
     {                                                                                            \
-        const int P3 = w->parts == 3;                                                            \
         switch (w->fmt) {                                                                        \
         case 0: {                                                                                \
             const int kind = w->bits == 8 ? 0 : !w->mins ? 1 : 2;                                \
-            if (kind == 0) return P3 ? XA_PANEL(HW, 0, 0, 3) : XA_PANEL(HW, 0, 0, 2);           \
-            if (kind == 1) return P3 ? XA_PANEL(HW, 1, 0, 3) : XA_PANEL(HW, 1, 0, 2);           \
-            return P3 ? XA_PANEL(HW, 2, 0, 3) : XA_PANEL(HW, 2, 0, 2);                          \
+            if (kind == 0) return XA_BY_PARTS(HW, 0, 0);                                         \
+            if (kind == 1) return XA_BY_PARTS(HW, 1, 0);                                         \
+            return XA_BY_PARTS(HW, 2, 0);                                                        \
         }                                                                                        \
-        case XK_Q5_0: return P3 ? XA_PANEL(HW, 0, XK_Q5_0, 3) : XA_PANEL(HW, 0, XK_Q5_0, 2);    \
-        case XK_Q5_1: return P3 ? XA_PANEL(HW, 0, XK_Q5_1, 3) : XA_PANEL(HW, 0, XK_Q5_1, 2);    \
-        case XK_Q4_K: return P3 ? XA_PANEL(HW, 0, XK_Q4_K, 3) : XA_PANEL(HW, 0, XK_Q4_K, 2);    \
-        case XK_Q5_K: return P3 ? XA_PANEL(HW, 0, XK_Q5_K, 3) : XA_PANEL(HW, 0, XK_Q5_K, 2);    \
-        case XK_Q6_K: return P3 ? XA_PANEL(HW, 0, XK_Q6_K, 3) : XA_PANEL(HW, 0, XK_Q6_K, 2);    \
+        case XK_Q5_0: return XA_BY_PARTS(HW, 0, XK_Q5_0);                                        \
+        case XK_Q5_1: return XA_BY_PARTS(HW, 0, XK_Q5_1);                                        \
+        case XK_Q4_K: return XA_BY_PARTS(HW, 0, XK_Q4_K);                                        \
+        case XK_Q5_K: return XA_BY_PARTS(HW, 0, XK_Q5_K);                                        \
+        case XK_Q6_K: return XA_BY_PARTS(HW, 0, XK_Q6_K);                                        \
         default: return -1;                                                                      \
         }                                                                                        \
     }
+#define XA_BY_PARTS(HW, KIND, F)                                                                 \
+    (w->parts == 1   ? XA_PANEL(HW, KIND, F, 1)                                                  \
+     : w->parts == 2 ? XA_PANEL(HW, KIND, F, 2)                                                  \
+                     : XA_PANEL(HW, KIND, F, 3))
 #define XA_PANEL(HW, KIND, F, PARTS)                                                             \
     xa_panel_f(HW, KIND, F, PARTS, w, p, x, xh, M, out, ldo, nr, accum)
 

@@ -130,9 +130,7 @@ static inline XQ_AI void xk_scale_min(const uint8_t *s, int n, int j, __m128i *s
 /* Step 3, one block term (dots D[k][i], scale WS) for the MR rows. */
 #define XK_TERM(P, D, WS)                                                                        \
     for (int i = 0; i < MR; i++) {                                                               \
-        __m##P##i c12 = _mm##P##_add_epi32(_mm##P##_slli_epi32(D[0][i], 8), D[1][i]);           \
-        __m##P v = _mm##P##_cvtepi32_ps(c12);                                                    \
-        if (PARTS == 3) v = _mm##P##_fmadd_ps(_mm##P##_cvtepi32_ps(D[2][i]), inv256, v);        \
+        __m##P v = XQ_PARTS_VALUE(P, D, i);                                                      \
         acc[i] = _mm##P##_fmadd_ps(_mm##P##_mul_ps(WS, _mm##P##_set1_ps(xb[i]->d)), v, acc[i]); \
     }
 /* The first dot values of part k of row i (the offset corrections) into d: for the block, or
@@ -384,8 +382,8 @@ static inline XQ_AI XQ_T512 void xk_rows512(const int F, const int PARTS, const 
 static XQ_T512 void xk_panel512(const xq_weights *w, size_t p, const xq_xb *x, const xq_xh *xh,
                                 size_t M, float *out, size_t ldo, size_t nr, int accum)
 {
-#define XK_ROWS512(F) (w->parts == 2 ? xk_rows512(F, 2, w, p, x, xh, M, out, ldo, nr, accum)   \
-                                     : xk_rows512(F, 3, w, p, x, xh, M, out, ldo, nr, accum))
+#define XK_ROWS512_P(F, PARTS) xk_rows512(F, PARTS, w, p, x, xh, M, out, ldo, nr, accum)
+#define XK_ROWS512(F) XQ_BY_PARTS(XK_ROWS512_P, F)
     switch (w->fmt) {
     case XK_Q5_0: XK_ROWS512(XK_Q5_0); break;
     case XK_Q5_1: XK_ROWS512(XK_Q5_1); break;
@@ -416,8 +414,8 @@ static inline XQ_AI void xk_rows256(const int F, const int PARTS, const xq_weigh
 static void xk_panel256(const xq_weights *w, size_t p, const xq_xb *x, const xq_xh *xh, size_t M,
                         float *out, size_t ldo, size_t nr, int accum)
 {
-#define XK_ROWS256(F) (w->parts == 2 ? xk_rows256(F, 2, w, p, x, xh, M, out, ldo, nr, accum)   \
-                                     : xk_rows256(F, 3, w, p, x, xh, M, out, ldo, nr, accum))
+#define XK_ROWS256_P(F, PARTS) xk_rows256(F, PARTS, w, p, x, xh, M, out, ldo, nr, accum)
+#define XK_ROWS256(F) XQ_BY_PARTS(XK_ROWS256_P, F)
     switch (w->fmt) {
     case XK_Q5_0: XK_ROWS256(XK_Q5_0); break;
     case XK_Q5_1: XK_ROWS256(XK_Q5_1); break;

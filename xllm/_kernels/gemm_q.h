@@ -70,7 +70,7 @@ typedef struct {
     const uint8_t *scales; /* [P][ng][16] float16 or float32 */
     const uint8_t *mins;  /* the same shape and type, or NULL (symmetric) */
     size_t nb, ng;        /* K / 32 blocks, K / G groups per row */
-    int bits, gshift, f32, parts; /* 8 or 4; log2(G / 32); scales are float32; 2 or 3 */
+    int bits, gshift, f32, parts; /* 8 or 4; log2(G / 32); scales are float32; 1, 2 or 3 */
     int fmt;              /* 0: the int8/int4 formats above; else a codec of gemm_k.h (XK_*) */
     const uint8_t *high;  /* gemm_k.h: the bit planes above the low nibbles, or NULL */
     const uint8_t *sub;   /* gemm_k.h: the sub-block scales of the K-quants, or NULL */
@@ -130,7 +130,7 @@ static void xq_quantize_rows(const float *x, size_t ldx, size_t m0, size_t m1, s
                 for (int k = 0; k < 3; k++) {
                     /* rint by the conversion, clamp as ints: |t| < 2^22 even for subnormal
                      * d, and NaN gives INT_MIN -> -127, as the float clamp did */
-                    iq[k][j] = k == parts ? _mm256_setzero_si256() :
+                    iq[k][j] = k >= parts ? _mm256_setzero_si256() :
                         _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(t), lo), hi);
                     t = _mm256_mul_ps(_mm256_sub_ps(t, _mm256_cvtepi32_ps(iq[k][j])), k256);
                     s[k] = j ? _mm256_add_epi32(s[k], iq[k][j]) : iq[k][j];
@@ -200,15 +200,23 @@ static inline XQ_AI XQ_T512 __m512i xq_dpbusd(__m512i acc, __m512i w, const int8
     for (int i = 0; i < MR; i++)                                                                 \
         acc[i] = _mm##P##_setzero_ps()
 
+/* v = c12 + c3 / 256 of row i from the dots d[k][i] of the parts (step 3): c12 = 256 d0 + d1
+ * (d1 = 0 with one part, d2 = 0 with fewer than three: not computed). */
+#define XQ_PARTS_VALUE(P, d, i)                                                                  \
+    (PARTS == 1   ? _mm##P##_cvtepi32_ps(_mm##P##_slli_epi32(d[0][i], 8))                       \
+     : PARTS == 2 ? _mm##P##_cvtepi32_ps(_mm##P##_add_epi32(_mm##P##_slli_epi32(d[0][i], 8),    \
+                                                            d[1][i]))                            \
+                  : _mm##P##_fmadd_ps(_mm##P##_cvtepi32_ps(d[2][i]), inv256,                     \
+                                      _mm##P##_cvtepi32_ps(_mm##P##_add_epi32(                   \
+                                          _mm##P##_slli_epi32(d[0][i], 8), d[1][i]))))
+
 /* Step 3 for one block, in P-bit registers, for both micro-kernels: acc[i] (i < MR) gets the
  * block's terms from the dots d[k][i] of the parts, the scales ws (and the mins wm, if ASYM) of
  * its group, and row i's dx' (xb[i]->d) and dx' * S (xb[i]->ds). c12 + c3 / 256 is one FMA: the
  * product is exact, so it rounds as mul + add do. */
 #define XQ_BLOCK_TERMS(P, ASYM)                                                                  \
     for (int i = 0; i < MR; i++) {                                                               \
-        __m##P##i c12 = _mm##P##_add_epi32(_mm##P##_slli_epi32(d[0][i], 8), d[1][i]);           \
-        __m##P v = _mm##P##_cvtepi32_ps(c12);                                                    \
-        if (PARTS == 3) v = _mm##P##_fmadd_ps(_mm##P##_cvtepi32_ps(d[2][i]), inv256, v);        \
+        __m##P v = XQ_PARTS_VALUE(P, d, i);                                                      \
         acc[i] = _mm##P##_fmadd_ps(_mm##P##_mul_ps(ws, _mm##P##_set1_ps(xb[i]->d)), v, acc[i]); \
         if (ASYM)                                                                                \
             acc[i] = _mm##P##_fmadd_ps(wm, _mm##P##_set1_ps(xb[i]->ds), acc[i]);                 \
@@ -228,7 +236,7 @@ static inline XQ_AI XQ_T512 __m512i xq_dpbusd(__m512i acc, __m512i w, const int8
     } while (0);
 
 /* AVX-512 VNNI micro-kernel: MR rows of x against panel p (16 rows of W, the first nr valid). */
-/* KIND, PARTS (constants: each gets its own code): 0 int8, 1 int4 sym., 2 asym.; 2 or 3 parts */
+/* KIND, PARTS (constants: each gets its own code): 0 int8, 1 int4 sym., 2 asym.; 1, 2 or 3 parts */
 static inline XQ_AI XQ_T512 void xq_mk512(const int MR, const int KIND, const int PARTS,
                                           const xq_weights *w, size_t p, const xq_xb *x,
                                           float *out, size_t ldo, size_t nr, int accum,
@@ -338,6 +346,10 @@ static inline XQ_AI void xq_mk256(const int MR, const int PARTS, const xq_weight
     }
 }
 
+/* MACRO(A, PARTS) with PARTS the weight's parts as a constant: each count gets its own code. */
+#define XQ_BY_PARTS(MACRO, A)                                                                    \
+    (w->parts == 1 ? MACRO(A, 1) : w->parts == 2 ? MACRO(A, 2) : MACRO(A, 3))
+
 /* The M rows in near-equal tiles of at most XQ_MR512 (13 = 5 + 4 + 4: no 1-row tile, which
  * would cost almost as much as a full one). */
 static inline XQ_AI XQ_T512 void xq_rows512(const int KIND, const int PARTS, const xq_weights *w,
@@ -364,11 +376,11 @@ static XQ_T512 void xq_panel512(const xq_weights *w, size_t p, const xq_xb *x, s
 {
 #define XQ_ROWS512(K, P) xq_rows512(K, P, w, p, x, M, out, ldo, nr, accum)
     if (w->bits == 8)
-        w->parts == 2 ? XQ_ROWS512(0, 2) : XQ_ROWS512(0, 3);
+        XQ_BY_PARTS(XQ_ROWS512, 0);
     else if (!w->mins)
-        w->parts == 2 ? XQ_ROWS512(1, 2) : XQ_ROWS512(1, 3);
+        XQ_BY_PARTS(XQ_ROWS512, 1);
     else
-        w->parts == 2 ? XQ_ROWS512(2, 2) : XQ_ROWS512(2, 3);
+        XQ_BY_PARTS(XQ_ROWS512, 2);
 }
 
 static void xq_panel256(const xq_weights *w, size_t p, const xq_xb *x, size_t M, float *out,
@@ -380,9 +392,9 @@ static void xq_panel256(const xq_weights *w, size_t p, const xq_xb *x, size_t M,
 #define XQ_MK256(R, P) xq_mk256(R, P, w, p, h, x + m * w->nb, out + m * ldo, ldo, nh, accum, \
                                 h == 0 && m == 0)
         for (; m + XQ_MR256 <= M; m += XQ_MR256)
-            w->parts == 2 ? XQ_MK256(XQ_MR256, 2) : XQ_MK256(XQ_MR256, 3);
+            XQ_BY_PARTS(XQ_MK256, XQ_MR256);
         if (M > m)
-            w->parts == 2 ? XQ_MK256(1, 2) : XQ_MK256(1, 3);
+            XQ_BY_PARTS(XQ_MK256, 1);
     }
 }
 

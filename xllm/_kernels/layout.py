@@ -91,6 +91,12 @@ def to_float32(w):
     return np.asarray(w, dtype=np.float32)
 
 
+def _valid_parts(parts):
+    """Whether `parts` is 1, 2 or 3 as an integer (not a bool, float or string)."""
+    is_int = isinstance(parts, (int, np.integer)) and not isinstance(parts, bool)
+    return is_int and parts in (1, 2, 3)
+
+
 def check_packed(t, where):
     """Raise ValueError unless the arrays of `t` agree with its shape, bits and group (and
     codec)."""
@@ -99,8 +105,8 @@ def check_packed(t, where):
     n, k = t.shape
     if t.bits not in (4, 8):
         raise ValueError(f"{where}: {t.bits}-bit weights are not supported (use 8 or 4)")
-    if not isinstance(t.parts, (int, np.integer)) or t.parts not in (2, 3):
-        raise ValueError(f"{where}: parts (of x, in qmatmul) must be 2 or 3, got {t.parts!r}")
+    if not _valid_parts(t.parts):
+        raise ValueError(f"{where}: parts (of x, in qmatmul) must be 1, 2 or 3, got {t.parts!r}")
     g = t.group
     if g < BLOCK or g & (g - 1) or k % g or (t.bits == 4 and g != BLOCK):
         raise ValueError(f"{where}: group size {g} is invalid for K = {k} and {t.bits} bits "
@@ -128,8 +134,8 @@ def _check_codec(t, where):
     codec = CODECS.get(t.codec)
     if codec is None:
         raise ValueError(f"{where}: unknown codec {t.codec!r} (known: {', '.join(CODECS)})")
-    if not isinstance(t.parts, (int, np.integer)) or t.parts not in (2, 3):
-        raise ValueError(f"{where}: parts (of x, in qmatmul) must be 2 or 3, got {t.parts!r}")
+    if not _valid_parts(t.parts):
+        raise ValueError(f"{where}: parts (of x, in qmatmul) must be 1, 2 or 3, got {t.parts!r}")
     if t.bits != codec.bits or t.group != codec.group:
         raise ValueError(f"{where}: a {codec.name} tensor has {codec.bits}-bit codes in groups of "
                          f"{codec.group}, got {t.bits} bits, group {t.group}")

@@ -69,7 +69,7 @@ cdef int _layout_ok(object n, object k, object g, object parts, object bits, obj
     if not (type(n) is int and type(k) is int and type(g) is int and type(parts) is int and
             type(bits) is int):
         return 0
-    if not (n >= 0 and k >= 0 and parts in (2, 3)):
+    if not (n >= 0 and k >= 0 and parts in (1, 2, 3)):
         return 0
     if not (32 <= g and (g <= k or g == 32) and not g & (g - 1) and k % g == 0):
         return 0
@@ -89,7 +89,7 @@ cdef bint _codec_ok(object n, object k, object g, object parts, object bits, obj
             type(bits) is int):
         return False
     c = CODECS.get(codec)
-    if c is None or not (n >= 0 and k >= 0 and parts in (2, 3) and bits == c.bits and
+    if c is None or not (n >= 0 and k >= 0 and parts in (1, 2, 3) and bits == c.bits and
                          g == c.group and k % g == 0):
         return False
     p = (n + 15) // 16

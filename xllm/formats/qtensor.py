@@ -6,8 +6,8 @@ int4 a minimum m) per group: int8 ``W = d * q`` (G = 32, 64, ...; GGUF Q8_0 is G
 quantizers are bit-exact with the ``gguf`` package's, generalised to other G and float32 scales.
 
 docs/quantization.rst describes the packed layout (rows in panels of 16, shapes checked by
-:func:`check_qtensor`) and ``parts``: into how many int8 parts (2 or 3) ``qmatmul`` splits
-each block of the activations."""
+:func:`check_qtensor`) and ``parts``: into how many int8 parts (1, 2 or 3) ``qmatmul``
+splits each block of the activations."""
 import numpy as np
 
 from .. import _kernels
@@ -100,6 +100,25 @@ def default_parts(bits, codec=None):
     if bits == 8 or codec is not None:
         return 2
     return 3
+
+
+def check_parts(parts):
+    """`parts` if it is None, 1, 2 or 3; else ValueError (a user's activation_parts)."""
+    if parts is None:
+        return None
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts not in (1, 2, 3):
+        raise ValueError(f"activation_parts must be 1, 2 or 3 (or None), got {parts!r}")
+    return parts
+
+
+def set_parts(weights, parts):
+    """Set ``parts`` of every QTensor among the values of the dict `weights` (1, 2 or 3; None
+    leaves each at its format's default). ValueError for another value."""
+    if check_parts(parts) is None:
+        return
+    for w in weights.values():
+        if isinstance(w, QTensor):
+            w.parts = parts
 
 
 def describe(bits, group, asymmetric, scale_dtype):
