@@ -33,98 +33,8 @@
 #ifndef XLLM_GEMM_AMX_H
 #define XLLM_GEMM_AMX_H
 
-#include <pthread.h>
-#include <stdlib.h>
-
 #include "gemm_q.h"
 #include "tiles.h"
-
-/* Per 32-value block of the panel, in the thread-local buffer: the codes as one B tile (not for
- * int8, whose blocks are tiles already) and the float32 scales of the 16 rows. */
-typedef struct {
-    uint8_t codes[512];
-    float ws[16], ws1[16], wm[16];
-} xa_block;
-
-static __thread xa_block *xa_buf;
-static __thread size_t xa_buf_blocks;
-static pthread_key_t xa_buf_key; /* frees a thread's buffer when the thread exits */
-static pthread_once_t xa_buf_once = PTHREAD_ONCE_INIT;
-
-static void xa_buf_key_init(void)
-{
-    pthread_key_create(&xa_buf_key, free);
-}
-
-/* The thread's buffer for nb blocks (grown as needed, kept for the thread's next call, freed
- * when the thread exits), or NULL if memory is short. */
-static xa_block *xa_blocks(size_t nb)
-{
-    if (nb > xa_buf_blocks) {
-        pthread_once(&xa_buf_once, xa_buf_key_init);
-        free(xa_buf);
-        xa_buf_blocks = 0;
-        xa_buf = (xa_block *)aligned_alloc(64, nb * sizeof(xa_block));
-        pthread_setspecific(xa_buf_key, xa_buf);
-        if (xa_buf == NULL)
-            return NULL;
-        xa_buf_blocks = nb;
-    }
-    return xa_buf;
-}
-
-/* Rows of the codes of a block for the 4-bit formats: line j of the low (H = 0) or high (H = 1)
- * nibbles of the packed block at q (64 bytes), with the bit planes of the codecs (planes e = 0,
- * 1 at hb + 64 e, one 64-bit mask per line): the codes 0..63 as bytes. */
-static inline XQ_AI XA_T __m512i xa_line(int planes, const uint8_t *q, const uint8_t *hb, int j,
-                                         int H)
-{
-    const __m512i low4 = _mm512_set1_epi8(0x0f);
-    __m512i v = _mm512_loadu_si512(q + 64 * j);
-    v = _mm512_and_si512(H ? _mm512_srli_epi16(v, 4) : v, low4);
-    for (int e = 0; e < planes; e++) {
-        uint64_t m;
-        memcpy(&m, hb + 64 * e + 8 * (4 * H + j), 8);
-        v = _mm512_mask_add_epi8(v, _cvtu64_mask64(m), v, _mm512_set1_epi8((char)(16 << e)));
-    }
-    return v;
-}
-
-/* Fill the buffer for panel p: codes (4-bit formats) and scales of every block. KIND (F = 0):
- * 0 int8, 1 int4 symmetric, 2 int4 asymmetric; F: the codec (gemm_k.h) or 0. */
-static inline XQ_AI XA_T void xa_prepare(const int KIND, const int F, const xq_weights *w,
-                                         size_t p, xa_block *buf)
-{
-    const size_t nb = w->nb;
-    const int planes = F ? XK_PLANES(F) : 0;
-    const size_t ss = w->f32 ? 64 : 32; /* bytes of 16 scales */
-    const uint8_t *sc = F ? w->scales + p * w->ng * 32 : w->scales + p * w->ng * ss;
-    const uint8_t *mn = (F ? XK_ASYM(F) : KIND == 2) ? w->mins + p * w->ng * (F ? 32 : ss) : NULL;
-    const uint8_t *sub = F && XK_SUPER(F) ? w->sub + p * w->ng * XK_SUB_BYTES(F) : NULL;
-    const uint8_t *wq = w->qs + p * nb * (F || KIND ? 256 : 512);
-    const uint8_t *wh = planes ? w->high + p * nb * 64 * (size_t)planes : NULL;
-    for (size_t b = 0; b < nb; b++) {
-        xa_block *o = buf + b;
-        if (F || KIND) {
-            const uint8_t *q = wq + b * 256;
-            const uint8_t *hb = planes ? wh + b * 64 * (size_t)planes : NULL;
-            for (int H = 0; H < 2; H++)
-                for (int j = 0; j < 4; j++)
-                    _mm512_storeu_si512(o->codes + 64 * (4 * H + j), xa_line(planes, q, hb, j, H));
-        }
-        if (F) {
-            XK_BLOCK_SCALES(512, F, 0, _mm512_cvtepu8_epi32, _mm512_cvtepi8_epi32)
-            _mm512_storeu_ps(o->ws, ws);
-            _mm512_storeu_ps(o->ws1, ws1);
-            _mm512_storeu_ps(o->wm, wm);
-        } else {
-            const size_t g = (b >> w->gshift) * ss;
-            const __m512 ws = XQ_SCALES512(sc + g);
-            _mm512_storeu_ps(o->ws, ws);
-            _mm512_storeu_ps(o->wm, KIND == 2 ? XQ_SCALES512(mn + g) : ws);
-        }
-    }
-}
 
 /* The first value of the dot of part k of row xb (whose half sums are hb) with the codes: the
  * offset correction the VNNI path starts from (gemm_q.h, gemm_k.h), added here to the tile's
@@ -151,7 +61,7 @@ static inline XQ_AI int32_t xa_offset(const int KIND, const int F, const xq_xb *
  * out rows [0, MR) (nr valid columns). */
 static inline XQ_AI XA_T void xa_tile_rows(const int HW, const int KIND, const int F,
                                            const int PARTS, const int MR, const xq_weights *w,
-                                           size_t p, const xa_block *buf, const xq_xb *x,
+                                           size_t p, const xp_block *buf, const xq_xb *x,
                                            const xq_xh *xh, float *out, size_t ldo, size_t nr,
                                            int accum)
 {
@@ -237,10 +147,10 @@ static inline XQ_AI XA_T int xa_panel_f(const int HW, const int KIND, const int 
                                         const xq_xb *x, const xq_xh *xh, size_t M, float *out,
                                         size_t ldo, size_t nr, int accum)
 {
-    xa_block *buf = xa_blocks(w->nb);
+    xp_block *buf = xp_blocks(w->nb);
     if (buf == NULL)
         return -1;
-    xa_prepare(KIND, F, w, p, buf);
+    xp_prepare(KIND, F, w, p, buf);
     size_t m = 0;
     for (; m + 16 <= M; m += 16)
         xa_tile_rows(HW, KIND, F, PARTS, 16, w, p, buf, x + m * w->nb, xh + m * w->nb,

@@ -55,6 +55,17 @@ enum { XK_Q5_0 = 1, XK_Q5_1 = 2, XK_Q4_K = 3, XK_Q5_K = 4, XK_Q6_K = 5 };
 #define XK_PFS 32
 #endif
 
+/* From this many rows of x, the AVX-512 path rebuilds a Q6_K panel's codes and scales once into
+ * a per-thread buffer (xp_prepare) that every row tile then reads (xk_mk512p), instead of once
+ * per tile of 6 rows from the nibbles and two bit planes. One thread, 2048 x 2048, GOP/s with
+ * one activation part (two): M = 512 167-179 -> 180-234 (122-125 -> 149-153), M = 12 108-145
+ * -> 180-186; M = 7 (two tiles) 181 -> 133-145, hence 12. The other codecs rebuild a line in
+ * one or two operations more than a load: for them the buffer, twice the bytes of their
+ * nibbles, was slower (Q4_K at M = 18: 290 -> 213) or the same (M = 512), and is not used. */
+#ifndef XK_PREP_M
+#define XK_PREP_M 12
+#endif
+
 /* Properties of codec F (compile-time constants in the micro-kernels). */
 #define XK_PLANES(F) ((F) == XK_Q6_K ? 2 : (F) == XK_Q4_K ? 0 : 1)
 #define XK_ASYM(F) ((F) == XK_Q5_1 || (F) == XK_Q4_K || (F) == XK_Q5_K)
@@ -379,9 +390,158 @@ static inline XQ_AI XQ_T512 void xk_rows512(const int F, const int PARTS, const 
     }
 }
 
+
+/* Per 32-value block of the panel, in the thread-local buffer: the codes as one B tile (not for
+ * int8, whose blocks are tiles already) and the float32 scales of the 16 rows. */
+typedef struct {
+    uint8_t codes[512];
+    float ws[16], ws1[16], wm[16];
+} xp_block;
+
+static __thread xp_block *xp_buf;
+static __thread size_t xp_buf_blocks;
+static pthread_key_t xp_buf_key; /* frees a thread's buffer when the thread exits */
+static pthread_once_t xp_buf_once = PTHREAD_ONCE_INIT;
+
+static void xp_buf_key_init(void)
+{
+    pthread_key_create(&xp_buf_key, free);
+}
+
+/* The thread's buffer for nb blocks (grown as needed, kept for the thread's next call, freed
+ * when the thread exits), or NULL if memory is short. */
+static xp_block *xp_blocks(size_t nb)
+{
+    if (nb > xp_buf_blocks) {
+        pthread_once(&xp_buf_once, xp_buf_key_init);
+        free(xp_buf);
+        xp_buf_blocks = 0;
+        xp_buf = (xp_block *)aligned_alloc(64, nb * sizeof(xp_block));
+        pthread_setspecific(xp_buf_key, xp_buf);
+        if (xp_buf == NULL)
+            return NULL;
+        xp_buf_blocks = nb;
+    }
+    return xp_buf;
+}
+
+/* Rows of the codes of a block for the 4-bit formats: line j of the low (H = 0) or high (H = 1)
+ * nibbles of the packed block at q (64 bytes), with the bit planes of the codecs (planes e = 0,
+ * 1 at hb + 64 e, one 64-bit mask per line): the codes 0..63 as bytes. */
+static inline XQ_AI XQ_T512 __m512i xp_line(int planes, const uint8_t *q, const uint8_t *hb, int j,
+                                         int H)
+{
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    __m512i v = _mm512_loadu_si512(q + 64 * j);
+    v = _mm512_and_si512(H ? _mm512_srli_epi16(v, 4) : v, low4);
+    for (int e = 0; e < planes; e++) {
+        uint64_t m;
+        memcpy(&m, hb + 64 * e + 8 * (4 * H + j), 8);
+        v = _mm512_mask_add_epi8(v, _cvtu64_mask64(m), v, _mm512_set1_epi8((char)(16 << e)));
+    }
+    return v;
+}
+
+/* Fill the buffer for panel p: codes (4-bit formats) and scales of every block. KIND (F = 0):
+ * 0 int8, 1 int4 symmetric, 2 int4 asymmetric; F: the codec (gemm_k.h) or 0. */
+static inline XQ_AI XQ_T512 void xp_prepare(const int KIND, const int F, const xq_weights *w,
+                                         size_t p, xp_block *buf)
+{
+    const size_t nb = w->nb;
+    const int planes = F ? XK_PLANES(F) : 0;
+    const size_t ss = w->f32 ? 64 : 32; /* bytes of 16 scales */
+    const uint8_t *sc = F ? w->scales + p * w->ng * 32 : w->scales + p * w->ng * ss;
+    const uint8_t *mn = (F ? XK_ASYM(F) : KIND == 2) ? w->mins + p * w->ng * (F ? 32 : ss) : NULL;
+    const uint8_t *sub = F && XK_SUPER(F) ? w->sub + p * w->ng * XK_SUB_BYTES(F) : NULL;
+    const uint8_t *wq = w->qs + p * nb * (F || KIND ? 256 : 512);
+    const uint8_t *wh = planes ? w->high + p * nb * 64 * (size_t)planes : NULL;
+    for (size_t b = 0; b < nb; b++) {
+        xp_block *o = buf + b;
+        if (F || KIND) {
+            const uint8_t *q = wq + b * 256;
+            const uint8_t *hb = planes ? wh + b * 64 * (size_t)planes : NULL;
+            for (int H = 0; H < 2; H++)
+                for (int j = 0; j < 4; j++)
+                    _mm512_storeu_si512(o->codes + 64 * (4 * H + j), xp_line(planes, q, hb, j, H));
+        }
+        if (F) {
+            XK_BLOCK_SCALES(512, F, 0, _mm512_cvtepu8_epi32, _mm512_cvtepi8_epi32)
+            _mm512_storeu_ps(o->ws, ws);
+            _mm512_storeu_ps(o->ws1, ws1);
+            _mm512_storeu_ps(o->wm, wm);
+        } else {
+            const size_t g = (b >> w->gshift) * ss;
+            const __m512 ws = XQ_SCALES512(sc + g);
+            _mm512_storeu_ps(o->ws, ws);
+            _mm512_storeu_ps(o->wm, KIND == 2 ? XQ_SCALES512(mn + g) : ws);
+        }
+    }
+}
+
+
+/* AVX-512 VNNI micro-kernel of Q6_K on a prepared panel (xp_prepare: the codes as bytes, the
+ * scales as float32): MR rows of x, the same dots and block terms as xk_mk512, so the same
+ * bits; only the codes and scales are read from the buffer instead of being rebuilt per tile. */
+static inline XQ_AI XQ_T512 void xk_mk512p(const int MR, const int PARTS, const xp_block *buf,
+                                           size_t nb, const xq_xb *x, const xq_xh *xh,
+                                           float *out, size_t ldo, size_t nr, int accum)
+{
+    const int F = XK_Q6_K;
+    const __m512 inv256 = _mm512_set1_ps(1.0f / 256.0f);
+    XQ_ZEROED_ACC(512, XQ_MR512);
+    for (size_t b = 0; b < nb; b++) {
+        const uint8_t *codes = buf[b].codes; /* line 4 half + j: values 16 half + 4j.. */
+        const xq_xb *xb[XQ_MR512];
+        for (int i = 0; i < MR; i++)
+            xb[i] = x + i * nb + b;
+        __m512i d[3][XQ_MR512];
+        for (int half = 0; half < 2; half++) {
+            XK_DOT_INIT(512, F, half)
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                const __m512i W = _mm512_load_si512(codes + 64 * (4 * half + j));
+                XK_DOTS512(W, 16 * half + 4 * j)
+            }
+            const __m512 ws = _mm512_load_ps(half ? buf[b].ws1 : buf[b].ws);
+            XK_TERM(512, d, ws)
+        }
+    }
+    XQ_STORE_ACC512
+}
+
+/* All M rows against a prepared Q6_K panel, in near-equal tiles of at most XQ_MR512 rows. */
+static inline XQ_AI XQ_T512 void xk_rows512p(const int PARTS, const xp_block *buf,
+                                             size_t nb, const xq_xb *x, const xq_xh *xh,
+                                             size_t M, float *out, size_t ldo, size_t nr,
+                                             int accum)
+{
+    const size_t nt = (M + XQ_MR512 - 1) / XQ_MR512;
+    for (size_t t = 0, m = 0, r; t < nt; t++, m += r) {
+        r = M / nt + (t < M % nt);
+#define XK_CASE512P(R)                                                                           \
+    case R:                                                                                      \
+        xk_mk512p(R, PARTS, buf, nb, x + m * nb, xh + m * nb, out + m * ldo, ldo, nr, accum);    \
+        break;
+        switch (r) {
+        XK_CASE512P(1) XK_CASE512P(2) XK_CASE512P(3) XK_CASE512P(4) XK_CASE512P(5)
+        XK_CASE512P(6)
+        default: break;
+        }
+    }
+}
+
 static XQ_T512 void xk_panel512(const xq_weights *w, size_t p, const xq_xb *x, const xq_xh *xh,
                                 size_t M, float *out, size_t ldo, size_t nr, int accum)
 {
+    if (w->fmt == XK_Q6_K && M >= XK_PREP_M) { /* rebuild the codes once, not per row tile */
+        xp_block *buf = xp_blocks(w->nb);
+        if (buf != NULL) {
+#define XK_ROWS512P_P(A, PARTS) xk_rows512p(PARTS, buf, w->nb, x, xh, M, out, ldo, nr, accum)
+            xp_prepare(0, XK_Q6_K, w, p, buf);
+            XQ_BY_PARTS(XK_ROWS512P_P, 0);
+            return;
+        }
+    }
 #define XK_ROWS512_P(F, PARTS) xk_rows512(F, PARTS, w, p, x, xh, M, out, ldo, nr, accum)
 #define XK_ROWS512(F) XQ_BY_PARTS(XK_ROWS512_P, F)
     switch (w->fmt) {

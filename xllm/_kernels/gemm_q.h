@@ -32,8 +32,10 @@
 #define XLLM_GEMM_Q_H
 
 #include <immintrin.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define XQ_AI __attribute__((always_inline))
