@@ -52,3 +52,19 @@ def test_cli_huge_max_new_tokens_is_clamped_to_the_context(data_dir):
     assert r.returncode == 0, r.stderr
     generated = int(r.stderr.split("generated: ")[1].split()[0])
     assert 0 < generated <= 512
+
+
+def test_cli_activation_parts(smollm2_gguf):
+    """--activation-parts 1 reaches the kernels: the default question's first answer token is
+    a near-tie (docs/quantization.rst, "Why three parts"), and with one part the greedy answer
+    is another (the kernels are bitwise the same on every ISA, so this is deterministic); a
+    value outside 1..3 is exit code 2."""
+    default = run_cli("--model", smollm2_gguf, "--max-new-tokens", 8, "--threads", 2)
+    one = run_cli("--model", smollm2_gguf, "--max-new-tokens", 8, "--threads", 2,
+                  "--activation-parts", 1)
+    assert default.returncode == 0 and one.returncode == 0, (default.stderr, one.stderr)
+    assert default.stdout.startswith("The capital of France is Paris.")
+    assert one.stdout.strip() and not one.stdout.startswith("The capital")
+    assert "generated: 8 tokens" in one.stderr
+    bad = run_cli("--model", smollm2_gguf, "--activation-parts", 4)
+    assert bad.returncode == 2 and "activation-parts" in bad.stderr

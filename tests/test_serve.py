@@ -364,3 +364,21 @@ def test_a_waiting_non_streamed_client_that_leaves_is_cancelled(server):
     while metric(server, "xllm_running_sequences") > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert metric(server, "xllm_running_sequences") == 0
+
+
+def test_activation_parts_reach_the_served_model():
+    """--activation-parts N loads every quantized weight of the served model with N parts (the
+    flag's other values are refused by the parser, exit code 2)."""
+    from xllm.serve.options import parser
+    from xllm.serve.server import build
+    args = parser().parse_args(["--model", DEFAULT_MODEL, "--threads", "1",
+                                "--activation-parts", "1", "--kv-budget-mb", "16"])
+    engine, _ = build(args)
+    try:
+        layer = engine.model.transformer.layers[0]
+        assert layer.wq.parts == layer.w2.parts == 1
+    finally:
+        engine.close(timeout=1.0)
+    with pytest.raises(SystemExit) as e:
+        parser().parse_args(["--activation-parts", "4"])
+    assert e.value.code == 2

@@ -70,6 +70,9 @@ def _parser():
                    help="stop before this string; repeat the flag for several")
     p.add_argument("--threads", type=int, metavar="N",
                    help="kernel threads (default: all usable cores)")
+    p.add_argument("--activation-parts", type=int, choices=[1, 2, 3], metavar="N",
+                   help="int8 parts per activation block of the quantized weights: 1 (fastest, "
+                        "the precision llama.cpp keeps), 2 or 3 (default: each format's own)")
     p.add_argument("--echo", action="store_true",
                    help="print the prompt before its continuation (one --prompt only)")
     return p
@@ -151,7 +154,8 @@ def main(argv=None):
     kwargs = {k: getattr(args, k) for k in (*_SAMPLING, "seed", "stop")}
     try:
         check_exists(args.model)
-        model = load(args.model, tokenizer=args.tokenizer, threads=args.threads)
+        model = load(args.model, tokenizer=args.tokenizer, threads=args.threads,
+                     activation_parts=args.activation_parts)
         if args.chat:
             _chat_loop(model, args.system, kwargs)
             return 0

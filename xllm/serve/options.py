@@ -34,6 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     p.add_argument("--threads", type=int, default=None,
                    help="kernel threads (default: every core this process may use)")
+    p.add_argument("--activation-parts", type=int, choices=[1, 2, 3], default=None,
+                   help="int8 parts per activation block of the quantized weights: 1 (fastest, "
+                        "the precision llama.cpp keeps), 2 or 3 (default: each format's own)")
     p.add_argument("--max-running", type=int, default=DEFAULT_MAX_RUNNING,
                    help="sequences decoding together (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,

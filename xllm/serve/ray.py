@@ -117,7 +117,8 @@ class XLLMReplica:
         from ..engine.scheduler import Engine
         from .options import default_kv_budget
         _log_to_stderr()
-        model = load(args.model, threads=replica_threads(args))
+        model = load(args.model, threads=replica_threads(args),
+                     activation_parts=args.activation_parts)
         if args.kv_budget_mb is None:  # the replicas may share this machine
             budget = default_kv_budget(model, args.max_running) // max_replicas(args)
         else:

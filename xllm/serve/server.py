@@ -25,7 +25,7 @@ def build(args):
     from .. import load
     from ..engine.scheduler import Engine
     from .app import ServerSettings, create_app
-    model = load(args.model, threads=args.threads)
+    model = load(args.model, threads=args.threads, activation_parts=args.activation_parts)
     if args.kv_budget_mb is None:
         budget = default_kv_budget(model, args.max_running)
     else:
