@@ -4,7 +4,7 @@
   dot products (signed and unsigned operands, 32-bit wraparound) against NumPy, and tdpbf16ps as
   gemm_amx.h states its model (float32 fused multiply-adds in a fixed order, denormals as zero).
 * qmatmul on the tile kernels equals the AVX-512 VNNI path and the NumPy reference
-  (reference.qmatmul) BIT FOR BIT for every format and codec, 2 and 3 activation parts, M from 2
+  (reference.qmatmul) BIT FOR BIT for every format and codec, 1, 2 and 3 activation parts, M from 2
   to 600, awkward N and K, 1 and 2 threads: the emulated tiles everywhere (and a counter proves
   the tile path ran, not the vector path it falls back to), the real AMX unit where the CPU has
   it (skipped otherwise, saying why).
