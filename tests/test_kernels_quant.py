@@ -235,6 +235,23 @@ def test_parts_defaults_and_validation():
         Q.qmatmul(np.zeros((1, 64), np.float32), t, np.empty((1, 20), np.float32))
 
 
+def _with_part_counts(fmt, isa, counts, seed):
+    """qmatmul of random x [13, 512] with one random weight in format `fmt` (the same codes
+    and scales) split into each count of `counts` parts, on path `isa`: (x, the weight
+    dequantized as float64, {count: out})."""
+    bits, group, asym, sdt = fmt
+    rng = np.random.default_rng(seed)
+    Q.set_isa(isa)
+    x = rng.standard_normal((13, 512)).astype(np.float32)
+    w = quant.quantize(weights(rng, 70, 512), bits, group, asym, sdt)
+    outs = {}
+    for parts in counts:
+        wp = quant.QTensor(w.shape, bits, group, w.qs, w.scales, w.mins, parts=parts)
+        outs[parts] = np.empty((13, 70), np.float32)
+        Q.qmatmul(x, wp, outs[parts])
+    return x, w.dequantize().astype(np.float64), outs
+
+
 @pytest.mark.parametrize("isa", QMATMUL_ISAS)
 @pytest.mark.parametrize("fmt", [FORMATS[0], FORMATS[4], FORMATS[5]])
 def test_two_parts_differ_from_three_within_bound(fmt, isa):
@@ -243,19 +260,10 @@ def test_two_parts_differ_from_three_within_bound(fmt, isa):
     at most amax / 65024 (amax of its block, about 3 |x| on average for Gaussian x), so we
     require |d| <= 3e-5 * (|x| @ |W|.T) (measured: 5e-6); 3 parts, 1e-6 (measured 4e-7, mostly
     the float32 sums), and the 2-part error must be clearly larger than the 3-part one."""
-    bits, group, asym, sdt = fmt
-    rng = np.random.default_rng(7)
-    Q.set_isa(isa)
-    x = rng.standard_normal((13, 512)).astype(np.float32)
-    w2 = quant.quantize(weights(rng, 70, 512), bits, group, asym, sdt, parts=2)
-    w3 = quant.QTensor(w2.shape, bits, group, w2.qs, w2.scales, w2.mins, parts=3)
-    o2, o3 = np.empty((13, 70), np.float32), np.empty((13, 70), np.float32)
-    Q.qmatmul(x, w2, o2)
-    Q.qmatmul(x, w3, o3)
-    assert np.mean(o2 != o3) > 0.5  # most elements differ
-    W = w2.dequantize().astype(np.float64)
+    x, W, o = _with_part_counts(fmt, isa, (2, 3), seed=7)
+    assert np.mean(o[2] != o[3]) > 0.5  # most elements differ
     exact, mag = x.astype(np.float64) @ W.T, np.abs(x).astype(np.float64) @ np.abs(W).T
-    err2, err3 = np.abs(o2 - exact) / mag, np.abs(o3 - exact) / mag
+    err2, err3 = np.abs(o[2] - exact) / mag, np.abs(o[3] - exact) / mag
     print(f"{fmt} {isa}: max relative error 2 parts {err2.max():.2e}, 3 parts {err3.max():.2e}")
     assert err2.max() <= 3e-5 and err3.max() <= 1e-6 and err2.max() > 4 * err3.max()
 
@@ -267,21 +275,12 @@ def test_one_part_differs_from_two_within_its_bound(fmt, isa):
     rounding: each activation is off by at most half its block's step amax / 127, so
     |d| <= (amax / 254 per value) @ |W|.T plus 1e-6 of |x| @ |W|.T for the float32 sums
     (measured: about a quarter of the rounding bound), and far more than with 2 parts."""
-    bits, group, asym, sdt = fmt
-    rng = np.random.default_rng(8)
-    Q.set_isa(isa)
-    x = rng.standard_normal((13, 512)).astype(np.float32)
-    w2 = quant.quantize(weights(rng, 70, 512), bits, group, asym, sdt, parts=2)
-    w1 = quant.QTensor(w2.shape, bits, group, w2.qs, w2.scales, w2.mins, parts=1)
-    o1, o2 = np.empty((13, 70), np.float32), np.empty((13, 70), np.float32)
-    Q.qmatmul(x, w1, o1)
-    Q.qmatmul(x, w2, o2)
-    assert np.mean(o1 != o2) > 0.9
-    W = w2.dequantize().astype(np.float64)
+    x, W, o = _with_part_counts(fmt, isa, (1, 2), seed=8)
+    assert np.mean(o[1] != o[2]) > 0.9
     exact, mag = x.astype(np.float64) @ W.T, np.abs(x).astype(np.float64) @ np.abs(W).T
     amax = np.abs(x.astype(np.float64)).reshape(13, 16, 32).max(axis=2)
     rounding = np.repeat(amax / 254, 32, axis=1) @ np.abs(W).T
-    err1, err2 = np.abs(o1 - exact), np.abs(o2 - exact)
+    err1, err2 = np.abs(o[1] - exact), np.abs(o[2] - exact)
     print(f"{fmt} {isa}: largest error / rounding bound, 1 part {(err1 / rounding).max():.2f}")
     assert np.all(err1 <= rounding + 1e-6 * mag)
     assert err1.max() > 20 * err2.max()
