@@ -24,7 +24,8 @@
  * thread-local buffer of 512-byte tiles (line 4h + j: the low (h = 0) or high (h = 1) nibbles
  * of line j, plus the planes' bits), reused by every row tile of x; the repacked weights do not
  * change. The per-block scales of the panel (ws, the Q6_K second half's ws1, the minimums wm)
- * are formed there too, by the VNNI path's macros, so the epilogue only loads them.
+ * are formed there too, by the VNNI path's macros, so the epilogue only loads them (xp_prepare,
+ * gemm_k.h, which the VNNI path also uses for Q6_K).
  *
  * Depth: the x of each 32-value block has its own scale dx, so the int32 sums of two blocks can
  * never be added before their float epilogue: a tile is one block (K = 32) deep, half of the

@@ -390,9 +390,10 @@ static inline XQ_AI XQ_T512 void xk_rows512(const int F, const int PARTS, const 
     }
 }
 
-
-/* Per 32-value block of the panel, in the thread-local buffer: the codes as one B tile (not for
- * int8, whose blocks are tiles already) and the float32 scales of the 16 rows. */
+/* A panel prepared once per work item, for the row tiles that follow (the AMX kernels of
+ * gemm_amx.h for every format; xk_mk512p below for Q6_K): per 32-value block, the codes as
+ * bytes in the int8 panel layout, which is also the AMX B tile (not for int8, whose blocks are
+ * in it already), and the float32 scales of the 16 rows. */
 typedef struct {
     uint8_t codes[512];
     float ws[16], ws1[16], wm[16];
@@ -428,8 +429,8 @@ static xp_block *xp_blocks(size_t nb)
 /* Rows of the codes of a block for the 4-bit formats: line j of the low (H = 0) or high (H = 1)
  * nibbles of the packed block at q (64 bytes), with the bit planes of the codecs (planes e = 0,
  * 1 at hb + 64 e, one 64-bit mask per line): the codes 0..63 as bytes. */
-static inline XQ_AI XQ_T512 __m512i xp_line(int planes, const uint8_t *q, const uint8_t *hb, int j,
-                                         int H)
+static inline XQ_AI XQ_T512 __m512i xp_line(int planes, const uint8_t *q, const uint8_t *hb,
+                                            int j, int H)
 {
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     __m512i v = _mm512_loadu_si512(q + 64 * j);
@@ -445,7 +446,7 @@ static inline XQ_AI XQ_T512 __m512i xp_line(int planes, const uint8_t *q, const 
 /* Fill the buffer for panel p: codes (4-bit formats) and scales of every block. KIND (F = 0):
  * 0 int8, 1 int4 symmetric, 2 int4 asymmetric; F: the codec (gemm_k.h) or 0. */
 static inline XQ_AI XQ_T512 void xp_prepare(const int KIND, const int F, const xq_weights *w,
-                                         size_t p, xp_block *buf)
+                                            size_t p, xp_block *buf)
 {
     const size_t nb = w->nb;
     const int planes = F ? XK_PLANES(F) : 0;
@@ -477,7 +478,6 @@ static inline XQ_AI XQ_T512 void xp_prepare(const int KIND, const int F, const x
         }
     }
 }
-
 
 /* AVX-512 VNNI micro-kernel of Q6_K on a prepared panel (xp_prepare: the codes as bytes, the
  * scales as float32): MR rows of x, the same dots and block terms as xk_mk512, so the same
