@@ -89,29 +89,25 @@ static inline XQ_AI XA_T void xa_tile_rows(const int HW, const int KIND, const i
     for (size_t b = 0; b < nb; b++) {
         const int8_t *a0 = x[b].q[0]; /* part k of the tile's rows: a0 + 32 k, stride xstride */
         const uint8_t *codes = F || KIND ? buf[b].codes : w->qs + (p * nb + b) * 512;
+/* The dots of every part with tile 0 into C tiles T0, T1, T2 (one per part), stored into the
+ * sums S[k]; AOFF the first part's offset. Tile numbers are literals: GCC's AMX intrinsics
+ * paste them into the instruction's text. */
+#define XA_PARTS_DOTS(T0, T1, T2, AOFF, S)                                                       \
+    XA_PART_DOT(T0, AOFF)                                                                        \
+    if (PARTS >= 2)                                                                              \
+        XA_PART_DOT(T1, AOFF + 32)                                                               \
+    if (PARTS == 3)                                                                              \
+        XA_PART_DOT(T2, AOFF + 64)                                                               \
+    XA_STORE(HW, T0, S[0], 64);                                                                  \
+    if (PARTS >= 2)                                                                              \
+        XA_STORE(HW, T1, S[1], 64);                                                              \
+    if (PARTS == 3)                                                                              \
+        XA_STORE(HW, T2, S[2], 64);
         XA_LOAD(HW, 0, codes, 64); /* Q6_K: lines 0..3, values 0..15; else the whole block */
-        XA_PART_DOT(2, 0)
-        if (PARTS >= 2)
-            XA_PART_DOT(3, 32)
-        if (PARTS == 3)
-            XA_PART_DOT(4, 64)
-        XA_STORE(HW, 2, sums[0][0], 64);
-        if (PARTS >= 2)
-            XA_STORE(HW, 3, sums[0][1], 64);
-        if (PARTS == 3)
-            XA_STORE(HW, 4, sums[0][2], 64);
+        XA_PARTS_DOTS(2, 3, 4, 0, sums[0])
         if (q6) {
             XA_LOAD(HW, 0, codes + 256, 64); /* lines 4..7: values 16..31 */
-            XA_PART_DOT(5, 16)
-            if (PARTS >= 2)
-                XA_PART_DOT(6, 48)
-            if (PARTS == 3)
-                XA_PART_DOT(7, 80)
-            XA_STORE(HW, 5, sums[1][0], 64);
-            if (PARTS >= 2)
-                XA_STORE(HW, 6, sums[1][1], 64);
-            if (PARTS == 3)
-                XA_STORE(HW, 7, sums[1][2], 64);
+            XA_PARTS_DOTS(5, 6, 7, 16, sums[1])
         }
         /* step 3 for this block, by the VNNI path's own macros: d[k][i] the dots of row i */
         const xq_xb *xb[16];
