@@ -91,7 +91,7 @@ def to_float32(w):
     return np.asarray(w, dtype=np.float32)
 
 
-def _valid_parts(parts):
+def valid_parts(parts):
     """Whether `parts` is 1, 2 or 3 as an integer (not a bool, float or string)."""
     is_int = isinstance(parts, (int, np.integer)) and not isinstance(parts, bool)
     return is_int and parts in (1, 2, 3)
@@ -105,7 +105,7 @@ def check_packed(t, where):
     n, k = t.shape
     if t.bits not in (4, 8):
         raise ValueError(f"{where}: {t.bits}-bit weights are not supported (use 8 or 4)")
-    if not _valid_parts(t.parts):
+    if not valid_parts(t.parts):
         raise ValueError(f"{where}: parts (of x, in qmatmul) must be 1, 2 or 3, got {t.parts!r}")
     g = t.group
     if g < BLOCK or g & (g - 1) or k % g or (t.bits == 4 and g != BLOCK):
@@ -134,7 +134,7 @@ def _check_codec(t, where):
     codec = CODECS.get(t.codec)
     if codec is None:
         raise ValueError(f"{where}: unknown codec {t.codec!r} (known: {', '.join(CODECS)})")
-    if not _valid_parts(t.parts):
+    if not valid_parts(t.parts):
         raise ValueError(f"{where}: parts (of x, in qmatmul) must be 1, 2 or 3, got {t.parts!r}")
     if t.bits != codec.bits or t.group != codec.group:
         raise ValueError(f"{where}: a {codec.name} tensor has {codec.bits}-bit codes in groups of "

@@ -14,7 +14,8 @@ from .. import _kernels
 from .._kernels import reference
 from .._kernels.layout import (BLOCK, CODECS, PANEL, check_packed, codec_block_params,
                                dequantize_codec_rows, dequantize_rows, sub_shape, to_float32,
-                               unpack_codec_codes, unpack_codes, unpack_group_params)
+                               unpack_codec_codes, unpack_codes, unpack_group_params,
+                               valid_parts)
 from ..errors import ModelFormatError
 from .registry import FORMATS, panel_block_bytes
 
@@ -106,7 +107,7 @@ def check_parts(parts):
     """`parts` if it is None, 1, 2 or 3; else ValueError (a user's activation_parts)."""
     if parts is None:
         return None
-    if isinstance(parts, bool) or not isinstance(parts, int) or parts not in (1, 2, 3):
+    if not valid_parts(parts):
         raise ValueError(f"activation_parts must be 1, 2 or 3 (or None), got {parts!r}")
     return parts
 
