@@ -216,13 +216,13 @@ def test_long_rows_and_extreme_blocks():
 
 def test_mixed_codecs_share_x():
     """A Q4_K_M file mixes types in wq/wk/wv: one qmatmul call over (Q4_K, Q6_K, Q5_0, Q8_0 with
-    2 parts, the codecs' default) gives the same bits as separate calls, and the dispatch sends
+    1 part, the codecs' default) gives the same bits as separate calls, and the dispatch sends
     such a tuple to it."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((9, 512)).astype(np.float32)
     ws = (packed(rng, "Q4_K", 40, 512)[0], packed(rng, "Q6_K", 7, 512)[0],
           packed(rng, "Q5_0", 16, 512)[0],
-          quant.quantize((rng.standard_normal((5, 512)) * 0.05).astype(np.float32), 8))
+          quant.quantize((rng.standard_normal((5, 512)) * 0.05).astype(np.float32), 8, parts=1))
     outs = tuple(np.empty((9, w.shape[0]), np.float32) for w in ws)
     for t in (1, 2):
         _cpu.set_threads(t)
@@ -234,10 +234,10 @@ def test_mixed_codecs_share_x():
                 np.testing.assert_array_equal(o, alone)
                 R.qmatmul(x, w, alone)
                 np.testing.assert_array_equal(o, alone)
-    # weights of different default parts side by side (int4 with 3 beside the codecs' 2): the
+    # weights of different default parts side by side (int4 with 3 beside the codecs' 1): the
     # dispatch splits the tuple, with the same bits as separate calls
     q4 = quant.quantize((rng.standard_normal((5, 512)) * 0.05).astype(np.float32), 4)
-    assert q4.parts == 3 and ws[0].parts == 2
+    assert q4.parts == 3 and ws[0].parts == 1
     assert_dispatch_matches_separate_calls(x, (ws[0], q4, ws[2]))
 
 

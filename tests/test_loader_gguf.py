@@ -220,7 +220,10 @@ def test_mixed_quant_types_run_natively_like_gguf(small):
     """A file mixing types tensor by tensor (as Q4_K_M does): each runs on its own kernel, with
     gguf's values; the logits equal those of the same weights dequantized to float32 within the
     activation quantization's error: with 3 parts everywhere (about 23 bits) 1e-3, measured
-    1.1e-4; as loaded (the codecs' default 2 parts, about 16 bits) 5e-3, measured 1.1e-3."""
+    1.1e-4; with 2 (about 16 bits) 5e-3, measured 1.1e-3; as loaded (the codecs' default one
+    part, 8 bits, beside Q4_1's 3) 1.0 of logits up to 17.6, measured 0.46, and the argmax equal
+    at 90% of the positions or more, measured 96.9% (random codes make weights far larger than a
+    model's)."""
     model, tmp = small
     t = gguf_tensors(model)
     raw = {"token_embd.weight": (k_quant_bytes(512, 256, QT.Q6_K), QT.Q6_K),
@@ -241,12 +244,17 @@ def test_mixed_quant_types_run_natively_like_gguf(small):
     assert len(slabs) == 1
     dense = {k: w.dequantize() if isinstance(w, QTensor) else w for k, w in ck.weights.items()}
     want = xllm.Model(ck.config, dense, kv_dtype="float32").logits(IDS)
-    print(f"mixed types: max |logit diff| {np.abs(out - want).max():.1e}")
-    assert np.isfinite(out).all() and np.abs(out - want).max() <= 5e-3
-    three = {k: with_parts(w, 3) if isinstance(w, QTensor) else w for k, w in ck.weights.items()}
-    out3 = xllm.Model(ck.config, three, kv_dtype="float32").logits(IDS)
-    print(f"mixed types, 3 parts: max |logit diff| {np.abs(out3 - want).max():.1e}")
-    assert np.abs(out3 - want).max() <= 1e-3
+    agree = (out.argmax(-1) == want.argmax(-1)).mean()
+    print(f"mixed types, as loaded: max |logit diff| {np.abs(out - want).max():.1e}, "
+          f"argmax equal at {agree:.3f}")
+    assert np.isfinite(out).all() and np.abs(out - want).max() <= 1.0
+    assert agree >= 0.9
+    for parts, bound in ((2, 5e-3), (3, 1e-3)):
+        split = {k: with_parts(w, parts) if isinstance(w, QTensor) else w
+                 for k, w in ck.weights.items()}
+        got = xllm.Model(ck.config, split, kv_dtype="float32").logits(IDS)
+        print(f"mixed types, {parts} parts: max |logit diff| {np.abs(got - want).max():.1e}")
+        assert np.abs(got - want).max() <= bound
 
 
 def with_parts(w, parts):

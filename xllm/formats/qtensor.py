@@ -89,16 +89,18 @@ class QTensor:
 
 
 def default_parts(bits, codec=None):
-    """Into how many int8 parts qmatmul splits each activation block by default: 2 (about 16
-    bits, faster) for int8 weights and the GGUF codecs (Q5_0, Q5_1 and the K-quants), 3 (about
-    23 bits, more exact) for int4 (Q4_0, Q4_1).
+    """Into how many int8 parts qmatmul splits each activation block by default: 1 (8 bits per
+    32 values, fastest) for the GGUF codecs (Q5_0, Q5_1 and the K-quants), 2 (about 16 bits)
+    for int8 weights, 3 (about 23 bits, more exact) for int4 (Q4_0, Q4_1).
 
-    For the codecs the third part changes nothing measurable but the time: SmolLM2 Q4_K_M's
-    perplexity (alice.txt, 8 chunks of 512) is 20.65609 with 3 parts and 20.65625 with 2 (Q6_K:
-    19.75024 and 19.75027), the largest logit difference from float32 kernels on the
-    dequantized weights 3.9e-3 and 8.5e-3, while a 512-token prefill takes 0.57 s instead of
-    0.91 s. (llama.cpp rounds the activations to one int8 part per 256 values for these.)"""
-    if bits == 8 or codec is not None:
+    For the codecs one part is what llama.cpp does or finer: it rounds their activations to one
+    int8 part per 32 values (Q8_0, for Q5_0/Q5_1) or per 256 (Q8_K, for the K-quants). Against
+    two parts it costs +0.02-0.39% perplexity on SmolLM2 (alice.txt, ctx 512) and prefills
+    1.3-1.6x faster (docs/quantization.rst, "Activation parts"). int8 and int4 keep their
+    parts: the default model (Q4_1) is where xllm's logits are compared with transformers."""
+    if codec is not None:
+        return 1
+    if bits == 8:
         return 2
     return 3
 
