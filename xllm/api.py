@@ -465,9 +465,10 @@ def load(path, *, tokenizer=None, threads=None, kv_dtype="float16",
     keys and values: "float16" (the default, half the memory) or "float32"; `prefix_cache_mb`
     how much KV cache of finished sequences the model keeps for later prompts that begin the
     same way (0: none); `activation_parts` into how many int8 parts the quantized weights'
-    matrix multiplies split each 32-value block of activations: None (each format's default,
-    2 or 3: about 16 or 23 bits), or 1, 2 or 3 for every quantized weight. One part (8 bits
-    per block, the precision llama.cpp keeps) is the fastest, at some accuracy:
+    matrix multiplies split each 32-value block of activations: None (each format's default:
+    1 for the GGUF codecs Q5_0, Q5_1 and the K-quants, 8 bits, what llama.cpp keeps or finer;
+    2 for int8 and Q8_0, about 16 bits; 3 for int4, Q4_0 and Q4_1, about 23 bits), or 1, 2 or
+    3 for every quantized weight. Fewer parts prefill faster, at some accuracy:
     docs/quantization.rst "Activation parts".
     """
     from .hub import check_exists, resolve

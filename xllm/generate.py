@@ -72,7 +72,8 @@ def _parser():
                    help="kernel threads (default: all usable cores)")
     p.add_argument("--activation-parts", type=int, choices=[1, 2, 3], metavar="N",
                    help="int8 parts per activation block of the quantized weights: 1 (fastest, "
-                        "the precision llama.cpp keeps), 2 or 3 (default: each format's own)")
+                        "the precision llama.cpp keeps), 2 or 3 (default: each format's own, "
+                        "1 for K-quants and Q5_0/Q5_1, 2 for Q8_0, 3 for Q4_0/Q4_1)")
     p.add_argument("--echo", action="store_true",
                    help="print the prompt before its continuation (one --prompt only)")
     return p

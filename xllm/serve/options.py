@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
                    help="kernel threads (default: every core this process may use)")
     p.add_argument("--activation-parts", type=int, choices=[1, 2, 3], default=None,
                    help="int8 parts per activation block of the quantized weights: 1 (fastest, "
-                        "the precision llama.cpp keeps), 2 or 3 (default: each format's own)")
+                        "the precision llama.cpp keeps), 2 or 3 (default: each format's own, "
+                        "1 for K-quants and Q5_0/Q5_1, 2 for Q8_0, 3 for Q4_0/Q4_1)")
     p.add_argument("--max-running", type=int, default=DEFAULT_MAX_RUNNING,
                    help="sequences decoding together (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
