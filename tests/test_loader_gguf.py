@@ -239,6 +239,7 @@ def test_mixed_quant_types_run_natively_like_gguf(small):
     for name, (data, q) in raw.items():
         w = ck.weights[canon[name]]
         assert isinstance(w, QTensor) and np.array_equal(w.dequantize(), dequantize(data, q))
+        assert w.parts == (3 if q == QT.Q4_1 else 1)  # each format's default activation parts
     # the repacked arrays are carved from the loader's arena (one slab for a model this small)
     slabs = {id(a.base) for w in ck.weights.values() if isinstance(w, QTensor) for a in w.arrays}
     assert len(slabs) == 1
