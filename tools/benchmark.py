@@ -41,6 +41,7 @@ import numpy as np
 
 import xllm
 from xllm import _kernels
+from xllm.formats.qtensor import add_activation_parts_option
 from xllm.generate import HelpFormatter
 from xllm.random_model import write_random_model
 from xllm.hub import resolve
@@ -475,9 +476,7 @@ def main(argv=None):
                    help="also run llama.cpp (llama-cpp-python) on the same GGUF file")
     p.add_argument("--llama-cpp-model", metavar="GGUF",
                    help="the GGUF file llama.cpp runs (default: --model)")
-    p.add_argument("--activation-parts", type=int, choices=[1, 2, 3], default=None, metavar="N",
-                   help="xllm's activation parts for every quantized weight (default: each "
-                        "format's own; 1 is llama.cpp's precision: docs/quantization.rst)")
+    add_activation_parts_option(p)
     p.add_argument("--prefill-len", type=int, default=0, metavar="N",
                    help="also measure prefill alone with a prompt of this many tokens; 0 is off")
     p.add_argument("--bandwidth", action="store_true",

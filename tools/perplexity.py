@@ -144,6 +144,7 @@ def _fail(msg):
 
 
 def main(argv=None) -> int:
+    from xllm.formats.qtensor import add_activation_parts_option
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="anything xllm.load accepts (path or name)")
@@ -153,8 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all)")
     p.add_argument("--max-chunks", type=int, default=None, help="score only the first K chunks")
     p.add_argument("--json", action="store_true", help="print a JSON object")
-    p.add_argument("--activation-parts", type=int, choices=[1, 2, 3], default=None,
-                   help="activation parts of every quantized weight (default: each format's)")
+    add_activation_parts_option(p)
     p.add_argument("--kv-dtype", default="float32", choices=["float32", "float16"],
                    help="KV cache storage (default float32: the figure measures the weights)")
     p.add_argument("--vs-llama-cpp", action="store_true",

@@ -50,7 +50,7 @@ from xllm._kernels.layout import BLOCK, to_float32
 from xllm.files import gguf as gguf_file
 from xllm.files import xllm_format
 from xllm.formats import mixes
-from xllm.formats.qtensor import QTensor, quantize_weights
+from xllm.formats.qtensor import QTensor, add_activation_parts_option, quantize_weights
 from xllm.formats.registry import (FLOAT, FORMATS, PANELS, float_format, packed_format,
                                    writable_formats)
 from xllm.loaders import load_checkpoint
@@ -90,9 +90,10 @@ def parse_args(argv=None):
                    help="default: gguf if --out ends in .gguf or --type is GGUF only, else xllm")
     p.add_argument("--keep", default="",
                    help="comma-separated matrices to leave unquantized: embeddings, output")
-    p.add_argument("--activation-parts", type=int, choices=[1, 2, 3], default=None,
-                   help="int8 parts per activation block in qmatmul (xllm format, --bits 8/4): "
-                        "1 fastest, 3 most exact (default: 2 for int8, 3 for int4)")
+    add_activation_parts_option(p, metavar=None,
+                                help="int8 parts per activation block in qmatmul (xllm format, "
+                                     "--bits 8/4): 1 fastest, 3 most exact (default: 2 for int8, "
+                                     "3 for int4)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     return p.parse_args(argv)
 

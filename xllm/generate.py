@@ -38,6 +38,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _parser():
+    from .formats.qtensor import add_activation_parts_option
     from .hub import DEFAULT_MODEL
     p = argparse.ArgumentParser(prog="python -m xllm.generate", formatter_class=HelpFormatter,
                                 description="Generate text with xllm: one prompt (the reply "
@@ -70,10 +71,7 @@ def _parser():
                    help="stop before this string; repeat the flag for several")
     p.add_argument("--threads", type=int, metavar="N",
                    help="kernel threads (default: all usable cores)")
-    p.add_argument("--activation-parts", type=int, choices=[1, 2, 3], metavar="N",
-                   help="int8 parts per activation block of the quantized weights: 1 (fastest, "
-                        "the precision llama.cpp keeps), 2 or 3 (default: each format's own, "
-                        "1 for K-quants and Q5_0/Q5_1, 2 for Q8_0, 3 for Q4_0/Q4_1)")
+    add_activation_parts_option(p)
     p.add_argument("--echo", action="store_true",
                    help="print the prompt before its continuation (one --prompt only)")
     return p

@@ -11,8 +11,9 @@
  *      x ~ dx * (q1 + q2 / 256 + q3 / 65536), dx = amax / 127, t = x / dx, and for each part
  *      q = clamp(rint(t), -127, 127), t = (t - q) * 256. With PARTS = 2 (the weight's `parts`;
  *      the int8 default: their own rounding is far coarser) q3 = 0 (about 16 bits), with
- *      PARTS = 1 (an opt-in, llama.cpp's precision) q2 = q3 = 0 (8 bits): the micro-kernels,
- *      compiled per PARTS, skip the dots of the parts past PARTS and their terms below, 0;
+ *      PARTS = 1 (the GGUF codecs' default, llama.cpp's precision) q2 = q3 = 0 (8 bits): the
+ *      micro-kernels, compiled per PARTS, skip the dots of the parts past PARTS and their
+ *      terms below, 0;
  *   2. per block, exact int32 dots c12 = 256 * (q1 . c) + (q2 . c) and c3 = q3 . c with the
  *      weight codes c (minus 8 for symmetric int4): on AVX-512 VNNI with vpdpbusd of the
  *      unsigned codes (int8 stored + 128), each part's dot starting from -128 (int8) or -8

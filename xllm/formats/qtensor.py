@@ -106,6 +106,18 @@ def default_parts(bits, codec=None):
     return 3
 
 
+ACTIVATION_PARTS_HELP = ("int8 parts per activation block of the quantized weights: 1 (fastest, "
+                         "the precision llama.cpp keeps), 2 or 3 (default: each format's own, "
+                         "1 for K-quants and Q5_0/Q5_1, 2 for Q8_0, 3 for Q4_0/Q4_1)")
+
+
+def add_activation_parts_option(parser, help=ACTIVATION_PARTS_HELP, metavar="N"):
+    """The ``--activation-parts`` option of the command lines (generate, serve, the tools):
+    None (each format's default) or 1, 2 or 3, passed on as ``activation_parts``."""
+    parser.add_argument("--activation-parts", type=int, choices=[1, 2, 3], default=None,
+                        metavar=metavar, help=help)
+
+
 def check_parts(parts):
     """`parts` if it is None, 1, 2 or 3; else ValueError (a user's activation_parts)."""
     if parts is None:

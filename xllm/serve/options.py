@@ -23,6 +23,7 @@ def autoscale_range(text) -> tuple:
 def parser() -> argparse.ArgumentParser:
     """The options of python -m xllm.serve (and, without their dashes, of the Ray Serve
     application builder xllm.serve.ray:app)."""
+    from ..formats.qtensor import add_activation_parts_option
     from ..hub import DEFAULT_MODEL
     p = argparse.ArgumentParser(prog="python -m xllm.serve",
                                 description="An OpenAI-compatible server for one model.")
@@ -34,10 +35,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     p.add_argument("--threads", type=int, default=None,
                    help="kernel threads (default: every core this process may use)")
-    p.add_argument("--activation-parts", type=int, choices=[1, 2, 3], default=None,
-                   help="int8 parts per activation block of the quantized weights: 1 (fastest, "
-                        "the precision llama.cpp keeps), 2 or 3 (default: each format's own, "
-                        "1 for K-quants and Q5_0/Q5_1, 2 for Q8_0, 3 for Q4_0/Q4_1)")
+    add_activation_parts_option(p)
     p.add_argument("--max-running", type=int, default=DEFAULT_MAX_RUNNING,
                    help="sequences decoding together (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
